@@ -1,0 +1,231 @@
+"""Graphs of a network's neurons ("graphification", paper section 3.1) and their n-cut.
+
+Two graphs are built over the same node order, the node layers concatenated:
+
+* the **weight graph**: two neurons are joined by the absolute value of the weight between
+  them (for convolutions the caller supplies the per-channel-pair kernel norms); only
+  connected layers get edges;
+* the **activation graph**: every pair of units is joined by their *squared* Spearman
+  correlation over a validation set, so the graph is dense.
+
+:func:`ncut` is the normalized cut of appendix A.1 (von Luxburg, 2007), the objective that
+normalized spectral clustering relaxes.
+
+This module is layer 0: numpy and scipy only.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.stats import rankdata
+
+UNCLUSTERED = -1
+
+
+def layer_offsets(layer_sizes: Sequence[int]) -> np.ndarray:
+    """Start index of each node layer in the concatenated node order.
+
+    Returns an int64 array of length ``L + 1``; ``offsets[l]:offsets[l + 1]`` are the nodes
+    of layer ``l`` and ``offsets[-1]`` is the total number of nodes.
+    """
+    sizes = np.asarray(layer_sizes)
+    if sizes.ndim != 1 or sizes.size == 0:
+        raise ValueError(f"layer_sizes must be a non-empty sequence of ints, got {layer_sizes!r}")
+    if not np.issubdtype(sizes.dtype, np.integer):
+        if not np.all(np.isfinite(sizes)) or not np.all(sizes == np.round(sizes)):
+            raise ValueError(f"layer_sizes must be integers, got {layer_sizes!r}")
+    sizes = sizes.astype(np.int64)
+    if np.any(sizes < 1):
+        raise ValueError(f"every layer needs at least one node; layer_sizes = {sizes.tolist()}")
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def weight_graph(layer_sizes: Sequence[int], blocks) -> sp.csr_array:
+    """Symmetric weighted adjacency of the weight graph (paper section 3.1).
+
+    Parameters
+    ----------
+    layer_sizes:
+        Node counts of the node layers in order (an MLP: input, hidden layers, output).
+    blocks:
+        ``(i, j, A)`` triples: ``A`` of shape ``(layer_sizes[j], layer_sizes[i])`` holds the
+        non-negative edge weights between node layer ``i`` and node layer ``j`` (``A[b, a]``
+        joins node ``a`` of layer ``i`` and node ``b`` of layer ``j``); for a dense layer this is
+        ``|W|`` of the ``Linear`` from ``i`` to ``j = i + 1``. Any ``i != j`` is allowed; each
+        unordered pair of layers may appear once.
+
+    Returns
+    -------
+    A ``(n, n)`` float64 :class:`scipy.sparse.csr_array` with ``n = sum(layer_sizes)``, in the
+    concatenated node order, symmetric, without explicit zeros, with 32-bit indices (which
+    scikit-learn's ARPACK path requires).
+    """
+    offsets = layer_offsets(layer_sizes)
+    n_layers, n = offsets.size - 1, int(offsets[-1])
+    rows, cols, vals = [], [], []
+    seen: dict[frozenset, int] = {}
+    for b, block in enumerate(blocks):
+        try:
+            i, j, a = block
+        except (TypeError, ValueError):
+            raise ValueError(f"block {b} must be a triple (i, j, A), got {type(block).__name__}") from None
+        if not (isinstance(i, (int, np.integer)) and isinstance(j, (int, np.integer))):
+            raise TypeError(f"block {b}: layer indices must be ints, got ({i!r}, {j!r})")
+        i, j = int(i), int(j)
+        if not (0 <= i < n_layers and 0 <= j < n_layers):
+            raise ValueError(f"block {b}: layer indices ({i}, {j}) out of range for {n_layers} node layers")
+        if i == j:
+            raise ValueError(f"block {b}: edges within one layer ({i}) are not part of the weight graph")
+        pair = frozenset((i, j))
+        if pair in seen:
+            raise ValueError(f"block {b} joins layers {i} and {j}, which block {seen[pair]} already joins")
+        seen[pair] = b
+        a = sp.coo_array(a) if sp.issparse(a) else np.asarray(a)
+        expected = (int(offsets[j + 1] - offsets[j]), int(offsets[i + 1] - offsets[i]))
+        if a.ndim != 2 or tuple(a.shape) != expected:
+            raise ValueError(
+                f"block {b} ({i} -> {j}) has shape {tuple(a.shape)}; expected {expected} "
+                f"= (layer_sizes[{j}], layer_sizes[{i}])"
+            )
+        if sp.issparse(a):
+            r, c, v = a.row, a.col, np.asarray(a.data, dtype=np.float64)
+        else:
+            dense = np.asarray(a, dtype=np.float64)
+            r, c = np.nonzero(dense)
+            v = dense[r, c]  # NaN and inf are non-zero, so they are in v
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"block {b} ({i} -> {j}) contains NaN or infinite weights")
+        if np.any(v < 0):
+            raise ValueError(
+                f"block {b} ({i} -> {j}) has negative weights (min {float(v.min()):.3g}); "
+                "edge weights must be non-negative, e.g. the absolute value of the layer's weights"
+            )
+        keep = v != 0
+        r, c, v = r[keep] + offsets[j], c[keep] + offsets[i], v[keep]
+        rows += [r, c]
+        cols += [c, r]
+        vals += [v, v]
+    if rows:
+        row, col, val = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    else:
+        row = col = np.zeros(0, dtype=np.int64)
+        val = np.zeros(0, dtype=np.float64)
+    adj = sp.csr_array((val, (row, col)), shape=(n, n), dtype=np.float64)
+    adj.sum_duplicates()
+    adj.eliminate_zeros()
+    return _int32_indices(adj)
+
+
+def _int32_indices(adj: sp.csr_array) -> sp.csr_array:
+    if adj.nnz < np.iinfo(np.int32).max and adj.shape[0] < np.iinfo(np.int32).max:
+        adj.indices = adj.indices.astype(np.int32, copy=False)
+        adj.indptr = adj.indptr.astype(np.int32, copy=False)
+    return adj
+
+
+def _standardized_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks per column (average ties), centred and scaled to unit norm; constant columns -> 0."""
+    ranks = rankdata(x, axis=0)
+    ranks -= ranks.mean(axis=0)
+    norms = np.linalg.norm(ranks, axis=0)
+    constant = norms < 1e-8  # a non-constant rank column has norm >= 1/sqrt(2)
+    norms[constant] = 1.0
+    ranks /= norms
+    ranks[:, constant] = 0.0
+    return ranks
+
+
+def spearman_squared(x, y=None) -> np.ndarray:
+    """Squared Spearman correlations between the columns of ``x`` (and of ``y``).
+
+    ``x`` is ``(n_samples, a)``, ``y`` is ``(n_samples, b)``; the result is ``(a, b)`` (or
+    ``(a, a)`` when ``y`` is ``None``, with ones on the diagonal for non-constant columns). A
+    constant column correlates 0 with everything, itself included.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    zx = _standardized_ranks(x)
+    zy = zx if y is None else _standardized_ranks(np.asarray(y, dtype=np.float64))
+    corr = zx.T @ zy
+    if y is None:
+        corr = (corr + corr.T) / 2
+    np.clip(corr, -1.0, 1.0, out=corr)
+    return corr * corr
+
+
+def activation_graph(activations) -> np.ndarray:
+    """Dense adjacency of the activation graph (paper section 3.1).
+
+    ``activations`` is a list with one ``(n_samples, n_units_l)`` array per layer (the
+    pre-ReLU activations over a validation set; for convolutional channels the caller
+    reduces the spatial map first). Edge ``(u, v)`` is the squared Spearman correlation of
+    units ``u`` and ``v`` over the samples: ranks with average ties, then the Pearson
+    correlation of the ranks. Returns the ``(n, n)`` float64 matrix over all units of all
+    layers concatenated, symmetric, with a zero diagonal; a constant unit gets all-zero edges.
+    """
+    if isinstance(activations, np.ndarray) and activations.ndim == 2:
+        activations = [activations]
+    arrays = [np.asarray(a, dtype=np.float64) for a in activations]
+    if not arrays:
+        raise ValueError("activation_graph needs at least one layer of activations")
+    for l, a in enumerate(arrays):
+        if a.ndim != 2:
+            raise ValueError(f"activations of layer {l} have shape {a.shape}; expected (n_samples, n_units)")
+        if a.shape[1] < 1:
+            raise ValueError(f"activations of layer {l} have no units (shape {a.shape})")
+    n_samples = arrays[0].shape[0]
+    for l, a in enumerate(arrays[1:], start=1):
+        if a.shape[0] != n_samples:
+            raise ValueError(
+                f"layers 0 and {l} have different numbers of samples: shapes {arrays[0].shape} and {a.shape}"
+            )
+    if n_samples < 3:
+        raise ValueError(f"Spearman correlations need at least 3 samples, got {n_samples}")
+    for l, a in enumerate(arrays):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"activations of layer {l} contain NaN or infinite values")
+    adj = spearman_squared(np.concatenate(arrays, axis=1))
+    np.fill_diagonal(adj, 0.0)
+    return adj
+
+
+def ncut(adjacency, labels) -> float:
+    """Normalized cut of a partition (paper appendix A.1, after von Luxburg, 2007).
+
+    ``n-cut(X_1, ..., X_k) = 1/2 * sum_i W(X_i, complement of X_i) / vol(X_i)``, where
+    ``W(X, Y)`` sums the edge weights between ``X`` and ``Y`` and ``vol(X)`` sums the degrees
+    of ``X``. Nodes labelled ``-1`` are removed from the graph first (their edges do not count
+    towards any cut or volume). A cluster with zero volume contributes 0.
+
+    The predecessor paper (Filan et al., 2021) reports the same sum *without* the factor
+    1/2, i.e. twice this value (for two clusters that is networkx's ``normalized_cut_size``).
+
+    ``adjacency`` may be dense or scipy-sparse; ``labels`` is one label per node, or a list of
+    per-layer label arrays (concatenated in order).
+    """
+    if isinstance(labels, (list, tuple)) and labels and np.ndim(labels[0]) == 1:
+        labels = np.concatenate([np.asarray(l) for l in labels])
+    labels = np.asarray(labels)
+    adj = sp.csr_array(adjacency) if sp.issparse(adjacency) else np.asarray(adjacency, dtype=np.float64)
+    if adj.ndim != 2 or adj.shape[0] != adj.shape[1]:
+        raise ValueError(f"adjacency must be square, got shape {adj.shape}")
+    if labels.ndim != 1 or labels.size != adj.shape[0]:
+        raise ValueError(f"need one label per node: {labels.shape} labels for {adj.shape[0]} nodes")
+    keep = np.flatnonzero(labels != UNCLUSTERED)
+    if keep.size == 0:
+        return 0.0
+    sub = adj[keep][:, keep]
+    _, lab = np.unique(labels[keep], return_inverse=True)
+    k = int(lab.max()) + 1
+    onehot = sp.csr_array((np.ones(keep.size), (np.arange(keep.size), lab)), shape=(keep.size, k))
+    if sp.issparse(sub):
+        between = (onehot.T @ (sub @ onehot)).toarray()  # (k, k): W(X_a, X_b)
+    else:
+        dense_onehot = onehot.toarray()
+        between = dense_onehot.T @ (sub @ dense_onehot)
+    vol = between.sum(axis=1)
+    cut = vol - np.diag(between)
+    terms = np.divide(cut, vol, out=np.zeros(k), where=vol > 0)
+    return float(0.5 * terms.sum())

@@ -1,0 +1,135 @@
+"""Partitions of a network's neurons into clusters, and their per-layer subclusters.
+
+A :class:`Partition` holds one integer label array per hidden (neuron) layer, in forward
+order. Label ``-1`` marks a neuron that was not clustered (a zero-degree node of the graph).
+A *subcluster* is the set of neurons of one layer that share a cluster label (paper,
+section 3.1); only subclusters with more than one neuron that are not the whole layer are
+tested (section 3.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+UNCLUSTERED = -1
+
+
+@dataclass(frozen=True)
+class Subcluster:
+    """The neurons of one layer that belong to one cluster."""
+
+    layer: int
+    layer_name: str
+    cluster: int
+    neurons: np.ndarray  # sorted neuron indices within the layer
+
+    @property
+    def size(self) -> int:
+        return int(self.neurons.size)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Cluster labels for every neuron of every hidden layer, in forward order.
+
+    Attributes
+    ----------
+    labels:
+        One int64 array per layer; ``labels[l][i]`` is the cluster of neuron ``i`` of layer
+        ``l``, or ``-1`` when the neuron was left out of clustering (zero degree).
+    layer_names:
+        A stable name per layer (the module path of the layer in the model).
+    method:
+        How the partition was made (``"weights/global"``, ..., or ``"user"``).
+    n_clusters:
+        The number of clusters asked for (``None`` for user partitions).
+    ncut:
+        Normalized cut of the clustering on the graph it was computed on, with the paper's
+        factor 1/2 (appendix A.1); ``None`` for user partitions. For local partitions it
+        is the mean over layers of the n-cut of each local graph.
+    """
+
+    labels: tuple[np.ndarray, ...]
+    layer_names: tuple[str, ...]
+    method: str = "user"
+    n_clusters: int | None = None
+    ncut: float | None = None
+    info: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.labels) != len(self.layer_names):
+            raise ValueError(
+                f"a partition needs one label array per layer: got {len(self.labels)} label arrays "
+                f"for {len(self.layer_names)} layers ({', '.join(self.layer_names)})"
+            )
+
+    @classmethod
+    def from_labels(
+        cls,
+        labels: Sequence[Sequence[int] | np.ndarray],
+        layer_names: Sequence[str],
+        layer_sizes: Sequence[int],
+        *,
+        method: str = "user",
+        n_clusters: int | None = None,
+        ncut: float | None = None,
+        info: dict | None = None,
+    ) -> "Partition":
+        """Validate user- or algorithm-supplied labels against the model's layers."""
+        layer_names = tuple(str(n) for n in layer_names)
+        if len(labels) != len(layer_sizes):
+            raise ValueError(
+                f"expected {len(layer_sizes)} label arrays (one per hidden layer: "
+                f"{', '.join(layer_names)}), got {len(labels)}"
+            )
+        arrays = []
+        for name, size, lab in zip(layer_names, layer_sizes, labels):
+            arr = np.asarray(lab)
+            if arr.ndim != 1 or arr.shape[0] != size:
+                raise ValueError(
+                    f"labels for layer '{name}' have shape {tuple(arr.shape)}; expected ({size},), "
+                    "one integer label per neuron"
+                )
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+                    raise ValueError(f"labels for layer '{name}' must be integers, got dtype {arr.dtype}")
+            arr = arr.astype(np.int64)
+            if arr.size and arr.min() < UNCLUSTERED:
+                raise ValueError(
+                    f"labels for layer '{name}' are out of range: minimum {int(arr.min())}; "
+                    "use non-negative cluster ids, or -1 for an unclustered neuron"
+                )
+            arr.setflags(write=False)
+            arrays.append(arr)
+        return cls(tuple(arrays), layer_names, method, n_clusters, ncut, dict(info or {}))
+
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        return tuple(int(l.size) for l in self.labels)
+
+    def clusters_per_layer(self) -> list[int]:
+        """Number of distinct clusters (ignoring -1) found in each layer."""
+        return [int(np.unique(l[l != UNCLUSTERED]).size) for l in self.labels]
+
+    def subclusters(self, *, min_size: int = 2, max_fraction: float | None = None) -> list[Subcluster]:
+        """Subclusters to test, in (layer, cluster) order.
+
+        By default (the paper, section 3.2) a subcluster is kept when it has more than one
+        neuron and is not the whole layer. ``max_fraction`` (the original code used 0.99,
+        row 7 of the notes) additionally drops subclusters larger than that fraction of the
+        layer.
+        """
+        out = []
+        for layer, (name, lab) in enumerate(zip(self.layer_names, self.labels)):
+            width = lab.size
+            for cluster in np.unique(lab[lab != UNCLUSTERED]):
+                neurons = np.flatnonzero(lab == cluster)
+                if neurons.size < min_size or neurons.size >= width:
+                    continue
+                if max_fraction is not None and neurons.size > max_fraction * width:
+                    continue
+                out.append(Subcluster(layer, name, int(cluster), neurons))
+        return out

@@ -1,0 +1,238 @@
+"""``analyze``: partition a model four ways, lesion-test every partition, summarize."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+import modlens
+from modlens.core.partition import Partition
+from modlens.core.rng import as_generator
+from modlens.experiments.lesion_test import lesion_test
+from modlens.experiments.partitioning import METHODS, Partitioner, method_seed
+from modlens.nn.adapter import MLPAdapter
+from modlens.nn.inputs import as_tensors, check_labels
+from modlens.nn.lesion import LesionEvaluator
+from modlens.study.summary import LESION_METRICS, subcluster_tests, summarize
+
+
+@dataclass
+class AnalysisResult:
+    """What :func:`analyze` found.
+
+    summary:     one row per (partitioning, metric): p value, effect ± SE, BH q value.
+    subclusters: one row per (subcluster, draw): the tidy lesion table.
+    tests:       one row per (true subcluster, metric): percentile and effect value.
+    partitions:  the partitions that were tested, by name.
+    config:      the arguments and facts needed to reproduce the tables.
+    """
+
+    summary: pd.DataFrame
+    subclusters: pd.DataFrame
+    tests: pd.DataFrame
+    partitions: dict[str, Partition]
+    config: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        from modlens.study.report import format_summary
+
+        return format_summary(self.summary)
+
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write Parquet and CSV tables, the partitions and a manifest into ``directory``.
+
+        Files are written to a temporary folder that is renamed at the end, so a failure
+        leaves no partial output.
+        """
+        return save_result(self, directory, overwrite=overwrite)
+
+
+def _user_partition(partition, adapter: MLPAdapter) -> Partition:
+    if isinstance(partition, Partition):
+        return Partition.from_labels(partition.labels, adapter.layer_names, adapter.layer_sizes,
+                                     method=partition.method, n_clusters=partition.n_clusters,
+                                     ncut=partition.ncut, info=partition.info)
+    return Partition.from_labels(partition, adapter.layer_names, adapter.layer_sizes, method="user")
+
+
+def analyze(
+    model,
+    test_data,
+    *,
+    activation_data=None,
+    partition=None,
+    partitionings: Sequence[str] = METHODS,
+    n_clusters: int = 16,
+    n_random: int = 19,
+    random_state: int = 0,
+    accuracy: str = "accuracy",
+    class_range: str = "range",
+    ties: str = "mid",
+    effect_rule: str = "paper",
+    max_fraction: float | None = None,
+    engine: str = "incremental",
+    alpha: float = 0.05,
+    progress: bool = False,
+) -> AnalysisResult:
+    """Test whether the partitions of ``model``'s hidden neurons are important and coherent.
+
+    Parameters
+    ----------
+    model:
+        Any MLP-like ``torch.nn.Module`` (Linear layers joined by elementwise activations).
+    test_data:
+        ``(inputs, labels)`` tensors/arrays or a DataLoader: the lesion test set.
+    activation_data:
+        Held-out data (not the test set) for the activation graphs.
+    partition:
+        A :class:`Partition` or a list of label arrays (one per hidden layer) to test instead
+        of spectral clustering, so that any partition can be tested against random controls.
+    partitionings:
+        Which of the four spectral partitionings to run (ignored when ``partition`` is given).
+    accuracy, class_range, ties, effect_rule:
+        ``"balanced"``, ``"normalized"``, ``"original"``, ``"original"`` reproduce the original
+        code's choices (rows 9, 10, 11 and 14 of the notes); the defaults are the paper's.
+    engine:
+        ``"incremental"`` (batched, reuses unchanged layers) or ``"plain"`` (one full forward
+        pass per lesion; the reference path).
+    """
+    started = time.perf_counter()
+    adapter = MLPAdapter(model)
+    x, y = as_tensors(test_data, name="test data")
+    check_labels(y, adapter.n_classes, name="test data")
+    if activation_data is not None and activation_data is test_data:
+        raise ValueError("activation_data is the test set; pass a held-out split so lesions are tested on unseen data")
+    if partition is not None:
+        partitions = {"user": _user_partition(partition, adapter)}
+    else:
+        bad = [p for p in partitionings if p not in METHODS]
+        if bad or not partitionings:
+            raise ValueError(f"unknown partitionings {bad or list(partitionings)}; choose from {', '.join(METHODS)}")
+        partitioner = Partitioner(adapter, activation_data=activation_data, n_clusters=n_clusters, random_state=random_state)
+        partitions = {}
+        for method in partitionings:
+            t0 = time.perf_counter()
+            partitions[method] = partitioner.partition(method)
+            _say(progress, f"partitioned {method}: {len(partitions[method].subclusters(max_fraction=max_fraction))} "
+                           f"subclusters, n-cut {partitions[method].ncut:.3f} ({time.perf_counter() - t0:.1f} s)")
+    evaluator = LesionEvaluator(adapter, x, y) if engine == "incremental" else None
+    tables = []
+    for name, part in partitions.items():
+        n_lesions = len(part.subclusters(max_fraction=max_fraction)) * (n_random + 1)
+        with _bar(progress, n_lesions, f"lesions {name}") as bar:
+            tables.append(lesion_test(
+                adapter, part, x, y, n_random=n_random,
+                random_state=as_generator(method_seed(random_state, name, stream=1)),
+                accuracy=accuracy, class_range=class_range, max_fraction=max_fraction,
+                engine=engine, evaluator=evaluator, name=name, progress=bar.update,
+            ))
+    table = pd.concat(tables, ignore_index=True)
+    table.insert(0, "network", "0")
+    tests = subcluster_tests(table, ties=ties, effect_rule=effect_rule)
+    summary = summarize(tests, partitionings=list(partitions), alpha=alpha)
+    base = evaluator.baseline if evaluator is not None else None
+    config = {
+        "modlens_version": modlens.__version__,
+        "n_clusters": n_clusters, "n_random": n_random, "random_state": random_state,
+        "accuracy": accuracy, "class_range": class_range, "ties": ties, "effect_rule": effect_rule,
+        "max_fraction": max_fraction, "engine": engine, "alpha": alpha,
+        "partitionings": list(partitions),
+        "n_test": int(len(y)),
+        "test_accuracy": float(base.sum() / len(y)) if base is not None else None,
+        "layers": dict(zip(adapter.layer_names, adapter.layer_sizes)),
+        "seconds": time.perf_counter() - started,
+    }
+    return AnalysisResult(summary, table, tests, partitions, config)
+
+
+def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = None, *, alpha: float = 0.05) -> AnalysisResult:
+    """Pool replicate networks (identically configured runs): Fisher per network, Bates over
+    networks, effect ± SE over all subclusters of all networks, BH across the table."""
+    if not results:
+        raise ValueError("combine needs at least one result")
+    names = list(names) if names is not None else [str(i) for i in range(len(results))]
+    tables, tests = [], []
+    for name, res in zip(names, results):
+        tables.append(res.subclusters.assign(network=name))
+        tests.append(res.tests.assign(network=name))
+    parts = list(dict.fromkeys(p for r in results for p in r.partitions))
+    summary = summarize(pd.concat(tests, ignore_index=True), partitionings=parts, alpha=alpha)
+    config = dict(results[0].config, networks=names, alpha=alpha)
+    partitions = {f"{n}:{k}": v for n, r in zip(names, results) for k, v in r.partitions.items()}
+    return AnalysisResult(summary, pd.concat(tables, ignore_index=True), pd.concat(tests, ignore_index=True), partitions, config)
+
+
+def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, extra_manifest: dict | None = None) -> Path:
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {target} is not empty; choose another folder or pass overwrite=True (--overwrite)")
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        files = []
+        for name in ("summary", "subclusters", "tests"):
+            frame = getattr(result, name)
+            frame.to_parquet(tmp / f"{name}.parquet", index=False)
+            frame.to_csv(tmp / f"{name}.csv", index=False)
+            files += [f"{name}.parquet", f"{name}.csv"]
+        parts = {
+            name: {"method": p.method, "n_clusters": p.n_clusters, "ncut": p.ncut, "layer_names": list(p.layer_names),
+                   "labels": [l.tolist() for l in p.labels], "info": p.info}
+            for name, p in result.partitions.items()
+        }
+        (tmp / "partitions.json").write_text(json.dumps(parts, default=_json_default))
+        files.append("partitions.json")
+        manifest = {"format": "modlens-analysis", "config": result.config, "files": files, **(extra_manifest or {})}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON-serializable: {type(obj).__name__}")
+
+
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="lesion", file=sys.stderr, leave=True, dynamic_ncols=True)
