@@ -213,6 +213,11 @@ class MLPAdapter:
             self._probe = _fx.extract(self.gm, [self._input], outs, clone_outputs=True)
         return self._probe
 
+    def preactivation_module(self, layer: int) -> fx.GraphModule:
+        """Differentiable module mapping a model input to hidden layer ``layer``'s
+        pre-activations (its Linear output), running only the layers up to it."""
+        return _fx.extract(self.gm, [self._input], [self._linear_nodes[layer]], clone_outputs=True)
+
     def tail(self, layer: int) -> fx.GraphModule:
         """Module mapping the consumer of hidden layer ``layer``'s output to the model output."""
         if layer not in self._tails:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import modlens
+from modlens._version import __version__
 from modlens.nn.models import build_model
 
 __all__ = ["save_model", "load_model", "WEIGHTS_FILE", "MANIFEST_FILE", "FORMAT", "FORMAT_VERSION"]
@@ -74,7 +74,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, manifest: Mapping
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     _check_tensors(_build(architecture).state_dict(), state, f"save_model({str(directory)!r})")
     out = dict(manifest)
-    out.update(format=FORMAT, format_version=FORMAT_VERSION, modlens_version=modlens.__version__)
+    out.update(format=FORMAT, format_version=FORMAT_VERSION, modlens_version=__version__)
     out.pop("sha256", None)
     try:
         json.dumps(out)
@@ -147,7 +147,7 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: format_version {version!r} is not supported by modlens "
-                         f"{modlens.__version__} (reads version {FORMAT_VERSION}); upgrade modlens or re-save the model")
+                         f"{__version__} (reads version {FORMAT_VERSION}); upgrade modlens or re-save the model")
     if not weights_path.is_file():
         raise FileNotFoundError(f"load_model: {weights_path} is missing (the manifest is there)")
     actual = _sha256(weights_path)

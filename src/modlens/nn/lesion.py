@@ -28,7 +28,7 @@ from modlens.nn.adapter import MLPAdapter
 from modlens.nn.inputs import batches, check_labels
 
 # Largest number of elements in one (masks x samples x width) block of the fast path.
-_BLOCK_ELEMENTS = 1 << 23
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def _class_counts(pred: torch.Tensor, y: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:

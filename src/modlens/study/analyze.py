@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-import modlens
+from modlens._version import __version__
 from modlens.core.partition import Partition
 from modlens.core.rng import as_generator
 from modlens.experiments.lesion_test import lesion_test
@@ -141,7 +141,7 @@ def analyze(
     summary = summarize(tests, partitionings=list(partitions), alpha=alpha)
     base = evaluator.baseline if evaluator is not None else None
     config = {
-        "modlens_version": modlens.__version__,
+        "modlens_version": __version__,
         "n_clusters": n_clusters, "n_random": n_random, "random_state": random_state,
         "accuracy": accuracy, "class_range": class_range, "ties": ties, "effect_rule": effect_rule,
         "max_fraction": max_fraction, "engine": engine, "alpha": alpha,

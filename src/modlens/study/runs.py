@@ -1,0 +1,167 @@
+"""Runs behind the CLI: train a reference MLP, analyse saved models, the demo.
+
+A saved model's manifest records its dataset and which examples were held out from
+training; :func:`model_data` rebuilds the lesion test set and the activation split from it,
+so the activation graph is never computed on the test set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from modlens.data import load_dataset
+from modlens.experiments.train import split_validation, train_reference_mlp
+from modlens.nn.io import load_model, save_model
+from modlens.study.analyze import AnalysisResult, analyze, combine, save_result
+
+DIGITS_EPOCHS = 60
+
+
+def _is_digits(name: str) -> bool:
+    return name.endswith("digits")
+
+
+def train_reference(
+    dataset: str,
+    *,
+    seed: int = 0,
+    out: str | os.PathLike,
+    data_dir=None,
+    data_seed: int = 0,
+    epochs: int | None = None,
+    batch_size: int = 128,
+    n_val: int = 5000,
+    hidden: Sequence[int] = (256, 256, 256, 256),
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Train the paper's MLP (appendix A.2) on ``dataset`` and save it with a manifest.
+
+    MNIST-like data: ``n_val`` training examples are held out (never trained on) for the
+    activation graph. Digits: its fixed "val" split plays that role.
+    """
+    train = load_dataset(dataset, "train", data_dir=data_dir, seed=data_seed)
+    test = load_dataset(dataset, "test", data_dir=data_dir, seed=data_seed)
+    digits = _is_digits(dataset)
+    epochs = epochs if epochs is not None else (DIGITS_EPOCHS if digits else 20)
+    model, info = train_reference_mlp(
+        torch.from_numpy(train.x), torch.from_numpy(train.y), torch.from_numpy(test.x), torch.from_numpy(test.y),
+        seed=seed, epochs=epochs, batch_size=batch_size, n_val=0 if digits else n_val, hidden=tuple(hidden),
+        progress=progress,
+    )
+    activation_split = {"split": "val"} if digits else {
+        "split": "train", "n_total": info["n_total"], "n_val": info["n_val"], "val_seed": info["val_seed"]}
+    manifest = {
+        "architecture": info["architecture"],
+        "dataset": {"name": dataset, "data_seed": data_seed, "activation_split": activation_split},
+        "seed": seed,
+        "accuracy": info["test_accuracy"],
+        "training": info,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    save_model(model, out, manifest)
+    return model, manifest
+
+
+def model_data(manifest: dict, *, data_dir=None):
+    """(test data, activation data) for a saved model, as recorded in its manifest."""
+    ds = manifest.get("dataset")
+    if not isinstance(ds, dict) or "name" not in ds:
+        raise ValueError("the model's manifest names no dataset; pass test and activation data through the Python API")
+    name, data_seed = ds["name"], int(ds.get("data_seed", 0))
+    test = load_dataset(name, "test", data_dir=data_dir, seed=data_seed)
+    split = ds.get("activation_split", {})
+    if split.get("split") == "val":
+        val = load_dataset(name, "val", data_dir=data_dir, seed=data_seed)
+        act = val.x
+    else:
+        train = load_dataset(name, "train", data_dir=data_dir, seed=data_seed)
+        if len(train) != int(split["n_total"]):
+            raise ValueError(f"the manifest expects {split['n_total']} training examples of {name}, found {len(train)}")
+        _, val_idx = split_validation(int(split["n_total"]), int(split["n_val"]), int(split["val_seed"]))
+        act = train.x[val_idx]
+    return (torch.from_numpy(test.x), torch.from_numpy(test.y)), torch.from_numpy(act)
+
+
+def analyze_saved(
+    model_dirs: Sequence[str | os.PathLike],
+    *,
+    out: str | os.PathLike | None = None,
+    data_dir=None,
+    overwrite: bool = False,
+    **options,
+) -> AnalysisResult:
+    """Analyse one or more saved models; several models are replicates (Fisher-Bates)."""
+    if not model_dirs:
+        raise ValueError("give at least one model folder")
+    if out is not None:
+        target = Path(out)
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"output folder {target} is not empty; choose another folder or pass --overwrite")
+    results, names, manifests = [], [], []
+    for i, d in enumerate(model_dirs):
+        model, manifest = load_model(d)
+        test, act = model_data(manifest, data_dir=data_dir)
+        if options.get("progress"):
+            print(f"[{i + 1}/{len(model_dirs)}] {d}: {manifest['dataset']['name']}, seed {manifest.get('seed')}, "
+                  f"test accuracy {manifest.get('accuracy', float('nan')):.4f}", file=sys.stderr, flush=True)
+        results.append(analyze(model, test, activation_data=act, **options))
+        names.append(Path(d).name)
+        manifests.append({"path": str(d), "dataset": manifest["dataset"], "seed": manifest.get("seed"),
+                          "accuracy": manifest.get("accuracy"), "sha256": manifest.get("sha256")})
+    result = results[0] if len(results) == 1 else combine(results, names, alpha=options.get("alpha", 0.05))
+    if len(results) == 1:
+        result.subclusters["network"] = names[0]
+        result.tests["network"] = names[0]
+    if out is not None:
+        save_result(result, out, overwrite=overwrite, extra_manifest={"models": manifests})
+    return result
+
+
+def demo(
+    *,
+    dataset: str = "digits",
+    seed: int = 0,
+    n_clusters: int = 16,
+    n_random: int = 19,
+    epochs: int = DIGITS_EPOCHS,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> AnalysisResult:
+    """Train a 4x256 MLP on an embedded dataset (no download) and analyse it four ways."""
+    if not _is_digits(dataset):
+        raise ValueError(f"the demo runs on the embedded digits data ('digits' or a variant such as 'halves-digits'), not {dataset!r}")
+    train = load_dataset(dataset, "train", seed=seed)
+    val = load_dataset(dataset, "val", seed=seed)
+    test = load_dataset(dataset, "test", seed=seed)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    say(f"training a {train.x[0].size}-256-256-256-256-{train.n_classes} MLP on {dataset} "
+        f"({len(train)} train / {len(val)} held out / {len(test)} test) for {epochs} epochs")
+    t0 = time.perf_counter()
+
+    def report(epoch, n, loss):
+        if progress and (epoch == n or epoch % 10 == 0):
+            say(f"  epoch {epoch}/{n}  loss {loss:.4f}")
+
+    model, info = train_reference_mlp(
+        torch.from_numpy(train.x), torch.from_numpy(train.y), torch.from_numpy(test.x), torch.from_numpy(test.y),
+        seed=seed, epochs=epochs, n_val=0, progress=report,
+    )
+    say(f"test accuracy {info['test_accuracy']:.4f} ({time.perf_counter() - t0:.1f} s)")
+    result = analyze(
+        model, (torch.from_numpy(test.x), torch.from_numpy(test.y)), activation_data=torch.from_numpy(val.x),
+        n_clusters=n_clusters, n_random=n_random, random_state=seed, progress=progress,
+    )
+    result.config["model"] = {"dataset": dataset, "seed": seed, "epochs": epochs, "test_accuracy": info["test_accuracy"]}
+    if out is not None:
+        save_result(result, out, overwrite=overwrite)
+    return result
+
+
+__all__ = ["train_reference", "model_data", "analyze_saved", "demo"]
