@@ -149,3 +149,20 @@ def test_save_writes_tables_and_leaves_nothing_on_failure(planted, tmp_path, mon
         res.save(tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_original_code_options_propagate(planted):
+    """Rows 9-11 and 14 of the notes: each option changes what it should and nothing else."""
+    model, modules, (x, y), _ = planted
+    base = modlens.analyze(model, (x, y), partition=modules, n_random=4, random_state=2)
+    bal = modlens.analyze(model, (x, y), partition=modules, n_random=4, random_state=2, accuracy="balanced")
+    assert not np.allclose(base.subclusters["acc_drop"], bal.subclusters["acc_drop"])
+    np.testing.assert_array_equal(base.subclusters["neurons"], bal.subclusters["neurons"])
+    norm = modlens.analyze(model, (x, y), partition=modules, n_random=4, random_state=2, class_range="normalized")
+    np.testing.assert_allclose(base.subclusters["acc_drop"], norm.subclusters["acc_drop"])
+    assert not np.allclose(base.subclusters["class_range"], norm.subclusters["class_range"])
+    orig = modlens.analyze(model, (x, y), partition=modules, n_random=4, random_state=2, ties="original",
+                           effect_rule="original")
+    # ties counted in favour of modularity can only lower a percentile
+    assert (orig.tests["percentile"].to_numpy() <= base.tests["percentile"].to_numpy() + 1e-12).all()
+    assert "ncut" in base.summary.columns and "n_unclustered" in base.summary.columns

@@ -139,6 +139,7 @@ def analyze(
     table.insert(0, "network", "0")
     tests = subcluster_tests(table, ties=ties, effect_rule=effect_rule)
     summary = summarize(tests, partitionings=list(partitions), alpha=alpha)
+    _add_partition_facts(summary, partitions)
     base = evaluator.baseline if evaluator is not None else None
     config = {
         "modlens_version": __version__,
@@ -154,6 +155,12 @@ def analyze(
     return AnalysisResult(summary, table, tests, partitions, config)
 
 
+def _add_partition_facts(summary: pd.DataFrame, partitions: dict[str, Partition]) -> None:
+    """n-cut and the number of neurons left unclustered (no edges) of each partitioning."""
+    summary["ncut"] = [partitions[p].ncut for p in summary["partitioning"]]
+    summary["n_unclustered"] = [int(sum((l < 0).sum() for l in partitions[p].labels)) for p in summary["partitioning"]]
+
+
 def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = None, *, alpha: float = 0.05) -> AnalysisResult:
     """Pool replicate networks (identically configured runs): Fisher per network, Bates over
     networks, effect ± SE over all subclusters of all networks, BH across the table."""
@@ -166,6 +173,11 @@ def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = Non
         tests.append(res.tests.assign(network=name))
     parts = list(dict.fromkeys(p for r in results for p in r.partitions))
     summary = summarize(pd.concat(tests, ignore_index=True), partitionings=parts, alpha=alpha)
+    # n-cut: mean over networks; unclustered neurons: summed over networks
+    summary["ncut"] = [np.mean([r.partitions[p].ncut for r in results if p in r.partitions and r.partitions[p].ncut is not None] or [np.nan])
+                       for p in summary["partitioning"]]
+    summary["n_unclustered"] = [int(sum((l < 0).sum() for r in results if p in r.partitions for l in r.partitions[p].labels))
+                                for p in summary["partitioning"]]
     config = dict(results[0].config, networks=names, alpha=alpha)
     partitions = {f"{n}:{k}": v for n, r in zip(names, results) for k, v in r.partitions.items()}
     return AnalysisResult(summary, pd.concat(tables, ignore_index=True), pd.concat(tests, ignore_index=True), partitions, config)

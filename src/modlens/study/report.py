@@ -52,7 +52,11 @@ def format_summary(summary: pd.DataFrame) -> str:
             star = " *" if bool(r["significant"]) else "  "
             row += [format_p(float(r["p_value"])) + star, format_effect(float(r["effect"]), float(r["effect_se"]))]
         rows.append(row)
-    widths = [max(len(str(x)) for x in col) for col in zip(head1, head2, *rows)]
+    widths = [max(len(str(x)) for x in col) for col in zip(head2, *rows)]
+    for j in range(2, len(head1), 2):  # a metric label spans its two columns
+        extra = len(head1[j]) - (widths[j] + 2 + widths[j + 1])
+        if extra > 0:
+            widths[j + 1] += extra
     # a metric's label may span its two columns
     lines = []
     for i, line in enumerate([head1, head2] + rows):
@@ -76,4 +80,10 @@ def format_summary(summary: pd.DataFrame) -> str:
     lines.append(f"p: {what} (low = true subclusters more often modular than random ones); "
                  "* = significant after Benjamini-Hochberg at the table's alpha.")
     lines.append("effect: mean of 2x/(x+mu) over subclusters; >1 means true subclusters exceed random ones on average.")
+    if "ncut" in summary.columns:
+        facts = summary.drop_duplicates("partitioning")
+        parts = [f"{r.partitioning} {r.ncut:.3f}" + (f" ({r.n_unclustered} unclustered)" if r.n_unclustered else "")
+                 for r in facts.itertuples() if r.ncut is not None and math.isfinite(r.ncut)]
+        if parts:
+            lines.append("n-cut of the hidden-neuron partition: " + "; ".join(parts) + ".")
     return "\n".join(lines)
