@@ -75,3 +75,25 @@ def test_mnist_train_and_analyze(shared_data, tmp_path, capsys):
     assert code == 0
     tidy = pd.read_parquet(tmp_path / "res" / "subclusters.parquet")
     assert tidy["size"].between(2, 255).all()
+
+
+def test_correlation_maps_command(tmp_path, capsys):
+    assert main(["train", "--dataset", "halves-digits", "--seed", "0", "--epochs", "10", "--out", str(tmp_path / "h")]) == 0
+    code = main(["correlation-maps", str(tmp_path / "h"), "--out", str(tmp_path / "fig.png"), "--n-clusters", "8"])
+    out = capsys.readouterr().out
+    assert code == 0 and "half preference" in out
+    import matplotlib.image
+
+    img = matplotlib.image.imread(tmp_path / "fig.png")
+    assert img.ndim == 3 and img.shape[0] > 50
+
+
+def test_demo_with_feature_vis(tmp_path, capsys):
+    code = main(["demo", "--epochs", "5", "--n-random", "2", "--n-clusters", "8", "--feature-vis", "--vis-steps", "5",
+                 "--out", str(tmp_path / "d")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Vis score" in out and "Softmax H" in out
+    meta = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    pngs = [f for f in meta["files"] if f.endswith(".png")]
+    assert pngs and all((tmp_path / "d" / f).exists() for f in pngs)

@@ -219,11 +219,11 @@ def test_idx_parser_other_errors():
 
 
 def test_names_and_errors():
-    assert len(DATASETS) == 15 and len(set(DATASETS)) == 15
-    for n in ("mnist", "fashion-mnist", "digits", "halves-mnist", "stack-same-fashion-mnist", "halves-digits"):
+    assert len(DATASETS) == 16 and len(set(DATASETS)) == 16
+    for n in ("mnist", "fashion-mnist", "digits", "cifar10", "halves-mnist", "stack-same-fashion-mnist", "halves-digits"):
         assert n in DATASETS
     with pytest.raises(ValueError, match="valid names: mnist"):
-        load_dataset("cifar10", "train")
+        load_dataset("cifar100", "train")
     with pytest.raises(ValueError, match="carve"):
         load_dataset("mnist", "val", download=False)
     with pytest.raises(ValueError, match="unknown split"):

@@ -28,12 +28,30 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["incremental", "plain"], default="incremental",
                    help="lesion evaluation path; 'plain' is the slow one-lesion-per-pass reference")
     p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate for Benjamini-Hochberg")
+    _add_vis_options(p)
+
+
+def _add_vis_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--feature-vis", action="store_true",
+                   help="also run the feature-visualization test (vis score, softmax entropy; paper section 4.2)")
+    p.add_argument("--vis-steps", type=int, default=None, help="Adam steps per visualization (default 100)")
+    p.add_argument("--vis-original", action="store_true",
+                   help="original code's visualization: Fourier/decorrelated/sigmoid, 65 steps, |spatial mean| (notes rows 15-16)")
+
+
+def _vis_kwargs(a) -> dict:
+    opts = {}
+    if a.vis_steps is not None:
+        opts["steps"] = a.vis_steps
+    if a.vis_original:
+        opts["original"] = True
+    return dict(feature_vis=a.feature_vis or a.vis_original, vis_options=opts or None)
 
 
 def _analysis_kwargs(a) -> dict:
     return dict(n_clusters=a.n_clusters, n_random=a.n_random, random_state=a.seed, partitionings=a.partitionings,
                 accuracy=a.accuracy, class_range=a.class_range, ties=a.ties, effect_rule=a.effect_rule,
-                engine=a.engine, alpha=a.alpha)
+                engine=a.engine, alpha=a.alpha, **_vis_kwargs(a))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-random", type=int, default=19)
     d.add_argument("--out", type=Path, default=None, help="also write the result tables to this folder")
     d.add_argument("--overwrite", action="store_true")
+    _add_vis_options(d)
 
     t = sub.add_parser("train", help="train the paper's reference MLP and save it (safetensors + manifest)")
     t.add_argument("--dataset", required=True, help="mnist, fashion-mnist, halves-mnist, halves-same-mnist, stack-diff-mnist, "
@@ -67,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-dir", type=Path, default=None)
     a.add_argument("--overwrite", action="store_true")
     _add_analysis_options(a)
+
+    c = sub.add_parser("correlation-maps", help="draw first-layer correlation maps of a saved MLP (paper figures 1 and 6)")
+    c.add_argument("model", type=Path, help="model folder (e.g. an MLP trained on halves-mnist)")
+    c.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    c.add_argument("--method", default="weights/global", help="partitioning method (default weights/global)")
+    c.add_argument("--n-clusters", type=int, default=16)
+    c.add_argument("--n-random", type=int, default=4, help="random subclusters drawn under each true one")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--data-dir", type=Path, default=None)
+    c.add_argument("--n-images", type=int, default=None, help="use only the first N test images")
     return parser
 
 
@@ -77,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("modlens: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, OSError) as exc:
+    except (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError, OSError) as exc:
         print(f"modlens: error: {exc}", file=sys.stderr)
         return 2
 
@@ -88,7 +117,7 @@ def _run(args) -> int:
 
     if args.command == "demo":
         result = runs.demo(dataset=args.dataset, seed=args.seed, epochs=args.epochs, n_clusters=args.n_clusters,
-                           n_random=args.n_random, out=args.out, overwrite=args.overwrite)
+                           n_random=args.n_random, out=args.out, overwrite=args.overwrite, **_vis_kwargs(args))
         print(f"\nmodlens demo: {args.dataset}, 4x256 MLP, test accuracy {result.config['model']['test_accuracy']:.4f}, "
               f"k={args.n_clusters}, {args.n_random} random sets per subcluster ({result.config['seconds']:.1f} s analysis)\n")
         print(format_summary(result.summary))
@@ -108,6 +137,15 @@ def _run(args) -> int:
                                     progress=True, **_analysis_kwargs(args))
         print(format_summary(result.summary))
         print(f"\ntables written to {args.out}")
+        return 0
+    if args.command == "correlation-maps":
+        path, maps = runs.correlation_figure(args.model, args.out, method=args.method, n_clusters=args.n_clusters,
+                                             n_random=args.n_random, seed=args.seed, data_dir=args.data_dir,
+                                             n_images=args.n_images)
+        true_pref = float(maps.true_half_preference.mean()) if len(maps.true_half_preference) else float("nan")
+        rand_pref = float(maps.random_half_preference.mean()) if maps.random_half_preference.size else float("nan")
+        print(f"wrote {path}: {len(maps.subclusters)} first-layer subclusters; mean left/right half preference "
+              f"{true_pref:.3f} (true) vs {rand_pref:.3f} (random)")
         return 0
     raise AssertionError(args.command)
 

@@ -265,3 +265,33 @@ def effect_measure(values) -> tuple[float, float]:
     if v.size == 1:
         return mean, float("nan")
     return mean, float(np.std(v, ddof=1) / math.sqrt(v.size))
+
+
+def pairwise_effect_values(true_values, random_values) -> np.ndarray:
+    """The original code's visualization effect values (notes row 14): the (m, n) matrix of
+    2 x_i / (x_i + r_ij) for true subcluster i and each of its random draws j.
+
+    ``true_values`` has shape (m,), ``random_values`` shape (m, n) (row i: the draws of true
+    subcluster i). The original effect measure is the mean of all m*n values, pooled over
+    replicates, with ``scipy.stats.sem`` of the pooled values: pass ``.ravel()`` of the
+    result to :func:`effect_measure`. Unlike :func:`effect_values` nothing is clamped (the
+    visualization measures are non-negative); x + r == 0 with x == 0 gives 1.0 (neutral) and
+    with x != 0 gives 2.0 if x > 0 else 0.0, as :func:`effect_values` does.
+    """
+    x = _as_array("true_values", true_values, 1)
+    r = _as_array("random_values", random_values, 2)
+    if r.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"random_values must have shape (m, n) with m = len(true_values); got true_values shape "
+            f"{x.shape} and random_values shape {r.shape}"
+        )
+    xx = np.broadcast_to(x[:, None], r.shape)
+    denom = xx + r
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = 2.0 * xx / denom
+    zero = denom == 0
+    out[zero] = np.where(xx[zero] > 0, 2.0, np.where(xx[zero] == 0, 1.0, 0.0))
+    return out
+
+
+__all__ += ["pairwise_effect_values"]

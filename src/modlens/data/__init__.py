@@ -1,8 +1,9 @@
-"""Image datasets for modlens: MNIST, Fashion-MNIST, scikit-learn's digits and two-image variants.
+"""Image datasets for modlens: MNIST, Fashion-MNIST, CIFAR-10, scikit-learn's digits, two-image
+variants, and ImageNet validation folders.
 
 ``load_dataset(name, split)`` returns a :class:`Dataset` with float32 images in [0, 1] of shape
-``(N, C, H, W)`` and int64 labels. Base names: ``"mnist"``, ``"fashion-mnist"``, ``"digits"``.
-Derived names put a prefix on a base name (paper, appendix A.4):
+``(N, C, H, W)`` and int64 labels. Base names: ``"mnist"``, ``"fashion-mnist"``, ``"digits"``,
+``"cifar10"``. Derived names put a prefix on an MNIST-like base name (paper, appendix A.4):
 
 * ``"halves-"``: image i and a random image of the same split, each resized to half width, side by
   side; label = (left + right) mod 10.
@@ -11,9 +12,15 @@ Derived names put a prefix on a base name (paper, appendix A.4):
 * ``"stack-same-"``: the second channel is a random image of the same class; label = that class.
 
 MNIST and Fashion-MNIST are read from the standard gzipped IDX files in ``<root>/mnist/`` and
-``<root>/fashion-mnist/``; ``root`` is ``data_dir``, else ``$MODLENS_DATA``, else
-``~/.cache/modlens/data``. Files are md5-checked and downloaded from public mirrors if missing.
-Uses numpy and the standard library only (scikit-learn for the digits).
+``<root>/fashion-mnist/``, CIFAR-10 from the python batches in ``<root>/cifar-10-batches-py/``
+(extracted from ``<root>/cifar-10-python.tar.gz`` when needed); ``root`` is ``data_dir``, else
+``$MODLENS_DATA``, else ``~/.cache/modlens/data``. Files are md5-checked and downloaded from public
+mirrors (CIFAR-10: the official archive) if missing.
+
+:func:`load_imagenet_folder` / :func:`iter_imagenet_folder` read an ImageNet validation folder
+(``root/<wnid>/<image>.JPEG``) with the standard resize / centre-crop / normalize preprocessing and
+an optional seeded per-class subsample; they need Pillow.
+Uses numpy and the standard library only (scikit-learn for the digits, Pillow for ImageNet).
 """
 
 from __future__ import annotations
@@ -21,16 +28,34 @@ from __future__ import annotations
 import os
 import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
+from ._cifar import CLASSES as CIFAR10_CLASSES
+from ._cifar import load_cifar10_split
 from ._derived import make_halves, make_stack, partner_indices, resize_half_width
 from ._digits import load_digits_split
 from ._errors import DataCorruptError, DataError, DataUnavailableError
+from ._imagenet import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageFolderIndex,
+    index_image_folder,
+    iter_imagenet_folder,
+    preprocess_image,
+    read_class_list,
+)
+from ._imagenet import check_sizes as _check_sizes
+from ._imagenet import image_batches as _image_batches
 from ._sources import ENV_VAR, data_root, load_idx_split
 
 __all__ = [
     "BASE_DATASETS",
+    "CIFAR10_CLASSES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ImageFolderIndex",
     "DATASETS",
     "ENV_VAR",
     "DataCorruptError",
@@ -40,19 +65,25 @@ __all__ = [
     "VARIANTS",
     "data_root",
     "derived_rng",
+    "index_image_folder",
+    "iter_imagenet_folder",
     "load_dataset",
+    "load_imagenet_folder",
     "make_halves",
     "make_stack",
     "partner_indices",
+    "preprocess_image",
+    "read_class_list",
     "resize_half_width",
 ]
 
-BASE_DATASETS = ("mnist", "fashion-mnist", "digits")
+BASE_DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10")
 VARIANTS = ("halves", "halves-same", "stack-diff", "stack-same")
+_VARIANT_BASES = ("mnist", "fashion-mnist", "digits")  # the two-image variants need grayscale digits-like data
 N_CLASSES = 10
 
 _SPECS: dict[str, tuple[str | None, str]] = {b: (None, b) for b in BASE_DATASETS}
-_SPECS.update({f"{v}-{b}": (v, b) for v in VARIANTS for b in BASE_DATASETS})
+_SPECS.update({f"{v}-{b}": (v, b) for v in VARIANTS for b in _VARIANT_BASES})
 
 DATASETS: list[str] = list(_SPECS)
 """Every valid dataset name."""
@@ -60,7 +91,10 @@ DATASETS: list[str] = list(_SPECS)
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """One split of a dataset: ``x`` float32 ``(N, C, H, W)`` in [0, 1], ``y`` int64 ``(N,)``."""
+    """One split of a dataset: ``x`` float32 ``(N, C, H, W)``, ``y`` int64 ``(N,)``.
+
+    ``x`` is in [0, 1], except for ImageNet folders loaded with ``normalize=True`` (mean/std scaled).
+    """
 
     name: str
     split: str
@@ -121,13 +155,20 @@ def load_dataset(
 
     ``split`` is ``"train"`` or ``"test"`` (digits and its variants also have ``"val"``).
     ``seed`` only matters for derived datasets: it fixes how the second images are drawn.
-    ``data_dir`` and ``download`` only matter for MNIST and Fashion-MNIST based names.
+    ``data_dir`` and ``download`` only matter for MNIST, Fashion-MNIST and CIFAR-10 based names.
+    ``"cifar10"`` gives ``(N, 3, 32, 32)`` images (50000 train, 10000 test), classes
+    :data:`CIFAR10_CLASSES`.
     Raises ``ValueError`` for an unknown name or split, :class:`DataUnavailableError` when files
     are missing and cannot be downloaded, :class:`DataCorruptError` for damaged files.
     """
     variant, base = _check_args(name, split, seed)
     if base == "digits":
         x, y = load_digits_split(split)
+    elif base == "cifar10":
+        images, labels = load_cifar10_split(split, data_dir, download)
+        x = images.astype(np.float32)
+        x /= np.float32(255.0)
+        y = labels.astype(np.int64)
     else:
         images, labels = load_idx_split(base, split, data_dir, download)
         x = images.astype(np.float32)[:, None, :, :]
@@ -138,3 +179,34 @@ def load_dataset(
         make = make_halves if variant.startswith("halves") else make_stack
         x, y = make(x, y, rng, same=variant.endswith("-same"), n_classes=N_CLASSES)
     return Dataset(name=name, split=split, x=x, y=y, n_classes=N_CLASSES)
+
+
+def load_imagenet_folder(
+    root: str | os.PathLike,
+    *,
+    per_class: int | None = None,
+    seed: int = 0,
+    size: int = 224,
+    resize: int = 256,
+    classes: str | os.PathLike | Sequence[str] | None = None,
+    normalize: bool = True,
+) -> Dataset:
+    """An ImageNet validation folder ``root/<wnid>/<image>.JPEG`` as one :class:`Dataset` (``split="val"``).
+
+    Preprocessing: RGB, shorter side resized to ``resize`` (bilinear), centre crop ``size`` x ``size``,
+    values in [0, 1], then normalized with :data:`IMAGENET_MEAN` / :data:`IMAGENET_STD` unless
+    ``normalize=False``. Class indices follow ``classes`` (a list of wnids, a one-wnid-per-line text
+    file such as ``LOC_synset_mapping.txt``, or Keras' ``imagenet_class_index.json``) or else the
+    sorted folder names; ``n_classes`` is the number of classes of that list. ``per_class`` keeps a
+    seeded random subsample of that many images per class (the paper analysed a per-class subsample
+    of the validation set). All images are held in memory (50000 images at 224 px take 30 GB): use
+    :func:`iter_imagenet_folder` to stream batches instead.
+    """
+    _check_sizes(size, resize)
+    index = index_image_folder(root, per_class=per_class, seed=seed, classes=classes)
+    x = np.empty((len(index), 3, size, size), dtype=np.float32)
+    start = 0
+    for xb, _ in _image_batches(index, batch_size=64, size=size, resize=resize, normalize=normalize):
+        x[start:start + len(xb)] = xb
+        start += len(xb)
+    return Dataset(name="imagenet", split="val", x=x, y=index.labels.copy(), n_classes=len(index.classes))

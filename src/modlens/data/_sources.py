@@ -1,4 +1,7 @@
-"""MNIST and Fashion-MNIST: where the files live, checksums, download and cached decoding."""
+"""MNIST and Fashion-MNIST: where the files live, checksums, download and cached decoding.
+
+The data root, ``_fetch`` and ``_short`` are shared with the CIFAR-10 loader.
+"""
 
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ N_CLASSES = 10
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
-    """The folder that holds ``mnist/`` and ``fashion-mnist/``.
+    """The folder that holds ``mnist/``, ``fashion-mnist/`` and ``cifar-10-batches-py/``.
 
     ``data_dir`` if given, else the ``MODLENS_DATA`` environment variable if set and non-empty,
     else ``~/.cache/modlens/data``.

@@ -1,11 +1,26 @@
 """Training with the paper's recipe (Keras defaults), deterministic for a fixed seed on CPU.
 
 Adam (lr 1e-3, betas (0.9, 0.999), eps 1e-7), cross-entropy on logits, reshuffled each epoch from
-an explicit ``torch.Generator``. Writes no files; saving is :func:`modlens.nn.io.save_model`.
+an explicit ``torch.Generator``. Optional Keras-style L2 penalty on kernels and random affine
+augmentation (the CIFAR VGG recipe). Writes no files; saving is :func:`modlens.nn.io.save_model`.
+
+Recipes (appendix A.2 and the notes on the original code), used by :func:`train_reference` for
+whatever is not passed explicitly:
+
+=====  ======  =====  =========  ============================================
+type   epochs  batch  L2         augmentation
+=====  ======  =====  =========  ============================================
+mlp    20      128    0          none
+cnn    10      64     0          none
+vgg    200     128    5e-4       rotation 15 deg, shifts 10 %, horizontal flip
+=====  ======  =====  =========  ============================================
+
+Other architecture types get the mlp row.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -14,9 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from modlens.core.rng import as_generator
+from modlens.experiments._augment import PAPER_AUGMENT, augment_images, check_augment, l2_penalty
+from modlens.experiments._reference import RECIPES, complete_architecture, recipe
 from modlens.nn.models import PAPER_MLP_HIDDEN, build_model
 
-__all__ = ["train_classifier", "accuracy", "split_validation", "train_reference_mlp"]
+__all__ = [
+    "train_classifier", "accuracy", "split_validation", "train_reference", "train_reference_mlp",
+    "complete_architecture", "recipe", "RECIPES", "PAPER_AUGMENT", "augment_images", "l2_penalty",
+]
 
 Progress = Callable[[int, int, float], Any]
 
@@ -40,6 +60,15 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _derived_seed(seed: int, tag: str) -> int:
+    """A 32-bit seed for a named stream of ``seed`` (independent of the shuffling stream)."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(tag.encode())]).generate_state(1)[0])
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def train_classifier(
     model: nn.Module,
     x_train: torch.Tensor,
@@ -50,44 +79,96 @@ def train_classifier(
     lr: float = 1e-3,
     seed: int = 0,
     progress: Progress | None = None,
+    weight_decay_l2: float = 0.0,
+    augment: bool | dict | None = None,
+    drop_last: bool | None = None,
 ) -> dict[str, list[float]]:
-    """Train ``model`` in place on ``(x_train, y_train)``; returns ``{"loss": [mean loss per epoch]}``.
+    """Train ``model`` in place on ``(x_train, y_train)``; returns per-epoch means ``{"loss", "cross_entropy"}``.
 
     Batches come from a permutation drawn each epoch from a ``torch.Generator`` seeded with
     ``seed``; the last batch may be smaller (as in Keras). ``progress(epoch, epochs, loss)`` is
-    called after each epoch (1-based). The model's train/eval mode is restored afterwards.
+    called after each epoch (1-based). The model's train/eval mode is restored afterwards. Dropout
+    masks come from torch's global generator, which is forked for the call and seeded from ``seed``
+    (the caller's random state is left as it was), so training is deterministic for a seed on CPU.
+
+    ``weight_decay_l2`` adds ``weight_decay_l2 * l2_penalty(model)`` (sum of squared conv/linear
+    kernels) to each batch's loss, as Keras' ``kernel_regularizer=l2(...)``; ``"loss"`` is that total
+    and ``"cross_entropy"`` the data term. ``augment`` (``True`` for the paper's settings or a dict, see
+    :func:`check_augment`) transforms each batch with :func:`augment_images`, drawing from a second
+    generator derived from ``seed``. ``drop_last`` skips a final incomplete batch; by default it is
+    on only for models with batch norm that have at least one full batch (a batch of one sample
+    breaks batch norm in training mode).
     """
     x_train, y_train = _check_xy(x_train, y_train, "train_classifier")
     if epochs < 0 or batch_size < 1:
         raise ValueError(f"train_classifier: need epochs >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
-    device = _device(model)
-    generator = torch.Generator().manual_seed(int(seed))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
+    weight_decay_l2 = float(weight_decay_l2)
+    if not (np.isfinite(weight_decay_l2) and weight_decay_l2 >= 0):
+        raise ValueError(f"train_classifier: weight_decay_l2 must be a finite number >= 0, got {weight_decay_l2}")
+    augment = check_augment(augment)
+    if augment is not None and x_train.ndim != 4:
+        raise ValueError(f"train_classifier: augmentation needs images (N, C, H, W), got x of shape "
+                         f"{tuple(x_train.shape)}; pass augment=None for flat inputs")
     n = x_train.shape[0]
-    history: dict[str, list[float]] = {"loss": []}
+    batch_norm = _has_batch_norm(model)
+    if batch_norm and n < 2:
+        raise ValueError(f"train_classifier: a model with batch norm needs at least 2 training samples, got {n}")
+    if drop_last is None:
+        drop_last = batch_norm and n >= batch_size
+    stop = n - n % batch_size if drop_last else n
+    device = _device(model)
+    order_generator = torch.Generator().manual_seed(int(seed))
+    aug_generator = torch.Generator().manual_seed(_derived_seed(seed, "augment")) if augment else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
+    history: dict[str, list[float]] = {"loss": [], "cross_entropy": []}
     was_training = model.training
     model.train()
-    try:
-        for epoch in range(1, epochs + 1):
-            order = torch.randperm(n, generator=generator)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
-                xb, yb = x_train[idx].to(device), y_train[idx].to(device)
-                loss = F.cross_entropy(model(xb), yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(idx)
-            mean = total / n
-            if not np.isfinite(mean):
-                raise FloatingPointError(f"train_classifier: loss became {mean} in epoch {epoch}; lower lr")
-            history["loss"].append(mean)
-            if progress is not None:
-                progress(epoch, epochs, mean)
-    finally:
-        model.train(was_training)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    # Dropout draws from torch's global generator: fork it (the caller's state is restored) and seed it.
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(_derived_seed(seed, "dropout"))
+        if cuda:
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(_derived_seed(seed, "dropout"))
+        try:
+            _epochs(model, x_train, y_train, order_generator=order_generator, aug_generator=aug_generator,
+                    augment=augment, optimizer=optimizer, weight_decay_l2=weight_decay_l2, epochs=epochs, batch_size=batch_size,
+                    stop=stop, device=device, history=history, progress=progress)
+        finally:
+            model.train(was_training)
     return history
+
+
+def _epochs(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, order_generator: torch.Generator,
+            aug_generator: torch.Generator | None, augment: dict | None, optimizer: torch.optim.Optimizer,
+            weight_decay_l2: float, epochs: int, batch_size: int, stop: int, device: torch.device,
+            history: dict[str, list[float]], progress: Progress | None) -> None:
+    """The training loop of :func:`train_classifier` (arguments already checked)."""
+    n = x_train.shape[0]
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=order_generator)
+        total = total_ce = 0.0
+        seen = 0
+        for start in range(0, stop, batch_size):
+            idx = order[start:start + batch_size]
+            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+            if aug_generator is not None:
+                xb = augment_images(xb, aug_generator, **augment)
+            ce = F.cross_entropy(model(xb), yb)
+            loss = ce + weight_decay_l2 * l2_penalty(model) if weight_decay_l2 > 0 else ce
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            total_ce += float(ce.detach()) * len(idx)
+            seen += len(idx)
+        mean = total / seen
+        if not np.isfinite(mean):
+            raise FloatingPointError(f"train_classifier: loss became {mean} in epoch {epoch}; lower lr")
+        history["loss"].append(mean)
+        history["cross_entropy"].append(total_ce / seen)
+        if progress is not None:
+            progress(epoch, epochs, mean)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> float:
@@ -116,6 +197,83 @@ def split_validation(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def train_reference(
+    architecture: dict[str, Any],
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    *,
+    seed: int,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    n_val: int = 5000,
+    weight_decay_l2: float | None = None,
+    augment: bool | dict | None = None,
+    progress: Progress | None = None,
+    val_seed: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a reference network (``{"type": "mlp" | "cnn" | "vgg" | ...}``) on the training split minus
+    a held-out validation split.
+
+    ``architecture`` may leave out what the data determines (input shape or size, number of classes;
+    an MLP without ``sizes`` gets the paper's 4x256 hidden layers): :func:`complete_architecture`
+    fills it in and checks what is given. ``epochs``, ``batch_size``, ``weight_decay_l2`` and
+    ``augment`` default to the type's recipe (:func:`recipe`); pass ``augment=False`` to switch the
+    VGG's augmentation off and ``weight_decay_l2=0`` for its unregularized variant (with
+    ``"dropout": false`` in the architecture).
+
+    The validation split (``n_val`` examples, chosen by ``split_validation(len(x_train), n_val,
+    val_seed)``, ``val_seed`` defaulting to ``seed``) is never trained on; it is kept for activation
+    graphs. Weights are initialized from a ``torch.Generator`` seeded with ``seed``, batches shuffled
+    from another seeded with ``seed`` and augmentations drawn from a third derived from ``seed``.
+    Returns ``(model in eval mode, info)``; ``info`` is JSON-able and its ``architecture`` entry is
+    what :func:`modlens.nn.io.save_model` needs.
+    """
+    x_train, y_train = _check_xy(x_train, y_train, "train_reference (train)")
+    x_test, y_test = _check_xy(x_test, y_test, "train_reference (test)")
+    flat = isinstance(architecture, dict) and architecture.get("type") == "mlp"
+    if (x_test[0].numel() != x_train[0].numel()) if flat else (x_test.shape[1:] != x_train.shape[1:]):
+        raise ValueError(f"train_reference: train samples have shape {tuple(x_train.shape[1:])} "
+                         f"but test samples {tuple(x_test.shape[1:])}")
+    n_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
+    architecture = complete_architecture(architecture, tuple(x_train.shape[1:]), n_classes)
+    defaults = recipe(architecture)
+    epochs = defaults["epochs"] if epochs is None else int(epochs)
+    batch_size = defaults["batch_size"] if batch_size is None else int(batch_size)
+    weight_decay_l2 = defaults["weight_decay_l2"] if weight_decay_l2 is None else float(weight_decay_l2)
+    augment = check_augment(defaults["augment"] if augment is None else augment)
+    val_seed = int(seed if val_seed is None else val_seed)
+    n_total = int(x_train.shape[0])
+    train_idx, val_idx = split_validation(n_total, n_val, val_seed)
+    train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    model = build_model(architecture, generator=torch.Generator().manual_seed(int(seed)))
+    lr = 1e-3
+    history = train_classifier(model, x_train[train_t], y_train[train_t], epochs=epochs, batch_size=batch_size,
+                               lr=lr, seed=seed, progress=progress, weight_decay_l2=weight_decay_l2,
+                               augment=augment)
+    model.eval()
+    info = {
+        "architecture": architecture,
+        "seed": int(seed),
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "lr": lr,
+        "weight_decay_l2": weight_decay_l2,
+        "augment": augment,
+        "n_total": n_total,
+        "n_train": int(len(train_idx)),
+        "n_val": int(len(val_idx)),
+        "val_seed": val_seed,
+        "test_accuracy": accuracy(model, x_test, y_test),
+        "val_accuracy": accuracy(model, x_train[val_t], y_train[val_t]) if len(val_idx) else None,
+        "train_loss": [float(v) for v in history["loss"]],
+    }
+    if weight_decay_l2 > 0:
+        info["train_cross_entropy"] = [float(v) for v in history["cross_entropy"]]
+    return model, info
+
+
 def train_reference_mlp(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -133,44 +291,20 @@ def train_reference_mlp(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train the paper's MLP (input-256x4-classes) on the training split minus a held-out validation split.
 
-    The validation split (``n_val`` examples, chosen by ``split_validation(len(x_train), n_val,
-    val_seed)``, ``val_seed`` defaulting to ``seed``) is never trained on; it is kept for activation
-    graphs. Weights are initialized from a ``torch.Generator`` seeded with ``seed`` and the batches
-    shuffled from another seeded with ``seed``. Returns ``(model in eval mode, info)``; ``info`` is
-    JSON-able and its ``architecture`` entry is what :func:`modlens.nn.io.save_model` needs.
+    :func:`train_reference` with ``{"type": "mlp", "sizes": [input, *hidden, classes]}``, no L2
+    penalty and no augmentation (identical weights to earlier versions for the same arguments).
     """
     x_train, y_train = _check_xy(x_train, y_train, "train_reference_mlp (train)")
     x_test, y_test = _check_xy(x_test, y_test, "train_reference_mlp (test)")
     if x_test[0].numel() != x_train[0].numel():
         raise ValueError(f"train_reference_mlp: train samples have shape {tuple(x_train.shape[1:])} "
                          f"but test samples {tuple(x_test.shape[1:])}")
-    val_seed = int(seed if val_seed is None else val_seed)
-    n_total = int(x_train.shape[0])
-    train_idx, val_idx = split_validation(n_total, n_val, val_seed)
-    train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     n_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
     architecture = {
         "type": "mlp",
         "sizes": [int(x_train[0].numel()), *(int(h) for h in hidden), n_classes],
         "activation": activation,
     }
-    model = build_model(architecture, generator=torch.Generator().manual_seed(int(seed)))
-    lr = 1e-3
-    history = train_classifier(model, x_train[train_t], y_train[train_t], epochs=epochs,
-                               batch_size=batch_size, lr=lr, seed=seed, progress=progress)
-    model.eval()
-    info = {
-        "architecture": architecture,
-        "seed": int(seed),
-        "epochs": int(epochs),
-        "batch_size": int(batch_size),
-        "lr": lr,
-        "n_total": n_total,
-        "n_train": int(len(train_idx)),
-        "n_val": int(len(val_idx)),
-        "val_seed": val_seed,
-        "test_accuracy": accuracy(model, x_test, y_test),
-        "val_accuracy": accuracy(model, x_train[val_t], y_train[val_t]) if len(val_idx) else None,
-        "train_loss": [float(v) for v in history["loss"]],
-    }
-    return model, info
+    return train_reference(architecture, x_train, y_train, x_test, y_test, seed=seed, epochs=epochs,
+                           batch_size=batch_size, n_val=n_val, weight_decay_l2=0.0, augment=False,
+                           progress=progress, val_seed=val_seed)

@@ -22,7 +22,7 @@ from modlens.experiments.partitioning import METHODS, Partitioner, method_seed
 from modlens.nn.adapter import MLPAdapter
 from modlens.nn.inputs import as_tensors, check_labels
 from modlens.nn.lesion import LesionEvaluator
-from modlens.study.summary import LESION_METRICS, subcluster_tests, summarize
+from modlens.study.summary import LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
 
 
 @dataclass
@@ -34,6 +34,8 @@ class AnalysisResult:
     tests:       one row per (true subcluster, metric): percentile and effect value.
     partitions:  the partitions that were tested, by name.
     config:      the arguments and facts needed to reproduce the tables.
+    visualizations: with ``feature_vis=True``, one row per (subcluster, draw) with the
+                 visualization score and softmax entropy; ``vis_results`` holds the images.
     """
 
     summary: pd.DataFrame
@@ -41,6 +43,8 @@ class AnalysisResult:
     tests: pd.DataFrame
     partitions: dict[str, Partition]
     config: dict = field(default_factory=dict)
+    visualizations: pd.DataFrame | None = None
+    vis_results: list = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         from modlens.study.report import format_summary
@@ -81,6 +85,8 @@ def analyze(
     max_fraction: float | None = None,
     engine: str = "incremental",
     alpha: float = 0.05,
+    feature_vis: bool = False,
+    vis_options: dict | None = None,
     progress: bool = False,
 ) -> AnalysisResult:
     """Test whether the partitions of ``model``'s hidden neurons are important and coherent.
@@ -104,6 +110,14 @@ def analyze(
     engine:
         ``"incremental"`` (batched, reuses unchanged layers) or ``"plain"`` (one full forward
         pass per lesion; the reference path).
+    feature_vis:
+        Also run the feature-visualization test (paper, section 4.2): visualization score and
+        softmax entropy of an input optimized for each subcluster and random set.
+    vis_options:
+        Arguments for :func:`~modlens.experiments.feature_vis.feature_vis_test` (``steps``,
+        ``lr``, ``transforms``, ``parameterization``, ``objective``, ``value_range``,
+        ``preprocess``...); ``{"original": True}`` applies the original code's preset (rows
+        7, 15, 16). The value range defaults to the test inputs' range.
     """
     started = time.perf_counter()
     adapter = MLPAdapter(model)
@@ -138,7 +152,15 @@ def analyze(
     table = pd.concat(tables, ignore_index=True)
     table.insert(0, "network", "0")
     tests = subcluster_tests(table, ties=ties, effect_rule=effect_rule)
-    summary = summarize(tests, partitionings=list(partitions), alpha=alpha)
+    vis_table, vis_results = None, []
+    if feature_vis:
+        vis_table, vis_results = _feature_vis(adapter, partitions, x, n_random=n_random, random_state=random_state,
+                                              max_fraction=max_fraction, options=vis_options, progress=progress)
+        if len(vis_table):
+            tests = pd.concat([tests, subcluster_tests(vis_table, metrics=VIS_METRICS, ties=ties, effect_rule=effect_rule)],
+                              ignore_index=True)
+    metrics = list(LESION_METRICS) + (list(VIS_METRICS) if feature_vis else [])
+    summary = summarize(tests, partitionings=list(partitions), metrics=metrics, alpha=alpha)
     _add_partition_facts(summary, partitions)
     base = evaluator.baseline if evaluator is not None else None
     config = {
@@ -152,7 +174,32 @@ def analyze(
         "layers": dict(zip(adapter.layer_names, adapter.layer_sizes)),
         "seconds": time.perf_counter() - started,
     }
-    return AnalysisResult(summary, table, tests, partitions, config)
+    if vis_results:
+        config["feature_vis"] = vis_results[0].config | {"partitioning": None}
+    return AnalysisResult(summary, table, tests, partitions, config, vis_table, vis_results)
+
+
+def _feature_vis(adapter, partitions, x, *, n_random, random_state, max_fraction, options, progress):
+    """Feature-visualization test of every partition, with the lesion test's random sets."""
+    from modlens.experiments.feature_vis import ORIGINAL, feature_vis_test
+
+    opts = dict(options or {})
+    if opts.pop("original", False):
+        opts = {**ORIGINAL, **opts}
+    opts.setdefault("value_range", (float(x.min()), float(x.max())))
+    opts.setdefault("max_fraction", max_fraction)
+    tables, results = [], []
+    for name, part in partitions.items():
+        n_images = len(part.subclusters(min_size=opts.get("min_size", 2), max_fraction=opts["max_fraction"])) * (n_random + 1)
+        with _bar(progress, n_images, f"visualizations {name}") as bar:
+            res = feature_vis_test(adapter, part, tuple(x.shape[1:]), n_random=n_random, name=name,
+                                   random_state=as_generator(method_seed(random_state, name, stream=1)),
+                                   progress=bar.update, **opts)
+        tables.append(res.table)
+        results.append(res)
+    table = pd.concat(tables, ignore_index=True)
+    table.insert(0, "network", "0")
+    return table, results
 
 
 def _add_partition_facts(summary: pd.DataFrame, partitions: dict[str, Partition]) -> None:
@@ -180,7 +227,10 @@ def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = Non
                                 for p in summary["partitioning"]]
     config = dict(results[0].config, networks=names, alpha=alpha)
     partitions = {f"{n}:{k}": v for n, r in zip(names, results) for k, v in r.partitions.items()}
-    return AnalysisResult(summary, pd.concat(tables, ignore_index=True), pd.concat(tests, ignore_index=True), partitions, config)
+    vis = [r.visualizations.assign(network=n) for n, r in zip(names, results) if r.visualizations is not None]
+    # figures: those of the first network (every network's images stay in its own result)
+    return AnalysisResult(summary, pd.concat(tables, ignore_index=True), pd.concat(tests, ignore_index=True), partitions,
+                          config, pd.concat(vis, ignore_index=True) if vis else None, results[0].vis_results)
 
 
 def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, extra_manifest: dict | None = None) -> Path:
@@ -193,11 +243,21 @@ def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, e
     tmp.mkdir(parents=True)
     try:
         files = []
-        for name in ("summary", "subclusters", "tests"):
+        for name in ("summary", "subclusters", "tests", "visualizations"):
             frame = getattr(result, name)
+            if frame is None:
+                continue
             frame.to_parquet(tmp / f"{name}.parquet", index=False)
             frame.to_csv(tmp / f"{name}.csv", index=False)
             files += [f"{name}.parquet", f"{name}.csv"]
+        if result.vis_results:
+            from modlens.study.figures import save_vis_grids
+
+            for res in result.vis_results:
+                files += [str(p.relative_to(tmp)) for p in save_vis_grids(res, tmp / "figures")]
+            images = {f"{r.config['partitioning']}": r.images for r in result.vis_results}
+            np.savez_compressed(tmp / "vis_images.npz", **{k.replace("/", "__"): v for k, v in images.items()})
+            files.append("vis_images.npz")
         parts = {
             name: {"method": p.method, "n_clusters": p.n_clusters, "ncut": p.ncut, "layer_names": list(p.layer_names),
                    "labels": [l.tolist() for l in p.labels], "info": p.info}

@@ -133,6 +133,8 @@ def demo(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    feature_vis: bool = False,
+    vis_options: dict | None = None,
 ) -> AnalysisResult:
     """Train a 4x256 MLP on an embedded dataset (no download) and analyse it four ways."""
     if not _is_digits(dataset):
@@ -157,6 +159,7 @@ def demo(
     result = analyze(
         model, (torch.from_numpy(test.x), torch.from_numpy(test.y)), activation_data=torch.from_numpy(val.x),
         n_clusters=n_clusters, n_random=n_random, random_state=seed, progress=progress,
+        feature_vis=feature_vis, vis_options=vis_options,
     )
     result.config["model"] = {"dataset": dataset, "seed": seed, "epochs": epochs, "test_accuracy": info["test_accuracy"]}
     if out is not None:
@@ -164,4 +167,33 @@ def demo(
     return result
 
 
-__all__ = ["train_reference", "model_data", "analyze_saved", "demo"]
+def correlation_figure(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    method: str = "weights/global",
+    n_clusters: int = 16,
+    n_random: int = 4,
+    seed: int = 0,
+    data_dir=None,
+    n_images: int | None = None,
+) -> tuple[Path, "CorrelationMaps"]:
+    """Figure 1/6 of the paper for a saved MLP: sign-aligned Spearman correlation maps of its
+    first-layer subclusters over the test set, beside random subclusters of the same size."""
+    from modlens.experiments.correlation_maps import correlation_maps
+    from modlens.experiments.partitioning import partition
+    from modlens.nn.adapter import MLPAdapter
+    from modlens.study.figures import save_correlation_figure
+
+    model, manifest = load_model(model_dir)
+    (x, _), act = model_data(manifest, data_dir=data_dir)
+    if n_images is not None:
+        x = x[:n_images]
+    adapter = MLPAdapter(model)
+    part = partition(adapter, method, n_clusters=n_clusters, data=act, random_state=seed)
+    maps = correlation_maps(adapter, part, x, layer=0, n_random=n_random, random_state=seed)
+    path = save_correlation_figure(maps, out)
+    return Path(path), maps
+
+
+__all__ = ["train_reference", "model_data", "analyze_saved", "demo", "correlation_figure"]

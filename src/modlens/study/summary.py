@@ -30,8 +30,11 @@ class Metric:
 METRICS: dict[str, Metric] = {
     "acc_drop": Metric("acc_drop", "Acc. drop", True, "importance"),
     "class_range": Metric("class_range", "Class range", True, "coherence"),
+    "vis_score": Metric("vis_score", "Vis score", True, "coherence"),
+    "softmax_entropy": Metric("softmax_entropy", "Softmax H", False, "coherence"),
 }
 LESION_METRICS = ("acc_drop", "class_range")
+VIS_METRICS = ("vis_score", "softmax_entropy")
 TIE_RULES = ("mid", "original")
 EFFECT_RULES = ("paper", "original")
 
@@ -49,7 +52,10 @@ def subcluster_tests(
     its centred percentile (low = modular) and its effect value.
 
     ``ties="original"`` and ``effect_rule="original"`` reproduce the original code's tie
-    rule and lesion effect rule (rows 11 and 14 of the notes).
+    rule and effect rules (rows 11 and 14 of the notes): for lesion metrics an effect is 0
+    unless the true and mean random drops are both positive; for visualization metrics the
+    effect pools 2x/(x+r_j) over every random draw j (column ``effect_pairs``), and
+    :func:`summarize` takes the mean and standard error over those pooled values.
     """
     if ties not in TIE_RULES:
         raise ValueError(f"ties must be one of {TIE_RULES}, got {ties!r}")
@@ -69,20 +75,27 @@ def subcluster_tests(
             r = rand[metric].to_numpy(dtype=float)
             mu = float(r.mean())
             pct = float(stats.percentiles([x], r[None, :], higher_is_modular=spec.higher_is_modular, ties=ties)[0])
-            if np.isfinite(x) and np.isfinite(mu):
+            pairs = None
+            if not (np.isfinite(x) and np.isfinite(mu)):
+                eff = np.nan
+            elif effect_rule == "original" and metric in VIS_METRICS:
+                pairs = stats.pairwise_effect_values([x], r[None, :])[0]
+                eff = float(pairs.mean())
+            else:
                 rule = "original_lesion" if effect_rule == "original" else "paper"
                 eff = float(stats.effect_values([x], [mu], rule=rule)[0])
-            else:
-                eff = np.nan
-            rows.append((*key, metric, x, mu, pct, eff))
-    return pd.DataFrame(rows, columns=_KEYS + ["metric", "value", "random_mean", "percentile", "effect"])
+            rows.append((*key, metric, x, mu, pct, eff, None if pairs is None else pairs.tolist()))
+    out = pd.DataFrame(rows, columns=_KEYS + ["metric", "value", "random_mean", "percentile", "effect", "effect_pairs"])
+    if out["effect_pairs"].isna().all():
+        out = out.drop(columns="effect_pairs")
+    return out
 
 
 def summarize(
     tests: pd.DataFrame,
     *,
     partitionings: Sequence[str] | None = None,
-    metrics: Sequence[str] = LESION_METRICS,
+    metrics: Sequence[str] | None = None,
     alpha: float = 0.05,
 ) -> pd.DataFrame:
     """The summary table: one row per (partitioning, metric).
@@ -93,6 +106,9 @@ def summarize(
     """
     if partitionings is None:
         partitionings = list(dict.fromkeys(tests["partitioning"]))
+    if metrics is None:  # those present, in the canonical order
+        present = set(tests["metric"])
+        metrics = [m for m in METRICS if m in present] or list(LESION_METRICS)
     rows = []
     for part in partitionings:
         for metric in metrics:
@@ -100,7 +116,10 @@ def summarize(
             spec = METRICS[metric]
             net_p = [stats.fisher(gn["percentile"].to_numpy())[1] for _, gn in g.groupby("network", sort=True)]
             p = stats.fisher_bates(net_p) if net_p else np.nan
-            eff = g["effect"].to_numpy(dtype=float)
+            if "effect_pairs" in g.columns and g["effect_pairs"].notna().any():
+                eff = np.concatenate([np.asarray(v, dtype=float) for v in g["effect_pairs"].dropna()])
+            else:
+                eff = g["effect"].to_numpy(dtype=float)
             mean, se = stats.effect_measure(eff[np.isfinite(eff)]) if len(eff) else (np.nan, np.nan)
             rows.append({
                 "partitioning": part,
