@@ -97,3 +97,13 @@ def test_demo_with_feature_vis(tmp_path, capsys):
     meta = json.loads((tmp_path / "d" / "manifest.json").read_text())
     pngs = [f for f in meta["files"] if f.endswith(".png")]
     assert pngs and all((tmp_path / "d" / f).exists() for f in pngs)
+
+
+def test_train_small_cnn(tmp_path, capsys):
+    code = main(["train", "--dataset", "digits", "--arch", "cnn", "--seed", "0", "--epochs", "2", "--out", str(tmp_path / "c")])
+    assert code == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["architecture"]["type"] == "cnn"
+    assert main(["train", "--dataset", "digits", "--arch", "cnn", "--no-regularization", "--seed", "0",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "VGG" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -70,14 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     _add_vis_options(d)
 
-    t = sub.add_parser("train", help="train the paper's reference MLP and save it (safetensors + manifest)")
+    t = sub.add_parser("train", help="train a reference network of the paper and save it (safetensors + manifest)")
     t.add_argument("--dataset", required=True, help="mnist, fashion-mnist, halves-mnist, halves-same-mnist, stack-diff-mnist, "
-                                                     "stack-same-mnist (and the fashion-mnist/digits variants)")
+                                                     "stack-same-mnist (and the fashion-mnist/digits variants), cifar10")
+    t.add_argument("--arch", choices=["mlp", "cnn", "vgg"], default="mlp",
+                   help="mlp: 4x256 MLP; cnn: the small CNN; vgg: the CIFAR VGG (default mlp)")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="rotation/shift/flip augmentation (default: on for vgg, off otherwise)")
+    t.add_argument("--l2", type=float, default=None, help="L2 coefficient on kernels (default: 5e-4 for vgg, 0 otherwise)")
+    t.add_argument("--no-regularization", action="store_true", help="VGG without dropout and L2 (the paper's unregularized VGG)")
     t.add_argument("--seed", type=int, required=True, help="seed of initialization, shuffling and the held-out split")
     t.add_argument("--out", type=Path, required=True, help="folder to save the model in")
     t.add_argument("--data-dir", type=Path, default=None, help="folder with mnist/ and fashion-mnist/ (default: $MODLENS_DATA or ~/.cache/modlens/data)")
-    t.add_argument("--epochs", type=int, default=None, help="default 20 (60 for digits)")
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--epochs", type=int, default=None, help="default: the recipe's (mlp 20, cnn 10, vgg 200; mlp on digits 60)")
+    t.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (mlp 128, cnn 64, vgg 128)")
     t.add_argument("--n-val", type=int, default=5000, help="training examples held out for activation graphs")
 
     a = sub.add_parser("analyze", help="partition saved models and run the lesion tests")
@@ -129,7 +135,9 @@ def _run(args) -> int:
             print(f"epoch {epoch}/{n}  loss {loss:.4f}", file=sys.stderr, flush=True)
 
         _, manifest = runs.train_reference(args.dataset, seed=args.seed, out=args.out, data_dir=args.data_dir,
-                                           epochs=args.epochs, batch_size=args.batch_size, n_val=args.n_val, progress=report)
+                                           epochs=args.epochs, batch_size=args.batch_size, n_val=args.n_val,
+                                           arch=args.arch, augment=args.augment, l2=args.l2,
+                                           regularize=not args.no_regularization, progress=report)
         print(f"saved {args.out} (test accuracy {manifest['accuracy']:.4f})")
         return 0
     if args.command == "analyze":

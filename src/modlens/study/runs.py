@@ -17,6 +17,7 @@ import torch
 
 from modlens.data import load_dataset
 from modlens.experiments.train import split_validation, train_reference_mlp
+from modlens.experiments.train import train_reference as fit_reference
 from modlens.nn.io import load_model, save_model
 from modlens.study.analyze import AnalysisResult, analyze, combine, save_result
 
@@ -35,24 +36,39 @@ def train_reference(
     data_dir=None,
     data_seed: int = 0,
     epochs: int | None = None,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     n_val: int = 5000,
-    hidden: Sequence[int] = (256, 256, 256, 256),
+    arch: str = "mlp",
+    augment: bool | None = None,
+    l2: float | None = None,
+    regularize: bool = True,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
-    """Train the paper's MLP (appendix A.2) on ``dataset`` and save it with a manifest.
+    """Train a reference network (appendix A.2) on ``dataset`` and save it with a manifest.
 
-    MNIST-like data: ``n_val`` training examples are held out (never trained on) for the
-    activation graph. Digits: its fixed "val" split plays that role.
+    ``arch`` is ``"mlp"`` (784-256x4-10), ``"cnn"`` (the small CNN) or ``"vgg"`` (the CIFAR
+    VGG); epochs, batch size, L2 and augmentation default to that architecture's recipe.
+    ``regularize=False`` gives the VGG without dropout and L2 (the paper's unregularized
+    variant). MNIST-like data: ``n_val`` training examples are held out (never trained on)
+    for the activation graph. Digits: its fixed "val" split plays that role.
     """
     train = load_dataset(dataset, "train", data_dir=data_dir, seed=data_seed)
     test = load_dataset(dataset, "test", data_dir=data_dir, seed=data_seed)
     digits = _is_digits(dataset)
-    epochs = epochs if epochs is not None else (DIGITS_EPOCHS if digits else 20)
-    model, info = train_reference_mlp(
-        torch.from_numpy(train.x), torch.from_numpy(train.y), torch.from_numpy(test.x), torch.from_numpy(test.y),
-        seed=seed, epochs=epochs, batch_size=batch_size, n_val=0 if digits else n_val, hidden=tuple(hidden),
-        progress=progress,
+    if arch not in ("mlp", "cnn", "vgg"):
+        raise ValueError(f"unknown architecture {arch!r}; choose mlp, cnn or vgg")
+    if epochs is None and digits and arch == "mlp":
+        epochs = DIGITS_EPOCHS
+    architecture = {"type": arch}
+    if not regularize:
+        if arch != "vgg":
+            raise ValueError("--no-regularization applies to the VGG (dropout and L2); the MLP and CNN have none")
+        architecture["dropout"] = False
+        l2 = 0.0
+    model, info = fit_reference(
+        architecture, torch.from_numpy(train.x), torch.from_numpy(train.y), torch.from_numpy(test.x),
+        torch.from_numpy(test.y), seed=seed, epochs=epochs, batch_size=batch_size, n_val=0 if digits else n_val,
+        weight_decay_l2=l2, augment=augment, progress=progress,
     )
     activation_split = {"split": "val"} if digits else {
         "split": "train", "n_total": info["n_total"], "n_val": info["n_val"], "val_seed": info["val_seed"]}
