@@ -67,15 +67,17 @@ def test_training_mode_is_restored():
 
 
 def test_unsupported_layer_is_named():
-    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModelError, match=r"'1' \(BatchNorm1d\)"):
+    # batch norm and conv layers are supported since the CNN extension; these are not
+    m = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"'1' \(LayerNorm\)"):
         MLPAdapter(m)
-    m = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedModelError, match=r"'0' \(Conv2d\)"):
+    m = nn.Sequential(nn.ConvTranspose2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match=r"'0' \(ConvTranspose2d\)"):
         MLPAdapter(m)
 
 
-def test_skip_connection_rejected():
+def test_multiplicative_gate_rejected():
+    # residual additions are supported since the CNN extension; a product of two layers is not
     class Skip(nn.Module):
         def __init__(self):
             super().__init__()
@@ -83,7 +85,7 @@ def test_skip_connection_rejected():
 
         def forward(self, x):
             h = torch.relu(self.a(x))
-            return self.c(torch.relu(self.b(h)) + h)
+            return self.c(torch.relu(self.b(h)) * h)
 
     with pytest.raises(UnsupportedModelError):
         MLPAdapter(Skip())

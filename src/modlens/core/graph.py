@@ -119,6 +119,42 @@ def weight_graph(layer_sizes: Sequence[int], blocks) -> sp.csr_array:
     return _int32_indices(adj)
 
 
+CONV_EDGE_NORMS = ("l1", "matrix_1_norm")
+
+
+def kernel_slice_norms(kernels, norm: str = "l1") -> np.ndarray:
+    """Edge weights between the channels of two conv layers (paper section 3.1).
+
+    ``kernels`` has shape ``(out, in, *kernel)`` (a conv weight, or a slice of it); the result
+    ``(out, in)`` holds one norm per kernel slice ``kernels[o, i]``:
+
+    * ``"l1"`` (the paper): the sum of absolute values of the slice;
+    * ``"matrix_1_norm"`` (row 1 of the original-code notes): the matrix 1-norm of a 2-D
+      slice, the largest column sum of absolute values (3 instead of 9 for an all-ones 3x3
+      kernel); a 1-D slice is treated as one column, so it equals the L1 norm.
+    """
+    if norm not in CONV_EDGE_NORMS:
+        raise ValueError(f"norm must be one of {CONV_EDGE_NORMS}, got {norm!r}")
+    k = np.abs(np.asarray(kernels, dtype=np.float64))
+    if k.ndim < 2:
+        raise ValueError(f"kernels must have shape (out, in, *kernel), got {k.shape}")
+    if norm == "l1" or k.ndim <= 3:
+        return k.reshape(k.shape[0], k.shape[1], -1).sum(axis=2)
+    if k.ndim != 4:
+        raise ValueError(f"matrix_1_norm needs 1-D or 2-D kernel slices, got kernels of shape {k.shape}")
+    return k.sum(axis=2).max(axis=2)
+
+
+def layer_neighbours(n_layers: int, blocks) -> list[list[int]]:
+    """For each node layer, the other node layers joined to it by a weight block ``(i, j, A)``
+    (sorted). For a chain of layers these are ``l - 1`` and ``l + 1``."""
+    out: list[set[int]] = [set() for _ in range(n_layers)]
+    for i, j, *_ in blocks:
+        out[int(i)].add(int(j))
+        out[int(j)].add(int(i))
+    return [sorted(s) for s in out]
+
+
 def _int32_indices(adj: sp.csr_array) -> sp.csr_array:
     if adj.nnz < np.iinfo(np.int32).max and adj.shape[0] < np.iinfo(np.int32).max:
         adj.indices = adj.indices.astype(np.int32, copy=False)

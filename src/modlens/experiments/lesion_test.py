@@ -2,7 +2,9 @@
 
 Every true subcluster is lesioned, and so are ``n_random`` random sets of neurons of the
 same size in the same layer. For each lesion the table records the accuracy drop
-(importance) and the range of class-wise accuracy drops (coherence w.r.t. class).
+(importance) and the range of class-wise accuracy drops (coherence w.r.t. class). The same
+code serves MLPs (units), CNNs and residual networks (conv channels): a lesioned neuron
+contributes nothing downstream (see :mod:`modlens.nn.lesion`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from modlens.core.partition import Partition
 from modlens.core.rng import as_generator
-from modlens.nn.adapter import MLPAdapter
+from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
 
 ACCURACY_MODES = ("accuracy", "balanced")
@@ -71,7 +73,7 @@ def lesion_metrics(
 
 
 def lesion_test(
-    adapter: MLPAdapter,
+    adapter: NetworkAdapter,
     partition: Partition,
     x: torch.Tensor,
     y: torch.Tensor,

@@ -2,12 +2,17 @@
 
 Four methods (paper, section 3.1): {weights, activations} x {global, local}.
 
-* weights: nodes are the input, hidden and output neurons; edge = |w| (rows 4 of the notes).
-* activations: nodes are the hidden neurons; edge = squared Spearman correlation of their
-  pre-activations over held-out data that is never the lesion test set.
+* weights: MLPs: nodes are the input, hidden and output neurons, edge = |w|; CNNs: nodes are
+  conv channels only, edge = L1 norm of the kernel slice (or the matrix 1-norm,
+  ``conv_edge="matrix_1_norm"``, row 1), batch norm folded in (row 3) (row 4 of the notes).
+* activations: nodes are the hidden neurons (conv channels for CNNs); edge = squared Spearman
+  correlation of their pre-activations (for a channel, the L1 norm of its map) over
+  held-out data that is never the lesion test set, streamed batch by batch.
 * global: one clustering of the whole graph into ``n_clusters``.
 * local: layer l is clustered on the graph of l and its adjacent layers, into as many
-  clusters as layer l received in the global clustering of the same graph.
+  clusters as layer l received in the global clustering of the same graph. Adjacent layers
+  are those joined to l by weights: l - 1 and l + 1 in a chain; in a residual network also
+  every layer that writes to the residual stream l reads, or reads the stream l writes to.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 from scipy import sparse
 
 from modlens.core import clustering, graph
 from modlens.core.partition import UNCLUSTERED, Partition
-from modlens.core.rng import as_generator
-from modlens.nn.adapter import MLPAdapter
+from modlens.core.rng import as_generator, int_seed
+from modlens.nn import _spearman
+from modlens.nn._fx import module_device_dtype
+from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.inputs import as_inputs, batches
 
 METHODS = ("weights/global", "weights/local", "activations/global", "activations/local")
@@ -43,15 +49,24 @@ def check_method(method: str) -> tuple[str, str]:
 
 
 class Partitioner:
-    """Builds each graph once and clusters it by any of the four methods."""
+    """Builds each graph once and clusters it by any of the four methods.
 
-    def __init__(self, adapter: MLPAdapter, *, activation_data=None, n_clusters: int = 16,
-                 random_state: int = 0, batch_size: int = 2048):
+    ``conv_edge`` (``"l1"`` or ``"matrix_1_norm"``, row 1), ``fold_bn`` (row 3) and
+    ``act_reduce`` (``"l1"`` or ``"matrix_1_norm"``, row 2) choose how conv channels enter the
+    graphs; they do not affect MLPs.
+    """
+
+    def __init__(self, adapter: NetworkAdapter, *, activation_data=None, n_clusters: int = 16,
+                 random_state: int = 0, batch_size: int = 2048, conv_edge: str = "l1",
+                 fold_bn: bool = True, act_reduce: str = "l1"):
         self.adapter = adapter
         self.n_clusters = int(n_clusters)
         self.random_state = random_state
         self._activation_data = activation_data
         self._batch_size = batch_size
+        self._conv_edge = conv_edge
+        self._fold_bn = fold_bn
+        self._act_reduce = act_reduce
         self._graphs: dict[str, tuple] = {}
         self._cache: dict[str, Partition] = {}
         if self.n_clusters < 2:
@@ -63,13 +78,21 @@ class Partitioner:
                     f"choose n_clusters <= {min(adapter.layer_sizes)}"
                 )
 
+    def _weight_structure(self):
+        """(node-layer sizes, weight blocks, hidden node layers, neighbours of each node layer)."""
+        if "structure" not in self._graphs:
+            sizes = self.adapter.node_layer_sizes()
+            blocks = self.adapter.weight_blocks(conv_edge=self._conv_edge, fold_bn=self._fold_bn)
+            hidden = self.adapter.hidden_node_layers()
+            self._graphs["structure"] = (sizes, blocks, hidden, graph.layer_neighbours(len(sizes), blocks))
+        return self._graphs["structure"]
+
     def _graph(self, kind: str):
-        """(adjacency, node-layer sizes, indices of the hidden node layers)."""
+        """(adjacency, node-layer sizes, indices of the hidden node layers, neighbours)."""
         if kind not in self._graphs:
+            sizes, blocks, hidden, neighbours = self._weight_structure()
             if kind == "weights":
-                sizes = self.adapter.node_layer_sizes()
-                adj = graph.weight_graph(sizes, self.adapter.weight_blocks())
-                hidden = list(range(1, len(sizes) - 1))
+                adj = graph.weight_graph(sizes, blocks)
             else:
                 if self._activation_data is None:
                     raise ValueError(
@@ -77,18 +100,24 @@ class Partitioner:
                         "as a held-out split that is not the lesion test set"
                     )
                 x = as_inputs(self._activation_data, name="activation data")
-                acts = self.adapter.preactivations(batches(x, self._batch_size, device=_device(self.adapter)))
-                adj = graph.activation_graph(acts)
+                device, dtype = module_device_dtype(self.adapter.model)
+                size = self.adapter.batch_size_for(x, self._batch_size)
+                on_gpu = device.type != "cpu"
+                acts = self.adapter.activation_summaries(batches(x, size, device=device, dtype=dtype),
+                                                         reduce=self._act_reduce, as_numpy=not on_gpu)
+                adj = _spearman.activation_graph(acts) if on_gpu else graph.activation_graph(acts)
+                position = {h: i for i, h in enumerate(hidden)}
+                neighbours = [[position[m] for m in neighbours[h] if m in position] for h in hidden]
                 sizes = self.adapter.layer_sizes
                 hidden = list(range(len(sizes)))
-            self._graphs[kind] = (adj, sizes, hidden)
+            self._graphs[kind] = (adj, sizes, hidden, neighbours)
         return self._graphs[kind]
 
     def partition(self, method: str) -> Partition:
         if method in self._cache:
             return self._cache[method]
         kind, scope = check_method(method)
-        adj, sizes, hidden = self._graph(kind)
+        adj, sizes, hidden, neighbours = self._graph(kind)
         seed = as_generator(method_seed(self.random_state, method))
         start = time.perf_counter()
         if scope == "global":
@@ -97,7 +126,7 @@ class Partitioner:
             full_ncut = graph.ncut(adj, np.concatenate(labels))
         else:
             k_per_layer = self.partition(f"{kind}/global").clusters_per_layer()
-            hidden_labels = clustering.cluster_local(adj, sizes, hidden, k_per_layer, random_state=seed)
+            hidden_labels = _cluster_local(adj, sizes, hidden, k_per_layer, neighbours, random_state=seed)
             full_ncut = None
         seconds = time.perf_counter() - start
         result = Partition.from_labels(
@@ -115,10 +144,38 @@ class Partitioner:
         return result
 
 
-def _device(adapter: MLPAdapter) -> torch.device:
-    for p in adapter.model.parameters():
-        return p.device
-    return torch.device("cpu")
+def _is_chain(neighbours, targets) -> bool:
+    n = len(neighbours)
+    return all(neighbours[l] == [m for m in (l - 1, l + 1) if 0 <= m < n] for l in targets)
+
+
+def _cluster_local(adj, sizes, targets, ks, neighbours, *, random_state):
+    """Local clustering (section 3.1): layer l with the layers joined to it. For a chain of
+    layers this is :func:`modlens.core.clustering.cluster_local` itself (l - 1, l, l + 1);
+    otherwise the same procedure on l and its graph neighbours (residual networks)."""
+    if _is_chain(neighbours, targets):
+        return clustering.cluster_local(adj, sizes, targets, ks, random_state=random_state)
+    offsets = graph.layer_offsets(sizes)
+    rng = as_generator(random_state)
+    seeds = [int_seed(rng) for _ in targets]
+    adj = sparse.csr_array(adj) if sparse.issparse(adj) else np.asarray(adj, dtype=np.float64)
+    out = []
+    for l, k, seed in zip(targets, ks, seeds):
+        group = sorted({l, *neighbours[l]})
+        nodes = np.concatenate([np.arange(offsets[g], offsets[g + 1]) for g in group])
+        sub = adj[nodes][:, nodes]
+        start = int(sum(sizes[g] for g in group if g < l))
+        stop = start + int(sizes[l])
+        degrees = np.asarray(sub.sum(axis=1)).ravel() - sub.diagonal()
+        n_active = int(np.count_nonzero(degrees > 0))
+        layer = np.full(stop - start, UNCLUSTERED, dtype=np.int64)
+        if n_active and k < 2:
+            layer[degrees[start:stop] > 0] = 0
+        elif n_active:
+            labels = clustering.spectral_labels(sub, min(int(k), n_active), random_state=seed)
+            layer = clustering.relabel(labels[start:stop])
+        out.append(layer)
+    return out
 
 
 def _hidden_ncut(adj, sizes, hidden, labels, *, distinct_per_layer: bool) -> float:
@@ -138,8 +195,10 @@ def _hidden_ncut(adj, sizes, hidden, labels, *, distinct_per_layer: bool) -> flo
     return float(graph.ncut(sub, np.concatenate(lab)))
 
 
-def partition(model, method: str, *, n_clusters: int = 16, data=None, random_state: int = 0) -> Partition:
-    """Partition the hidden neurons of ``model`` (any MLP-like ``torch.nn.Module``).
+def partition(model, method: str, *, n_clusters: int = 16, data=None, random_state: int = 0,
+              conv_edge: str = "l1") -> Partition:
+    """Partition the hidden neurons of ``model`` (any ``torch.nn.Module`` whose layers modlens
+    can trace: MLPs, CNNs, residual networks; for CNNs the conv channels).
 
     ``method`` is one of ``"weights/global"``, ``"weights/local"``, ``"activations/global"``,
     ``"activations/local"``. Activation methods need ``data``: inputs (or an
@@ -148,5 +207,6 @@ def partition(model, method: str, *, n_clusters: int = 16, data=None, random_sta
     hidden layer, in forward order (``-1`` for neurons with no edges).
     """
     check_method(method)
-    adapter = model if isinstance(model, MLPAdapter) else MLPAdapter(model)
-    return Partitioner(adapter, activation_data=data, n_clusters=n_clusters, random_state=random_state).partition(method)
+    adapter = model if isinstance(model, NetworkAdapter) else NetworkAdapter(model)
+    return Partitioner(adapter, activation_data=data, n_clusters=n_clusters, random_state=random_state,
+                       conv_edge=conv_edge).partition(method)

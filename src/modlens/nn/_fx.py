@@ -1,14 +1,17 @@
 """torch.fx utilities: trace a model once, then cut its graph into probes and tails.
 
-A *probe* computes chosen intermediate values from the model input (cloned the moment
-they are produced, so a later in-place op cannot overwrite them). A *tail* computes the
-model output from chosen intermediate values, so a lesion can restart the forward pass
-from the first value it changes instead of from the input.
+A *probe* computes chosen intermediate values from the model input (cloned, or reduced,
+the moment they are produced, so a later in-place op cannot overwrite them). A *tail*
+computes the model output from chosen intermediate values (several cut inputs: corrected
+consumer outputs, masked join inputs and cached unaffected values such as a residual skip),
+so a lesion restarts the forward pass where it first changes something.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import traceback
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import fx, nn
@@ -18,18 +21,74 @@ class ModelTraceError(ValueError):
     """The model's forward could not be followed symbolically."""
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` with torch.fx, with an actionable error on failure."""
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer that remembers which submodule it was in when tracing failed, and treats
+    the modules named in ``leaves`` (qualified names or classes) as opaque leaves."""
+
+    def __init__(self, leaves: Iterable = ()):
+        super().__init__()
+        self.leaf_names = {l for l in leaves if isinstance(l, str)}
+        self.leaf_types = tuple(l for l in leaves if isinstance(l, type))
+        self.stack: list[tuple[str, str]] = []
+        self.failed_in: list[tuple[str, str]] | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            name = self.path_of_module(m)
+        except NameError:
+            name = "?"
+        self.stack.append((name, type(m).__name__))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = list(self.stack)
+            raise
+        finally:
+            self.stack.pop()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """'file:line: source' of the innermost traceback frame outside torch (the user's code)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not str(Path(f.filename).resolve()).startswith(_TORCH_DIR) and f.name != "call_module"]
+    if not frames:
+        return ""
+    f = frames[-1]
+    line = (f.line or "").strip()
+    return f", at {Path(f.filename).name}:{f.lineno} in {f.name}()" + (f": `{line}`" if line else "")
+
+
+def trace(model: nn.Module, leaf_modules: Iterable = ()) -> fx.GraphModule:
+    """Symbolically trace ``model`` with torch.fx; on failure raise :class:`ModelTraceError`
+    naming the submodule and source line that could not be traced and how to wrap it."""
+    tracer = _Tracer(leaf_modules)
     try:
-        return fx.symbolic_trace(model)
+        graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        where = ""
+        inner = [s for s in (tracer.failed_in or []) if s[0] not in ("", "?")]
+        if inner:
+            name, kind = inner[-1]
+            where = f" inside submodule '{name}' ({kind})"
+        hint = (f"pass leaf_modules=['{inner[-1][0]}'] to the adapter to keep it opaque (allowed when it acts "
+                "on each channel separately, like an activation), or " if inner else "")
         raise ModelTraceError(
-            f"modlens could not trace {type(model).__name__}.forward with torch.fx ({msg}). "
-            "Data-dependent Python control flow cannot be traced: move it into a submodule and "
-            "mark that submodule as a leaf, or pass modlens a module whose forward is a plain "
+            f"modlens could not trace {type(model).__name__}.forward with torch.fx{where}: {msg}"
+            f"{_user_frame(exc)}. Data-dependent Python control flow cannot be traced: {hint}move it into a "
+            "submodule and mark that submodule as a leaf, or pass modlens a module whose forward is a plain "
             "sequence of layers."
         ) from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def ancestors(outputs: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
@@ -45,40 +104,68 @@ def ancestors(outputs: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def descendants(sources: Iterable[fx.Node], within: set[fx.Node] | None = None) -> set[fx.Node]:
+    """All nodes that depend on ``sources`` (excluding the sources), optionally only within ``within``."""
+    seen: set[fx.Node] = set()
+    todo = [u for s in sources for u in s.users]
+    while todo:
+        node = todo.pop()
+        if node in seen or (within is not None and node not in within):
+            continue
+        seen.add(node)
+        todo.extend(node.users)
+    return seen
+
+
 def extract(
     gm: fx.GraphModule,
     inputs: Sequence[fx.Node],
     outputs: Sequence[fx.Node],
     *,
     clone_outputs: bool = False,
+    post: Callable | None = None,
 ) -> fx.GraphModule:
     """A module computing ``outputs`` of ``gm``'s graph from the values of ``inputs``.
 
-    Nodes are copied in the original order, so the result runs the same operations as the
-    full model. With ``clone_outputs`` every output is cloned right after it is computed,
-    before any later (possibly in-place) operation can modify it. The new module returns a
-    tuple when several outputs are asked for.
+    ``inputs`` may hold several cut nodes; every value the outputs need must come from them
+    (otherwise :class:`ModelTraceError` names the value and the missing path). Nodes are
+    copied in the original order, so the result runs the same operations as the full model.
+    With ``clone_outputs`` (or a ``post`` function, e.g. a spatial reduction) every output is
+    cloned (or reduced) right after it is computed, before any later, possibly in-place,
+    operation can modify it. Returns a tuple when several outputs are asked for.
     """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i, node in enumerate(inputs):
         env[node] = graph.placeholder(f"cut_{i}_{node.name}")
     needed = ancestors(outputs, set(inputs))
-    clones: dict[fx.Node, fx.Node] = {}
+    finals: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
         if node in env or node not in needed:
             continue
         if node.op == "placeholder":
+            users = [u.name for u in node.users if u in needed]
             raise ModelTraceError(
-                f"the value '{outputs[0].name}' depends on the model input through '{node.name}' "
-                "without passing through the cut; this architecture needs more cached inputs"
+                f"the value '{outputs[0].name}' depends on the model input '{node.name}' through "
+                f"{', '.join(users)} without passing through the cut inputs "
+                f"({', '.join(n.name for n in inputs)}); this cut needs more cached inputs"
             )
         env[node] = graph.node_copy(node, lambda a: env[a])
-        if clone_outputs and node in outputs:
-            clones[node] = graph.call_method("clone", (env[node],))
-    result = [clones.get(o, env[o]) for o in outputs]
+        if node in outputs:
+            if post is not None:
+                finals[node] = graph.call_function(post, (env[node],))
+            elif clone_outputs:
+                finals[node] = graph.call_method("clone", (env[node],))
+    result = [finals.get(o, env[o]) for o in outputs]
+    if post is not None:  # outputs that are also inputs still get reduced
+        result = [graph.call_function(post, (r,)) if o in env and o in inputs else r for o, r in zip(outputs, result)]
     graph.output(result[0] if len(result) == 1 else tuple(result))
     return fx.GraphModule(gm, graph)
+
+
+def live_nodes(gm: fx.GraphModule, output: fx.Node) -> set[fx.Node]:
+    """Nodes the model output depends on (dead code left by the tracer is ignored)."""
+    return ancestors([output], set()) | {output}
 
 
 def single_input(gm: fx.GraphModule) -> fx.Node:
@@ -101,6 +188,22 @@ def single_output(gm: fx.GraphModule) -> fx.Node:
             f"{type(value).__name__}. Wrap it in a module that returns the logits tensor."
         )
     return value
+
+
+def node_shapes(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, tuple | None]:
+    """Per-sample shape (batch dim dropped) of every node's value for ``example`` (a batch),
+    or ``None`` for values that are not tensors (sizes, shapes). Runs under no_grad."""
+    shapes: dict[fx.Node, tuple | None] = {}
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            shapes[n] = tuple(value.shape[1:]) if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+            return value
+
+    with torch.no_grad(), run_in_eval(gm):
+        _Rec(gm).run(example)
+    return shapes
 
 
 def run_in_eval(module: nn.Module):

@@ -1,34 +1,39 @@
 """Lesion evaluation: class-wise correct counts of a network with sets of neurons removed.
 
-A lesioned neuron contributes nothing downstream (paper, section 4.1: the weights out of
-it are zero). Two paths compute the same numbers:
+A lesioned neuron (a unit, or a conv channel) contributes nothing downstream (paper,
+section 4.1: the weights out of it are zero). Its value is zeroed at the input of every
+consumer, after any batch norm, activation or pooling, so a batch norm that follows cannot
+turn the removed channel into a constant (unlike the original code, row 8 of the notes).
+Two paths compute the same numbers:
 
-* :func:`correct_counts_plain`, the oracle: zero the outgoing weights in a copy of the
-  model and run the whole test set through the model's own forward, one lesion at a time.
-* :class:`LesionEvaluator`, the fast path. Nothing before the lesioned layer changes, so it
-  caches, for every hidden layer l, the consumer's input ``u_l`` and output ``z_{l+1}`` once.
-  Removing the set S changes the consumer output by the low-rank term
-  ``u_l[:, S] @ W[:, S].T``; many lesion sets of one size are corrected together with one
-  batched matrix product, and only the layers after the consumer are recomputed.
+* :func:`correct_counts_plain`, the oracle: in a copy of the model, zero the slices of the
+  consumers' weights that read the neurons (for a Linear after a flatten, the columns the
+  channel owns) and, where the neurons enter a residual addition, multiply that input by a
+  channel mask; then run the whole test set through the forward pass, one lesion at a time.
+* :class:`LesionEvaluator`, the fast path (see :mod:`modlens.nn._plan`): it caches what the
+  lesioned layer's consumers read and produce, subtracts the low-rank term of the removed
+  channels for many lesion sets at once (sets stacked in the batch), and re-runs only the
+  part of the network after the consumers.
 
-For an MLP with hidden width h, a lesion in layer l costs N*|S|*h for the correction plus
-N*h*h per later hidden layer, against N*(d*h + (L-1)*h*h) for the whole forward pass.
+Memory is bounded by ``memory_budget_bytes`` (default 2 GiB on the CPU, half the free memory
+of a GPU): half for cached values, half for the working block. A layer whose cache fits is
+cached whole and kept for later calls; otherwise its cache is filled and used one chunk of
+samples at a time, so the ImageNet-sized case runs on one GPU.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from modlens.nn import _fx
-from modlens.nn.adapter import MLPAdapter
-from modlens.nn.inputs import batches, check_labels
-
-# Largest number of elements in one (masks x samples x width) block of the fast path.
-_BLOCK_ELEMENTS = 1 << 20
+from modlens.nn import _fx, _memory
+from modlens.nn._plan import channel_mask
+from modlens.nn.adapter import NetworkAdapter
+from modlens.nn.inputs import check_labels
 
 
 def _class_counts(pred: torch.Tensor, y: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -52,123 +57,251 @@ def _as_index_sets(neuron_sets: Sequence[Sequence[int]], width: int, layer_name:
     return out
 
 
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
 class LesionEvaluator:
     """Fast, batched lesion evaluation on a fixed test set.
 
     Parameters
     ----------
     adapter:
-        The model's :class:`MLPAdapter`.
+        The model's :class:`~modlens.nn.adapter.NetworkAdapter`.
     x, y:
-        Test inputs and integer labels (CPU tensors; moved to the model's device in chunks).
+        Test inputs and integer labels (kept where they are; moved to the model's device one
+        chunk at a time).
     batch_size:
-        Samples per forward pass when filling the cache.
+        Largest number of samples per forward pass when filling caches (lowered to fit the budget).
+    memory_budget_bytes:
+        Bound on the memory the evaluator holds (cached values plus one working block).
     """
 
-    def __init__(self, adapter: MLPAdapter, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048):
+    def __init__(self, adapter: NetworkAdapter, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048,
+                 memory_budget_bytes: int | None = None):
         self.adapter = adapter
         self.device, self.dtype = _fx.module_device_dtype(adapter.model)
         check_labels(y, adapter.n_classes, name="test data")
+        if len(x) != len(y):
+            raise ValueError(f"test data: {len(x)} inputs but {len(y)} labels")
         self.n_classes = adapter.n_classes
+        self.x = x
         self.y = y.to(self.device)
-        self.onehot = torch.nn.functional.one_hot(self.y, self.n_classes).to(self.dtype)
-        self.class_sizes = np.bincount(y.numpy(), minlength=self.n_classes)
-        n_layers = len(adapter.layers)
-        us: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
-        zs: list[list[torch.Tensor]] = [[] for _ in range(n_layers + 1)]
-        for z_list, u_list, logits in adapter.iter_records(batches(x, batch_size, device=self.device, dtype=self.dtype)):
-            for i in range(n_layers):
-                us[i].append(u_list[i])
-                zs[i].append(z_list[i])
-            zs[n_layers].append(logits)
-        self.u = [torch.cat(p) for p in us]
-        # z[l + 1] is the consumer output of hidden layer l (the last one is the output layer).
-        self.z = [torch.cat(p) for p in zs]
-        with torch.inference_mode(), _fx.run_in_eval(adapter.model):
-            out = adapter.tail(n_layers - 1)(self.z[n_layers])
-        self.baseline = _class_counts(out.argmax(-1), self.y, self.onehot).cpu().numpy()
+        # counts are sums of ones: exact in float32/float64, not in half precision
+        self.count_dtype = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float32
+        self.onehot = torch.nn.functional.one_hot(self.y, self.n_classes).to(self.count_dtype)
+        self.class_sizes = np.bincount(y.cpu().numpy(), minlength=self.n_classes)
+        self.budget = int(memory_budget_bytes or _memory.default_budget(self.device))
+        self.itemsize = _memory.itemsize(self.dtype)
+        self.shapes = adapter.node_shapes(x[:1])
+        self.batch_size = _memory.batch_for(self.shapes, self.dtype, batch_size,
+                                            _memory.block_bytes(self.device, self.budget // 4))
+        self._caches: OrderedDict[int, dict] = OrderedDict()
+        self._cached_bytes: dict[int, int] = {}
+        self.last_stats: dict = {}
+        self.baseline = self._baseline()
+
+    def _batches(self, start: int, stop: int):
+        for s0, s1 in _chunks(stop - start, self.batch_size):
+            yield self.x[start + s0:start + s1].to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def _baseline(self) -> np.ndarray:
+        total = torch.zeros(self.n_classes, dtype=self.count_dtype, device=self.device)
+        start = 0
+        with _fx.run_in_eval(self.adapter.model):
+            for xb in self._batches(0, len(self.x)):
+                n = xb.shape[0]
+                total += _class_counts(self.adapter.gm(xb).argmax(-1), self.y[start:start + n],
+                                       self.onehot[start:start + n])
+                start += n
+        return total.round().to(torch.int64).cpu().numpy()
 
     def correct_counts(
         self, layer: int, neuron_sets: Sequence[Sequence[int]], *, progress: Callable[[int], None] | None = None
     ) -> np.ndarray:
         """Correct predictions per class, shape (len(neuron_sets), n_classes), with each set of
-        neurons of hidden layer ``layer`` lesioned in turn."""
+        neurons of layer ``layer`` lesioned in turn."""
         info = self.adapter.layers[layer]
         sets = _as_index_sets(neuron_sets, info.n_neurons, info.name)
         result = np.zeros((len(sets), self.n_classes), dtype=np.int64)
+        self.last_stats = {"layer": layer, "cache_chunks": 0, "blocks": 0}
         by_size: dict[int, list[int]] = {}
         for i, s in enumerate(sets):
             by_size.setdefault(s.size, []).append(i)
-        for size, members in by_size.items():
-            if size == 0:
-                result[members] = self.baseline
-                continue
-            idx = torch.as_tensor(np.stack([sets[i] for i in members]), device=self.device)
-            result[members] = self._counts_same_size(layer, idx)
-            if progress is not None:
-                progress(len(members))
+        if 0 in by_size:
+            result[by_size.pop(0)] = self.baseline
+        if by_size:
+            groups = [(members, np.stack([sets[i] for i in members])) for members in by_size.values()]
+            for members, counts in zip(by_size.values(), self._counts(layer, groups, progress)):
+                result[members] = counts
         return result
 
+    # ----- caching ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _counts_same_size(self, layer: int, idx: torch.Tensor) -> np.ndarray:
-        u, z = self.u[layer], self.z[layer + 1]
-        weight = self.adapter.consumer(layer).weight.detach().to(self.dtype)  # (out, width)
-        tail = self.adapter.tail(layer)
-        n_sets, size = idx.shape
-        n, out_width = z.shape
-        counts = torch.zeros(n_sets, self.n_classes, dtype=self.dtype, device=self.device)
-        widest = max(out_width, max(l.n_neurons for l in self.adapter.layers[layer:]), size)
-        sets_per_block = max(1, min(n_sets, _BLOCK_ELEMENTS // (widest * min(n, 256))))
+    def _fill(self, plan, start: int, stop: int) -> dict:
+        """Probe outputs for samples ``start:stop``, written into preallocated tensors."""
+        cached: dict = {}
+        pos = 0
         with _fx.run_in_eval(self.adapter.model):
-            for b0 in range(0, n_sets, sets_per_block):
-                block = idx[b0:b0 + sets_per_block]                       # (B, s)
-                nb = block.shape[0]
-                w_sel = weight[:, block].permute(1, 2, 0)                 # (B, s, out)
-                chunk = max(1, _BLOCK_ELEMENTS // (nb * widest))
-                for s0 in range(0, n, chunk):
-                    u_sel = u[s0:s0 + chunk][:, block].permute(1, 0, 2)   # (B, c, s)
-                    z_new = z[s0:s0 + chunk].unsqueeze(0) - torch.bmm(u_sel, w_sel)
-                    c = z_new.shape[1]
-                    scores = tail(z_new.reshape(nb * c, out_width)).reshape(nb, c, -1)
-                    counts[b0:b0 + nb] += _class_counts(scores.argmax(-1), self.y[s0:s0 + c], self.onehot[s0:s0 + c])
-        return counts.round().to(torch.int64).cpu().numpy()
+            for xb in self._batches(start, stop):
+                out = plan.probe(xb)
+                out = out if isinstance(out, tuple) else (out,)
+                for node, v in zip(plan.probe_outputs, out):
+                    if node not in cached:
+                        cached[node] = torch.empty((stop - start, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                    cached[node][pos:pos + v.shape[0]] = v
+                pos += xb.shape[0]
+        return cached
+
+    def _cache_chunks(self, layer: int, plan):
+        """Yield (start, stop, cached values) over the samples, whole when the cache fits."""
+        n = len(self.x)
+        per_sample = plan.cache_elements(self.shapes) * self.itemsize
+        limit = self.budget // 2
+        if layer in self._caches:
+            self._caches.move_to_end(layer)
+            yield 0, n, self._caches[layer]
+            return
+        if n * per_sample <= limit:
+            while self._caches and sum(self._cached_bytes.values()) + n * per_sample > limit:
+                old, _ = self._caches.popitem(last=False)
+                del self._cached_bytes[old]
+            cached = self._fill(plan, 0, n)
+            self._caches[layer] = cached
+            self._cached_bytes[layer] = n * per_sample
+            yield 0, n, cached
+            return
+        self.clear_cache()
+        for start, stop in _chunks(n, max(1, limit // per_sample)):
+            yield start, stop, self._fill(plan, start, stop)
+
+    def clear_cache(self) -> None:
+        """Free the cached values of every layer."""
+        self._caches.clear()
+        self._cached_bytes.clear()
+
+    # ----- lesions ---------------------------------------------------------------------------------
+    def _block_shape(self, plan, n_sets: int, set_size: int, n_chunk: int) -> tuple[int, int]:
+        """(sets, samples) per block so that one block's working memory fits: half of it for the
+        consumer weights gathered per set, the rest for (set, sample) pairs."""
+        work = max(1, plan.work_elements(self.shapes) * self.itemsize)
+        block = _memory.block_bytes(self.device, self.budget - self.budget // 2)
+        weights = plan.weight_elements(set_size) * self.itemsize
+        max_sets = max(1, (block // 2) // max(1, weights))
+        pairs = max(1, (block - min(block // 2, weights)) // work)
+        samples = max(1, min(n_chunk, pairs))
+        return max(1, min(n_sets, max_sets, pairs // samples)), samples
+
+    @torch.inference_mode()
+    def _counts(self, layer: int, groups: list, progress) -> list[np.ndarray]:
+        """Counts for groups of equally sized sets; each cache chunk serves every group."""
+        plan = self.adapter.lesion_plan(layer)
+        prepared = []
+        for _, sets in groups:
+            corr_idx, mask_idx = plan.indices(sets, self.shapes)
+            prepared.append(([torch.as_tensor(i, device=self.device) for i in corr_idx],
+                             [torch.as_tensor(i, device=self.device) for i in mask_idx],
+                             torch.zeros(len(sets), self.n_classes, dtype=self.count_dtype, device=self.device),
+                             sets.shape[1]))
+        stats = self.last_stats
+        with _fx.run_in_eval(self.adapter.model):
+            for start, stop, cached in self._cache_chunks(layer, plan):
+                stats["cache_chunks"] += 1
+                last = stop == len(self.x)
+                for corr_idx, mask_idx, counts, set_size in prepared:
+                    n_sets = counts.shape[0]
+                    n_block_sets, n_block_samples = self._block_shape(plan, n_sets, set_size, stop - start)
+                    stats.update(sets_per_block=n_block_sets, samples_per_block=n_block_samples)
+                    for b0, b1 in _chunks(n_sets, n_block_sets):
+                        ci = [i[b0:b1] for i in corr_idx]
+                        mi = [i[b0:b1] for i in mask_idx]
+                        for s0, s1 in _chunks(stop - start, n_block_samples):
+                            part = {node: v[s0:s1] for node, v in cached.items()}
+                            scores = plan.tail(*plan.tail_inputs(part, ci, mi)).reshape(b1 - b0, s1 - s0, -1)
+                            lo, hi = start + s0, start + s1
+                            counts[b0:b1] += _class_counts(scores.argmax(-1), self.y[lo:hi], self.onehot[lo:hi])
+                            stats["blocks"] += 1
+                    if last and progress is not None:
+                        progress(n_sets)
+        return [c.round().to(torch.int64).cpu().numpy() for _, _, c, _ in prepared]
+
+
+def _masked_model(adapter: NetworkAdapter, plan, shapes: dict) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """A copy of the traced model whose residual-addition inputs from the layer are multiplied
+    by channel masks (all ones until a lesion sets zeros); returns the copy and the masks."""
+    gm = copy.deepcopy(adapter.gm)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    device, dtype = _fx.module_device_dtype(gm)
+    keeps = []
+    for i, mask in enumerate(plan.masks):
+        value = by_name[mask.value.name]
+        name = f"_modlens_keep_{i}"
+        gm.register_buffer(name, torch.ones(shapes[mask.value][0], device=device, dtype=dtype))
+        with gm.graph.inserting_after(value):
+            keep = gm.graph.get_attr(name)
+        with gm.graph.inserting_after(keep):
+            masked = gm.graph.call_function(channel_mask, (value, keep))
+        for join in mask.joins:
+            by_name[join.name].replace_input_with(value, masked)
+        keeps.append(getattr(gm, name))
+    gm.recompile()
+    return gm, keeps
 
 
 @torch.inference_mode()
 def correct_counts_plain(
-    adapter: MLPAdapter,
+    adapter: NetworkAdapter,
     layer: int,
     neuron_sets: Sequence[Sequence[int]],
     x: torch.Tensor,
     y: torch.Tensor,
     *,
     batch_size: int = 2048,
+    memory_budget_bytes: int | None = None,
 ) -> np.ndarray:
-    """The oracle: for each set, zero its outgoing weights in a copy of the model and run
-    the model's own forward over the whole test set. Same result as
+    """The oracle: for each set, zero the consumers' weight slices that read it (and mask its
+    channels where they enter a residual addition) in a copy of the model, and run the
+    model's forward over the whole test set. Same result as
     :meth:`LesionEvaluator.correct_counts`, one full pass per lesion."""
     info = adapter.layers[layer]
     sets = _as_index_sets(neuron_sets, info.n_neurons, info.name)
-    model = copy.deepcopy(adapter.model)
-    device, dtype = _fx.module_device_dtype(model)
-    consumer_name = adapter._linear_nodes[layer + 1].target
-    weight = model.get_submodule(consumer_name).weight
     check_labels(y, adapter.n_classes, name="test data")
+    plan = adapter.lesion_plan(layer)
+    shapes = adapter.node_shapes(x[:1])
+    if plan.masks:
+        model, keeps = _masked_model(adapter, plan, shapes)
+    else:
+        model, keeps = copy.deepcopy(adapter.model), []
+    device, dtype = _fx.module_device_dtype(model)
+    budget = int(memory_budget_bytes or _memory.default_budget(device))
+    batch = _memory.batch_for(shapes, dtype, batch_size, _memory.block_bytes(device, budget))
+    weights = [model.get_submodule(c.consumer.target).weight for c in plan.corrections]
     y_dev = y.to(device)
-    onehot = torch.nn.functional.one_hot(y_dev, adapter.n_classes).to(dtype)
+    count_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    onehot = torch.nn.functional.one_hot(y_dev, adapter.n_classes).to(count_dtype)
     out = np.zeros((len(sets), adapter.n_classes), dtype=np.int64)
     with _fx.run_in_eval(model):
         for i, s in enumerate(sets):
-            saved = weight[:, s].clone()
-            weight[:, s] = 0
+            ci, mi = plan.indices(s[None], shapes)
+            corr_idx = [torch.as_tensor(a[0], device=device) for a in ci]
+            mask_idx = [torch.as_tensor(a[0], device=device) for a in mi]
+            saved = [w[:, idx].clone() for w, idx in zip(weights, corr_idx)]
             try:
-                total = torch.zeros(adapter.n_classes, dtype=dtype, device=device)
-                start = 0
-                for xb in batches(x, batch_size, device=device, dtype=dtype):
+                for w, idx in zip(weights, corr_idx):
+                    w[:, idx] = 0
+                for keep, idx in zip(keeps, mask_idx):
+                    keep[idx] = 0
+                total = torch.zeros(adapter.n_classes, dtype=count_dtype, device=device)
+                for start in range(0, x.shape[0], batch):
+                    xb = x[start:start + batch].to(device=device, dtype=dtype)
                     pred = model(xb).argmax(-1)
                     total += _class_counts(pred, y_dev[start:start + xb.shape[0]], onehot[start:start + xb.shape[0]])
-                    start += xb.shape[0]
             finally:
-                weight[:, s] = saved
+                for w, idx, v in zip(weights, corr_idx, saved):
+                    w[:, idx] = v
+                for keep in keeps:
+                    keep.fill_(1)
             out[i] = total.round().to(torch.int64).cpu().numpy()
     return out

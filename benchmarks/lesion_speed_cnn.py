@@ -1,0 +1,203 @@
+"""Lesion-stage speed on VGG-sized CNNs: incremental batched path vs the plain per-lesion loop.
+
+    python benchmarks/lesion_speed_cnn.py --case cifar-vgg      [--n-images N] [--device cuda]
+    python benchmarks/lesion_speed_cnn.py --case imagenet-vgg16 [--n-images N] [--device cuda]
+
+Cases (random weights and random images: the lesion stage's cost does not depend on them):
+
+* ``cifar-vgg``: the paper's CIFAR-10 VGG (13 conv layers 64,64,M,128,128,M,256x3,M,512x3,M,512x3,M;
+  conv -> ReLU -> [maxpool] -> batch norm; dense 512 -> ReLU -> BN -> dense 10), 32x32 inputs,
+  full size 10,000 test images.
+* ``imagenet-vgg16``: VGG-16 (conv -> ReLU, 224x224, adaptive average pool 7x7, dense 4096,
+  4096, 1000), full size ``--full-images`` (default 3,000) images.
+
+The conv channels (4,224 nodes) are partitioned with k=16 (weights/global, as the paper), and
+every subcluster gets ``--n-random`` random sets of its size (19). Both paths run in the same
+process on the first ``--n-images`` images: per layer, the incremental path
+(:class:`~modlens.nn.lesion.LesionEvaluator`) on the first ``--fast-per-layer`` lesions and the
+plain path (:func:`~modlens.nn.lesion.correct_counts_plain`, one full forward pass per lesion) on
+the first ``--plain-per-layer`` (best of ``--repeats`` timings each). Times are extrapolated, linearly, to all of the layer's lesions
+and to the full number of images; every extrapolated number is labelled so. Counts of the timed
+lesions are compared between the paths. FLOPs are counted from the layer shapes for the full run
+(2 x multiply-accumulates of conv and dense layers; the incremental count includes filling the
+caches). Not a test: the numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from modlens.core.partition import Partition
+from modlens.experiments.lesion_test import random_sets
+from modlens.experiments.partitioning import Partitioner
+from modlens.nn import _memory
+from modlens.nn.adapter import NetworkAdapter
+from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+
+VGG_CONVS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def cifar_vgg(n_classes: int = 10) -> nn.Sequential:
+    """conv -> ReLU -> [maxpool] -> BN per block (notes, "Other facts"), then dense 512."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for i, v in enumerate(VGG_CONVS):
+        if v == "M":
+            continue
+        layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+        if i + 1 < len(VGG_CONVS) and VGG_CONVS[i + 1] == "M":
+            layers.append(nn.MaxPool2d(2))
+        layers.append(nn.BatchNorm2d(v))
+        cin = v
+    layers += [nn.Flatten(), nn.Linear(512, 512), nn.ReLU(), nn.BatchNorm1d(512), nn.Dropout(0.5),
+               nn.Linear(512, n_classes)]
+    return nn.Sequential(*layers)
+
+
+def vgg16(n_classes: int = 1000) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    cin = 3
+    for v in VGG_CONVS:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
+            cin = v
+    layers += [nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(512 * 49, 4096), nn.ReLU(), nn.Dropout(),
+               nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, n_classes)]
+    return nn.Sequential(*layers)
+
+
+CASES = {
+    "cifar-vgg": dict(build=cifar_vgg, size=32, classes=10, full=10_000, cpu_images=500, cpu_fast=6),
+    "imagenet-vgg16": dict(build=vgg16, size=224, classes=1000, full=3_000, cpu_images=8, cpu_fast=3),
+}
+
+
+def peak_memory(device: torch.device) -> str:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if device.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB, peak RSS {rss:.2f} GiB"
+    return f"peak RSS {rss:.2f} GiB"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=sorted(CASES), default="cifar-vgg")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--n-images", type=int, help="images actually run (default: full size on a GPU, "
+                    "500 (CIFAR) or 8 (ImageNet) on a CPU)")
+    ap.add_argument("--full-images", type=int, help="images the run is extrapolated to (10,000 / 3,000)")
+    ap.add_argument("--n-clusters", type=int, default=16)
+    ap.add_argument("--partition", choices=["weights/global", "per-layer"], default="weights/global",
+                    help="weights/global (default; with random weights its subclusters fall in few layers) or "
+                    "per-layer: every conv layer split at random into k equal clusters, a load across all layers")
+    ap.add_argument("--n-random", type=int, default=19)
+    ap.add_argument("--fast-per-layer", type=int, help="lesions per layer timed on the incremental path "
+                    "(default: all on a GPU, 6 (CIFAR) or 3 (ImageNet) on a CPU)")
+    ap.add_argument("--plain-per-layer", type=int, default=2, help="lesions per layer timed on the plain path")
+    ap.add_argument("--repeats", type=int, default=2, help="timings per layer and path; the fastest is kept")
+    ap.add_argument("--memory-budget-gib", type=float, help="LesionEvaluator budget (default 2 GiB CPU, half the free GPU)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    args = ap.parse_args()
+    case = CASES[args.case]
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = device.type == "cuda"
+    n = args.n_images or (case["full"] if gpu else case["cpu_images"])
+    full = args.full_images or case["full"]
+    fast_per_layer = args.fast_per_layer or (10**9 if gpu else case["cpu_fast"])
+    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
+
+    torch.manual_seed(0)
+    model = case["build"](case["classes"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, case["size"], case["size"], generator=g)
+    y = torch.randint(0, case["classes"], (n,), generator=g)
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):  # running statistics of random data
+        model.train()
+        with torch.no_grad():
+            model(x[:64])
+    model = model.eval().to(device)
+    adapter = NetworkAdapter(model)
+    where = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if gpu else f", {torch.get_num_threads()} threads")
+    print(f"{args.case}: {len(adapter.layers)} conv layers, {sum(adapter.layer_sizes)} channels; torch "
+          f"{torch.__version__} on {where}; {n} random images run, extrapolated to {full}")
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    if args.partition == "weights/global":
+        part = Partitioner(adapter, n_clusters=args.n_clusters, random_state=0).partition("weights/global")
+    else:
+        labels = [rng.permutation(np.arange(w) % args.n_clusters) for w in adapter.layer_sizes]
+        part = Partition.from_labels(labels, adapter.layer_names, adapter.layer_sizes, method="per-layer")
+    print(f"{args.partition} partition, k={args.n_clusters}: {len(part.subclusters())} subclusters in "
+          f"{len({s.layer for s in part.subclusters()})} layers, {time.perf_counter() - t0:.1f} s")
+    per_layer: dict[int, list[np.ndarray]] = {}
+    for sc in part.subclusters():
+        width = adapter.layers[sc.layer].n_neurons
+        per_layer.setdefault(sc.layer, []).extend([sc.neurons] + random_sets(width, sc.size, args.n_random, rng))
+    n_lesions = sum(len(v) for v in per_layer.values())
+
+    t0 = time.perf_counter()
+    ev = LesionEvaluator(adapter, x, y, memory_budget_bytes=budget)
+    t_setup = time.perf_counter() - t0
+    shapes = adapter.node_shapes(x)
+    t0 = time.perf_counter()
+    copy.deepcopy(model)
+    t_copy = time.perf_counter() - t0  # the plain path copies the model once per call (per layer)
+    print(f"{n_lesions} lesions; evaluator budget {ev.budget / 2**30:.1f} GiB, setup (baseline pass) {t_setup:.1f} s, "
+          f"model copy for the plain path {t_copy:.2f} s per layer")
+    print(f"{'layer':>6} {'ch':>4} {'lesions':>7} {'plain s/lesion':>14} {'incr. s/lesion':>14} {'ratio':>6} "
+          f"{'FLOP ratio':>10} {'cache/sample':>12} {'chunks@full':>11} {'max diff':>8}")
+    tot = dict(plain=0.0, fast=t_setup * full / n, fplain=0.0, ffast=0.0)
+    for layer, sets in sorted(per_layer.items()):
+        k_fast, k_plain = min(len(sets), max(2, fast_per_layer)), min(len(sets), args.plain_per_layer)
+        t0 = time.perf_counter()
+        first = ev.correct_counts(layer, sets[:1])                     # fills this layer's cache
+        t_first = time.perf_counter() - t0
+        per_fast, per_plain = float("inf"), float("inf")
+        for _ in range(args.repeats):                                  # best of: the machine may be shared
+            t0 = time.perf_counter()
+            rest = ev.correct_counts(layer, sets[1:k_fast])
+            per_fast = min(per_fast, (time.perf_counter() - t0) / max(1, k_fast - 1))
+            t0 = time.perf_counter()
+            plain = correct_counts_plain(adapter, layer, sets[:k_plain], x, y, memory_budget_bytes=budget)
+            per_plain = min(per_plain, max(0.0, time.perf_counter() - t0 - t_copy) / k_plain)
+        fast_layer = t_first + per_fast * (len(sets) - 1)
+        fast_counts = np.concatenate([first, rest])[:k_plain]
+        diff = int(np.abs(plain - fast_counts).max())
+        plan = adapter.lesion_plan(layer)
+        macs = [plan.macs(shapes, len(s)) for s in sets]
+        flops_plain = 2.0 * full * sum(m["forward"] for m in macs)
+        flops_fast = 2.0 * full * (macs[0]["probe"] + sum(m["lesion"] for m in macs))
+        per_sample = plan.cache_elements(shapes) * ev.itemsize
+        chunks = int(np.ceil(full * per_sample / (ev.budget // 2)))
+        tot["plain"] += t_copy + per_plain * len(sets) * full / n
+        tot["fast"] += fast_layer * full / n
+        tot["fplain"] += flops_plain
+        tot["ffast"] += flops_fast
+        print(f"{adapter.layer_names[layer]:>6} {adapter.layer_sizes[layer]:>4} {len(sets):>7} {per_plain:>14.3f} "
+              f"{per_fast:>14.3f} {per_plain / per_fast:>6.1f} {flops_plain / flops_fast:>10.2f} "
+              f"{per_sample / 2**20:>10.2f}MB {chunks:>11} {diff:>8}", flush=True)
+    scale = "" if n == full else f", extrapolated from {n} to {full} images"
+    print(f"plain path:       {tot['plain']:10.1f} s  {tot['fplain'] / 1e12:9.2f} TFLOP  "
+          f"(timed on {args.plain_per_layer} lesions per layer, extrapolated to all {n_lesions}{scale})")
+    print(f"incremental path: {tot['fast']:10.1f} s  {tot['ffast'] / 1e12:9.2f} TFLOP  "
+          f"(timed on up to {fast_per_layer if not gpu or fast_per_layer < 10**9 else 'all'} lesions per layer"
+          f"{', extrapolated' if fast_per_layer < 10**9 else ''}{scale}; cache fills and baseline included)")
+    print(f"ratio: {tot['plain'] / tot['fast']:.1f}x time, {tot['fplain'] / tot['ffast']:.2f}x FLOPs; "
+          f"{peak_memory(device)}; default CPU budget {_memory.CPU_BUDGET / 2**30:.0f} GiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""How to evaluate lesions of one neuron layer incrementally (paper section 4.1).
+
+A lesioned channel contributes nothing downstream: its value is zeroed at every sink (see
+:mod:`modlens.nn._structure`). Nothing before the sinks changes, so a :class:`LesionPlan`
+cuts the model's graph there:
+
+* a *correction* for every consumer layer: its cached output minus the low-rank term of the
+  removed input channels, ``conv(u[:, S], W[:, S])`` (or ``u[:, S] @ W[:, S].T``), many sets
+  at once through a grouped convolution (or a batched matrix product);
+* a *mask* for every value entering a residual addition: the cached value with the channels
+  zeroed;
+* the *frontier*: cached values the rest of the network needs that the lesion does not
+  change (the skip branch of a residual block).
+
+The *probe* computes all of these from the input; the *tail* computes the output from them,
+re-running only the operations that depend on the lesion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from modlens.nn import _fx
+from modlens.nn._structure import Route, Structure, UnsupportedModelError
+
+
+def channel_mask(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``value`` with dimension 1 multiplied by ``keep`` (1 = kept, 0 = lesioned)."""
+    return value * keep.view(1, -1, *([1] * (value.dim() - 2)))
+
+
+def _indices(routes: list[Route], sets: np.ndarray, width: int, where: str) -> np.ndarray:
+    """(n_sets, k) dimension-1 indices that the channels of each set occupy in a value of ``width``."""
+    return np.stack([np.concatenate([r.indices(s, width, where) for r in routes]) for s in sets])
+
+
+@dataclass
+class Correction:
+    """A consumer layer that reads the lesioned channels through ``routes``."""
+
+    consumer: fx.Node
+    module: nn.Module
+    value: fx.Node
+    routes: list[Route]
+
+    @property
+    def width(self) -> int:
+        m = self.module
+        return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+    def indices(self, sets: np.ndarray) -> np.ndarray:
+        return _indices(self.routes, sets, self.width, f"layer '{self.consumer.target}'")
+
+    def delta(self, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Change of the consumer's output, (B, c, ...), when the input entries ``idx`` (B, k)
+        of ``u`` (c, ...) are zeroed: the low-rank term that is subtracted."""
+        m = self.module
+        w = m.weight.detach()
+        n_sets, k = idx.shape
+        if isinstance(m, nn.Linear):
+            u_sel = u[:, idx].permute(1, 0, 2)                       # (B, c, k)
+            w_sel = w[:, idx].permute(1, 2, 0)                       # (B, k, out)
+            return torch.bmm(u_sel, w_sel)
+        c = u.shape[0]
+        u_sel = u[:, idx.reshape(-1)]                                 # (c, B*k, *spatial)
+        w_sel = w[:, idx].transpose(0, 1).reshape(n_sets * w.shape[0], k, *w.shape[2:])
+        padding = m.padding
+        if m.padding_mode != "zeros":
+            u_sel = F.pad(u_sel, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            padding = 0
+        conv = F.conv2d if isinstance(m, nn.Conv2d) else F.conv1d
+        out = conv(u_sel, w_sel, None, m.stride, padding, m.dilation, n_sets)   # (c, B*out, ...)
+        return out.reshape(c, n_sets, w.shape[0], *out.shape[2:]).transpose(0, 1)
+
+
+@dataclass
+class Mask:
+    """A value that enters residual additions carrying the lesioned channels."""
+
+    value: fx.Node
+    routes: list[Route]
+    joins: list[fx.Node] = field(default_factory=list)
+
+
+class LesionPlan:
+    """Probe, corrections, masks and tail for lesions of one neuron layer."""
+
+    def __init__(self, gm: fx.GraphModule, structure: Structure, layer: fx.Node):
+        self.layer = layer
+        self.structure = structure
+        corrections: dict[fx.Node, Correction] = {}
+        masks: dict[fx.Node, Mask] = {}
+        for sink in structure.sinks[layer]:
+            if sink.kind == "layer":
+                c = corrections.setdefault(sink.user, Correction(sink.user, structure.module(sink.user), sink.value, []))
+                if sink.route not in c.routes:
+                    c.routes.append(sink.route)
+            else:
+                m = masks.setdefault(sink.value, Mask(sink.value, []))
+                if sink.route not in m.routes:
+                    m.routes.append(sink.route)
+                if sink.user not in m.joins:
+                    m.joins.append(sink.user)
+        self.corrections = list(corrections.values())
+        self.masks = list(masks.values())
+        self.cuts = [c.consumer for c in self.corrections] + [m.value for m in self.masks]
+        output = structure.output
+        self.frontier, self.tail_nodes = self._frontier(output)
+        probe_outputs = []
+        for n in [c.value for c in self.corrections] + self.cuts + self.frontier:
+            if n not in probe_outputs:
+                probe_outputs.append(n)
+        self.probe_outputs = probe_outputs
+        self.probe = _fx.extract(gm, [structure.input], probe_outputs, clone_outputs=True)
+        self.tail = _fx.extract(gm, self.cuts + self.frontier, [output])
+
+    def _frontier(self, output: fx.Node) -> tuple[list[fx.Node], set[fx.Node]]:
+        """Unchanged values the tail needs, and the nodes the tail recomputes."""
+        stop = set(self.cuts)
+        needed = _fx.ancestors([output], stop)
+        affected = _fx.descendants(self.cuts, within=needed)
+        if output not in affected and output not in stop:
+            raise UnsupportedModelError(f"the model output does not depend on layer '{self.layer.target}'")
+        pull = set(affected)
+        frontier: set[fx.Node] = set()
+        todo = list(pull)
+        while todo:
+            node = todo.pop()
+            for a in node.all_input_nodes:
+                if a in pull or a in stop or a in frontier:
+                    continue
+                if a.op == "get_attr" or self.structure.is_shape(a):
+                    pull.add(a)          # parameters and sizes are recomputed by the tail
+                    todo.append(a)
+                else:
+                    frontier.add(a)
+        order = {n: i for i, n in enumerate(output.graph.nodes)}
+        return sorted(frontier, key=order.__getitem__), pull
+
+    # ----- evaluation ----------------------------------------------------------------------------
+    def indices(self, sets: np.ndarray, shapes: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per correction and per mask, (n_sets, k) index arrays of the lesioned entries."""
+        corr = [c.indices(sets) for c in self.corrections]
+        mask = [_indices(m.routes, sets, shapes[m.value][0], f"addition '{m.joins[0].name}'") for m in self.masks]
+        return corr, mask
+
+    def tail_inputs(self, cached: dict, corr_idx: list[torch.Tensor], mask_idx: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs of the tail for B sets at once, each (B * c, ...): sets are stacked in the batch."""
+        n_sets = (corr_idx or mask_idx)[0].shape[0]
+        inputs = []
+        for c, idx in zip(self.corrections, corr_idx):
+            z = cached[c.consumer]
+            z_new = z.unsqueeze(0) - c.delta(cached[c.value], idx)
+            inputs.append(z_new.reshape(-1, *z.shape[1:]))
+        for m, idx in zip(self.masks, mask_idx):
+            v = cached[m.value]
+            keep = torch.ones(n_sets, v.shape[1], dtype=v.dtype, device=v.device)
+            keep.scatter_(1, idx, 0.0)
+            masked = v.unsqueeze(0) * keep.view(n_sets, 1, v.shape[1], *([1] * (v.dim() - 2)))
+            inputs.append(masked.reshape(-1, *v.shape[1:]))
+        for f in self.frontier:  # always a copy: the tail may modify its inputs in place
+            v = cached[f]
+            inputs.append(v.clone() if n_sets == 1 else v.unsqueeze(0).expand(n_sets, *v.shape).reshape(-1, *v.shape[1:]))
+        return inputs
+
+    # ----- sizes and costs (per sample) -------------------------------------------------------------
+    def cache_elements(self, shapes: dict) -> int:
+        return sum(_numel(shapes, n) for n in self.probe_outputs)
+
+    def work_elements(self, shapes: dict) -> int:
+        """Elements held per (set, sample) while a block runs: tail inputs, the gathered
+        consumer inputs, and the two largest values the tail computes."""
+        sizes = sorted((_numel(shapes, n) for n in self.tail_nodes), reverse=True)[:2]
+        gathered = sum(_numel(shapes, c.value) for c in self.corrections)
+        return sum(_numel(shapes, n) for n in self.cuts + self.frontier) + gathered + sum(sizes)
+
+    def weight_elements(self, set_size: int) -> int:
+        """Consumer weights gathered per lesion set (the columns or kernel slices it removes)."""
+        total = 0
+        for c in self.corrections:
+            k = sum(len(r.indices(np.arange(set_size), c.width)) for r in c.routes)
+            total += c.module.weight[:, :1].numel() * k
+        return total
+
+    def macs(self, shapes: dict, set_size: int) -> dict[str, int]:
+        """Multiply-accumulates per sample: ``probe`` (filling the cache), ``lesion`` (one
+        lesion of ``set_size`` channels: corrections and tail) and ``forward`` (the whole model)."""
+        s = self.structure
+        forward = sum(layer_macs(s.module(n), shapes, n) for n in s.all_nodes)
+        probe_nodes = _fx.ancestors(self.probe_outputs, set()) | set(self.probe_outputs)
+        probe = sum(layer_macs(s.module(n), shapes, n) for n in s.all_nodes if n in probe_nodes)
+        tail = sum(layer_macs(s.module(n), shapes, n) for n in s.all_nodes if n in self.tail_nodes)
+        corr = 0
+        for c in self.corrections:
+            k = sum(len(r.indices(np.arange(set_size), c.width)) for r in c.routes)
+            per_input = layer_macs(c.module, shapes, c.consumer) / c.width
+            corr += int(per_input * k)
+        return {"probe": probe, "lesion": corr + tail, "forward": forward}
+
+
+def layer_macs(module: nn.Module, shapes: dict, node: fx.Node) -> int:
+    out = _numel(shapes, node)
+    if isinstance(module, nn.Linear):
+        return out * module.in_features
+    return out * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+
+def _numel(shapes: dict, node: fx.Node) -> int:
+    shape = shapes.get(node)
+    return math.prod(shape) if shape is not None else 0

@@ -1,0 +1,143 @@
+"""Lesions of conv channels: the incremental path against the plain oracle, lesion semantics
+with batch norm and flatten, chunking under a memory budget, and cost accounting."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modlens.core.partition import Partition
+from modlens.experiments.lesion_test import lesion_test
+from modlens.nn.adapter import NetworkAdapter
+from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from test_cnn_models import resnet_case
+
+
+def random_sets(rng, width):
+    return [rng.choice(width, size=s, replace=False) for s in (1, 2, 2, 3, 3, width - 1, width)] + [[]]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_incremental_equals_plain_on_a_residual_bn_network(seed):
+    model, x, y = resnet_case(seed)
+    adapter = NetworkAdapter(model, include_dense=True)
+    ev = LesionEvaluator(adapter, x, y, batch_size=25)
+    rng = np.random.default_rng(seed)
+    changed = 0
+    for layer, width in enumerate(adapter.layer_sizes):
+        sets = random_sets(rng, width)
+        fast = ev.correct_counts(layer, sets)
+        plain = correct_counts_plain(adapter, layer, sets, x, y, batch_size=17)
+        np.testing.assert_array_equal(fast, plain, err_msg=adapter.layer_names[layer])
+        changed += int((fast != ev.baseline).any())
+    assert changed >= 6, "lesions should change predictions in most layers"
+    # the plan of a residual branch's last conv masks the addition's input and caches the skip
+    plan = adapter.lesion_plan(adapter.layer_names.index("b2.conv2"))
+    assert not plan.corrections and [m.value.name for m in plan.masks] == ["b2_bn2"]
+    assert [n.name for n in plan.frontier] == ["b2_down_1"]
+
+
+def test_lesion_zeroes_the_channel_after_batch_norm():
+    """The channel contributes nothing downstream: not conv output 0 (BN would turn it into a constant)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Sigmoid(), nn.MaxPool2d(2),
+                          nn.Conv2d(4, 3, 3), nn.Flatten(), nn.Linear(3 * 2 * 2, 3)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+        model[1].bias.fill_(1.0)
+    x = torch.randn(80, 2, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        h = model[3](model[2](model[1](model[0](x))))
+        h[:, [1, 3]] = 0                                   # removed at the consumer's input
+        expected = model[6](model[5](model[4](h))).argmax(-1)
+        h2 = model[3](model[2](model[1](model[0](x))))
+        h2[:, [1, 3]] = 0
+        y = expected.clone()
+    adapter = NetworkAdapter(model)
+    counts = LesionEvaluator(adapter, x, y).correct_counts(0, [[1, 3]])
+    assert counts.sum() == len(y)
+    assert correct_counts_plain(adapter, 0, [[1, 3]], x, y).sum() == len(y)
+
+
+def test_flattened_channel_owns_its_columns():
+    """A channel read by a Linear after channel-major flatten: its H*W columns are removed."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 3), nn.Tanh(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(60, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        w = model[5].weight.clone()
+        w[:, 2 * 16:3 * 16] = 0
+        y = F.linear(F.relu(F.linear(model[:5](x), w, model[5].bias)), model[7].weight, model[7].bias).argmax(-1)
+    adapter = NetworkAdapter(model, include_dense=True)
+    assert adapter.layer_names == ["0", "2", "5"]
+    assert LesionEvaluator(adapter, x, y).correct_counts(1, [[2]]).sum() == len(y)
+
+
+def test_tiny_memory_budget_chunks_and_gives_identical_counts():
+    model, x, y = resnet_case(0)
+    adapter = NetworkAdapter(model, include_dense=True)
+    big = LesionEvaluator(adapter, x, y)
+    small = LesionEvaluator(adapter, x, y, memory_budget_bytes=40_000)
+    rng = np.random.default_rng(3)
+    for layer in (0, 2, 5, 8):
+        sets = random_sets(rng, adapter.layer_sizes[layer])
+        np.testing.assert_array_equal(small.correct_counts(layer, sets), big.correct_counts(layer, sets))
+        assert big.last_stats["cache_chunks"] == 1
+        if layer in (0, 2):
+            assert small.last_stats["cache_chunks"] > 1 and small.last_stats["samples_per_block"] < len(x)
+    assert small.batch_size < big.batch_size
+    # a layer's whole cache is kept for the next call when it fits
+    assert list(big._caches) == [0, 2, 5, 8] and 0 not in small._caches
+
+
+def test_float32_block_shapes_do_not_change_counts():
+    model, x, y = resnet_case(3)
+    model, x = model.float(), x.float()
+    adapter = NetworkAdapter(model)
+    sets = [np.arange(s) for s in (2, 2, 3, 5)]
+    a = LesionEvaluator(adapter, x, y).correct_counts(3, sets)
+    b = LesionEvaluator(adapter, x, y, memory_budget_bytes=30_000).correct_counts(3, sets)
+    assert np.abs(a - b).max() <= 1
+    assert np.abs(a - correct_counts_plain(adapter, 3, sets, x, y)).max() <= 1
+
+
+def test_flops_of_both_paths():
+    model, x, _ = resnet_case(0)
+    adapter = NetworkAdapter(model)
+    shapes = adapter.node_shapes(x)
+    first, last = adapter.lesion_plan(0).macs(shapes, 2), adapter.lesion_plan(7).macs(shapes, 2)
+    assert first["forward"] == last["forward"] > first["lesion"] > last["lesion"] > 0
+    assert first["probe"] < last["probe"] < first["forward"]
+    # stem (2->6, 3x3, 8x8) + b1.conv1 (6->6, 3x3, 8x8) are the only layers the stem's probe runs
+    assert first["probe"] == 64 * 6 * 2 * 9 + 64 * 6 * 6 * 9
+
+
+def test_lesion_test_on_a_cnn_agrees_between_engines():
+    model, x, y = resnet_case(3)
+    adapter = NetworkAdapter(model)
+    labels = [np.arange(n) % 2 for n in adapter.layer_sizes]
+    part = Partition.from_labels(labels, adapter.layer_names, adapter.layer_sizes)
+    fast = lesion_test(adapter, part, x, y, n_random=3, random_state=0)
+    plain = lesion_test(adapter, part, x, y, n_random=3, random_state=0, engine="plain")
+    assert len(fast) == 2 * 8 * 4
+    np.testing.assert_array_equal(fast["accuracy"].to_numpy(), plain["accuracy"].to_numpy())
+
+
+def test_conv1d_and_convolutional_classifier():
+    """Conv1d layers, a strided dilated conv and a 1x1-conv output layer (no Linear at all)."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv1d(3, 6, 5, padding=2), nn.BatchNorm1d(6), nn.ELU(),
+                          nn.Conv1d(6, 5, 3, stride=2, dilation=2), nn.Tanh(), nn.AdaptiveMaxPool1d(1),
+                          nn.Conv1d(5, 4, 1), nn.Flatten()).double().eval()
+    x = torch.randn(50, 3, 20, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::4] = 0
+    adapter = NetworkAdapter(model)
+    assert adapter.layer_names == ["0", "3"] and adapter.n_classes == 4
+    ev = LesionEvaluator(adapter, x, y)
+    for layer, width in enumerate(adapter.layer_sizes):
+        sets = [[0], [1, 2], [width - 1], list(range(width))]
+        np.testing.assert_array_equal(ev.correct_counts(layer, sets), correct_counts_plain(adapter, layer, sets, x, y))
