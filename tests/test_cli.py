@@ -107,3 +107,14 @@ def test_train_small_cnn(tmp_path, capsys):
     assert main(["train", "--dataset", "digits", "--arch", "cnn", "--no-regularization", "--seed", "0",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "VGG" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_analyze_saved_cnn_with_feature_vis(tmp_path, capsys):
+    assert main(["train", "--dataset", "digits", "--arch", "cnn", "--seed", "0", "--epochs", "2", "--out", str(tmp_path / "c")]) == 0
+    code = main(["analyze", str(tmp_path / "c"), "--out", str(tmp_path / "r"), "--n-random", "2", "--n-clusters", "4",
+                 "--partitionings", "weights/global", "activations/global", "--feature-vis", "--vis-steps", "3"])
+    assert code == 0
+    summary = pd.read_parquet(tmp_path / "r" / "summary.parquet")
+    assert set(summary["metric"]) == {"acc_drop", "class_range", "vis_score", "softmax_entropy"}
+    parts = json.loads((tmp_path / "r" / "partitions.json").read_text())
+    assert all(len(p["labels"]) == 3 for p in parts.values())  # the small CNN's three conv layers

@@ -1,0 +1,55 @@
+"""The reference conv nets through the whole pipeline: partitions, lesions, visualizations."""
+
+import numpy as np
+import pytest
+import torch
+
+import modlens
+from modlens.experiments.feature_vis import feature_vis_test
+from modlens.nn.adapter import MLPAdapter
+from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn.models import small_resnet, small_vgg
+
+pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
+
+
+def _data(shape, n, seed, n_classes=10):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=g, dtype=torch.float64), torch.randint(0, n_classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("build", [
+    lambda g: small_vgg((3, 8, 8), conv=(6, 6, "M", 8), dense=(12,), style="torchvision", generator=g),
+    lambda g: small_resnet(3, 10, widths=(6, 8), generator=g),
+])
+def test_reference_convnets_analyze_end_to_end(build):
+    model = build(torch.Generator().manual_seed(0)).double().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    x, _ = _data((3, 8, 8), 120, 1)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    xa, _ = _data((3, 8, 8), 60, 2)
+    res = modlens.analyze(model, (x, y), activation_data=xa, n_clusters=3, n_random=3, random_state=0,
+                          feature_vis=True, vis_options={"steps": 3})
+    assert set(res.summary["metric"]) == {"acc_drop", "class_range", "vis_score", "softmax_entropy"}
+    assert (res.summary["n_subclusters"] > 0).all()
+    adapter = MLPAdapter(model)
+    sets = [np.array([0, 2]), np.array([1, 3])]
+    for layer in range(len(adapter.layers)):
+        np.testing.assert_array_equal(LesionEvaluator(adapter, x, y).correct_counts(layer, sets),
+                                      correct_counts_plain(adapter, layer, sets, x, y))
+
+
+def test_conv_feature_vis_batched_equals_single():
+    model = small_vgg((3, 8, 8), conv=(6, 6, "M", 8), dense=(12,), generator=torch.Generator().manual_seed(3)).double().eval()
+    adapter = MLPAdapter(model)
+    part = modlens.partition(adapter, "weights/global", n_clusters=3)
+    kw = dict(n_random=2, steps=4, random_state=5)
+    batched = feature_vis_test(adapter, part, (3, 8, 8), **kw)
+    single = feature_vis_test(adapter, part, (3, 8, 8), batched=False, **kw)
+    np.testing.assert_allclose(batched.images, single.images, atol=1e-10)
+    np.testing.assert_allclose(batched.table["vis_score"], single.table["vis_score"], rtol=1e-9)
