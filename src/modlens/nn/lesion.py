@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from modlens.nn import _fx, _memory
+from modlens.nn._skip import LinearSkip
 from modlens.nn._plan import channel_mask
 from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.inputs import check_labels
@@ -76,11 +77,15 @@ class LesionEvaluator:
         Largest number of samples per forward pass when filling caches (lowered to fit the budget).
     memory_budget_bytes:
         Bound on the memory the evaluator holds (cached values plus one working block).
+    skip:
+        Skip, exactly, the (set, sample) pairs whose prediction is known without running the
+        tail (silent lesions, certified margins; :mod:`modlens.nn._skip`). ``False`` runs every pair.
     """
 
     def __init__(self, adapter: NetworkAdapter, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048,
-                 memory_budget_bytes: int | None = None):
+                 memory_budget_bytes: int | None = None, skip: bool = True):
         self.adapter = adapter
+        self.skip = skip  # exact work-skipping for Linear consumers (see modlens.nn._skip)
         self.device, self.dtype = _fx.module_device_dtype(adapter.model)
         check_labels(y, adapter.n_classes, name="test data")
         if len(x) != len(y):
@@ -207,9 +212,12 @@ class LesionEvaluator:
                              sets.shape[1]))
         stats = self.last_stats
         with _fx.run_in_eval(self.adapter.model):
+            skip = LinearSkip.build(plan) if self.skip else None
+            stats["skip"] = None if skip is None else ("chain" if skip.stages is not None else "silent")
             for start, stop, cached in self._cache_chunks(layer, plan):
                 stats["cache_chunks"] += 1
                 last = stop == len(self.x)
+                base = None if skip is None else skip.baseline(cached[plan.corrections[0].consumer], self.batch_size)
                 for corr_idx, mask_idx, counts, set_size in prepared:
                     n_sets = counts.shape[0]
                     n_block_sets, n_block_samples = self._block_shape(plan, n_sets, set_size, stop - start)
@@ -218,10 +226,14 @@ class LesionEvaluator:
                         ci = [i[b0:b1] for i in corr_idx]
                         mi = [i[b0:b1] for i in mask_idx]
                         for s0, s1 in _chunks(stop - start, n_block_samples):
-                            part = {node: v[s0:s1] for node, v in cached.items()}
-                            scores = plan.tail(*plan.tail_inputs(part, ci, mi)).reshape(b1 - b0, s1 - s0, -1)
                             lo, hi = start + s0, start + s1
-                            counts[b0:b1] += _class_counts(scores.argmax(-1), self.y[lo:hi], self.onehot[lo:hi])
+                            if skip is not None:
+                                pred = skip.predictions(cached, base, s0, s1, ci[0], stats)
+                            else:
+                                part = {node: v[s0:s1] for node, v in cached.items()}
+                                scores = plan.tail(*plan.tail_inputs(part, ci, mi)).reshape(b1 - b0, s1 - s0, -1)
+                                pred = scores.argmax(-1)
+                            counts[b0:b1] += _class_counts(pred, self.y[lo:hi], self.onehot[lo:hi])
                             stats["blocks"] += 1
                     if last and progress is not None:
                         progress(n_sets)
