@@ -253,3 +253,11 @@ def test_partition_without_testable_subclusters_gives_an_empty_table():
     whole = Partition.from_labels([np.zeros(12), np.zeros(12)], adapter.layer_names, adapter.layer_sizes)
     res = feature_vis_test(adapter, whole, (1, 8, 8), n_random=2, steps=2)
     assert list(res.table.columns) == COLUMNS and len(res.table) == 0 and res.images.shape == (0, 1, 8, 8)
+
+
+def test_default_transforms_follow_the_input_size():
+    from modlens.study.analyze import default_vis_transforms
+
+    assert default_vis_transforms((1, 28, 28)) == "jitter-scale"
+    assert default_vis_transforms((3, 32, 32)) == "jitter-scale"
+    assert default_vis_transforms((3, 224, 224)) == "lucid"

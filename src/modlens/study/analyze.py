@@ -117,7 +117,8 @@ def analyze(
         Arguments for :func:`~modlens.experiments.feature_vis.feature_vis_test` (``steps``,
         ``lr``, ``transforms``, ``parameterization``, ``objective``, ``value_range``,
         ``preprocess``...); ``{"original": True}`` applies the original code's preset (rows
-        7, 15, 16). The value range defaults to the test inputs' range.
+        7, 15, 16). The value range defaults to the test inputs' range; the transforms to jitter
+        and scaling, or padding/jitter/rotation/scaling for inputs of 128 pixels a side or more.
     """
     started = time.perf_counter()
     adapter = MLPAdapter(model)
@@ -179,6 +180,12 @@ def analyze(
     return AnalysisResult(summary, table, tests, partitions, config, vis_table, vis_results)
 
 
+def default_vis_transforms(input_shape: tuple[int, ...]) -> str:
+    """Paper, appendix A.5: random jitter and scaling for small inputs; padding, jitter,
+    rotation and scaling (``"lucid"``) for ImageNet-sized ones (128 pixels a side or more)."""
+    return "lucid" if len(input_shape) == 3 and min(input_shape[1:]) >= 128 else "jitter-scale"
+
+
 def _feature_vis(adapter, partitions, x, *, n_random, random_state, max_fraction, options, progress):
     """Feature-visualization test of every partition, with the lesion test's random sets."""
     from modlens.experiments.feature_vis import ORIGINAL, feature_vis_test
@@ -187,6 +194,7 @@ def _feature_vis(adapter, partitions, x, *, n_random, random_state, max_fraction
     if opts.pop("original", False):
         opts = {**ORIGINAL, **opts}
     opts.setdefault("value_range", (float(x.min()), float(x.max())))
+    opts.setdefault("transforms", default_vis_transforms(tuple(x.shape[1:])))
     opts.setdefault("max_fraction", max_fraction)
     tables, results = [], []
     for name, part in partitions.items():
