@@ -33,16 +33,6 @@ from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
 from modlens.study.runs import model_data
 
 
-def lesion_flops(adapter: MLPAdapter, layer: int, size: int, n: int, incremental: bool) -> float:
-    """Multiply-adds x 2 for one lesion over n samples."""
-    dims = [(l.in_features, l.out_features) for l in adapter._linears]
-    if not incremental:
-        return 2.0 * n * sum(a * b for a, b in dims)
-    correction = size * dims[layer + 1][1]
-    rest = sum(a * b for a, b in dims[layer + 2:])
-    return 2.0 * n * (correction + rest)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a saved modlens model folder (default: train one)")
@@ -116,10 +106,16 @@ def main() -> None:
         mismatch = np.abs(plain - fast_counts[layer][:k]).max()
         if mismatch > 0:
             print(f"  layer {adapter.layer_names[layer]}: max count difference {mismatch} (float32 rounding at near-ties)")
-    flops_plain = sum(lesion_flops(adapter, l, len(s), len(y), False) for l, sets in per_layer.items() for s in sets)
-    flops_fast = sum(lesion_flops(adapter, l, len(s), len(y), True) for l, sets in per_layer.items() for s in sets)
-    flops_fast += lesion_flops(adapter, 0, 0, len(y), False)  # filling the cache: one forward pass
-
+    # multiply-adds counted by the lesion plans themselves (as in lesion_speed_cnn.py)
+    shapes = adapter.node_shapes(x[:1])
+    flops_plain = flops_fast = 0.0
+    for layer, sets in per_layer.items():
+        plan = adapter.lesion_plan(layer)
+        for s in sets:
+            macs = plan.macs(shapes, len(s))
+            flops_plain += 2.0 * len(y) * macs["forward"]
+            flops_fast += 2.0 * len(y) * macs["lesion"]
+    flops_fast += 2.0 * len(y) * adapter.lesion_plan(0).macs(shapes, 1)["forward"]  # filling the cache
     extrap = "" if n_plain == n_lesions else f" (measured on {n_plain} lesions, extrapolated)"
     print(f"plain path:       {t_plain:8.2f} s{extrap}  {flops_plain / 1e9:9.1f} GFLOP")
     print(f"incremental path: {t_fast:8.2f} s  {flops_fast / 1e9:9.1f} GFLOP  (cache fill included)")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-RandomState = "int | np.random.SeedSequence | np.random.Generator | None"
-
-
 def as_generator(random_state: int | np.random.SeedSequence | np.random.Generator | None) -> np.random.Generator:
     """Turn ``random_state`` into a :class:`numpy.random.Generator`.
 

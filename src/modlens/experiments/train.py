@@ -31,6 +31,7 @@ from torch import nn
 from modlens.core.rng import as_generator
 from modlens.experiments._augment import PAPER_AUGMENT, augment_images, check_augment, l2_penalty
 from modlens.experiments._reference import RECIPES, complete_architecture, recipe
+from modlens.nn._fx import module_device_dtype
 from modlens.nn.models import PAPER_MLP_HIDDEN, build_model
 
 __all__ = [
@@ -53,11 +54,6 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor
     if x.shape[0] == 0:
         raise ValueError(f"{what}: no samples")
     return x, y
-
-
-def _device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _derived_seed(seed: int, tag: str) -> int:
@@ -116,7 +112,7 @@ def train_classifier(
     if drop_last is None:
         drop_last = batch_norm and n >= batch_size
     stop = n - n % batch_size if drop_last else n
-    device = _device(model)
+    device = module_device_dtype(model)[0]
     order_generator = torch.Generator().manual_seed(int(seed))
     aug_generator = torch.Generator().manual_seed(_derived_seed(seed, "augment")) if augment else None
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
@@ -174,7 +170,7 @@ def _epochs(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, o
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> float:
     """Fraction of samples whose arg-max logit equals the label (eval mode, no gradients)."""
     x, y = _check_xy(x, y, "accuracy")
-    device = _device(model)
+    device = module_device_dtype(model)[0]
     was_training = model.training
     model.eval()
     correct = 0

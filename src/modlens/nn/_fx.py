@@ -163,11 +163,6 @@ def extract(
     return fx.GraphModule(gm, graph)
 
 
-def live_nodes(gm: fx.GraphModule, output: fx.Node) -> set[fx.Node]:
-    """Nodes the model output depends on (dead code left by the tracer is ignored)."""
-    return ancestors([output], set()) | {output}
-
-
 def single_input(gm: fx.GraphModule) -> fx.Node:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:

@@ -222,11 +222,6 @@ class NetworkAdapter:
         n = len(self.layers)
         return [vals[2 * i] for i in range(n)], [vals[2 * i + 1] for i in range(n)], vals[-1]
 
-    def iter_records(self, batches: Iterator[torch.Tensor]):
-        with torch.no_grad(), _fx.run_in_eval(self.model):
-            for x in batches:
-                yield self.forward_records(x)
-
     def summary_module(self, reduce: str = "l1") -> fx.GraphModule:
         """Module mapping an input batch to one (B, n_neurons) tensor per analysed layer: the
         pre-activations of dense units, and per conv channel the L1 norm over spatial
