@@ -89,11 +89,21 @@ def main() -> None:
     print(f"{n_lesions} lesions in all; per layer: "
           + ", ".join(f"{adapter.layer_names[l]}={len(v)}" for l, v in sorted(per_layer.items())))
 
+    shapes = adapter.node_shapes(x[:1])
     t0 = time.perf_counter()
     ev = LesionEvaluator(adapter, x, y)
     fast_counts = {}
-    for layer, sets in per_layer.items():
+    for layer, sets in sorted(per_layer.items()):
+        t1 = time.perf_counter()
         fast_counts[layer] = ev.correct_counts(layer, sets)
+        dt = time.perf_counter() - t1
+        plan = adapter.lesion_plan(layer)
+        gflop = sum(2.0 * len(y) * plan.macs(shapes, len(s))["lesion"] for s in sets) / 1e9
+        st = ev.last_stats
+        skipped = st.get("silent", 0) + st.get("certified", 0)
+        print(f"  incremental, layer {adapter.layer_names[layer]}: {len(sets)} lesions in {dt:6.2f} s, "
+              f"{gflop:7.1f} GFLOP before skipping ({gflop / dt:5.1f} GFLOP/s); "
+              f"pairs skipped exactly: {skipped / max(1, st.get('pairs', 0)):.1%}")
     t_fast = time.perf_counter() - t0
 
     t_plain, n_plain = 0.0, 0
@@ -107,7 +117,6 @@ def main() -> None:
         if mismatch > 0:
             print(f"  layer {adapter.layer_names[layer]}: max count difference {mismatch} (float32 rounding at near-ties)")
     # multiply-adds counted by the lesion plans themselves (as in lesion_speed_cnn.py)
-    shapes = adapter.node_shapes(x[:1])
     flops_plain = flops_fast = 0.0
     for layer, sets in per_layer.items():
         plan = adapter.lesion_plan(layer)
