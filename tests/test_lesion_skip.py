@@ -11,7 +11,8 @@ from test_lesion import labelled, random_mlp
 
 
 def test_silent_lesions_are_skipped_and_exact():
-    model = random_mlp([6, 12, 12, 4], nn.ReLU, 0)
+    # the tail after layer 0's consumer (64 -> 64 -> 4) is costly enough for silent pairs to be gathered out
+    model = random_mlp([6, 12, 64, 64, 4], nn.ReLU, 0)
     with torch.no_grad():  # neurons 0-2 of layer 0 are dead on samples with x[:, 0] < 0
         model[0].weight[:3] = 0
         model[0].weight[:3, 0] = 1.0
@@ -56,4 +57,18 @@ def test_no_certificates_for_other_activations(act):
         fast = ev.correct_counts(layer, sets)
         assert ev.last_stats["skip"] == "silent"
         assert "certified" not in ev.last_stats
+        np.testing.assert_array_equal(fast, correct_counts_plain(adapter, layer, sets, x, y))
+
+
+def test_cheap_tails_run_every_pair():
+    """A consumer followed only by the logits runs all pairs: gathering rows would cost as much."""
+    model = random_mlp([6, 12, 64, 64, 4], nn.ReLU, 1)
+    x, y = labelled(model, 300, 6, 1)
+    adapter = MLPAdapter(model)
+    ev = LesionEvaluator(adapter, x, y, batch_size=64)
+    rng = np.random.default_rng(1)
+    sets = [rng.choice(64, size=s, replace=False) for s in (1, 5, 30)]
+    for layer in (1, 2):
+        fast = ev.correct_counts(layer, sets)
+        assert "silent" not in ev.last_stats and ev.last_stats["pairs"] == len(sets) * len(x)
         np.testing.assert_array_equal(fast, correct_counts_plain(adapter, layer, sets, x, y))

@@ -12,7 +12,10 @@ Two ways to avoid running the tail for a (lesion set, sample) pair, both exact:
   weights of the remaining Linear layers. If the baseline class ``c`` beats every other class
   by more than both bounds plus a rounding slack, the lesioned prediction is ``c``.
 
-Every other pair runs the same modules as the tail, on the gathered rows.
+Every other pair runs the same modules as the tail, on the gathered rows. Gathering costs a
+copy of every row, so silent pairs are only gathered out where the tail after the consumer
+costs at least :data:`GATHER_MIN_MACS` multiply-adds per entry of the consumer's output (a
+consumer followed by nothing but the logits runs every pair instead).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from torch import nn
 
 _PASS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 SLACK = 1e-4
+# Gather silent pairs out only where the tail costs this many multiply-adds per entry of the
+# consumer's output: below it, copying the rows costs about what running them would.
+GATHER_MIN_MACS = 32
 
 
 def _lipschitz_module(m: nn.Module) -> bool:
@@ -38,11 +44,13 @@ def _lipschitz_module(m: nn.Module) -> bool:
 class LinearSkip:
     """The skipping evaluator of one plan, or ``None`` from :meth:`build` where it does not apply."""
 
-    def __init__(self, plan, stages):
+    def __init__(self, plan, stages, tail_macs: int | None = None):
         self.plan = plan
         c = plan.corrections[0]
         self.correction = c
         self.stages = stages      # None, or [(acts, linear)], the last linear giving the logits
+        # multiply-adds of the tail per sample (None: unknown, assumed worth skipping)
+        self.gather = tail_macs is None or tail_macs >= GATHER_MIN_MACS * c.module.out_features
         self.bounds = None
         self._bufs: dict = {}
         self.enabled = None
@@ -63,7 +71,7 @@ class LinearSkip:
             self.cost = [stages[-1][1].out_features * l.in_features + 8 * l.in_features for _, l in stages]
 
     @classmethod
-    def build(cls, plan) -> "LinearSkip | None":
+    def build(cls, plan, tail_macs: int | None = None) -> "LinearSkip | None":
         if len(plan.corrections) != 1 or plan.masks or plan.frontier:
             return None
         c = plan.corrections[0]
@@ -74,7 +82,7 @@ class LinearSkip:
         placeholders = [n for n in nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             return None
-        return cls(plan, cls._chain(tail, nodes, placeholders[0]))
+        return cls(plan, cls._chain(tail, nodes, placeholders[0]), tail_macs)
 
     @staticmethod
     def _chain(tail, nodes, start):
@@ -166,33 +174,43 @@ class LinearSkip:
         n_sets = idx.shape[0]
         w = c.module.weight.detach()
         u_sel = u[:, idx].permute(1, 0, 2)                    # (B, n, k)
-        active = (u_sel != 0).any(-1).reshape(-1)             # (B * n)
-        rows = active.nonzero().squeeze(1)
-        base_pred = base["pred"][s0:s1]
-        pred = base_pred.unsqueeze(0).expand(n_sets, n).reshape(-1).clone()
         total = n_sets * n
         stats["pairs"] = stats.get("pairs", 0) + total
-        stats["silent"] = stats.get("silent", 0) + total - rows.numel()
-        if rows.numel() == 0:
-            return pred.view(n_sets, n)
-        # z - u[:, S] @ W[:, S].T, as LesionPlan.tail_inputs computes it
-        delta = self._buf("delta", (n_sets, n, z.shape[1]), z)
-        torch.bmm(u_sel, w[:, idx].permute(1, 2, 0), out=delta)
-        torch.sub(z.unsqueeze(0), delta, out=delta)
-        x = delta.view(total, -1)
-        if rows.numel() < total:
+        base_pred = base["pred"][s0:s1].unsqueeze(0).expand(n_sets, n)
+        rows = pred = None            # rows: the pairs that run (None: all of them)
+        if self.gather:
+            rows = (u_sel != 0).any(-1).reshape(-1).nonzero().squeeze(1)
+            stats["silent"] = stats.get("silent", 0) + total - rows.numel()
+            if rows.numel() == 0:
+                return base_pred.clone()
+            if rows.numel() == total:
+                rows = None
+        # z - u[:, S] @ W[:, S].T, as LesionPlan.tail_inputs computes it, in one pass
+        x = torch.baddbmm(z.unsqueeze(0), u_sel, w[:, idx].permute(1, 2, 0), alpha=-1,
+                          out=self._buf("delta", (n_sets, n, z.shape[1]), z)).view(total, -1)
+        if rows is not None:
             x = torch.index_select(x, 0, rows, out=self._buf("rows", (rows.numel(), x.shape[1]), x))
+            pred = base_pred.reshape(-1).clone()
         if self.stages is None:
-            pred.index_copy_(0, rows, self.plan.tail(x).argmax(-1))
-            return pred.view(n_sets, n)
+            return self._place(pred, rows, self.plan.tail(x).argmax(-1), n_sets, n)
         for i, (acts, lin) in enumerate(self.stages):
             for a in acts:
                 x = self._act_(a, x)
-            if self.enabled[i] and rows.numel():
+            if self.enabled[i] and x.shape[0]:
+                if rows is None:
+                    rows = torch.arange(total, device=x.device)
+                    pred = base_pred.reshape(-1).clone()
                 x, rows = self._certify(i, x, rows, n, s0, base, stats)
             x = self._linear(lin, x, f"lin{i % 2}")
+        return self._place(pred, rows, x.argmax(-1), n_sets, n)
+
+    @staticmethod
+    def _place(pred, rows, computed: torch.Tensor, n_sets: int, n: int) -> torch.Tensor:
+        """The (B, n) predictions: ``computed`` for the ``rows`` that ran (all when ``rows`` is None)."""
+        if rows is None:
+            return computed.view(n_sets, n)
         if rows.numel():
-            pred.index_copy_(0, rows, x.argmax(-1))
+            pred.index_copy_(0, rows, computed)
         return pred.view(n_sets, n)
 
     def _certify(self, i: int, x: torch.Tensor, rows: torch.Tensor, n: int, s0: int, base: dict, stats: dict):

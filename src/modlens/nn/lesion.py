@@ -212,7 +212,7 @@ class LesionEvaluator:
                              sets.shape[1]))
         stats = self.last_stats
         with _fx.run_in_eval(self.adapter.model):
-            skip = LinearSkip.build(plan) if self.skip else None
+            skip = LinearSkip.build(plan, plan.macs(self.shapes, 1)["lesion"]) if self.skip else None
             stats["skip"] = None if skip is None else ("chain" if skip.stages is not None else "silent")
             for start, stop, cached in self._cache_chunks(layer, plan):
                 stats["cache_chunks"] += 1
