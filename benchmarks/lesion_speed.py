@@ -89,22 +89,32 @@ def main() -> None:
     print(f"{n_lesions} lesions in all; per layer: "
           + ", ".join(f"{adapter.layer_names[l]}={len(v)}" for l, v in sorted(per_layer.items())))
 
+    # multiply-adds counted by the lesion plans themselves (as in lesion_speed_cnn.py)
     shapes = adapter.node_shapes(x[:1])
+    flops_plain = 0.0
+    layer_flops = {}
+    for layer, sets in per_layer.items():
+        plan = adapter.lesion_plan(layer)
+        macs = [plan.macs(shapes, len(s)) for s in sets]
+        flops_plain += sum(2.0 * len(y) * m["forward"] for m in macs)
+        layer_flops[layer] = sum(2.0 * len(y) * m["lesion"] for m in macs)
+    flops_fast = sum(layer_flops.values()) + 2.0 * len(y) * adapter.lesion_plan(0).macs(shapes, 1)["forward"]  # + cache fill
+
     t0 = time.perf_counter()
     ev = LesionEvaluator(adapter, x, y)
+    t_fast = time.perf_counter() - t0
     fast_counts = {}
     for layer, sets in sorted(per_layer.items()):
         t1 = time.perf_counter()
         fast_counts[layer] = ev.correct_counts(layer, sets)
         dt = time.perf_counter() - t1
-        plan = adapter.lesion_plan(layer)
-        gflop = sum(2.0 * len(y) * plan.macs(shapes, len(s))["lesion"] for s in sets) / 1e9
+        t_fast += dt
+        gflop = layer_flops[layer] / 1e9
         st = ev.last_stats
         skipped = st.get("silent", 0) + st.get("certified", 0)
         print(f"  incremental, layer {adapter.layer_names[layer]}: {len(sets)} lesions in {dt:6.2f} s, "
               f"{gflop:7.1f} GFLOP before skipping ({gflop / dt:5.1f} GFLOP/s); "
               f"pairs skipped exactly: {skipped / max(1, st.get('pairs', 0)):.1%}")
-    t_fast = time.perf_counter() - t0
 
     t_plain, n_plain = 0.0, 0
     for layer, sets in per_layer.items():
@@ -116,15 +126,6 @@ def main() -> None:
         mismatch = np.abs(plain - fast_counts[layer][:k]).max()
         if mismatch > 0:
             print(f"  layer {adapter.layer_names[layer]}: max count difference {mismatch} (float32 rounding at near-ties)")
-    # multiply-adds counted by the lesion plans themselves (as in lesion_speed_cnn.py)
-    flops_plain = flops_fast = 0.0
-    for layer, sets in per_layer.items():
-        plan = adapter.lesion_plan(layer)
-        for s in sets:
-            macs = plan.macs(shapes, len(s))
-            flops_plain += 2.0 * len(y) * macs["forward"]
-            flops_fast += 2.0 * len(y) * macs["lesion"]
-    flops_fast += 2.0 * len(y) * adapter.lesion_plan(0).macs(shapes, 1)["forward"]  # filling the cache
     extrap = "" if n_plain == n_lesions else f" (measured on {n_plain} lesions, extrapolated)"
     print(f"plain path:       {t_plain:8.2f} s{extrap}  {flops_plain / 1e9:9.1f} GFLOP")
     print(f"incremental path: {t_fast:8.2f} s  {flops_fast / 1e9:9.1f} GFLOP  (cache fill included)")
