@@ -113,13 +113,17 @@ def analyze(
         pass per lesion; the reference path).
     feature_vis:
         Also run the feature-visualization test (paper, section 4.2): visualization score and
-        softmax entropy of an input optimized for each subcluster and random set.
+        softmax entropy of an input optimized for each subcluster and random set. Inputs may be
+        images (C, H, W), sequences (T, D) or vectors (D,); discrete inputs (token ids) cannot
+        be optimized: a UserWarning says so in one line, the reason is kept in
+        ``config["feature_vis"]["skipped"]`` and only the lesion metrics are reported.
     vis_options:
         Arguments for :func:`~modlens.experiments.feature_vis.feature_vis_test` (``steps``,
         ``lr``, ``transforms``, ``parameterization``, ``objective``, ``value_range``,
         ``preprocess``...); ``{"original": True}`` applies the original code's preset (rows
         7, 15, 16). The value range defaults to the test inputs' range; the transforms to jitter
-        and scaling, or padding/jitter/rotation/scaling for inputs of 128 pixels a side or more.
+        and scaling, or padding/jitter/rotation/scaling for inputs of 128 pixels a side or more;
+        for vectors additive noise, for sequences noise and a circular shift along T.
     """
     started = time.perf_counter()
     adapter = MLPAdapter(model)
