@@ -221,7 +221,8 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
         for step in range(plan.steps):
             eps = None
             if plan.transforms in NEEDS_NOISE:  # drawn after the uniforms, one input at a time
-                eps = torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in gens])
+                # float32: noise needs no more precision, and CPU float64 normals cost 4x as much
+                eps = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
                 eps = eps.to(device=device, dtype=dtype)
             img = apply_transform(_to_image(param, plan, scale), u_all[:, step].to(device), plan.transforms,
                                   plan.value_range, eps)
@@ -243,14 +244,16 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
     return images, scores, entropies, trace_t
 
 
-def continuous_input_problem(adapter, example: torch.Tensor, preprocess=None) -> str | None:
+def continuous_input_problem(adapter, example: torch.Tensor, preprocess=None, *, _modules: dict | None = None) -> str | None:
     """Why inputs like ``example`` (a batch) cannot be optimized by gradient, or ``None``.
 
     Feature visualization needs continuous inputs. Integer or boolean inputs (token ids) are
     refused outright; for float inputs every analysed layer's pre-activations must depend
     differentiably on the input (a model that casts its input to integers, e.g. to look up
     token ids, cuts that path). Checked on two inputs of ``example``, in eval mode.
+    ``_modules`` caches the layers' pre-activation modules (shared with the optimization).
     """
+    modules = {} if _modules is None else _modules
     shape = tuple(example.shape[1:])
     lead = "feature visualization needs continuous inputs"
     if not example.is_floating_point():
@@ -260,7 +263,9 @@ def continuous_input_problem(adapter, example: torch.Tensor, preprocess=None) ->
     x0 = example[:2].detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
     with torch.enable_grad(), run_in_eval(adapter.model):
         for layer in range(len(adapter.layers)):
-            z = adapter.preactivation_module(layer)(preprocess(x0) if preprocess is not None else x0)
+            if layer not in modules:
+                modules[layer] = adapter.preactivation_module(layer)
+            z = modules[layer](preprocess(x0) if preprocess is not None else x0)
             grad = torch.autograd.grad(z.abs().sum(), x0, allow_unused=True)[0] if z.requires_grad else None
             if grad is None:
                 return (f"{lead}: layer {layer} ('{adapter.layer_names[layer]}') does not depend differentiably on "
@@ -356,7 +361,9 @@ def feature_vis_test(
         parameterization=parameterization, transforms=transforms, objective=objective,
         value_range=value_range, preprocess=preprocess, min_size=min_size, max_fraction=max_fraction, name=name)
     lo, hi = plan.value_range
-    problem = continuous_input_problem(adapter, torch.full((1,) + plan.input_shape, 0.5 * (lo + hi)), preprocess)
+    modules: dict = {}
+    problem = continuous_input_problem(adapter, torch.full((1,) + plan.input_shape, 0.5 * (lo + hi)), preprocess,
+                                       _modules=modules)
     if problem is not None:
         raise ValueError(problem)
     n = len(rows)
@@ -365,7 +372,7 @@ def feature_vis_test(
     else:
         size = max(1, n if batch_size is None else int(batch_size))
         chunks = [list(range(s, min(n, s + size))) for s in range(0, n, size)]
-    images, scores, entropies, modules = [], [], [], {}
+    images, scores, entropies = [], [], []
     for chunk in chunks:
         img, sc, ent, _ = _optimize(adapter, plan, chunk, modules=modules)
         images.append(img.cpu().numpy())
