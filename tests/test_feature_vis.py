@@ -182,7 +182,7 @@ def test_value_range_original_preset_and_model_untouched():
                            (3, 8, 8), n_random=1, **{**ORIGINAL, "steps": 3})
     assert rgb.images.shape[1:] == (3, 8, 8)
     with pytest.raises(ValueError, match="input_shape"):
-        feature_vis_test(adapter, part, (64,), n_random=1, steps=1)
+        feature_vis_test(adapter, part, (1, 1, 8, 8), n_random=1, steps=1)
     with pytest.raises(ValueError, match="parameterization"):
         feature_vis_test(adapter, part, (1, 8, 8), parameterization="cppn")
 

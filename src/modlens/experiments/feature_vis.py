@@ -24,27 +24,38 @@ colour-decorrelated (3 channels only) parameterization through a sigmoid, 65 Ada
 lr 0.05, the |spatial mean| objective, subclusters of at least 3 neurons and at most 0.99 of
 the layer; for ImageNet models the original used no transforms (add ``transforms="none"``).
 Not reproduced: the ReLU gradient redirection of its first 16 steps (row 15).
+
+Inputs that are not images (the paper visualizes images only; this extends it): a vector
+(D,) - tabular features, an MLP's flat input - or a sequence (T, D) of continuous vectors is
+optimized directly, coordinate by coordinate, with the same clamped parameterization, Adam
+and value range (by default the data's range, as for images). Image transforms do not apply;
+their analogue is small additive noise (2 % of the value range, fresh at every step) and, for
+sequences, a random circular shift along T of up to T // 16 positions (details in
+:mod:`modlens.experiments._vis_transforms`). The Fourier parameterization is for images only.
+Discrete inputs (token ids) cannot be optimized by gradient: :func:`continuous_input_problem`
+says why, and :func:`feature_vis_test` refuses them.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from modlens.core.partition import Partition
 from modlens.core.rng import as_generator, int_seed
 from modlens.experiments.lesion_test import COLUMNS as _LESION_COLUMNS
 from modlens.experiments.lesion_test import random_sets
+from modlens.experiments._vis_transforms import (
+    N_UNIFORMS, NEEDS_NOISE, TRANSFORMS, apply_transform, check_transforms, default_transforms, input_kind,
+)
+from modlens.experiments._vis_transforms import reflect_resample as _reflect_resample  # noqa: F401 (tests)
 from modlens.nn._fx import module_device_dtype, run_in_eval
 
 PARAMETERIZATIONS = ("pixel", "fourier")
-TRANSFORMS = ("none", "jitter-scale", "lucid")
 OBJECTIVES = ("l1", "spatial_mean_abs")
 
 #: Columns of :attr:`VisResult.table`, in order: the lesion table's keys, then the metrics.
@@ -62,9 +73,6 @@ _INIT_SD = 0.01  # Lucid's initial noise (pixels: as a fraction of the value ran
 # Lucid's colour decorrelation (square root of the ImageNet colour covariance), normalized.
 _COLOR_SQRT = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 _COLOR = _COLOR_SQRT / np.max(np.linalg.norm(_COLOR_SQRT, axis=0))
-_LUCID_SCALES = [1 + (i - 5) / 50.0 for i in range(11)]
-_LUCID_ANGLES = list(range(-10, 11)) + 5 * [0]  # degrees
-_N_UNIFORMS = {"none": 0, "jitter-scale": 3, "lucid": 6}  # per image per step
 
 
 @dataclass
@@ -72,7 +80,7 @@ class VisResult:
     """What :func:`feature_vis_test` found.
 
     table:  one row per (subcluster, draw), columns :data:`COLUMNS`.
-    images: the optimized inputs, shape (n_rows, C, H, W), aligned with the table rows.
+    images: the optimized inputs, shape (n_rows, *input_shape), aligned with the table rows.
     config: the arguments that produced them (JSON-able, for the run's manifest).
     """
 
@@ -145,53 +153,6 @@ def _to_image(param: torch.Tensor, plan: _Plan, scale: torch.Tensor | None) -> t
     return lo + (hi - lo) * torch.sigmoid(img)
 
 
-def _reflect_resample(length: int, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L, L) bilinear resampling matrices along one axis: zoom by ``scale`` about the centre,
-    shift by ``shift`` pixels, reflecting at the border. Row i holds the weights of the input
-    pixels read by output pixel i; the same numbers as ``grid_sample(..., padding_mode=
-    "reflection", align_corners=False)`` along that axis."""
-    i = torch.arange(length, dtype=scale.dtype, device=scale.device)
-    out = (2 * i + 1) / length - 1  # normalized output coordinates
-    src = ((out[None, :] / scale[:, None] - 2 * shift[:, None] / length + 1) * length - 1) / 2
-    t = (src + 0.5).abs()  # reflect over [-0.5, L - 0.5], then clip to [0, L - 1]
-    flips, extra = torch.floor(t / length), torch.remainder(t, length)
-    src = torch.where(torch.remainder(flips, 2) == 0, extra - 0.5, length - extra - 0.5).clamp(0, length - 1)
-    lo = torch.floor(src)
-    frac = src - lo
-    hi = (lo + 1).clamp(max=length - 1)
-    mat = torch.zeros(scale.shape[0], length, length, dtype=dtype, device=scale.device)
-    mat.scatter_add_(2, lo.long()[..., None], (1 - frac)[..., None].to(dtype))
-    return mat.scatter_add_(2, hi.long()[..., None], torch.where(lo + 1 <= length - 1, frac, 0)[..., None].to(dtype))
-
-
-def _transform(img: torch.Tensor, u: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Random differentiable transforms from per-image uniforms ``u`` (B, k)."""
-    if plan.transforms == "none":
-        return img
-    h, w = img.shape[-2:]
-    if plan.transforms == "jitter-scale":  # integer jitter of up to 2 px, scale in [0.9, 1.1]
-        # separable (no rotation): two small matrix products instead of grid_sample
-        dx, dy = torch.floor(u[:, 0] * 5) - 2, torch.floor(u[:, 1] * 5) - 2
-        scale = 0.9 + 0.2 * u[:, 2]
-        rows = _reflect_resample(h, scale, dy, img.dtype)[:, None]
-        cols = _reflect_resample(w, scale, dx, img.dtype)[:, None]
-        return rows @ img @ cols.transpose(-1, -2)
-    # Lucid's defaults, keeping the input size: pad 12 (mid value), jitter 8, scale, rotate, jitter 4
-    dx = torch.floor(u[:, 0] * 8) + torch.floor(u[:, 1] * 4) - 5
-    dy = torch.floor(u[:, 2] * 8) + torch.floor(u[:, 3] * 4) - 5
-    scale = torch.as_tensor(_LUCID_SCALES, dtype=u.dtype, device=u.device)[torch.floor(u[:, 4] * 11).long()]
-    angle = torch.as_tensor(_LUCID_ANGLES, dtype=u.dtype, device=u.device)[torch.floor(u[:, 5] * 26).long()]
-    angle = angle * math.pi / 180
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([
-        torch.stack([cos, sin, -2 * dx / w], 1),
-        torch.stack([-sin, cos, -2 * dy / h], 1),
-    ], 1).to(img.dtype)
-    grid = F.affine_grid(theta, list(img.shape), align_corners=False)
-    fill = 0.5 * sum(plan.value_range)
-    return F.grid_sample(img - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
-
-
 def _objectives(adapter, img: torch.Tensor, groups, plan: _Plan, modules: dict) -> torch.Tensor:
     x = plan.preprocess(img) if plan.preprocess is not None else img
     parts = []
@@ -230,10 +191,10 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
     device, dtype = module_device_dtype(adapter.model)
     lo, hi = plan.value_range
     gens = [torch.Generator().manual_seed(plan.seeds[i]) for i in idx]
-    c, h, w = plan.input_shape
-    pshape = (c, h, w) if plan.parameterization == "pixel" else (c, h, w // 2 + 1, 2)  # rfft2 spectrum
+    shape = plan.input_shape
+    pshape = shape if plan.parameterization == "pixel" else shape[:2] + (shape[2] // 2 + 1, 2)  # rfft2 spectrum
     noise = torch.stack([torch.randn(pshape, generator=g, dtype=torch.float64) for g in gens])
-    k = _N_UNIFORMS[plan.transforms]
+    k = N_UNIFORMS[plan.transforms]
     u_all = torch.stack([torch.rand(plan.steps, k, generator=g, dtype=torch.float64) for g in gens])
     if plan.parameterization == "pixel":
         init = 0.5 * (lo + hi) + _INIT_SD * (hi - lo) * noise
@@ -258,7 +219,13 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
     opt = torch.optim.Adam([param], lr=plan.lr)
     with run_in_eval(adapter.model):
         for step in range(plan.steps):
-            img = _transform(_to_image(param, plan, scale), u_all[:, step].to(device), plan)
+            eps = None
+            if plan.transforms in NEEDS_NOISE:  # drawn after the uniforms, one input at a time
+                # float32: noise needs no more precision, and CPU float64 normals cost 4x as much
+                eps = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens])
+                eps = eps.to(device=device, dtype=dtype)
+            img = apply_transform(_to_image(param, plan, scale), u_all[:, step].to(device), plan.transforms,
+                                  plan.value_range, eps)
             obj = _objectives(adapter, img, groups, plan, modules)
             (grad,) = torch.autograd.grad(-obj.sum(), param)
             param.grad = grad
@@ -277,20 +244,56 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
     return images, scores, entropies, trace_t
 
 
+def continuous_input_problem(adapter, example: torch.Tensor, preprocess=None, *, _modules: dict | None = None) -> str | None:
+    """Why inputs like ``example`` (a batch) cannot be optimized by gradient, or ``None``.
+
+    Feature visualization needs continuous inputs. Integer or boolean inputs (token ids) are
+    refused outright; for float inputs every analysed layer's pre-activations must depend
+    differentiably on the input (a model that casts its input to integers, e.g. to look up
+    token ids, cuts that path). Checked on two inputs of ``example``, in eval mode.
+    ``_modules`` caches the layers' pre-activation modules (shared with the optimization).
+    """
+    modules = {} if _modules is None else _modules
+    shape = tuple(example.shape[1:])
+    lead = "feature visualization needs continuous inputs"
+    if not example.is_floating_point():
+        return (f"{lead}: the model's inputs (shape {shape}) are {str(example.dtype).replace('torch.', '')} "
+                "(token ids or other discrete values), which cannot be optimized by gradient")
+    device, dtype = module_device_dtype(adapter.model)
+    x0 = example[:2].detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
+    with torch.enable_grad(), run_in_eval(adapter.model):
+        for layer in range(len(adapter.layers)):
+            if layer not in modules:
+                modules[layer] = adapter.preactivation_module(layer)
+            z = modules[layer](preprocess(x0) if preprocess is not None else x0)
+            grad = torch.autograd.grad(z.abs().sum(), x0, allow_unused=True)[0] if z.requires_grad else None
+            if grad is None:
+                return (f"{lead}: layer {layer} ('{adapter.layer_names[layer]}') does not depend differentiably on "
+                        f"the model's input of shape {shape} (the model turns it into integers, e.g. token ids), "
+                        "so it cannot be optimized by gradient")
+    return None
+
+
 def _build_plan(adapter, partition: Partition, input_shape: Sequence[int], *, n_random: int = 19,
                 steps: int = 100, lr: float = 0.05, random_state=0, parameterization: str = "pixel",
-                transforms: str = "jitter-scale", objective: str = "l1", value_range=(0.0, 1.0),
+                transforms: str | None = None, objective: str = "l1", value_range=(0.0, 1.0),
                 preprocess=None, min_size: int = 2, max_fraction: float | None = None,
                 name: str | None = None) -> tuple[_Plan, list[tuple], int]:
     """Validate the arguments; draw the random sets and the per-image seeds.
     Returns ``(plan, table rows, image seed base)``."""
     for arg, value, choices in [("parameterization", parameterization, PARAMETERIZATIONS),
-                                ("transforms", transforms, TRANSFORMS), ("objective", objective, OBJECTIVES)]:
+                                ("objective", objective, OBJECTIVES)]:
         if value not in choices:
             raise ValueError(f"{arg} must be one of {choices}, got {value!r}")
     input_shape = tuple(int(s) for s in input_shape)
-    if len(input_shape) != 3 or min(input_shape) < 1:
-        raise ValueError(f"input_shape must be one input's (C, H, W), got {input_shape}")
+    kind = input_kind(input_shape)
+    transforms = default_transforms(input_shape) if transforms is None else transforms
+    check_transforms(transforms, input_shape)
+    if parameterization == "fourier" and kind != "image":
+        raise ValueError(
+            f"parameterization='fourier' applies to images (C, H, W) only; {kind} inputs of shape {input_shape} "
+            "are optimized directly: use parameterization='pixel'"
+        )
     lo, hi = (float(v) for v in value_range)
     if not lo < hi:
         raise ValueError(f"value_range must be (low, high) with low < high, got {value_range}")
@@ -329,7 +332,7 @@ def feature_vis_test(
     lr: float = 0.05,
     random_state=0,
     parameterization: str = "pixel",
-    transforms: str = "jitter-scale",
+    transforms: str | None = None,
     objective: str = "l1",
     value_range: tuple[float, float] = (0.0, 1.0),
     preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -342,9 +345,12 @@ def feature_vis_test(
 ) -> VisResult:
     """Visualize every true subcluster of ``partition`` and ``n_random`` random sets each.
 
-    ``input_shape`` is one input's (C, H, W). ``preprocess`` (the model's own preprocessing,
-    e.g. normalization) is applied to every image before the model and must act on each
-    image separately. Random sets are drawn as :func:`~modlens.experiments.lesion_test.lesion_test`
+    ``input_shape`` is one input's (C, H, W) for images, (T, D) for sequences or (D,) for
+    vectors; ``transforms`` defaults to :func:`default_transforms` of it (jitter and scaling for
+    images, additive noise for vectors, noise and a shift along T for sequences). Inputs must
+    be continuous (see :func:`continuous_input_problem`): ValueError otherwise.
+    ``preprocess`` (the model's own preprocessing, e.g. normalization) is applied to every
+    input before the model and must act on each input separately. Random sets are drawn as :func:`~modlens.experiments.lesion_test.lesion_test`
     draws them, so the same ``random_state`` gives the same controls. ``batched=False``
     optimizes one image at a time (the reference path); ``batch_size`` caps the images per
     optimization (results do not depend on it). ``progress`` is called with the number of
@@ -354,13 +360,19 @@ def feature_vis_test(
         adapter, partition, input_shape, n_random=n_random, steps=steps, lr=lr, random_state=random_state,
         parameterization=parameterization, transforms=transforms, objective=objective,
         value_range=value_range, preprocess=preprocess, min_size=min_size, max_fraction=max_fraction, name=name)
+    lo, hi = plan.value_range
+    modules: dict = {}
+    problem = continuous_input_problem(adapter, torch.full((1,) + plan.input_shape, 0.5 * (lo + hi)), preprocess,
+                                       _modules=modules)
+    if problem is not None:
+        raise ValueError(problem)
     n = len(rows)
     if not batched:
         chunks = [[i] for i in range(n)]
     else:
         size = max(1, n if batch_size is None else int(batch_size))
         chunks = [list(range(s, min(n, s + size))) for s in range(0, n, size)]
-    images, scores, entropies, modules = [], [], [], {}
+    images, scores, entropies = [], [], []
     for chunk in chunks:
         img, sc, ent, _ = _optimize(adapter, plan, chunk, modules=modules)
         images.append(img.cpu().numpy())
@@ -376,7 +388,7 @@ def feature_vis_test(
         "n_random": int(n_random), "steps": int(steps), "lr": float(lr),
         "random_state": int(random_state) if isinstance(random_state, (int, np.integer)) else None,
         "image_seed_base": base,
-        "parameterization": parameterization, "transforms": transforms, "objective": objective,
+        "parameterization": parameterization, "transforms": plan.transforms, "objective": objective,
         "value_range": list(plan.value_range), "min_size": int(min_size), "max_fraction": max_fraction,
         "preprocess": getattr(preprocess, "__name__", repr(preprocess)) if preprocess else None,
     }
@@ -384,4 +396,5 @@ def feature_vis_test(
     return VisResult(table, np.concatenate(images) if n else empty, config)
 
 
-__all__ = ["feature_vis_test", "VisResult", "ORIGINAL", "COLUMNS", "subcluster_objective", "unit_values"]
+__all__ = ["feature_vis_test", "VisResult", "ORIGINAL", "COLUMNS", "TRANSFORMS", "subcluster_objective", "unit_values",
+           "continuous_input_problem", "default_transforms"]

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -112,13 +113,17 @@ def analyze(
         pass per lesion; the reference path).
     feature_vis:
         Also run the feature-visualization test (paper, section 4.2): visualization score and
-        softmax entropy of an input optimized for each subcluster and random set.
+        softmax entropy of an input optimized for each subcluster and random set. Inputs may be
+        images (C, H, W), sequences (T, D) or vectors (D,); discrete inputs (token ids) cannot
+        be optimized: a UserWarning says so in one line, the reason is kept in
+        ``config["feature_vis"]["skipped"]`` and only the lesion metrics are reported.
     vis_options:
         Arguments for :func:`~modlens.experiments.feature_vis.feature_vis_test` (``steps``,
         ``lr``, ``transforms``, ``parameterization``, ``objective``, ``value_range``,
         ``preprocess``...); ``{"original": True}`` applies the original code's preset (rows
         7, 15, 16). The value range defaults to the test inputs' range; the transforms to jitter
-        and scaling, or padding/jitter/rotation/scaling for inputs of 128 pixels a side or more.
+        and scaling, or padding/jitter/rotation/scaling for inputs of 128 pixels a side or more;
+        for vectors additive noise, for sequences noise and a circular shift along T.
     """
     started = time.perf_counter()
     adapter = MLPAdapter(model)
@@ -153,14 +158,18 @@ def analyze(
     table = pd.concat(tables, ignore_index=True)
     table.insert(0, "network", "0")
     tests = subcluster_tests(table, ties=ties, effect_rule=effect_rule)
-    vis_table, vis_results = None, []
+    vis_table, vis_results, vis_skipped = None, [], None
     if feature_vis:
+        vis_skipped = _vis_input_problem(adapter, x, vis_options)
+        if vis_skipped:  # token ids: say so in one line, keep the lesion results
+            warnings.warn(vis_skipped, UserWarning, stacklevel=2)
+    if feature_vis and not vis_skipped:
         vis_table, vis_results = _feature_vis(adapter, partitions, x, n_random=n_random, random_state=random_state,
                                               max_fraction=max_fraction, options=vis_options, progress=progress)
         if len(vis_table):
             tests = pd.concat([tests, subcluster_tests(vis_table, metrics=VIS_METRICS, ties=ties, effect_rule=effect_rule)],
                               ignore_index=True)
-    metrics = list(LESION_METRICS) + (list(VIS_METRICS) if feature_vis else [])
+    metrics = list(LESION_METRICS) + (list(VIS_METRICS) if feature_vis and not vis_skipped else [])
     summary = summarize(tests, partitionings=list(partitions), metrics=metrics, alpha=alpha)
     _add_partition_facts(summary, partitions)
     base = evaluator.baseline if evaluator is not None else None
@@ -177,13 +186,27 @@ def analyze(
     }
     if vis_results:
         config["feature_vis"] = vis_results[0].config | {"partitioning": None}
+    if vis_skipped:
+        config["feature_vis"] = {"skipped": vis_skipped}
     return AnalysisResult(summary, table, tests, partitions, config, vis_table, vis_results)
 
 
 def default_vis_transforms(input_shape: tuple[int, ...]) -> str:
-    """Paper, appendix A.5: random jitter and scaling for small inputs; padding, jitter,
-    rotation and scaling (``"lucid"``) for ImageNet-sized ones (128 pixels a side or more)."""
-    return "lucid" if len(input_shape) == 3 and min(input_shape[1:]) >= 128 else "jitter-scale"
+    """Paper, appendix A.5: random jitter and scaling for small images; padding, jitter,
+    rotation and scaling (``"lucid"``) for ImageNet-sized ones (128 pixels a side or more);
+    additive noise for vectors (D,), noise and a shift along T for sequences (T, D)."""
+    from modlens.experiments.feature_vis import default_transforms
+
+    return default_transforms(input_shape)
+
+
+def _vis_input_problem(adapter, x, options) -> str | None:
+    """Why the inputs cannot be visualized (discrete inputs), as one line, or None."""
+    from modlens.experiments.feature_vis import continuous_input_problem
+
+    problem = continuous_input_problem(adapter, x, (options or {}).get("preprocess"))
+    return None if problem is None else (f"{problem}; skipping vis_score and softmax_entropy "
+                                         "(the lesion tests ran as usual)")
 
 
 def _feature_vis(adapter, partitions, x, *, n_random, random_state, max_fraction, options, progress):

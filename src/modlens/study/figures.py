@@ -43,36 +43,95 @@ def _slug(text: str) -> str:
 
 def save_vis_grids(vis_result, directory: str | os.PathLike) -> list[Path]:
     """One PNG per (partitioning, layer) of ``vis_result`` (a :class:`VisResult`) in
-    ``directory``: each row a true subcluster followed by its random sets, as in figure 7.
-    Pixel values are shown on the result's value range. Returns the paths written."""
+    ``directory``: each true subcluster's optimized input beside its random sets, as in
+    figure 7. Images (C, H, W): a grid, a row per subcluster. Sequences (T, D): the same grid of
+    heatmaps (rows T, columns D). Vectors (D,): a panel per subcluster with one heat strip per
+    input, the true subcluster's on top. Values are shown on the result's value range (the
+    colour bar of heatmaps and strips). Returns the paths written."""
     table, images = vis_result.table, np.asarray(vis_result.images, dtype=np.float64)
     lo, hi = vis_result.value_range
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for (name, layer), group in table.groupby(["partitioning", "layer"], sort=False):
-        subs = list(group.groupby("cluster", sort=False))
-        n_cols = int(group["draw"].max()) + 1
-        width, height = 1.1 * n_cols + 1.0, 1.15 * len(subs) + 0.7
-        fig = _figure(width, height)
-        axes = fig.subplots(len(subs), n_cols, squeeze=False)
-        fig.subplots_adjust(left=0.8 / width, right=1 - 0.1 / width, top=1 - 0.55 / height, bottom=0.1 / height)
-        for r, (cluster, rows) in enumerate(subs):
-            for ax in axes[r]:
-                ax.set_axis_off()
-            for idx, row in rows.iterrows():
-                img, cmap = _displayable(np.clip((images[idx] - lo) / (hi - lo), 0, 1))
-                ax = axes[r, int(row["draw"])]
-                ax.imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-                if r == 0:
-                    ax.set_title("true" if row["draw"] == 0 else f"random {row['draw']}", fontsize=7)
-            axes[r, 0].text(-0.1, 0.5, f"c{cluster}\nn={rows['size'].iloc[0]}", transform=axes[r, 0].transAxes,
-                            ha="right", va="center", fontsize=7)
+        scaled = {idx: np.clip((images[idx] - lo) / (hi - lo), 0, 1) for idx in group.index}
+        draw = _vector_figure if images.ndim == 2 else _grid_figure
+        fig = draw(group, scaled, (lo, hi))
         fig.suptitle(f"{name}: layer {layer} ({group['layer_name'].iloc[0]})", fontsize=9)
         path = directory / f"feature_vis_{_slug(name)}_layer{int(layer)}.png"
         fig.savefig(path)
         paths.append(path)
     return paths
+
+
+def _colorbar(fig, mappable, value_range, left: float, bottom: float, height: float) -> None:
+    cax = fig.add_axes([left, bottom, 0.012, height])
+    bar = fig.colorbar(mappable, cax=cax)
+    bar.set_ticks([0, 0.5, 1])
+    lo, hi = value_range
+    bar.set_ticklabels([f"{v:.3g}" for v in (lo, (lo + hi) / 2, hi)], fontsize=6)
+
+
+def _grid_figure(group, scaled: dict, value_range):
+    """Images, or sequences as (T, D) heatmaps: a row per subcluster, a column per draw."""
+    subs = list(group.groupby("cluster", sort=False))
+    n_cols = int(group["draw"].max()) + 1
+    heat = next(iter(scaled.values())).ndim == 2
+    top = 0.75 if heat else 0.55  # heatmaps: a line saying which axis is which under the title
+    width, height = 1.1 * n_cols + (1.5 if heat else 1.0), 1.15 * len(subs) + top + 0.15
+    fig = _figure(width, height)
+    axes = fig.subplots(len(subs), n_cols, squeeze=False)
+    right = 1 - (0.6 if heat else 0.1) / width
+    fig.subplots_adjust(left=0.8 / width, right=right, top=1 - top / height, bottom=0.1 / height)
+    shown = None
+    for r, (cluster, rows) in enumerate(subs):
+        for ax in axes[r]:
+            ax.set_axis_off()
+        for idx, row in rows.iterrows():
+            ax = axes[r, int(row["draw"])]
+            if heat:  # a sequence: rows are positions T, columns features D
+                shown = ax.imshow(scaled[idx], cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+            else:
+                img, cmap = _displayable(scaled[idx])
+                ax.imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            if r == 0:
+                ax.set_title("true" if row["draw"] == 0 else f"random {row['draw']}", fontsize=7)
+        axes[r, 0].text(-0.1, 0.5, f"c{cluster}\nn={rows['size'].iloc[0]}", transform=axes[r, 0].transAxes,
+                        ha="right", va="center", fontsize=7)
+    if heat and shown is not None:
+        _colorbar(fig, shown, value_range, right + 0.15 / width, 0.1 / height, 1 - (top + 0.1) / height)
+        t, d = next(iter(scaled.values())).shape
+        fig.text(0.5, 1 - 0.42 / height, f"each input a heatmap: {t} positions (rows) x {d} features (columns)",
+                 ha="center", va="top", fontsize=6)
+    return fig
+
+
+def _vector_figure(group, scaled: dict, value_range):
+    """Vectors (D,): a panel per subcluster, one heat strip per input (true on top)."""
+    subs = list(group.groupby("cluster", sort=False))
+    n_draws = int(group["draw"].max()) + 1
+    dim = next(iter(scaled.values())).shape[0]
+    panel = 0.45 + 0.12 * n_draws
+    width, height = min(14.0, max(5.0, 0.08 * dim + 2.4)), panel * len(subs) + 0.9
+    fig = _figure(width, height)
+    axes = fig.subplots(len(subs), 1, squeeze=False)[:, 0]
+    right = 1 - 0.8 / width
+    fig.subplots_adjust(left=1.0 / width, right=right, top=1 - 0.55 / height, bottom=0.45 / height, hspace=0.45)
+    shown = None
+    for ax, (cluster, rows) in zip(axes, subs):
+        strips = np.full((n_draws, dim), np.nan)
+        for idx, row in rows.iterrows():
+            strips[int(row["draw"])] = scaled[idx]
+        shown = ax.imshow(strips, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.axhline(0.5, color="white", linewidth=1.5)  # the true subcluster above, its random sets below
+        ax.set_yticks(range(n_draws))
+        ax.set_yticklabels(["true"] + [f"random {i}" for i in range(1, n_draws)], fontsize=5)
+        ax.set_title(f"c{cluster} (n={rows['size'].iloc[0]})", fontsize=7, loc="left")
+        ax.tick_params(axis="x", labelsize=6)
+    axes[-1].set_xlabel("input feature", fontsize=7)
+    if shown is not None:
+        _colorbar(fig, shown, value_range, right + 0.2 / width, 0.45 / height, 1 - 1.0 / height)
+    return fig
 
 
 def _scale01(a: np.ndarray) -> np.ndarray:
