@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="write a self-contained HTML report of a saved analyze result or a study folder")
     r.add_argument("result", type=Path, help="folder written by `modlens analyze --out` (or a study folder)")
     r.add_argument("--out", type=Path, default=None, help="HTML file to write (default: RESULT/report.html)")
+    r.add_argument("--bh-scope", choices=["table", "joint"], default=None,
+                   help="Benjamini-Hochberg within each table family (the paper's text; default) or over lesion and "
+                        "visualization tests together (what reproduces the paper's critical p of 0.025)")
     return parser
 
 
@@ -162,7 +165,7 @@ def _run(args) -> int:
     if args.command == "report":
         from modlens.study.outputs import write_report
 
-        path = write_report(args.result, args.out)
+        path = write_report(args.result, args.out, bh_scope=args.bh_scope)
         print(f"wrote {path}")
         return 0
     raise AssertionError(args.command)

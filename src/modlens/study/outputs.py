@@ -100,7 +100,9 @@ def _intro(rows, info, counts) -> str:
     fams = "; ".join(f"{fam}: {v['n_significant']} of {v['m']} p values significant, critical p = "
                      + (f"{v['critical_p']:.3g}" if v["n_significant"] else "none") for fam, v in info.items())
     text = (f"<p>{rows['group'].nunique()} network group(s), {len(rows)} tests. Benjamini-Hochberg at α = "
-            f"{next(iter(info.values()))['alpha'] if info else 0.05:g} within each table family ({H.esc(fams)}).</p>")
+            f"{next(iter(info.values()))['alpha'] if info else 0.05:g} "
+            + ("within each table family" if all(v.get("scope") == "table" for v in info.values())
+               else "over lesion and visualization tests together") + f" ({H.esc(fams)}).</p>")
     if counts["cells"]:
         text += (f"<p><strong>Agreement with the paper: {counts['both']} of {counts['cells']} cells</strong> "
                  f"(same significance decision: {counts['significance']}; effect on the same side of 1: "
@@ -129,13 +131,15 @@ def _sections(tables, ctable, counts, figures, notes, meta: list[tuple[str, str]
     return sections + meta
 
 
-def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None,
+def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh_scope: str | None = None,
                         correlation_maps: Callable[[str], object] | None = None) -> dict:
     """Write ``tables/``, ``figures/`` and ``report.html`` into ``study_dir``.
 
     ``correlation_maps(network_id)`` returning a
     :class:`~modlens.experiments.correlation_maps.CorrelationMaps` draws Figures 1/6 for the
     first network of each halves/stack group; without it those figures are skipped with a note.
+    ``alpha`` and ``bh_scope`` (``"table"``, the default, or ``"joint"``: see
+    :func:`~modlens.study.paper.family_bh`) default to the spec's ``alpha``/``bh_scope``.
     Returns the paths written, the critical p value per family and the agreement counts.
     """
     study_dir = Path(study_dir)
@@ -148,7 +152,8 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None,
     spec = study.get("spec", {})
     alpha = float(alpha if alpha is not None else (spec.get("alpha") if isinstance(spec, dict) else None) or
                   study.get("alpha", 0.05))
-    rows, info = family_bh(pd.read_parquet(rpath), alpha=alpha)
+    bh_scope = bh_scope or (spec.get("bh_scope") if isinstance(spec, dict) else None) or "table"
+    rows, info = family_bh(pd.read_parquet(rpath), alpha=alpha, scope=bh_scope)
     names = _network_names(rows)
     net_dir = study_dir / "networks"
     ids = sorted(p.name for p in net_dir.iterdir() if (p / "manifest.json").is_file()) if net_dir.is_dir() else []
@@ -182,7 +187,7 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None,
     report = study_dir / "report.html"
     report.write_text(H.page(title, sections, intro=_intro(rows, info, counts)), encoding="utf-8")
     return {"report": report, "tables": paths, "figures": [p for f in figures for p in (f.png, f.svg)],
-            "critical_p": {fam: v["critical_p"] for fam, v in info.items()}, "agreement": counts,
+            "critical_p": {fam: v["critical_p"] for fam, v in info.items()}, "bh_scope": bh_scope, "agreement": counts,
             "notes": notes + fig_notes}
 
 
@@ -221,14 +226,15 @@ def result_rows(net: NetworkResult, label: str | None = None) -> pd.DataFrame:
                          "n_networks": s["n_networks"], "n_subclusters": s["n_subclusters"]})
 
 
-def write_result_report(result_dir: str | Path, out: str | Path | None = None, *, alpha: float | None = None) -> Path:
+def write_result_report(result_dir: str | Path, out: str | Path | None = None, *, alpha: float | None = None,
+                        bh_scope: str = "table") -> Path:
     """``report.html`` (or ``out``) for one saved analyze result: its tables with
     Benjamini-Hochberg redone per table family as the paper does, Figures 3, 5 and 7, the
     feature-visualization grids it saved, its configuration. Only the HTML file is written."""
     net = load_network(result_dir)
     cfg = net.manifest.get("config", {})
     alpha = float(alpha if alpha is not None else cfg.get("alpha", 0.05))
-    rows, info = family_bh(result_rows(net), alpha=alpha)
+    rows, info = family_bh(result_rows(net), alpha=alpha, scope=bh_scope)
     names = _network_names(rows)
     tables, comparison, ctable = _tables_and_comparison(rows, info)
     counts = agreement_counts(comparison)
@@ -253,17 +259,17 @@ def write_result_report(result_dir: str | Path, out: str | Path | None = None, *
     return out
 
 
-def write_report(path: str | Path, out: str | Path | None = None) -> Path:
+def write_report(path: str | Path, out: str | Path | None = None, *, bh_scope: str | None = None) -> Path:
     """A study folder (with study_rows.parquet) or a single analyze result, whichever ``path`` is."""
     path = Path(path)
     if (path / "study_rows.parquet").is_file():
-        report = write_study_outputs(path)["report"]
+        report = write_study_outputs(path, bh_scope=bh_scope)["report"]
         if out is not None and Path(out) != report:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             Path(out).write_bytes(report.read_bytes())
             return Path(out)
         return report
-    return write_result_report(path, out)
+    return write_result_report(path, out, bh_scope=bh_scope or "table")
 
 
 __all__ = ["NetworkResult", "load_network", "network_groups", "write_study_outputs", "result_rows",

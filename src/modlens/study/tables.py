@@ -129,7 +129,8 @@ def _caption(what: str, info: dict, families: list[str], k_text: str) -> str:
         if fam in info:
             f = info[fam]
             crit = format_p(f["critical_p"])[0] if f["n_significant"] else "none (no p value significant)"
-            parts.append(f"Benjamini-Hochberg across all {f['m']} {fam} p values of the study at α = {f['alpha']:g}: "
+            which = f"{fam}" if f.get("scope", "table") == "table" else "lesion and visualization"
+            parts.append(f"Benjamini-Hochberg across all {f['m']} {which} p values of the study at α = {f['alpha']:g}: "
                          f"critical p = {crit} (the paper's was {PAPER_CRITICAL_P}).")
     parts.append("Bold p value: significant; bold effect: more than two standard errors from 1 on the modular side.")
     return " ".join(parts)
