@@ -206,3 +206,38 @@ def test_cli_report_on_a_saved_analyze_result(tiny_study, tmp_path, capsys):
     assert not (net / "report.html").exists()
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "not a saved analyze result" in capsys.readouterr().err
+
+
+def test_correlation_figures_for_halves_groups(tiny_study, tmp_path):
+    """A group whose name says halves gets Figures 1/6 when a correlation-map callable is
+    given, and a note saying why not otherwise."""
+    import shutil
+
+    import torch
+    from modlens.data import load_dataset
+    from modlens.experiments.correlation_maps import correlation_maps
+    from modlens.experiments.partitioning import partition
+    from modlens.nn.adapter import MLPAdapter
+    from modlens.study.outputs import write_study_outputs
+    from study_fixture import tiny_digits_mlp
+
+    study = tmp_path / "halves"
+    shutil.copytree(tiny_study, study, ignore=shutil.ignore_patterns("tables", "figures", "report.html"))
+    rows = pd.read_parquet(study / "study_rows.parquet")
+    rows.loc[rows["group"] == "mlp-digits", "network_label"] = "MLP, halves-digits"
+    rows.to_parquet(study / "study_rows.parquet", index=False)
+    out = write_study_outputs(study)
+    assert any("Figures 1/6 skipped for mlp-digits" in n for n in out["notes"])
+    calls = []
+
+    def maps_of(network_id):
+        calls.append(network_id)
+        adapter = MLPAdapter(tiny_digits_mlp(0, epochs=2))
+        val = torch.from_numpy(load_dataset("digits", "val").x)
+        part = partition(adapter, "weights/global", n_clusters=4, random_state=0)
+        return correlation_maps(adapter, part, val[:100], n_random=2, random_state=0)
+
+    out = write_study_outputs(study, correlation_maps=maps_of)
+    assert calls == ["mlp-digits-s2"]
+    assert (study / "figures" / "figure6_mlp-digits.png").is_file() and (study / "figures" / "figure6_mlp-digits.svg").is_file()
+    assert "Figures 1/6 (MLP, halves-digits" in out["report"].read_text()
