@@ -241,3 +241,27 @@ def test_correlation_figures_for_halves_groups(tiny_study, tmp_path):
     assert calls == ["mlp-digits-s2"]
     assert (study / "figures" / "figure6_mlp-digits.png").is_file() and (study / "figures" / "figure6_mlp-digits.svg").is_file()
     assert "Figures 1/6 (MLP, halves-digits" in out["report"].read_text()
+
+
+def test_figure7_uses_the_images_of_the_first_network(tmp_path):
+    """Images are saved for a combined result's first network only; Figure 7 must pair them
+    with that network's rows, and draw the largest first-layer subcluster's true image first."""
+    from PIL import Image
+    from modlens.study.study_plots import figure7
+
+    rows = []
+    for net in ("n0", "n1"):
+        for cluster, size in ((0, 3), (1, 5)):
+            for draw in range(3):
+                rows.append({"network": net, "partitioning": "weights/global", "layer": 0, "layer_name": "l0",
+                             "cluster": cluster, "size": size, "draw": draw})
+    table = pd.DataFrame(rows)
+    images = np.zeros((6, 1, 8, 8))
+    images[3] = 0.5  # network n0, cluster 1 (the largest), draw 0: the only grey image
+    f = figure7({"g": (table, {"weights__global": images}, (0.0, 1.0))}, {"g": "G"}, tmp_path)
+    assert len(f) == 1
+    rgb = np.asarray(Image.open(f[0].png).convert("L"))
+    grey_cols = np.flatnonzero(((rgb > 110) & (rgb < 145)).sum(axis=0) > 30)
+    black_cols = np.flatnonzero((rgb < 5).sum(axis=0) > 30)
+    assert len(grey_cols) > 30 and len(black_cols) > 60  # one grey image, two black ones
+    assert grey_cols.max() < black_cols.min()  # the true image is drawn left of its random sets

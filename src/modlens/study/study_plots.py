@@ -136,6 +136,9 @@ def figure7(vis: dict[str, tuple[pd.DataFrame, dict[str, np.ndarray], tuple[floa
     true subcluster of the first layer beside ``n_random`` of its random sets."""
     out = []
     for g, (table, images, (lo, hi)) in vis.items():
+        if "network" in table.columns and table["network"].nunique() > 1:
+            # a combined result keeps the images of its first network only
+            table = table[table["network"] == table["network"].iloc[0]]
         picks = []
         for part in _ordered(table["partitioning"], METHODS):
             key = part.replace("/", "__")
