@@ -166,8 +166,12 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
         first.setdefault(g, nid)
         if g not in vis and net.visualizations is not None and net.images:
             vis[g] = (net.visualizations, net.images, net.value_range)
-    tests = {g: pd.concat(v, ignore_index=True) for g, v in tests.items()}
+    order = list(dict.fromkeys(rows["group"])) + sorted(set(tests) - set(rows["group"]))
+    tests = {g: pd.concat(tests[g], ignore_index=True) for g in order if g in tests}
+    vis = {g: vis[g] for g in order if g in vis}
     table_dir, fig_dir = study_dir / "tables", study_dir / "figures"
+    _remove_stale(table_dir, ("table[1-5].*", "paper_comparison*", "study_rows.*"))
+    _remove_stale(fig_dir, ("figure3.*", "figure5_*", "figure7_*"))
     tables, comparison, ctable = _tables_and_comparison(rows, info)
     counts = agreement_counts(comparison)
     paths = write_tables(tables + ([ctable] if ctable else []), table_dir)
@@ -177,6 +181,9 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
         comparison.to_csv(table_dir / "paper_comparison_rows.csv", index=False)
     extra, notes = _correlation_figures(first, names, fig_dir, correlation_maps)
     figures, fig_notes = _figure_sections(rows, info, names, tests, vis, fig_dir, extra)
+    ours = {f.png for f in figures}
+    figures += [FigureFile(p, p.with_suffix(".svg"), f"From the study run: {p.stem}.")
+                for p in sorted(fig_dir.glob("*.png")) if p not in ours]
     meta = [("Study specification", H.json_html(spec if spec else {k: v for k, v in study.items()
                                                                       if k not in ("versions", "seeds", "timings")})),
             ("Versions", H.kv_html(study.get("versions") or {"modlens": __version__}, ("package", "version"))),
@@ -186,9 +193,18 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
     title = f"modlens study: {study.get('name', study_dir.name)}"
     report = study_dir / "report.html"
     report.write_text(H.page(title, sections, intro=_intro(rows, info, counts)), encoding="utf-8")
-    return {"report": report, "tables": paths, "figures": [p for f in figures for p in (f.png, f.svg)],
+    return {"report": report, "tables": paths, "figures": [p for f in figures for p in dict.fromkeys((f.png, f.svg)) if p.exists()],
             "critical_p": {fam: v["critical_p"] for fam, v in info.items()}, "bh_scope": bh_scope, "agreement": counts,
             "notes": notes + fig_notes}
+
+
+def _remove_stale(directory: Path, patterns) -> None:
+    """Outputs of an earlier run that this one would not rewrite (e.g. Table 2 of a study that
+    no longer has several k); other files in the folder are left alone."""
+    if directory.is_dir():
+        for pattern in patterns:
+            for p in directory.glob(pattern):
+                p.unlink()
 
 
 def _correlation_figures(first: dict[str, str], names, fig_dir: Path, maps_of) -> tuple[list[FigureFile], list[str]]:
