@@ -190,6 +190,7 @@ def test_study_outputs_files(tiny_study):
     assert html.count("<img ") == html.count('<img src="data:image/png;base64,') == len(
         [p for p in out["figures"] if p.suffix == ".png"])
     assert "Detecting Modularity in Deep Neural Networks" in html and "Agreement with the paper" in html
+    assert "Networks and seeds" in html and "analyze mlp-mnist-s0 k=16" in html and "random_state" in html
     before = {p.name: p.read_bytes() for p in (tiny_study / "tables").iterdir()}
     again = write_study_outputs(tiny_study)
     assert {p.name: p.read_bytes() for p in (tiny_study / "tables").iterdir()} == before
@@ -265,3 +266,14 @@ def test_figure7_uses_the_images_of_the_first_network(tmp_path):
     black_cols = np.flatnonzero((rgb < 5).sum(axis=0) > 30)
     assert len(grey_cols) > 30 and len(black_cols) > 60  # one grey image, two black ones
     assert grey_cols.max() < black_cols.min()  # the true image is drawn left of its random sets
+
+
+def test_network_groups_from_study_json_or_ids():
+    from modlens.study.outputs import network_groups
+
+    ids = ["mlp-mnist-s0", "mlp-mnist-s1", "cnn-x-s0"]
+    assert network_groups({}, ids) == {"mlp-mnist-s0": "mlp-mnist", "mlp-mnist-s1": "mlp-mnist", "cnn-x-s0": "cnn-x"}
+    listed = {"networks": [{"id": "mlp-mnist-s0", "group": "A"}, {"id": "mlp-mnist-s1", "group": "B"}]}
+    assert network_groups(listed, ids) == {"mlp-mnist-s0": "A", "mlp-mnist-s1": "B", "cnn-x-s0": "cnn-x"}
+    mapped = {"networks": {"cnn-x-s0": {"group": "C"}}}
+    assert network_groups(mapped, ids)["cnn-x-s0"] == "C"

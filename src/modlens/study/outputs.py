@@ -149,10 +149,8 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
             raise FileNotFoundError(f"study.outputs: {p} is missing; a study folder needs study.json and "
                                     "study_rows.parquet (written by `modlens study run`)")
     study = json.loads(spath.read_text())
-    spec = study.get("spec", {})
-    alpha = float(alpha if alpha is not None else (spec.get("alpha") if isinstance(spec, dict) else None) or
-                  study.get("alpha", 0.05))
-    bh_scope = bh_scope or (spec.get("bh_scope") if isinstance(spec, dict) else None) or "table"
+    alpha = float(alpha if alpha is not None else _setting(study, "alpha", 0.05))
+    bh_scope = bh_scope or _setting(study, "bh_scope", "table")
     rows, info = family_bh(pd.read_parquet(rpath), alpha=alpha, scope=bh_scope)
     names = _network_names(rows)
     net_dir = study_dir / "networks"
@@ -184,18 +182,52 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
     ours = {f.png for f in figures}
     figures += [FigureFile(p, p.with_suffix(".svg"), f"From the study run: {p.stem}.")
                 for p in sorted(fig_dir.glob("*.png")) if p not in ours]
-    meta = [("Study specification", H.json_html(spec if spec else {k: v for k, v in study.items()
-                                                                      if k not in ("versions", "seeds", "timings")})),
-            ("Versions", H.kv_html(study.get("versions") or {"modlens": __version__}, ("package", "version"))),
-            ("Seeds", H.json_html(study.get("seeds", "not recorded"))),
-            ("Timings", H.timings_html(study.get("timings", "not recorded")))]
-    sections = _sections(tables, ctable, counts, figures, notes + fig_notes, meta)
+    sections = _sections(tables, ctable, counts, figures, notes + fig_notes, _study_meta(study))
     title = f"modlens study: {study.get('name', study_dir.name)}"
     report = study_dir / "report.html"
     report.write_text(H.page(title, sections, intro=_intro(rows, info, counts)), encoding="utf-8")
     return {"report": report, "tables": paths, "figures": [p for f in figures for p in dict.fromkeys((f.png, f.svg)) if p.exists()],
             "critical_p": {fam: v["critical_p"] for fam, v in info.items()}, "bh_scope": bh_scope, "agreement": counts,
             "notes": notes + fig_notes}
+
+
+_RUN_KEYS = ("name", "description", "source", "executor", "workers", "started", "finished", "seconds")
+
+
+def _setting(study: dict, key: str, default):
+    """A setting from study.json: the spec's top level, its [analysis] table, or the resolved analysis."""
+    for place in (study.get("spec"), (study.get("spec") or {}).get("analysis") if isinstance(study.get("spec"), dict)
+                  else None, (study.get("resolved") or {}).get("analysis"), study):
+        if isinstance(place, dict) and place.get(key) is not None:
+            return place[key]
+    return default
+
+
+def _study_meta(study: dict) -> list[tuple[str, str]]:
+    """Spec, run facts, versions, seeds and timings from study.json, whichever of its known
+    keys are there (``spec``/``resolved``, ``versions``, ``seeds`` or ``networks``' seeds,
+    ``timings`` or ``tasks``)."""
+    spec = study.get("spec") or {k: v for k, v in study.items() if k not in ("versions", "seeds", "timings", "tasks",
+                                                                                "networks", "resolved")}
+    meta = [("Study specification", H.json_html(spec))]
+    if study.get("resolved"):
+        meta.append(("Resolved specification", H.json_html(study["resolved"])))
+    run = {k: study[k] for k in _RUN_KEYS if study.get(k) is not None}
+    if run:
+        meta.append(("Run", H.kv_html(run)))
+    meta.append(("Versions", H.kv_html(study.get("versions") or {"modlens": __version__}, ("package", "version"))))
+    nets = study.get("networks")
+    if study.get("seeds") is not None:
+        meta.append(("Seeds", H.json_html(study["seeds"])))
+    elif isinstance(nets, list) and nets and all(isinstance(n, dict) for n in nets):
+        cols = [c for c in ("id", "group", "label", "k", "train_seed", "random_state", "test_accuracy", "model_sha256")
+                if any(c in n for n in nets)]
+        meta.append(("Networks and seeds", H.timings_html([{c: n.get(c, "") for c in cols} for n in nets])))
+    else:
+        meta.append(("Seeds", "<p>not recorded</p>"))
+    timings = study.get("timings", study.get("tasks"))
+    meta.append(("Timings", H.timings_html(timings) if timings is not None else "<p>not recorded</p>"))
+    return meta
 
 
 def _remove_stale(directory: Path, patterns) -> None:
