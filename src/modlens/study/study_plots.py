@@ -173,7 +173,13 @@ def figure7(vis: dict[str, tuple[pd.DataFrame, dict[str, np.ndarray], tuple[floa
                 ax.set_axis_off()
             for c, (idx, row) in enumerate(rows.iterrows()):
                 img, cmap = _displayable(np.clip((np.asarray(imgs[idx], dtype=float) - lo) / (hi - lo), 0, 1))
-                axes[r, c].imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+                ax = axes[r, c]
+                ax.set_axis_on()  # a frame, so that an image saturated to white stays visible
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_color("0.6")
+                ax.imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
                 if r == 0:
                     axes[r, c].set_title("true" if row["draw"] == 0 else f"random {int(row['draw'])}", fontsize=7)
             axes[r, 0].text(-0.08, 0.5, f"{PARTITION_LABELS.get(part, part)}\nlayer {int(rows.iloc[0]['layer'])}, "

@@ -128,7 +128,8 @@ def _caption(what: str, info: dict, families: list[str], k_text: str) -> str:
     for fam in families:
         if fam in info:
             f = info[fam]
-            crit = format_p(f["critical_p"])[0] if f["n_significant"] else "none (no p value significant)"
+            crit = ("none (no p value significant)" if not f["n_significant"] else
+                    f"{f['critical_p']:.3g}" if f["critical_p"] >= 1e-3 else format_p(f["critical_p"])[0])
             which = f"{fam}" if f.get("scope", "table") == "table" else "lesion and visualization"
             parts.append(f"Benjamini-Hochberg across all {f['m']} {which} p values of the study at α = {f['alpha']:g}: "
                          f"critical p = {crit} (the paper's was {PAPER_CRITICAL_P}).")
