@@ -187,6 +187,9 @@ def test_study_outputs_files(tiny_study):
     assert out["agreement"]["cells"] == 16  # the "MLP, MNIST" group at k = 16
     html = out["report"].read_text()
     assert "<script" not in html and "http://" not in html and "https://" not in html
+    import re
+    links = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert links and all(l.startswith(("#", "data:")) for l in links)  # nothing outside the file
     assert html.count("<img ") == html.count('<img src="data:image/png;base64,') == len(
         [p for p in out["figures"] if p.suffix == ".png"])
     assert "Detecting Modularity in Deep Neural Networks" in html and "Agreement with the paper" in html
