@@ -3,9 +3,11 @@ networks/<id>/ saved with save_result, study_rows.parquet made with combine, stu
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pandas as pd
 import torch
@@ -59,7 +61,12 @@ def build_study(root: Path, *, ks=(16,), feature_vis: bool = True, n_random: int
                     # images (and the slow per-network grids) only for the first network of a group,
                     # which is all Figure 7 draws; the others keep their visualization tables
                     keep = s == seeds[0]
-                    save_result(res if keep else replace(res, vis_results=[]), root / "networks" / nid)
+                    # analyze's own PNG grids (slow, tested elsewhere) for one network only; the study
+                    # runner too can leave them out
+                    grids = contextlib.nullcontext() if nid == "mlp-mnist-s0" else mock.patch(
+                        "modlens.study.figures.save_vis_grids", return_value=[])
+                    with grids:
+                        save_result(res if keep else replace(res, vis_results=[]), root / "networks" / nid)
                     networks.append({"id": nid, "group": group, "label": label, "k": k, "train_seed": s % 2,
                                      "random_state": s})
                 timings.append({"task": f"analyze {nid} k={k}", "seconds": round(res.config["seconds"], 3)})
