@@ -213,17 +213,15 @@ def test_cli_report_on_a_saved_analyze_result(tiny_study, tmp_path, capsys):
 
 
 def test_correlation_figures_for_halves_groups(tiny_study, tmp_path):
-    """A group whose name says halves gets Figures 1/6 when a correlation-map callable is
-    given, and a note saying why not otherwise."""
+    """A group whose label says halves gets Figures 1/6: from a given callable, or from the
+    model folder study.json records; without either, or with a folder that is gone, a note."""
+    import json
     import shutil
 
     import torch
-    from modlens.data import load_dataset
-    from modlens.experiments.correlation_maps import correlation_maps
-    from modlens.experiments.partitioning import partition
-    from modlens.nn.adapter import MLPAdapter
+    from modlens.nn.io import save_model
+    from modlens.nn.models import build_model
     from modlens.study.outputs import write_study_outputs
-    from study_fixture import tiny_digits_mlp
 
     study = tmp_path / "halves"
     shutil.copytree(tiny_study, study, ignore=shutil.ignore_patterns("tables", "figures", "report.html"))
@@ -232,19 +230,30 @@ def test_correlation_figures_for_halves_groups(tiny_study, tmp_path):
     rows.to_parquet(study / "study_rows.parquet", index=False)
     out = write_study_outputs(study)
     assert any("Figures 1/6 skipped for mlp-digits" in n for n in out["notes"])
-    calls = []
+    assert not list((study / "figures").glob("figure6*"))
 
-    def maps_of(network_id):
-        calls.append(network_id)
-        adapter = MLPAdapter(tiny_digits_mlp(0, epochs=2))
-        val = torch.from_numpy(load_dataset("digits", "val").x)
-        part = partition(adapter, "weights/global", n_clusters=4, random_state=0)
-        return correlation_maps(adapter, part, val[:100], n_random=2, random_state=0)
-
-    out = write_study_outputs(study, correlation_maps=maps_of)
-    assert calls == ["mlp-digits-s2"]
+    arch = {"type": "mlp", "sizes": [64, 32, 32, 10]}
+    save_model(build_model(arch, generator=torch.Generator().manual_seed(0)), study / "models" / "m2",
+               {"architecture": arch, "dataset": {"name": "digits", "data_seed": 0, "activation_split": {"split": "val"}}})
+    record = json.loads((study / "study.json").read_text())
+    for n in record["networks"]:
+        n["model_dir"] = "models/m2" if n["id"] == "mlp-digits-s2" else "models/gone"
+        n["k"] = 4
+    (study / "study.json").write_text(json.dumps(record))
+    out = write_study_outputs(study)
     assert (study / "figures" / "figure6_mlp-digits.png").is_file() and (study / "figures" / "figure6_mlp-digits.svg").is_file()
     assert "Figures 1/6 (MLP, halves-digits" in out["report"].read_text()
+
+    calls = []
+    rows.loc[rows["group"] == "mlp-mnist", "network_label"] = "MLP, stack-same"
+    rows.to_parquet(study / "study_rows.parquet", index=False)
+    def maps_of(network_id):
+        calls.append(network_id)
+        raise FileNotFoundError("no such model")
+
+    out = write_study_outputs(study, correlation_maps=maps_of)
+    assert sorted(calls) == ["mlp-digits-s2", "mlp-mnist-s0"]
+    assert sum("no such model" in n for n in out["notes"]) == 2
 
 
 def test_figure7_uses_the_images_of_the_first_network(tmp_path):

@@ -131,13 +131,49 @@ def _sections(tables, ctable, counts, figures, notes, meta: list[tuple[str, str]
     return sections + meta
 
 
+def saved_model_maps(study_dir: Path, study: dict, *, data_dir=None, method: str = "weights/global",
+                     n_random: int = 4, n_images: int | None = 2000) -> Callable[[str], object] | None:
+    """A ``correlation_maps(network_id)`` callable from the model folders study.json records
+    (``networks[i]["model_dir"]``, relative to the study folder or absolute): it loads the
+    model, its test images (as its manifest says) and draws the maps of ``method``'s
+    first-layer subclusters, with the network's k and analysis seed. None when no network
+    records a model folder."""
+    nets = study.get("networks")
+    records = {n.get("id"): n for n in nets if isinstance(n, dict)} if isinstance(nets, list) else {}
+    if not any(r.get("model_dir") for r in records.values()):
+        return None
+
+    def maps_of(network_id: str):
+        from modlens.experiments.correlation_maps import correlation_maps
+        from modlens.experiments.partitioning import partition
+        from modlens.nn.adapter import MLPAdapter
+        from modlens.nn.io import load_model
+        from modlens.study.runs import model_data
+
+        rec = records.get(network_id) or {}
+        if not rec.get("model_dir"):
+            raise FileNotFoundError(f"study.json records no model_dir for network {network_id}")
+        model_dir = Path(rec["model_dir"])
+        model, manifest = load_model(model_dir if model_dir.is_absolute() else study_dir / model_dir)
+        (x, _), act = model_data(manifest, data_dir=data_dir)
+        x = x[:n_images] if n_images else x
+        adapter = MLPAdapter(model)
+        seed = int(rec.get("random_state") or 0)
+        part = partition(adapter, method, n_clusters=int(rec.get("k") or 16), data=act, random_state=seed)
+        return correlation_maps(adapter, part, x, layer=0, n_random=n_random, random_state=seed)
+
+    return maps_of
+
+
 def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh_scope: str | None = None,
-                        correlation_maps: Callable[[str], object] | None = None) -> dict:
+                        correlation_maps: Callable[[str], object] | None = None, data_dir=None) -> dict:
     """Write ``tables/``, ``figures/`` and ``report.html`` into ``study_dir``.
 
     ``correlation_maps(network_id)`` returning a
     :class:`~modlens.experiments.correlation_maps.CorrelationMaps` draws Figures 1/6 for the
-    first network of each halves/stack group; without it those figures are skipped with a note.
+    first network of each halves/stack group; by default the model folders study.json
+    records are used (:func:`saved_model_maps`, test images from ``data_dir``); where
+    neither works those figures are skipped with a note saying why.
     ``alpha`` and ``bh_scope`` (``"table"``, the default, or ``"joint"``: see
     :func:`~modlens.study.paper.family_bh`) default to the spec's ``alpha``/``bh_scope``.
     Returns the paths written, the critical p value per family and the agreement counts.
@@ -177,7 +213,8 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
     rows.to_parquet(table_dir / "study_rows.parquet", index=False)
     if not comparison.empty:
         comparison.to_csv(table_dir / "paper_comparison_rows.csv", index=False)
-    extra, notes = _correlation_figures(first, names, fig_dir, correlation_maps)
+    maps_of = correlation_maps or saved_model_maps(study_dir, study, data_dir=data_dir)
+    extra, notes = _correlation_figures(first, names, fig_dir, maps_of)
     figures, fig_notes = _figure_sections(rows, info, names, tests, vis, fig_dir, extra)
     ours = {f.png for f in figures}
     figures += [FigureFile(p, p.with_suffix(".svg"), f"From the study run: {p.stem}.")
@@ -249,14 +286,18 @@ def _correlation_figures(first: dict[str, str], names, fig_dir: Path, maps_of) -
     from modlens.study.figures import save_correlation_figure
     from modlens.study.figures import _slug
 
-    out = []
+    out, notes = [], []
     for g in halves:
-        maps = maps_of(first[g])
+        try:
+            maps = maps_of(first[g])
+        except (OSError, ValueError) as exc:  # a moved model folder, missing data files
+            notes.append(f"Figures 1/6 skipped for {g}: {exc}")
+            continue
         png = save_correlation_figure(maps, fig_dir / f"figure6_{_slug(g)}.png")
         svg = save_correlation_figure(maps, fig_dir / f"figure6_{_slug(g)}.svg")
         out.append(FigureFile(png, svg, f"Figures 1/6 ({names.get(g, g)}, network {first[g]}): sign-aligned correlation "
                                         "maps of first-layer subclusters (top row) beside random subclusters."))
-    return out, []
+    return out, notes
 
 
 def result_rows(net: NetworkResult, label: str | None = None) -> pd.DataFrame:
@@ -320,5 +361,5 @@ def write_report(path: str | Path, out: str | Path | None = None, *, bh_scope: s
     return write_result_report(path, out, bh_scope=bh_scope or "table")
 
 
-__all__ = ["NetworkResult", "load_network", "network_groups", "write_study_outputs", "result_rows",
+__all__ = ["NetworkResult", "load_network", "network_groups", "saved_model_maps", "write_study_outputs", "result_rows",
            "write_result_report", "write_report", "FAMILIES"]
