@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-images", type=int, default=None, help="use only the first N test images")
 
     r = sub.add_parser("report", help="write a self-contained HTML report of a saved analyze result or a study folder")
-    r.add_argument("result", type=Path, help="folder written by `modlens analyze --out`, or a study folder (its tables/, figures/ and report.html are rewritten)")
+    r.add_argument("result", type=Path, help="folder written by `modlens analyze --out`, or a study folder "
+                                              "(its tables/, figures/ and report.html are rewritten)")
     r.add_argument("--out", type=Path, default=None, help="HTML file to write (default: RESULT/report.html)")
     r.add_argument("--bh-scope", choices=["table", "joint"], default=None,
                    help="Benjamini-Hochberg within each table family (the paper's text; default) or over lesion and "
