@@ -25,3 +25,12 @@ def shared_data():
     if not (SHARED_DATA / "mnist").is_dir():
         pytest.skip(f"MNIST files not found at {SHARED_DATA}/mnist (the shared data folder)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory):
+    """A study folder (two groups of two tiny digits MLPs, k=16, lesions and visualizations)
+    made with the real analyze/save_result/combine, without the study runner."""
+    from study_fixture import build_study
+
+    return build_study(tmp_path_factory.mktemp("tiny-study"))

@@ -1,4 +1,4 @@
-"""The ``modlens`` command line: demo, train, analyze."""
+"""The ``modlens`` command line: demo, train, analyze, correlation-maps, report."""
 
 from __future__ import annotations
 
@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--data-dir", type=Path, default=None)
     c.add_argument("--n-images", type=int, default=None, help="use only the first N test images")
+
+    r = sub.add_parser("report", help="write a self-contained HTML report of a saved analyze result or a study folder")
+    r.add_argument("result", type=Path, help="folder written by `modlens analyze --out`, or a study folder "
+                                              "(its tables/, figures/ and report.html are rewritten)")
+    r.add_argument("--out", type=Path, default=None, help="HTML file to write (default: RESULT/report.html)")
+    r.add_argument("--bh-scope", choices=["table", "joint"], default=None,
+                   help="Benjamini-Hochberg within each table family (the paper's text; default) or over lesion and "
+                        "visualization tests together (what reproduces the paper's critical p of 0.025)")
     return parser
 
 
@@ -154,6 +162,12 @@ def _run(args) -> int:
         rand_pref = float(maps.random_half_preference.mean()) if maps.random_half_preference.size else float("nan")
         print(f"wrote {path}: {len(maps.subclusters)} first-layer subclusters; mean left/right half preference "
               f"{true_pref:.3f} (true) vs {rand_pref:.3f} (random)")
+        return 0
+    if args.command == "report":
+        from modlens.study.outputs import write_report
+
+        path = write_report(args.result, args.out, bh_scope=args.bh_scope)
+        print(f"wrote {path}")
         return 0
     raise AssertionError(args.command)
 

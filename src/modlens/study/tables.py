@@ -1,0 +1,232 @@
+"""The paper's Tables 1-5 from study rows (after :func:`modlens.study.paper.family_bh`), as
+CSV and Markdown laid out like the paper, and as cells the HTML report renders.
+
+Table 1: effect measures of every metric; Table 4: lesion p values and effects; Table 5:
+visualization p values and effects (all at the study's main k); Tables 2 and 3: the same as 4
+and 5 for every k, written only when the study has several k values. A p value is bold when
+significant after Benjamini-Hochberg within its family, an effect when it lies more than two
+standard errors from 1 on the modular side.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from modlens.experiments.partitioning import METHODS
+from modlens.study.paper import FAMILIES, PAPER_CRITICAL_P
+from modlens.study.summary import METRICS
+
+PARTITION_LABELS = {"weights/global": "Weight/Global", "weights/local": "Weight/Local",
+                    "activations/global": "Act./Global", "activations/local": "Act./Local"}
+_METRIC_HEAD = {"acc_drop": ("Importance: Acc. Drop", "High→Imp."), "class_range": ("Coherence: Class Range", "High→Coh."),
+                "vis_score": ("Coherence: Vis Score", "High→Coh."), "softmax_entropy": ("Coherence: Softmax H", "Low→Coh.")}
+
+
+@dataclass
+class Cell:
+    text: str
+    bold: bool = False
+    html: str | None = None  # richer markup (superscripts); escaped text otherwise
+
+
+@dataclass
+class Table:
+    name: str  # "table4"
+    title: str
+    caption: str
+    columns: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        def md(c: Cell) -> str:
+            t = c.text.replace("|", "\\|")
+            return f"**{t}**" if c.bold and t else t
+        lines = [f"### {self.title}", "", self.caption, "",
+                 "| " + " | ".join(self.columns) + " |", "|" + "|".join("---" for _ in self.columns) + "|"]
+        lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(self.columns)
+        for row in self.rows:
+            w.writerow([c.text for c in row])
+        return buf.getvalue()
+
+
+def format_p(p: float) -> tuple[str, str]:
+    """(plain, html) in the paper's style: three decimals from 0.001 up, else m × 10^e."""
+    if p is None or not math.isfinite(float(p)):
+        return "n/a", "n/a"
+    p = float(p)
+    if p >= 0.001:
+        s = f"{p:.3f}"
+        return s, s
+    if p == 0:
+        return "< 1e-300", "&lt; 10<sup>-300</sup>"
+    exp = math.floor(math.log10(p))
+    mant = p / 10 ** exp
+    if round(mant, 2) >= 10:
+        mant, exp = mant / 10, exp + 1
+    return f"{mant:.2f} × 10^{exp}", f"{mant:.2f} × 10<sup>{exp}</sup>"
+
+
+def format_effect(effect: float, se: float | None) -> str:
+    if effect is None or not math.isfinite(float(effect)):
+        return "n/a"
+    if se is None or not math.isfinite(float(se)):
+        return f"{float(effect):.3f}"
+    return f"{float(effect):.3f} ± {float(se):.3f}"
+
+
+def main_k(rows: pd.DataFrame) -> int:
+    """The k of Tables 1, 4 and 5: 16 (the paper's) when the study has it, else the largest."""
+    ks = sorted({int(k) for k in rows["k"]})
+    return 16 if 16 in ks else ks[-1]
+
+
+def _ordered(values, order) -> list:
+    seen = list(dict.fromkeys(values))
+    return [v for v in order if v in seen] + [v for v in seen if v not in order]
+
+
+def _network_names(rows: pd.DataFrame) -> dict[str, str]:
+    """group -> the name shown in the Network column (the paper label, or the group when
+    two groups share a label or a label is missing)."""
+    labels = rows.drop_duplicates("group").set_index("group")["network_label"]
+    counts = labels.value_counts()
+    return {g: (str(l) if isinstance(l, str) and l and counts[l] == 1 else (f"{l} [{g}]" if isinstance(l, str) and l else str(g)))
+            for g, l in labels.items()}
+
+
+def _lookup(rows: pd.DataFrame) -> dict:
+    return {(r.group, int(r.k), r.partitioning, r.metric): r for r in rows.itertuples(index=False)}
+
+
+def _p_cell(r) -> Cell:
+    if r is None:
+        return Cell("")
+    text, html = format_p(r.p_value)
+    return Cell(text, bool(r.significant), html)
+
+
+def _effect_cell(r, with_se: bool = True) -> Cell:
+    if r is None:
+        return Cell("")
+    return Cell(format_effect(r.effect, r.effect_se if with_se else None), bool(r.bold))
+
+
+def _caption(what: str, info: dict, families: list[str], k_text: str) -> str:
+    parts = [what, k_text]
+    for fam in families:
+        if fam in info:
+            f = info[fam]
+            crit = ("none (no p value significant)" if not f["n_significant"] else
+                    f"{f['critical_p']:.3g}" if f["critical_p"] >= 1e-3 else format_p(f["critical_p"])[0])
+            which = f"{fam}" if f.get("scope", "table") == "table" else "lesion and visualization"
+            parts.append(f"Benjamini-Hochberg across all {f['m']} {which} p values of the study at α = {f['alpha']:g}: "
+                         f"critical p = {crit} (the paper's was {PAPER_CRITICAL_P}).")
+    parts.append("Bold p value: significant; bold effect: more than two standard errors from 1 on the modular side.")
+    return " ".join(parts)
+
+
+def _p_effect_table(rows, info, family: str, name: str, title: str, ks: list[int], with_k: bool) -> Table | None:
+    metrics = [m for m in FAMILIES[family] if m in set(rows["metric"])]
+    sub = rows[(rows["table_family"] == family) & rows["k"].astype(int).isin(ks)]
+    if sub.empty or not metrics:
+        return None
+    columns = ["Network"] + (["k"] if with_k else []) + ["Partitioning"]
+    for m in metrics:
+        head, arrow = _METRIC_HEAD[m]
+        columns += [f"{head}: p Value", f"{head}: Effect Meas. ({arrow})"]
+    look, names = _lookup(sub), _network_names(rows)
+    table = Table(name, title, "", columns)
+    for g in list(dict.fromkeys(sub["group"])):
+        for k in ks:
+            parts = _ordered(sub[(sub["group"] == g) & (sub["k"].astype(int) == k)]["partitioning"], METHODS)
+            for part in parts:
+                cells = [Cell(names[g])] + ([Cell(str(k))] if with_k else []) + [Cell(PARTITION_LABELS.get(part, part))]
+                for m in metrics:
+                    r = look.get((g, k, part, m))
+                    cells += [_p_cell(r), _effect_cell(r)]
+                table.rows.append(cells)
+    k_text = f"k = {', '.join(map(str, ks))}."
+    what = ("Lesion experiments: importance (accuracy drop) and coherence (class-wise range of drops)."
+            if family == "lesion" else "Feature-visualization experiments: coherence (visualization score, softmax entropy).")
+    table.caption = _caption(what, info, [family], k_text)
+    return table
+
+
+def effect_table(rows: pd.DataFrame, info: dict) -> Table | None:
+    """Table 1: effect measures ± SE of every metric, one row per network and partitioning."""
+    k = main_k(rows)
+    sub = rows[rows["k"].astype(int) == k]
+    metrics = [m for m in METRICS if m in set(sub["metric"])]
+    if sub.empty:
+        return None
+    columns = ["Network", "Partitioning"] + [f"{METRICS[m].label} ({_METRIC_HEAD[m][1]})" for m in metrics]
+    look, names = _lookup(sub), _network_names(rows)
+    table = Table("table1", "Table 1: effect measures", "", columns)
+    for g in list(dict.fromkeys(sub["group"])):
+        for part in _ordered(sub[sub["group"] == g]["partitioning"], METHODS):
+            table.rows.append([Cell(names[g]), Cell(PARTITION_LABELS.get(part, part))]
+                              + [_effect_cell(look.get((g, k, part, m))) for m in metrics])
+    table.caption = (f"Effect measures (mean of 2x/(x+μ) over subclusters ± standard error), k = {k}. Above 1 is modular "
+                     "except for softmax entropy (below 1). Bold: more than two standard errors from 1 on the modular side.")
+    return table
+
+
+def build_tables(rows: pd.DataFrame, info: dict) -> list[Table]:
+    k = main_k(rows)
+    ks = sorted({int(v) for v in rows["k"]})
+    tables = [effect_table(rows, info),
+              _p_effect_table(rows, info, "lesion", "table4", "Table 4: lesion experiments", [k], False),
+              _p_effect_table(rows, info, "vis", "table5", "Table 5: feature-visualization experiments", [k], False)]
+    if len(ks) > 1:
+        tables += [_p_effect_table(rows, info, "lesion", "table2", "Table 2: lesion experiments for every k", ks, True),
+                   _p_effect_table(rows, info, "vis", "table3", "Table 3: feature-visualization experiments for every k",
+                                   ks, True)]
+    return [t for t in tables if t is not None]
+
+
+def comparison_table(comparison: pd.DataFrame) -> Table | None:
+    """Measured beside reported, cell by cell, with the agreement marks."""
+    if comparison is None or comparison.empty:
+        return None
+    columns = ["Network", "k", "Partitioning", "Metric", "p (measured)", "p (paper)", "Effect (measured)",
+               "Effect (paper)", "Same significance", "Same side of 1", "Agree"]
+    caption = ("Bold p: significant (measured: Benjamini-Hochberg within the table family; paper: its own marking, "
+               "p ≤ 0.025). A cell agrees when both the significance decision and the side of 1 of the effect match.")
+    table = Table("paper_comparison", "Measured beside the paper's reported values", caption, columns)
+    for r in comparison.itertuples(index=False):
+        mp, mph = format_p(r.p_value)
+        pp, pph = format_p(r.paper_p)
+        table.rows.append([
+            Cell(str(r.network_label)), Cell(str(int(r.k))), Cell(PARTITION_LABELS.get(r.partitioning, r.partitioning)),
+            Cell(METRICS[r.metric].label), Cell(mp, bool(r.significant), mph), Cell(pp, bool(r.paper_significant), pph),
+            Cell(format_effect(r.effect, r.effect_se), bool(r.bold)), Cell(format_effect(r.paper_effect, r.paper_se)),
+            Cell("yes" if r.agree_significance else "NO"), Cell("yes" if r.agree_side else "NO"),
+            Cell("✓" if r.agree else "✗")])
+    return table
+
+
+def write_tables(tables: list[Table], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for t in tables:
+        for suffix, text in ((".csv", t.to_csv()), (".md", t.to_markdown())):
+            path = directory / f"{t.name}{suffix}"
+            path.write_text(text, encoding="utf-8")
+            paths.append(path)
+    return paths
+
+
+__all__ = ["Cell", "Table", "PARTITION_LABELS", "format_p", "format_effect", "main_k", "effect_table", "build_tables",
+           "comparison_table", "write_tables"]
