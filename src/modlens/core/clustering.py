@@ -96,6 +96,9 @@ def spectral_labels(
     ``-1``; the other nodes get ``0 .. k-1`` numbered in order of first appearance. The
     eigensolver is LOBPCG by default (the paper and the original code use ARPACK,
     ``eigen_solver="arpack"``); if LOBPCG fails to converge or raises, ARPACK is used instead.
+    ``eigen_solver="amg"`` (and the LOBPCG default on a sparse graph of at least
+    ``spectral_large.AMG_MIN_NODES`` connected nodes) uses AMG-preconditioned LOBPCG
+    (:mod:`modlens.core.spectral_large`), which scales to kNN graphs of ~40k nodes.
     Other warnings (e.g. a disconnected graph) pass through. Same ``random_state`` -> same labels.
     """
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)):
@@ -103,8 +106,8 @@ def spectral_labels(
     n_clusters = int(n_clusters)
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
-    if eigen_solver not in ("lobpcg", "arpack"):
-        raise ValueError(f"eigen_solver must be 'lobpcg' or 'arpack', got {eigen_solver!r}")
+    if eigen_solver not in ("lobpcg", "arpack", "amg"):
+        raise ValueError(f"eigen_solver must be 'lobpcg', 'arpack' or 'amg', got {eigen_solver!r}")
     seed = int_seed(as_generator(random_state))
     adj, degrees = _as_adjacency(adjacency)
     n = adj.shape[0]
@@ -133,7 +136,15 @@ def spectral_labels(
         np.fill_diagonal(sub, 0.0)
 
     found = None
-    if eigen_solver == "lobpcg":
+    # Large sparse graphs (kNN graphs of big models): AMG-preconditioned LOBPCG, core.spectral_large.
+    from modlens.core import spectral_large
+
+    large_sparse = sp.issparse(sub) and sub.shape[0] >= spectral_large.AMG_MIN_NODES
+    if eigen_solver == "amg" or (eigen_solver == "lobpcg" and large_sparse):
+        if not sp.issparse(sub):
+            sub = sp.csr_array(sub)
+        found = spectral_large.amg_cluster_active(sub, n_clusters, seed, n_init)
+    elif eigen_solver == "lobpcg":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
