@@ -1,6 +1,7 @@
 """Dense vs sparse kNN neuron graphs: where to switch, and how much the partition changes.
 
     python benchmarks/knn_vs_dense.py scaling [--sizes 1024 2048 4096 8192] [--samples 512]
+    python benchmarks/knn_vs_dense.py solvers [--sizes 2048 4096 8192]
     python benchmarks/knn_vs_dense.py mnist --model DIR [--data-dir DIR] [--ks 16 32 64 128]
 
 ``scaling``: for each node count ``n``, activations of ``n`` units over ``--samples`` samples
@@ -10,6 +11,9 @@
 (``knn_activation_graph`` + ``spectral_labels(eigen_solver="amg")``), 16 clusters. Each
 (path, n) runs in a fresh subprocess so its peak resident memory (``ru_maxrss``) is its own;
 printed: seconds per stage, peak RSS, and the ARI of the partition against the planted blocks.
+
+``solvers``: the same kNN graphs clustered with plain LOBPCG (scikit-learn) and with the AMG
+preconditioned LOBPCG of ``core.spectral_large``: seconds and ARI against the planted blocks.
 
 ``mnist``: a trained MNIST MLP (``modlens train --dataset mnist``; 4 x 256 = 1,024 hidden
 units); its pre-activations over the held-out activation split recorded in its manifest. The
@@ -142,6 +146,32 @@ def mnist(args) -> None:
     compare("weight graph (784 inputs, 1,024 hidden, 10 outputs)", wg, lambda k: knn_sparsify(wg, k))
 
 
+def solvers(args) -> None:
+    """Plain LOBPCG (scikit-learn, no preconditioner) vs AMG-preconditioned LOBPCG on kNN graphs."""
+    import warnings
+
+    from sklearn.metrics import adjusted_rand_score
+
+    from modlens.core import spectral_large
+    from modlens.core.clustering import spectral_labels
+    from modlens.core.knn_graph import knn_activation_graph
+
+    spectral_large.AMG_MIN_NODES = 10**9  # let "lobpcg" mean scikit-learn's plain LOBPCG here
+    for n in args.sizes:
+        x, truth = planted(args.samples, n, noise=args.noise)
+        g = knn_activation_graph(x, args.k)
+        row = {"n": n}
+        for solver in ("lobpcg", "amg"):
+            t0 = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                lab = spectral_labels(g, 16, random_state=0, eigen_solver=solver)
+            row[f"{solver}_s"] = round(time.perf_counter() - t0, 2)
+            row[f"{solver}_ari"] = round(float(adjusted_rand_score(truth, lab)), 4)
+            row[f"{solver}_warnings"] = len(caught)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_one":
         path, n, m, k = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -155,12 +185,17 @@ def main() -> None:
     s.add_argument("--k", type=int, default=64)
     s.add_argument("--noise", type=float, default=1.5, help="noise scale of the planted blocks (latent scale 1)")
     s.add_argument("--max-dense", type=int, default=8192, help="skip the dense path above this many nodes")
+    v = sub.add_parser("solvers")
+    v.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
+    v.add_argument("--samples", type=int, default=512)
+    v.add_argument("--k", type=int, default=64)
+    v.add_argument("--noise", type=float, default=1.5)
     m = sub.add_parser("mnist")
     m.add_argument("--model", type=Path, required=True)
     m.add_argument("--data-dir", type=Path, default=os.environ.get("MODLENS_DATA"))
     m.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64, 128])
     args = ap.parse_args()
-    scaling(args) if args.part == "scaling" else mnist(args)
+    {"scaling": scaling, "solvers": solvers, "mnist": mnist}[args.part](args)
 
 
 if __name__ == "__main__":

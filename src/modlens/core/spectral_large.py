@@ -33,6 +33,7 @@ import warnings
 
 import numpy as np
 import scipy.sparse as sp
+from scipy.sparse.csgraph import connected_components
 from scipy.sparse.csgraph import laplacian as csgraph_laplacian
 from scipy.sparse.linalg import lobpcg
 
@@ -74,6 +75,14 @@ def amg_embedding(adjacency, n_components: int, *, random_state: int = 0, tol: f
     loop-free graph whose nodes all have positive degree (see the module docstring)."""
     adj = sp.csr_array(adjacency, dtype=np.float64)
     n = adj.shape[0]
+    n_comp = connected_components(adj, directed=False, return_labels=False)
+    if n_comp > 1:
+        warnings.warn(
+            f"core.spectral_large: the graph is not fully connected ({n_comp} components); "
+            "the spectral embedding separates components first",
+            UserWarning,
+            stacklevel=2,
+        )
     lap, sqrt_deg = csgraph_laplacian(adj, normed=True, return_diag=True)
     lap = sp.csr_array(lap)
     n_vec = min(n_components + max(int(extra), 0), n)
