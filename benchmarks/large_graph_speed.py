@@ -9,7 +9,8 @@ are traced) and the process's peak resident memory so far (``ru_maxrss``):
    activations (random but correlated: each unit loads on one of 64 latent factors plus noise,
    then ``|.|`` as an L1 over tokens would give; no model is run, no tokens are simulated);
 2. ``knn_activation_graph``: squared Spearman kNN graph (``k`` per neuron, float64, chunked);
-3. ``cluster activations``: AMG-preconditioned LOBPCG spectral clustering into 16 clusters;
+3. ``cluster activations``: spectral clustering into 16 clusters with ``core.spectral_large``
+   (``--solver lanczos``, the default for large sparse graphs, or ``amg``);
 4. ``residual weight graph``: :func:`modlens.core.residual_graph.residual_weight_graph` in kNN
    mode on random ViT-B/16-shaped weights (d_model 768, d_mlp 3,072, 12 blocks, LayerNorm
    scales, a 768 x 768 patch projection as the 768 input nodes, a 1,000-class head), float32
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--clusters", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--solver", default="lanczos", choices=["lanczos", "amg"])
     args = ap.parse_args()
     print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, cpus={os.cpu_count()}, "
           f"nodes={N_BLOCKS * D_MLP}, samples={args.samples}, k={args.k}, clusters={args.clusters}")
@@ -98,8 +100,8 @@ def main() -> None:
     acts = stage("activations (synthetic)", lambda: synthetic_activations(args.samples, rng), report)
     graph = stage("knn_activation_graph", lambda: knn_activation_graph(acts, args.k), report)
     del acts
-    labels = stage("cluster activations (AMG)",
-                   lambda: spectral_labels(graph, args.clusters, random_state=0, eigen_solver="amg"), report)
+    labels = stage("cluster activations",
+                   lambda: spectral_labels(graph, args.clusters, random_state=0, eigen_solver=args.solver), report)
     print(f"  activation graph: nnz {graph.nnz}, cluster sizes {np.bincount(labels[labels >= 0]).tolist()}, "
           f"unclustered {int((labels < 0).sum())}")
     del graph
@@ -111,8 +113,8 @@ def main() -> None:
                                       mode="knn", k=args.k, dtype=np.float32),
         report,
     )
-    wlabels = stage("cluster weights (AMG)",
-                    lambda: spectral_labels(wgraph, args.clusters, random_state=0, eigen_solver="amg"), report)
+    wlabels = stage("cluster weights",
+                    lambda: spectral_labels(wgraph, args.clusters, random_state=0, eigen_solver=args.solver), report)
     print(f"  weight graph: layers {sizes}, nnz {wgraph.nnz}, "
           f"cluster sizes {np.bincount(wlabels[wlabels >= 0]).tolist()}")
     total = time.perf_counter() - t_all

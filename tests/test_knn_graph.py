@@ -116,28 +116,29 @@ def test_choose_graph_mode_and_build():
 
 
 @pytest.mark.filterwarnings("ignore:.*not fully connected")  # a kNN graph of blocks may split into blocks
-def test_planted_blocks_recovered_by_knn_graph_and_amg():
+@pytest.mark.parametrize("solver", ["lanczos", "amg"])
+def test_planted_blocks_recovered_by_knn_graph_and_sparse_clustering(solver):
     x, truth = planted_activations(200, 6, 40)
     g = knn_activation_graph(x, 15)
-    labels = spectral_labels(g, 6, eigen_solver="amg", random_state=0)
+    labels = spectral_labels(g, 6, eigen_solver=solver, random_state=0)
     assert adjusted_rand_score(truth, labels) == 1.0
 
 
-def test_large_sparse_graphs_dispatch_to_amg(monkeypatch):
+def test_large_sparse_graphs_dispatch_to_lanczos(monkeypatch):
     calls = []
-    original = spectral_large.amg_cluster_active
+    original = spectral_large.cluster_active
 
     def spy(*args, **kwargs):
-        calls.append(args[0].shape[0])
+        calls.append((args[0].shape[0], kwargs["solver"]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(spectral_large, "amg_cluster_active", spy)
+    monkeypatch.setattr(spectral_large, "cluster_active", spy)
     x, truth = planted_activations(100, 4, 30, seed=1)
     g = knn_activation_graph(x, 10)
-    monkeypatch.setattr(spectral_large, "AMG_MIN_NODES", 10**6)
+    monkeypatch.setattr(spectral_large, "LARGE_SPARSE_NODES", 120)
     spectral_labels(g, 4)
     assert calls == []  # small sparse graph: the LOBPCG path
-    monkeypatch.setattr(spectral_large, "AMG_MIN_NODES", 100)
+    monkeypatch.setattr(spectral_large, "LARGE_SPARSE_NODES", 119)
     labels = clustering.spectral_labels(g, 4)
-    assert calls == [120]
+    assert calls == [(120, "lanczos")]
     assert adjusted_rand_score(truth, labels) == 1.0

@@ -1,28 +1,37 @@
-"""Normalized spectral clustering of large sparse graphs: AMG-preconditioned LOBPCG, then k-means.
+"""Normalized spectral clustering of large sparse graphs (kNN graphs of big models).
 
 The same algorithm as :func:`modlens.core.clustering.spectral_labels` (Shi & Malik; paper
 appendix A.1, Algorithm 1, as scikit-learn implements it): the ``k`` eigenvectors ``x`` of the
 smallest eigenvalues of the normalized Laplacian ``L = I - D^{-1/2} A D^{-1/2}``, mapped back to
-``u = D^{-1/2} x`` (the generalized problem ``L_rw u = lambda u``), signs made deterministic,
-then k-means with ``n_init`` restarts on the rows. Only the eigensolver differs:
+``u = D^{-1/2} x`` (the generalized problem ``L_rw u = lambda u``), signs made deterministic
+(largest-magnitude entry positive), then k-means with ``n_init`` restarts on the rows. Only the
+eigensolver differs. ARPACK shift-invert (the paper's) factorizes ``L``, far too slow and large
+at ~37k nodes. Two scalable solvers, each checked on its output (relative residual
+``|L x - lambda x|``), are offered:
 
-* ARPACK shift-invert factorizes ``L`` (fill-in makes that far too slow and large at ~37k nodes
-  of a kNN graph), and plain LOBPCG converges slowly on graph Laplacians;
-* here LOBPCG is preconditioned by a smoothed-aggregation algebraic multigrid (``pyamg``) cycle
-  built on ``L + 1e-5 I`` (the shift makes the preconditioner non-singular; the eigenproblem
-  is the unshifted ``L``), started from random vectors plus ``D^{1/2} 1`` (the exact null
-  vector), with a few more vectors than wanted to speed convergence.
+* ``"lanczos"`` (default for large sparse graphs): ARPACK's implicitly restarted Lanczos in
+  *regular* mode (no factorization) for the ``k`` largest algebraic eigenvalues of the normalized
+  adjacency ``D^{-1/2} A D^{-1/2} = I - L``, i.e. the smallest of ``L``; one sparse product per
+  step, tolerance machine precision. If ARPACK does not converge, ``"amg"`` is used instead.
+* ``"amg"``: LOBPCG preconditioned by a smoothed-aggregation algebraic multigrid cycle
+  (``pyamg``) built on ``L + 1e-5 I`` (the shift makes the preconditioner non-singular),
+  started from random vectors plus ``D^{1/2} 1`` (the exact null vector) and a few extra vectors.
 
-Convergence is checked on the returned vectors (relative residual ``|L x - lambda x|``); if it is
-not reached within ``maxiter`` iterations a ``RuntimeWarning`` names the residual.
+Measured (``benchmarks/knn_vs_dense.py solvers``, docs/transformers.md): on kNN activation graphs
+(16,384 nodes) and a random ViT-shaped residual weight graph (10,984 nodes), Lanczos took 0.5 s
+and 2.8 s, plain LOBPCG 5 s and 18 s, AMG-preconditioned LOBPCG 30 s and 58 s, all reaching the
+same eigenvalues: these graphs are expander-like, so the preconditioner buys few iterations
+(118 vs 138) at a high price per iteration, while Lanczos needs no solve at all.
 
-Entry point: ``spectral_labels(..., eigen_solver="amg")`` in :mod:`modlens.core.clustering`,
-which also routes sparse graphs of at least :data:`AMG_MIN_NODES` active nodes here when the
-solver is left at its LOBPCG default. :func:`amg_embedding` and :func:`amg_cluster_active` work
-on a graph that has already been validated, has no self-loops and no zero-degree node.
+Entry point: ``spectral_labels(..., eigen_solver="lanczos" | "amg")`` in
+:mod:`modlens.core.clustering`, which also routes sparse graphs of more than
+:data:`LARGE_SPARSE_NODES` connected nodes here (Lanczos) when the solver is left at its LOBPCG
+default. :func:`large_embedding` and :func:`cluster_active` take a graph that has already been
+validated, has no self-loops and no zero-degree node.
 
-Memory: the graph and ``L`` (~2 nnz x 12 bytes each), the AMG hierarchy (about the size of
-``L`` again), and LOBPCG's ~6 blocks of ``n x (k + extra)`` float64 vectors.
+Memory: the graph, ``L`` and ``I - L`` (~12 bytes per stored entry each), ARPACK's ``n x 2k+1``
+Lanczos basis (or LOBPCG's ~6 blocks of ``n x (k + 4)``, plus the AMG hierarchy, about the size
+of ``L``), all float64.
 
 This module is layer 0: numpy, scipy, scikit-learn and pyamg only.
 """
@@ -35,13 +44,14 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.csgraph import laplacian as csgraph_laplacian
-from scipy.sparse.linalg import lobpcg
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh, lobpcg
 
-#: Sparse graphs with at least this many active nodes go to the AMG solver under the default
-#: LOBPCG setting of :func:`modlens.core.clustering.spectral_labels` (measured, see
-#: docs/transformers.md: plain LOBPCG needs many more iterations from a few thousand nodes on).
-AMG_MIN_NODES = 4096
-#: Relative residual the eigenvectors must reach.
+#: Sparse graphs with more than this many connected nodes are clustered here (Lanczos) under the
+#: default LOBPCG setting of :func:`modlens.core.clustering.spectral_labels`; the same size as
+#: ``knn_graph.DENSE_MAX_NODES``, so every graph at or below it is clustered as before.
+LARGE_SPARSE_NODES = 8192
+LARGE_SOLVERS = ("lanczos", "amg")
+#: Residual (relative to the eigenvector norm) the AMG-LOBPCG eigenvectors must reach.
 DEFAULT_TOL = 1e-6
 DEFAULT_MAXITER = 300
 _SHIFT = 1e-5
@@ -69,10 +79,38 @@ def _sign_flip(vectors: np.ndarray) -> np.ndarray:
     return vectors * signs
 
 
-def amg_embedding(adjacency, n_components: int, *, random_state: int = 0, tol: float = DEFAULT_TOL,
-                  maxiter: int = DEFAULT_MAXITER, extra: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Spectral embedding ``(n, n_components)`` and its eigenvalues of a sparse, symmetric,
-    loop-free graph whose nodes all have positive degree (see the module docstring)."""
+def _residual(lap, vectors, values) -> float:
+    res = np.linalg.norm(lap @ vectors - vectors * values, axis=0) / np.linalg.norm(vectors, axis=0)
+    return float(res.max())
+
+
+def _lanczos_eigs(lap, sqrt_deg, n_components, rng):
+    """Smallest eigenpairs of ``L`` as the largest algebraic ones of ``I - L``."""
+    n = lap.shape[0]
+    norm_adj = sp.csr_array(sp.identity(n, format="csr") - lap)
+    v0 = sqrt_deg / np.linalg.norm(sqrt_deg) + 1e-3 * rng.uniform(-1, 1, n) / np.sqrt(n)
+    values, vectors = eigsh(norm_adj, k=n_components, which="LA", tol=0, v0=v0)
+    return 1.0 - values, vectors
+
+
+def _amg_eigs(lap, sqrt_deg, n_components, rng, tol, maxiter, extra):
+    n = lap.shape[0]
+    n_vec = min(n_components + max(int(extra), 0), n)
+    x0 = rng.standard_normal((n, n_vec))
+    x0[:, 0] = sqrt_deg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # convergence is checked by the caller
+        return lobpcg(lap, x0, M=_amg_preconditioner(lap), tol=tol, maxiter=maxiter, largest=False)
+
+
+def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", random_state: int = 0,
+                    tol: float = DEFAULT_TOL, maxiter: int = DEFAULT_MAXITER,
+                    extra: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Spectral embedding ``(n, n_components)`` and its Laplacian eigenvalues (ascending) of a
+    sparse, symmetric, loop-free graph whose nodes all have positive degree (module docstring).
+    ``tol``, ``maxiter`` and ``extra`` (additional block vectors) apply to ``solver="amg"``."""
+    if solver not in LARGE_SOLVERS:
+        raise ValueError(f"core.spectral_large: solver must be one of {LARGE_SOLVERS}, got {solver!r}")
     adj = sp.csr_array(adjacency, dtype=np.float64)
     n = adj.shape[0]
     n_comp = connected_components(adj, directed=False, return_labels=False)
@@ -85,38 +123,43 @@ def amg_embedding(adjacency, n_components: int, *, random_state: int = 0, tol: f
         )
     lap, sqrt_deg = csgraph_laplacian(adj, normed=True, return_diag=True)
     lap = sp.csr_array(lap)
-    n_vec = min(n_components + max(int(extra), 0), n)
-    if n < 5 * n_vec + 1:  # too small for a block method: solve densely
+    rng = np.random.default_rng(random_state)
+    if n <= 5 * (n_components + max(int(extra), 0)) + 1:  # tiny: solve densely
         values, vectors = np.linalg.eigh(lap.toarray())
-        values, vectors = values[:n_components], vectors[:, :n_components]
     else:
-        rng = np.random.default_rng(random_state)
-        x0 = rng.standard_normal((n, n_vec))
-        x0[:, 0] = sqrt_deg
-        precond = _amg_preconditioner(lap)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # we check convergence ourselves
-            values, vectors = lobpcg(lap, x0, M=precond, tol=tol, maxiter=maxiter, largest=False)
-        order = np.argsort(values)[:n_components]
-        values, vectors = values[order], vectors[:, order]
-        resid = np.linalg.norm(lap @ vectors - vectors * values, axis=0) / np.linalg.norm(vectors, axis=0)
-        worst = float(resid.max())
-        if worst > max(100 * tol, 1e-4):
-            warnings.warn(
-                f"core.spectral_large: LOBPCG+AMG did not converge in {maxiter} iterations on a "
-                f"{n}-node graph (largest eigenvector residual {worst:.2e}); raise maxiter",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        values = vectors = None
+        if solver == "lanczos":
+            try:
+                values, vectors = _lanczos_eigs(lap, sqrt_deg, n_components, rng)
+            except ArpackNoConvergence:
+                warnings.warn(
+                    f"core.spectral_large: ARPACK Lanczos did not converge on a {n}-node graph; "
+                    "using AMG-preconditioned LOBPCG",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        if values is None:
+            values, vectors = _amg_eigs(lap, sqrt_deg, n_components, rng, tol, maxiter, extra)
+    order = np.argsort(values)[:n_components]
+    values, vectors = values[order], vectors[:, order]
+    worst = _residual(lap, vectors, values)
+    if worst > max(100 * tol, 1e-4):
+        warnings.warn(
+            f"core.spectral_large: the {solver} eigensolver did not converge on a {n}-node graph "
+            f"(largest eigenvector residual {worst:.2e}); raise maxiter or use another solver",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     embedding = vectors / sqrt_deg[:, None]
     return _sign_flip(embedding), values
 
 
-def amg_cluster_active(adjacency, n_clusters: int, seed: int, n_init: int, **kwargs) -> np.ndarray:
-    """k-means labels (``0 .. n_clusters-1``, unordered) of the AMG spectral embedding of a
+def cluster_active(adjacency, n_clusters: int, seed: int, n_init: int, *, solver: str = "lanczos",
+                   **kwargs) -> np.ndarray:
+    """k-means labels (``0 .. n_clusters-1``, unordered) of the spectral embedding of a
     validated, loop-free graph without zero-degree nodes; same ``seed`` -> same labels."""
     from sklearn.cluster import KMeans
 
-    embedding, _ = amg_embedding(adjacency, n_clusters, random_state=seed, **kwargs)
+    embedding, _ = large_embedding(adjacency, n_clusters, solver=solver, random_state=seed, **kwargs)
     model = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
     return model.fit(embedding).labels_
