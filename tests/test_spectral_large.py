@@ -70,3 +70,19 @@ def test_zero_degree_nodes_and_determinism(solver):
         large_embedding(g, 3, solver="pyamg")
     with pytest.raises(ValueError, match="eigen_solver"):
         spectral_labels(g, 3, eigen_solver="pyamg")
+
+
+def test_lanczos_falls_back_to_amg_when_arpack_does_not_converge(monkeypatch):
+    from scipy.sparse.linalg import ArpackNoConvergence
+
+    from modlens.core import spectral_large
+
+    def no_convergence(*args, **kwargs):
+        raise ArpackNoConvergence("no convergence", np.zeros(0), np.zeros((0, 0)))
+
+    adj, _ = planted_graph(4, 60, 0.3, 0.02, seed=5)
+    amg = spectral_labels(adj, 4, eigen_solver="amg", random_state=1)
+    monkeypatch.setattr(spectral_large, "eigsh", no_convergence)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        fallback = spectral_labels(adj, 4, eigen_solver="lanczos", random_state=1)
+    np.testing.assert_array_equal(fallback, amg)

@@ -88,7 +88,7 @@ def _lanczos_eigs(lap, sqrt_deg, n_components, rng):
     """Smallest eigenpairs of ``L`` as the largest algebraic ones of ``I - L``."""
     n = lap.shape[0]
     norm_adj = sp.csr_array(sp.identity(n, format="csr") - lap)
-    v0 = sqrt_deg / np.linalg.norm(sqrt_deg) + 1e-3 * rng.uniform(-1, 1, n) / np.sqrt(n)
+    v0 = rng.uniform(-1.0, 1.0, n)  # a random start (as scikit-learn's ARPACK path): seeded
     values, vectors = eigsh(norm_adj, k=n_components, which="LA", tol=0, v0=v0)
     return 1.0 - values, vectors
 
