@@ -96,6 +96,10 @@ def spectral_labels(
     ``-1``; the other nodes get ``0 .. k-1`` numbered in order of first appearance. The
     eigensolver is LOBPCG by default (the paper and the original code use ARPACK,
     ``eigen_solver="arpack"``); if LOBPCG fails to converge or raises, ARPACK is used instead.
+    ``eigen_solver="lanczos"`` (ARPACK without shift-invert on the normalized adjacency; also
+    what the LOBPCG default becomes on a sparse graph of more than
+    ``spectral_large.LARGE_SPARSE_NODES`` connected nodes) and ``"amg"`` (AMG-preconditioned
+    LOBPCG) are :mod:`modlens.core.spectral_large`'s solvers for kNN graphs of ~40k nodes.
     Other warnings (e.g. a disconnected graph) pass through. Same ``random_state`` -> same labels.
     """
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)):
@@ -103,8 +107,8 @@ def spectral_labels(
     n_clusters = int(n_clusters)
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
-    if eigen_solver not in ("lobpcg", "arpack"):
-        raise ValueError(f"eigen_solver must be 'lobpcg' or 'arpack', got {eigen_solver!r}")
+    if eigen_solver not in ("lobpcg", "arpack", "lanczos", "amg"):
+        raise ValueError(f"eigen_solver must be 'lobpcg', 'arpack', 'lanczos' or 'amg', got {eigen_solver!r}")
     seed = int_seed(as_generator(random_state))
     adj, degrees = _as_adjacency(adjacency)
     n = adj.shape[0]
@@ -133,7 +137,14 @@ def spectral_labels(
         np.fill_diagonal(sub, 0.0)
 
     found = None
-    if eigen_solver == "lobpcg":
+    # Large sparse graphs (kNN graphs of big models): core.spectral_large's scalable eigensolvers.
+    from modlens.core import spectral_large
+
+    if eigen_solver == "lobpcg" and sp.issparse(sub) and sub.shape[0] > spectral_large.LARGE_SPARSE_NODES:
+        eigen_solver = "lanczos"
+    if eigen_solver in spectral_large.LARGE_SOLVERS:
+        found = spectral_large.cluster_active(sp.csr_array(sub), n_clusters, seed, n_init, solver=eigen_solver)
+    elif eigen_solver == "lobpcg":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:

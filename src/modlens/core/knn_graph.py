@@ -1,0 +1,277 @@
+"""Sparse k-nearest-neighbour versions of the neuron graphs, for models too large for dense graphs.
+
+The dense activation graph of ``n`` neurons is an ``n x n`` float64 matrix (8 n^2 bytes per copy:
+10.9 GB for a ViT-B/16's 36,864 MLP neurons). Here each neuron keeps only its ``k`` strongest
+edges, and the graph is never materialized densely:
+
+* :func:`knn_activation_graph` ranks each neuron's activations, standardizes the ranks, and
+  computes squared Spearman correlations one chunk of neurons at a time (a ``chunk x n`` block
+  of the correlation matrix), keeping the top ``k`` per neuron of each block before moving on.
+* :func:`knn_sparsify` keeps the top ``k`` edges per node of an existing (dense or sparse)
+  weighted adjacency, e.g. a weight graph.
+* :class:`TopK` is the running top-``k`` used when the candidate edges of a node arrive in
+  pieces (the residual-stream weight graph of :mod:`modlens.core.residual_graph`).
+
+**Symmetrization.** Node ``u`` keeps the set ``N_k(u)`` of its ``k`` heaviest edges. The graph
+is then made symmetric in one of two documented ways:
+
+* ``"max"`` (default): edge ``{u, v}`` is present when ``v in N_k(u)`` *or* ``u in N_k(v)``, with
+  its true weight ``w(u, v)`` (the larger of the two directed entries, which are equal up to
+  rounding). The kNN graph is then exactly the dense graph restricted to that edge set.
+* ``"mean"``: ``(D + D^T) / 2`` for the directed kNN matrix ``D``: an edge chosen by both ends
+  keeps ``w(u, v)``, an edge chosen by one end only gets ``w(u, v) / 2``.
+
+Every node has degree >= 1 in the result unless all its edges are zero (then it stays a
+zero-degree node, labelled ``-1`` by clustering, as in the dense path).
+
+**Automatic choice.** :func:`choose_graph_mode` picks ``"dense"`` up to
+:data:`DENSE_MAX_NODES` nodes and ``"knn"`` above; the threshold and the default ``k`` were
+measured (``benchmarks/knn_vs_dense.py``, see ``docs/transformers.md``).
+
+This module is layer 0: numpy and scipy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from modlens.core.graph import _int32_indices, _standardized_ranks, activation_graph
+
+#: Largest graph (in nodes) built densely when ``mode="auto"``; measured, see docs/transformers.md.
+DENSE_MAX_NODES = 8192
+#: Default number of neighbours kept per node in a kNN graph.
+DEFAULT_K = 64
+#: Default cap on the working memory of one chunk (the ``chunk x n`` correlation block and its
+#: ``argpartition`` indices).
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+SYMMETRIZE = ("max", "mean")
+GRAPH_MODES = ("auto", "dense", "knn")
+
+
+def choose_graph_mode(n_nodes: int, mode: str = "auto", *, dense_max_nodes: int = DENSE_MAX_NODES) -> str:
+    """``"dense"`` or ``"knn"``: ``mode`` itself unless it is ``"auto"``, which picks dense up to
+    ``dense_max_nodes`` nodes and kNN above."""
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"core.knn_graph: graph mode must be one of {GRAPH_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    return "dense" if int(n_nodes) <= int(dense_max_nodes) else "knn"
+
+
+def _check_k(k, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) < 1:
+        raise ValueError(f"core.knn_graph: k must be a positive int, got {k!r}")
+    return min(int(k), max(n - 1, 1))
+
+
+def _check_symmetrize(symmetrize: str) -> None:
+    if symmetrize not in SYMMETRIZE:
+        raise ValueError(f"core.knn_graph: symmetrize must be one of {SYMMETRIZE}, got {symmetrize!r}")
+
+
+def _rows_for(n_cols: int, itemsize: int, chunk_bytes: int) -> int:
+    # one chunk holds the values (itemsize) and the argpartition indices (8 bytes) per entry
+    return max(1, int(chunk_bytes) // max(1, n_cols * (itemsize + 8)))
+
+
+def _top_k_rows(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column indices and values of the ``k`` largest entries of every row of ``block``."""
+    if k >= block.shape[1]:
+        idx = np.broadcast_to(np.arange(block.shape[1]), block.shape).copy()
+    else:
+        idx = np.argpartition(block, block.shape[1] - k, axis=1)[:, block.shape[1] - k :]
+    return idx, np.take_along_axis(block, idx, axis=1)
+
+
+def symmetrize_directed(rows, cols, vals, n: int, symmetrize: str = "max") -> sp.csr_array:
+    """Symmetric CSR adjacency from directed kNN edges ``rows[i] -> cols[i]`` (see the module
+    docstring for ``"max"`` and ``"mean"``); self-loops and zero weights are dropped."""
+    _check_symmetrize(symmetrize)
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    vals = np.asarray(vals, dtype=np.float64)
+    keep = (rows != cols) & (vals > 0)
+    directed = sp.csr_array((vals[keep], (rows[keep], cols[keep])), shape=(n, n))
+    directed.sum_duplicates()
+    if symmetrize == "max":
+        adj = directed.maximum(directed.T)
+    else:
+        adj = (directed + directed.T) * 0.5
+    adj = sp.csr_array(adj)
+    adj.eliminate_zeros()
+    adj.sort_indices()
+    return _int32_indices(adj)
+
+
+def _stack(activations) -> tuple[np.ndarray, list[int]]:
+    if isinstance(activations, np.ndarray) and activations.ndim == 2:
+        activations = [activations]
+    arrays = [np.asarray(a) for a in activations]
+    if not arrays:
+        raise ValueError("core.knn_graph: need at least one layer of activations")
+    for l, a in enumerate(arrays):
+        if a.ndim != 2 or a.shape[1] < 1:
+            raise ValueError(
+                f"core.knn_graph: activations of layer {l} have shape {a.shape}; expected (n_samples, n_units)"
+            )
+        if a.shape[0] != arrays[0].shape[0]:
+            raise ValueError(
+                f"core.knn_graph: layers 0 and {l} have different numbers of samples: "
+                f"{arrays[0].shape} and {a.shape}"
+            )
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"core.knn_graph: activations of layer {l} contain NaN or infinite values")
+    if arrays[0].shape[0] < 3:
+        raise ValueError(f"core.knn_graph: Spearman correlations need at least 3 samples, got {arrays[0].shape[0]}")
+    return arrays, [a.shape[1] for a in arrays]
+
+
+def standardized_ranks(activations, dtype=np.float64) -> np.ndarray:
+    """``(n_samples, n)`` ranks of every unit (average ties), centred, unit norm, in ``dtype``;
+    a constant unit is all zeros. ``Z.T @ Z`` is the Spearman correlation matrix. Ranked one
+    layer at a time, so the transient float64 copy is one layer wide."""
+    arrays, sizes = _stack(activations)
+    out = np.empty((arrays[0].shape[0], sum(sizes)), dtype=dtype)
+    start = 0
+    for a in arrays:
+        out[:, start : start + a.shape[1]] = _standardized_ranks(np.asarray(a, dtype=np.float64))
+        start += a.shape[1]
+    return out
+
+
+def knn_activation_graph(
+    activations,
+    k: int = DEFAULT_K,
+    *,
+    symmetrize: str = "max",
+    dtype=np.float64,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> sp.csr_array:
+    """Sparse kNN activation graph: each unit keeps its ``k`` largest squared Spearman correlations.
+
+    ``activations`` is one ``(n_samples, n_units_l)`` array per layer (or one 2-D array), as for
+    :func:`modlens.core.graph.activation_graph`; the units of all layers are concatenated. The
+    weights are the dense graph's (squared Spearman correlation of the units over the samples)
+    and the edges are chosen per unit among all other units of all layers; see the module
+    docstring for ``symmetrize``.
+
+    Memory (``m`` samples, ``n`` units, ``b`` = itemsize of ``dtype``): the standardized ranks
+    ``m n b`` plus one layer's float64 ranking transient, plus one chunk of at most
+    ``chunk_bytes`` (default 256 MiB), plus the result, at most ``2 n k`` entries
+    (12 bytes each, x ~3 while symmetrizing). Never ``O(n^2)``. Time: ``2 m n^2`` flops.
+    ``dtype=np.float32`` halves the memory and time; the weights then carry float32 rounding
+    (~1e-7), so edges with near-equal weights can swap in or out of a top-``k``.
+    """
+    _check_symmetrize(symmetrize)
+    z = standardized_ranks(activations, dtype=dtype)
+    n = z.shape[1]
+    k = _check_k(k, n)
+    rows_per_chunk = _rows_for(n, z.dtype.itemsize, chunk_bytes)
+    all_rows, all_cols, all_vals = [], [], []
+    for start in range(0, n, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n)
+        block = z[:, start:stop].T @ z  # (chunk, n) Spearman correlations
+        np.clip(block, -1.0, 1.0, out=block)
+        np.multiply(block, block, out=block)
+        local = np.arange(stop - start)
+        block[local, start + local] = -1.0  # never pick oneself
+        idx, vals = _top_k_rows(block, k)
+        all_rows.append(np.repeat(np.arange(start, stop), idx.shape[1]))
+        all_cols.append(idx.ravel())
+        all_vals.append(vals.ravel().astype(np.float64))
+        del block
+    return symmetrize_directed(
+        np.concatenate(all_rows), np.concatenate(all_cols), np.concatenate(all_vals), n, symmetrize
+    )
+
+
+def knn_sparsify(adjacency, k: int = DEFAULT_K, *, symmetrize: str = "max",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> sp.csr_array:
+    """Keep the ``k`` heaviest edges of every node of a symmetric non-negative adjacency
+    (dense array or scipy sparse), then symmetrize (module docstring). The diagonal is ignored.
+    Dense input is processed in row chunks of at most ``chunk_bytes``; sparse input in one
+    pass over its non-zeros (sorting them by row, then weight)."""
+    _check_symmetrize(symmetrize)
+    if adjacency.ndim != 2 or adjacency.shape[0] != adjacency.shape[1]:
+        raise ValueError(f"core.knn_graph: adjacency must be square, got shape {adjacency.shape}")
+    n = adjacency.shape[0]
+    k = _check_k(k, n)
+    if sp.issparse(adjacency):
+        coo = sp.coo_array(adjacency)
+        r, c, v = coo.row.astype(np.int64), coo.col.astype(np.int64), np.asarray(coo.data, dtype=np.float64)
+        _check_weights(v)
+        keep = (r != c) & (v != 0)
+        r, c, v = r[keep], c[keep], v[keep]
+        order = np.lexsort((-v, r))  # by row, heaviest first within a row
+        r, c, v = r[order], c[order], v[order]
+        starts = np.searchsorted(r, np.arange(n))
+        rank = np.arange(r.size) - starts[r]
+        top = rank < k
+        return symmetrize_directed(r[top], c[top], v[top], n, symmetrize)
+    dense = np.asarray(adjacency)
+    rows_per_chunk = _rows_for(n, 8, chunk_bytes)
+    all_rows, all_cols, all_vals = [], [], []
+    for start in range(0, n, rows_per_chunk):
+        stop = min(start + rows_per_chunk, n)
+        block = np.array(dense[start:stop], dtype=np.float64)
+        _check_weights(block)
+        local = np.arange(stop - start)
+        block[local, start + local] = -1.0
+        idx, vals = _top_k_rows(block, k)
+        all_rows.append(np.repeat(np.arange(start, stop), idx.shape[1]))
+        all_cols.append(idx.ravel())
+        all_vals.append(vals.ravel())
+    return symmetrize_directed(
+        np.concatenate(all_rows), np.concatenate(all_cols), np.concatenate(all_vals), n, symmetrize
+    )
+
+
+def _check_weights(v: np.ndarray) -> None:
+    if not np.all(np.isfinite(v)):
+        raise ValueError("core.knn_graph: adjacency contains NaN or infinite values")
+    if v.size and v.min() < 0:
+        raise ValueError(f"core.knn_graph: adjacency has negative entries (min {float(v.min()):.3g}); edges must be >= 0")
+
+
+class TopK:
+    """Running top-``k`` candidates per row, for edges that arrive in pieces.
+
+    ``update(rows, cols, vals)`` offers, for the rows ``rows`` (int array, length ``r``), the
+    candidates ``vals`` (``(r, c)``) at global node indices ``cols`` (length ``c``, shared by all
+    rows). Memory: ``n k`` values and indices, plus one ``r x (k + c)`` merge buffer.
+    """
+
+    def __init__(self, n_rows: int, k: int):
+        self.n, self.k = int(n_rows), int(k)
+        self.vals = np.full((self.n, self.k), -np.inf)
+        self.cols = np.full((self.n, self.k), -1, dtype=np.int64)
+
+    def update(self, rows, cols, vals) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        vals = np.asarray(vals, dtype=np.float64)
+        if vals.shape != (rows.size, cols.size):
+            raise ValueError(f"core.knn_graph.TopK: candidates of shape {vals.shape} for {rows.size} rows, {cols.size} cols")
+        merged_v = np.concatenate([self.vals[rows], vals], axis=1)
+        merged_c = np.concatenate([self.cols[rows], np.broadcast_to(cols, vals.shape)], axis=1)
+        idx, top = _top_k_rows(merged_v, self.k)
+        self.vals[rows] = top
+        self.cols[rows] = np.take_along_axis(merged_c, idx, axis=1)
+
+    def to_graph(self, symmetrize: str = "max") -> sp.csr_array:
+        """The symmetrized kNN graph over the ``n_rows`` nodes (unfilled slots are dropped)."""
+        filled = self.cols >= 0
+        rows = np.broadcast_to(np.arange(self.n)[:, None], self.cols.shape)[filled]
+        return symmetrize_directed(rows, self.cols[filled], self.vals[filled], self.n, symmetrize)
+
+
+def build_activation_graph(activations, *, mode: str = "auto", k: int = DEFAULT_K,
+                           dense_max_nodes: int = DENSE_MAX_NODES, **knn_kwargs):
+    """The activation graph, dense (:func:`~modlens.core.graph.activation_graph`) or kNN
+    (:func:`knn_activation_graph`) as :func:`choose_graph_mode` decides from the unit count."""
+    arrays, sizes = _stack(activations)
+    if choose_graph_mode(sum(sizes), mode, dense_max_nodes=dense_max_nodes) == "dense":
+        return activation_graph(arrays)
+    return knn_activation_graph(arrays, k, **knn_kwargs)
+

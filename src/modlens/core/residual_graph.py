@@ -1,0 +1,209 @@
+"""The weight graph of a transformer's MLP neurons, joined through the residual stream.
+
+MLP layers of different transformer blocks share no weight matrix: block ``i`` writes its
+hidden units into the residual stream with ``W_out_i`` (``d_model x d_mlp``) and a later block
+``j`` reads the stream, through its norm, with ``W_in_j`` (``d_mlp x d_model``). The edge from
+neuron ``a`` of block ``i`` to neuron ``b`` of block ``j > i`` is the magnitude of the direct
+path through the stream,
+
+    ``w(a, b) = |(W_in_j diag(gamma_j) W_out_i)[b, a]|``,
+
+with ``gamma_j`` the affine scale of the norm in front of block ``j``'s MLP (ones when the norm
+has none). Left out, and documented as such (``docs/transformers.md``): paths through attention
+layers, the norm's centring and division by the running scale (data-dependent), biases, and
+every path through more than one MLP.
+
+**GLU / SwiGLU.** A gated MLP computes ``act(W_gate x) * (W_up x)``; gate unit ``b`` and value
+unit ``b`` form one neuron. It reads the stream through two rows, so the edge into it is the
+L1 norm over its two read paths, ``|(W_gate_j G_j W_out_i)[b, a]| + |(W_up_j G_j W_out_i)[b, a]|``,
+as a conv edge is the L1 norm over a kernel slice. It writes through one column of ``W_out``.
+
+**Input and output nodes.** The embedding plays the input layer: ``embedding`` is ``E``
+(``d_model x n_inputs``), the map from input features to the stream (a ViT: the patch
+projection reshaped to ``d_model x (channels * patch * patch)``, one input node per pixel of a
+patch; a token model: the embedding matrix transposed, one node per vocabulary entry). Input
+node ``p`` joins neuron ``b`` of block ``j`` with ``|(W_in_j G_j E)[b, p]|``. The classifier head
+plays the output layer: ``head`` is ``H`` (``n_classes x d_model``), read through the final
+norm (scale ``gamma_f``), and neuron ``a`` of block ``i`` joins class ``c`` with
+``|(H G_f W_out_i)[c, a]|``. The stream carries the embedding to every block and every block's
+output to the head, so by default every block gets these edges (``input_edges="all"``,
+``output_edges="all"``); ``"first"`` / ``"last"`` keep only the first / last block's.
+
+Node layers, in order: the inputs (when ``embedding`` is given), one layer per block, the
+outputs (when ``head`` is given).
+
+This module is layer 0: numpy and scipy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from modlens.core.graph import weight_graph
+from modlens.core.knn_graph import DEFAULT_K, DENSE_MAX_NODES, TopK, _check_k, choose_graph_mode
+
+
+@dataclass(frozen=True)
+class MLPBlockWeights:
+    """The MLP of one transformer block, as the residual stream sees it.
+
+    ``w_in``: ``(d_mlp, d_model)``, the MLP's first linear map (the value/"up" map of a GLU);
+    ``w_out``: ``(d_model, d_mlp)``, its second; ``gamma``: ``(d_model,)``, the affine scale of
+    the norm before the MLP, or ``None`` for none; ``w_gate``: ``(d_mlp, d_model)``, the gate map
+    of a GLU/SwiGLU MLP, or ``None``.
+    """
+
+    w_in: np.ndarray
+    w_out: np.ndarray
+    gamma: np.ndarray | None = None
+    w_gate: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        return int(np.shape(self.w_in)[0])
+
+
+def _reads(block: MLPBlockWeights, dtype) -> list[np.ndarray]:
+    """The matrices through which the block's neurons read the stream, norm scale folded in."""
+    gamma = None if block.gamma is None else np.asarray(block.gamma, dtype=dtype)
+    out = []
+    for w in (block.w_in, block.w_gate):
+        if w is None:
+            continue
+        w = np.asarray(w, dtype=dtype)
+        out.append(w if gamma is None else w * gamma[None, :])
+    return out
+
+
+def _check(blocks: Sequence[MLPBlockWeights], embedding, head, final_gamma) -> int:
+    if not blocks:
+        raise ValueError("core.residual_graph: need at least one MLP block")
+    d_model = int(np.shape(blocks[0].w_out)[0])
+    for i, b in enumerate(blocks):
+        d_mlp = b.width
+        shapes = {"w_in": (d_mlp, d_model), "w_out": (d_model, d_mlp)}
+        if b.w_gate is not None:
+            shapes["w_gate"] = (d_mlp, d_model)
+        for name, expected in shapes.items():
+            got = tuple(np.shape(getattr(b, name)))
+            if got != expected:
+                raise ValueError(
+                    f"core.residual_graph: block {i} {name} has shape {got}; expected {expected} "
+                    f"(d_mlp={d_mlp}, d_model={d_model} from block 0's w_out)"
+                )
+        if b.gamma is not None and tuple(np.shape(b.gamma)) != (d_model,):
+            raise ValueError(f"core.residual_graph: block {i} gamma has shape {np.shape(b.gamma)}; expected ({d_model},)")
+        for name in ("w_in", "w_out", "gamma", "w_gate"):
+            v = getattr(b, name)
+            if v is not None and not np.all(np.isfinite(v)):
+                raise ValueError(f"core.residual_graph: block {i} {name} contains NaN or infinite values")
+    if embedding is not None and (np.ndim(embedding) != 2 or np.shape(embedding)[0] != d_model):
+        raise ValueError(
+            f"core.residual_graph: embedding has shape {np.shape(embedding)}; expected (d_model={d_model}, n_inputs)"
+        )
+    if head is not None and (np.ndim(head) != 2 or np.shape(head)[1] != d_model):
+        raise ValueError(f"core.residual_graph: head has shape {np.shape(head)}; expected (n_classes, d_model={d_model})")
+    if final_gamma is not None and tuple(np.shape(final_gamma)) != (d_model,):
+        raise ValueError(f"core.residual_graph: final_gamma has shape {np.shape(final_gamma)}; expected ({d_model},)")
+    return d_model
+
+
+def residual_edge_blocks(
+    blocks: Sequence[MLPBlockWeights],
+    *,
+    embedding=None,
+    head=None,
+    final_gamma=None,
+    input_edges: str = "all",
+    output_edges: str = "all",
+    dtype=np.float64,
+):
+    """Yield ``(i, j, A)`` node-layer triples of edge weights (``A[b, a]`` joins node ``a`` of
+    layer ``i`` to node ``b`` of layer ``j``), one block pair at a time, in the node-layer
+    numbering of :func:`residual_weight_graph`. Each ``A`` is ``(size_j, size_i)``, non-negative."""
+    if input_edges not in ("all", "first") or output_edges not in ("all", "last"):
+        raise ValueError(
+            f"core.residual_graph: input_edges must be 'all' or 'first' and output_edges 'all' or 'last', "
+            f"got {input_edges!r}, {output_edges!r}"
+        )
+    _check(blocks, embedding, head, final_gamma)
+    first = 1 if embedding is not None else 0
+    reads = [_reads(b, dtype) for b in blocks]
+    writes = [np.asarray(b.w_out, dtype=dtype) for b in blocks]
+
+    def through(read_list, write):
+        total = np.abs(read_list[0] @ write)
+        for r in read_list[1:]:
+            total += np.abs(r @ write)
+        return total
+
+    if embedding is not None:
+        emb = np.asarray(embedding, dtype=dtype)
+        targets = range(len(blocks)) if input_edges == "all" else [0]
+        for j in targets:
+            yield 0, first + j, through(reads[j], emb)
+    for j in range(len(blocks)):
+        for i in range(j):
+            yield first + i, first + j, through(reads[j], writes[i])
+    if head is not None:
+        h = np.asarray(head, dtype=dtype)
+        if final_gamma is not None:
+            h = h * np.asarray(final_gamma, dtype=dtype)[None, :]
+        out_layer = first + len(blocks)
+        sources = range(len(blocks)) if output_edges == "all" else [len(blocks) - 1]
+        for i in sources:
+            yield first + i, out_layer, np.abs(h @ writes[i])
+
+
+def residual_layer_sizes(blocks: Sequence[MLPBlockWeights], *, embedding=None, head=None) -> list[int]:
+    """Node-layer sizes: inputs (if ``embedding``), each block's MLP width, outputs (if ``head``)."""
+    sizes = [b.width for b in blocks]
+    if embedding is not None:
+        sizes = [int(np.shape(embedding)[1])] + sizes
+    if head is not None:
+        sizes = sizes + [int(np.shape(head)[0])]
+    return sizes
+
+
+def residual_weight_graph(
+    blocks: Sequence[MLPBlockWeights],
+    *,
+    embedding=None,
+    head=None,
+    final_gamma=None,
+    input_edges: str = "all",
+    output_edges: str = "all",
+    mode: str = "auto",
+    k: int = DEFAULT_K,
+    symmetrize: str = "max",
+    dense_max_nodes: int = DENSE_MAX_NODES,
+    dtype=np.float64,
+):
+    """Residual-stream weight graph of a transformer's MLP neurons (module docstring).
+
+    Returns ``(adjacency, layer_sizes)``: a symmetric float64 ``scipy.sparse.csr_array`` over the
+    node layers (inputs, blocks, outputs) concatenated, and their sizes. ``mode="dense"`` keeps
+    every edge (:func:`modlens.core.graph.weight_graph`; ``O(n^2)`` entries for ``n`` neurons);
+    ``mode="knn"`` keeps each node's ``k`` heaviest edges (``symmetrize`` as in
+    :mod:`modlens.core.knn_graph`), computing one block pair at a time, so memory is
+    ``O(n k + d_mlp^2)``; ``"auto"`` chooses by node count (:func:`choose_graph_mode`).
+    ``dtype=np.float32`` halves the cost of the matrix products.
+    """
+    sizes = residual_layer_sizes(blocks, embedding=embedding, head=head)
+    triples = residual_edge_blocks(
+        blocks, embedding=embedding, head=head, final_gamma=final_gamma,
+        input_edges=input_edges, output_edges=output_edges, dtype=dtype,
+    )
+    if choose_graph_mode(sum(sizes), mode, dense_max_nodes=dense_max_nodes) == "dense":
+        return weight_graph(sizes, list(triples)), sizes
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    top = TopK(int(offsets[-1]), _check_k(k, int(offsets[-1])))
+    for i, j, a in triples:
+        rows_j = np.arange(offsets[j], offsets[j + 1])
+        rows_i = np.arange(offsets[i], offsets[i + 1])
+        top.update(rows_j, rows_i, a)
+        top.update(rows_i, rows_j, a.T)
+    return top.to_graph(symmetrize), sizes

@@ -1,0 +1,144 @@
+"""Tests for modlens.core.knn_graph: sparse kNN activation and weight graphs."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score
+
+from modlens.core import clustering, spectral_large
+from modlens.core.clustering import spectral_labels
+from modlens.core.graph import activation_graph
+from modlens.core.knn_graph import (
+    TopK,
+    build_activation_graph,
+    choose_graph_mode,
+    knn_activation_graph,
+    knn_sparsify,
+)
+
+
+def planted_activations(m, n_blocks, per_block, *, noise=1.5, seed=0):
+    """Units of a block share one latent factor (plus noise); a monotone map keeps ranks."""
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((m, n_blocks))
+    x = np.repeat(latent, per_block, axis=1) + noise * rng.standard_normal((m, n_blocks * per_block))
+    perm = rng.permutation(n_blocks * per_block)
+    truth = np.repeat(np.arange(n_blocks), per_block)[perm]
+    return np.exp(x[:, perm]), truth
+
+
+def brute_force_knn(dense, k, symmetrize):
+    """Reference: per row, sort all other entries and keep the k largest (a plain loop)."""
+    n = dense.shape[0]
+    mask = np.zeros((n, n), dtype=bool)
+    for u in range(n):
+        others = [v for v in range(n) if v != u]
+        best = sorted(others, key=lambda v: -dense[u, v])[:k]
+        mask[u, best] = True
+    mask &= dense > 0
+    if symmetrize == "max":
+        return np.where(mask | mask.T, dense, 0.0)
+    return dense * (mask.astype(float) + mask.T.astype(float)) / 2
+
+
+@pytest.mark.parametrize("symmetrize", ["max", "mean"])
+def test_knn_activation_graph_is_dense_top_k(symmetrize):
+    rng = np.random.default_rng(1)
+    layers = [rng.normal(size=(40, 17)), rng.normal(size=(40, 13)) ** 3]
+    dense = activation_graph(layers)
+    expected = brute_force_knn(dense, 5, symmetrize)
+    got = knn_activation_graph(layers, 5, symmetrize=symmetrize).toarray()
+    np.testing.assert_array_equal(got != 0, expected != 0)  # same edges
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)  # same weights
+    # many tiny chunks give the same graph
+    chunked = knn_activation_graph(layers, 5, symmetrize=symmetrize, chunk_bytes=1).toarray()
+    np.testing.assert_allclose(chunked, got, rtol=0, atol=1e-14)  # BLAS blocking: rounding only
+
+
+def test_knn_activation_graph_edge_cases():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 8))
+    x[:, 3] = 1.0  # constant unit: no edges, zero degree
+    g = knn_activation_graph(x, 3)
+    assert g.shape == (8, 8) and (abs(g - g.T)).max() == 0
+    assert g[[3]].nnz == 0 and g[:, [3]].nnz == 0
+    assert g.diagonal().max() == 0
+    # k at least n - 1: the whole dense graph
+    np.testing.assert_allclose(knn_activation_graph(x, 50).toarray(), activation_graph(x), atol=1e-12)
+    # float32: same graph up to float32 rounding
+    np.testing.assert_allclose(knn_activation_graph(x, 7, dtype=np.float32).toarray(), activation_graph(x), atol=1e-6)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        knn_activation_graph(x, 0)
+    with pytest.raises(ValueError, match="symmetrize"):
+        knn_activation_graph(x, 2, symmetrize="min")
+    with pytest.raises(ValueError, match="NaN"):
+        knn_activation_graph(np.full((5, 3), np.nan), 2)
+
+
+@pytest.mark.parametrize("symmetrize", ["max", "mean"])
+def test_knn_sparsify_dense_and_sparse_match_reference(symmetrize):
+    rng = np.random.default_rng(3)
+    a = np.abs(rng.normal(size=(25, 25)))
+    a[rng.random((25, 25)) < 0.5] = 0
+    a = (a + a.T) / 2
+    np.fill_diagonal(a, 7.0)  # the diagonal is ignored
+    ref_input = a.copy()
+    np.fill_diagonal(ref_input, 0.0)
+    expected = brute_force_knn(ref_input, 4, symmetrize)
+    from_dense = knn_sparsify(a, 4, symmetrize=symmetrize, chunk_bytes=1).toarray()
+    from_sparse = knn_sparsify(sp.csr_array(a), 4, symmetrize=symmetrize).toarray()
+    np.testing.assert_allclose(from_dense, expected, atol=1e-15)
+    np.testing.assert_allclose(from_sparse, expected, atol=1e-15)
+    with pytest.raises(ValueError, match="negative"):
+        knn_sparsify(-a, 3)
+
+
+def test_top_k_accumulator_equals_one_shot():
+    rng = np.random.default_rng(4)
+    a = np.abs(rng.normal(size=(30, 30)))
+    a = (a + a.T) / 2
+    np.fill_diagonal(a, 0)
+    top = TopK(30, 6)
+    for lo, hi in [(0, 7), (7, 20), (20, 30)]:  # candidates arrive in column pieces
+        top.update(np.arange(30), np.arange(lo, hi), a[:, lo:hi])
+    np.testing.assert_allclose(top.to_graph().toarray(), knn_sparsify(a, 6).toarray(), atol=1e-15)
+
+
+def test_choose_graph_mode_and_build():
+    assert choose_graph_mode(100) == "dense"
+    assert choose_graph_mode(10**6) == "knn"
+    assert choose_graph_mode(10, "knn") == "knn"
+    with pytest.raises(ValueError, match="graph mode"):
+        choose_graph_mode(10, "sparse")
+    x = np.random.default_rng(5).normal(size=(20, 12))
+    assert isinstance(build_activation_graph(x), np.ndarray)
+    assert sp.issparse(build_activation_graph(x, dense_max_nodes=11, k=3))
+
+
+@pytest.mark.filterwarnings("ignore:.*not fully connected")  # a kNN graph of blocks may split into blocks
+@pytest.mark.parametrize("solver", ["lanczos", "amg"])
+def test_planted_blocks_recovered_by_knn_graph_and_sparse_clustering(solver):
+    x, truth = planted_activations(200, 6, 40)
+    g = knn_activation_graph(x, 15)
+    labels = spectral_labels(g, 6, eigen_solver=solver, random_state=0)
+    assert adjusted_rand_score(truth, labels) == 1.0
+
+
+def test_large_sparse_graphs_dispatch_to_lanczos(monkeypatch):
+    calls = []
+    original = spectral_large.cluster_active
+
+    def spy(*args, **kwargs):
+        calls.append((args[0].shape[0], kwargs["solver"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(spectral_large, "cluster_active", spy)
+    x, truth = planted_activations(100, 4, 30, seed=1)
+    g = knn_activation_graph(x, 10)
+    monkeypatch.setattr(spectral_large, "LARGE_SPARSE_NODES", 120)
+    spectral_labels(g, 4)
+    assert calls == []  # small sparse graph: the LOBPCG path
+    monkeypatch.setattr(spectral_large, "LARGE_SPARSE_NODES", 119)
+    labels = clustering.spectral_labels(g, 4)
+    assert calls == [(120, "lanczos")]
+    assert adjusted_rand_score(truth, labels) == 1.0

@@ -1,0 +1,144 @@
+"""Tests for modlens.core.residual_graph: transformer MLP neurons joined through the residual stream."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from modlens.core.clustering import cluster_global
+from modlens.core.graph import layer_offsets
+from modlens.core.knn_graph import knn_sparsify
+from modlens.core.residual_graph import MLPBlockWeights, residual_weight_graph
+
+
+def loop_path(read, gamma, write, b, a):
+    """|sum_d read[b, d] gamma[d] write[d, a]|, one residual dimension at a time."""
+    total = 0.0
+    for d in range(write.shape[0]):
+        total += read[b, d] * (1.0 if gamma is None else gamma[d]) * write[d, a]
+    return abs(total)
+
+
+def random_blocks(rng, n_blocks, d_model, d_mlp, *, glu=False):
+    return [
+        MLPBlockWeights(
+            w_in=rng.normal(size=(d_mlp, d_model)),
+            w_out=rng.normal(size=(d_model, d_mlp)),
+            gamma=rng.uniform(0.5, 2.0, size=d_model),
+            w_gate=rng.normal(size=(d_mlp, d_model)) if glu else None,
+        )
+        for _ in range(n_blocks)
+    ]
+
+
+def test_hand_case_edges_inputs_outputs():
+    rng = np.random.default_rng(0)
+    d_model, d_mlp, n_in, n_cls = 4, 3, 5, 2
+    blocks = random_blocks(rng, 3, d_model, d_mlp)
+    emb, head, gf = rng.normal(size=(d_model, n_in)), rng.normal(size=(n_cls, d_model)), rng.uniform(0.5, 2, d_model)
+    adj, sizes = residual_weight_graph(blocks, embedding=emb, head=head, final_gamma=gf, mode="dense")
+    assert sizes == [n_in, d_mlp, d_mlp, d_mlp, n_cls]
+    dense = adj.toarray()
+    off = layer_offsets(sizes)
+    np.testing.assert_array_equal(dense, dense.T)
+    for j in range(3):  # embedding -> every block
+        for b in range(d_mlp):
+            for p in range(n_in):
+                want = loop_path(blocks[j].w_in, blocks[j].gamma, emb, b, p)
+                assert dense[off[1 + j] + b, off[0] + p] == pytest.approx(want, rel=1e-12)
+    for i in range(3):
+        for j in range(i + 1, 3):  # block i -> later block j
+            for a in range(d_mlp):
+                for b in range(d_mlp):
+                    want = loop_path(blocks[j].w_in, blocks[j].gamma, blocks[i].w_out, b, a)
+                    assert dense[off[1 + j] + b, off[1 + i] + a] == pytest.approx(want, rel=1e-12)
+        for c in range(n_cls):  # block i -> head through the final norm
+            for a in range(d_mlp):
+                want = loop_path(head, gf, blocks[i].w_out, c, a)
+                assert dense[off[4] + c, off[1 + i] + a] == pytest.approx(want, rel=1e-12)
+        # no edges within a block, none from inputs to outputs
+        assert not dense[off[1 + i] : off[2 + i], off[1 + i] : off[2 + i]].any()
+    assert not dense[off[0] : off[1], off[4] :].any()
+
+    first_last, _ = residual_weight_graph(
+        blocks, embedding=emb, head=head, final_gamma=gf, mode="dense", input_edges="first", output_edges="last"
+    )
+    fl = first_last.toarray()
+    assert fl[off[1] : off[2], : off[1]].any() and not fl[off[2] : off[4], : off[1]].any()
+    assert fl[off[4] :, off[3] : off[4]].any() and not fl[off[4] :, off[1] : off[3]].any()
+    np.testing.assert_array_equal(fl[off[1] : off[4], off[1] : off[4]], dense[off[1] : off[4], off[1] : off[4]])
+
+
+def test_glu_pair_is_one_neuron_with_l1_over_its_read_paths():
+    d_model = 2
+    write = np.array([[1.0], [0.0]])  # block 0: one neuron writing +1 on dimension 0
+    gate = np.array([[2.0, 0.0]])  # block 1's gate reads dimension 0 with +2
+    value = np.array([[-3.0, 5.0]])  # its value unit reads dimension 0 with -3
+    blocks = [
+        MLPBlockWeights(w_in=np.ones((1, d_model)), w_out=write),
+        MLPBlockWeights(w_in=value, w_out=np.ones((d_model, 1)), w_gate=gate, gamma=np.array([0.5, 1.0])),
+    ]
+    adj, sizes = residual_weight_graph(blocks, mode="dense")
+    assert sizes == [1, 1]  # the gate/value pair is one node
+    # |2 * 0.5 * 1| + |-3 * 0.5 * 1| = 2.5 (not |1 - 1.5| = 0.5)
+    assert adj.toarray()[1, 0] == pytest.approx(2.5)
+    rng = np.random.default_rng(1)
+    glu = random_blocks(rng, 2, 5, 4, glu=True)
+    got = residual_weight_graph(glu, mode="dense")[0].toarray()[4:, :4]
+    want = np.array([[loop_path(glu[1].w_in, glu[1].gamma, glu[0].w_out, b, a)
+                      + loop_path(glu[1].w_gate, glu[1].gamma, glu[0].w_out, b, a) for a in range(4)] for b in range(4)])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("symmetrize", ["max", "mean"])
+def test_knn_mode_equals_top_k_of_dense_graph(symmetrize):
+    rng = np.random.default_rng(2)
+    blocks = random_blocks(rng, 4, 6, 7, glu=True)
+    kw = dict(embedding=rng.normal(size=(6, 3)), head=rng.normal(size=(2, 6)), final_gamma=rng.uniform(1, 2, 6))
+    dense, sizes = residual_weight_graph(blocks, mode="dense", **kw)
+    knn, sizes_knn = residual_weight_graph(blocks, mode="knn", k=5, symmetrize=symmetrize, **kw)
+    assert sizes == sizes_knn
+    np.testing.assert_allclose(knn.toarray(), knn_sparsify(dense, 5, symmetrize=symmetrize).toarray(), atol=1e-12)
+
+
+def planted_transformer(rng, n_modules=4, sub=6, per_module=10, n_blocks=3, glu=False):
+    """Module m's neurons in every block read and write only residual dimensions of subspace m."""
+    d_model, d_mlp = n_modules * sub, n_modules * per_module
+    dim_module = np.repeat(np.arange(n_modules), sub)
+    unit_module = rng.permutation(np.repeat(np.arange(n_modules), per_module))
+    mask_in = (unit_module[:, None] == dim_module[None, :]).astype(float)  # (d_mlp, d_model)
+    blocks = [
+        MLPBlockWeights(
+            w_in=rng.normal(size=(d_mlp, d_model)) * mask_in,
+            w_out=rng.normal(size=(d_model, d_mlp)) * mask_in.T,
+            gamma=rng.uniform(0.5, 2.0, size=d_model),
+            w_gate=rng.normal(size=(d_mlp, d_model)) * mask_in if glu else None,
+        )
+        for _ in range(n_blocks)
+    ]
+    return blocks, unit_module
+
+
+@pytest.mark.filterwarnings("ignore:Graph is not fully connected")  # the modules are components
+@pytest.mark.parametrize("mode,glu", [("dense", False), ("knn", False), ("dense", True)])
+def test_planted_transformer_graph_is_block_diagonal_and_clustering_recovers_modules(mode, glu):
+    rng = np.random.default_rng(3)
+    blocks, unit_module = planted_transformer(rng, glu=glu)
+    adj, sizes = residual_weight_graph(blocks, mode=mode, k=8)
+    truth = np.tile(unit_module, len(blocks))
+    dense = adj.toarray()
+    cross = truth[:, None] != truth[None, :]
+    assert not dense[cross].any()  # block-diagonal across modules: exactly zero
+    labels = np.concatenate(cluster_global(adj, sizes, 4, random_state=0))
+    assert adjusted_rand_score(truth, labels) == 1.0
+
+
+def test_shape_errors_name_the_block():
+    rng = np.random.default_rng(4)
+    blocks = random_blocks(rng, 2, 4, 3)
+    bad = [blocks[0], MLPBlockWeights(w_in=np.ones((3, 5)), w_out=np.ones((4, 3)))]
+    with pytest.raises(ValueError, match="block 1 w_in has shape"):
+        residual_weight_graph(bad)
+    with pytest.raises(ValueError, match="embedding has shape"):
+        residual_weight_graph(blocks, embedding=np.ones((5, 2)))
+    with pytest.raises(ValueError, match="input_edges"):
+        residual_weight_graph(blocks, input_edges="some")
