@@ -107,7 +107,7 @@ class LinearSkip:
                     acts.append(m)
                 else:
                     return None
-            elif n.op == "call_function" and n.target in (torch.relu, F.relu) and len(n.args) == 1 and not n.kwargs:
+            elif n.op == "call_function" and n.target in (torch.relu, F.relu, torch.ops.aten.relu.default) and len(n.args) == 1 and not n.kwargs:
                 acts.append(torch.relu)
             else:
                 return None
