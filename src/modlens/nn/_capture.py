@@ -179,12 +179,13 @@ class _Builder:
                     new = self.graph.node_copy(node, lambda a: self.env[a])
                 new.meta = dict(node.meta)
                 self.env[node] = new
-        _functionalize(self.graph)
-        self.graph.eliminate_dead_code()
-        self.graph.lint()
-        used = {n.target for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
-        return fx.GraphModule({k: v for k, v in self.root.items() if k in used}, self.graph,
-                              type(self.wrapper.model).__name__)
+        name = type(self.wrapper.model).__name__
+        gm = fx.GraphModule(self.root, self.graph, name)
+        _functionalize(gm.graph)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+        return fx.GraphModule({k: v for k, v in self.root.items() if k in used}, gm.graph, name)
 
     # ----- weight layers and normalizations as modules ---------------------------------------------------
     def _name(self, node: fx.Node, weight) -> str:
