@@ -49,12 +49,13 @@ def check_graph_options(*, conv_edge: str = "l1", bn_fold: str = "paper", act_re
             raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def make_adapter(model, data=None, *, input_name: str | None = None, output=None) -> NetworkAdapter:
+def make_adapter(model, data=None, *, input_name: str | None = None, output=None,
+                 name: str = "data") -> NetworkAdapter:
     """The model's adapter, captured at the shape of ``data`` (inputs or (inputs, labels)) when given."""
     if isinstance(model, NetworkAdapter):
         return model
-    example = None if data is None else as_inputs(data, name="data")[:2]
-    return NetworkAdapter(model, example, input_name=input_name, output=output)
+    example = None if data is None else as_inputs(data, name=name)
+    return NetworkAdapter(model, example, input_name=input_name, output=output, example_name=name)
 
 
 def check_method(method: str) -> tuple[str, str]:
@@ -230,6 +231,6 @@ def partition(model, method: str, *, n_clusters: int = 16, data=None, random_sta
     """
     check_method(method)
     check_graph_options(conv_edge=conv_edge, bn_fold=bn_fold, act_reduce=act_reduce)
-    adapter = make_adapter(model, data, input_name=input_name, output=output)
+    adapter = make_adapter(model, data, input_name=input_name, output=output, name="activation data")
     return Partitioner(adapter, activation_data=data, n_clusters=n_clusters, random_state=random_state,
                        conv_edge=conv_edge, act_reduce=act_reduce, bn_fold=bn_fold).partition(method)

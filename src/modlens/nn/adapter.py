@@ -76,7 +76,7 @@ class NetworkAdapter:
 
     def __init__(self, model: nn.Module, example=None, *, input_name: str | None = None, output=None,
                  forward_kwargs: dict | None = None, include_dense: bool | None = None,
-                 leaf_modules: Iterable = (), capture: str = "auto"):
+                 leaf_modules: Iterable = (), capture: str = "auto", example_name: str = "data"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -87,7 +87,7 @@ class NetworkAdapter:
         self._accepted: set = set()
         if example is not None:
             example = torch.as_tensor(example)
-            self._check_accepts(example, input_name, output, forward_kwargs)
+            self._check_accepts(example, input_name, output, forward_kwargs, example_name)
             example = example[:2].to(device=self.device, dtype=self.dtype)
             if example.shape[0] == 1:
                 example = torch.cat([example, example])
@@ -140,7 +140,7 @@ class NetworkAdapter:
                 return f"(batch, {m.in_channels}, {'L' if isinstance(m, nn.Conv1d) else 'H, W'})"
         return "another shape"
 
-    def _check_accepts(self, example: torch.Tensor, input_name, output, forward_kwargs) -> None:
+    def _check_accepts(self, example: torch.Tensor, input_name, output, forward_kwargs, name: str) -> None:
         wrapper = _capture.CaptureWrapper(self.model, input_name, output, forward_kwargs)
         try:
             with torch.no_grad(), _fx.run_in_eval(self.model):
@@ -149,9 +149,8 @@ class NetworkAdapter:
             if isinstance(exc, ModelTraceError):
                 raise
             raise ValueError(
-                f"the model does not accept inputs of shape {tuple(example.shape)}: it expects {self._expected()} "
-                f"({str(exc).splitlines()[0][:160]})"
-            ) from None
+                f"{name}: the model does not accept inputs of shape {tuple(example.shape)}; it expects {self._expected()}"
+            ) from exc
 
     def check_input(self, x: torch.Tensor, name: str = "data") -> None:
         """One-line error when ``x`` has a per-sample shape the captured model does not take."""
@@ -170,9 +169,8 @@ class NetworkAdapter:
                 self.gm(x[:1].to(device=self.device, dtype=self.dtype))
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ValueError(
-                f"{name}: the model does not accept inputs of shape {tuple(x.shape)}: it expects {self._expected()} "
-                f"({str(exc).splitlines()[0][:160]})"
-            ) from None
+                f"{name}: the model does not accept inputs of shape {tuple(x.shape)}; it expects {self._expected()}"
+            ) from exc
         self._accepted.add(given)
 
     # ----- structure --------------------------------------------------------------------

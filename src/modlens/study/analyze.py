@@ -135,7 +135,7 @@ def analyze(
     started = time.perf_counter()
     check_graph_options(conv_edge=conv_edge, bn_fold=bn_fold, act_reduce=act_reduce)
     x, y = as_tensors(test_data, name="test data")
-    adapter = make_adapter(model, x[:2], input_name=input_name, output=output)
+    adapter = make_adapter(model, x, input_name=input_name, output=output, name="test data")
     adapter.check_input(x, "test data")
     check_labels(y, adapter.n_classes, name="test data")
     if activation_data is not None and activation_data is test_data:
