@@ -119,6 +119,7 @@ class Partitioner:
                         "as a held-out split that is not the lesion test set"
                     )
                 x = as_inputs(self._activation_data, name="activation data")
+                self.adapter.check_input(x, "activation data")
                 device, dtype = self.adapter.device, self.adapter.dtype
                 size = self.adapter.batch_size_for(x, self._batch_size)
                 on_gpu = device.type != "cpu"
