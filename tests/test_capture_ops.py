@@ -142,6 +142,20 @@ def test_incremental_equals_plain_oracle(family):
     assert changed >= 1
 
 
+def test_exported_mlp_keeps_the_exact_skipping_chain():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 32), nn.ReLU(),
+                      nn.Linear(32, 5)).eval()
+    x = torch.randn(200, 20)
+    y = m(x).argmax(-1)
+    a = NetworkAdapter(m, x)
+    ev = LesionEvaluator(a, x, y)
+    sets = [np.random.default_rng(i).choice(32, 8, replace=False) for i in range(10)]
+    fast = ev.correct_counts(0, sets)
+    assert a.capture_method == "export" and ev.last_stats["skip"] == "chain"
+    np.testing.assert_array_equal(fast, correct_counts_plain(a, 0, sets, x, y))
+
+
 def test_layers_named_by_module_path_and_channels_last_linear_is_a_neuron_layer():
     a = NetworkAdapter(ConvNeXtLike(), torch.randn(2, 3, 8, 8))
     assert a.layer_names == ["stem", "dw", "pw1", "pw2", "post"] and a.layer_sizes == [8, 8, 16, 8, 8]
@@ -251,6 +265,21 @@ def test_input_shape_mismatch_is_one_line_for_test_and_activation_data():
                         n_clusters=2, n_random=2)
     msg = str(info.value)
     assert msg.startswith("activation data") and "(20, 7)" in msg and "(batch, 6)" in msg and "mat1" not in msg
+
+
+def test_when_export_and_fx_both_fail_the_error_names_module_line_and_workaround():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: neither export nor fx can capture it
+                return x
+            return -x
+
+    model = nn.Sequential(nn.Linear(4, 4), Branchy(), nn.Linear(4, 2))
+    with pytest.raises(modlens.nn.adapter.ModelTraceError) as info:
+        NetworkAdapter(model, torch.randn(3, 4))
+    msg = str(info.value)
+    assert "submodule '1' (Branchy)" in msg and "if x.sum() > 0:" in msg and "leaf_modules=['1']" in msg
+    assert "torch.export failed first" in msg
 
 
 def test_attention_gets_the_not_supported_yet_error():

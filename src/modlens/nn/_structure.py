@@ -447,5 +447,3 @@ def _dedupe(sinks: list[Sink]) -> list[Sink]:
             out.append(s)
     return out
 
-
-__all__ = ["Structure", "Route", "Sink", "UnsupportedModelError", "CONV_TYPES", "LAYER_TYPES"]
