@@ -64,14 +64,14 @@ class SEBlockNet(nn.Module):
         self.c1, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
         self.se1, self.se2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
         self.c2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.gamma = nn.Parameter(torch.rand(8) + 0.5)
         self.fc = nn.Linear(8, 3)
 
     def forward(self, x):
         h = F.mish(self.gn(self.c1(x)))
         g = F.hardsigmoid(self.se2(torch.tanh(self.se1(F.adaptive_avg_pool2d(h, 1)))))
         h = h * g
-        h = h + self.gamma * torch.sigmoid(self.c2(h))
+        h = h + self.gamma.view(-1, 1, 1) * torch.sigmoid(self.c2(h))  # a scale computed from a parameter
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
 
 
@@ -172,6 +172,23 @@ def test_layers_named_by_module_path_and_channels_last_linear_is_a_neuron_layer(
     np.testing.assert_allclose(blocks[(3, 4)], post * m.scale.detach().abs().double().numpy()[None, :])
     np.testing.assert_allclose(blocks[(0, 4)], post)      # the stem writes to the same stream
     assert set(blocks) == {(0, 1), (1, 2), (2, 3), (3, 4), (0, 4)}
+
+
+def test_gate_units_are_neuron_layers_and_gated_channels_reach_the_next_layer():
+    m = SEBlockNet()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8))
+    assert a.layer_names == ["c1", "se1", "se2", "c2"]
+    # lesions: c1's channels are zeroed where they enter the GroupNorm, the gate's where they enter the product
+    sinks = a.structure.sinks
+    assert [(s.kind, s.user.name) for s in sinks[a.layer_node(0)]] == [("mask", "gn")]
+    assert [(s.kind, str(s.user.target)) for s in sinks[a.layer_node(2)]] == [("mask", "aten.mul.Tensor")]
+    blocks = {(i, j): b for i, j, b in a.weight_blocks()}
+    assert set(blocks) == {(0, 1), (1, 2), (0, 3), (2, 3)}   # the gated channels (and the gate) reach c2
+    with torch.no_grad():
+        c2 = m.c2.weight.abs().double().sum((2, 3)).numpy()
+        gn = m.gn.weight.abs().double().numpy()
+    np.testing.assert_allclose(blocks[(0, 3)], c2 * gn[None, :])
+    np.testing.assert_allclose(blocks[(2, 3)], c2)
 
 
 def test_grouped_conv_edges_exist_only_within_groups():

@@ -36,6 +36,7 @@ from torch import fx, nn
 
 from modlens.core.graph import CONV_EDGE_NORMS, kernel_slice_norms
 from modlens.nn._bn import bn_scale
+from modlens.nn._fx import extract
 from modlens.nn._ops import Route
 from modlens.nn._registry import BATCH_NORMS, NORMS
 
@@ -61,15 +62,18 @@ def consumer_edges(consumer: nn.Module, route: Route, n_source: int, norm: str, 
     return slices[:, local] * same
 
 
-def _param_scale(node: fx.Node, gm: fx.GraphModule, route: Route, n_source: int) -> np.ndarray | None:
+def _param_scale(node: fx.Node, structure, route: Route, n_source: int) -> np.ndarray | None:
     """|p| per source channel for ``p * x`` (a layer scale or a constant), or None."""
     values = []
     for a in node.args:
         if isinstance(a, fx.Node) and a.op == "get_attr":
-            values.append(_attr(gm, a.target))
+            values.append(_attr(structure.gm, a.target))
+        elif isinstance(a, fx.Node) and a not in structure.dynamic and not structure.is_shape(a):
+            with torch.no_grad():   # computed from parameters only, e.g. gamma.view(1, -1, 1, 1)
+                values.append(extract(structure.gm, [], [a])())
         elif isinstance(a, (int, float)):
             values.append(torch.tensor(float(a)))
-    if len(values) != 1:
+    if len(values) != 1 or not isinstance(values[0], torch.Tensor):
         return None
     p = values[0].detach().double().cpu()
     if p.numel() == 1:
@@ -93,7 +97,7 @@ def _attr(gm, target: str):
 def channel_scale(node: fx.Node, route: Route, n_source: int, structure, bn_fold: str) -> np.ndarray | None:
     """The scale of one node met on a weight walk, per source channel, or None (no scale)."""
     if node.op != "call_module":
-        return _param_scale(node, structure.gm, route, n_source)
+        return _param_scale(node, structure, route, n_source)
     m = structure.module(node)
     if isinstance(m, BATCH_NORMS):
         if bn_fold != "paper" or m.running_var is None:

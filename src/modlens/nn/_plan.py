@@ -163,7 +163,7 @@ class LesionPlan:
             for a in node.all_input_nodes:
                 if a in pull or a in stop or a in frontier:
                     continue
-                if a.op == "get_attr" or self.structure.is_shape(a):
+                if a.op == "get_attr" or self.structure.is_shape(a) or a not in self.structure.dynamic:
                     pull.add(a)          # parameters and sizes are recomputed by the tail
                     todo.append(a)
                 else:

@@ -12,9 +12,7 @@ layer's output the walk follows the operations of :mod:`modlens.nn._registry` an
   sample: a residual addition, a LayerNorm/GroupNorm/RMSNorm, a gate ``x * g(x)``. A lesioned
   channel is zeroed where it enters it, and everything after is recomputed.
 
-Footnote 1 of the paper treats the inputs a unit gives to several layers as separate neurons;
-modlens keeps one neuron per output channel of a layer and removes it from every sink at once.
-Weight walks (``mode="weights"``) continue through additions, normalizations and gates and
+A neuron is removed from every sink at once (footnote 1 of the paper). Weight walks (``mode="weights"``) continue through additions, normalizations and gates and
 record the per-channel scales they pass (batch norms, normalization gammas, layer scales), so
 a conv that reads the residual stream is joined to every layer that writes to it.
 """
@@ -48,6 +46,7 @@ class Structure:
         self.leaf_types = tuple(l for l in leaf_modules if isinstance(l, type))
         self.shapes = shapes or _meta_shapes(gm)
         self.live = _ancestors_of(output) | {output}
+        self.dynamic = _descendants_of(input_node)   # values that depend on the input (not constants)
         self._kind: dict[fx.Node, str] = {}
         self._shape: dict[fx.Node, bool] = {}
         self._check_weight_layers()
@@ -94,7 +93,8 @@ class Structure:
         return self._shape[node]
 
     def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
-        return [a for a in node.all_input_nodes if not self.is_shape(a) and a.op != "get_attr"]
+        """Inputs that carry data (not sizes, parameters, or values computed from parameters only)."""
+        return [a for a in node.all_input_nodes if not self.is_shape(a) and a in self.dynamic]
 
     def kind(self, node: fx.Node) -> str:
         """What ``node`` is for a channel arriving at it (see :mod:`modlens.nn._registry`)."""
@@ -311,7 +311,7 @@ class Structure:
                     f"{self.describe(user)} flattens a channels-last value after layer '{start.target}'; modlens "
                     "follows channel-major flattening only (permute to channels-first before flattening)"
                 )
-            return Route(route.offset, self.channels(self._input_of(user)), True, 2, 1)
+            return Route(route.offset, self.channels((self.tensor_inputs(user) or [user.args[0]])[0]), True, 2, 1)
         if kind == "permute":
             if route.flat:
                 raise UnsupportedModelError(f"{self.describe(user)} permutes a flattened value after layer "
@@ -340,10 +340,6 @@ class Structure:
         if nd_out is not None and not route.flat and nd_out != route.ndim:
             return Route(route.offset, route.channels, False, nd_out, route.dim)
         return route
-
-    def _input_of(self, node: fx.Node) -> fx.Node:
-        ins = self.tensor_inputs(node)
-        return ins[0] if ins else node.args[0]
 
     def _check_layout(self, start, user, route: Route) -> None:
         consumer = self.module(user)
@@ -415,6 +411,16 @@ def _meta_shapes(gm: fx.GraphModule) -> dict:
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
             out[n] = tuple(int(s) if isinstance(s, int) else s for s in v.shape[1:])
     return out
+
+
+def _descendants_of(node: fx.Node) -> set[fx.Node]:
+    seen, todo = {node}, [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
 
 
 def _ancestors_of(node) -> set[fx.Node]:
