@@ -387,3 +387,41 @@ def test_planted_modules_are_recovered_and_detected(case):
     row = res.summary.set_index(["partitioning", "metric"]).loc[("weights/global", "acc_drop")]
     assert row["n_subclusters"] == 12
     assert row["p_value"] < 1e-4 and row["significant"]
+
+
+# ----- rows 1-3 of the notes reachable from partition, analyze and the CLI -------------------------
+def test_graph_options_reach_the_adapter_from_partition_analyze_and_cli(monkeypatch):
+    from modlens.cli import _analysis_kwargs, build_parser
+
+    seen = []
+    blocks = NetworkAdapter.weight_blocks
+    summaries = NetworkAdapter.activation_summaries
+
+    def spy_blocks(self, **kw):
+        seen.append(("blocks", kw.get("conv_edge"), kw.get("bn_fold")))
+        return blocks(self, **kw)
+
+    def spy_summaries(self, batches, **kw):
+        seen.append(("acts", kw.get("reduce")))
+        return summaries(self, batches, **kw)
+
+    monkeypatch.setattr(NetworkAdapter, "weight_blocks", spy_blocks)
+    monkeypatch.setattr(NetworkAdapter, "activation_summaries", spy_summaries)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    x = torch.randn(30, 2, 8, 8)
+    y = model(x).argmax(-1)
+    modlens.partition(model, "activations/global", n_clusters=2, data=x, conv_edge="matrix_1_norm",
+                      act_reduce="matrix_1_norm", bn_fold="original")
+    assert ("blocks", "matrix_1_norm", "original") in seen and ("acts", "matrix_1_norm") in seen
+    seen.clear()
+    modlens.analyze(model, (x, y), activation_data=torch.randn(30, 2, 8, 8), n_clusters=2, n_random=1,
+                    partitionings=["weights/global", "activations/global"], bn_fold="none", conv_edge="matrix_1_norm",
+                    act_reduce="matrix_1_norm")
+    assert ("blocks", "matrix_1_norm", "none") in seen and ("acts", "matrix_1_norm") in seen
+    with pytest.raises(ValueError, match="bn_fold"):
+        modlens.analyze(model, (x, y), bn_fold="folded")
+    args = build_parser().parse_args(["analyze", "m", "--out", "o", "--bn-fold", "original", "--conv-edge",
+                                      "matrix_1_norm", "--act-reduce", "matrix_1_norm"])
+    kw = _analysis_kwargs(args)
+    assert (kw["bn_fold"], kw["conv_edge"], kw["act_reduce"]) == ("original", "matrix_1_norm", "matrix_1_norm")
