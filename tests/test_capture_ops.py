@@ -96,7 +96,19 @@ class ConvNeXtLike(nn.Module):
         return self.head(self.head_norm(x.mean((-2, -1))))
 
 
+class TokenMLP(nn.Module):
+    """Per-position Linear layers over (B, T, C) with a LayerNorm, averaged over T."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2, self.head = nn.Linear(6, 12), nn.LayerNorm(12), nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc2(F.gelu(self.norm(self.fc1(x))))).mean(1))
+
+
 FAMILIES = {
+    "tokens-bt-c": (TokenMLP, (5, 6)),
     "depthwise-relu6": (lambda: DepthwiseSeparable(nn.ReLU6), (3, 8, 8)),
     "depthwise-hardswish": (lambda: DepthwiseSeparable(nn.Hardswish), (3, 8, 8)),
     "layernorm-rmsnorm-mlp": (NormMLP, (6,)),
