@@ -65,7 +65,8 @@ def main() -> None:
                                                 "dataset": {"name": "mnist", "data_seed": 0, "activation_split": {
                                                     "split": "train", "n_total": info["n_total"], "n_val": info["n_val"],
                                                     "val_seed": info["val_seed"]}}})
-    adapter = MLPAdapter(model)
+    adapter = MLPAdapter(model, x[:2])  # captured with torch.export at the data's shape, as analyze does
+    print(f"capture: {adapter.capture_method}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(y)} test images")
 
     # spectral clustering time, both solvers, on the weight graph

@@ -185,11 +185,12 @@ def test_bn_fold_matches_a_numerically_folded_conv(conv_cls):
     fused = fold_into_conv(conv, bn)
     x = torch.randn(4, 3, *([7, 6] if conv_cls is nn.Conv2d else [9]), dtype=torch.float64)
     torch.testing.assert_close(fused(x), bn(conv(x)))
-    # the weight graph's edges into the normalized channels are the L1 norms of the folded kernel slices
+    # bn_fold="original" (row 3): the edges into the normalized channels are the L1 norms of the
+    # folded kernel slices (the paper's default reading is tested in test_capture_ops.py)
     first = conv_cls(2, 3, 3, padding=1).double()
     pool = nn.AdaptiveAvgPool2d(1) if conv_cls is nn.Conv2d else nn.AdaptiveAvgPool1d(1)
     model = nn.Sequential(first, nn.ReLU(), conv, bn, nn.ReLU(), pool, nn.Flatten(), nn.Linear(5, 2)).double()
-    blocks = NetworkAdapter(model).weight_blocks()
+    blocks = NetworkAdapter(model).weight_blocks(bn_fold="original")
     assert [(i, j) for i, j, _ in blocks] == [(0, 1)]
     expected = fused.weight.detach().abs().reshape(5, 3, -1).sum(-1).numpy()
     np.testing.assert_allclose(blocks[0][2], expected, rtol=1e-12)

@@ -28,6 +28,12 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["incremental", "plain"], default="incremental",
                    help="lesion evaluation path; 'plain' is the slow one-lesion-per-pass reference")
     p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate for Benjamini-Hochberg")
+    p.add_argument("--conv-edge", choices=["l1", "matrix_1_norm"], default="l1",
+                   help="conv weight-graph edge: L1 norm of the kernel slice, or the original code's matrix 1-norm (notes row 1)")
+    p.add_argument("--act-reduce", choices=["l1", "matrix_1_norm"], default="l1",
+                   help="conv channel activation summary: L1 norm of the map, or the original's matrix 1-norm (notes row 2)")
+    p.add_argument("--bn-fold", choices=["paper", "original", "none"], default="paper",
+                   help="batch-norm scale on the edges out of the normalized channel (paper), into it (original), or none (notes row 3)")
     _add_vis_options(p)
 
 
@@ -51,7 +57,8 @@ def _vis_kwargs(a) -> dict:
 def _analysis_kwargs(a) -> dict:
     return dict(n_clusters=a.n_clusters, n_random=a.n_random, random_state=a.seed, partitionings=a.partitionings,
                 accuracy=a.accuracy, class_range=a.class_range, ties=a.ties, effect_rule=a.effect_rule,
-                engine=a.engine, alpha=a.alpha, **_vis_kwargs(a))
+                engine=a.engine, alpha=a.alpha, conv_edge=a.conv_edge, act_reduce=a.act_reduce, bn_fold=a.bn_fold,
+                **_vis_kwargs(a))
 
 
 def build_parser() -> argparse.ArgumentParser:

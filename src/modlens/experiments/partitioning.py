@@ -26,7 +26,7 @@ from modlens.core import clustering, graph
 from modlens.core.partition import UNCLUSTERED, Partition
 from modlens.core.rng import as_generator, int_seed
 from modlens.nn import _spearman
-from modlens.nn._fx import module_device_dtype
+from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS
 from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.inputs import as_inputs, batches
 
@@ -41,6 +41,23 @@ def method_seed(random_state: int, method: str, stream: int = 0) -> np.random.Se
     return np.random.SeedSequence([int(random_state), _METHOD_IDS.get(method, len(METHODS)), stream])
 
 
+def check_graph_options(*, conv_edge: str = "l1", bn_fold: str = "paper", act_reduce: str = "l1") -> None:
+    """Fail fast on a wrong graph option (rows 1-3 of the notes)."""
+    for name, value, choices in (("conv_edge", conv_edge, graph.CONV_EDGE_NORMS), ("bn_fold", bn_fold, BN_FOLDS),
+                                 ("act_reduce", act_reduce, ACT_REDUCTIONS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def make_adapter(model, data=None, *, input_name: str | None = None, output=None,
+                 name: str = "data") -> NetworkAdapter:
+    """The model's adapter, captured at the shape of ``data`` (inputs or (inputs, labels)) when given."""
+    if isinstance(model, NetworkAdapter):
+        return model
+    example = None if data is None else as_inputs(data, name=name)
+    return NetworkAdapter(model, example, input_name=input_name, output=output, example_name=name)
+
+
 def check_method(method: str) -> tuple[str, str]:
     if method not in METHODS:
         raise ValueError(f"unknown partitioning method {method!r}; choose one of {', '.join(METHODS)}")
@@ -51,22 +68,24 @@ def check_method(method: str) -> tuple[str, str]:
 class Partitioner:
     """Builds each graph once and clusters it by any of the four methods.
 
-    ``conv_edge`` (``"l1"`` or ``"matrix_1_norm"``, row 1), ``fold_bn`` (row 3) and
-    ``act_reduce`` (``"l1"`` or ``"matrix_1_norm"``, row 2) choose how conv channels enter the
-    graphs; they do not affect MLPs.
+    ``conv_edge`` (``"l1"`` or ``"matrix_1_norm"``, row 1), ``bn_fold`` (``"paper"``,
+    ``"original"`` or ``"none"``, row 3; ``fold_bn=True/False`` is the older spelling of
+    ``"original"``/``"none"``) and ``act_reduce`` (``"l1"`` or ``"matrix_1_norm"``, row 2) choose
+    how conv channels and normalizations enter the graphs.
     """
 
     def __init__(self, adapter: NetworkAdapter, *, activation_data=None, n_clusters: int = 16,
                  random_state: int = 0, batch_size: int = 2048, conv_edge: str = "l1",
-                 fold_bn: bool = True, act_reduce: str = "l1"):
+                 bn_fold: str = "paper", act_reduce: str = "l1", fold_bn: bool | None = None):
         self.adapter = adapter
         self.n_clusters = int(n_clusters)
         self.random_state = random_state
         self._activation_data = activation_data
         self._batch_size = batch_size
         self._conv_edge = conv_edge
-        self._fold_bn = fold_bn
+        self._bn_fold = bn_fold if fold_bn is None else ("original" if fold_bn else "none")
         self._act_reduce = act_reduce
+        check_graph_options(conv_edge=conv_edge, bn_fold=self._bn_fold, act_reduce=act_reduce)
         self._graphs: dict[str, tuple] = {}
         self._cache: dict[str, Partition] = {}
         if self.n_clusters < 2:
@@ -82,7 +101,7 @@ class Partitioner:
         """(node-layer sizes, weight blocks, hidden node layers, neighbours of each node layer)."""
         if "structure" not in self._graphs:
             sizes = self.adapter.node_layer_sizes()
-            blocks = self.adapter.weight_blocks(conv_edge=self._conv_edge, fold_bn=self._fold_bn)
+            blocks = self.adapter.weight_blocks(conv_edge=self._conv_edge, bn_fold=self._bn_fold)
             hidden = self.adapter.hidden_node_layers()
             self._graphs["structure"] = (sizes, blocks, hidden, graph.layer_neighbours(len(sizes), blocks))
         return self._graphs["structure"]
@@ -100,7 +119,8 @@ class Partitioner:
                         "as a held-out split that is not the lesion test set"
                     )
                 x = as_inputs(self._activation_data, name="activation data")
-                device, dtype = module_device_dtype(self.adapter.model)
+                self.adapter.check_input(x, "activation data")
+                device, dtype = self.adapter.device, self.adapter.dtype
                 size = self.adapter.batch_size_for(x, self._batch_size)
                 on_gpu = device.type != "cpu"
                 acts = self.adapter.activation_summaries(batches(x, size, device=device, dtype=dtype),
@@ -196,17 +216,22 @@ def _hidden_ncut(adj, sizes, hidden, labels, *, distinct_per_layer: bool) -> flo
 
 
 def partition(model, method: str, *, n_clusters: int = 16, data=None, random_state: int = 0,
-              conv_edge: str = "l1") -> Partition:
-    """Partition the hidden neurons of ``model`` (any ``torch.nn.Module`` whose layers modlens
-    can trace: MLPs, CNNs, residual networks; for CNNs the conv channels).
+              conv_edge: str = "l1", act_reduce: str = "l1", bn_fold: str = "paper",
+              input_name: str | None = None, output=None) -> Partition:
+    """Partition the hidden neurons of ``model`` (any ``torch.nn.Module`` modlens can capture:
+    MLPs, CNNs, residual, grouped/depthwise and normalized networks; for CNNs the conv channels).
 
     ``method`` is one of ``"weights/global"``, ``"weights/local"``, ``"activations/global"``,
     ``"activations/local"``. Activation methods need ``data``: inputs (or an
-    ``(inputs, labels)`` pair, or a DataLoader) of a held-out split. Returns a
+    ``(inputs, labels)`` pair, or a DataLoader) of a held-out split; when given, the model is
+    captured with ``torch.export`` at the data's shape. ``input_name`` passes the input as a
+    keyword (``"pixel_values"`` for Hugging Face models), ``output`` selects the logits.
+    ``conv_edge``, ``act_reduce`` and ``bn_fold`` are rows 1-3 of the notes. Returns a
     :class:`~modlens.core.partition.Partition` with integer labels for every neuron of every
     hidden layer, in forward order (``-1`` for neurons with no edges).
     """
     check_method(method)
-    adapter = model if isinstance(model, NetworkAdapter) else NetworkAdapter(model)
+    check_graph_options(conv_edge=conv_edge, bn_fold=bn_fold, act_reduce=act_reduce)
+    adapter = make_adapter(model, data, input_name=input_name, output=output, name="activation data")
     return Partitioner(adapter, activation_data=data, n_clusters=n_clusters, random_state=random_state,
-                       conv_edge=conv_edge).partition(method)
+                       conv_edge=conv_edge, act_reduce=act_reduce, bn_fold=bn_fold).partition(method)

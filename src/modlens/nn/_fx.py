@@ -59,7 +59,8 @@ class _Tracer(fx.Tracer):
 def _user_frame(exc: BaseException) -> str:
     """'file:line: source' of the innermost traceback frame outside torch (the user's code)."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not str(Path(f.filename).resolve()).startswith(_TORCH_DIR) and f.name != "call_module"]
+              if not str(Path(f.filename).resolve()).startswith(_TORCH_DIR) and f.name != "call_module"
+              and not f.filename.endswith("_capture.py")]
     if not frames:
         return ""
     f = frames[-1]
@@ -67,7 +68,7 @@ def _user_frame(exc: BaseException) -> str:
     return f", at {Path(f.filename).name}:{f.lineno} in {f.name}()" + (f": `{line}`" if line else "")
 
 
-def trace(model: nn.Module, leaf_modules: Iterable = ()) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Iterable = (), name: str | None = None, prefix: str = "model.") -> fx.GraphModule:
     """Symbolically trace ``model`` with torch.fx; on failure raise :class:`ModelTraceError`
     naming the submodule and source line that could not be traced and how to wrap it."""
     tracer = _Tracer(leaf_modules)
@@ -76,19 +77,20 @@ def trace(model: nn.Module, leaf_modules: Iterable = ()) -> fx.GraphModule:
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         where = ""
-        inner = [s for s in (tracer.failed_in or []) if s[0] not in ("", "?")]
+        inner = [(s[0][len(prefix):] if s[0].startswith(prefix) else s[0], s[1])
+                 for s in (tracer.failed_in or []) if s[0] not in ("", "?", prefix.rstrip("."))]
         if inner:
             name, kind = inner[-1]
             where = f" inside submodule '{name}' ({kind})"
         hint = (f"pass leaf_modules=['{inner[-1][0]}'] to the adapter to keep it opaque (allowed when it acts "
                 "on each channel separately, like an activation), or " if inner else "")
         raise ModelTraceError(
-            f"modlens could not trace {type(model).__name__}.forward with torch.fx{where}: {msg}"
+            f"modlens could not trace {name or type(model).__name__}.forward with torch.fx{where}: {msg}"
             f"{_user_frame(exc)}. Data-dependent Python control flow cannot be traced: {hint}move it into a "
             "submodule and mark that submodule as a leaf, or pass modlens a module whose forward is a plain "
             "sequence of layers."
         ) from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return fx.GraphModule(tracer.root, graph, name or type(model).__name__)
 
 
 def ancestors(outputs: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
@@ -134,6 +136,8 @@ def extract(
     cloned (or reduced) right after it is computed, before any later, possibly in-place,
     operation can modify it. Returns a tuple when several outputs are asked for.
     """
+    posts = list(post) if isinstance(post, (list, tuple)) else [post] * len(outputs)
+    post_of = {o: p for o, p in zip(outputs, posts)}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i, node in enumerate(inputs):
@@ -152,13 +156,16 @@ def extract(
             )
         env[node] = graph.node_copy(node, lambda a: env[a])
         if node in outputs:
-            if post is not None:
-                finals[node] = graph.call_function(post, (env[node],))
-            elif clone_outputs:
+            if post_of.get(node) is not None:
+                finals[node] = graph.call_function(post_of[node], (env[node],))
+                if clone_outputs:
+                    finals[node] = graph.call_method("clone", (finals[node],))
+            elif clone_outputs or post is not None:
                 finals[node] = graph.call_method("clone", (env[node],))
     result = [finals.get(o, env[o]) for o in outputs]
-    if post is not None:  # outputs that are also inputs still get reduced
-        result = [graph.call_function(post, (r,)) if o in env and o in inputs else r for o, r in zip(outputs, result)]
+    # outputs that are also inputs still get reduced
+    result = [graph.call_function(p, (r,)) if p is not None and o in inputs else r
+              for o, r, p in zip(outputs, result, posts)]
     graph.output(result[0] if len(result) == 1 else tuple(result))
     return fx.GraphModule(gm, graph)
 

@@ -7,8 +7,9 @@ cuts the model's graph there:
 * a *correction* for every consumer layer: its cached output minus the low-rank term of the
   removed input channels, ``conv(u[:, S], W[:, S])`` (or ``u[:, S] @ W[:, S].T``), many sets
   at once through a grouped convolution (or a batched matrix product);
-* a *mask* for every value entering a residual addition: the cached value with the channels
-  zeroed;
+* a *mask* for every value entering an operation that is recomputed (a residual addition, a
+  normalization, a gate, a grouped conv, a per-position Linear): the cached value with the
+  channels zeroed;
 * the *frontier*: cached values the rest of the network needs that the lesion does not
   change (the skip branch of a residual block).
 
@@ -30,9 +31,19 @@ from modlens.nn import _fx
 from modlens.nn._structure import Route, Structure, UnsupportedModelError
 
 
-def channel_mask(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``value`` with dimension 1 multiplied by ``keep`` (1 = kept, 0 = lesioned)."""
-    return value * keep.view(1, -1, *([1] * (value.dim() - 2)))
+def channel_mask(value: torch.Tensor, keep: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``value`` with dimension ``dim`` multiplied by ``keep`` (1 = kept, 0 = lesioned)."""
+    shape = [1] * value.dim()
+    shape[dim] = -1
+    return value * keep.view(shape)
+
+
+def incremental(module: nn.Module, route: Route) -> bool:
+    """Whether a lesion's effect on ``module``'s output can be subtracted as a low-rank term
+    (dense Linear, ungrouped conv); otherwise its input is masked and it is recomputed."""
+    if isinstance(module, nn.Linear):
+        return route.ndim == 2
+    return module.groups == 1
 
 
 def _indices(routes: list[Route], sets: np.ndarray, width: int, where: str) -> np.ndarray:
@@ -81,7 +92,8 @@ class Correction:
 
 @dataclass
 class Mask:
-    """A value that enters residual additions carrying the lesioned channels."""
+    """A value carrying the lesioned channels into operations that are recomputed: residual
+    additions, normalizations, gates, grouped convs and per-position Linears."""
 
     value: fx.Node
     routes: list[Route]
@@ -97,7 +109,7 @@ class LesionPlan:
         corrections: dict[fx.Node, Correction] = {}
         masks: dict[fx.Node, Mask] = {}
         for sink in structure.sinks[layer]:
-            if sink.kind == "layer":
+            if sink.kind == "layer" and incremental(structure.module(sink.user), sink.route):
                 c = corrections.setdefault(sink.user, Correction(sink.user, structure.module(sink.user), sink.value, []))
                 if sink.route not in c.routes:
                     c.routes.append(sink.route)
@@ -109,6 +121,10 @@ class LesionPlan:
                     m.joins.append(sink.user)
         self.corrections = list(corrections.values())
         self.masks = list(masks.values())
+        for m in self.masks:
+            if len({r.dim for r in m.routes}) != 1:
+                raise UnsupportedModelError(f"layer '{layer.target}' reaches '{m.value.name}' along two dimensions")
+        self._check_independent(structure, layer)
         self.cuts = [c.consumer for c in self.corrections] + [m.value for m in self.masks]
         output = structure.output
         self.frontier, self.tail_nodes = self._frontier(output)
@@ -119,6 +135,18 @@ class LesionPlan:
         self.probe_outputs = probe_outputs
         self.probe = _fx.extract(gm, [structure.input], probe_outputs, clone_outputs=True)
         self.tail = _fx.extract(gm, self.cuts + self.frontier, [output])
+
+    def _check_independent(self, structure: Structure, layer: fx.Node) -> None:
+        """Each cut value must depend on the lesion only through the layer's own channel-wise
+        chain; a value reached also through another sink (e.g. a concatenation of x with f(x))
+        cannot be patched from the cache."""
+        entries = {c.consumer for c in self.corrections} | {j for m in self.masks for j in m.joins}
+        for value in [c.value for c in self.corrections] + [m.value for m in self.masks]:
+            if _fx.ancestors([value], set()) & entries:
+                raise UnsupportedModelError(
+                    f"lesions of layer '{layer.target}' reach '{value.name}' through two paths (a concatenation "
+                    "of a value with a function of itself); modlens cannot lesion this layer yet"
+                )
 
     def _frontier(self, output: fx.Node) -> tuple[list[fx.Node], set[fx.Node]]:
         """Unchanged values the tail needs, and the nodes the tail recomputes."""
@@ -135,7 +163,7 @@ class LesionPlan:
             for a in node.all_input_nodes:
                 if a in pull or a in stop or a in frontier:
                     continue
-                if a.op == "get_attr" or self.structure.is_shape(a):
+                if a.op == "get_attr" or self.structure.is_shape(a) or a not in self.structure.dynamic:
                     pull.add(a)          # parameters and sizes are recomputed by the tail
                     todo.append(a)
                 else:
@@ -147,7 +175,8 @@ class LesionPlan:
     def indices(self, sets: np.ndarray, shapes: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per correction and per mask, (n_sets, k) index arrays of the lesioned entries."""
         corr = [c.indices(sets) for c in self.corrections]
-        mask = [_indices(m.routes, sets, shapes[m.value][0], f"addition '{m.joins[0].name}'") for m in self.masks]
+        mask = [_indices(m.routes, sets, shapes[m.value][m.routes[0].dim - 1], f"'{m.joins[0].name}'")
+                for m in self.masks]
         return corr, mask
 
     def tail_inputs(self, cached: dict, corr_idx: list[torch.Tensor], mask_idx: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -160,9 +189,12 @@ class LesionPlan:
             inputs.append(z_new.reshape(-1, *z.shape[1:]))
         for m, idx in zip(self.masks, mask_idx):
             v = cached[m.value]
-            keep = torch.ones(n_sets, v.shape[1], dtype=v.dtype, device=v.device)
+            dim = m.routes[0].dim
+            keep = torch.ones(n_sets, v.shape[dim], dtype=v.dtype, device=v.device)
             keep.scatter_(1, idx, 0.0)
-            masked = v.unsqueeze(0) * keep.view(n_sets, 1, v.shape[1], *([1] * (v.dim() - 2)))
+            shape = [n_sets] + [1] * v.dim()
+            shape[1 + dim] = v.shape[dim]
+            masked = v.unsqueeze(0) * keep.view(shape)
             inputs.append(masked.reshape(-1, *v.shape[1:]))
         for f in self.frontier:  # always a copy: the tail may modify its inputs in place
             v = cached[f]

@@ -107,8 +107,10 @@ class LinearSkip:
                     acts.append(m)
                 else:
                     return None
-            elif n.op == "call_function" and n.target in (torch.relu, F.relu) and len(n.args) == 1 and not n.kwargs:
+            elif n.op == "call_function" and n.target in (torch.relu, F.relu, torch.ops.aten.relu.default) and len(n.args) == 1 and not n.kwargs:
                 acts.append(torch.relu)
+            elif n.op == "call_function" and n.target is torch.ops.aten.dropout.default and n.args[2] is False:
+                acts.append(nn.Identity())       # dropout of an exported graph in eval
             else:
                 return None
             prev = n

@@ -1,22 +1,20 @@
-"""Neuron layers of a traced model and where each layer's channels go (paper section 3.1).
+"""Neuron layers of a captured model and where each layer's channels go (paper section 3.1).
 
-Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` call in the torch.fx graph is a layer;
-the one producing the model output is the *output layer*, the others are *neuron layers*
-with one neuron per unit or channel. From a layer's output the walk follows operations that
-keep each channel separate (activations, batch norm, pooling, dropout, identity, flatten,
-reshape, scalar arithmetic) and concatenations along the channel dimension, and ends at
+Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` call of the captured graph (grouped and
+depthwise convolutions included; a Linear over the last dimension of a ``(B, H, W, C)`` or
+``(B, T, C)`` value is a per-position layer) is a layer; the one producing the model output is
+the *output layer*, the others are *neuron layers* with one neuron per unit or channel. From a
+layer's output the walk follows the operations of :mod:`modlens.nn._registry` and ends at
 *sinks*:
 
 * ``layer`` sinks: the input of a Linear/Conv that reads the channel (its *consumer*);
-* ``join`` sinks: an input of a residual addition (``a + b``, ``a - b``).
+* ``mask`` sinks (lesion walks): an operation that mixes the channel with other values per
+  sample: a residual addition, a LayerNorm/GroupNorm/RMSNorm, a gate ``x * g(x)``. A lesioned
+  channel is zeroed where it enters it, and everything after is recomputed.
 
-Footnote 1 of the paper treats the inputs a unit gives to several layers as separate
-neurons; modlens keeps one neuron per output channel of a layer and removes it from every
-sink at once (all consumers, all joins). A residual addition is not a layer: its output
-mixes channel ``c`` of every addend, so the identity path of ``x + f(x)`` carries no neuron
-of its own, and lesioning channel ``c`` of ``f``'s last conv zeroes only that addend.
-For the weight graph the walk also passes through additions, so a conv that reads the
-residual stream is joined to every layer that writes to it.
+A neuron is removed from every sink at once (footnote 1 of the paper). Weight walks (``mode="weights"``) continue through additions, normalizations and gates and
+record the per-channel scales they pass (batch norms, normalization gammas, layer scales), so
+a conv that reads the residual stream is joined to every layer that writes to it.
 """
 
 from __future__ import annotations
@@ -24,31 +22,35 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from modlens.nn._ops import (
-    ACTIVATION_MODULES, BATCH_NORMS, CAT_FUNCTIONS, FINAL_FUNCTIONS, FINAL_METHODS, FINAL_MODULES,
-    FLATTEN_FUNCTIONS, FLATTEN_METHODS, JOIN_FUNCTIONS, JOIN_METHODS, OTHER_WEIGHT_LAYERS, PASS_MODULES,
-    POOL_MODULES, SCALAR_FUNCTIONS, SCALAR_METHODS, SHAPE_METHODS, SIZE_ARITHMETIC, UNARY_FUNCTIONS,
-    UNARY_METHODS, CONV_TYPES, LAYER_TYPES, Route, Sink, UnsupportedModelError, is_bn,
+from modlens.nn._ops import Route, Sink, UnsupportedModelError
+from modlens.nn._registry import (
+    ATTENTION_MODULES, BATCH_NORMS, CONV_TYPES, LAYER_TYPES, OTHER_WEIGHT_LAYERS, PASSING, SHAPE_FUNCTIONS,
+    SHAPE_METHODS, SIZE_ARITHMETIC, handler_kind, is_bn, refine_arith,
 )
+
+_FOLLOW = ("unary", "bn", "scale", "flatten", "permute", "mean")
+_MIXING = ("join", "gate", "norm")
 
 
 class Structure:
-    """What modlens needs to know about a traced model's layers and their connections."""
+    """What modlens needs to know about a captured model's layers and their connections."""
 
-    def __init__(self, gm: fx.GraphModule, input_node: fx.Node, output: fx.Node, leaf_modules: Iterable = ()):
+    def __init__(self, gm: fx.GraphModule, input_node: fx.Node, output: fx.Node, leaf_modules: Iterable = (),
+                 shapes: dict | None = None):
         self.gm = gm
         self.input = input_node
         self.output = output
         self.leaf_names = {l for l in leaf_modules if isinstance(l, str)}
         self.leaf_types = tuple(l for l in leaf_modules if isinstance(l, type))
-        self.live = _live(output)
-        self._chan: dict[fx.Node, int | None] = {}
+        self.shapes = shapes or _meta_shapes(gm)
+        self.live = _ancestors_of(output) | {output}
+        self.dynamic = _descendants_of(input_node)   # values that depend on the input (not constants)
+        self._kind: dict[fx.Node, str] = {}
         self._shape: dict[fx.Node, bool] = {}
         self._check_weight_layers()
-        nodes = [n for n in gm.graph.nodes if n in self.live and self._is_layer(n)]
+        nodes = [n for n in gm.graph.nodes if n in self.live and self.kind(n) == "layer"]
         if not nodes:
             raise UnsupportedModelError(
                 f"{type(gm).__name__} has no nn.Linear or nn.Conv1d/Conv2d layer whose output reaches the model "
@@ -57,284 +59,314 @@ class Structure:
         self.output_layer = self._find_output_layer()
         self.layer_nodes = [n for n in nodes if n is not self.output_layer]
         self.all_nodes = nodes
-        self.sinks = {n: self.walk(n, through_joins=False) for n in self.layer_nodes}
+        self.sinks = {n: self.walk(n) for n in self.layer_nodes}
 
     # ----- classification ----------------------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
 
-    def _is_layer(self, node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(self.module(node), LAYER_TYPES)
+    def ndim(self, node) -> int | None:
+        s = self.shapes.get(node)
+        return None if s is None else len(s) + 1
 
     def _is_leaf(self, node: fx.Node) -> bool:
         if node.op != "call_module":
             return False
         return node.target in self.leaf_names or bool(self.leaf_types and isinstance(self.module(node), self.leaf_types))
 
-    def _check_weight_layers(self) -> None:
-        targets: dict[str, int] = {}
-        for node in self.gm.graph.nodes:
-            if node not in self.live:
-                continue
-            if node.op == "call_module":
-                mod = self.module(node)
-                if isinstance(mod, OTHER_WEIGHT_LAYERS):
-                    raise UnsupportedModelError(
-                        f"unsupported layer '{node.target}' ({type(mod).__name__}): modlens finds neurons in "
-                        "nn.Linear, nn.Conv1d and nn.Conv2d layers joined by channel-wise operations"
-                    )
-                if isinstance(mod, LAYER_TYPES):
-                    targets[node.target] = targets.get(node.target, 0) + 1
-                    if targets[node.target] > 1:
-                        raise UnsupportedModelError(
-                            f"layer '{node.target}' is called more than once in forward (shared weights); "
-                            "modlens needs every layer to be used once"
-                        )
-                    if isinstance(mod, CONV_TYPES) and mod.groups != 1:
-                        raise UnsupportedModelError(
-                            f"grouped convolution '{node.target}' ({type(mod).__name__}, groups={mod.groups}) is "
-                            "not supported: its channels do not all read the same inputs; use groups=1"
-                        )
-            elif node.op == "call_function" and node.target in (F.linear, F.conv1d, F.conv2d, F.conv3d, F.bilinear):
-                raise UnsupportedModelError(
-                    f"unsupported functional layer '{node.name}' ({node.target.__name__}): use nn.Linear / "
-                    "nn.Conv modules so that modlens can find the layer's weights"
-                )
-
     def is_shape(self, node) -> bool:
         """Whether ``node`` computes sizes rather than tensors (x.size(0), x.shape[1] * 2, ...)."""
         if not isinstance(node, fx.Node):
             return False
-        if node in self._shape:
-            return self._shape[node]
-        self._shape[node] = False
-        if node.op == "call_method" and node.target in SHAPE_METHODS:
-            value = True
-        elif node.op == "call_function" and node.target is getattr:
-            value = True
-        elif node.op == "call_function" and node.target in SIZE_ARITHMETIC:
-            ins = node.all_input_nodes
-            value = bool(ins) and all(self.is_shape(a) for a in ins)
-        else:
-            value = False
-        self._shape[node] = value
-        return value
+        if node not in self._shape:
+            self._shape[node] = False
+            if node.op == "call_method":
+                value = node.target in SHAPE_METHODS
+            elif node.op == "call_function" and node.target in SHAPE_FUNCTIONS:
+                value = True
+            elif node.op == "call_function" and node.target in SIZE_ARITHMETIC:
+                ins = node.all_input_nodes
+                value = bool(ins) and all(self.is_shape(a) for a in ins)
+            else:
+                value = False
+            self._shape[node] = value
+        return self._shape[node]
 
-    def _tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
-        return [a for a in node.all_input_nodes if not self.is_shape(a) and a.op != "get_attr"]
+    def tensor_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """Inputs that carry data (not sizes, parameters, or values computed from parameters only)."""
+        return [a for a in node.all_input_nodes if not self.is_shape(a) and a in self.dynamic]
 
-    def _op(self, node: fx.Node) -> str:
-        """Kind of ``node`` as seen by a channel arriving at its first argument."""
+    def kind(self, node: fx.Node) -> str:
+        """What ``node`` is for a channel arriving at it (see :mod:`modlens.nn._registry`)."""
+        if node not in self._kind:
+            self._kind[node] = self._classify(node)
+        return self._kind[node]
+
+    def _classify(self, node: fx.Node) -> str:
         if self.is_shape(node):
             return "shape"
         if node.op == "output":
             return "output"
-        if self._is_layer(node):
-            return "layer"
-        if node.op == "call_module":
-            mod = self.module(node)
-            if self._is_leaf(node) or isinstance(mod, ACTIVATION_MODULES + PASS_MODULES + POOL_MODULES):
-                return "unary"
-            if is_bn(mod) or isinstance(mod, BATCH_NORMS):
-                return "unary"
-            if isinstance(mod, nn.Flatten):
-                return "flatten" if mod.start_dim in (1, -3, -2) and mod.end_dim == -1 else "?"
-            if isinstance(mod, FINAL_MODULES):
-                return "final"
+        if node.op in ("placeholder", "get_attr"):
+            return "input"
+        module = self.module(node) if node.op == "call_module" else None
+        if self._is_leaf(node):
+            return "unary"
+        kind = handler_kind(node, module)
+        if kind == "arith":
+            kind = refine_arith(node, len(self.tensor_inputs(node)))
+        if kind == "flatten" and not self._flattens(node, module):
             return "?"
-        if node.op == "call_function":
-            t = node.target
-            if t in CAT_FUNCTIONS:
-                return "cat"
-            if t in FINAL_FUNCTIONS:
-                return "final"
-            if t in FLATTEN_FUNCTIONS:
-                return "flatten"
-            if t is torch.mean:
-                return "mean"
-            if t in UNARY_FUNCTIONS:
-                return "unary"
-            if t in JOIN_FUNCTIONS or t in SCALAR_FUNCTIONS:
-                tensors = self._tensor_inputs(node)
-                if len(tensors) <= 1:
-                    return "unary" if t in SCALAR_FUNCTIONS else "?"
-                if t in JOIN_FUNCTIONS and "alpha" not in node.kwargs and len(tensors) == 2:
-                    return "join"
-            return "?"
-        if node.op == "call_method":
-            t = node.target
-            if t in UNARY_METHODS:
-                return "unary"
-            if t in FLATTEN_METHODS:
-                return "flatten"
-            if t == "mean":
-                return "mean"
-            if t in FINAL_METHODS:
-                return "final"
-            if t in JOIN_METHODS or t in SCALAR_METHODS:
-                tensors = self._tensor_inputs(node)
-                if len(tensors) <= 1:
-                    return "unary"
-                return "join" if t in JOIN_METHODS and len(tensors) == 2 and "alpha" not in node.kwargs else "?"
-            return "?"
-        return "?"
+        return kind
 
-    @staticmethod
-    def describe(node: fx.Node, gm: fx.GraphModule) -> str:
+    def _flattens(self, node: fx.Node, module) -> bool:
+        """Whether a flatten/view/reshape keeps the batch and flattens everything else."""
+        if isinstance(module, nn.Flatten):
+            return module.start_dim in (1, -3, -2) and module.end_dim == -1
+        name = str(node.target)
+        if "flatten" in name:
+            start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+            end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+            nd = self.ndim(node.args[0])
+            return start == 1 and (end == -1 or (nd is not None and end == nd - 1))
+        shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return len(shape) == 2
+
+    def describe(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return f"'{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
+            return f"'{node.target}' ({type(self.module(node)).__name__})"
         t = node.target
         name = t if isinstance(t, str) else getattr(t, "__name__", repr(t))
-        return f"'{node.name}' ({name})"
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        path = path[len("model."):] if path.startswith("model.") else path
+        return f"operation '{name}'" + (f" in module '{path}'" if path else f" ('{node.name}')")
+
+    def _check_weight_layers(self) -> None:
+        targets: dict[str, int] = {}
+        for node in self.gm.graph.nodes:
+            if node not in self.live or node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            mod = self.module(node) if node.op == "call_module" else None
+            if isinstance(mod, ATTENTION_MODULES) or (self.kind(node) == "attention" and len(self.tensor_inputs(node)) >= 2):
+                raise UnsupportedModelError(
+                    f"attention ({self.describe(node)}) is not supported yet: modlens analyses convolutional, MLP and "
+                    "normalized architectures; transformer blocks come in a later version"
+                )
+            if self.kind(node) == "attention":
+                raise UnsupportedModelError(
+                    f"unsupported functional layer {self.describe(node)}: a matrix product with a weight tensor; use "
+                    "nn.Linear so that modlens can find the layer's weights"
+                )
+            if isinstance(mod, OTHER_WEIGHT_LAYERS):
+                raise UnsupportedModelError(
+                    f"unsupported layer '{node.target}' ({type(mod).__name__}): modlens finds neurons in nn.Linear, "
+                    "nn.Conv1d and nn.Conv2d layers; replace it or analyse a submodule without it"
+                )
+            if isinstance(mod, LAYER_TYPES):
+                targets[node.target] = targets.get(node.target, 0) + 1
+                if targets[node.target] > 1:
+                    raise UnsupportedModelError(
+                        f"layer '{node.target}' is called more than once in forward (shared weights); "
+                        "modlens needs every layer to be used once"
+                    )
+            elif node.op == "call_function" and getattr(node.target, "__name__", "") in (
+                    "linear", "conv1d", "conv2d", "conv3d", "bilinear", "linear.default", "conv2d.default"):
+                raise UnsupportedModelError(
+                    f"unsupported functional layer {self.describe(node)}: use nn.Linear / nn.Conv modules so "
+                    "that modlens can find the layer's weights"
+                )
 
     # ----- channel counts ------------------------------------------------------------------
-    def channels(self, node) -> int | None:
-        """Static size of dimension 1 (channels) of a value, where it can be known without data."""
+    def channels(self, node, dim: int = 1) -> int | None:
+        """Size of dimension ``dim`` of a value (from the captured shapes, else inferred for dim 1)."""
         if not isinstance(node, fx.Node):
             return None
-        if node in self._chan:
-            return self._chan[node]
-        self._chan[node] = None
-        kind = self._op(node) if node.op != "placeholder" else "input"
-        value = None
+        shape = self.shapes.get(node)
+        if shape is not None and 0 < dim <= len(shape):
+            return int(shape[dim - 1])
+        if dim != 1:
+            return None
+        kind = self.kind(node)
         if kind == "layer":
             m = self.module(node)
-            value = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        elif kind in ("unary", "final", "mean") and node.args:
-            value = self.channels(node.args[0])
-        elif kind == "join":
-            value = next((c for c in map(self.channels, node.args) if c is not None), None)
-        elif kind == "cat" and _cat_dim(node) == 1:
+            return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        if kind in ("unary", "bn", "scale", "final", "mean", "norm") and node.args:
+            return self.channels(self.tensor_inputs(node)[0] if self.tensor_inputs(node) else node.args[0])
+        if kind in ("join", "gate"):
+            return next((c for c in map(self.channels, node.args) if c is not None), None)
+        if kind == "cat" and _cat_dim(node) == 1:
             parts = [self.channels(a) for a in _cat_inputs(node)]
-            value = None if any(p is None for p in parts) else sum(parts)
-        self._chan[node] = value
-        return value
+            return None if any(p is None for p in parts) else sum(parts)
+        return None
+
+    def layer_route(self, node: fx.Node) -> Route:
+        """Route of a layer's own output: channels in dim 1, or last for a per-position Linear."""
+        mod = self.module(node)
+        nd = self.ndim(node)
+        if isinstance(mod, nn.Linear):
+            nd = nd or 2
+            return Route(0, mod.out_features, False, nd, nd - 1)
+        nd = nd or (4 if isinstance(mod, nn.Conv2d) else 3)
+        return Route(0, mod.out_channels, False, nd, 1)
 
     # ----- walks -----------------------------------------------------------------------------
-    def _main_arg_error(self, start: fx.Node, node: fx.Node, user: fx.Node) -> UnsupportedModelError:
-        return UnsupportedModelError(
-            f"the output of layer '{start.target}' reaches {self.describe(user, self.gm)} as an argument other than "
-            "its input tensor; modlens follows channels only through the data input of channel-wise operations"
-        )
-
-    def walk(self, start: fx.Node, *, through_joins: bool) -> list[Sink]:
-        """Sinks of layer ``start`` (see the module docstring). With ``through_joins`` the walk
-        continues through additions and returns only layer sinks (for the weight graph)."""
-        mod = self.module(start)
-        ndim = 4 if isinstance(mod, nn.Conv2d) else 3 if isinstance(mod, nn.Conv1d) else 2
-        route0 = Route(0, self.channels(start), False, ndim)
+    def walk(self, start: fx.Node, mode: str = "lesion") -> list[Sink]:
+        """Sinks of layer ``start`` (see the module docstring); ``mode`` is ``"lesion"`` or ``"weights"``."""
         sinks: list[Sink] = []
         seen: set = set()
-        stack = [(start, route0)]
+        stack = [(start, self.layer_route(start), ())]
         while stack:
-            node, route = stack.pop()
-            if (node, route) in seen:
+            node, route, scales = stack.pop()
+            if (node, route, scales) in seen:
                 continue
-            seen.add((node, route))
+            seen.add((node, route, scales))
             for user in list(node.users):
                 if user not in self.live:
                     continue
-                kind = self._op(user)
+                kind = self.kind(user)
                 if kind == "shape":
                     continue
                 if kind == "layer":
                     if user.args[0] is not node:
-                        raise self._main_arg_error(start, node, user)
+                        raise self._arg_error(start, user)
                     self._check_layout(start, user, route)
-                    sinks.append(Sink("layer", node, user, route))
-                elif kind in ("unary", "flatten", "mean"):
-                    if user.args[0] is not node and kind != "unary":
-                        raise self._main_arg_error(start, node, user)
-                    if kind == "unary" and self._tensor_inputs(user) != [node]:
-                        raise self._main_arg_error(start, node, user)
-                    stack.append((user, self._through(start, node, user, kind, route)))
+                    sinks.append(Sink("layer", node, user, route, scales))
+                elif kind in _FOLLOW:
+                    if self.tensor_inputs(user) != [node] or (kind != "unary" and kind != "scale" and user.args[0] is not node):
+                        raise self._arg_error(start, user)
+                    nxt = self._through(start, user, kind, route)
+                    if mode == "weights" and kind in ("bn", "scale"):
+                        scales = scales + ((user, route),)
+                    stack.append((user, nxt, scales))
                 elif kind == "cat":
-                    if _cat_dim(user) != 1 or route.flat:
-                        raise UnsupportedModelError(
-                            f"concatenation {self.describe(user, self.gm)} after layer '{start.target}' is not along "
-                            "the channel dimension 1 of an unflattened value; modlens follows only channel "
-                            "concatenations"
-                        )
-                    offset = 0
-                    for a in _cat_inputs(user):
-                        if a is node:
-                            stack.append((user, Route(route.offset + offset, None, False, route.ndim)))
-                        c = self.channels(a)
-                        if c is None:
-                            raise UnsupportedModelError(
-                                f"cannot tell how many channels '{a.name}' has in concatenation '{user.name}' after "
-                                f"layer '{start.target}'"
-                            )
-                        offset += c
-                elif kind == "join":
+                    stack.extend((user, r, scales) for r in self._cat_routes(start, node, user, route))
+                elif kind in _MIXING:
                     if route.flat:
                         raise UnsupportedModelError(
-                            f"addition {self.describe(user, self.gm)} of a flattened value after layer "
-                            f"'{start.target}' is not supported; add before flattening"
+                            f"{self.describe(user)} mixes a flattened value after layer '{start.target}'; modlens "
+                            "follows additions, normalizations and gates of unflattened values only"
                         )
-                    if through_joins:
-                        stack.append((user, route))
+                    if kind == "norm" and user.args[0] is not node:
+                        raise self._arg_error(start, user)
+                    if mode == "weights":
+                        nxt = Route(route.offset, route.channels, False, self.ndim(user) or route.ndim, route.dim)
+                        stack.append((user, nxt, scales + (((user, route),) if kind == "norm" else ())))
                     else:
-                        sinks.append(Sink("join", node, user, route))
+                        sinks.append(Sink("mask", node, user, route))
+                elif kind == "attention":
+                    raise UnsupportedModelError(f"attention ({self.describe(user)}) after layer '{start.target}' is "
+                                                "not supported yet; transformer blocks come in a later version")
                 elif kind in ("output", "final"):
                     raise UnsupportedModelError(
-                        f"hidden layer '{start.target}' reaches the model output through {self.describe(user, self.gm)} "
+                        f"hidden layer '{start.target}' reaches the model output through {self.describe(user)} "
                         "without passing through the output layer; modlens needs the class scores to come from "
                         "one final nn.Linear or nn.Conv layer"
                     )
                 else:
                     raise UnsupportedModelError(
-                        f"unsupported operation {self.describe(user, self.gm)} after layer '{start.target}': modlens "
-                        "follows a layer's channels only through channel-wise operations (activations, batch norm, "
-                        "pooling, dropout, flatten), residual additions and channel concatenations. Wrap a custom "
-                        "channel-wise operation in a module and pass its name in leaf_modules"
+                        f"unsupported {self.describe(user)} after layer '{start.target}': modlens follows channels "
+                        "through activations, normalizations, pooling, dropout, flatten/permute, residual additions, "
+                        "gates and channel concatenations; wrap a custom channel-wise operation in a module and "
+                        "pass its name in leaf_modules, or open an issue for this operation"
                     )
-        if through_joins:
+        if mode == "weights":
             sinks = [s for s in sinks if s.kind == "layer"]
         return _dedupe(sinks)
 
-    def _through(self, start, node, user, kind, route: Route) -> Route:
+    def _arg_error(self, start: fx.Node, user: fx.Node) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"the output of layer '{start.target}' reaches {self.describe(user)} as an argument other than its "
+            "input tensor; modlens follows channels only through the data input of channel-wise operations"
+        )
+
+    def _cat_routes(self, start, node, user, route: Route) -> list[Route]:
+        nd = route.ndim
+        dim = _cat_dim(user) % nd if nd else _cat_dim(user)
+        if dim != route.dim or route.flat:
+            raise UnsupportedModelError(
+                f"concatenation {self.describe(user)} after layer '{start.target}' is not along the channel "
+                "dimension of an unflattened value; modlens follows only channel concatenations"
+            )
+        out, offset = [], 0
+        for a in _cat_inputs(user):
+            if a is node:
+                out.append(Route(route.offset + offset, None, False, nd, route.dim))
+            c = self.channels(a, route.dim)
+            if c is None:
+                raise UnsupportedModelError(
+                    f"cannot tell how many channels '{a.name}' has in concatenation '{user.name}' after layer "
+                    f"'{start.target}'"
+                )
+            offset += c
+        return out
+
+    def _through(self, start, user, kind, route: Route) -> Route:
+        nd_out = self.ndim(user)
         if kind == "flatten":
             if not route.spatial:
                 return route
-            return Route(route.offset, self.channels(node), True, 2)
+            if route.dim != 1:
+                raise UnsupportedModelError(
+                    f"{self.describe(user)} flattens a channels-last value after layer '{start.target}'; modlens "
+                    "follows channel-major flattening only (permute to channels-first before flattening)"
+                )
+            return Route(route.offset, self.channels((self.tensor_inputs(user) or [user.args[0]])[0]), True, 2, 1)
+        if kind == "permute":
+            if route.flat:
+                raise UnsupportedModelError(f"{self.describe(user)} permutes a flattened value after layer "
+                                            f"'{start.target}'")
+            if "permute" in str(user.target):
+                perm = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
+                perm = [p % route.ndim for p in perm]
+                return Route(route.offset, route.channels, False, route.ndim, perm.index(route.dim))
+            d0, d1 = (a % route.ndim for a in user.args[1:3])
+            new = d1 if route.dim == d0 else d0 if route.dim == d1 else route.dim
+            return Route(route.offset, route.channels, False, route.ndim, new)
         if kind == "mean":
             dims = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
             dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
             keep = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
             norm = {d % route.ndim for d in dims if isinstance(d, int)}
-            if not dims or len(norm) != len(dims) or norm & {0, 1} or not route.spatial:
+            if not dims or len(norm) != len(dims) or norm & {0, route.dim} or not route.spatial or route.flat:
                 raise UnsupportedModelError(
-                    f"mean {self.describe(user, self.gm)} after layer '{start.target}' must average over spatial "
+                    f"mean {self.describe(user)} after layer '{start.target}' must average over spatial "
                     "dimensions only (e.g. x.mean((2, 3)))"
                 )
-            return route if keep else Route(route.offset, route.channels, False, route.ndim - len(norm))
+            if keep:
+                return route
+            return Route(route.offset, route.channels, False, route.ndim - len(norm),
+                         route.dim - sum(d < route.dim for d in norm))
+        if nd_out is not None and not route.flat and nd_out != route.ndim:
+            return Route(route.offset, route.channels, False, nd_out, route.dim)
         return route
 
     def _check_layout(self, start, user, route: Route) -> None:
         consumer = self.module(user)
-        if isinstance(consumer, nn.Linear) and route.ndim != 2:
+        if isinstance(consumer, nn.Linear):
+            if route.ndim == 2 or (route.channels_last and not route.flat):
+                return
             raise UnsupportedModelError(
-                f"linear layer '{user.target}' reads the spatial maps of conv layer '{start.target}' without a "
-                "flatten or pooling to one value per channel; modlens needs channel-major flattening "
-                "(torch.flatten(x, 1)) before a Linear"
+                f"linear layer '{user.target}' reads the spatial maps of layer '{start.target}' without a flatten "
+                "(along a non-channel dimension); modlens needs channel-major flattening (torch.flatten(x, 1)) or a "
+                "channels-last permute before a Linear"
             )
         want = 4 if isinstance(consumer, nn.Conv2d) else 3
-        if isinstance(consumer, CONV_TYPES) and (route.ndim != want or route.flat):
+        if route.ndim != want or route.flat or route.dim != 1:
             raise UnsupportedModelError(
-                f"conv layer '{user.target}' reads a flattened or dense value from layer '{start.target}'"
+                f"conv layer '{user.target}' reads a flattened, dense or channels-last value from layer '{start.target}'"
             )
 
     def _find_output_layer(self) -> fx.Node:
         node = self.output
-        while not self._is_layer(node):
-            kind = self._op(node)
-            ins = self._tensor_inputs(node)
-            if kind not in ("unary", "final", "flatten") or len(ins) != 1:
+        while self.kind(node) != "layer":
+            kind = self.kind(node)
+            ins = self.tensor_inputs(node)
+            if kind not in ("unary", "final", "flatten", "bn", "scale") or len(ins) != 1:
                 raise UnsupportedModelError(
-                    f"the model output is computed by {self.describe(node, self.gm)}, not by a final nn.Linear or "
-                    "nn.Conv layer followed only by element-wise operations or a softmax; modlens takes the "
-                    "last layer's outputs as the class scores"
+                    f"the model output is computed by {self.describe(node)}, not by a final nn.Linear or nn.Conv "
+                    "layer followed only by element-wise operations or a softmax; modlens takes the last layer's "
+                    "outputs as the class scores (pass output= to select the logits)"
                 )
             node = ins[0]
         return node
@@ -343,8 +375,8 @@ class Structure:
         """Batch norms that normalize ``node``'s channels before any branch or join (row 3)."""
         bns = []
         while True:
-            users = [u for u in node.users if u in self.live and self._op(u) != "shape"]
-            if len(users) != 1 or self._op(users[0]) != "unary":
+            users = [u for u in node.users if u in self.live and self.kind(u) != "shape"]
+            if len(users) != 1 or self.kind(users[0]) not in ("unary", "bn"):
                 return bns
             node = users[0]
             if node.op == "call_module" and is_bn(self.module(node)):
@@ -354,12 +386,14 @@ class Structure:
         """The value the layer's activation function receives: its output after any batch norm,
         dropout or identity that directly follows it (the paper's "pre-ReLU" activations)."""
         while True:
-            users = [u for u in node.users if u in self.live and self._op(u) != "shape"]
+            users = [u for u in node.users if u in self.live and self.kind(u) != "shape"]
             if len(users) != 1:
                 return node
             u = users[0]
-            passes = (u.op == "call_module" and isinstance(self.module(u), BATCH_NORMS + PASS_MODULES)
-                      and not self._is_leaf(u)) or (u.op == "call_function" and u.target in (F.dropout, torch.dropout))
+            if u.op == "call_module":
+                passes = isinstance(self.module(u), BATCH_NORMS + PASSING.modules) and not self._is_leaf(u)
+            else:
+                passes = u.op == "call_function" and u.target in PASSING.functions
             if not passes:
                 return node
             node = u
@@ -367,12 +401,26 @@ class Structure:
     def first_layers(self) -> list[fx.Node]:
         """Layers whose input does not depend on any other layer (they read the model input)."""
         layers = set(self.all_nodes)
-        return [n for n in self.all_nodes
-                if not (_ancestors_of(n.args[0]) & layers)]
+        return [n for n in self.all_nodes if not (_ancestors_of(n.args[0]) & layers)]
 
 
-def _live(output: fx.Node) -> set[fx.Node]:
-    return _ancestors_of(output) | {output}
+def _meta_shapes(gm: fx.GraphModule) -> dict:
+    out = {}
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            out[n] = tuple(int(s) if isinstance(s, int) else s for s in v.shape[1:])
+    return out
+
+
+def _descendants_of(node: fx.Node) -> set[fx.Node]:
+    seen, todo = {node}, [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
 
 
 def _ancestors_of(node) -> set[fx.Node]:
@@ -399,8 +447,9 @@ def _cat_dim(node: fx.Node) -> int:
 def _dedupe(sinks: list[Sink]) -> list[Sink]:
     seen, out = set(), []
     for s in sinks:
-        key = (s.kind, s.value, s.user, s.route)
+        key = (s.kind, s.value, s.user, s.route, s.scales)
         if key not in seen:
             seen.add(key)
             out.append(s)
     return out
+

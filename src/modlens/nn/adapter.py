@@ -1,15 +1,18 @@
 """Find the neuron layers of a model and give the rest of modlens what it needs from them.
 
-:class:`NetworkAdapter` traces any ``nn.Module`` with torch.fx (never matching class names in
-a Sequential) and finds its layers: every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d``; the
-last one, producing the class scores, is the output layer and the others hold neurons, one
-per unit or channel (see :mod:`modlens.nn._structure` for how channels are followed through
-activations, batch norm, pooling, flatten, residual additions and concatenations).
+:class:`NetworkAdapter` captures the model once (:mod:`modlens.nn._capture`: ``torch.export``
+at the data's shape, ``torch.fx`` as a fallback) and shares that one graph between the weight
+graph, activation recording, lesions and feature visualization. Its layers are every
+``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` call (grouped and depthwise included); the last
+one, producing the class scores, is the output layer and the others hold neurons, one per unit
+or channel, named by their module paths (``layer3.1.conv2``, ``stages.0.layers.0.pwconv1``).
 
 Which layers are analysed (paper section 3.1; row 4 of the notes): for an MLP every hidden
 Linear, with the weight graph over input, hidden and output neurons; for a network with
-convolutions the conv channels only, with no input, output or dense nodes. ``include_dense``
-adds the hidden Linear layers of a CNN. ``MLPAdapter`` is the historical name of the class.
+convolutions the conv channels and the per-position (channels-last) Linear units, with no
+input, output or dense nodes. ``include_dense`` adds the hidden dense Linear layers of a CNN.
+``MLPAdapter`` is the historical name of the class. Device and dtype are resolved once, from
+the model's parameters, at construction.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from modlens.nn import _fx, _memory
-from modlens.nn._conv import ACT_REDUCTIONS, REDUCERS, bn_row_scale, edge_block
+from modlens.nn import _capture, _fx, _memory
+from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS, REDUCERS, bn_row_scale, channels_first, edge_block
 from modlens.nn._fx import ModelTraceError
 from modlens.nn._plan import LesionPlan
 from modlens.nn._structure import CONV_TYPES, Structure, UnsupportedModelError
@@ -43,33 +46,64 @@ def _width(m: nn.Module) -> int:
 
 
 class NetworkAdapter:
-    """The neuron layers of a model, read from its torch.fx graph.
+    """The neuron layers of a model, read from its captured graph.
 
     Parameters
     ----------
     model:
-        Any ``nn.Module`` with one input tensor that returns class scores from a final
-        Linear (or conv) layer.
+        Any ``nn.Module`` that maps one input tensor to class scores from a final Linear (or
+        conv) layer; its forward may return a tensor, a tuple, a dict or a ``ModelOutput``.
+    example:
+        A batch of inputs of the shape the model will see (the user's data). With it the model
+        is captured by ``torch.export`` at that shape (falling back to torch.fx); without it by
+        torch.fx only. Inputs of another per-sample shape are refused at the boundary.
+    input_name:
+        Pass the input as this keyword argument (``"pixel_values"`` for Hugging Face models).
+    output:
+        Which output holds the logits: a key, an index or a function of the output (default:
+        ``.logits``, or the single tensor).
+    forward_kwargs:
+        Further keyword arguments of every forward call.
     include_dense:
-        Analyse hidden Linear layers of a network with convolutions too (default: MLPs get
-        their Linear layers, CNNs their conv layers only, as in the paper).
+        Analyse hidden dense Linear layers of a network with convolutions too (default: MLPs
+        get their Linear layers, CNNs their conv and per-position Linear layers, as in the paper).
     leaf_modules:
-        Qualified names or classes of submodules to keep opaque when tracing (e.g. ones with
-        data-dependent control flow); they must act on each channel separately.
+        Qualified names or classes of submodules to keep opaque (torch.fx capture only); they
+        must act on each channel separately.
+    capture:
+        ``"auto"``, ``"export"`` or ``"fx"``.
     """
 
-    def __init__(self, model: nn.Module, *, include_dense: bool | None = None, leaf_modules: Iterable = ()):
+    def __init__(self, model: nn.Module, example=None, *, input_name: str | None = None, output=None,
+                 forward_kwargs: dict | None = None, include_dense: bool | None = None,
+                 leaf_modules: Iterable = (), capture: str = "auto", example_name: str = "data"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
+        self._check_parameters()
+        self.device, self.dtype = _fx.module_device_dtype(model)
         leaf_modules = tuple(leaf_modules)
-        self.gm = _fx.trace(model, leaf_modules)
+        self.input_shape = None
+        self._accepted: set = set()
+        if example is not None:
+            example = torch.as_tensor(example)
+            self._check_accepts(example, input_name, output, forward_kwargs, example_name)
+            example = example[:2].to(device=self.device, dtype=self.dtype)
+            if example.shape[0] == 1:
+                example = torch.cat([example, example])
+            self.input_shape = tuple(example.shape[1:])
+        self.gm, self.capture_method = _capture.capture(model, example, input_name=input_name, output=output,
+                                                        forward_kwargs=forward_kwargs, leaf_modules=leaf_modules,
+                                                        method=capture)
         self._input = _fx.single_input(self.gm)
         self._output = _fx.single_output(self.gm)
-        self.structure = s = Structure(self.gm, self._input, self._output, leaf_modules)
+        shapes = None
+        if example is not None and self.capture_method == "fx":
+            shapes = {k: v for k, v in _fx.node_shapes(self.gm, example[:1]).items() if v is not None}
+        self.structure = s = Structure(self.gm, self._input, self._output, leaf_modules, shapes)
         self.is_cnn = any(isinstance(s.module(n), CONV_TYPES) for n in s.all_nodes)
         self.include_dense = (not self.is_cnn) if include_dense is None else bool(include_dense)
-        nodes = [n for n in s.layer_nodes if self.include_dense or isinstance(s.module(n), CONV_TYPES)]
+        nodes = [n for n in s.layer_nodes if self.include_dense or not self._dense(n)]
         if not nodes:
             kinds = "nn.Linear or nn.Conv" if self.include_dense else "nn.Conv"
             raise UnsupportedModelError(
@@ -80,14 +114,15 @@ class NetworkAdapter:
         self.layers = [NeuronLayer(i, n.target, s.module(n), _width(s.module(n))) for i, n in enumerate(nodes)]
         self.output_module = s.module(s.output_layer)
         self.n_classes = _width(self.output_module)
-        self._linear_nodes = [n for n in s.all_nodes if isinstance(s.module(n), nn.Linear)]
-        self._linears = [s.module(n) for n in self._linear_nodes]
         first = s.first_layers()
         self.input_size = s.module(first[0]).in_features if isinstance(s.module(first[0]), nn.Linear) else None
-        self._check_parameters()
         self._probe: fx.GraphModule | None = None
         self._plans: dict[int, LesionPlan] = {}
         self._shapes: dict[tuple, dict] = {}
+
+    def _dense(self, node: fx.Node) -> bool:
+        """A Linear over (batch, features), as opposed to a conv or a per-position Linear."""
+        return isinstance(self.structure.module(node), nn.Linear) and (self.structure.ndim(node) or 2) == 2
 
     def _check_parameters(self) -> None:
         for name, p in self.model.named_parameters():
@@ -96,6 +131,47 @@ class NetworkAdapter:
                     f"parameter '{name}' (shape {tuple(p.shape)}) contains NaN or inf values; "
                     "modlens cannot build a graph or lesion a network with non-finite weights"
                 )
+
+    def _expected(self) -> str:
+        for m in self.model.modules():
+            if isinstance(m, nn.Linear):
+                return f"(batch, {m.in_features})"
+            if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+                return f"(batch, {m.in_channels}, {'L' if isinstance(m, nn.Conv1d) else 'H, W'})"
+        return "another shape"
+
+    def _check_accepts(self, example: torch.Tensor, input_name, output, forward_kwargs, name: str) -> None:
+        wrapper = _capture.CaptureWrapper(self.model, input_name, output, forward_kwargs)
+        try:
+            with torch.no_grad(), _fx.run_in_eval(self.model):
+                wrapper(example[:2].to(device=self.device, dtype=self.dtype))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            if isinstance(exc, ModelTraceError):
+                raise
+            raise ValueError(
+                f"{name}: the model does not accept inputs of shape {tuple(example.shape)}; it expects {self._expected()}"
+            ) from exc
+
+    def check_input(self, x: torch.Tensor, name: str = "data") -> None:
+        """One-line error when ``x`` has a per-sample shape the captured model does not take."""
+        given = tuple(x.shape[1:])
+        if self.input_shape is not None:
+            if given != self.input_shape:
+                raise ValueError(
+                    f"{name}: inputs of shape {tuple(x.shape)} do not match the shape the model was captured for, "
+                    f"(batch, {', '.join(map(str, self.input_shape))})"
+                )
+            return
+        if given in self._accepted:
+            return
+        try:
+            with torch.no_grad(), _fx.run_in_eval(self.model):
+                self.gm(x[:1].to(device=self.device, dtype=self.dtype))
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ValueError(
+                f"{name}: the model does not accept inputs of shape {tuple(x.shape)}; it expects {self._expected()}"
+            ) from exc
+        self._accepted.add(given)
 
     # ----- structure --------------------------------------------------------------------
     @property
@@ -123,26 +199,25 @@ class NetworkAdapter:
         offset = 1 if self._mlp_graph else 0
         return [offset + i for i in range(len(self.layers))]
 
-    def weight_blocks(self, *, conv_edge: str = "l1", fold_bn: bool = True) -> list[tuple[int, int, np.ndarray]]:
+    def weight_blocks(self, *, conv_edge: str = "l1", bn_fold: str = "paper",
+                      fold_bn: bool | None = None) -> list[tuple[int, int, np.ndarray]]:
         """Edge blocks ``(i, j, A)`` of the weight graph, ``A`` of shape (size_j, size_i).
 
-        A dense layer gives ``|W|``; a conv gives the L1 norm of each kernel slice
-        (``conv_edge="matrix_1_norm"`` for the original code's norm, row 1); with ``fold_bn``
-        edges into a channel normalized by batch norm are scaled by ``|gamma|/sqrt(var+eps)``
-        (row 3; the original CIFAR VGG code effectively used ``fold_bn=False``). Blocks join
-        every pair of layers connected through channel-wise operations, residual additions
-        and concatenations, so residual networks get blocks between non-consecutive layers.
+        A dense layer gives ``|W|``; a conv gives the L1 norm of each kernel slice within its
+        group (``conv_edge="matrix_1_norm"`` for the original code's norm, row 1); per-channel
+        scales are folded as ``bn_fold`` says (:mod:`modlens.nn._conv`; ``fold_bn=True/False``
+        is the older spelling of ``"original"``/``"none"``). Blocks join every pair of layers
+        connected through channel-wise operations, normalizations, gates, residual additions and
+        concatenations, so residual networks get blocks between non-consecutive layers.
         """
+        if fold_bn is not None:
+            bn_fold = "original" if fold_bn else "none"
+        if bn_fold not in BN_FOLDS:
+            raise ValueError(f"bn_fold must be one of {BN_FOLDS}, got {bn_fold!r}")
         s = self.structure
         index = {n: i + (1 if self._mlp_graph else 0) for i, n in enumerate(self._layer_nodes)}
         if self._mlp_graph:
             index[s.output_layer] = len(self.layers) + 1
-
-        def block(consumer: fx.Node, routes, n_source: int) -> np.ndarray:
-            scale = bn_row_scale(s.bn_chain(consumer)) if fold_bn else None
-            return edge_block(s.module(consumer), routes, n_source, norm=conv_edge, row_scale=scale,
-                              name=consumer.target)
-
         blocks = []
         if self._mlp_graph:
             first = [n for n in s.first_layers() if n in index]
@@ -151,25 +226,26 @@ class NetworkAdapter:
                     "the weight graph of an MLP needs exactly one layer reading the model input; found "
                     f"{', '.join(n.target for n in first) or 'none'}"
                 )
-            m = s.module(first[0])
-            scale = bn_row_scale(s.bn_chain(first[0])) if fold_bn else None
-            a = m.weight.detach().abs().cpu().double().numpy()
-            blocks.append((0, index[first[0]], a if scale is None else a * scale.numpy()[:, None]))
+            a = s.module(first[0]).weight.detach().abs().cpu().double().numpy()
+            rows = bn_row_scale(s.bn_chain(first[0])) if bn_fold == "original" else None
+            blocks.append((0, index[first[0]], a if rows is None else a * rows.numpy()[:, None]))
         for src in self._layer_nodes:
             by_consumer: dict[fx.Node, list] = {}
-            for sink in s.walk(src, through_joins=True):
+            for sink in s.walk(src, "weights"):
                 if sink.user in index:
-                    routes = by_consumer.setdefault(sink.user, [])
-                    if sink.route not in routes:
-                        routes.append(sink.route)
-            for consumer, routes in by_consumer.items():
-                blocks.append((index[src], index[consumer], block(consumer, routes, _width(s.module(src)))))
+                    by_consumer.setdefault(sink.user, []).append(sink)
+            for consumer, sinks in by_consumer.items():
+                block = edge_block(consumer, sinks, _width(s.module(src)), s, norm=conv_edge, bn_fold=bn_fold)
+                blocks.append((index[src], index[consumer], block))
         return blocks
 
     def consumer(self, layer: int) -> nn.Module:
         """The first layer that reads hidden layer ``layer`` (for an MLP, the next Linear)."""
         sink = next(sk for sk in self.structure.sinks[self._layer_nodes[layer]] if sk.kind == "layer")
         return self.structure.module(sink.user)
+
+    def layer_node(self, layer: int) -> fx.Node:
+        return self._layer_nodes[layer]
 
     def lesion_plan(self, layer: int) -> LesionPlan:
         """Probe, corrections, masks and tail for lesions of ``layer`` (built once)."""
@@ -181,20 +257,26 @@ class NetworkAdapter:
         """Per-sample shape of every value of the forward pass, from one sample of ``example``."""
         key = tuple(example.shape[1:])
         if key not in self._shapes:
-            device, dtype = _fx.module_device_dtype(self.model)
-            shapes = _fx.node_shapes(self.gm, example[:1].to(device=device, dtype=dtype))
-            for node in self.structure.all_nodes:
-                if isinstance(self.structure.module(node), nn.Linear) and len(shapes[node] or ()) != 1:
-                    raise UnsupportedModelError(
-                        f"linear layer '{node.target}' gets inputs of shape (batch, {', '.join(map(str, shapes[node.args[0]]))}); "
-                        "modlens needs (batch, features): flatten before a Linear"
-                    )
-            self._shapes[key] = shapes
+            self.check_input(example, "data")
+            self._shapes[key] = _fx.node_shapes(self.gm, example[:1].to(device=self.device, dtype=self.dtype))
         return self._shapes[key]
 
     # ----- computation ------------------------------------------------------------------
     def _preact_nodes(self) -> list[fx.Node]:
         return [self.structure.preactivation_node(n) for n in self._layer_nodes]
+
+    def _channels_last(self, layer: int) -> bool:
+        return self.structure.layer_route(self._layer_nodes[layer]).channels_last
+
+    def _posts(self, reduce=None) -> list:
+        out = []
+        for i in range(len(self.layers)):
+            last = self._channels_last(i)
+            if reduce is None:
+                out.append(channels_first if last else None)
+            else:
+                out.append((lambda t, r=reduce: r(channels_first(t))) if last else reduce)
+        return out
 
     def probe(self) -> fx.GraphModule:
         """Module mapping an input batch to, per layer l, (pre-activation z_l, input u_l of its
@@ -202,7 +284,7 @@ class NetworkAdapter:
         if self._probe is None:
             outs: list[fx.Node] = []
             for node, pre in zip(self._layer_nodes, self._preact_nodes()):
-                sink = next(sk for sk in self.structure.sinks[node] if sk.kind in ("layer", "join"))
+                sink = self.structure.sinks[node][0]
                 outs += [pre, sink.value]
             outs.append(self.structure.output_layer)
             self._probe = _fx.extract(self.gm, [self._input], outs, clone_outputs=True)
@@ -210,17 +292,24 @@ class NetworkAdapter:
 
     def preactivation_module(self, layer: int) -> fx.GraphModule:
         """Differentiable module mapping a model input to layer ``layer``'s pre-activations:
-        (B, C) for a Linear, (B, C, H, W) for a conv; the layer's output after any batch norm
-        directly following it, i.e. what its activation function receives. Runs only the
-        layers up to it."""
+        (B, C) for a Linear, (B, C, H, W) for a conv (channels-last layers moved to channels
+        first); the layer's output after any batch norm directly following it, i.e. what its
+        activation function receives. Runs only the layers up to it."""
         node = self.structure.preactivation_node(self._layer_nodes[layer])
-        return _fx.extract(self.gm, [self._input], [node], clone_outputs=True)
+        post = self._posts()[layer]
+        return _fx.extract(self.gm, [self._input], [node], clone_outputs=True, post=[post] if post else None)
 
     def forward_records(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """(pre-activations z_l, first-consumer inputs u_l, output-layer output) for a batch."""
+        self.check_input(x, "data")
         vals = self.probe()(x)
         n = len(self.layers)
         return [vals[2 * i] for i in range(n)], [vals[2 * i + 1] for i in range(n)], vals[-1]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's class scores for a batch, through the captured graph."""
+        self.check_input(x, "data")
+        return self.gm(x)
 
     def summary_module(self, reduce: str = "l1") -> fx.GraphModule:
         """Module mapping an input batch to one (B, n_neurons) tensor per analysed layer: the
@@ -229,10 +318,10 @@ class NetworkAdapter:
         Each map is reduced the moment it is computed."""
         if reduce not in ACT_REDUCTIONS:
             raise ValueError(f"reduce must be one of {ACT_REDUCTIONS}, got {reduce!r}")
-        return _fx.extract(self.gm, [self._input], self._preact_nodes(), post=REDUCERS[reduce])
+        return _fx.extract(self.gm, [self._input], self._preact_nodes(), post=self._posts(REDUCERS[reduce]))
 
     def activation_summaries(self, batches: Iterator[torch.Tensor], *, reduce: str = "l1",
-                             as_numpy: bool = True) -> list:
+                             as_numpy: bool = True, name: str = "activation data") -> list:
         """Streamed :meth:`summary_module` outputs over ``batches``, concatenated per layer.
 
         Memory grows with samples x neurons only, never with the size of the maps. With
@@ -242,6 +331,7 @@ class NetworkAdapter:
         parts: list[list] = [[] for _ in self.layers]
         with torch.no_grad(), _fx.run_in_eval(self.model):
             for x in batches:
+                self.check_input(x, name)
                 out = module(x)
                 out = out if isinstance(out, tuple) else (out,)
                 for i, z in enumerate(out):
@@ -256,9 +346,8 @@ class NetworkAdapter:
 
     def batch_size_for(self, example: torch.Tensor, batch_size: int, budget: int | None = None) -> int:
         """``batch_size``, lowered so that one forward pass fits in ``budget`` bytes."""
-        device, dtype = _fx.module_device_dtype(self.model)
-        budget = _memory.default_budget(device) if budget is None else budget
-        return _memory.batch_for(self.node_shapes(example), dtype, batch_size, budget)
+        budget = _memory.default_budget(self.device) if budget is None else budget
+        return _memory.batch_for(self.node_shapes(example), self.dtype, batch_size, budget)
 
 
 #: Historical name: the adapter handles MLPs, CNNs and residual networks alike.

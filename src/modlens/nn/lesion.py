@@ -6,10 +6,12 @@ consumer, after any batch norm, activation or pooling, so a batch norm that foll
 turn the removed channel into a constant (unlike the original code, row 8 of the notes).
 Two paths compute the same numbers:
 
-* :func:`correct_counts_plain`, the oracle: in a copy of the model, zero the slices of the
-  consumers' weights that read the neurons (for a Linear after a flatten, the columns the
-  channel owns) and, where the neurons enter a residual addition, multiply that input by a
-  channel mask; then run the whole test set through the forward pass, one lesion at a time.
+* :func:`correct_counts_plain`, the oracle: in a deep copy of the captured model, zero the
+  slices of the consumers' weights that read the neurons (for a Linear after a flatten, the
+  columns the channel owns; in a grouped conv, the in-group slices) and, where the neurons
+  enter an operation without weights (residual addition, normalization, gate), multiply that
+  input by a channel mask; then run the whole test set through the forward pass, one lesion
+  at a time. It uses the structure's sinks (what a lesion means), never the fast path's plan.
 * :class:`LesionEvaluator`, the fast path (see :mod:`modlens.nn._plan`): it caches what the
   lesioned layer's consumers read and produce, subtracts the low-rank term of the removed
   channels for many lesion sets at once (sets stacked in the batch), and re-runs only the
@@ -29,10 +31,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import fx, nn
 
 from modlens.nn import _fx, _memory
 from modlens.nn._skip import LinearSkip
-from modlens.nn._plan import channel_mask
 from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.inputs import check_labels
 
@@ -86,8 +88,9 @@ class LesionEvaluator:
                  memory_budget_bytes: int | None = None, skip: bool = True):
         self.adapter = adapter
         self.skip = skip  # exact work-skipping for Linear consumers (see modlens.nn._skip)
-        self.device, self.dtype = _fx.module_device_dtype(adapter.model)
+        self.device, self.dtype = adapter.device, adapter.dtype
         check_labels(y, adapter.n_classes, name="test data")
+        adapter.check_input(x, "test data")
         if len(x) != len(y):
             raise ValueError(f"test data: {len(x)} inputs but {len(y)} labels")
         self.n_classes = adapter.n_classes
@@ -240,26 +243,42 @@ class LesionEvaluator:
         return [c.round().to(torch.int64).cpu().numpy() for _, _, c, _ in prepared]
 
 
-def _masked_model(adapter: NetworkAdapter, plan, shapes: dict) -> tuple[torch.nn.Module, list[torch.Tensor]]:
-    """A copy of the traced model whose residual-addition inputs from the layer are multiplied
-    by channel masks (all ones until a lesion sets zeros); returns the copy and the masks."""
-    gm = copy.deepcopy(adapter.gm)
+def _mask(value: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [1] * value.dim()
+    shape[dim] = -1
+    return value * keep.view(shape)
+
+
+def _zero_inputs(module: nn.Module, idx: torch.Tensor) -> None:
+    """Direct weight surgery: zero the weights of ``module`` that read input channels ``idx``."""
+    w = module.weight
+    if isinstance(module, nn.Linear) or module.groups == 1:
+        w[:, idx] = 0
+        return
+    per_in = module.in_channels // module.groups
+    per_out = module.out_channels // module.groups
+    for i in idx.tolist():
+        g, local = divmod(i, per_in)
+        w[g * per_out:(g + 1) * per_out, local] = 0
+
+
+def _mask_nodes(gm: fx.GraphModule, sinks, shapes: dict, device, dtype) -> list[tuple]:
+    """Insert a channel mask (all ones until a lesion sets zeros) between each mask sink's value
+    and the operation that mixes it; returns (keep buffer, route) per sink."""
     by_name = {n.name: n for n in gm.graph.nodes}
-    device, dtype = _fx.module_device_dtype(gm)
     keeps = []
-    for i, mask in enumerate(plan.masks):
-        value = by_name[mask.value.name]
+    for i, sink in enumerate(sinks):
+        value, user = by_name[sink.value.name], by_name[sink.user.name]
         name = f"_modlens_keep_{i}"
-        gm.register_buffer(name, torch.ones(shapes[mask.value][0], device=device, dtype=dtype))
-        with gm.graph.inserting_after(value):
+        width = shapes[sink.value][sink.route.dim - 1]
+        gm.register_buffer(name, torch.ones(width, device=device, dtype=dtype))
+        with gm.graph.inserting_before(user):
             keep = gm.graph.get_attr(name)
-        with gm.graph.inserting_after(keep):
-            masked = gm.graph.call_function(channel_mask, (value, keep))
-        for join in mask.joins:
-            by_name[join.name].replace_input_with(value, masked)
-        keeps.append(getattr(gm, name))
+            masked = gm.graph.call_function(_mask, (value, keep, sink.route.dim))
+        user.replace_input_with(value, masked)
+        keeps.append((getattr(gm, name), sink.route))
     gm.recompile()
-    return gm, keeps
+    return keeps
 
 
 @torch.inference_mode()
@@ -273,47 +292,40 @@ def correct_counts_plain(
     batch_size: int = 2048,
     memory_budget_bytes: int | None = None,
 ) -> np.ndarray:
-    """The oracle: for each set, zero the consumers' weight slices that read it (and mask its
-    channels where they enter a residual addition) in a copy of the model, and run the
-    model's forward over the whole test set. Same result as
-    :meth:`LesionEvaluator.correct_counts`, one full pass per lesion."""
+    """The oracle, independent of the fast path's plan: for each set, a deep copy of the captured
+    model in which the neurons' outgoing weights are zeroed by direct weight surgery (every
+    layer that reads them, grouped convs and per-position Linears included) and, where they
+    enter an operation without weights (residual addition, normalization, gate), their channels
+    are multiplied by zero; then the whole test set runs through the copy's forward pass.
+    Same result as :meth:`LesionEvaluator.correct_counts`, one full pass per lesion."""
     info = adapter.layers[layer]
     sets = _as_index_sets(neuron_sets, info.n_neurons, info.name)
     check_labels(y, adapter.n_classes, name="test data")
-    plan = adapter.lesion_plan(layer)
+    adapter.check_input(x, "test data")
+    sinks = adapter.structure.sinks[adapter.layer_node(layer)]
     shapes = adapter.node_shapes(x[:1])
-    if plan.masks:
-        model, keeps = _masked_model(adapter, plan, shapes)
-    else:
-        model, keeps = copy.deepcopy(adapter.model), []
-    device, dtype = _fx.module_device_dtype(model)
+    device, dtype = adapter.device, adapter.dtype
     budget = int(memory_budget_bytes or _memory.default_budget(device))
     batch = _memory.batch_for(shapes, dtype, batch_size, _memory.block_bytes(device, budget))
-    weights = [model.get_submodule(c.consumer.target).weight for c in plan.corrections]
     y_dev = y.to(device)
     count_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     onehot = torch.nn.functional.one_hot(y_dev, adapter.n_classes).to(count_dtype)
     out = np.zeros((len(sets), adapter.n_classes), dtype=np.int64)
-    with _fx.run_in_eval(model):
-        for i, s in enumerate(sets):
-            ci, mi = plan.indices(s[None], shapes)
-            corr_idx = [torch.as_tensor(a[0], device=device) for a in ci]
-            mask_idx = [torch.as_tensor(a[0], device=device) for a in mi]
-            saved = [w[:, idx].clone() for w, idx in zip(weights, corr_idx)]
-            try:
-                for w, idx in zip(weights, corr_idx):
-                    w[:, idx] = 0
-                for keep, idx in zip(keeps, mask_idx):
-                    keep[idx] = 0
-                total = torch.zeros(adapter.n_classes, dtype=count_dtype, device=device)
-                for start in range(0, x.shape[0], batch):
-                    xb = x[start:start + batch].to(device=device, dtype=dtype)
-                    pred = model(xb).argmax(-1)
-                    total += _class_counts(pred, y_dev[start:start + xb.shape[0]], onehot[start:start + xb.shape[0]])
-            finally:
-                for w, idx, v in zip(weights, corr_idx, saved):
-                    w[:, idx] = v
-                for keep in keeps:
-                    keep.fill_(1)
-            out[i] = total.round().to(torch.int64).cpu().numpy()
+    for i, s in enumerate(sets):
+        model = copy.deepcopy(adapter.gm)
+        for sink in sinks:
+            if sink.kind == "layer":
+                m = model.get_submodule(sink.user.target)
+                width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+                _zero_inputs(m, torch.as_tensor(sink.route.indices(s, width, f"layer '{sink.user.target}'")))
+        masks = [sk for sk in sinks if sk.kind == "mask"]
+        for keep, route in _mask_nodes(model, masks, shapes, device, dtype):
+            keep[torch.as_tensor(route.indices(s, keep.shape[0]))] = 0
+        model.eval()
+        total = torch.zeros(adapter.n_classes, dtype=count_dtype, device=device)
+        for start in range(0, x.shape[0], batch):
+            xb = x[start:start + batch].to(device=device, dtype=dtype)
+            pred = model(xb).argmax(-1)
+            total += _class_counts(pred, y_dev[start:start + xb.shape[0]], onehot[start:start + xb.shape[0]])
+        out[i] = total.round().to(torch.int64).cpu().numpy()
     return out

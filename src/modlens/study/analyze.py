@@ -19,7 +19,7 @@ from modlens._version import __version__
 from modlens.core.partition import Partition
 from modlens.core.rng import as_generator
 from modlens.experiments.lesion_test import lesion_test
-from modlens.experiments.partitioning import METHODS, Partitioner, method_seed
+from modlens.experiments.partitioning import METHODS, Partitioner, check_graph_options, make_adapter, method_seed
 from modlens.nn.adapter import MLPAdapter
 from modlens.nn.inputs import as_tensors, check_labels
 from modlens.nn.lesion import LesionEvaluator
@@ -89,6 +89,11 @@ def analyze(
     feature_vis: bool = False,
     vis_options: dict | None = None,
     progress: bool = False,
+    input_name: str | None = None,
+    output=None,
+    conv_edge: str = "l1",
+    act_reduce: str = "l1",
+    bn_fold: str = "paper",
 ) -> AnalysisResult:
     """Test whether the partitions of ``model``'s hidden neurons are important and coherent.
 
@@ -124,10 +129,20 @@ def analyze(
         7, 15, 16). The value range defaults to the test inputs' range; the transforms to jitter
         and scaling, or padding/jitter/rotation/scaling for inputs of 128 pixels a side or more;
         for vectors additive noise, for sequences noise and a circular shift along T.
+    input_name, output:
+        Pass the inputs as this keyword argument (``"pixel_values"`` for Hugging Face models) and
+        pick the logits out of the forward's output (default ``.logits`` or the single tensor).
+        The model is captured once, with ``torch.export`` at the test data's shape.
+    conv_edge, act_reduce, bn_fold:
+        How conv channels and batch norms enter the graphs: ``"l1"``, ``"l1"``, ``"paper"``
+        (the paper); ``"matrix_1_norm"``, ``"matrix_1_norm"``, ``"original"`` reproduce the
+        original code (rows 1-3 of the notes).
     """
     started = time.perf_counter()
-    adapter = MLPAdapter(model)
+    check_graph_options(conv_edge=conv_edge, bn_fold=bn_fold, act_reduce=act_reduce)
     x, y = as_tensors(test_data, name="test data")
+    adapter = make_adapter(model, x, input_name=input_name, output=output, name="test data")
+    adapter.check_input(x, "test data")
     check_labels(y, adapter.n_classes, name="test data")
     if activation_data is not None and activation_data is test_data:
         raise ValueError("activation_data is the test set; pass a held-out split so lesions are tested on unseen data")
@@ -137,7 +152,8 @@ def analyze(
         bad = [p for p in partitionings if p not in METHODS]
         if bad or not partitionings:
             raise ValueError(f"unknown partitionings {bad or list(partitionings)}; choose from {', '.join(METHODS)}")
-        partitioner = Partitioner(adapter, activation_data=activation_data, n_clusters=n_clusters, random_state=random_state)
+        partitioner = Partitioner(adapter, activation_data=activation_data, n_clusters=n_clusters, random_state=random_state,
+                                  conv_edge=conv_edge, act_reduce=act_reduce, bn_fold=bn_fold)
         partitions = {}
         for method in partitionings:
             t0 = time.perf_counter()
@@ -178,6 +194,7 @@ def analyze(
         "n_clusters": n_clusters, "n_random": n_random, "random_state": random_state,
         "accuracy": accuracy, "class_range": class_range, "ties": ties, "effect_rule": effect_rule,
         "max_fraction": max_fraction, "engine": engine, "alpha": alpha,
+        "conv_edge": conv_edge, "act_reduce": act_reduce, "bn_fold": bn_fold, "capture": adapter.capture_method,
         "partitionings": list(partitions),
         "n_test": int(len(y)),
         "test_accuracy": float(base.sum() / len(y)) if base is not None else None,

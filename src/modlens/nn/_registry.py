@@ -1,0 +1,170 @@
+"""Operation handlers: one small unit per family of operations modlens follows channels through.
+
+Each :class:`Handler` declares which graph nodes it owns (module types, torch functions,
+tensor methods, ATen overloads of an exported graph) and what the op *is* for modlens:
+
+================  ========================================  =========================  ==================
+kind              how a layer's channels flow               weight edges               lesion
+================  ========================================  =========================  ==================
+``layer``         end here (Linear, Conv, grouped Conv)      the layer's weights        correction or
+                                                                                        recompute
+``unary``         unchanged (activation, dropout, pool,      --                         carried through
+                  pad, scalar/parameter arithmetic)
+``bn``            unchanged                                  ``gamma/sqrt(var+eps)``    carried through
+``scale``         unchanged (layer scale: ``p * x``)         ``|p_c|``                  carried through
+``norm``          mixed per sample (LayerNorm, GroupNorm,    ``|gamma_c|``              recomputed from
+                  RMSNorm)                                                              the norm on
+``join``          summed with other branches (residual)      followed through           recomputed
+``gate``          ``x * g(x)`` (squeeze-excitation)          followed through           recomputed
+``cat``           offset along the channel dimension         followed                   carried through
+``flatten``       channel-major features                     followed                   carried through
+``permute``       channel dimension moves                    followed                   carried through
+``mean``          spatial dims averaged                      followed                   carried through
+``final``         softmax after the output layer             --                         --
+``attention``     not supported yet (next issue)             error                      error
+================  ========================================  =========================  ==================
+
+Adding an operation means adding (or extending) one handler here and a test. Attention
+blocks and transformer MLP neurons will be one more ``kind`` with its own handler.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+OTHER_WEIGHT_LAYERS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+                       nn.LazyLinear, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding)
+ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+@dataclass
+class Handler:
+    kind: str
+    modules: tuple = ()
+    functions: set = field(default_factory=set)
+    methods: set = field(default_factory=set)
+
+
+def _ops(*names: str) -> set:
+    out = set()
+    for name in names:
+        base, _, overload = name.partition(".")
+        packet = getattr(aten, base, None)
+        if packet is not None:
+            out.add(getattr(packet, overload or "default"))
+    return out
+
+
+ACTIVATIONS = Handler(
+    "unary",
+    modules=(nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+             nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.PReLU),
+    functions={torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, torch.tanh,
+               torch.sigmoid, F.tanh, F.sigmoid, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign,
+               torch.clamp, torch.clip}
+    | _ops("relu", "gelu", "silu", "mish", "tanh", "sigmoid", "hardtanh", "hardswish", "hardsigmoid", "leaky_relu",
+           "elu", "selu", "celu", "softplus", "clamp", "clamp.Tensor", "prelu", "_prelu_kernel", "relu6"),
+    methods={"relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "clamp", "clamp_", "clip"},
+)
+PASSING = Handler(  # identity in eval: dropout, stochastic depth, copies and casts
+    "unary",
+    modules=(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity),
+    functions={F.dropout, F.dropout1d, F.dropout2d, torch.dropout}
+    | _ops("dropout", "feature_dropout", "alpha_dropout", "clone", "contiguous", "alias", "detach", "_to_copy",
+           "to.dtype", "lift_fresh_copy"),
+    methods={"contiguous", "float", "double", "clone", "to"},
+)
+POOLING = Handler(  # per channel over space (and spatial padding)
+    "unary",
+    modules=(nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d, nn.ZeroPad2d, nn.ConstantPad2d),
+    functions={F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+               F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d}
+    | _ops("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+           "pad", "constant_pad_nd"),
+)
+BATCH_NORM = Handler("bn", modules=BATCH_NORMS)
+NORMALIZATION = Handler("norm", modules=NORMS)
+ARITHMETIC = Handler(  # refined in classify: scalar/parameter -> unary or scale; two activations -> join/gate
+    "arith",
+    functions={operator.mul, operator.truediv, operator.add, operator.sub, operator.iadd, operator.isub,
+               operator.imul, operator.neg, torch.mul, torch.add, torch.sub, torch.div}
+    | _ops("add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor", "mul.Scalar", "div.Tensor",
+           "div.Scalar", "neg"),
+    methods={"add", "add_", "sub", "sub_", "mul", "div", "mul_", "div_"},
+)
+CONCAT = Handler("cat", functions={torch.cat, torch.concat, torch.concatenate} | _ops("cat"))
+FLATTEN = Handler("flatten", modules=(nn.Flatten,), functions={torch.flatten, torch.reshape}
+                  | _ops("flatten.using_ints", "view", "reshape", "_unsafe_view"), methods={"flatten", "view", "reshape"})
+PERMUTE = Handler("permute", functions={torch.permute, torch.transpose} | _ops("permute", "transpose.int"),
+                  methods={"permute", "transpose"})
+MEAN = Handler("mean", functions={torch.mean} | _ops("mean.dim"), methods={"mean"})
+FINAL = Handler("final", modules=(nn.Softmax, nn.LogSoftmax),
+                functions={F.softmax, F.log_softmax, torch.softmax, torch.log_softmax} | _ops("softmax.int", "_softmax",
+                                                                                               "log_softmax.int"),
+                methods={"softmax", "log_softmax"})
+ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
+                    functions={F.scaled_dot_product_attention, torch.matmul, torch.bmm}
+                    | _ops("scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"),
+                    methods={"matmul", "bmm"})
+
+HANDLERS = [ACTIVATIONS, PASSING, POOLING, BATCH_NORM, NORMALIZATION, ARITHMETIC, CONCAT, FLATTEN, PERMUTE, MEAN,
+            FINAL, ATTENTION]
+SHAPE_METHODS = {"size", "dim"}
+SHAPE_FUNCTIONS = {getattr} | _ops("sym_size.int", "sym_numel")
+SIZE_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv}
+
+_BY_FUNCTION = {f: h for h in HANDLERS for f in h.functions}
+_BY_METHOD = {m: h for h in HANDLERS for m in h.methods}
+
+
+def handler_kind(node: fx.Node, module: nn.Module | None) -> str:
+    """The raw kind of ``node`` (``arith`` still to be refined), or ``"?"``."""
+    if node.op == "call_module":
+        if isinstance(module, LAYER_TYPES):
+            return "layer"
+        for h in HANDLERS:
+            if h.modules and isinstance(module, h.modules):
+                return h.kind
+        return "?"
+    if node.op == "call_function":
+        h = _BY_FUNCTION.get(node.target)
+        return h.kind if h is not None else "?"
+    if node.op == "call_method":
+        h = _BY_METHOD.get(node.target)
+        return h.kind if h is not None else "?"
+    return "?"
+
+
+def refine_arith(node: fx.Node, n_tensors: int) -> str:
+    """Arithmetic with one activation operand is channel-wise (a parameter operand is a
+    learned per-channel scale or shift); with two, ``+``/``-`` are residual joins and ``*`` a gate."""
+    if "alpha" in node.kwargs:
+        return "?"
+    name = _name(node.target)
+    if n_tensors <= 1:
+        return "scale" if "mul" in name else "unary"
+    if n_tensors == 2 and ("add" in name or "sub" in name):
+        return "join"
+    if n_tensors == 2 and "mul" in name:
+        return "gate"
+    return "?"
+
+
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def is_bn(m) -> bool:
+    return isinstance(m, BATCH_NORMS) and m.running_var is not None
