@@ -1,0 +1,349 @@
+"""Exact conditional permutation null for combining subcluster percentiles (modlens extension).
+
+The paper combines a network's subcluster percentiles with Fisher's method against a chi2
+null, which is conservative for coarse (discrete, tied) percentiles (its footnote 5). Here the
+same Fisher statistic T = -2 sum ln q_i is referred to its exact conditional null instead:
+
+* Under H0 a true subcluster is exchangeable with its n random sets, so given the n + 1 values
+  it is equally likely to have had the percentile of any of them (computed by the same rule,
+  ties included, as the observed one). Subclusters are independent. Each subcluster thus
+  contributes a known discrete distribution (its "null percentiles", n + 1 equally likely).
+* :func:`fisher_exact` computes P(T >= t_obs) under that null. Each contribution -2 ln q is
+  written as u = c_i - x (u >= 0, small u = modular) and rounded to a lattice of spacing h;
+  the sum of lattice indices is a sum of independent integer variables whose distribution is
+  computed by convolution (direct and all-positive when cheap, FFT otherwise; an FFT tail
+  below 1e-6 is recomputed directly). The returned p value is P(K <= K_obs) on the lattice:
+  the exact null p value of the lattice-rounded Fisher statistic, so the test holds its level
+  exactly for every h. The rounding moves each configuration's statistic by at most
+  Delta = sum of the largest rounding residuals; ``p_bounds`` brackets the p value of the
+  unrounded statistic rigorously (see :func:`_bracket`). By default h = span / 2**20.
+* :func:`replicate_exact` is the exact Bates step: the mean of the networks' p values referred
+  to the exact null distribution of that mean, the convolution of each network's discrete null
+  distribution of its p value (again on a lattice, with the same bracket). No randomization
+  and no mid-p: each network's p value is the ordinary (conservative) discrete one, and the
+  discreteness is carried into the replicate step instead of being assumed away.
+* ``method="monte_carlo"`` (or ``"auto"`` for very large inputs): seeded draws from the same
+  null, p = (1 + #{T* >= t_obs}) / (1 + R), which is itself a valid p value; its standard error
+  sqrt(p (1 - p) / R) is returned.
+
+Pure NumPy/SciPy; no torch, pandas or matplotlib.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from scipy import signal as _signal
+
+from modlens.core.rng import as_generator
+
+__all__ = ["NullDistribution", "CombinedTest", "null_percentiles", "fisher_exact", "replicate_exact", "METHODS"]
+
+METHODS = ("auto", "enumeration", "lattice", "monte_carlo")
+#: ``method="auto"`` enumerates every configuration when there are at most this many.
+ENUMERATION_MAX = 2**16
+#: Lattice cells used by default (the resolution is the statistic's span divided by this).
+DEFAULT_CELLS = 2**20
+#: Direct (all-positive) convolution is used when atoms x cells is at most this.
+DIRECT_BUDGET = 4_000_000
+#: Below this, a p value from the FFT path is recomputed by direct convolution.
+FFT_TAIL = 1e-6
+#: ``method="auto"`` switches to Monte Carlo above this many atoms in all (e.g. n = 10^4 draws).
+AUTO_MC_ATOMS = 200_000
+_REL_TOL = 1e-9  # float comparisons of statistics in the Monte Carlo path
+
+
+@dataclass(frozen=True)
+class NullDistribution:
+    """Discrete null distribution of a p value: sorted atoms and their probabilities."""
+
+    values: np.ndarray
+    probs: np.ndarray
+    observed: float  # the atom taken by the observed data
+
+
+@dataclass(frozen=True)
+class CombinedTest:
+    """Result of :func:`fisher_exact` or :func:`replicate_exact`.
+
+    p_value:   exact null p value of the (lattice-rounded) statistic, or the Monte Carlo one.
+    statistic: Fisher statistic -2 sum ln q (network) or the mean p value (replicates).
+    method:    "enumeration" (every configuration), "lattice", "monte_carlo" or "trivial"
+               (no subcluster can vary: p = 1).
+    p_bounds:  rigorous bounds on the p value of the unrounded statistic (lattice); for
+               Monte Carlo p -/+ 4 standard errors, clipped to [0, 1].
+    resolution: lattice spacing h (0 for Monte Carlo and trivial).
+    standard_error: Monte Carlo standard error (0 otherwise).
+    null:      the discrete null distribution of ``p_value`` (for the replicate step), when asked.
+    """
+
+    p_value: float
+    statistic: float
+    method: str
+    p_bounds: tuple[float, float]
+    resolution: float = 0.0
+    standard_error: float = 0.0
+    null: NullDistribution | None = field(default=None, repr=False)
+
+
+def null_percentiles(values, *, higher_is_modular: bool = True, ties: str = "mid") -> np.ndarray:
+    """The n + 1 percentiles one subcluster could have had: entry j is the percentile of
+    ``values[j]`` among the other n values, by :func:`modlens.core.stats.percentiles` with the
+    same direction and tie rule as the observed percentile (which is entry 0 when ``values[0]``
+    is the true subcluster's value). Sorted ascending."""
+    from modlens.core.stats import percentiles
+
+    v = np.asarray(values, dtype=float).ravel()
+    if v.size < 2:
+        raise ValueError(f"permutation.null_percentiles: need the true value and at least one random one, got {v.size} values")
+    others = np.array([np.delete(v, j) for j in range(v.size)])
+    return np.sort(percentiles(v, others, higher_is_modular=higher_is_modular, ties=ties))
+
+
+def _atoms(nulls, observed):
+    """Per subcluster: contributions x = -2 ln q of its distinct null percentiles, their
+    probabilities, and the index of the observed one. Validates every input."""
+    obs = np.asarray(observed, dtype=float).ravel()
+    if len(nulls) != obs.size:
+        raise ValueError(f"permutation: {len(nulls)} null percentile sets for {obs.size} observed percentiles")
+    if obs.size == 0:
+        raise ValueError("permutation: need at least one subcluster")
+    out = []
+    for i, (q, o) in enumerate(zip(nulls, obs)):
+        q = np.asarray(q, dtype=float).ravel()
+        if q.size == 0 or not np.all((q > 0) & (q <= 1)):
+            raise ValueError(f"permutation: null percentiles of subcluster {i} must be non-empty and lie in (0, 1], got {q}")
+        vals, counts = np.unique(q, return_counts=True)
+        j = int(np.argmin(np.abs(vals - o)))
+        if not abs(vals[j] - o) <= 1e-12:
+            raise ValueError(f"permutation: observed percentile {o} of subcluster {i} is not one of its null percentiles "
+                             f"{vals.tolist()}; compute both with the same rule (null_percentiles)")
+        out.append((-2.0 * np.log(vals), counts / q.size, j))
+    return out
+
+
+def _convolve(a, b):
+    out = _signal.convolve(a, b, method="auto")
+    return np.maximum(out, 0.0, out=out)
+
+
+def _power(pmf, n):
+    result = None
+    while n:
+        if n & 1:
+            result = pmf if result is None else _convolve(result, pmf)
+        n >>= 1
+        if n:
+            pmf = _convolve(pmf, pmf)
+    return result
+
+
+def _full_pmf(kernels):
+    """pmf of the sum of independent lattice variables; ``kernels`` are (offsets, probs).
+    Identical kernels are raised to their power by squaring, the rest combined pairwise."""
+    groups: dict = {}
+    for k, w in kernels:
+        key = (k.tobytes(), w.tobytes())
+        groups.setdefault(key, [k, w, 0])[2] += 1
+    parts = []
+    for k, w, c in groups.values():
+        dense = np.zeros(int(k.max()) + 1)
+        np.add.at(dense, k, w)
+        parts.append(_power(dense, c))
+    while len(parts) > 1:
+        parts.sort(key=len)
+        parts = [_convolve(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)] + \
+                ([parts[-1]] if len(parts) % 2 else [])
+    return parts[0]
+
+
+def _direct_cdf(kernels, limit):
+    """P(K <= j) for j = 0..limit by direct convolution truncated at ``limit`` (all terms are
+    non-negative, so small tail probabilities keep their relative precision)."""
+    cur = np.zeros(limit + 1)
+    cur[0] = 1.0
+    for k, w in kernels:
+        new = np.zeros(limit + 1)
+        keep = k <= limit
+        for kk, ww in zip(k[keep].tolist(), w[keep].tolist()):
+            new[kk:] += ww * cur[: limit + 1 - kk]
+        cur = new
+    return np.cumsum(cur)
+
+
+def _bracket(cdf_at, k_obs, delta, h):
+    """p on the lattice and rigorous bounds for the unrounded statistic.
+
+    With U = h K + E, U_obs = h K_obs + E_obs, |E| <= R and delta = R + |E_obs|:
+    U <= U_obs implies K <= K_obs + delta/h, and K < K_obs - delta/h implies U < U_obs.
+    So P(K <= K_obs - B - 1) <= P(U <= U_obs) <= P(K <= K_obs + B), B = floor(delta/h) (+1
+    for the floating-point error of the residuals)."""
+    band = int(math.floor(delta / h)) + 1
+    return cdf_at(k_obs), (cdf_at(k_obs - band - 1), cdf_at(k_obs + band))
+
+
+def _lattice_test(kernels_u, obs_u, stat, *, resolution, with_null, observed_value, default_cells=DEFAULT_CELLS):
+    """Shared lattice machinery: P(sum U <= sum U_obs) with U_i >= 0 given as atoms."""
+    span = float(sum(u.max() for u, _ in kernels_u))
+    if span == 0.0:
+        return None
+    h = float(resolution) if resolution is not None else span / default_cells
+    if not h > 0:
+        raise ValueError(f"permutation: resolution must be positive, got {resolution!r}")
+    kernels, resid, k_obs, e_obs = [], 0.0, 0, 0.0
+    for (u, w), uo in zip(kernels_u, obs_u):
+        k = np.rint(u / h).astype(np.int64)
+        resid += float(np.max(np.abs(u - h * k)))
+        ko = int(np.rint(uo / h))
+        k_obs += ko
+        e_obs += uo - h * ko
+        kernels.append((k, w))
+    delta = resid + abs(e_obs)
+    k_max = int(sum(int(k.max()) for k, _ in kernels))
+    n_atoms = sum(k.size for k, _ in kernels)
+    band = int(math.floor(delta / h)) + 2
+    limit = min(k_obs + band, k_max)
+    full = None
+    if with_null or n_atoms * (limit + 1) > DIRECT_BUDGET:
+        full = _full_pmf(kernels)
+        cdf = np.minimum(np.cumsum(full), 1.0)
+    else:
+        cdf = _direct_cdf(kernels, limit)
+
+    def cdf_at(j):
+        return 0.0 if j < 0 else float(cdf[min(j, len(cdf) - 1)]) if j < len(cdf) else 1.0
+
+    p, bounds = _bracket(cdf_at, k_obs, delta, h)
+    if full is not None and bounds[1] < FFT_TAIL:  # FFT noise is absolute: redo the tail directly
+        cdf_t = _direct_cdf(kernels, limit)
+        p, bounds = _bracket(lambda j: 0.0 if j < 0 else float(cdf_t[min(j, limit)]), k_obs, delta, h)
+    null = None
+    if with_null:
+        support = np.flatnonzero(full > 0)
+        vals = cdf[support]
+        observed = cdf_at(k_obs) if observed_value is None else observed_value
+        null = NullDistribution(np.minimum(vals, 1.0), full[support] / full.sum(), float(min(observed, 1.0)))
+    return CombinedTest(float(min(p, 1.0)), stat, "lattice", (float(min(bounds[0], 1.0)), float(min(bounds[1], 1.0))),
+                        resolution=h, null=null)
+
+
+def _trivial(stat, with_null):
+    null = NullDistribution(np.array([1.0]), np.array([1.0]), 1.0) if with_null else None
+    return CombinedTest(1.0, stat, "trivial", (1.0, 1.0), null=null)
+
+
+def fisher_exact(nulls: Sequence, observed, *, method: str = "auto", resolution: float | None = None,
+                 n_draws: int = 100_000, random_state=0, with_null: bool = False) -> CombinedTest:
+    """Exact conditional p value of Fisher's statistic over one network's subclusters.
+
+    ``nulls[i]`` holds subcluster i's n_i + 1 null percentiles (:func:`null_percentiles`),
+    ``observed[i]`` its observed percentile (one of them). ``method`` is "enumeration" (every
+    configuration; exact), "lattice" (exact for
+    the statistic rounded to spacing ``resolution``, default span / 2**20; rigorous bounds for
+    the unrounded one in ``p_bounds``), "monte_carlo" (``n_draws`` seeded draws) or "auto"
+    (enumeration up to ``ENUMERATION_MAX`` configurations, else lattice unless more than
+    ``AUTO_MC_ATOMS`` atoms). ``with_null`` also returns the
+    discrete null distribution of the p value, used by :func:`replicate_exact`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"permutation: method must be one of {METHODS}, got {method!r}")
+    atoms = _atoms(nulls, observed)
+    stat = float(sum(x[j] for x, _, j in atoms)) + 0.0
+    varying = [a for a in atoms if a[0].size > 1]  # a single atom is a constant: drop it
+    if not varying:
+        return _trivial(stat, with_null)
+    n_atoms = sum(x.size for x, _, _ in varying)
+    if method == "monte_carlo" or (method == "auto" and n_atoms > AUTO_MC_ATOMS):
+        return _monte_carlo(varying, stat, n_draws=n_draws, random_state=random_state, with_null=with_null)
+    if method == "enumeration" or (method == "auto" and _enumerable(varying, nulls, atoms)):
+        return _enumerate(varying, stat, with_null=with_null)
+    kernels = [(x.max() - x, w) for x, w, _ in varying]
+    obs_u = [x.max() - x[j] for x, _, j in varying]
+    return _lattice_test(kernels, obs_u, stat, resolution=resolution, with_null=with_null, observed_value=None)
+
+
+def _enumerable(varying, nulls, atoms) -> bool:
+    """Few enough configurations, and distinct Fisher statistics far enough apart for float
+    sums: percentiles on the grid a / (2 (n + 1)) make exp(-T/2) a ratio of integers below
+    prod 2 (n_i + 1), so two distinct statistics differ by at least 1 / prod 2 (n_i + 1)
+    (kept above 1e-10, far above the rounding of a float sum)."""
+    size = math.prod(x.size for x, _, _ in varying)
+    log_den = sum(math.log(2.0 * len(np.ravel(q))) for q, a in zip(nulls, atoms) if a[0].size > 1)
+    return size <= ENUMERATION_MAX and log_den <= math.log(1e10)
+
+
+def _enumerate(atoms, stat, *, with_null):
+    """Every configuration of the subclusters' null percentiles, exactly (error: float sums)."""
+    total, prob = np.zeros(1), np.ones(1)
+    for x, w, _ in atoms:
+        total = (total[:, None] + x[None, :]).ravel()
+        prob = (prob[:, None] * w[None, :]).ravel()
+    obs = float(sum(x[j] for x, _, j in atoms))  # constant subclusters left out, as in total
+    tol = 1e-11 * max(1.0, abs(obs))
+    p = float(np.sum(prob[total >= obs - tol]))
+    null = None
+    if with_null:  # p value of every configuration, merged over equal statistics
+        order = np.argsort(-total, kind="stable")
+        t, pr = total[order], prob[order]
+        new = np.concatenate([[True], np.diff(t) < -tol])
+        grp = np.cumsum(new) - 1
+        mass = np.bincount(grp, weights=pr)
+        vals = np.minimum(np.cumsum(mass), 1.0)
+        null = NullDistribution(vals[::-1].copy(), mass[::-1].copy(), min(p, 1.0))
+    return CombinedTest(min(p, 1.0), stat, "enumeration", (min(p, 1.0), min(p, 1.0)), null=null)
+
+
+def _monte_carlo(atoms, stat, *, n_draws, random_state, with_null):
+    if n_draws < 1:
+        raise ValueError(f"permutation: n_draws must be positive, got {n_draws}")
+    rng = as_generator(random_state)
+    total = np.zeros(n_draws)
+    obs = 0.0
+    for x, w, j in atoms:
+        total += x[rng.choice(x.size, size=n_draws, p=w)]
+        obs += x[j]
+    tol = _REL_TOL * max(1.0, abs(obs))
+    b = int(np.sum(total >= obs - tol))
+    p = (1.0 + b) / (1.0 + n_draws)
+    se = math.sqrt(p * (1.0 - p) / n_draws)
+    null = None
+    if with_null:  # each draw's own Monte Carlo p value, equally likely
+        srt = np.sort(total)
+        ge = n_draws - np.searchsorted(srt, total - _REL_TOL * np.maximum(1.0, np.abs(total)), side="left")
+        vals, counts = np.unique((1.0 + ge) / (1.0 + n_draws), return_counts=True)
+        null = NullDistribution(vals, counts / n_draws, p)
+    return CombinedTest(p, stat, "monte_carlo", (max(0.0, p - 4 * se), min(1.0, p + 4 * se)),
+                        standard_error=se, null=null)
+
+
+def replicate_exact(networks: Sequence[CombinedTest], *, resolution: float | None = None,
+                    cells: int = DEFAULT_CELLS) -> CombinedTest:
+    """Exact Bates step: P(mean of the networks' p values <= observed mean) under the null.
+
+    Each network's p value has the discrete null distribution in ``network.null`` (from
+    :func:`fisher_exact` with ``with_null=True``). The mean is referred to the convolution of
+    these distributions on a lattice of spacing ``resolution`` (default 1 / ``cells``) in p
+    units, with the same rigorous bracket as :func:`fisher_exact`. One network gives its own
+    p value (exactly P(P <= p_obs) = p_obs)."""
+    if not networks:
+        raise ValueError("permutation: replicate_exact needs at least one network")
+    missing = [i for i, n in enumerate(networks) if n.null is None]
+    if missing:
+        raise ValueError(f"permutation: networks {missing} carry no null distribution; call fisher_exact(..., with_null=True)")
+    stat = float(np.mean([n.null.observed for n in networks]))
+    if len(networks) == 1:
+        n = networks[0]
+        return CombinedTest(n.p_value, stat, n.method, n.p_bounds, n.resolution, n.standard_error, n.null)
+    kernels = [(n.null.values, n.null.probs) for n in networks]
+    obs = [n.null.observed for n in networks]
+    h = float(resolution) if resolution is not None else 1.0 / cells
+    res = _lattice_test(kernels, obs, stat, resolution=h, with_null=False, observed_value=None)
+    if res is None:
+        return _trivial(stat, False)
+    methods = {n.method for n in networks}
+    se = math.sqrt(sum(n.standard_error**2 for n in networks))
+    method = "monte_carlo" if "monte_carlo" in methods else "lattice"
+    return CombinedTest(res.p_value, stat, method, res.p_bounds, res.resolution, se)
