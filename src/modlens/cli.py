@@ -28,6 +28,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["incremental", "plain"], default="incremental",
                    help="lesion evaluation path; 'plain' is the slow one-lesion-per-pass reference")
     p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate for Benjamini-Hochberg")
+    p.add_argument("--combine", choices=["fisher", "exact"], default="fisher",
+                   help="per-network combination: 'fisher' (paper: chi2 null, Bates over replicates) or 'exact' "
+                        "(exact permutation null of the same statistics; holds its level with tied percentiles)")
     _add_vis_options(p)
 
 
@@ -51,7 +54,7 @@ def _vis_kwargs(a) -> dict:
 def _analysis_kwargs(a) -> dict:
     return dict(n_clusters=a.n_clusters, n_random=a.n_random, random_state=a.seed, partitionings=a.partitionings,
                 accuracy=a.accuracy, class_range=a.class_range, ties=a.ties, effect_rule=a.effect_rule,
-                engine=a.engine, alpha=a.alpha, **_vis_kwargs(a))
+                engine=a.engine, alpha=a.alpha, combine=a.combine, **_vis_kwargs(a))
 
 
 def build_parser() -> argparse.ArgumentParser:

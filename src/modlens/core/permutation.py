@@ -40,7 +40,8 @@ from scipy import signal as _signal
 
 from modlens.core.rng import as_generator
 
-__all__ = ["NullDistribution", "CombinedTest", "null_percentiles", "fisher_exact", "replicate_exact", "METHODS"]
+__all__ = ["NullDistribution", "CombinedTest", "null_percentiles", "fisher_exact", "replicate_exact", "combine_networks",
+           "METHODS"]
 
 METHODS = ("auto", "enumeration", "lattice", "monte_carlo")
 #: ``method="auto"`` enumerates every configuration when there are at most this many.
@@ -236,14 +237,15 @@ def _trivial(stat, with_null):
 
 
 def fisher_exact(nulls: Sequence, observed, *, method: str = "auto", resolution: float | None = None,
-                 n_draws: int = 100_000, random_state=0, with_null: bool = False) -> CombinedTest:
+                 n_draws: int = 100_000, random_state=0, with_null: bool = False,
+                 cells: int = DEFAULT_CELLS) -> CombinedTest:
     """Exact conditional p value of Fisher's statistic over one network's subclusters.
 
     ``nulls[i]`` holds subcluster i's n_i + 1 null percentiles (:func:`null_percentiles`),
     ``observed[i]`` its observed percentile (one of them). ``method`` is "enumeration" (every
     configuration; exact), "lattice" (exact for
     the statistic rounded to spacing ``resolution``, default span / 2**20; rigorous bounds for
-    the unrounded one in ``p_bounds``), "monte_carlo" (``n_draws`` seeded draws) or "auto"
+    the unrounded one in ``p_bounds``; ``cells`` sets the default), "monte_carlo" (``n_draws`` seeded draws) or "auto"
     (enumeration up to ``ENUMERATION_MAX`` configurations, else lattice unless more than
     ``AUTO_MC_ATOMS`` atoms). ``with_null`` also returns the
     discrete null distribution of the p value, used by :func:`replicate_exact`.
@@ -262,7 +264,8 @@ def fisher_exact(nulls: Sequence, observed, *, method: str = "auto", resolution:
         return _enumerate(varying, stat, with_null=with_null)
     kernels = [(x.max() - x, w) for x, w, _ in varying]
     obs_u = [x.max() - x[j] for x, _, j in varying]
-    return _lattice_test(kernels, obs_u, stat, resolution=resolution, with_null=with_null, observed_value=None)
+    return _lattice_test(kernels, obs_u, stat, resolution=resolution, with_null=with_null, observed_value=None,
+                         default_cells=cells)
 
 
 def _enumerable(varying, nulls, atoms) -> bool:
@@ -347,3 +350,20 @@ def replicate_exact(networks: Sequence[CombinedTest], *, resolution: float | Non
     se = math.sqrt(sum(n.standard_error**2 for n in networks))
     method = "monte_carlo" if "monte_carlo" in methods else "lattice"
     return CombinedTest(res.p_value, stat, method, res.p_bounds, res.resolution, se)
+
+
+def combine_networks(networks: Sequence[tuple[Sequence, Sequence]], *, method: str = "auto",
+                     random_state=0) -> tuple[list[float], float]:
+    """Per-network exact p values and their exact replicate combination.
+
+    ``networks`` holds one ``(nulls, observed)`` pair per replicate network (the arguments of
+    :func:`fisher_exact`). Returns ``(network_p_values, p)``; with one network p is its p value.
+    Monte Carlo draws (if any) use one child seed per network from ``random_state``."""
+    seeds = np.random.SeedSequence(random_state).spawn(len(networks)) if not isinstance(random_state, np.random.Generator) \
+        else [random_state] * len(networks)
+    several = len(networks) > 1
+    tests = [fisher_exact(nulls, obs, method=method, random_state=s, with_null=several)
+             for (nulls, obs), s in zip(networks, seeds)]
+    if not tests:
+        raise ValueError("permutation: combine_networks needs at least one network")
+    return [t.p_value for t in tests], replicate_exact(tests).p_value if several else tests[0].p_value
