@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
-from scipy import signal as _signal
+from scipy import fft as _fft
 
 from modlens.core.rng import as_generator
 
@@ -94,14 +94,20 @@ def null_percentiles(values, *, higher_is_modular: bool = True, ties: str = "mid
     """The n + 1 percentiles one subcluster could have had: entry j is the percentile of
     ``values[j]`` among the other n values, by :func:`modlens.core.stats.percentiles` with the
     same direction and tie rule as the observed percentile (which is entry 0 when ``values[0]``
-    is the true subcluster's value). Sorted ascending."""
+    is the true subcluster's value). Sorted ascending. A 2-D ``values`` is one subcluster per
+    row (true value first), giving one row of null percentiles each."""
     from modlens.core.stats import percentiles
 
-    v = np.asarray(values, dtype=float).ravel()
-    if v.size < 2:
-        raise ValueError(f"permutation.null_percentiles: need the true value and at least one random one, got {v.size} values")
-    others = np.array([np.delete(v, j) for j in range(v.size)])
-    return np.sort(percentiles(v, others, higher_is_modular=higher_is_modular, ties=ties))
+    v = np.asarray(values, dtype=float)
+    rows = np.atleast_2d(v)
+    if v.ndim > 2 or rows.shape[1] < 2:
+        raise ValueError(f"permutation.null_percentiles: need the true value and at least one random one per row, "
+                         f"got shape {v.shape}")
+    out = np.empty(rows.shape)
+    for j in range(rows.shape[1]):  # value j as the true one, the others as its random sets
+        out[:, j] = percentiles(rows[:, j], np.delete(rows, j, axis=1), higher_is_modular=higher_is_modular, ties=ties)
+    out.sort(axis=1)
+    return out if v.ndim == 2 else out[0]
 
 
 def _atoms(nulls, observed):
@@ -113,21 +119,33 @@ def _atoms(nulls, observed):
     if obs.size == 0:
         raise ValueError("permutation: need at least one subcluster")
     out = []
-    for i, (q, o) in enumerate(zip(nulls, obs)):
-        q = np.asarray(q, dtype=float).ravel()
-        if q.size == 0 or not np.all((q > 0) & (q <= 1)):
+    for i, (q, o) in enumerate(zip(nulls, obs.tolist())):
+        q = sorted(float(v) for v in np.ravel(q))  # short rows: plain Python is faster than NumPy here
+        if not q or not (q[0] > 0 and q[-1] <= 1):  # NaN fails both comparisons
             raise ValueError(f"permutation: null percentiles of subcluster {i} must be non-empty and lie in (0, 1], got {q}")
-        vals, counts = np.unique(q, return_counts=True)
-        j = int(np.argmin(np.abs(vals - o)))
+        vals, counts = [q[0]], [1]
+        for v in q[1:]:
+            if v == vals[-1]:
+                counts[-1] += 1
+            else:
+                vals.append(v)
+                counts.append(1)
+        j = min(range(len(vals)), key=lambda k: abs(vals[k] - o))
         if not abs(vals[j] - o) <= 1e-12:
             raise ValueError(f"permutation: observed percentile {o} of subcluster {i} is not one of its null percentiles "
-                             f"{vals.tolist()}; compute both with the same rule (null_percentiles)")
-        out.append((-2.0 * np.log(vals), counts / q.size, j))
+                             f"{vals}; compute both with the same rule (null_percentiles)")
+        out.append((-2.0 * np.log(vals), np.array(counts) / len(q), j))
     return out
 
 
 def _convolve(a, b):
-    out = _signal.convolve(a, b, method="auto")
+    """Linear convolution of two pmfs: direct when small, else real FFT (absolute error
+    ~1e-16 x length; negative round-off is clipped to 0)."""
+    if min(a.size, b.size) <= 64 or a.size * b.size <= 1_000_000:
+        return np.convolve(a, b)
+    n = a.size + b.size - 1
+    size = _fft.next_fast_len(n, real=True)
+    out = _fft.irfft(_fft.rfft(a, size) * _fft.rfft(b, size), size)[:n]
     return np.maximum(out, 0.0, out=out)
 
 
@@ -295,7 +313,7 @@ def _enumerate(atoms, stat, *, with_null):
         grp = np.cumsum(new) - 1
         mass = np.bincount(grp, weights=pr)
         vals = np.minimum(np.cumsum(mass), 1.0)
-        null = NullDistribution(vals[::-1].copy(), mass[::-1].copy(), min(p, 1.0))
+        null = NullDistribution(vals, mass, min(p, 1.0))  # most extreme statistic first: ascending p
     return CombinedTest(min(p, 1.0), stat, "enumeration", (min(p, 1.0), min(p, 1.0)), null=null)
 
 
