@@ -377,8 +377,11 @@ def combine_networks(networks: Sequence[tuple[Sequence, Sequence]], *, method: s
     ``networks`` holds one ``(nulls, observed)`` pair per replicate network (the arguments of
     :func:`fisher_exact`). Returns ``(network_p_values, p)``; with one network p is its p value.
     Monte Carlo draws (if any) use one child seed per network from ``random_state``."""
-    seeds = np.random.SeedSequence(random_state).spawn(len(networks)) if not isinstance(random_state, np.random.Generator) \
-        else [random_state] * len(networks)
+    if isinstance(random_state, np.random.Generator):
+        seeds = [random_state] * len(networks)
+    else:
+        root = random_state if isinstance(random_state, np.random.SeedSequence) else np.random.SeedSequence(random_state)
+        seeds = root.spawn(len(networks))
     several = len(networks) > 1
     tests = [fisher_exact(nulls, obs, method=method, random_state=s, with_null=several)
              for (nulls, obs), s in zip(networks, seeds)]
