@@ -8,15 +8,17 @@ same Fisher statistic T = -2 sum ln q_i is referred to its exact conditional nul
   it is equally likely to have had the percentile of any of them (computed by the same rule,
   ties included, as the observed one). Subclusters are independent. Each subcluster thus
   contributes a known discrete distribution (its "null percentiles", n + 1 equally likely).
-* :func:`fisher_exact` computes P(T >= t_obs) under that null. Each contribution -2 ln q is
-  written as u = c_i - x (u >= 0, small u = modular) and rounded to a lattice of spacing h;
-  the sum of lattice indices is a sum of independent integer variables whose distribution is
-  computed by convolution (direct and all-positive when cheap, FFT otherwise; an FFT tail
-  below 1e-6 is recomputed directly). The returned p value is P(K <= K_obs) on the lattice:
-  the exact null p value of the lattice-rounded Fisher statistic, so the test holds its level
-  exactly for every h. The rounding moves each configuration's statistic by at most
-  Delta = sum of the largest rounding residuals; ``p_bounds`` brackets the p value of the
-  unrounded statistic rigorously (see :func:`_bracket`). By default h = span / 2**20.
+* :func:`fisher_exact` computes P(T >= t_obs) under that null. Small networks (at most 2**16
+  configurations) are enumerated exactly. Otherwise each contribution -2 ln q is written as
+  u = c_i - x (u >= 0, small u = modular) and put on a lattice of spacing h (default: span /
+  2**20). Percentiles lie on the grid a / (2(n + 1)) with integer a, and u = 2 ln a - const, so
+  the lattice value of 2 ln a is the sum over a's prime factors p of rint(2 ln p / h): equal
+  products, i.e. exact ties of T, stay exact ties (:func:`_prime_lattice`). The sum of lattice
+  indices is a sum of independent integer variables whose distribution is computed by
+  convolution (direct and all-positive when cheap, FFT otherwise; an FFT tail below 1e-6 is
+  recomputed directly). The returned p value is P(K <= K_obs): the exact null p value of the
+  lattice-rounded Fisher statistic, so the test holds its level exactly for every h;
+  ``p_bounds`` brackets the p value of the unrounded statistic rigorously (:func:`_bracket`).
 * :func:`replicate_exact` is the exact Bates step: the mean of the networks' p values referred
   to the exact null distribution of that mean, the convolution of each network's discrete null
   distribution of its p value (again on a lattice, with the same bracket). No randomization
@@ -112,7 +114,8 @@ def null_percentiles(values, *, higher_is_modular: bool = True, ties: str = "mid
 
 def _atoms(nulls, observed):
     """Per subcluster: contributions x = -2 ln q of its distinct null percentiles, their
-    probabilities, and the index of the observed one. Validates every input."""
+    probabilities, the index of the observed one, and q x 2(n + 1) (an integer for grid
+    percentiles, see :func:`_numerators`). Validates every input."""
     obs = np.asarray(observed, dtype=float).ravel()
     if len(nulls) != obs.size:
         raise ValueError(f"permutation: {len(nulls)} null percentile sets for {obs.size} observed percentiles")
@@ -134,7 +137,7 @@ def _atoms(nulls, observed):
         if not abs(vals[j] - o) <= 1e-12:
             raise ValueError(f"permutation: observed percentile {o} of subcluster {i} is not one of its null percentiles "
                              f"{vals}; compute both with the same rule (null_percentiles)")
-        out.append((-2.0 * np.log(vals), np.array(counts) / len(q), j))
+        out.append((-2.0 * np.log(vals), np.array(counts) / len(q), j, np.array(vals) * (2 * len(q))))
     return out
 
 
@@ -193,38 +196,79 @@ def _direct_cdf(kernels, limit):
     return np.cumsum(cur)
 
 
-def _bracket(cdf_at, k_obs, delta, h):
+def _bracket(cdf_at, k_obs, d_plus, d_minus, h):
     """p on the lattice and rigorous bounds for the unrounded statistic.
 
-    With U = h K + E, U_obs = h K_obs + E_obs, |E| <= R and delta = R + |E_obs|:
-    U <= U_obs implies K <= K_obs + delta/h, and K < K_obs - delta/h implies U < U_obs.
-    So P(K <= K_obs - B - 1) <= P(U <= U_obs) <= P(K <= K_obs + B), B = floor(delta/h) (+1
-    for the floating-point error of the residuals)."""
-    band = int(math.floor(delta / h)) + 1
-    return cdf_at(k_obs), (cdf_at(k_obs - band - 1), cdf_at(k_obs + band))
+    Write u = h k + e for every atom (e: rounding residual) and let J pick each subcluster's
+    atom, o the observed one. Then U - U_obs = h (K - K_obs) + sum_i (e_iJ - e_io), and
+    -D_plus <= sum_i (e_iJ - e_io) <= D_minus with D_plus = sum_i (e_io - min e_i), D_minus =
+    sum_i (max e_i - e_io). So U <= U_obs implies K <= K_obs + D_plus / h, and
+    K < K_obs - D_minus / h implies U < U_obs:
+    P(K <= K_obs - floor(D_minus/h) - 2) <= P(U <= U_obs) <= P(K <= K_obs + floor(D_plus/h) + 1)
+    (one cell more each side covers the floating-point error of the residuals)."""
+    lo = k_obs - int(math.floor(d_minus / h)) - 2
+    hi = k_obs + int(math.floor(d_plus / h)) + 1
+    return cdf_at(k_obs), (cdf_at(lo), cdf_at(hi))
 
 
-def _lattice_test(kernels_u, obs_u, stat, *, resolution, with_null, observed_value, default_cells=DEFAULT_CELLS):
-    """Shared lattice machinery: P(sum U <= sum U_obs) with U_i >= 0 given as atoms."""
+def _numerators(varying):
+    """Integer numerators a = q x 2(n + 1) of grid percentiles (both tie rules put percentiles
+    on the grid a / (2(n + 1))), or None when some percentile is off that grid."""
+    out = []
+    for _, _, _, scaled in varying:
+        a = np.rint(scaled)
+        if np.any(np.abs(scaled - a) > 1e-9 * scaled) or np.any(a < 1):
+            return None
+        out.append(a.astype(np.int64))
+    return out
+
+
+def _prime_lattice(numerators, h):
+    """Lattice index of 2 ln a for every numerator a, additive over prime factors:
+    L(a) = sum over primes p^e || a of e x rint(2 ln p / h). Equal products of numerators thus
+    get equal lattice sums, so exact ties of Fisher's statistic stay exact ties on the lattice."""
+    top = int(max(int(a.max()) for a in numerators))
+    spf = np.arange(top + 1)  # smallest prime factor
+    for p in range(2, math.isqrt(top) + 1):
+        if spf[p] == p:
+            block = spf[p * p::p]
+            block[block == np.arange(p * p, top + 1, p)] = p
+    lat = np.zeros(top + 1, dtype=np.int64)
+    for a in range(2, top + 1):
+        p = int(spf[a])
+        lat[a] = lat[a // p] + int(np.rint(2.0 * math.log(p) / h))
+    return lat
+
+
+def _lattice_test(kernels_u, obs_u, stat, *, resolution, with_null, observed_value, default_cells=DEFAULT_CELLS,
+                  numerators=None):
+    """Shared lattice machinery: P(sum U <= sum U_obs) with U_i >= 0 given as atoms.
+
+    With ``numerators`` (U = 2 ln a - 2 ln a_min for integers a) the lattice is additive over
+    prime factors (:func:`_prime_lattice`); otherwise each atom is rounded to the nearest cell."""
     span = float(sum(u.max() for u, _ in kernels_u))
     if span == 0.0:
         return None
     h = float(resolution) if resolution is not None else span / default_cells
     if not h > 0:
         raise ValueError(f"permutation: resolution must be positive, got {resolution!r}")
-    kernels, resid, k_obs, e_obs = [], 0.0, 0, 0.0
-    for (u, w), uo in zip(kernels_u, obs_u):
-        k = np.rint(u / h).astype(np.int64)
-        resid += float(np.max(np.abs(u - h * k)))
-        ko = int(np.rint(uo / h))
-        k_obs += ko
-        e_obs += uo - h * ko
+    lat = _prime_lattice(numerators, h) if numerators is not None else None
+    kernels, k_obs, d_plus, d_minus = [], 0, 0.0, 0.0
+    for i, ((u, w), uo) in enumerate(zip(kernels_u, obs_u)):
+        if lat is None:
+            k = np.rint(u / h).astype(np.int64)
+        else:
+            k = lat[numerators[i]]
+            k = k - int(k.min())
+        jo = int(np.argmin(np.abs(u - uo)))
+        e = u - h * k  # rounding residuals; only their differences within a subcluster matter
+        d_plus += float(e[jo] - e.min())
+        d_minus += float(e.max() - e[jo])
+        k_obs += int(k[jo])
         kernels.append((k, w))
-    delta = resid + abs(e_obs)
     k_max = int(sum(int(k.max()) for k, _ in kernels))
     n_atoms = sum(k.size for k, _ in kernels)
-    band = int(math.floor(delta / h)) + 2
-    limit = min(k_obs + band, k_max)
+    limit = min(k_obs + int(math.floor(d_plus / h)) + 2, k_max)
     full = None
     if with_null or n_atoms * (limit + 1) > DIRECT_BUDGET:
         full = _full_pmf(kernels)
@@ -235,10 +279,10 @@ def _lattice_test(kernels_u, obs_u, stat, *, resolution, with_null, observed_val
     def cdf_at(j):
         return 0.0 if j < 0 else float(cdf[min(j, len(cdf) - 1)]) if j < len(cdf) else 1.0
 
-    p, bounds = _bracket(cdf_at, k_obs, delta, h)
+    p, bounds = _bracket(cdf_at, k_obs, d_plus, d_minus, h)
     if full is not None and bounds[1] < FFT_TAIL:  # FFT noise is absolute: redo the tail directly
         cdf_t = _direct_cdf(kernels, limit)
-        p, bounds = _bracket(lambda j: 0.0 if j < 0 else float(cdf_t[min(j, limit)]), k_obs, delta, h)
+        p, bounds = _bracket(lambda j: 0.0 if j < 0 else float(cdf_t[min(j, limit)]), k_obs, d_plus, d_minus, h)
     null = None
     if with_null:
         support = np.flatnonzero(full > 0)
@@ -271,19 +315,22 @@ def fisher_exact(nulls: Sequence, observed, *, method: str = "auto", resolution:
     if method not in METHODS:
         raise ValueError(f"permutation: method must be one of {METHODS}, got {method!r}")
     atoms = _atoms(nulls, observed)
-    stat = float(sum(x[j] for x, _, j in atoms)) + 0.0
+    stat = float(sum(x[j] for x, _, j, _ in atoms)) + 0.0
     varying = [a for a in atoms if a[0].size > 1]  # a single atom is a constant: drop it
     if not varying:
         return _trivial(stat, with_null)
-    n_atoms = sum(x.size for x, _, _ in varying)
+    n_atoms = sum(x.size for x, *_ in varying)
     if method == "monte_carlo" or (method == "auto" and n_atoms > AUTO_MC_ATOMS):
         return _monte_carlo(varying, stat, n_draws=n_draws, random_state=random_state, with_null=with_null)
+    if method == "enumeration" and math.prod(x.size for x, *_ in varying) > 2**22:
+        raise ValueError(f"permutation: {math.prod(x.size for x, *_ in varying):.3g} configurations are too many to "
+                         f"enumerate (at most {2**22}); use method='lattice' or 'auto'")
     if method == "enumeration" or (method == "auto" and _enumerable(varying, nulls, atoms)):
         return _enumerate(varying, stat, with_null=with_null)
-    kernels = [(x.max() - x, w) for x, w, _ in varying]
-    obs_u = [x.max() - x[j] for x, _, j in varying]
+    kernels = [(x.max() - x, w) for x, w, *_ in varying]
+    obs_u = [x.max() - x[j] for x, _, j, _ in varying]
     return _lattice_test(kernels, obs_u, stat, resolution=resolution, with_null=with_null, observed_value=None,
-                         default_cells=cells)
+                         default_cells=cells, numerators=_numerators(varying))
 
 
 def _enumerable(varying, nulls, atoms) -> bool:
@@ -291,7 +338,7 @@ def _enumerable(varying, nulls, atoms) -> bool:
     sums: percentiles on the grid a / (2 (n + 1)) make exp(-T/2) a ratio of integers below
     prod 2 (n_i + 1), so two distinct statistics differ by at least 1 / prod 2 (n_i + 1)
     (kept above 1e-10, far above the rounding of a float sum)."""
-    size = math.prod(x.size for x, _, _ in varying)
+    size = math.prod(x.size for x, *_ in varying)
     log_den = sum(math.log(2.0 * len(np.ravel(q))) for q, a in zip(nulls, atoms) if a[0].size > 1)
     return size <= ENUMERATION_MAX and log_den <= math.log(1e10)
 
@@ -299,10 +346,10 @@ def _enumerable(varying, nulls, atoms) -> bool:
 def _enumerate(atoms, stat, *, with_null):
     """Every configuration of the subclusters' null percentiles, exactly (error: float sums)."""
     total, prob = np.zeros(1), np.ones(1)
-    for x, w, _ in atoms:
+    for x, w, *_ in atoms:
         total = (total[:, None] + x[None, :]).ravel()
         prob = (prob[:, None] * w[None, :]).ravel()
-    obs = float(sum(x[j] for x, _, j in atoms))  # constant subclusters left out, as in total
+    obs = float(sum(x[j] for x, _, j, _ in atoms))  # constant subclusters left out, as in total
     tol = 1e-11 * max(1.0, abs(obs))
     p = float(np.sum(prob[total >= obs - tol]))
     null = None
@@ -323,7 +370,7 @@ def _monte_carlo(atoms, stat, *, n_draws, random_state, with_null):
     rng = as_generator(random_state)
     total = np.zeros(n_draws)
     obs = 0.0
-    for x, w, j in atoms:
+    for x, w, j, _ in atoms:
         total += x[rng.choice(x.size, size=n_draws, p=w)]
         obs += x[j]
     tol = _REL_TOL * max(1.0, abs(obs))
