@@ -319,3 +319,15 @@ def test_cli_option():
     assert _analysis_kwargs(build_parser().parse_args(["analyze", "m", "--out", "o"]))["combine"] == "fisher"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["analyze", "m", "--out", "o", "--combine", "stouffer"])
+
+
+def test_monte_carlo_null_feeds_the_replicate_step():
+    rng = np.random.default_rng(21)
+    nets = [_network(rng, 20, 9, 3) for _ in range(2)]
+    lat = P.replicate_exact([P.fisher_exact(n, o, cells=2**12, with_null=True) for n, o in nets])
+    mc = P.replicate_exact([P.fisher_exact(n, o, method="monte_carlo", n_draws=20_000, random_state=i, with_null=True)
+                            for i, (n, o) in enumerate(nets)])
+    assert mc.method == "monte_carlo" and mc.standard_error > 0
+    assert abs(lat.p_value - mc.p_value) < 0.02
+    net_p, p = P.combine_networks(nets, random_state=4)
+    assert len(net_p) == 2 and 0 < p <= 1 and P.combine_networks(nets, random_state=4) == (net_p, p)
