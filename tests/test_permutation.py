@@ -331,3 +331,22 @@ def test_monte_carlo_null_feeds_the_replicate_step():
     assert abs(lat.p_value - mc.p_value) < 0.02
     net_p, p = P.combine_networks(nets, random_state=4)
     assert len(net_p) == 2 and 0 < p <= 1 and P.combine_networks(nets, random_state=4) == (net_p, p)
+
+
+def test_exact_summary_from_saved_tables(tmp_path):
+    """The tests table read back from Parquet or CSV gives the same exact summary."""
+    from modlens.study.summary import subcluster_tests, summarize
+
+    rng = np.random.default_rng(8)
+    rows = [dict(network="0", partitioning="p", layer=0, layer_name="h", cluster=c, size=4,
+                 kind="true" if d == 0 else "random", draw=d, acc_drop=float(rng.integers(0, 3)) + (d == 0),
+                 class_range=float(rng.normal()))
+            for c in range(6) for d in range(10)]
+    tests = subcluster_tests(pd.DataFrame(rows))
+    ref = summarize(tests, combine="exact")
+    tests.to_parquet(tmp_path / "t.parquet")
+    tests.to_csv(tmp_path / "t.csv", index=False)
+    for back in (pd.read_parquet(tmp_path / "t.parquet"), pd.read_csv(tmp_path / "t.csv")):
+        got = summarize(back, combine="exact")
+        np.testing.assert_allclose(got["p_value"], ref["p_value"], rtol=1e-12)
+    assert (ref["p_value"] >= 0).all() and ref.loc[0, "p_value"] < summarize(tests).loc[0, "p_value"]

@@ -33,6 +33,7 @@ Pure NumPy/SciPy; no torch, pandas or matplotlib.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -123,6 +124,11 @@ def _atoms(nulls, observed):
         raise ValueError("permutation: need at least one subcluster")
     out = []
     for i, (q, o) in enumerate(zip(nulls, obs.tolist())):
+        if q is None:
+            raise ValueError(f"permutation: subcluster {i} has no null percentiles (a NaN measure?); "
+                             "drop it or use combine='fisher'")
+        if isinstance(q, str):  # a tests table read back from CSV: "[0.025, 0.075, ...]"
+            q = json.loads(q)
         q = sorted(float(v) for v in np.ravel(q))  # short rows: plain Python is faster than NumPy here
         if not q or not (q[0] > 0 and q[-1] <= 1):  # NaN fails both comparisons
             raise ValueError(f"permutation: null percentiles of subcluster {i} must be non-empty and lie in (0, 1], got {q}")

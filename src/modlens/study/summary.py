@@ -76,7 +76,7 @@ def subcluster_tests(
             r = rand[metric].to_numpy(dtype=float)
             mu = float(r.mean())
             pct = float(stats.percentiles([x], r[None, :], higher_is_modular=spec.higher_is_modular, ties=ties)[0])
-            # the percentiles it could have had under H0 (combine="exact"); NaN when x or r is
+            # the percentiles it could have had under H0 (combine="exact"); None if a value is NaN
             null = (permutation.null_percentiles(np.r_[x, r], higher_is_modular=spec.higher_is_modular, ties=ties).tolist()
                     if np.all(np.isfinite(r)) and np.isfinite(x) else None)
             pairs = None
