@@ -356,7 +356,7 @@ def _enumerate(atoms, stat, *, with_null):
         total = (total[:, None] + x[None, :]).ravel()
         prob = (prob[:, None] * w[None, :]).ravel()
     obs = float(sum(x[j] for x, _, j, _ in atoms))  # constant subclusters left out, as in total
-    tol = 1e-11 * max(1.0, abs(obs))
+    tol = 1e-12 * max(1.0, abs(obs))  # T <= 2 ln(1e10) here: tol < 5e-11, half the smallest gap
     p = float(np.sum(prob[total >= obs - tol]))
     null = None
     if with_null:  # p value of every configuration, merged over equal statistics
