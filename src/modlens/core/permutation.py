@@ -77,8 +77,8 @@ class CombinedTest:
     statistic: Fisher statistic -2 sum ln q (network) or the mean p value (replicates).
     method:    "enumeration" (every configuration), "lattice", "monte_carlo" or "trivial"
                (no subcluster can vary: p = 1).
-    p_bounds:  rigorous bounds on the p value of the unrounded statistic (lattice); for
-               Monte Carlo p -/+ 4 standard errors, clipped to [0, 1].
+    p_bounds:  rigorous bounds on the p value of the unrounded statistic (lattice; (p, p) for
+               enumeration); for Monte Carlo p -/+ 4 standard errors, clipped to [0, 1].
     resolution: lattice spacing h (0 for Monte Carlo and trivial).
     standard_error: Monte Carlo standard error (0 otherwise).
     null:      the discrete null distribution of ``p_value`` (for the replicate step), when asked.
@@ -310,13 +310,17 @@ def fisher_exact(nulls: Sequence, observed, *, method: str = "auto", resolution:
     """Exact conditional p value of Fisher's statistic over one network's subclusters.
 
     ``nulls[i]`` holds subcluster i's n_i + 1 null percentiles (:func:`null_percentiles`),
-    ``observed[i]`` its observed percentile (one of them). ``method`` is "enumeration" (every
-    configuration; exact), "lattice" (exact for
-    the statistic rounded to spacing ``resolution``, default span / 2**20; rigorous bounds for
-    the unrounded one in ``p_bounds``; ``cells`` sets the default), "monte_carlo" (``n_draws`` seeded draws) or "auto"
-    (enumeration up to ``ENUMERATION_MAX`` configurations, else lattice unless more than
-    ``AUTO_MC_ATOMS`` atoms). ``with_null`` also returns the
-    discrete null distribution of the p value, used by :func:`replicate_exact`.
+    ``observed[i]`` its observed percentile (one of them). ``method``:
+
+    * "enumeration": every configuration; exact.
+    * "lattice": exact for the statistic on a lattice of spacing ``resolution`` (default
+      span / ``cells``); rigorous bounds for the unrounded statistic in ``p_bounds``.
+    * "monte_carlo": ``n_draws`` draws seeded by ``random_state``.
+    * "auto": enumeration up to ``ENUMERATION_MAX`` configurations, else the lattice, or Monte
+      Carlo beyond ``AUTO_MC_ATOMS`` atoms.
+
+    ``with_null`` also returns the discrete null distribution of the p value, which
+    :func:`replicate_exact` needs.
     """
     if method not in METHODS:
         raise ValueError(f"permutation: method must be one of {METHODS}, got {method!r}")
