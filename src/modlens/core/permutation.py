@@ -194,9 +194,15 @@ def _direct_cdf(kernels, limit):
     cur = np.zeros(limit + 1)
     cur[0] = 1.0
     for k, w in kernels:
-        new = np.zeros(limit + 1)
         keep = k <= limit
-        for kk, ww in zip(k[keep].tolist(), w[keep].tolist()):
+        k, w = k[keep], w[keep]
+        if k.size and int(k.max()) < 8 * k.size:  # short kernel: one dense convolution
+            dense = np.zeros(int(k.max()) + 1)
+            np.add.at(dense, k, w)
+            cur = np.convolve(cur, dense)[: limit + 1]
+            continue
+        new = np.zeros(limit + 1)
+        for kk, ww in zip(k.tolist(), w.tolist()):  # sparse kernel: one shifted add per atom
             new[kk:] += ww * cur[: limit + 1 - kk]
         cur = new
     return np.cumsum(cur)
@@ -220,13 +226,11 @@ def _bracket(cdf_at, k_obs, d_plus, d_minus, h):
 def _numerators(varying):
     """Integer numerators a = q x 2(n + 1) of grid percentiles (both tie rules put percentiles
     on the grid a / (2(n + 1))), or None when some percentile is off that grid."""
-    out = []
-    for _, _, _, scaled in varying:
-        a = np.rint(scaled)
-        if np.any(np.abs(scaled - a) > 1e-9 * scaled) or np.any(a < 1):
-            return None
-        out.append(a.astype(np.int64))
-    return out
+    scaled = np.concatenate([v[3] for v in varying])
+    a = np.rint(scaled)
+    if np.any(np.abs(scaled - a) > 1e-9 * scaled) or np.any(a < 1):
+        return None
+    return np.split(a.astype(np.int64), np.cumsum([v[3].size for v in varying])[:-1])
 
 
 def _prime_lattice(numerators, h):
