@@ -34,6 +34,9 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="conv channel activation summary: L1 norm of the map, or the original's matrix 1-norm (notes row 2)")
     p.add_argument("--bn-fold", choices=["paper", "original", "none"], default="paper",
                    help="batch-norm scale on the edges out of the normalized channel (paper), into it (original), or none (notes row 3)")
+    p.add_argument("--combine", choices=["fisher", "exact"], default="fisher",
+                   help="per-network combination: 'fisher' (paper: chi2 null, Bates over replicates) or 'exact' "
+                        "(exact permutation null of the same statistics; holds its level with tied percentiles)")
     _add_vis_options(p)
 
 
@@ -58,7 +61,7 @@ def _analysis_kwargs(a) -> dict:
     return dict(n_clusters=a.n_clusters, n_random=a.n_random, random_state=a.seed, partitionings=a.partitionings,
                 accuracy=a.accuracy, class_range=a.class_range, ties=a.ties, effect_rule=a.effect_rule,
                 engine=a.engine, alpha=a.alpha, conv_edge=a.conv_edge, act_reduce=a.act_reduce, bn_fold=a.bn_fold,
-                **_vis_kwargs(a))
+                combine=a.combine, **_vis_kwargs(a))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from modlens.experiments.partitioning import METHODS, Partitioner, check_graph_o
 from modlens.nn.adapter import MLPAdapter
 from modlens.nn.inputs import as_tensors, check_labels
 from modlens.nn.lesion import LesionEvaluator
-from modlens.study.summary import LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
+from modlens.study.summary import COMBINE_RULES, LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
 
 
 @dataclass
@@ -86,6 +86,7 @@ def analyze(
     max_fraction: float | None = None,
     engine: str = "incremental",
     alpha: float = 0.05,
+    combine: str = "fisher",
     feature_vis: bool = False,
     vis_options: dict | None = None,
     progress: bool = False,
@@ -113,6 +114,11 @@ def analyze(
     accuracy, class_range, ties, effect_rule:
         ``"balanced"``, ``"normalized"``, ``"original"``, ``"original"`` reproduce the original
         code's choices (rows 9, 10, 11 and 14 of the notes); the defaults are the paper's.
+    combine:
+        ``"fisher"`` (the paper's): Fisher's method against chi2 per network, Bates over
+        replicates. ``"exact"`` (modlens extension): the same statistics referred to their exact
+        conditional permutation null (:mod:`modlens.core.permutation`), which holds its level
+        where the paper's test is conservative (coarse or tied percentiles).
     engine:
         ``"incremental"`` (batched, reuses unchanged layers) or ``"plain"`` (one full forward
         pass per lesion; the reference path).
@@ -139,6 +145,8 @@ def analyze(
         original code (rows 1-3 of the notes).
     """
     started = time.perf_counter()
+    if combine not in COMBINE_RULES:  # before any lesion is run
+        raise ValueError(f"analyze: combine must be one of {COMBINE_RULES}, got {combine!r}")
     check_graph_options(conv_edge=conv_edge, bn_fold=bn_fold, act_reduce=act_reduce)
     x, y = as_tensors(test_data, name="test data")
     adapter = make_adapter(model, x, input_name=input_name, output=output, name="test data")
@@ -186,14 +194,15 @@ def analyze(
             tests = pd.concat([tests, subcluster_tests(vis_table, metrics=VIS_METRICS, ties=ties, effect_rule=effect_rule)],
                               ignore_index=True)
     metrics = list(LESION_METRICS) + (list(VIS_METRICS) if feature_vis and not vis_skipped else [])
-    summary = summarize(tests, partitionings=list(partitions), metrics=metrics, alpha=alpha)
+    summary = summarize(tests, partitionings=list(partitions), metrics=metrics, alpha=alpha, combine=combine,
+                        random_state=random_state)
     _add_partition_facts(summary, partitions)
     base = evaluator.baseline if evaluator is not None else None
     config = {
         "modlens_version": __version__,
         "n_clusters": n_clusters, "n_random": n_random, "random_state": random_state,
         "accuracy": accuracy, "class_range": class_range, "ties": ties, "effect_rule": effect_rule,
-        "max_fraction": max_fraction, "engine": engine, "alpha": alpha,
+        "max_fraction": max_fraction, "engine": engine, "alpha": alpha, "combine": combine,
         "conv_edge": conv_edge, "act_reduce": act_reduce, "bn_fold": bn_fold, "capture": adapter.capture_method,
         "partitionings": list(partitions),
         "n_test": int(len(y)),
@@ -256,24 +265,29 @@ def _add_partition_facts(summary: pd.DataFrame, partitions: dict[str, Partition]
     summary["n_unclustered"] = [int(sum((l < 0).sum() for l in partitions[p].labels)) for p in summary["partitioning"]]
 
 
-def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = None, *, alpha: float = 0.05) -> AnalysisResult:
+def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = None, *, alpha: float = 0.05,
+            combine: str | None = None) -> AnalysisResult:
     """Pool replicate networks (identically configured runs): Fisher per network, Bates over
-    networks, effect ± SE over all subclusters of all networks, BH across the table."""
+    networks, effect ± SE over all subclusters of all networks, BH across the table.
+
+    ``combine`` ("fisher" or "exact", see :func:`analyze`) defaults to the first result's."""
     if not results:
         raise ValueError("combine needs at least one result")
+    rule = combine if combine is not None else results[0].config.get("combine", "fisher")
     names = list(names) if names is not None else [str(i) for i in range(len(results))]
     tables, tests = [], []
     for name, res in zip(names, results):
         tables.append(res.subclusters.assign(network=name))
         tests.append(res.tests.assign(network=name))
     parts = list(dict.fromkeys(p for r in results for p in r.partitions))
-    summary = summarize(pd.concat(tests, ignore_index=True), partitionings=parts, alpha=alpha)
+    summary = summarize(pd.concat(tests, ignore_index=True), partitionings=parts, alpha=alpha, combine=rule,
+                        random_state=results[0].config.get("random_state", 0))
     # n-cut: mean over networks; unclustered neurons: summed over networks
     summary["ncut"] = [np.mean([r.partitions[p].ncut for r in results if p in r.partitions and r.partitions[p].ncut is not None] or [np.nan])
                        for p in summary["partitioning"]]
     summary["n_unclustered"] = [int(sum((l < 0).sum() for r in results if p in r.partitions for l in r.partitions[p].labels))
                                 for p in summary["partitioning"]]
-    config = dict(results[0].config, networks=names, alpha=alpha)
+    config = dict(results[0].config, networks=names, alpha=alpha, combine=rule)
     partitions = {f"{n}:{k}": v for n, r in zip(names, results) for k, v in r.partitions.items()}
     vis = [r.visualizations.assign(network=n) for n, r in zip(names, results) if r.visualizations is not None]
     # figures: those of the first network (every network's images stay in its own result)

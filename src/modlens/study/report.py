@@ -76,6 +76,9 @@ def format_summary(summary: pd.DataFrame) -> str:
     lines.insert(2, "-" * max(len(l) for l in lines))
     n_net = int(summary["n_networks"].max()) if len(summary) else 0
     what = "Fisher p per network" if n_net <= 1 else f"Fisher-Bates p over {n_net} networks"
+    if "combine" in summary.columns and (summary["combine"] == "exact").any():
+        what = ("exact permutation p of Fisher's statistic (combine=exact)" if n_net <= 1 else
+                f"exact permutation p of Fisher's statistic, exact null of the mean over {n_net} networks (combine=exact)")
     lines.append("")
     lines.append(f"p: {what} (low = true subclusters more often modular than random ones); "
                  "* = significant after Benjamini-Hochberg at the table's alpha.")

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from modlens.core import stats
+from modlens.core import permutation, stats
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ LESION_METRICS = ("acc_drop", "class_range")
 VIS_METRICS = ("vis_score", "softmax_entropy")
 TIE_RULES = ("mid", "original")
 EFFECT_RULES = ("paper", "original")
+COMBINE_RULES = ("fisher", "exact")  # per-network combination: the paper's, or the exact permutation null
 
 _KEYS = ["network", "partitioning", "layer", "layer_name", "cluster", "size"]
 
@@ -75,6 +76,9 @@ def subcluster_tests(
             r = rand[metric].to_numpy(dtype=float)
             mu = float(r.mean())
             pct = float(stats.percentiles([x], r[None, :], higher_is_modular=spec.higher_is_modular, ties=ties)[0])
+            # the percentiles it could have had under H0 (combine="exact"); None if a value is NaN
+            null = (permutation.null_percentiles(np.r_[x, r], higher_is_modular=spec.higher_is_modular, ties=ties).tolist()
+                    if np.all(np.isfinite(r)) and np.isfinite(x) else None)
             pairs = None
             if not (np.isfinite(x) and np.isfinite(mu)):
                 eff = np.nan
@@ -84,8 +88,9 @@ def subcluster_tests(
             else:
                 rule = "original_lesion" if effect_rule == "original" else "paper"
                 eff = float(stats.effect_values([x], [mu], rule=rule)[0])
-            rows.append((*key, metric, x, mu, pct, eff, None if pairs is None else pairs.tolist()))
-    out = pd.DataFrame(rows, columns=_KEYS + ["metric", "value", "random_mean", "percentile", "effect", "effect_pairs"])
+            rows.append((*key, metric, x, mu, pct, eff, None if pairs is None else pairs.tolist(), null))
+    out = pd.DataFrame(rows, columns=_KEYS + ["metric", "value", "random_mean", "percentile", "effect", "effect_pairs",
+                                              "null_percentiles"])
     if out["effect_pairs"].isna().all():
         out = out.drop(columns="effect_pairs")
     return out
@@ -97,13 +102,24 @@ def summarize(
     partitionings: Sequence[str] | None = None,
     metrics: Sequence[str] | None = None,
     alpha: float = 0.05,
+    combine: str = "fisher",
+    random_state=0,
 ) -> pd.DataFrame:
     """The summary table: one row per (partitioning, metric).
 
     ``p_value`` is the Fisher p of one network, or the Fisher-Bates p over several
     (``network_p_values`` lists each network's Fisher p). ``q_value`` and ``significant``
     come from Benjamini-Hochberg at ``alpha`` across all rows with a p value.
+    ``combine="exact"`` (modlens extension) refers the same Fisher statistic to its exact
+    conditional permutation null and the mean of the networks' p values to its exact null
+    (:mod:`modlens.core.permutation`; needs the ``null_percentiles`` column);
+    ``random_state`` seeds its Monte Carlo fallback. Column ``combine`` records the choice.
     """
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"combine must be one of {COMBINE_RULES}, got {combine!r}")
+    if combine == "exact" and "null_percentiles" not in tests.columns:
+        raise ValueError("summarize(combine='exact') needs the null_percentiles column of subcluster_tests; "
+                         "recompute the tests with this version of modlens")
     if partitionings is None:
         partitionings = list(dict.fromkeys(tests["partitioning"]))
     if metrics is None:  # those present, in the canonical order
@@ -114,8 +130,13 @@ def summarize(
         for metric in metrics:
             g = tests[(tests["partitioning"] == part) & (tests["metric"] == metric)]
             spec = METRICS[metric]
-            net_p = [stats.fisher(gn["percentile"].to_numpy())[1] for _, gn in g.groupby("network", sort=True)]
-            p = stats.fisher_bates(net_p) if net_p else np.nan
+            if combine == "exact" and len(g):
+                net_p, p = permutation.combine_networks(
+                    [(gn["null_percentiles"].tolist(), gn["percentile"].to_numpy()) for _, gn in g.groupby("network", sort=True)],
+                    random_state=random_state)
+            else:
+                net_p = [stats.fisher(gn["percentile"].to_numpy())[1] for _, gn in g.groupby("network", sort=True)]
+                p = stats.fisher_bates(net_p) if net_p else np.nan
             if "effect_pairs" in g.columns and g["effect_pairs"].notna().any():
                 eff = np.concatenate([np.asarray(v, dtype=float) for v in g["effect_pairs"].dropna()])
             else:
@@ -129,6 +150,7 @@ def summarize(
                 "n_networks": len(net_p),
                 "n_subclusters": int(len(g)),
                 "p_value": p,
+                "combine": combine,
                 "network_p_values": ",".join(f"{v:.6g}" for v in net_p),
                 "effect": mean,
                 "effect_se": se,
