@@ -57,12 +57,12 @@ def stackable(model: nn.Module) -> str | None:
         layers = _layers(model)
     except TypeError as exc:
         return str(exc)
-    if next(model.buffers(), None) is not None:
-        return "the model has buffers (batch norm statistics or similar)"
     for layer in layers:
         reason = _why_not(layer)
         if reason is not None:
             return reason
+    if next(model.buffers(), None) is not None:
+        return "buffers (running statistics or similar)"
     return None
 
 
