@@ -125,7 +125,8 @@ def measure(case_name: str, *, device="cpu", n_images: int | None = None, full_i
             arch: dict | None = None,
             say=functools.partial(print, flush=True)) -> dict:
     """Run one case (see the module docstring) and print its table with ``say``; returns the totals
-    ``{"plain_s", "incremental_s", "ratio", "flop_ratio", "n_images", "full_images", "n_lesions"}``
+    ``{"plain_s", "incremental_s", "ratio", "flop_ratio", "n_images", "full_images", "n_lesions",
+    "max_count_diff"}`` (the last: largest difference of correct counts between the paths)
     (seconds extrapolated to ``full_images``). ``image_size`` overrides the case's input size and
     ``max_layers`` times only the first layers that have lesions, ``arch`` (``{"convs": [...], "dense": n}``)
     shrinks the network (all three for quick checks)."""
@@ -181,7 +182,7 @@ def measure(case_name: str, *, device="cpu", n_images: int | None = None, full_i
         f"model copy for the plain path {t_copy:.2f} s per layer")
     say(f"{'layer':>6} {'ch':>4} {'lesions':>7} {'plain s/lesion':>14} {'incr. s/lesion':>14} {'ratio':>6} "
         f"{'FLOP ratio':>10} {'cache/sample':>12} {'chunks@full':>11} {'max diff':>8}")
-    tot = dict(plain=0.0, fast=t_setup * full / n, fplain=0.0, ffast=0.0)
+    tot = dict(plain=0.0, fast=t_setup * full / n, fplain=0.0, ffast=0.0, diff=0)
     for layer, sets in sorted(per_layer.items()):
         k_fast, k_plain = min(len(sets), max(2, fast_per_layer)), min(len(sets), plain_per_layer)
         t0 = time.perf_counter()
@@ -198,6 +199,7 @@ def measure(case_name: str, *, device="cpu", n_images: int | None = None, full_i
         fast_layer = t_first + per_fast * (len(sets) - 1)
         fast_counts = np.concatenate([first, rest])[:k_plain]
         diff = int(np.abs(plain - fast_counts).max())
+        tot["diff"] = max(tot["diff"], diff)
         plan = adapter.lesion_plan(layer)
         macs = [plan.macs(shapes, len(s)) for s in sets]
         flops_plain = 2.0 * full * sum(m["forward"] for m in macs)
@@ -220,7 +222,8 @@ def measure(case_name: str, *, device="cpu", n_images: int | None = None, full_i
     say(f"ratio: {tot['plain'] / tot['fast']:.1f}x time, {tot['fplain'] / tot['ffast']:.2f}x FLOPs; "
         f"{peak_memory(device)}; default CPU budget {_memory.CPU_BUDGET / 2**30:.0f} GiB")
     return {"plain_s": tot["plain"], "incremental_s": tot["fast"], "ratio": tot["plain"] / tot["fast"],
-            "flop_ratio": tot["fplain"] / tot["ffast"], "n_images": n, "full_images": full, "n_lesions": n_lesions}
+            "flop_ratio": tot["fplain"] / tot["ffast"], "n_images": n, "full_images": full, "n_lesions": n_lesions,
+            "max_count_diff": tot["diff"]}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ MNIST (5,000 training examples held out per seed, as ``modlens train``) twice: t
 the largest parameter difference between the paths and each replicate's test accuracy on both.
 ``--epochs`` defaults to 2 (the recipe's 20 take ten times as long; the ratio does not depend on
 it); ``--n-train`` trains on the first N training examples only. Not a test: the numbers depend on
-the machine, and on a shared machine on its load (the two paths run back to back to share it).
+the machine, and on a shared machine on its load (the two paths run back to back to share it; the
+process's CPU time is printed beside the wall time, as it is less disturbed by other jobs).
 """
 
 from __future__ import annotations
@@ -41,18 +42,18 @@ def compare(architecture: dict, data, *, seeds, epochs: int, device: str = "cpu"
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     together = train_replicates(architecture, x_train, y_train, x_test, y_test, seeds=seeds, together="together",
                                 conv=conv, device=dev, **kw)
     sync()
-    t_together = time.perf_counter() - t0
+    t_together, c_together = time.perf_counter() - t0, time.process_time() - c0
     mem_together = torch.cuda.max_memory_allocated(dev) if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     alone = [train_alone(architecture, data, seed=s, device=dev, **kw) for s in seeds]
     sync()
-    t_alone = time.perf_counter() - t0
+    t_alone, c_alone = time.perf_counter() - t0, time.process_time() - c0
     mem_alone = torch.cuda.max_memory_allocated(dev) if cuda else None
     diffs, identical = [], []
     for (m1, _), (m2, _) in zip(together, alone):
@@ -61,6 +62,7 @@ def compare(architecture: dict, data, *, seeds, epochs: int, device: str = "cpu"
         identical.append(all(torch.equal(a, b) for a, b in pairs))
     return {
         "seconds_together": t_together, "seconds_one_by_one": t_alone, "ratio": t_alone / t_together,
+        "cpu_seconds_together": c_together, "cpu_seconds_one_by_one": c_alone, "cpu_ratio": c_alone / c_together,
         "max_param_diff": max(diffs), "bit_identical": identical,
         "acc_together": [i["test_accuracy"] for _, i in together], "acc_one_by_one": [i["test_accuracy"] for _, i in alone],
         "peak_gpu_bytes_together": mem_together, "peak_gpu_bytes_one_by_one": mem_alone,
@@ -86,8 +88,45 @@ def report(name: str, res: dict) -> str:
         f"one by one {res['peak_gpu_bytes_one_by_one'] / 2**30:.2f} GiB")
     acc = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(res["acc_together"], res["acc_one_by_one"]))
     return (f"{name}: together {res['seconds_together']:.1f} s, one by one {res['seconds_one_by_one']:.1f} s, "
-            f"ratio {res['ratio']:.2f}x; max |param diff| {res['max_param_diff']:.2e}, bit-identical "
+            f"ratio {res['ratio']:.2f}x (CPU time of this process: {res['cpu_seconds_together']:.1f} s vs "
+            f"{res['cpu_seconds_one_by_one']:.1f} s, {res['cpu_ratio']:.2f}x); max |param diff| {res['max_param_diff']:.2e}, bit-identical "
             f"{sum(res['bit_identical'])}/{len(res['bit_identical'])}; test accuracy together/alone: {acc}{mem}")
+
+
+#: (in, out, side) of the CIFAR VGG's 13 convolutions at 32x32 inputs
+VGG_CONV_SHAPES = [(3, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16), (128, 256, 8), (256, 256, 8), (256, 256, 8),
+                   (256, 512, 4), (512, 512, 4), (512, 512, 4), (512, 512, 2), (512, 512, 2), (512, 512, 2)]
+
+
+def vgg_conv_batching(replicates: int = 5, batch: int = 16, repeats: int = 2, device: str = "cpu",
+                      shapes=VGG_CONV_SHAPES) -> dict:
+    """Forward + backward of every CIFAR VGG convolution for ``replicates`` networks: one grouped
+    convolution per layer vs one convolution per replicate; CPU seconds (best of ``repeats``)."""
+    import torch.nn.functional as F
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    out = {"grouped_s": 0.0, "separate_s": 0.0}
+    for c_in, c_out, side in shapes:
+        x = torch.randn(batch, replicates * c_in, side, side, generator=g).to(dev)
+        w = (0.05 * torch.randn(replicates * c_out, c_in, 3, 3, generator=g)).to(dev).requires_grad_()
+        for mode in ("grouped", "separate"):
+            best = float("inf")
+            for _ in range(repeats):
+                c0 = time.process_time() if dev.type == "cpu" else time.perf_counter()
+                if mode == "grouped":
+                    y = F.conv2d(x, w, padding=1, groups=replicates)
+                else:
+                    y = torch.cat([F.conv2d(xc, wc, padding=1) for xc, wc in
+                                   zip(x.chunk(replicates, 1), w.chunk(replicates, 0))], 1)
+                y.square().sum().backward()
+                w.grad = None
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                best = min(best, (time.process_time() if dev.type == "cpu" else time.perf_counter()) - c0)
+            out[f"{mode}_s"] += best
+    out["ratio"] = out["separate_s"] / out["grouped_s"]
+    return out
 
 
 def load_mnist(data_dir: str, n_train: int | None = None):
@@ -110,11 +149,20 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=5000)
     ap.add_argument("--conv", choices=["grouped", "loop"], default="grouped")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--vgg-convs", action="store_true", help="instead: time the CIFAR VGG's convolutions (forward + "
+                    "backward) of 5 replicates as grouped convolutions vs one by one (does batching the VGG pay?)")
+    ap.add_argument("--batch", type=int, default=16, help="batch of --vgg-convs")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.vgg_convs:
+        res = vgg_conv_batching(len(seeds), args.batch, device=args.device)
+        print(f"CIFAR VGG convolutions, forward+backward, {len(seeds)} replicates, batch {args.batch}, "
+              f"{torch.get_num_threads()} threads: grouped {res['grouped_s']:.2f} s, one by one {res['separate_s']:.2f} s "
+              f"(CPU time on a CPU), ratio {res['ratio']:.2f}x")
+        return
     data = load_mnist(args.data_dir, args.n_train)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
           f"{len(seeds)} {args.arch} replicates, {args.epochs} epoch(s), {len(data[0]) - args.n_val} training examples each")
