@@ -44,11 +44,11 @@ STAGES = [
 ]
 
 
-def _timed(fn, name_of, log):
+def _timed(fn, name_of, log, clock):
     def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = clock()
         out = fn(*args, **kwargs)
-        log[name_of(args, kwargs)] += time.perf_counter() - t0
+        log[name_of(args, kwargs)] += clock() - t0
         return out
     return wrapper
 
@@ -75,30 +75,35 @@ def main() -> None:
     ap.add_argument("--n-clusters", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--top", type=int, default=0)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu (default): this process's CPU time, little disturbed by other jobs on a shared machine "
+                         "(use --threads 1 to make it the work done); wall: elapsed time")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     per_part: dict[str, float] = defaultdict(float)
-    an.lesion_test = _timed(an.lesion_test, lambda a, k: "lesions " + k["name"], per_part)
-    fv.feature_vis_test = _timed(fv.feature_vis_test, lambda a, k: "feature vis " + k["name"], per_part)
+    an.lesion_test = _timed(an.lesion_test, lambda a, k: "lesions " + k["name"], per_part, clock)
+    fv.feature_vis_test = _timed(fv.feature_vis_test, lambda a, k: "feature vis " + k["name"], per_part, clock)
 
 
     def load(path):
         model, manifest = load_model(path)
         return model, model_data(manifest, data_dir=args.data_dir)
 
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
+    prof = cProfile.Profile(clock)
+    t0, w0 = clock(), time.perf_counter()
     prof.enable()
     model, (test, act) = load(args.model)
     result = an.analyze(model, test, activation_data=act, n_clusters=args.n_clusters, n_random=args.n_random,
                         feature_vis=not args.no_feature_vis)
     prof.disable()
-    total = time.perf_counter() - t0
+    total, wall = clock() - t0, time.perf_counter() - w0
     stats = pstats.Stats(prof)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}: "
           f"{result.config['layers']}, {result.config['n_test']} test images, {len(act)} activation images; "
-          f"k={args.n_clusters}, {args.n_random} random sets; total {total:.1f} s (profiled; cProfile adds a little)")
+          f"k={args.n_clusters}, {args.n_random} random sets; total {total:.1f} s {args.clock} time, {wall:.1f} s "
+          f"elapsed (profiled; cProfile adds a little)")
     print(f"{'stage':34} {'seconds':>8} {'share':>6} {'calls':>6}")
     for label, secs, calls in stage_times(stats):
         print(f"{label:34} {secs:8.2f} {100 * secs / total:5.1f}% {calls:6d}")
