@@ -129,6 +129,47 @@ def vgg_conv_batching(replicates: int = 5, batch: int = 16, repeats: int = 2, de
     return out
 
 
+def step_times(replicates: int = 5, batch: int = 128, steps: int = 20, sizes=(784, 256, 256, 256, 256, 10)) -> dict:
+    """CPU milliseconds of one training step (forward, backward, Adam) of ``replicates`` MLPs:
+    stacked vs one by one, random data, best of two rounds of ``steps`` steps."""
+    import torch.nn.functional as F
+
+    from modlens.experiments._stacked import StackedNet
+
+    arch = {"type": "mlp", "sizes": list(sizes)}
+    models = [build_model(arch, generator=torch.Generator().manual_seed(s)) for s in range(replicates)]
+    net = StackedNet(models)
+    opt = torch.optim.Adam(net.params, lr=1e-3, eps=1e-7)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3, eps=1e-7) for m in models]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(replicates, batch, sizes[0], generator=g), torch.randint(0, sizes[-1], (replicates, batch), generator=g)
+
+    def together():
+        logits = net(x)
+        ce = torch.stack([F.cross_entropy(logits[r], y[r]) for r in range(replicates)])
+        opt.zero_grad(set_to_none=True)
+        ce.sum().backward()
+        opt.step()
+
+    def alone():
+        for r, (m, o) in enumerate(zip(models, opts)):
+            ce = F.cross_entropy(m(x[r]), y[r])
+            o.zero_grad(set_to_none=True)
+            ce.backward()
+            o.step()
+
+    best = {"together_ms": float("inf"), "one_by_one_ms": float("inf")}
+    for _ in range(2):
+        for key, fn in (("together_ms", together), ("one_by_one_ms", alone)):
+            fn()
+            c0 = time.process_time()
+            for _ in range(steps):
+                fn()
+            best[key] = min(best[key], 1e3 * (time.process_time() - c0) / steps)
+    best["ratio"] = best["one_by_one_ms"] / best["together_ms"]
+    return best
+
+
 def load_mnist(data_dir: str, n_train: int | None = None):
     from modlens.data import load_dataset
 
@@ -152,11 +193,18 @@ def main() -> None:
     ap.add_argument("--vgg-convs", action="store_true", help="instead: time the CIFAR VGG's convolutions (forward + "
                     "backward) of 5 replicates as grouped convolutions vs one by one (does batching the VGG pay?)")
     ap.add_argument("--batch", type=int, default=16, help="batch of --vgg-convs")
+    ap.add_argument("--step", action="store_true", help="instead: CPU time of one training step of the 5 MLPs, "
+                    "stacked vs one by one (random data, batch 128)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.step:
+        res = step_times(len(seeds))
+        print(f"one step of {len(seeds)} MLPs 784-256x4-10 at batch 128, {torch.get_num_threads()} threads, CPU time: "
+              f"together {res['together_ms']:.1f} ms, one by one {res['one_by_one_ms']:.1f} ms, ratio {res['ratio']:.2f}x")
+        return
     if args.vgg_convs:
         res = vgg_conv_batching(len(seeds), args.batch, device=args.device)
         print(f"CIFAR VGG convolutions, forward+backward, {len(seeds)} replicates, batch {args.batch}, "
