@@ -37,8 +37,11 @@ STAGES = [
     ("clustering (global)", "core/clustering.py", "cluster_global"),
     ("clustering (local)", "core/clustering.py", "cluster_local"),
     ("baseline (unlesioned) pass", "nn/lesion.py", "_baseline"),
+    ("  lesion caches (probe pass)", "nn/lesion.py", "_fill"),
+    ("  unlesioned tail for skipping", "nn/_skip.py", "baseline"),
     ("lesions, all partitionings", "experiments/lesion_test.py", "lesion_test"),
     ("feature vis, all partitionings", "experiments/feature_vis.py", "feature_vis_test"),
+    ("  pre-activation modules (fx)", "nn/adapter.py", "preactivation_module"),
     ("statistics", "study/summary.py", "subcluster_tests"),
     ("summary table", "study/summary.py", "summarize"),
 ]
@@ -75,6 +78,7 @@ def main() -> None:
     ap.add_argument("--n-clusters", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--top", type=int, default=0)
+    ap.add_argument("--dump", default=None, help="also write the raw profile to this file (pstats format)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                     help="cpu (default): this process's CPU time, little disturbed by other jobs on a shared machine "
                          "(use --threads 1 to make it the work done); wall: elapsed time")
@@ -100,6 +104,8 @@ def main() -> None:
     prof.disable()
     total, wall = clock() - t0, time.perf_counter() - w0
     stats = pstats.Stats(prof)
+    if args.dump:
+        stats.dump_stats(args.dump)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.model}: "
           f"{result.config['layers']}, {result.config['n_test']} test images, {len(act)} activation images; "
           f"k={args.n_clusters}, {args.n_random} random sets; total {total:.1f} s {args.clock} time, {wall:.1f} s "
