@@ -8,8 +8,8 @@ GPU memory it allocated, and the suite ends with a summary table):
 
 1. lesion stage, incremental vs plain (``lesion_speed_cnn.measure``): the paper's CIFAR VGG on
    10,000 32x32 images and VGG-16 on 2,000 224x224 images; conv channels split at random into
-   k=16 clusters per layer, 19 random sets per subcluster; the lesions timed per layer are
-   ``--lesions-per-layer`` (incremental) and 2 (plain), extrapolated to all lesions of the layer.
+   k=16 clusters per layer, 19 random sets per subcluster; per layer 40 (CIFAR) or 8 (VGG-16)
+   incremental and 2 plain lesions are timed and extrapolated to all lesions of the layer.
 2. feature visualization, batched vs one image at a time (``feature_vis_speed.measure``), at 32
    pixels (CIFAR VGG) and 224 pixels (VGG-16), on objectives spread evenly over the layers.
 3. squared Spearman correlations of a 4,224-neuron graph (the VGG's conv channels) over
@@ -46,9 +46,11 @@ from modlens.nn.adapter import NetworkAdapter  # noqa: E402
 #: Full sizes (a GPU) and tiny ones (``--tiny``: a CPU check of the code paths).
 SIZES = {
     "full": dict(cifar_images=10_000, vgg16_images=2_000, vgg16_size=224, lesion_layers=None, lesions_per_layer=40,
+                 vgg16_lesions_per_layer=8,
                  vis_steps=100, vis32_objectives=520, vis224_objectives=52, vis_single=8, spearman_samples=5_000,
-                 spearman_neurons=4_224, replicate_train=60_000, replicate_epochs=1, repeats=2, arch=None, k=16),
+                 spearman_neurons=4_224, replicate_train=60_000, replicate_epochs=1, repeats=1, arch=None, k=16),
     "tiny": dict(cifar_images=6, vgg16_images=2, vgg16_size=32, lesion_layers=1, lesions_per_layer=2,
+                 vgg16_lesions_per_layer=2,
                  vis_steps=2, vis32_objectives=4, vis224_objectives=2, vis_single=1, spearman_samples=40,
                  spearman_neurons=64, replicate_train=300, replicate_epochs=1, repeats=1,
                  arch={"convs": (4, "M", 4, "M", 8, "M", 8, "M", 8, "M"), "dense": 16}, k=2),
@@ -135,15 +137,15 @@ def run(device: str = "cuda", tiny: bool = False, data_dir: str | None = None, s
         results[name] = out
 
     lesion = dict(device=dev, partition="per-layer", n_clusters=sz["k"], plain_per_layer=1 if tiny else 2,
-                  fast_per_layer=sz["lesions_per_layer"], repeats=sz["repeats"], max_layers=sz["lesion_layers"],
-                  arch=sz["arch"], say=say)
+                  repeats=sz["repeats"], max_layers=sz["lesion_layers"], arch=sz["arch"], say=say)
     if tiny:
         say("TINY sizes: small networks and images, to check the code paths; the figures mean nothing")
     stage("lesions: CIFAR VGG, incremental vs plain", lambda: lesion_speed_cnn.measure(
-        "cifar-vgg", n_images=sz["cifar_images"], full_images=sz["cifar_images"], **lesion))
+        "cifar-vgg", n_images=sz["cifar_images"], full_images=sz["cifar_images"],
+        fast_per_layer=sz["lesions_per_layer"], **lesion))
     stage("lesions: VGG-16, incremental vs plain", lambda: lesion_speed_cnn.measure(
         "imagenet-vgg16", n_images=sz["vgg16_images"], full_images=sz["vgg16_images"], image_size=sz["vgg16_size"],
-        **lesion))
+        fast_per_layer=sz["vgg16_lesions_per_layer"], **lesion))
     for case, size, cap in (("cifar-vgg", 32, sz["vis32_objectives"]), ("imagenet-vgg16", sz["vgg16_size"], sz["vis224_objectives"])):
         def vis(case=case, size=size, cap=cap):
             adapter = _vis_model(case, size, dev, sz["arch"])
