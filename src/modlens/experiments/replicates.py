@@ -12,15 +12,17 @@ independent Adams with equal step counts). Initial weights are those ``build_mod
 ``seed_r``.
 
 Equality with the single path: in float64 parameters agree to rounding (tested); in float32 the
-dense products (``bmm``) are the very kernels ``F.linear`` calls for one slice, so an MLP trained
-together is usually bit-identical to one trained alone on one thread; grouped convolutions sum in
-a different order, so CNN weights drift at rounding level and test accuracies agree to a few test
-examples (measured in ``benchmarks/README.md``).
+dense products are the kernels ``F.linear`` and its backward use for one replicate, so on one
+thread an MLP trained together is bit-identical to one trained alone (tested); on two threads
+``bmm`` and ``mm`` can split small products differently (after 20 epochs on digits: weights within
+1.2e-4, equal test accuracy). Grouped convolutions sum in another order, so CNN weights drift from
+rounding on and test accuracies agree within a test example (``conv="loop"``: bit-identical).
+On the CPU stacking does not make an MLP step cheaper (each step is bound by arithmetic; measured
+in ``benchmarks/README.md``); it pays where small products leave the device idle, on a GPU.
 
 Models with batch norm or active dropout (the CIFAR VGG) are trained one by one through the single
-path (``together="auto"``): their masks come from torch's global generator, and on CPU a batch of
-VGG convolutions is already large enough that stacking them gains nothing (measured in
-``benchmarks/README.md``).
+path (``together="auto"``): their masks come from torch's global generator, and on the CPU grouped
+VGG convolutions are slower than separate ones (0.67x, measured in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
