@@ -72,7 +72,8 @@ def test_mlp_replicates_match_train_reference_in_float32(digits):
     weights within 1e-4; on one thread the MLP is in fact bit-identical (dense products are the
     kernels F.linear uses)."""
     x_tr, y_tr, x_te, y_te = digits
-    got = train_replicates({"type": "mlp"}, x_tr, y_tr, x_te, y_te, seeds=SEEDS[:2], epochs=4, n_val=200)
+    got = train_replicates({"type": "mlp"}, x_tr, y_tr, x_te, y_te, seeds=SEEDS[:2], epochs=4, n_val=200,
+                           together="together")
     for (model, info), s in zip(got, SEEDS[:2]):
         ref, ref_info = train_reference({"type": "mlp"}, x_tr, y_tr, x_te, y_te, seed=s, epochs=4, n_val=200)
         assert info["trained"] == "together" and not model.training
@@ -91,7 +92,7 @@ def test_cnn_replicates_match_train_reference_in_float32(digits):
     (measured: 3e-3 for this net; rounding differences grow chaotically over the steps)."""
     x_tr, y_tr, x_te, y_te = digits
     arch = {"type": "cnn", "conv": [8, 8, "M", 8, "M"], "dense": [16]}
-    got = train_replicates(arch, x_tr, y_tr, x_te, y_te, seeds=[0, 1], epochs=3, n_val=100)
+    got = train_replicates(arch, x_tr, y_tr, x_te, y_te, seeds=[0, 1], epochs=3, n_val=100, together="together")
     for (model, info), s in zip(got, [0, 1]):
         ref, ref_info = train_reference(arch, x_tr, y_tr, x_te, y_te, seed=s, epochs=3, n_val=100)
         assert info["trained"] == "together"
@@ -114,6 +115,14 @@ def test_vgg_is_trained_one_by_one_and_equals_the_single_path(digits):
         train_replicates(vgg, x_tr, y_tr, x_te, y_te, seeds=[0, 1], epochs=1, n_val=20, together="together")
 
 
+def test_auto_trains_one_by_one_on_the_cpu(digits):
+    x_tr, y_tr, x_te, y_te = (t[:200] for t in digits)
+    got = train_replicates(MLP | {"sizes": [64, 16, 10]}, x_tr, y_tr, x_te, y_te, seeds=[0, 1], epochs=1, n_val=20)
+    ref, _ = train_reference(MLP | {"sizes": [64, 16, 10]}, x_tr, y_tr, x_te, y_te, seed=1, epochs=1, n_val=20)
+    assert [i["trained"] for _, i in got] == ["one-by-one"] * 2
+    assert all(torch.equal(a, b) for a, b in zip(got[1][0].state_dict().values(), ref.state_dict().values()))
+
+
 def test_errors_name_the_problem(digits):
     x, y = digits[0].reshape(len(digits[0]), -1), digits[1]
     models = [build_model(MLP, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
@@ -130,7 +139,7 @@ def test_errors_name_the_problem(digits):
 
 def test_cli_train_seeds_writes_one_model_per_seed(tmp_path, capsys):
     args = ["train", "--dataset", "digits", "--epochs", "2"]
-    assert main(args + ["--seeds", "0,1", "--out", str(tmp_path / "set")]) == 0
+    assert main(args + ["--seeds", "0,1", "--together", "--out", str(tmp_path / "set")]) == 0
     assert main(args + ["--seed", "1", "--out", str(tmp_path / "alone")]) == 0
     out = capsys.readouterr()
     assert "trained together" in out.out and "loss" in out.err

@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     seeds = t.add_mutually_exclusive_group(required=True)
     seeds.add_argument("--seed", type=int, help="seed of initialization, shuffling and the held-out split")
     seeds.add_argument("--seeds", type=_seed_list, metavar="S1,S2,...",
-                       help="several replicates, trained together where the architecture allows (mlp, cnn), each "
-                            "the network --seed S would give; saved in OUT/seedS")
+                       help="several replicates, each the network --seed S would give; saved in OUT/seedS")
+    t.add_argument("--together", action="store_true",
+                   help="with --seeds and mlp or cnn: train the replicates in one batched computation (pays on a "
+                        "GPU; on the CPU it was measured not to, and one by one is the default)")
     t.add_argument("--out", type=Path, required=True, help="folder to save the model in (with --seeds: one folder per seed in it)")
     t.add_argument("--data-dir", type=Path, default=None, help="folder with mnist/ and fashion-mnist/ (default: $MODLENS_DATA or ~/.cache/modlens/data)")
     t.add_argument("--epochs", type=int, default=None, help="default: the recipe's (mlp 20, cnn 10, vgg 200; mlp on digits 60)")
@@ -156,7 +158,9 @@ def _run(args) -> int:
                 shown = " ".join("-" if v is None else f"{v:.4f}" for v in losses)
                 print(f"epoch {epoch}/{n}  loss {shown}", file=sys.stderr, flush=True)
 
-            for model_out in runs.train_reference_set(args.dataset, seeds=args.seeds, progress=report_all, **options):
+            together = "together" if args.together else "auto"
+            for model_out in runs.train_reference_set(args.dataset, seeds=args.seeds, progress=report_all,
+                                                      together=together, **options):
                 m = model_out[1]
                 print(f"saved {args.out / ('seed' + str(m['seed']))} (test accuracy {m['accuracy']:.4f}, "
                       f"trained {m['training']['trained']})")

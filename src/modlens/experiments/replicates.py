@@ -20,8 +20,8 @@ rounding on and test accuracies agree within a test example (``conv="loop"``: bi
 On the CPU stacking does not make an MLP step cheaper (each step is bound by arithmetic; measured
 in ``benchmarks/README.md``); it pays where small products leave the device idle, on a GPU.
 
-Models with batch norm or active dropout (the CIFAR VGG) are trained one by one through the single
-path (``together="auto"``): their masks come from torch's global generator, and on the CPU grouped
+On the CPU ``train_replicates(together="auto")`` therefore trains one by one. Models with batch norm
+or active dropout (the CIFAR VGG) are always trained one by one through the single path: their masks come from torch's global generator, and on the CPU grouped
 VGG convolutions are slower than separate ones (0.67x, measured in ``benchmarks/README.md``).
 """
 
@@ -174,7 +174,9 @@ def train_replicates(
     ``train_reference(architecture, ..., seed=seeds[r], val_seed=val_seeds[r])`` returns (same
     held-out split, same recipe, same streams), with ``info["trained"]`` saying ``"together"`` or
     ``"one-by-one"``. ``together="auto"`` batches stackable networks (the MLP and the small CNN)
-    and trains the others (the VGG: batch norm, dropout) one by one; ``"together"`` raises for a
+    on a GPU and trains everything else one by one: the VGG (batch norm, dropout) anywhere, and
+    every network on the CPU, where batching was measured not to pay (an MLP step is bound by
+    arithmetic; ``benchmarks/README.md``). ``"together"`` batches on any device and raises for a
     network that cannot be stacked. ``device`` moves the models there before training (default CPU).
     """
     what = "train_replicates"
@@ -199,7 +201,8 @@ def train_replicates(
     if together == "together" and reason is not None:
         raise ValueError(f"{what}: {setup['architecture']['type']!r} networks cannot be trained together: they have "
                          f"{reason}; use together='one-by-one' or 'auto'")
-    batched = reason is None and together != "one-by-one"
+    on_gpu = module_device_dtype(models[0])[0].type == "cuda"
+    batched = reason is None and (together == "together" or (together == "auto" and on_gpu))
     kwargs = dict(epochs=setup["epochs"], batch_size=setup["batch_size"], lr=setup["lr"],
                   weight_decay_l2=setup["weight_decay_l2"], augment=setup["augment"])
     if batched:

@@ -75,9 +75,11 @@ def train_reference_set(
     together: str = "auto",
     folders: bool = True,
 ) -> list[tuple[torch.nn.Module, dict]]:
-    """:func:`train_reference` for several seeds (replicates), trained together where the
-    architecture allows (:func:`modlens.experiments.replicates.train_replicates`: the MLP and the
-    small CNN; the VGG one by one); each replicate equals the network trained alone with its seed.
+    """:func:`train_reference` for several seeds (replicates) through
+    :func:`modlens.experiments.replicates.train_replicates`; ``together="together"`` trains the MLP
+    or small CNN replicates in one batched computation (``"auto"``, on the CPU: one by one, where
+    batching was measured not to pay). Each replicate equals the network trained alone with its
+    seed (bit-identical one by one; batched: see ``train_replicates``).
 
     Saves replicate ``seed`` in ``out/seed{seed}`` (``folders=False`` with one seed: in ``out``).
     With several seeds ``progress(epoch, epochs, losses)`` gets one loss per replicate.
