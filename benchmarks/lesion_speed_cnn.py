@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import resource
 import sys
 import time
@@ -45,34 +46,35 @@ from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
 VGG_CONVS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-def cifar_vgg(n_classes: int = 10) -> nn.Sequential:
-    """conv -> ReLU -> [maxpool] -> BN per block (notes, "Other facts"), then dense 512."""
+def cifar_vgg(n_classes: int = 10, convs=VGG_CONVS, dense: int = 512) -> nn.Sequential:
+    """conv -> ReLU -> [maxpool] -> BN per block (notes, "Other facts"), then dense 512
+    (``convs`` must pool 32x32 inputs down to 1x1; smaller ``convs``/``dense`` give test networks)."""
     layers: list[nn.Module] = []
     cin = 3
-    for i, v in enumerate(VGG_CONVS):
+    for i, v in enumerate(convs):
         if v == "M":
             continue
         layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
-        if i + 1 < len(VGG_CONVS) and VGG_CONVS[i + 1] == "M":
+        if i + 1 < len(convs) and convs[i + 1] == "M":
             layers.append(nn.MaxPool2d(2))
         layers.append(nn.BatchNorm2d(v))
         cin = v
-    layers += [nn.Flatten(), nn.Linear(512, 512), nn.ReLU(), nn.BatchNorm1d(512), nn.Dropout(0.5),
-               nn.Linear(512, n_classes)]
+    layers += [nn.Flatten(), nn.Linear(cin, dense), nn.ReLU(), nn.BatchNorm1d(dense),
+               nn.Dropout(0.5), nn.Linear(dense, n_classes)]
     return nn.Sequential(*layers)
 
 
-def vgg16(n_classes: int = 1000) -> nn.Sequential:
+def vgg16(n_classes: int = 1000, convs=VGG_CONVS, dense: int = 4096) -> nn.Sequential:
     layers: list[nn.Module] = []
     cin = 3
-    for v in VGG_CONVS:
+    for v in convs:
         if v == "M":
             layers.append(nn.MaxPool2d(2))
         else:
             layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU()]
             cin = v
-    layers += [nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(512 * 49, 4096), nn.ReLU(), nn.Dropout(),
-               nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, n_classes)]
+    layers += [nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(cin * 49, dense), nn.ReLU(), nn.Dropout(),
+               nn.Linear(dense, dense), nn.ReLU(), nn.Dropout(), nn.Linear(dense, n_classes)]
     return nn.Sequential(*layers)
 
 
@@ -108,20 +110,39 @@ def main() -> None:
     ap.add_argument("--memory-budget-gib", type=float, help="LesionEvaluator budget (default 2 GiB CPU, half the free GPU)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     args = ap.parse_args()
-    case = CASES[args.case]
-    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    measure(args.case, device=args.device, n_images=args.n_images, full_images=args.full_images,
+            n_clusters=args.n_clusters, partition=args.partition, n_random=args.n_random,
+            fast_per_layer=args.fast_per_layer, plain_per_layer=args.plain_per_layer, repeats=args.repeats,
+            memory_budget_gib=args.memory_budget_gib)
+
+
+def measure(case_name: str, *, device="cpu", n_images: int | None = None, full_images: int | None = None,
+            n_clusters: int = 16, partition: str = "weights/global", n_random: int = 19,
+            fast_per_layer: int | None = None, plain_per_layer: int = 2, repeats: int = 2,
+            memory_budget_gib: float | None = None, image_size: int | None = None, max_layers: int | None = None,
+            arch: dict | None = None,
+            say=functools.partial(print, flush=True)) -> dict:
+    """Run one case (see the module docstring) and print its table with ``say``; returns the totals
+    ``{"plain_s", "incremental_s", "ratio", "flop_ratio", "n_images", "full_images", "n_lesions",
+    "max_count_diff"}`` (the last: largest difference of correct counts between the paths)
+    (seconds extrapolated to ``full_images``). ``image_size`` overrides the case's input size and
+    ``max_layers`` times only the first layers that have lesions, ``arch`` (``{"convs": [...], "dense": n}``)
+    shrinks the network (all three for quick checks)."""
+    case = CASES[case_name]
+    device = torch.device(device)
     gpu = device.type == "cuda"
-    n = args.n_images or (case["full"] if gpu else case["cpu_images"])
-    full = args.full_images or case["full"]
-    fast_per_layer = args.fast_per_layer or (10**9 if gpu else case["cpu_fast"])
-    budget = int(args.memory_budget_gib * 2**30) if args.memory_budget_gib else None
+    n = n_images or (case["full"] if gpu else case["cpu_images"])
+    full = full_images or case["full"]
+    fast_per_layer = fast_per_layer or (10**9 if gpu else case["cpu_fast"])
+    budget = int(memory_budget_gib * 2**30) if memory_budget_gib else None
+    size = image_size or case["size"]
 
     torch.manual_seed(0)
-    model = case["build"](case["classes"])
+    model = case["build"](case["classes"], **(arch or {}))
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(n, 3, case["size"], case["size"], generator=g)
+    x = torch.rand(n, 3, size, size, generator=g)
     y = torch.randint(0, case["classes"], (n,), generator=g)
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):  # running statistics of random data
         model.train()
@@ -130,22 +151,24 @@ def main() -> None:
     model = model.eval().to(device)
     adapter = NetworkAdapter(model)
     where = f"{device}" + (f" ({torch.cuda.get_device_name(device)})" if gpu else f", {torch.get_num_threads()} threads")
-    print(f"{args.case}: {len(adapter.layers)} conv layers, {sum(adapter.layer_sizes)} channels; torch "
-          f"{torch.__version__} on {where}; {n} random images run, extrapolated to {full}")
+    say(f"{case_name}: {len(adapter.layers)} conv layers, {sum(adapter.layer_sizes)} channels; torch "
+        f"{torch.__version__} on {where}; {n} random {size}x{size} images run, extrapolated to {full}")
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
-    if args.partition == "weights/global":
-        part = Partitioner(adapter, n_clusters=args.n_clusters, random_state=0).partition("weights/global")
+    if partition == "weights/global":
+        part = Partitioner(adapter, n_clusters=n_clusters, random_state=0).partition("weights/global")
     else:
-        labels = [rng.permutation(np.arange(w) % args.n_clusters) for w in adapter.layer_sizes]
+        labels = [rng.permutation(np.arange(w) % n_clusters) for w in adapter.layer_sizes]
         part = Partition.from_labels(labels, adapter.layer_names, adapter.layer_sizes, method="per-layer")
-    print(f"{args.partition} partition, k={args.n_clusters}: {len(part.subclusters())} subclusters in "
-          f"{len({s.layer for s in part.subclusters()})} layers, {time.perf_counter() - t0:.1f} s")
+    say(f"{partition} partition, k={n_clusters}: {len(part.subclusters())} subclusters in "
+        f"{len({s.layer for s in part.subclusters()})} layers, {time.perf_counter() - t0:.1f} s")
     per_layer: dict[int, list[np.ndarray]] = {}
     for sc in part.subclusters():
         width = adapter.layers[sc.layer].n_neurons
-        per_layer.setdefault(sc.layer, []).extend([sc.neurons] + random_sets(width, sc.size, args.n_random, rng))
+        per_layer.setdefault(sc.layer, []).extend([sc.neurons] + random_sets(width, sc.size, n_random, rng))
+    if max_layers is not None:
+        per_layer = dict(sorted(per_layer.items())[:max_layers])
     n_lesions = sum(len(v) for v in per_layer.values())
 
     t0 = time.perf_counter()
@@ -155,18 +178,18 @@ def main() -> None:
     t0 = time.perf_counter()
     copy.deepcopy(model)
     t_copy = time.perf_counter() - t0  # the plain path copies the model once per call (per layer)
-    print(f"{n_lesions} lesions; evaluator budget {ev.budget / 2**30:.1f} GiB, setup (baseline pass) {t_setup:.1f} s, "
-          f"model copy for the plain path {t_copy:.2f} s per layer")
-    print(f"{'layer':>6} {'ch':>4} {'lesions':>7} {'plain s/lesion':>14} {'incr. s/lesion':>14} {'ratio':>6} "
-          f"{'FLOP ratio':>10} {'cache/sample':>12} {'chunks@full':>11} {'max diff':>8}")
-    tot = dict(plain=0.0, fast=t_setup * full / n, fplain=0.0, ffast=0.0)
+    say(f"{n_lesions} lesions; evaluator budget {ev.budget / 2**30:.1f} GiB, setup (baseline pass) {t_setup:.1f} s, "
+        f"model copy for the plain path {t_copy:.2f} s per layer")
+    say(f"{'layer':>6} {'ch':>4} {'lesions':>7} {'plain s/lesion':>14} {'incr. s/lesion':>14} {'ratio':>6} "
+        f"{'FLOP ratio':>10} {'cache/sample':>12} {'chunks@full':>11} {'max diff':>8}")
+    tot = dict(plain=0.0, fast=t_setup * full / n, fplain=0.0, ffast=0.0, diff=0)
     for layer, sets in sorted(per_layer.items()):
-        k_fast, k_plain = min(len(sets), max(2, fast_per_layer)), min(len(sets), args.plain_per_layer)
+        k_fast, k_plain = min(len(sets), max(2, fast_per_layer)), min(len(sets), plain_per_layer)
         t0 = time.perf_counter()
         first = ev.correct_counts(layer, sets[:1])                     # fills this layer's cache
         t_first = time.perf_counter() - t0
         per_fast, per_plain = float("inf"), float("inf")
-        for _ in range(args.repeats):                                  # best of: the machine may be shared
+        for _ in range(repeats):                                       # best of: the machine may be shared
             t0 = time.perf_counter()
             rest = ev.correct_counts(layer, sets[1:k_fast])
             per_fast = min(per_fast, (time.perf_counter() - t0) / max(1, k_fast - 1))
@@ -176,6 +199,7 @@ def main() -> None:
         fast_layer = t_first + per_fast * (len(sets) - 1)
         fast_counts = np.concatenate([first, rest])[:k_plain]
         diff = int(np.abs(plain - fast_counts).max())
+        tot["diff"] = max(tot["diff"], diff)
         plan = adapter.lesion_plan(layer)
         macs = [plan.macs(shapes, len(s)) for s in sets]
         flops_plain = 2.0 * full * sum(m["forward"] for m in macs)
@@ -186,17 +210,20 @@ def main() -> None:
         tot["fast"] += fast_layer * full / n
         tot["fplain"] += flops_plain
         tot["ffast"] += flops_fast
-        print(f"{adapter.layer_names[layer]:>6} {adapter.layer_sizes[layer]:>4} {len(sets):>7} {per_plain:>14.3f} "
-              f"{per_fast:>14.3f} {per_plain / per_fast:>6.1f} {flops_plain / flops_fast:>10.2f} "
-              f"{per_sample / 2**20:>10.2f}MB {chunks:>11} {diff:>8}", flush=True)
+        say(f"{adapter.layer_names[layer]:>6} {adapter.layer_sizes[layer]:>4} {len(sets):>7} {per_plain:>14.3f} "
+            f"{per_fast:>14.3f} {per_plain / max(per_fast, 1e-12):>6.1f} {flops_plain / flops_fast:>10.2f} "
+            f"{per_sample / 2**20:>10.2f}MB {chunks:>11} {diff:>8}")
     scale = "" if n == full else f", extrapolated from {n} to {full} images"
-    print(f"plain path:       {tot['plain']:10.1f} s  {tot['fplain'] / 1e12:9.2f} TFLOP  "
-          f"(timed on {args.plain_per_layer} lesions per layer, extrapolated to all {n_lesions}{scale})")
-    print(f"incremental path: {tot['fast']:10.1f} s  {tot['ffast'] / 1e12:9.2f} TFLOP  "
-          f"(timed on up to {fast_per_layer if not gpu or fast_per_layer < 10**9 else 'all'} lesions per layer"
-          f"{', extrapolated' if fast_per_layer < 10**9 else ''}{scale}; cache fills and baseline included)")
-    print(f"ratio: {tot['plain'] / tot['fast']:.1f}x time, {tot['fplain'] / tot['ffast']:.2f}x FLOPs; "
-          f"{peak_memory(device)}; default CPU budget {_memory.CPU_BUDGET / 2**30:.0f} GiB")
+    say(f"plain path:       {tot['plain']:10.1f} s  {tot['fplain'] / 1e12:9.2f} TFLOP  "
+        f"(timed on {plain_per_layer} lesions per layer, extrapolated to all {n_lesions}{scale})")
+    say(f"incremental path: {tot['fast']:10.1f} s  {tot['ffast'] / 1e12:9.2f} TFLOP  "
+        f"(timed on up to {fast_per_layer if not gpu or fast_per_layer < 10**9 else 'all'} lesions per layer"
+        f"{', extrapolated' if fast_per_layer < 10**9 else ''}{scale}; cache fills and baseline included)")
+    say(f"ratio: {tot['plain'] / tot['fast']:.1f}x time, {tot['fplain'] / tot['ffast']:.2f}x FLOPs; "
+        f"{peak_memory(device)}; default CPU budget {_memory.CPU_BUDGET / 2**30:.0f} GiB")
+    return {"plain_s": tot["plain"], "incremental_s": tot["fast"], "ratio": tot["plain"] / tot["fast"],
+            "flop_ratio": tot["fplain"] / tot["ffast"], "n_images": n, "full_images": full, "n_lesions": n_lesions,
+            "max_count_diff": tot["diff"]}
 
 
 if __name__ == "__main__":

@@ -64,6 +64,16 @@ def _analysis_kwargs(a) -> dict:
                 combine=a.combine, **_vis_kwargs(a))
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds must be comma-separated integers such as 0,1,2,3,4, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds must list distinct integers such as 0,1,2,3,4, got {text!r}")
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modlens", description="Is this trained network modular, and which neurons are the modules?")
     parser.add_argument("--version", action="version", version=f"modlens {__version__}")
@@ -89,8 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotation/shift/flip augmentation (default: on for vgg, off otherwise)")
     t.add_argument("--l2", type=float, default=None, help="L2 coefficient on kernels (default: 5e-4 for vgg, 0 otherwise)")
     t.add_argument("--no-regularization", action="store_true", help="VGG without dropout and L2 (the paper's unregularized VGG)")
-    t.add_argument("--seed", type=int, required=True, help="seed of initialization, shuffling and the held-out split")
-    t.add_argument("--out", type=Path, required=True, help="folder to save the model in")
+    seeds = t.add_mutually_exclusive_group(required=True)
+    seeds.add_argument("--seed", type=int, help="seed of initialization, shuffling and the held-out split")
+    seeds.add_argument("--seeds", type=_seed_list, metavar="S1,S2,...",
+                       help="several replicates, each the network --seed S would give; saved in OUT/seedS")
+    t.add_argument("--together", action="store_true",
+                   help="with --seeds and mlp or cnn: train the replicates in one batched computation (pays on a "
+                        "GPU; on the CPU it was measured not to, and one by one is the default)")
+    t.add_argument("--out", type=Path, required=True, help="folder to save the model in (with --seeds: one folder per seed in it)")
     t.add_argument("--data-dir", type=Path, default=None, help="folder with mnist/ and fashion-mnist/ (default: $MODLENS_DATA or ~/.cache/modlens/data)")
     t.add_argument("--epochs", type=int, default=None, help="default: the recipe's (mlp 20, cnn 10, vgg 200; mlp on digits 60)")
     t.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (mlp 128, cnn 64, vgg 128)")
@@ -152,10 +168,22 @@ def _run(args) -> int:
         def report(epoch, n, loss):
             print(f"epoch {epoch}/{n}  loss {loss:.4f}", file=sys.stderr, flush=True)
 
-        _, manifest = runs.train_reference(args.dataset, seed=args.seed, out=args.out, data_dir=args.data_dir,
-                                           epochs=args.epochs, batch_size=args.batch_size, n_val=args.n_val,
-                                           arch=args.arch, augment=args.augment, l2=args.l2,
-                                           regularize=not args.no_regularization, progress=report)
+        options = dict(out=args.out, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
+                       n_val=args.n_val, arch=args.arch, augment=args.augment, l2=args.l2,
+                       regularize=not args.no_regularization)
+        if args.seeds is not None:
+            def report_all(epoch, n, losses):
+                shown = " ".join("-" if v is None else f"{v:.4f}" for v in losses)
+                print(f"epoch {epoch}/{n}  loss {shown}", file=sys.stderr, flush=True)
+
+            together = "together" if args.together else "auto"
+            for model_out in runs.train_reference_set(args.dataset, seeds=args.seeds, progress=report_all,
+                                                      together=together, **options):
+                m = model_out[1]
+                print(f"saved {args.out / ('seed' + str(m['seed']))} (test accuracy {m['accuracy']:.4f}, "
+                      f"trained {m['training']['trained']})")
+            return 0
+        _, manifest = runs.train_reference(args.dataset, seed=args.seed, progress=report, **options)
         print(f"saved {args.out} (test accuracy {manifest['accuracy']:.4f})")
         return 0
     if args.command == "analyze":

@@ -36,6 +36,7 @@ from modlens.nn.models import PAPER_MLP_HIDDEN, build_model
 
 __all__ = [
     "train_classifier", "accuracy", "split_validation", "train_reference", "train_reference_mlp",
+    "reference_setup", "reference_info",
     "complete_architecture", "recipe", "RECIPES", "PAPER_AUGMENT", "augment_images", "l2_penalty",
 ]
 
@@ -228,6 +229,23 @@ def train_reference(
     """
     x_train, y_train = _check_xy(x_train, y_train, "train_reference (train)")
     x_test, y_test = _check_xy(x_test, y_test, "train_reference (test)")
+    setup = reference_setup(architecture, x_train, y_train, x_test, y_test, epochs=epochs, batch_size=batch_size,
+                            n_val=n_val, weight_decay_l2=weight_decay_l2, augment=augment, seed=seed, val_seed=val_seed)
+    train_t = torch.from_numpy(setup["train_idx"])
+    model = build_model(setup["architecture"], generator=torch.Generator().manual_seed(int(seed)))
+    history = train_classifier(model, x_train[train_t], y_train[train_t], epochs=setup["epochs"],
+                               batch_size=setup["batch_size"], lr=setup["lr"], seed=seed, progress=progress,
+                               weight_decay_l2=setup["weight_decay_l2"], augment=setup["augment"])
+    return model, reference_info(model, setup, history, x_train, y_train, x_test, y_test, seed=seed)
+
+
+def reference_setup(architecture, x_train, y_train, x_test, y_test, *, epochs, batch_size, n_val, weight_decay_l2,
+                    augment, seed: int, val_seed: int | None) -> dict[str, Any]:
+    """Checked arguments of :func:`train_reference` with the recipe's defaults filled in, and the
+    held-out split: ``architecture, epochs, batch_size, lr, weight_decay_l2, augment, val_seed,
+    n_total, train_idx, val_idx``."""
+    x_train, y_train = _check_xy(x_train, y_train, "train_reference (train)")
+    x_test, y_test = _check_xy(x_test, y_test, "train_reference (test)")
     flat = isinstance(architecture, dict) and architecture.get("type") == "mlp"
     if (x_test[0].numel() != x_train[0].numel()) if flat else (x_test.shape[1:] != x_train.shape[1:]):
         raise ValueError(f"train_reference: train samples have shape {tuple(x_train.shape[1:])} "
@@ -235,39 +253,45 @@ def train_reference(
     n_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
     architecture = complete_architecture(architecture, tuple(x_train.shape[1:]), n_classes)
     defaults = recipe(architecture)
-    epochs = defaults["epochs"] if epochs is None else int(epochs)
-    batch_size = defaults["batch_size"] if batch_size is None else int(batch_size)
-    weight_decay_l2 = defaults["weight_decay_l2"] if weight_decay_l2 is None else float(weight_decay_l2)
-    augment = check_augment(defaults["augment"] if augment is None else augment)
     val_seed = int(seed if val_seed is None else val_seed)
     n_total = int(x_train.shape[0])
     train_idx, val_idx = split_validation(n_total, n_val, val_seed)
-    train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-    model = build_model(architecture, generator=torch.Generator().manual_seed(int(seed)))
-    lr = 1e-3
-    history = train_classifier(model, x_train[train_t], y_train[train_t], epochs=epochs, batch_size=batch_size,
-                               lr=lr, seed=seed, progress=progress, weight_decay_l2=weight_decay_l2,
-                               augment=augment)
-    model.eval()
-    info = {
+    return {
         "architecture": architecture,
+        "epochs": defaults["epochs"] if epochs is None else int(epochs),
+        "batch_size": defaults["batch_size"] if batch_size is None else int(batch_size),
+        "lr": 1e-3,
+        "weight_decay_l2": defaults["weight_decay_l2"] if weight_decay_l2 is None else float(weight_decay_l2),
+        "augment": check_augment(defaults["augment"] if augment is None else augment),
+        "val_seed": val_seed, "n_total": n_total, "train_idx": train_idx, "val_idx": val_idx,
+    }
+
+
+def reference_info(model: nn.Module, setup: dict[str, Any], history: dict[str, list[float]], x_train, y_train,
+                   x_test, y_test, *, seed: int) -> dict[str, Any]:
+    """Put ``model`` in eval mode and return :func:`train_reference`'s JSON-able ``info``."""
+    model.eval()
+    val_t = torch.from_numpy(setup["val_idx"])
+    weight_decay_l2 = setup["weight_decay_l2"]
+    info = {
+        "architecture": setup["architecture"],
         "seed": int(seed),
-        "epochs": int(epochs),
-        "batch_size": int(batch_size),
-        "lr": lr,
+        "epochs": int(setup["epochs"]),
+        "batch_size": int(setup["batch_size"]),
+        "lr": setup["lr"],
         "weight_decay_l2": weight_decay_l2,
-        "augment": augment,
-        "n_total": n_total,
-        "n_train": int(len(train_idx)),
-        "n_val": int(len(val_idx)),
-        "val_seed": val_seed,
+        "augment": setup["augment"],
+        "n_total": setup["n_total"],
+        "n_train": int(len(setup["train_idx"])),
+        "n_val": int(len(val_t)),
+        "val_seed": setup["val_seed"],
         "test_accuracy": accuracy(model, x_test, y_test),
-        "val_accuracy": accuracy(model, x_train[val_t], y_train[val_t]) if len(val_idx) else None,
+        "val_accuracy": accuracy(model, x_train[val_t], y_train[val_t]) if len(val_t) else None,
         "train_loss": [float(v) for v in history["loss"]],
     }
     if weight_decay_l2 > 0:
         info["train_cross_entropy"] = [float(v) for v in history["cross_entropy"]]
-    return model, info
+    return info
 
 
 def train_reference_mlp(

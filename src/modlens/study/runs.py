@@ -52,6 +52,43 @@ def train_reference(
     variant). MNIST-like data: ``n_val`` training examples are held out (never trained on)
     for the activation graph. Digits: its fixed "val" split plays that role.
     """
+    return train_reference_set(dataset, seeds=[seed], out=out, data_dir=data_dir, data_seed=data_seed, epochs=epochs,
+                               batch_size=batch_size, n_val=n_val, arch=arch, augment=augment, l2=l2,
+                               regularize=regularize, progress=progress, folders=False)[0]
+
+
+def train_reference_set(
+    dataset: str,
+    *,
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    data_dir=None,
+    data_seed: int = 0,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    n_val: int = 5000,
+    arch: str = "mlp",
+    augment: bool | None = None,
+    l2: float | None = None,
+    regularize: bool = True,
+    progress: Callable | None = None,
+    together: str = "auto",
+    folders: bool = True,
+) -> list[tuple[torch.nn.Module, dict]]:
+    """:func:`train_reference` for several seeds (replicates) through
+    :func:`modlens.experiments.replicates.train_replicates`; ``together="together"`` trains the MLP
+    or small CNN replicates in one batched computation (``"auto"``, on the CPU: one by one, where
+    batching was measured not to pay). Each replicate equals the network trained alone with its
+    seed (bit-identical one by one; batched: see ``train_replicates``).
+
+    Saves replicate ``seed`` in ``out/seed{seed}`` (``folders=False`` with one seed: in ``out``).
+    With several seeds ``progress(epoch, epochs, losses)`` gets one loss per replicate.
+    """
+    from modlens.experiments.replicates import train_replicates
+
+    seeds = [int(s) for s in seeds]
+    if not folders and len(seeds) != 1:
+        raise ValueError(f"folders=False saves one model, got {len(seeds)} seeds")
     train = load_dataset(dataset, "train", data_dir=data_dir, seed=data_seed)
     test = load_dataset(dataset, "test", data_dir=data_dir, seed=data_seed)
     digits = _is_digits(dataset)
@@ -65,23 +102,27 @@ def train_reference(
             raise ValueError("--no-regularization applies to the VGG (dropout and L2); the MLP and CNN have none")
         architecture["dropout"] = False
         l2 = 0.0
-    model, info = fit_reference(
-        architecture, torch.from_numpy(train.x), torch.from_numpy(train.y), torch.from_numpy(test.x),
-        torch.from_numpy(test.y), seed=seed, epochs=epochs, batch_size=batch_size, n_val=0 if digits else n_val,
-        weight_decay_l2=l2, augment=augment, progress=progress,
-    )
-    activation_split = {"split": "val"} if digits else {
-        "split": "train", "n_total": info["n_total"], "n_val": info["n_val"], "val_seed": info["val_seed"]}
-    manifest = {
-        "architecture": info["architecture"],
-        "dataset": {"name": dataset, "data_seed": data_seed, "activation_split": activation_split},
-        "seed": seed,
-        "accuracy": info["test_accuracy"],
-        "training": info,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    save_model(model, out, manifest)
-    return model, manifest
+    data = (torch.from_numpy(train.x), torch.from_numpy(train.y), torch.from_numpy(test.x), torch.from_numpy(test.y))
+    kwargs = dict(epochs=epochs, batch_size=batch_size, n_val=0 if digits else n_val, weight_decay_l2=l2, augment=augment)
+    if len(seeds) == 1:  # the single path itself
+        trained = [fit_reference(architecture, *data, seed=seeds[0], progress=progress, **kwargs)]
+    else:
+        trained = train_replicates(architecture, *data, seeds=seeds, together=together, progress=progress, **kwargs)
+    results = []
+    for seed, (model, info) in zip(seeds, trained):
+        activation_split = {"split": "val"} if digits else {
+            "split": "train", "n_total": info["n_total"], "n_val": info["n_val"], "val_seed": info["val_seed"]}
+        manifest = {
+            "architecture": info["architecture"],
+            "dataset": {"name": dataset, "data_seed": data_seed, "activation_split": activation_split},
+            "seed": seed,
+            "accuracy": info["test_accuracy"],
+            "training": info,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        save_model(model, Path(out) / f"seed{seed}" if folders else out, manifest)
+        results.append((model, manifest))
+    return results
 
 
 def model_data(manifest: dict, *, data_dir=None):
@@ -212,4 +253,4 @@ def correlation_figure(
     return Path(path), maps
 
 
-__all__ = ["train_reference", "model_data", "analyze_saved", "demo", "correlation_figure"]
+__all__ = ["train_reference", "train_reference_set", "model_data", "analyze_saved", "demo", "correlation_figure"]
