@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from modlens.core.partition import Partition
-from modlens.core.rng import as_generator
+from modlens.core.seeds import as_generator
 from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
 
