@@ -16,6 +16,8 @@ Graphs (all built from a fixed seed, numpy/scipy only):
   the paper's MLP; a trained one can be given with ``--weights file.npz`` holding W0..W4);
 * ``wide-mlp-N``: a layered weight graph with N nodes over 6 layers, sparse 5 % random
   connectivity between adjacent layers (stands in for large CNN / sparsified graphs);
+* ``vgg``: a 13-layer conv-channel graph of the CIFAR VGG's sizes (4,224 nodes, dense blocks
+  of |normal| weights between adjacent layers);
 * ``knn-N``: a symmetrized 10-nearest-neighbour graph of N points in 16 Gaussian blobs
   (the kind of sparse graph a kNN activation graph is);
 * ``dense-N``: a dense activation-like graph: squared correlations of N units driven by 16
@@ -69,6 +71,10 @@ def _build(name: str, weights: str | None = None):
             mats = [z[f"W{i}"] for i in range(5)]
         else:
             mats = [_glorot(rng, a, b) for a, b in zip(sizes[:-1], sizes[1:])]
+        return _layered(sizes, mats)
+    if name == "vgg":  # the CIFAR VGG's conv-channel weight graph: dense blocks between adjacent layers
+        sizes = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+        mats = [np.abs(rng.normal(size=(b, a))) for a, b in zip(sizes[:-1], sizes[1:])]
         return _layered(sizes, mats)
     kind, n = name.rsplit("-", 1)
     n = int(n)
@@ -124,7 +130,7 @@ def main(argv=None) -> int:
         return 0
     from sklearn.metrics import adjusted_rand_score
 
-    graphs = ["mlp"] + [f"dense-{n}" for n in a.sizes_dense.split(",") if n]
+    graphs = ["mlp", "vgg"] + [f"dense-{n}" for n in a.sizes_dense.split(",") if n]
     graphs += [f"{kind}-{n}" for n in a.sizes_sparse.split(",") if n for kind in ("wide-mlp", "knn")]
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))

@@ -116,6 +116,13 @@ def method_seed(random_state, method: str, stream: int = STREAM_CLUSTERING) -> n
     return np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, mid, int(stream)), pool_size=root.pool_size)
 
 
+def null_seeds(random_state, method: str, n: int) -> tuple[np.random.SeedSequence, list[np.random.SeedSequence]]:
+    """Seeds of a clusterability test of ``method`` with ``n`` null networks: the seed of the
+    shuffles, and one clustering seed per null network (children of stream 2)."""
+    children = method_seed(random_state, method, STREAM_CLUSTERABILITY).spawn(int(n) + 1)
+    return children[0], children[1:]
+
+
 def stable_int(text: str) -> int:
     """A platform-independent 32-bit hash of ``text`` (CRC-32; Python's ``hash`` is salted)."""
     return zlib.crc32(text.encode("utf-8"))

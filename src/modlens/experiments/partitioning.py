@@ -119,29 +119,41 @@ class Partitioner:
         adj, sizes, hidden, neighbours = self._graph(kind)
         seed = as_generator(method_seed(self.random_state, method))
         start = time.perf_counter()
-        if scope == "global":
-            labels = clustering.cluster_global(adj, sizes, self.n_clusters, random_state=seed, **self._spectral)
-            hidden_labels = [labels[i] for i in hidden]
-            full_ncut = graph.ncut(adj, np.concatenate(labels))
-        else:
-            k_per_layer = self.partition(f"{kind}/global").clusters_per_layer()
-            hidden_labels = _cluster_local(adj, sizes, hidden, k_per_layer, neighbours, random_state=seed,
-                                           **self._spectral)
-            full_ncut = None
+        k_per_layer = self.partition(f"{kind}/global").clusters_per_layer() if scope == "local" else None
+        hidden_labels, ncut, full_ncut = cluster_graph(adj, sizes, hidden, neighbours, scope, self.n_clusters,
+                                                       random_state=seed, k_per_layer=k_per_layer, **self._spectral)
         seconds = time.perf_counter() - start
         result = Partition.from_labels(
             hidden_labels, self.adapter.layer_names, self.adapter.layer_sizes,
-            method=method, n_clusters=self.n_clusters,
-            ncut=_hidden_ncut(adj, sizes, hidden, hidden_labels, distinct_per_layer=(scope == "local")),
+            method=method, n_clusters=self.n_clusters, ncut=ncut,
             info={
                 "graph_nodes": int(sum(sizes)),
                 "unclustered_per_layer": [int((l == UNCLUSTERED).sum()) for l in hidden_labels],
                 "ncut_whole_graph": full_ncut,
                 "clustering_seconds": seconds,
+                "eigen_solver": self._spectral["eigen_solver"],
+                "n_init": self._spectral["n_init"],
             },
         )
         self._cache[method] = result
         return result
+
+
+def cluster_graph(adj, sizes, hidden, neighbours, scope: str, n_clusters: int, *, random_state,
+                  k_per_layer=None, **spectral):
+    """Cluster one graph globally or locally; returns (hidden labels, hidden n-cut, whole-graph
+    n-cut or None). Local clustering needs ``k_per_layer`` (clusters per hidden layer in the
+    global clustering of the same graph). Used for the network and for its shuffled copies."""
+    if scope == "global":
+        labels = clustering.cluster_global(adj, sizes, n_clusters, random_state=random_state, **spectral)
+        hidden_labels = [labels[i] for i in hidden]
+        full_ncut = graph.ncut(adj, np.concatenate(labels))
+    else:
+        hidden_labels = _cluster_local(adj, sizes, hidden, k_per_layer, neighbours, random_state=random_state,
+                                       **spectral)
+        full_ncut = None
+    ncut = _hidden_ncut(adj, sizes, hidden, hidden_labels, distinct_per_layer=(scope == "local"))
+    return hidden_labels, ncut, full_ncut
 
 
 def _is_chain(neighbours, targets) -> bool:
