@@ -184,6 +184,10 @@ def spectral_labels(
     labels = np.full(n, UNCLUSTERED, dtype=np.int64)
     if eigen_solver == "auto":
         eigen_solver = choose_eigen_solver(active.size, sp.issparse(adj))
+    if eigen_solver == "arpack" and n_clusters >= active.size:
+        # ARPACK needs fewer eigenvectors than nodes; scikit-learn's LOBPCG path solves such a
+        # tiny graph with a dense eigendecomposition instead
+        eigen_solver = "lobpcg"
     n_init = resolve_n_init(n_init, n)
     if n_clusters == 1:
         labels[active] = 0

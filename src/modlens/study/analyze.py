@@ -190,6 +190,8 @@ def analyze(
         "partitionings": list(partitions),
         "n_test": int(len(y)),
         "test_accuracy": float(base.sum() / len(y)) if base is not None else None,
+        "baseline_counts": [int(v) for v in base] if base is not None else None,
+        "class_sizes": [int(v) for v in evaluator.class_sizes] if evaluator is not None else None,
         "layers": dict(zip(adapter.layer_names, adapter.layer_sizes)),
         "seconds": time.perf_counter() - started,
     }
