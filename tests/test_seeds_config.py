@@ -121,3 +121,18 @@ def test_key_is_canonical_and_stable_across_processes():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": src, "PYTHONHASHSEED": "123", "OMP_NUM_THREADS": "1"})
     assert out.stdout.strip() == a.key()
+
+
+def test_cli_passes_clustering_options():
+    from modlens.cli import _analysis_kwargs, build_parser
+
+    a = build_parser().parse_args(["analyze", "m", "--out", "o", "--eigen-solver", "lobpcg", "--n-init", "7",
+                                   "--clusterability", "--n-null", "9"])
+    kw = _analysis_kwargs(a)
+    assert (kw["eigen_solver"], kw["n_init"], kw["clusterability"], kw["n_null"]) == ("lobpcg", 7, True, 9)
+    cfg = AnalysisConfig(**kw)  # the CLI's options are AnalysisConfig fields
+    assert cfg.n_init == 7
+    d = build_parser().parse_args(["demo", "--eigen-solver", "arpack"])
+    assert d.eigen_solver == "arpack" and d.n_init == "auto"
+    with pytest.raises(ValueError, match="n-init"):
+        _analysis_kwargs(build_parser().parse_args(["analyze", "m", "--out", "o", "--n-init", "lots"]))

@@ -24,7 +24,8 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ties", choices=["mid", "original"], default="mid",
                    help="tie rule of percentiles; 'original' counts ties in favour of modularity (notes row 11)")
     p.add_argument("--effect-rule", choices=["paper", "original"], default="paper",
-                   help="'original': a lesion effect is 0 unless true and random drops are both positive (notes row 14)")
+                   help="'original': a lesion effect is 0 unless true and random drops are both positive (notes row 14); "
+                        "'paper': 2x/(x+mu) with negative x, mu taken as 0")
     p.add_argument("--engine", choices=["incremental", "plain"], default="incremental",
                    help="lesion evaluation path; 'plain' is the slow one-lesion-per-pass reference")
     p.add_argument("--alpha", type=float, default=0.05,
