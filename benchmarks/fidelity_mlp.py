@@ -84,33 +84,49 @@ def _original_lesions(table: pd.DataFrame, cfg: dict) -> pd.DataFrame:
     return table.assign(accuracy=m["accuracy"], acc_drop=m["acc_drop"], class_range=m["class_range"])
 
 
-def summaries(runs: Path):
-    from modlens.study.diagnostics import add_diagnostics
-    from modlens.study.summary import VIS_METRICS, subcluster_tests, summarize
+#: The option sets compared: the two of the issue, then one switch at a time from the paper's
+#: definitions, to say which switch moves which cell.
+VARIANTS = {
+    "modlens (paper)": dict(lesion="paper", ties="mid", effect_rule="paper", vis="paper"),
+    "original options": dict(lesion="original", ties="original", effect_rule="original", vis="original"),
+    "rows 9-10 only": dict(lesion="original", ties="mid", effect_rule="paper", vis="paper"),
+    "row 11 only": dict(lesion="paper", ties="original", effect_rule="paper", vis="paper"),
+    "row 14 only": dict(lesion="paper", ties="mid", effect_rule="original", vis="paper"),
+    "rows 7,15,16 only": dict(lesion="paper", ties="mid", effect_rule="paper", vis="original"),
+    "rows 7,15,16 + 11": dict(lesion="paper", ties="original", effect_rule="paper", vis="original"),
+    "rows 7,15,16 + 14": dict(lesion="paper", ties="mid", effect_rule="original", vis="original"),
+}
 
-    paper_tests, orig_tests, lesions, vis, orig_vis, orig_lesions = [], [], [], [], [], []
+
+def summaries(runs: Path, variants=None):
+    from modlens.study.diagnostics import add_diagnostics
+    from modlens.study.summary import LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
+
+    data = []
     for net in NETS:
         d, cfg = _load(runs, net)
-        t = pd.read_parquet(d / "tests.parquet").assign(network=net)
-        paper_tests.append(t)
         les = pd.read_parquet(d / "subclusters.parquet").assign(network=net)
-        lesions.append(les)
-        if (d / "visualizations.parquet").exists():
-            vis.append(pd.read_parquet(d / "visualizations.parquet").assign(network=net))
-        ol = _original_lesions(les, cfg)
-        orig_lesions.append(ol)
-        parts = [subcluster_tests(ol, ties="original", effect_rule="original")]
+        vis = {"paper": pd.read_parquet(d / "visualizations.parquet").assign(network=net)}
         if (d / "vis_original.parquet").exists():
-            ov = pd.read_parquet(d / "vis_original.parquet").assign(network=net)
-            orig_vis.append(ov)
-            parts.append(subcluster_tests(ov, metrics=VIS_METRICS, ties="original", effect_rule="original"))
-        orig_tests.append(pd.concat(parts, ignore_index=True))
+            vis["original"] = pd.read_parquet(d / "vis_original.parquet").assign(network=net)
+        data.append((les, _original_lesions(les, cfg), vis))
     out = {}
-    for name, tests, les, vv in [("paper", paper_tests, lesions, vis), ("original", orig_tests, orig_lesions, orig_vis)]:
+    summaries.vis = {}
+    for name, opt in (variants or VARIANTS).items():
+        tests, lesions, vis = [], [], []
+        for les, orig_les, v in data:
+            table = orig_les if opt["lesion"] == "original" else les
+            lesions.append(table)
+            tests.append(subcluster_tests(table, metrics=LESION_METRICS, ties=opt["ties"], effect_rule=opt["effect_rule"]))
+            if opt["vis"] in v:
+                vis.append(v[opt["vis"]])
+                tests.append(subcluster_tests(v[opt["vis"]], metrics=VIS_METRICS, ties=opt["ties"],
+                                              effect_rule=opt["effect_rule"]))
         tests = pd.concat(tests, ignore_index=True)
         s = summarize(tests)
-        add_diagnostics(s, pd.concat(les, ignore_index=True), pd.concat(vv, ignore_index=True) if vv else None, tests)
+        add_diagnostics(s, pd.concat(lesions, ignore_index=True), pd.concat(vis, ignore_index=True) if vis else None, tests)
         out[name] = s
+        summaries.vis[name] = vis
     return out
 
 
@@ -122,17 +138,19 @@ def compare(runs: Path, reported: Path) -> str:
     rep = pd.read_csv(reported)
     rep = rep[rep["network"] == "MLP, MNIST"]
     sums = summaries(runs)
-    lines = ["| partitioning | metric | paper p | paper effect | sig. | " + " | ".join(
-        f"{k} p | {k} effect | {k} sig. | agree sig. | agree side | flags" for k in sums) + " |"]
-    lines.append("|" + "---|" * (5 + 6 * len(sums)))
-    agree = {k: [0, 0, 0] for k in sums}
+    main = list(sums)[:2]
+    lines = ["| partitioning | metric | reported p | reported effect | reported sig. | " + " | ".join(
+        f"{k}: p | effect | sig. | agree sig. | agree side | flags" for k in main) + " |"]
+    lines.append("|" + "---|" * (5 + 6 * len(main)))
+    agree = {k: [0, 0, 0, []] for k in sums}
     for r in rep.itertuples():
         cells = [r.partitioning, r.metric, f"{r.p_value:.3g}", f"{r.effect:.3f} ± {r.effect_se:.3f}",
                  "yes" if r.significant else "no"]
         for k, s in sums.items():
             row = s[(s["partitioning"] == r.partitioning) & (s["metric"] == r.metric)]
             if row.empty:
-                cells += ["", "", "", "", "", ""]
+                if k in main:
+                    cells += ["", "", "", "", "", ""]
                 continue
             row = row.iloc[0]
             sig_ok = bool(row["significant"]) == bool(r.significant)
@@ -140,19 +158,32 @@ def compare(runs: Path, reported: Path) -> str:
             agree[k][0] += sig_ok
             agree[k][1] += side_ok
             agree[k][2] += 1
-            cells += [f"{row['p_value']:.3g}", f"{row['effect']:.3f} ± {row['effect_se']:.3f}",
-                      "yes" if row["significant"] else "no", "yes" if sig_ok else "**no**",
-                      "yes" if side_ok else "**no**", str(row.get("degenerate", "") or "")]
+            if not (sig_ok and side_ok):
+                agree[k][3].append(f"{r.partitioning} {r.metric}" + ("" if sig_ok else " sig") + ("" if side_ok else " side"))
+            if k in main:
+                cells += [f"{row['p_value']:.3g}", f"{row['effect']:.3f} ± {row['effect_se']:.3f}",
+                          "yes" if row["significant"] else "no", "yes" if sig_ok else "**no**",
+                          "yes" if side_ok else "**no**", str(row.get("degenerate", "") or "")]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    for k, (s, e, n) in agree.items():
-        lines.append(f"{k}: significance agrees in {s}/{n} cells, side of 1 of the effect in {e}/{n}.")
+    lines += ["", "| options | significance agrees | side of 1 agrees | cells that disagree |", "|---|---|---|---|"]
+    for k, (s, e, n, bad) in agree.items():
+        lines.append(f"| {k} | {s}/{n} | {e}/{n} | {'; '.join(bad)} |")
     diag = []
-    for k, s in sums.items():
-        for r in s.itertuples():
+    for k in main:
+        for r in sums[k].itertuples():
             diag.append(f"{k} {r.partitioning} {r.metric}: tied pairs {r.n_tied_pairs}/{r.n_pairs}, unchanged lesions "
                         f"{r.n_unchanged}/{r.n_lesions}, saturated images {r.n_saturated}/{r.n_images}")
-    return "\n".join(lines + [""] + diag)
+    ent = []
+    for k in main:
+        frames = summaries.vis.get(k)
+        if not frames:
+            continue
+        v = pd.concat(frames, ignore_index=True)
+        for part, g in v.groupby("partitioning", sort=False):
+            e = g["softmax_entropy"].to_numpy(dtype=float)
+            ent.append(f"{k} {part} softmax entropy ({e.size} images): median {np.median(e):.2e}, "
+                       + ", ".join(f"< {t:g}: {np.mean(e < t):.3f}" for t in (1e-9, 1e-6, 1e-3, 1e-1)))
+    return "\n".join(lines + [""] + diag + [""] + ent)
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ from modlens.core import stats
 from modlens.study.summary import FAMILIES, METRICS, VIS_METRICS
 
 SATURATED_ENTROPY = 1e-6
-SATURATED_FRACTION = 0.5
+SATURATED_FRACTION = 0.25
 UNCHANGED_FRACTION = 0.5
 TIED_FRACTION = 0.25
 
