@@ -8,6 +8,11 @@
     # 3. the comparison table (markdown) from the saved tables and reported-results.csv
     python benchmarks/fidelity_mlp.py compare --runs RUNS --reported ../shared/paper/reported-results.csv
 
+    # 4. (optional) check step 3's recomputation against real runs with the original options
+    modlens analyze RUNS/mlpS --feature-vis --vis-original --accuracy balanced --class-range normalized \\
+        --ties original --effect-rule original --out RUNS/original/mlpS --data-dir DATA
+    python benchmarks/fidelity_mlp.py verify --runs RUNS
+
 Step 3 needs no model and no data: it recomputes both summaries from the saved tables.
 
 * **paper**: the analyses as saved (accuracy, range of class-wise drops, mid-rank ties, the
@@ -186,9 +191,36 @@ def compare(runs: Path, reported: Path) -> str:
     return "\n".join(lines + [""] + diag + [""] + ent)
 
 
+def verify(runs: Path) -> str:
+    """Compare the recomputed original-options tests with those of a real run
+    (``modlens analyze mlpS --accuracy balanced --class-range normalized --ties original
+    --effect-rule original --vis-original --out RUNS/original/mlpS``): max abs differences."""
+    from modlens.study.summary import LESION_METRICS, VIS_METRICS, subcluster_tests
+
+    out = []
+    keys = ["partitioning", "layer", "cluster", "metric"]
+    for net in NETS:
+        d, cfg = _load(runs, net)
+        real_dir = runs / "original" / net
+        if not (real_dir / "tests.parquet").exists():
+            out.append(f"{net}: no real run")
+            continue
+        real = pd.read_parquet(real_dir / "tests.parquet")
+        les = _original_lesions(pd.read_parquet(d / "subclusters.parquet"), cfg)
+        mine = [subcluster_tests(les, metrics=LESION_METRICS, ties="original", effect_rule="original")]
+        if (d / "vis_original.parquet").exists():
+            mine.append(subcluster_tests(pd.read_parquet(d / "vis_original.parquet"), metrics=VIS_METRICS,
+                                         ties="original", effect_rule="original"))
+        m = pd.concat(mine).merge(real, on=keys, suffixes=("", "_real"))
+        diffs = {c: float(np.nanmax(np.abs(m[c] - m[c + "_real"]))) for c in ("value", "percentile", "effect")}
+        out.append(f"{net}: {len(m)} of {len(real)} rows matched; max |diff| " +
+                   ", ".join(f"{c} {v:.3g}" for c, v in diffs.items()))
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("step", choices=["original-vis", "compare"])
+    p.add_argument("step", choices=["original-vis", "compare", "verify"])
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--nets", nargs="+", default=None, help="network folders under RUNS/paper (default mlp0..mlp4)")
@@ -198,6 +230,8 @@ def main(argv=None) -> int:
         NETS[:] = a.nets
     if a.step == "original-vis":
         original_vis(a.runs, a.data_dir)
+    elif a.step == "verify":
+        print(verify(a.runs))
     else:
         print(compare(a.runs, a.reported))
     return 0
