@@ -56,7 +56,7 @@ def test_block_graph_recovered_exactly():
 def test_large_block_graph_uses_lobpcg_iterations():
     # 120 nodes > 5 * (k + 1), so scikit-learn runs real LOBPCG iterations, not a dense eigh
     adj, truth = block_graph(n_blocks=6, size=20, noise=0.05, seed=1)
-    labels = spectral_labels(sp.csr_array(adj), 6)
+    labels = spectral_labels(sp.csr_array(adj), 6, eigen_solver="lobpcg")
     assert adjusted_rand_score(truth, labels) == 1.0
     assert ncut(adj, labels) <= ncut(adj, truth) + 1e-12
 
@@ -220,7 +220,52 @@ def test_lobpcg_failure_falls_back_to_arpack(monkeypatch, failure):
     monkeypatch.setattr(clustering, "_fit", flaky_fit)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the convergence warning is not passed on
-        labels = spectral_labels(adj, 4, random_state=5)
+        labels = spectral_labels(adj, 4, random_state=5, eigen_solver="lobpcg")
     assert solvers == ["lobpcg", "arpack"]
     np.testing.assert_array_equal(labels, expected)
+    assert adjusted_rand_score(truth, labels) == 1.0
+
+
+# ----------------------------------------------------------------------------- solver choice
+
+
+def test_choose_eigen_solver_switches_at_the_measured_size():
+    from modlens.core.clustering import ARPACK_MAX_NODES, choose_eigen_solver
+
+    assert choose_eigen_solver(1818) == "arpack"  # the paper's MLP weight graph
+    assert choose_eigen_solver(ARPACK_MAX_NODES) == "arpack"
+    assert choose_eigen_solver(ARPACK_MAX_NODES + 1) == "lobpcg"
+    assert choose_eigen_solver(ARPACK_MAX_NODES + 1, sparse=False) == "lobpcg"
+    with pytest.raises(ValueError, match="n_nodes"):
+        choose_eigen_solver(-1)
+
+
+def test_auto_solver_is_arpack_on_small_graphs_and_n_init_rule(monkeypatch):
+    import modlens.core.clustering as clustering
+
+    adj, truth = block_graph(noise=0.1, seed=6)
+    calls = []
+    real_fit = clustering._fit
+
+    def spy(a, k, solver, seed, n_init):
+        calls.append((solver, n_init))
+        return real_fit(a, k, solver, seed, n_init)
+
+    monkeypatch.setattr(clustering, "_fit", spy)
+    auto = spectral_labels(adj, 4, random_state=3)
+    np.testing.assert_array_equal(auto, spectral_labels(adj, 4, random_state=3, eigen_solver="arpack", n_init=25))
+    assert calls == [("arpack", 25), ("arpack", 25)]
+    assert clustering.resolve_n_init("auto", 2000) == 25 and clustering.resolve_n_init("auto", 2001) == 100
+    assert clustering.resolve_n_init(7, 10**6) == 7
+    for bad in (0, -1, 2.5, "many", True):
+        with pytest.raises(ValueError, match="n_init"):
+            spectral_labels(adj, 4, n_init=bad)
+    with pytest.raises(ValueError, match="eigen_solver"):
+        spectral_labels(adj, 4, eigen_solver="eigh")
+
+
+def test_amg_solver_recovers_blocks():
+    pytest.importorskip("pyamg")
+    adj, truth = block_graph(n_blocks=6, size=20, noise=0.05, seed=1)
+    labels = spectral_labels(sp.csr_array(adj), 6, eigen_solver="amg")
     assert adjusted_rand_score(truth, labels) == 1.0

@@ -252,25 +252,42 @@ def test_bh_nan_handling():
 
 
 def test_effect_values_paper_rule():
-    x = [1.0, 1.0, 0.0, 0.0, 3.0, -1.0, 2.0, -2.0, 3.0, -3.0, -1.0, 0.0]
-    mu = [1.0, 3.0, 0.0, 2.0, -1.0, 3.0, -2.0, 2.0, -5.0, 1.0, -1.0, -2.0]
+    x = [1.0, 1.0, 0.0, 0.0, 3.0, -1.0, 2.0, -2.0, 3.0, -3.0, -1.0, 0.0, -1.0]
+    mu = [1.0, 3.0, 0.0, 2.0, -1.0, 3.0, -2.0, 2.0, -5.0, 1.0, -1.0, -2.0, 0.0]
     expect = [
         1.0,  # equal
         0.5,  # 2/4
         1.0,  # 0/0: nothing changed, neutral
-        0.0,  # x = 0
-        2.0,  # 6/2 = 3 -> clamped to 2 (mu < 0 < x)
-        0.0,  # -2/2 = -1 -> 0 (footnote 9)
+        0.0,  # x = 0 < mu
+        2.0,  # x > 0 > mu (raw 6/2 = 3)
+        0.0,  # x < 0 < mu: an accuracy gain is no importance (raw -2/2 -> 0, footnote 9)
         2.0,  # x + mu == 0, x > 0
         0.0,  # x + mu == 0, x < 0
-        0.0,  # 6/-2 = -3 -> 0
-        2.0,  # -6/-2 = 3 -> 2 (x < 0 < mu, x + mu < 0)
+        2.0,  # x > 0 > x + mu: true drop, random gain (raw 6/-2 -> 0 under the plain clamp)
+        0.0,  # x < 0 < mu, x + mu < 0: the audit's case (raw -6/-2 = 3 -> 2 under the plain clamp)
         1.0,  # both negative, equal
-        0.0,  # 0/-2 = 0
+        1.0,  # x = 0 > mu: nothing dropped on either side
+        1.0,  # x < 0 = mu
     ]
     np.testing.assert_allclose(effect_values(x, mu), expect)
-    got = effect_values(np.random.default_rng(0).normal(size=1000), np.random.default_rng(1).normal(size=1000))
-    assert np.all((got >= 0) & (got <= 2))
+
+
+def test_effect_values_paper_rule_properties():
+    rng = np.random.default_rng(0)
+    # the paper's formula where x, mu >= 0 (independent reference: the plain expression)
+    x, mu = rng.exponential(size=500), rng.exponential(size=500)
+    np.testing.assert_allclose(effect_values(x, mu), 2 * x / (x + mu), rtol=1e-15)
+    # equal to 1 at x = mu, for every sign
+    v = rng.normal(size=200) * 10.0 ** rng.integers(-8, 3, size=200)
+    np.testing.assert_array_equal(effect_values(v, v), np.ones(200))
+    # in [0, 2] and monotone non-decreasing in x for fixed mu, negatives included
+    grid = np.linspace(-5, 5, 1001)
+    for m in (-3.0, -1e-9, 0.0, 1e-9, 0.7, 4.0):
+        got = effect_values(grid, np.full_like(grid, m))
+        assert np.all((got >= 0) & (got <= 2))
+        assert np.all(np.diff(got) >= 0), m
+        # an accuracy gain (x < 0) never scores above neutral
+        assert np.all(got[grid < 0] <= 1.0)
 
 
 def test_effect_values_original_lesion_rule():

@@ -24,10 +24,12 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ties", choices=["mid", "original"], default="mid",
                    help="tie rule of percentiles; 'original' counts ties in favour of modularity (notes row 11)")
     p.add_argument("--effect-rule", choices=["paper", "original"], default="paper",
-                   help="'original': a lesion effect is 0 unless true and random drops are both positive (notes row 14)")
+                   help="'original': a lesion effect is 0 unless true and random drops are both positive (notes row 14); "
+                        "'paper': 2x/(x+mu) with negative x, mu taken as 0")
     p.add_argument("--engine", choices=["incremental", "plain"], default="incremental",
                    help="lesion evaluation path; 'plain' is the slow one-lesion-per-pass reference")
-    p.add_argument("--alpha", type=float, default=0.05, help="false discovery rate for Benjamini-Hochberg")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="false discovery rate for Benjamini-Hochberg (lesion and visualization metrics corrected separately)")
     p.add_argument("--conv-edge", choices=["l1", "matrix_1_norm"], default="l1",
                    help="conv weight-graph edge: L1 norm of the kernel slice, or the original code's matrix 1-norm (notes row 1)")
     p.add_argument("--act-reduce", choices=["l1", "matrix_1_norm"], default="l1",
@@ -38,6 +40,30 @@ def _add_analysis_options(p: argparse.ArgumentParser) -> None:
                    help="per-network combination: 'fisher' (paper: chi2 null, Bates over replicates) or 'exact' "
                         "(exact permutation null of the same statistics; holds its level with tied percentiles)")
     _add_vis_options(p)
+    _add_clustering_options(p)
+
+
+def _add_clustering_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eigen-solver", choices=["auto", "arpack", "lobpcg", "lanczos", "amg"], default="auto",
+                   help="spectral clustering eigensolver; auto: ARPACK (the paper's) up to 5,000 nodes, LOBPCG above, "
+                        "Lanczos for sparse kNN graphs above 8,192 nodes")
+    p.add_argument("--n-init", default="auto",
+                   help="k-means initializations; auto: 25, or 100 above 2,000 nodes (the original code)")
+    p.add_argument("--clusterability", action="store_true",
+                   help="graphical clusterability test of the weight partitionings (n-cut vs shuffled weights)")
+    p.add_argument("--n-null", type=int, default=50, help="shuffled networks per clusterability test (default 50)")
+
+
+def _clustering_kwargs(a) -> dict:
+    n_init = a.n_init if a.n_init == "auto" else _int_arg("--n-init", a.n_init)
+    return dict(eigen_solver=a.eigen_solver, n_init=n_init, clusterability=a.clusterability, n_null=a.n_null)
+
+
+def _int_arg(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be 'auto' or an int, got {value!r}") from None
 
 
 def _add_vis_options(p: argparse.ArgumentParser) -> None:
@@ -61,7 +87,7 @@ def _analysis_kwargs(a) -> dict:
     return dict(n_clusters=a.n_clusters, n_random=a.n_random, random_state=a.seed, partitionings=a.partitionings,
                 accuracy=a.accuracy, class_range=a.class_range, ties=a.ties, effect_rule=a.effect_rule,
                 engine=a.engine, alpha=a.alpha, conv_edge=a.conv_edge, act_reduce=a.act_reduce, bn_fold=a.bn_fold,
-                combine=a.combine, **_vis_kwargs(a))
+                combine=a.combine, **_vis_kwargs(a), **_clustering_kwargs(a))
 
 
 def _seed_list(text: str) -> list[int]:
@@ -89,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=None, help="also write the result tables to this folder")
     d.add_argument("--overwrite", action="store_true")
     _add_vis_options(d)
+    _add_clustering_options(d)
 
     t = sub.add_parser("train", help="train a reference network of the paper and save it (safetensors + manifest)")
     t.add_argument("--dataset", required=True, help="mnist, fashion-mnist, halves-mnist, halves-same-mnist, stack-diff-mnist, "
@@ -157,7 +184,8 @@ def _run(args) -> int:
 
     if args.command == "demo":
         result = runs.demo(dataset=args.dataset, seed=args.seed, epochs=args.epochs, n_clusters=args.n_clusters,
-                           n_random=args.n_random, out=args.out, overwrite=args.overwrite, **_vis_kwargs(args))
+                           n_random=args.n_random, out=args.out, overwrite=args.overwrite, **_vis_kwargs(args),
+                           **_clustering_kwargs(args))
         print(f"\nmodlens demo: {args.dataset}, 4x256 MLP, test accuracy {result.config['model']['test_accuracy']:.4f}, "
               f"k={args.n_clusters}, {args.n_random} random sets per subcluster ({result.config['seconds']:.1f} s analysis)\n")
         print(format_summary(result.summary))

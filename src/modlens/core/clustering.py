@@ -21,8 +21,73 @@ from typing import Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from modlens.core import spectral_large
 from modlens.core.graph import UNCLUSTERED, layer_offsets
-from modlens.core.rng import as_generator, int_seed
+from modlens.core.seeds import as_generator, int_seed
+
+EIGEN_SOLVERS = ("auto", "arpack", "lobpcg", "lanczos", "amg")
+
+#: Largest graph (nodes, after zero-degree nodes are removed) that ``eigen_solver="auto"``
+#: gives to ARPACK, the paper's solver (appendix A.1). Measured with
+#: ``benchmarks/eigensolver.py`` (see ``docs/fidelity.md``): ARPACK's shift-invert mode
+#: factorizes the Laplacian, which stays cheap up to a few thousand nodes but grows
+#: super-linearly on sparse graphs, while LOBPCG's cost grows about linearly with the edges.
+ARPACK_MAX_NODES = 5000
+
+#: k-means initializations of ``n_init="auto"`` (the original code's rule): 25, or 100 on
+#: graphs with more than :data:`N_INIT_LARGE_ABOVE` nodes.
+N_INIT_SMALL, N_INIT_LARGE, N_INIT_LARGE_ABOVE = 25, 100, 2000
+
+
+def _have_pyamg() -> bool:
+    try:
+        import pyamg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_eigen_solver(n_nodes: int, sparse: bool = True) -> str:
+    """The eigensolver ``eigen_solver="auto"`` uses for a graph of ``n_nodes`` nodes.
+
+    ARPACK (the paper's) up to :data:`ARPACK_MAX_NODES` nodes; above, LOBPCG; a sparse
+    adjacency (a kNN graph of a large model) of more than
+    ``spectral_large.LARGE_SPARSE_NODES`` nodes goes to ARPACK's Lanczos on the normalized
+    adjacency, which measured 2-4x faster than LOBPCG there (``docs/transformers.md``).
+    """
+    n_nodes = int(n_nodes)
+    if n_nodes < 0:
+        raise ValueError(f"n_nodes must be >= 0, got {n_nodes}")
+    if sparse and n_nodes > spectral_large.LARGE_SPARSE_NODES:
+        return "lanczos"
+    return "arpack" if n_nodes <= ARPACK_MAX_NODES else "lobpcg"
+
+
+def check_eigen_solver(eigen_solver: str) -> str:
+    """Validate an ``eigen_solver`` name (``"amg"`` needs the optional ``pyamg`` package)."""
+    if eigen_solver not in EIGEN_SOLVERS:
+        raise ValueError(f"eigen_solver must be one of {', '.join(EIGEN_SOLVERS)}; got {eigen_solver!r}")
+    if eigen_solver == "amg" and not _have_pyamg():
+        raise ImportError("eigen_solver='amg' needs pyamg: pip install 'modlens[amg]' (or pyamg)")
+    return eigen_solver
+
+
+def check_n_init(n_init) -> int | str:
+    """Validate ``n_init``: ``"auto"`` or a positive int."""
+    if isinstance(n_init, str) and n_init == "auto":
+        return n_init
+    if isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init < 1:
+        raise ValueError(f"n_init must be 'auto' or a positive int (k-means initializations), got {n_init!r}")
+    return int(n_init)
+
+
+def resolve_n_init(n_init, n_nodes: int) -> int:
+    """``"auto"``: 25 k-means initializations, or 100 above 2,000 nodes (the original code)."""
+    n_init = check_n_init(n_init)
+    if n_init == "auto":
+        return N_INIT_LARGE if int(n_nodes) > N_INIT_LARGE_ABOVE else N_INIT_SMALL
+    return n_init
+
 
 # Messages scipy's LOBPCG emits when it does not converge or breaks down.
 _LOBPCG_TROUBLE = (
@@ -87,28 +152,31 @@ def _fit(adj, n_clusters: int, solver: str, seed: int, n_init: int):
 
 
 def spectral_labels(
-    adjacency, n_clusters: int, *, random_state=0, n_init: int = 25, eigen_solver: str = "lobpcg"
+    adjacency, n_clusters: int, *, random_state=0, n_init: int | str = "auto", eigen_solver: str = "auto"
 ) -> np.ndarray:
     """Normalized spectral clustering of one graph (paper appendix A.1, Algorithm 1).
 
     Uses ``sklearn.cluster.SpectralClustering(affinity="precomputed", assign_labels="kmeans",
     n_init=n_init)``. Zero-degree nodes (self-loops do not count) are left out and get label
-    ``-1``; the other nodes get ``0 .. k-1`` numbered in order of first appearance. The
-    eigensolver is LOBPCG by default (the paper and the original code use ARPACK,
-    ``eigen_solver="arpack"``); if LOBPCG fails to converge or raises, ARPACK is used instead.
-    ``eigen_solver="lanczos"`` (ARPACK without shift-invert on the normalized adjacency; also
-    what the LOBPCG default becomes on a sparse graph of more than
-    ``spectral_large.LARGE_SPARSE_NODES`` connected nodes) and ``"amg"`` (AMG-preconditioned
-    LOBPCG) are :mod:`modlens.core.spectral_large`'s solvers for kNN graphs of ~40k nodes.
-    Other warnings (e.g. a disconnected graph) pass through. Same ``random_state`` -> same labels.
+    ``-1``; the other nodes get ``0 .. k-1`` numbered in order of first appearance.
+
+    ``eigen_solver="auto"`` (default) is ARPACK, the paper's solver (appendix A.1), on graphs
+    of up to :data:`ARPACK_MAX_NODES` connected nodes, LOBPCG above, and on sparse (kNN) graphs
+    of more than ``spectral_large.LARGE_SPARSE_NODES`` connected nodes ARPACK's Lanczos without
+    shift-invert on the normalized adjacency (:func:`choose_eigen_solver`). ``"arpack"``,
+    ``"lobpcg"``, ``"lanczos"`` and ``"amg"`` (AMG-preconditioned LOBPCG, needs pyamg; both
+    :mod:`modlens.core.spectral_large`) force one. If LOBPCG fails to converge or raises, ARPACK
+    is used instead. ``n_init="auto"``: 25 k-means initializations, 100 above 2,000 nodes (the
+    original code's rule). Other warnings (e.g. a disconnected graph) pass through. Same
+    ``random_state`` -> same labels.
     """
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)):
         raise TypeError(f"n_clusters must be an int, got {n_clusters!r}")
     n_clusters = int(n_clusters)
     if n_clusters < 1:
         raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
-    if eigen_solver not in ("lobpcg", "arpack", "lanczos", "amg"):
-        raise ValueError(f"eigen_solver must be 'lobpcg', 'arpack', 'lanczos' or 'amg', got {eigen_solver!r}")
+    check_eigen_solver(eigen_solver)
+    check_n_init(n_init)
     seed = int_seed(as_generator(random_state))
     adj, degrees = _as_adjacency(adjacency)
     n = adj.shape[0]
@@ -121,6 +189,13 @@ def spectral_labels(
             f"({n - active.size} have zero degree and are not clustered); ask for at most {active.size} clusters"
         )
     labels = np.full(n, UNCLUSTERED, dtype=np.int64)
+    if eigen_solver == "auto":
+        eigen_solver = choose_eigen_solver(active.size, sp.issparse(adj))
+    if eigen_solver == "arpack" and n_clusters >= active.size:
+        # ARPACK needs fewer eigenvectors than nodes; scikit-learn's LOBPCG path solves such a
+        # tiny graph with a dense eigendecomposition instead
+        eigen_solver = "lobpcg"
+    n_init = resolve_n_init(n_init, n)
     if n_clusters == 1:
         labels[active] = 0
         return labels
@@ -137,11 +212,6 @@ def spectral_labels(
         np.fill_diagonal(sub, 0.0)
 
     found = None
-    # Large sparse graphs (kNN graphs of big models): core.spectral_large's scalable eigensolvers.
-    from modlens.core import spectral_large
-
-    if eigen_solver == "lobpcg" and sp.issparse(sub) and sub.shape[0] > spectral_large.LARGE_SPARSE_NODES:
-        eigen_solver = "lanczos"
     if eigen_solver in spectral_large.LARGE_SOLVERS:
         found = spectral_large.cluster_active(sp.csr_array(sub), n_clusters, seed, n_init, solver=eigen_solver)
     elif eigen_solver == "lobpcg":

@@ -221,16 +221,19 @@ def effect_values(true_values, random_means, *, rule: str = "paper") -> np.ndarr
     x is the true subcluster's measure and mu the mean of its random subclusters' measures.
     Values above 1 mean the true subcluster measures higher than random ones.
 
-    * ``rule="paper"``: values below 0 become 0 (footnote 9). modlens extension: values above
-      2 become 2, keeping the paper's stated interval [0, 2]; this happens only when x and mu
-      have opposite signs with |mu| < |x| (0 < x + mu < x, or x < x + mu < 0).
-      x == mu == 0 (nothing changed) gives 1.0 (neutral); x + mu == 0 with
-      x != 0 gives 2 if x > 0 else 0 (the clamped ratio's limit as x + mu -> 0 from x's side).
+    * ``rule="paper"``: ``2 x+ / (x+ + mu+)`` with ``x+ = max(x, 0)``, ``mu+ = max(mu, 0)``
+      and ``0/0 = 1``. Where x, mu >= 0 this is the paper's 2x/(x+mu), already in [0, 2].
+      Footnote 9 sets negative values of the ratio to 0; modlens applies that zeroing to
+      the two inputs instead (a negative change, e.g. an accuracy gain, is no drop), which
+      keeps the value monotone non-decreasing in x, equal to 1 at x = mu, and in [0, 2]
+      everywhere. Corner cases: x < 0 < mu -> 0 (a gain never counts as importance);
+      x > 0 >= mu -> 2; x <= 0 and mu <= 0 (nothing dropped on either side, including
+      x == mu == 0 and x + mu < 0) -> 1, neutral; x == 0 < mu -> 0. The raw formula with
+      clamping would instead give 2 for x < 0, x + mu < 0 (an accuracy gain scored as the
+      strongest importance) and 0 for x > 0 > x + mu.
     * ``rule="original_lesion"``: reproduces the original lesion code (notes row 14): the
       value is 0 unless both x > 0 and mu > 0 (both are drops), else 2x/(x + mu), in (0, 2).
 
-    The ratio is designed for non-negative measures; for negative ones (e.g. an accuracy gain)
-    2x/(x+mu) loses its "which side of 1" reading, which is why the clamps exist.
     Raises ValueError on NaN, mismatched shapes or an unknown rule.
     """
     if rule not in ("paper", "original_lesion"):
@@ -239,16 +242,15 @@ def effect_values(true_values, random_means, *, rule: str = "paper") -> np.ndarr
     mu = _as_array("random_means", random_means, 1)
     if x.shape != mu.shape:
         raise ValueError(f"true_values shape {x.shape} and random_means shape {mu.shape} differ")
-    denom = x + mu
-    with np.errstate(divide="ignore", invalid="ignore"):
-        raw = 2.0 * x / denom
     if rule == "original_lesion":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            raw = 2.0 * x / (x + mu)
         return np.where((x > 0) & (mu > 0), raw, 0.0)
-    out = np.clip(raw, 0.0, 2.0)
-    zero_den = denom == 0
-    out[zero_den] = np.where(x[zero_den] > 0, 2.0, 0.0)
-    out[zero_den & (x == 0)] = 1.0  # x == mu == 0: nothing changed, neutral
-    return out
+    xp, mp = np.maximum(x, 0.0), np.maximum(mu, 0.0)
+    denom = xp + mp
+    out = np.ones_like(xp)  # both zero after clipping: neutral
+    np.divide(2.0 * xp, denom, out=out, where=denom > 0)
+    return np.clip(out, 0.0, 2.0)  # exact already; guards rounding of 2x/(x+tiny)
 
 
 def effect_measure(values) -> tuple[float, float]:

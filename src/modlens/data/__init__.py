@@ -26,11 +26,12 @@ Uses numpy and the standard library only (scikit-learn for the digits, Pillow fo
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from modlens.core.seeds import tagged_sequence
 
 from ._cifar import CLASSES as CIFAR10_CLASSES
 from ._cifar import load_cifar10_split
@@ -115,16 +116,12 @@ class Dataset:
         return f"Dataset(name={self.name!r}, split={self.split!r}, x={self.x.shape}, n_classes={self.n_classes})"
 
 
-def _stable_int(text: str) -> int:
-    return zlib.crc32(text.encode("utf-8"))
-
-
 def derived_rng(name: str, split: str, seed: int = 0) -> np.random.Generator:
     """The generator that :func:`load_dataset` uses to pair images for a derived dataset.
 
     Its stream depends on ``seed``, ``name`` and ``split`` only (no Python ``hash()``).
     """
-    return np.random.default_rng(np.random.SeedSequence([seed, _stable_int(name), _stable_int(split)]))
+    return np.random.default_rng(tagged_sequence(seed, name, split))
 
 
 def _check_args(name: str, split: str, seed: int) -> tuple[str | None, str]:

@@ -18,7 +18,7 @@ import torch
 from scipy.stats import rankdata
 
 from modlens.core.partition import Partition, Subcluster
-from modlens.core.rng import as_generator
+from modlens.core.seeds import as_generator
 from modlens.experiments.lesion_test import random_sets
 from modlens.nn._fx import module_device_dtype
 

@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from modlens.core.partition import Partition
-from modlens.core.rng import as_generator, int_seed
+from modlens.core.seeds import as_generator, image_seed, int_seed
 from modlens.experiments.lesion_test import COLUMNS as _LESION_COLUMNS
 from modlens.experiments.lesion_test import random_sets
 from modlens.experiments._vis_transforms import (
@@ -126,11 +126,6 @@ def subcluster_objective(z: torch.Tensor, mask: torch.Tensor, objective: str = "
     """(B,) objective per image: the sum over the units selected by ``mask`` (B, C) of
     :func:`unit_values`. A subcluster's objective is the sum of its units' objectives."""
     return (unit_values(z, objective) * mask).sum(1)
-
-
-def _image_seed(base: int, row: int) -> int:
-    state = np.random.SeedSequence([int(base), int(row)]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) | (int(state[1] & 0x7FFFFFFF) << 32)
 
 
 def _fourier_scale(h: int, w: int) -> np.ndarray:
@@ -317,7 +312,7 @@ def _build_plan(adapter, partition: Partition, input_shape: Sequence[int], *, n_
                          "true" if draw == 0 else "random", draw, ",".join(map(str, members))))
     base = int_seed(rng)
     plan = _Plan(input_shape, np.array([r[1] for r in rows], dtype=np.int64), neurons,
-                 [_image_seed(base, i) for i in range(len(rows))], parameterization, transforms,
+                 [image_seed(base, i) for i in range(len(rows))], parameterization, transforms,
                  objective, int(steps), float(lr), (lo, hi), preprocess)
     return plan, rows, base
 

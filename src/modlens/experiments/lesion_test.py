@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from modlens.core.partition import Partition
-from modlens.core.rng import as_generator
+from modlens.core.seeds import as_generator
 from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
 
@@ -27,7 +27,7 @@ ENGINES = ("incremental", "plain")
 #: Columns of the table :func:`lesion_test` returns, in order.
 COLUMNS = [
     "partitioning", "layer", "layer_name", "cluster", "size", "kind", "draw", "neurons",
-    "accuracy", "acc_drop", "class_range",
+    "accuracy", "acc_drop", "class_range", "class_correct",
 ]
 
 
@@ -134,6 +134,8 @@ def lesion_test(
         frame = pd.DataFrame(rows, columns=COLUMNS[:8])
         for key, values in lesion_metrics(counts, baseline, class_sizes, accuracy=accuracy, class_range=class_range).items():
             frame[key] = values
+        # per-class correct counts, so that other accuracy / class-range rules can be computed later
+        frame["class_correct"] = [",".join(map(str, row)) for row in np.asarray(counts, dtype=np.int64)]
         frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=COLUMNS)

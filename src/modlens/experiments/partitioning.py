@@ -24,21 +24,13 @@ from scipy import sparse
 
 from modlens.core import clustering, graph
 from modlens.core.partition import UNCLUSTERED, Partition
-from modlens.core.rng import as_generator, int_seed
+from modlens.core.seeds import as_generator, int_seed, method_seed, root_seed  # noqa: F401  (method_seed re-exported)
 from modlens.nn import _spearman
 from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS
 from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.inputs import as_inputs, batches
 
 METHODS = ("weights/global", "weights/local", "activations/global", "activations/local")
-_METHOD_IDS = {m: i for i, m in enumerate(METHODS)}
-
-
-def method_seed(random_state: int, method: str, stream: int = 0) -> np.random.SeedSequence:
-    """Seed of one method's randomness; independent of the order methods are run in."""
-    if not isinstance(random_state, (int, np.integer)) or random_state < 0:
-        raise ValueError(f"random_state must be a non-negative int, got {random_state!r}")
-    return np.random.SeedSequence([int(random_state), _METHOD_IDS.get(method, len(METHODS)), stream])
 
 
 def check_graph_options(*, conv_edge: str = "l1", bn_fold: str = "paper", act_reduce: str = "l1") -> None:
@@ -71,15 +63,22 @@ class Partitioner:
     ``conv_edge`` (``"l1"`` or ``"matrix_1_norm"``, row 1), ``bn_fold`` (``"paper"``,
     ``"original"`` or ``"none"``, row 3; ``fold_bn=True/False`` is the older spelling of
     ``"original"``/``"none"``) and ``act_reduce`` (``"l1"`` or ``"matrix_1_norm"``, row 2) choose
-    how conv channels and normalizations enter the graphs.
+    how conv channels and normalizations enter the graphs. ``eigen_solver`` and ``n_init`` go to
+    :func:`modlens.core.clustering.spectral_labels` (``"auto"``: ARPACK up to
+    :data:`~modlens.core.clustering.ARPACK_MAX_NODES` nodes; 25 k-means initializations, 100
+    above 2,000 nodes). ``random_state``: an int, ``SeedSequence``, ``Generator`` or ``None``
+    (made a root once, :func:`modlens.core.seeds.root_seed`).
     """
 
     def __init__(self, adapter: NetworkAdapter, *, activation_data=None, n_clusters: int = 16,
                  random_state: int = 0, batch_size: int = 2048, conv_edge: str = "l1",
-                 bn_fold: str = "paper", act_reduce: str = "l1", fold_bn: bool | None = None):
+                 bn_fold: str = "paper", act_reduce: str = "l1", fold_bn: bool | None = None,
+                 eigen_solver: str = "auto", n_init: int | str = "auto"):
         self.adapter = adapter
         self.n_clusters = int(n_clusters)
-        self.random_state = random_state
+        self.random_state = root_seed(random_state)
+        self._spectral = dict(eigen_solver=clustering.check_eigen_solver(eigen_solver),
+                              n_init=clustering.check_n_init(n_init))
         self._activation_data = activation_data
         self._batch_size = batch_size
         self._conv_edge = conv_edge
@@ -140,28 +139,41 @@ class Partitioner:
         adj, sizes, hidden, neighbours = self._graph(kind)
         seed = as_generator(method_seed(self.random_state, method))
         start = time.perf_counter()
-        if scope == "global":
-            labels = clustering.cluster_global(adj, sizes, self.n_clusters, random_state=seed)
-            hidden_labels = [labels[i] for i in hidden]
-            full_ncut = graph.ncut(adj, np.concatenate(labels))
-        else:
-            k_per_layer = self.partition(f"{kind}/global").clusters_per_layer()
-            hidden_labels = _cluster_local(adj, sizes, hidden, k_per_layer, neighbours, random_state=seed)
-            full_ncut = None
+        k_per_layer = self.partition(f"{kind}/global").clusters_per_layer() if scope == "local" else None
+        hidden_labels, ncut, full_ncut = cluster_graph(adj, sizes, hidden, neighbours, scope, self.n_clusters,
+                                                       random_state=seed, k_per_layer=k_per_layer, **self._spectral)
         seconds = time.perf_counter() - start
         result = Partition.from_labels(
             hidden_labels, self.adapter.layer_names, self.adapter.layer_sizes,
-            method=method, n_clusters=self.n_clusters,
-            ncut=_hidden_ncut(adj, sizes, hidden, hidden_labels, distinct_per_layer=(scope == "local")),
+            method=method, n_clusters=self.n_clusters, ncut=ncut,
             info={
                 "graph_nodes": int(sum(sizes)),
                 "unclustered_per_layer": [int((l == UNCLUSTERED).sum()) for l in hidden_labels],
                 "ncut_whole_graph": full_ncut,
                 "clustering_seconds": seconds,
+                "eigen_solver": self._spectral["eigen_solver"],
+                "n_init": self._spectral["n_init"],
             },
         )
         self._cache[method] = result
         return result
+
+
+def cluster_graph(adj, sizes, hidden, neighbours, scope: str, n_clusters: int, *, random_state,
+                  k_per_layer=None, **spectral):
+    """Cluster one graph globally or locally; returns (hidden labels, hidden n-cut, whole-graph
+    n-cut or None). Local clustering needs ``k_per_layer`` (clusters per hidden layer in the
+    global clustering of the same graph). Used for the network and for its shuffled copies."""
+    if scope == "global":
+        labels = clustering.cluster_global(adj, sizes, n_clusters, random_state=random_state, **spectral)
+        hidden_labels = [labels[i] for i in hidden]
+        full_ncut = graph.ncut(adj, np.concatenate(labels))
+    else:
+        hidden_labels = _cluster_local(adj, sizes, hidden, k_per_layer, neighbours, random_state=random_state,
+                                       **spectral)
+        full_ncut = None
+    ncut = _hidden_ncut(adj, sizes, hidden, hidden_labels, distinct_per_layer=(scope == "local"))
+    return hidden_labels, ncut, full_ncut
 
 
 def _is_chain(neighbours, targets) -> bool:
@@ -169,12 +181,12 @@ def _is_chain(neighbours, targets) -> bool:
     return all(neighbours[l] == [m for m in (l - 1, l + 1) if 0 <= m < n] for l in targets)
 
 
-def _cluster_local(adj, sizes, targets, ks, neighbours, *, random_state):
+def _cluster_local(adj, sizes, targets, ks, neighbours, *, random_state, **spectral):
     """Local clustering (section 3.1): layer l with the layers joined to it. For a chain of
     layers this is :func:`modlens.core.clustering.cluster_local` itself (l - 1, l, l + 1);
     otherwise the same procedure on l and its graph neighbours (residual networks)."""
     if _is_chain(neighbours, targets):
-        return clustering.cluster_local(adj, sizes, targets, ks, random_state=random_state)
+        return clustering.cluster_local(adj, sizes, targets, ks, random_state=random_state, **spectral)
     offsets = graph.layer_offsets(sizes)
     rng = as_generator(random_state)
     seeds = [int_seed(rng) for _ in targets]
@@ -192,7 +204,7 @@ def _cluster_local(adj, sizes, targets, ks, neighbours, *, random_state):
         if n_active and k < 2:
             layer[degrees[start:stop] > 0] = 0
         elif n_active:
-            labels = clustering.spectral_labels(sub, min(int(k), n_active), random_state=seed)
+            labels = clustering.spectral_labels(sub, min(int(k), n_active), random_state=seed, **spectral)
             layer = clustering.relabel(labels[start:stop])
         out.append(layer)
     return out
@@ -215,9 +227,10 @@ def _hidden_ncut(adj, sizes, hidden, labels, *, distinct_per_layer: bool) -> flo
     return float(graph.ncut(sub, np.concatenate(lab)))
 
 
-def partition(model, method: str, *, n_clusters: int = 16, data=None, random_state: int = 0,
+def partition(model, method: str, *, n_clusters: int = 16, data=None, random_state=0,
               conv_edge: str = "l1", act_reduce: str = "l1", bn_fold: str = "paper",
-              input_name: str | None = None, output=None) -> Partition:
+              input_name: str | None = None, output=None, eigen_solver: str = "auto",
+              n_init: int | str = "auto") -> Partition:
     """Partition the hidden neurons of ``model`` (any ``torch.nn.Module`` modlens can capture:
     MLPs, CNNs, residual, grouped/depthwise and normalized networks; for CNNs the conv channels).
 
@@ -229,9 +242,14 @@ def partition(model, method: str, *, n_clusters: int = 16, data=None, random_sta
     ``conv_edge``, ``act_reduce`` and ``bn_fold`` are rows 1-3 of the notes. Returns a
     :class:`~modlens.core.partition.Partition` with integer labels for every neuron of every
     hidden layer, in forward order (``-1`` for neurons with no edges).
+
+    ``eigen_solver`` (``"auto"``, ``"arpack"``, ``"lobpcg"``, ``"amg"``) and ``n_init`` (k-means
+    initializations; ``"auto"``: 25, or 100 above 2,000 nodes, as the original code) go to
+    :func:`modlens.core.clustering.spectral_labels`.
     """
     check_method(method)
     check_graph_options(conv_edge=conv_edge, bn_fold=bn_fold, act_reduce=act_reduce)
     adapter = make_adapter(model, data, input_name=input_name, output=output, name="activation data")
     return Partitioner(adapter, activation_data=data, n_clusters=n_clusters, random_state=random_state,
-                       conv_edge=conv_edge, act_reduce=act_reduce, bn_fold=bn_fold).partition(method)
+                       conv_edge=conv_edge, act_reduce=act_reduce, bn_fold=bn_fold,
+                       eigen_solver=eigen_solver, n_init=n_init).partition(method)

@@ -20,7 +20,6 @@ Other architecture types get the mlp row.
 
 from __future__ import annotations
 
-import zlib
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modlens.core.rng import as_generator
+from modlens.core.seeds import as_generator, named_seed
 from modlens.experiments._augment import PAPER_AUGMENT, augment_images, check_augment, l2_penalty
 from modlens.experiments._reference import RECIPES, complete_architecture, recipe
 from modlens.nn._fx import module_device_dtype
@@ -55,11 +54,6 @@ def _check_xy(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor
     if x.shape[0] == 0:
         raise ValueError(f"{what}: no samples")
     return x, y
-
-
-def _derived_seed(seed: int, tag: str) -> int:
-    """A 32-bit seed for a named stream of ``seed`` (independent of the shuffling stream)."""
-    return int(np.random.SeedSequence([int(seed), zlib.crc32(tag.encode())]).generate_state(1)[0])
 
 
 def _has_batch_norm(model: nn.Module) -> bool:
@@ -115,7 +109,7 @@ def train_classifier(
     stop = n - n % batch_size if drop_last else n
     device = module_device_dtype(model)[0]
     order_generator = torch.Generator().manual_seed(int(seed))
-    aug_generator = torch.Generator().manual_seed(_derived_seed(seed, "augment")) if augment else None
+    aug_generator = torch.Generator().manual_seed(named_seed(seed, "augment")) if augment else None
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
     history: dict[str, list[float]] = {"loss": [], "cross_entropy": []}
     was_training = model.training
@@ -123,10 +117,10 @@ def train_classifier(
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     # Dropout draws from torch's global generator: fork it (the caller's state is restored) and seed it.
     with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(_derived_seed(seed, "dropout"))
+        torch.default_generator.manual_seed(named_seed(seed, "dropout"))
         if cuda:
             with torch.cuda.device(cuda[0]):
-                torch.cuda.manual_seed(_derived_seed(seed, "dropout"))
+                torch.cuda.manual_seed(named_seed(seed, "dropout"))
         try:
             _epochs(model, x_train, y_train, order_generator=order_generator, aug_generator=aug_generator,
                     augment=augment, optimizer=optimizer, weight_decay_l2=weight_decay_l2, epochs=epochs, batch_size=batch_size,

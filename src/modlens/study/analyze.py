@@ -17,13 +17,15 @@ import pandas as pd
 
 from modlens._version import __version__
 from modlens.core.partition import Partition
-from modlens.core.rng import as_generator
+from modlens.core.seeds import STREAM_RANDOM_SETS, as_generator, method_seed, seed_record
 from modlens.experiments.lesion_test import lesion_test
-from modlens.experiments.partitioning import METHODS, Partitioner, check_graph_options, make_adapter, method_seed
+from modlens.experiments.partitioning import METHODS, Partitioner, make_adapter
 from modlens.nn.adapter import MLPAdapter
 from modlens.nn.inputs import as_tensors, check_labels
 from modlens.nn.lesion import LesionEvaluator
-from modlens.study.summary import COMBINE_RULES, LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
+from modlens.study.config import AnalysisConfig
+from modlens.study.diagnostics import add_diagnostics, clusterability_rows
+from modlens.study.summary import LESION_METRICS, VIS_METRICS, correct_by_family, subcluster_tests, summarize
 
 
 @dataclass
@@ -46,6 +48,7 @@ class AnalysisResult:
     config: dict = field(default_factory=dict)
     visualizations: pd.DataFrame | None = None
     vis_results: list = field(default_factory=list, repr=False)
+    clusterability: pd.DataFrame | None = None  # one row per (network, weight partitioning)
 
     def __repr__(self) -> str:
         from modlens.study.report import format_summary
@@ -75,28 +78,18 @@ def analyze(
     *,
     activation_data=None,
     partition=None,
-    partitionings: Sequence[str] = METHODS,
-    n_clusters: int = 16,
-    n_random: int = 19,
-    random_state: int = 0,
-    accuracy: str = "accuracy",
-    class_range: str = "range",
-    ties: str = "mid",
-    effect_rule: str = "paper",
-    max_fraction: float | None = None,
-    engine: str = "incremental",
-    alpha: float = 0.05,
-    combine: str = "fisher",
-    feature_vis: bool = False,
-    vis_options: dict | None = None,
+    config: AnalysisConfig | None = None,
     progress: bool = False,
-    input_name: str | None = None,
-    output=None,
-    conv_edge: str = "l1",
-    act_reduce: str = "l1",
-    bn_fold: str = "paper",
+    **options,
 ) -> AnalysisResult:
     """Test whether the partitions of ``model``'s hidden neurons are important and coherent.
+
+    The options (``partitionings``, ``n_clusters``, ``n_random``, ``random_state``,
+    ``accuracy``, ``class_range``, ``ties``, ``effect_rule``, ``max_fraction``, ``engine``,
+    ``alpha``, ``feature_vis``, ``vis_options``, ``eigen_solver``, ``n_init``,
+    ``clusterability``, ``n_null``) are the fields of
+    :class:`~modlens.study.config.AnalysisConfig`: pass ``config=`` or any of them as keywords
+    (keywords replace the config's values). They are validated before any work starts.
 
     Parameters
     ----------
@@ -143,27 +136,37 @@ def analyze(
         How conv channels and batch norms enter the graphs: ``"l1"``, ``"l1"``, ``"paper"``
         (the paper); ``"matrix_1_norm"``, ``"matrix_1_norm"``, ``"original"`` reproduce the
         original code (rows 1-3 of the notes).
+    random_state:
+        int, ``numpy.random.SeedSequence``, ``numpy.random.Generator`` or ``None`` (fresh
+        entropy, recorded in ``config["options"]["random_state"]`` so the run can be repeated).
+    eigen_solver, n_init:
+        spectral clustering (``"auto"``: ARPACK up to 5,000 nodes, LOBPCG above; 25 k-means
+        initializations, 100 above 2,000 nodes).
+    clusterability, n_null:
+        Graphical clusterability test (Filan et al., 2021) of each weight partitioning against
+        ``n_null`` networks with the weights shuffled within each layer (one summary row each).
     """
     started = time.perf_counter()
-    if combine not in COMBINE_RULES:  # before any lesion is run
-        raise ValueError(f"analyze: combine must be one of {COMBINE_RULES}, got {combine!r}")
-    check_graph_options(conv_edge=conv_edge, bn_fold=bn_fold, act_reduce=act_reduce)
+    cfg = AnalysisConfig.build(config, **options)  # every option checked before any work
+    root = cfg.random_state
+    n_clusters, n_random, max_fraction, engine = cfg.n_clusters, cfg.n_random, cfg.max_fraction, cfg.engine
+    accuracy, class_range, ties, effect_rule = cfg.accuracy, cfg.class_range, cfg.ties, cfg.effect_rule
+    feature_vis, alpha, combine = cfg.feature_vis, cfg.alpha, cfg.combine
     x, y = as_tensors(test_data, name="test data")
-    adapter = make_adapter(model, x, input_name=input_name, output=output, name="test data")
+    adapter = make_adapter(model, x, input_name=cfg.input_name, output=cfg.output, name="test data")
     adapter.check_input(x, "test data")
     check_labels(y, adapter.n_classes, name="test data")
     if activation_data is not None and activation_data is test_data:
         raise ValueError("activation_data is the test set; pass a held-out split so lesions are tested on unseen data")
+    partitioner = None
     if partition is not None:
         partitions = {"user": _user_partition(partition, adapter)}
     else:
-        bad = [p for p in partitionings if p not in METHODS]
-        if bad or not partitionings:
-            raise ValueError(f"unknown partitionings {bad or list(partitionings)}; choose from {', '.join(METHODS)}")
-        partitioner = Partitioner(adapter, activation_data=activation_data, n_clusters=n_clusters, random_state=random_state,
-                                  conv_edge=conv_edge, act_reduce=act_reduce, bn_fold=bn_fold)
+        partitioner = Partitioner(adapter, activation_data=activation_data, n_clusters=n_clusters, random_state=root,
+                                  conv_edge=cfg.conv_edge, act_reduce=cfg.act_reduce, bn_fold=cfg.bn_fold,
+                                  eigen_solver=cfg.eigen_solver, n_init=cfg.n_init)
         partitions = {}
-        for method in partitionings:
+        for method in cfg.partitionings:
             t0 = time.perf_counter()
             partitions[method] = partitioner.partition(method)
             _say(progress, f"partitioned {method}: {len(partitions[method].subclusters(max_fraction=max_fraction))} "
@@ -175,7 +178,7 @@ def analyze(
         with _bar(progress, n_lesions, f"lesions {name}") as bar:
             tables.append(lesion_test(
                 adapter, part, x, y, n_random=n_random,
-                random_state=as_generator(method_seed(random_state, name, stream=1)),
+                random_state=as_generator(method_seed(root, name, STREAM_RANDOM_SETS)),
                 accuracy=accuracy, class_range=class_range, max_fraction=max_fraction,
                 engine=engine, evaluator=evaluator, name=name, progress=bar.update,
             ))
@@ -184,29 +187,37 @@ def analyze(
     tests = subcluster_tests(table, ties=ties, effect_rule=effect_rule)
     vis_table, vis_results, vis_skipped = None, [], None
     if feature_vis:
-        vis_skipped = _vis_input_problem(adapter, x, vis_options)
+        vis_skipped = _vis_input_problem(adapter, x, cfg.vis_options)
         if vis_skipped:  # token ids: say so in one line, keep the lesion results
             warnings.warn(vis_skipped, UserWarning, stacklevel=2)
     if feature_vis and not vis_skipped:
-        vis_table, vis_results = _feature_vis(adapter, partitions, x, n_random=n_random, random_state=random_state,
-                                              max_fraction=max_fraction, options=vis_options, progress=progress)
+        vis_table, vis_results = _feature_vis(adapter, partitions, x, n_random=n_random, random_state=root,
+                                              max_fraction=max_fraction, options=cfg.vis_options, progress=progress)
         if len(vis_table):
             tests = pd.concat([tests, subcluster_tests(vis_table, metrics=VIS_METRICS, ties=ties, effect_rule=effect_rule)],
                               ignore_index=True)
     metrics = list(LESION_METRICS) + (list(VIS_METRICS) if feature_vis and not vis_skipped else [])
     summary = summarize(tests, partitionings=list(partitions), metrics=metrics, alpha=alpha, combine=combine,
-                        random_state=random_state)
+                        random_state=root)
+    cl_table = None
+    if cfg.clusterability and partitioner is not None:
+        cl_table = _clusterability(partitioner, [p for p in partitions if p.startswith("weights/")], cfg.n_null, progress)
+        summary = _with_clusterability(summary, cl_table, list(partitions), alpha)
     _add_partition_facts(summary, partitions)
+    add_diagnostics(summary, table, vis_table, tests)
     base = evaluator.baseline if evaluator is not None else None
     config = {
         "modlens_version": __version__,
-        "n_clusters": n_clusters, "n_random": n_random, "random_state": random_state,
+        "options": cfg.to_dict(), "config_key": cfg.key(),
+        "n_clusters": n_clusters, "n_random": n_random, "random_state": seed_record(root),
         "accuracy": accuracy, "class_range": class_range, "ties": ties, "effect_rule": effect_rule,
         "max_fraction": max_fraction, "engine": engine, "alpha": alpha, "combine": combine,
-        "conv_edge": conv_edge, "act_reduce": act_reduce, "bn_fold": bn_fold, "capture": adapter.capture_method,
+        "conv_edge": cfg.conv_edge, "act_reduce": cfg.act_reduce, "bn_fold": cfg.bn_fold, "capture": adapter.capture_method,
         "partitionings": list(partitions),
         "n_test": int(len(y)),
         "test_accuracy": float(base.sum() / len(y)) if base is not None else None,
+        "baseline_counts": [int(v) for v in base] if base is not None else None,
+        "class_sizes": [int(v) for v in evaluator.class_sizes] if evaluator is not None else None,
         "layers": dict(zip(adapter.layer_names, adapter.layer_sizes)),
         "seconds": time.perf_counter() - started,
     }
@@ -214,7 +225,33 @@ def analyze(
         config["feature_vis"] = vis_results[0].config | {"partitioning": None}
     if vis_skipped:
         config["feature_vis"] = {"skipped": vis_skipped}
-    return AnalysisResult(summary, table, tests, partitions, config, vis_table, vis_results)
+    return AnalysisResult(summary, table, tests, partitions, config, vis_table, vis_results, cl_table)
+
+
+def _clusterability(partitioner, methods, n_null, progress) -> pd.DataFrame:
+    from modlens.experiments.clusterability import clusterability_test
+
+    rows = []
+    for method in methods:
+        t0 = time.perf_counter()
+        res = clusterability_test(partitioner, method, n_null=n_null)
+        _say(progress, f"clusterability {method}: n-cut {res['ncut']:.3f} vs shuffled {res['null_mean']:.3f} "
+                       f"± {res['null_sd']:.3f}, p {res['p_value']:.3g} ({time.perf_counter() - t0:.1f} s)")
+        rows.append(res)
+    table = pd.DataFrame(rows)
+    table.insert(0, "network", "0")
+    return table
+
+
+def _with_clusterability(summary, cl_table, partitionings, alpha) -> pd.DataFrame:
+    """Summary rows of the clusterability test, placed before each partitioning's other rows."""
+    if cl_table is None or not len(cl_table):
+        return summary
+    rows = clusterability_rows(cl_table)
+    out = pd.concat([rows, summary], ignore_index=True)
+    order = {p: i for i, p in enumerate(partitionings)}
+    out = out.iloc[np.lexsort((out["family"] != "clusterability", out["partitioning"].map(order).fillna(len(order))))]
+    return correct_by_family(out.reset_index(drop=True), alpha=alpha)
 
 
 def default_vis_transforms(input_shape: tuple[int, ...]) -> str:
@@ -250,7 +287,7 @@ def _feature_vis(adapter, partitions, x, *, n_random, random_state, max_fraction
         n_images = len(part.subclusters(min_size=opts.get("min_size", 2), max_fraction=opts["max_fraction"])) * (n_random + 1)
         with _bar(progress, n_images, f"visualizations {name}") as bar:
             res = feature_vis_test(adapter, part, tuple(x.shape[1:]), n_random=n_random, name=name,
-                                   random_state=as_generator(method_seed(random_state, name, stream=1)),
+                                   random_state=as_generator(method_seed(random_state, name, STREAM_RANDOM_SETS)),
                                    progress=bar.update, **opts)
         tables.append(res.table)
         results.append(res)
@@ -282,6 +319,9 @@ def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = Non
     parts = list(dict.fromkeys(p for r in results for p in r.partitions))
     summary = summarize(pd.concat(tests, ignore_index=True), partitionings=parts, alpha=alpha, combine=rule,
                         random_state=results[0].config.get("random_state", 0))
+    cls = [r.clusterability.assign(network=n) for n, r in zip(names, results) if r.clusterability is not None]
+    cl_table = pd.concat(cls, ignore_index=True) if cls else None
+    summary = _with_clusterability(summary, cl_table, parts, alpha)
     # n-cut: mean over networks; unclustered neurons: summed over networks
     summary["ncut"] = [np.mean([r.partitions[p].ncut for r in results if p in r.partitions and r.partitions[p].ncut is not None] or [np.nan])
                        for p in summary["partitioning"]]
@@ -290,9 +330,11 @@ def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = Non
     config = dict(results[0].config, networks=names, alpha=alpha, combine=rule)
     partitions = {f"{n}:{k}": v for n, r in zip(names, results) for k, v in r.partitions.items()}
     vis = [r.visualizations.assign(network=n) for n, r in zip(names, results) if r.visualizations is not None]
+    vis = pd.concat(vis, ignore_index=True) if vis else None
+    all_tables, all_tests = pd.concat(tables, ignore_index=True), pd.concat(tests, ignore_index=True)
+    add_diagnostics(summary, all_tables, vis, all_tests)
     # figures: those of the first network (every network's images stay in its own result)
-    return AnalysisResult(summary, pd.concat(tables, ignore_index=True), pd.concat(tests, ignore_index=True), partitions,
-                          config, pd.concat(vis, ignore_index=True) if vis else None, results[0].vis_results)
+    return AnalysisResult(summary, all_tables, all_tests, partitions, config, vis, results[0].vis_results, cl_table)
 
 
 def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, extra_manifest: dict | None = None) -> Path:
@@ -305,7 +347,7 @@ def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, e
     tmp.mkdir(parents=True)
     try:
         files = []
-        for name in ("summary", "subclusters", "tests", "visualizations"):
+        for name in ("summary", "subclusters", "tests", "visualizations", "clusterability"):
             frame = getattr(result, name)
             if frame is None:
                 continue

@@ -37,7 +37,7 @@ def format_summary(summary: pd.DataFrame) -> str:
         label = spec.label if spec else m
         arrow = ("high" if spec.higher_is_modular else "low") + "=modular" if spec else ""
         head1 += [f"{label} ({spec.proxy if spec else ''})", ""]
-        head2 += ["p value", f"effect ± SE ({arrow})"]
+        head2 += ["p value", "n-cut vs shuffled" if m == "clusterability" else f"effect ± SE ({arrow})"]
     rows = []
     for part in parts:
         sub = summary[summary["partitioning"] == part]
@@ -50,7 +50,12 @@ def format_summary(summary: pd.DataFrame) -> str:
                 continue
             r = r.iloc[0]
             star = " *" if bool(r["significant"]) else "  "
-            row += [format_p(float(r["p_value"])) + star, format_effect(float(r["effect"]), float(r["effect_se"]))]
+            flag = " !" if str(r.get("degenerate", "") or "") not in ("", "nan") else ""
+            if m == "clusterability":
+                cell = f"n-cut {float(r['clusterability_ncut']):.3f} vs {float(r['null_ncut_mean']):.3f}, z {float(r['z']):.1f}"
+            else:
+                cell = format_effect(float(r["effect"]), float(r["effect_se"]))
+            row += [format_p(float(r["p_value"])) + star, cell + flag]
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(head2, *rows)]
     for j in range(2, len(head1), 2):  # a metric label spans its two columns
@@ -83,6 +88,9 @@ def format_summary(summary: pd.DataFrame) -> str:
     lines.append(f"p: {what} (low = true subclusters more often modular than random ones); "
                  "* = significant after Benjamini-Hochberg at the table's alpha.")
     lines.append("effect: mean of 2x/(x+mu) over subclusters; >1 means true subclusters exceed random ones on average.")
+    if "family" in summary.columns and summary["family"].nunique() > 1:
+        lines.append("Benjamini-Hochberg corrects each family separately: " + ", ".join(dict.fromkeys(summary["family"])) + ".")
+    lines += degenerate_notes(summary)
     if "ncut" in summary.columns:
         facts = summary.drop_duplicates("partitioning")
         parts = [f"{r.partitioning} {r.ncut:.3f}" + (f" ({r.n_unclustered} unclustered)" if r.n_unclustered else "")
@@ -90,3 +98,25 @@ def format_summary(summary: pd.DataFrame) -> str:
         if parts:
             lines.append("n-cut of the hidden-neuron partition: " + "; ".join(parts) + ".")
     return "\n".join(lines)
+
+
+def degenerate_notes(summary: pd.DataFrame) -> list[str]:
+    """One line per flagged row (``!`` in the table): which flag, and the count behind it."""
+    if "degenerate" not in summary.columns:
+        return []
+    out = []
+    for r in summary.itertuples(index=False):
+        flags = str(r.degenerate or "")
+        if not flags or flags == "nan":
+            continue
+        label = METRICS[r.metric].label if r.metric in METRICS else r.metric
+        why = []
+        for f in flags.split(","):
+            if f == "saturated":
+                why.append(f"saturated: {r.n_saturated}/{r.n_images} images have softmax entropy < 1e-6")
+            elif f == "no-change":
+                why.append(f"no-change: {r.n_unchanged}/{r.n_lesions} lesions change no class's accuracy")
+            elif f == "ties":
+                why.append(f"ties: {r.n_tied_pairs}/{r.n_pairs} true-random pairs are tied")
+        out.append(f"! {r.partitioning} {label}: " + "; ".join(why) + " (the metric carries little information).")
+    return out

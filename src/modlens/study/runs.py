@@ -20,6 +20,7 @@ from modlens.experiments.train import split_validation, train_reference_mlp
 from modlens.experiments.train import train_reference as fit_reference
 from modlens.nn.io import load_model, save_model
 from modlens.study.analyze import AnalysisResult, analyze, combine, save_result
+from modlens.study.config import AnalysisConfig
 
 DIGITS_EPOCHS = 60
 
@@ -156,6 +157,8 @@ def analyze_saved(
     """Analyse one or more saved models; several models are replicates (Fisher-Bates)."""
     if not model_dirs:
         raise ValueError("give at least one model folder")
+    progress = bool(options.pop("progress", False))
+    cfg = AnalysisConfig.build(options.pop("config", None), **options)  # fails here, before any model is read
     if out is not None:
         target = Path(out)
         if target.exists() and any(target.iterdir()) and not overwrite:
@@ -164,14 +167,14 @@ def analyze_saved(
     for i, d in enumerate(model_dirs):
         model, manifest = load_model(d)
         test, act = model_data(manifest, data_dir=data_dir)
-        if options.get("progress"):
+        if progress:
             print(f"[{i + 1}/{len(model_dirs)}] {d}: {manifest['dataset']['name']}, seed {manifest.get('seed')}, "
                   f"test accuracy {manifest.get('accuracy', float('nan')):.4f}", file=sys.stderr, flush=True)
-        results.append(analyze(model, test, activation_data=act, **options))
+        results.append(analyze(model, test, activation_data=act, config=cfg, progress=progress))
         names.append(Path(d).name)
         manifests.append({"path": str(d), "dataset": manifest["dataset"], "seed": manifest.get("seed"),
                           "accuracy": manifest.get("accuracy"), "sha256": manifest.get("sha256")})
-    result = results[0] if len(results) == 1 else combine(results, names, alpha=options.get("alpha", 0.05))
+    result = results[0] if len(results) == 1 else combine(results, names, alpha=cfg.alpha)
     if len(results) == 1:
         result.subclusters["network"] = names[0]
         result.tests["network"] = names[0]
@@ -192,8 +195,12 @@ def demo(
     overwrite: bool = False,
     feature_vis: bool = False,
     vis_options: dict | None = None,
+    **options,
 ) -> AnalysisResult:
-    """Train a 4x256 MLP on an embedded dataset (no download) and analyse it four ways."""
+    """Train a 4x256 MLP on an embedded dataset (no download) and analyse it four ways.
+    ``options`` are further :class:`~modlens.study.config.AnalysisConfig` fields."""
+    cfg = AnalysisConfig.build(n_clusters=n_clusters, n_random=n_random, random_state=seed, feature_vis=feature_vis,
+                               vis_options=vis_options, **options)
     if not _is_digits(dataset):
         raise ValueError(f"the demo runs on the embedded digits data ('digits' or a variant such as 'halves-digits'), not {dataset!r}")
     train = load_dataset(dataset, "train", seed=seed)
@@ -215,8 +222,7 @@ def demo(
     say(f"test accuracy {info['test_accuracy']:.4f} ({time.perf_counter() - t0:.1f} s)")
     result = analyze(
         model, (torch.from_numpy(test.x), torch.from_numpy(test.y)), activation_data=torch.from_numpy(val.x),
-        n_clusters=n_clusters, n_random=n_random, random_state=seed, progress=progress,
-        feature_vis=feature_vis, vis_options=vis_options,
+        config=cfg, progress=progress,
     )
     result.config["model"] = {"dataset": dataset, "seed": seed, "epochs": epochs, "test_accuracy": info["test_accuracy"]}
     if out is not None:

@@ -5,7 +5,9 @@
 2. :func:`summarize`: per partitioning and metric, Fisher's method over each network's
    percentiles, Bates over replicate networks (one network: its Fisher p), the mean effect
    with its standard error over all subclusters of all replicates, and Benjamini-Hochberg
-   across the rows of the table.
+   within each family of rows: the lesion metrics (the paper's Table 4), the visualization
+   metrics (Table 5) and the graphical clusterability test are corrected separately
+   (appendix A.7).
 """
 
 from __future__ import annotations
@@ -32,9 +34,14 @@ METRICS: dict[str, Metric] = {
     "class_range": Metric("class_range", "Class range", True, "coherence"),
     "vis_score": Metric("vis_score", "Vis score", True, "coherence"),
     "softmax_entropy": Metric("softmax_entropy", "Softmax H", False, "coherence"),
+    "clusterability": Metric("clusterability", "n-cut vs shuffled", False, "clusterability"),
 }
 LESION_METRICS = ("acc_drop", "class_range")
 VIS_METRICS = ("vis_score", "softmax_entropy")
+#: Benjamini-Hochberg families: the paper corrects Table 4 (lesions) and Table 5
+#: (visualizations) separately; the clusterability test is a third family.
+FAMILIES = {"acc_drop": "lesion", "class_range": "lesion", "vis_score": "visualization",
+            "softmax_entropy": "visualization", "clusterability": "clusterability"}
 TIE_RULES = ("mid", "original")
 EFFECT_RULES = ("paper", "original")
 COMBINE_RULES = ("fisher", "exact")  # per-network combination: the paper's, or the exact permutation null
@@ -88,9 +95,10 @@ def subcluster_tests(
             else:
                 rule = "original_lesion" if effect_rule == "original" else "paper"
                 eff = float(stats.effect_values([x], [mu], rule=rule)[0])
-            rows.append((*key, metric, x, mu, pct, eff, None if pairs is None else pairs.tolist(), null))
-    out = pd.DataFrame(rows, columns=_KEYS + ["metric", "value", "random_mean", "percentile", "effect", "effect_pairs",
-                                              "null_percentiles"])
+            n_ties = int(np.sum(r == x))
+            rows.append((*key, metric, x, mu, pct, eff, n_ties, int(r.size), None if pairs is None else pairs.tolist(), null))
+    out = pd.DataFrame(rows, columns=_KEYS + ["metric", "value", "random_mean", "percentile", "effect", "n_ties",
+                                              "n_random", "effect_pairs", "null_percentiles"])
     if out["effect_pairs"].isna().all():
         out = out.drop(columns="effect_pairs")
     return out
@@ -109,7 +117,9 @@ def summarize(
 
     ``p_value`` is the Fisher p of one network, or the Fisher-Bates p over several
     (``network_p_values`` lists each network's Fisher p). ``q_value`` and ``significant``
-    come from Benjamini-Hochberg at ``alpha`` across all rows with a p value.
+    come from Benjamini-Hochberg at ``alpha`` within each ``family`` of rows
+    (:data:`FAMILIES`: lesion metrics, visualization metrics), as the paper corrects its
+    Tables 4 and 5 separately.
     ``combine="exact"`` (modlens extension) refers the same Fisher statistic to its exact
     conditional permutation null and the mean of the networks' p values to its exact null
     (:mod:`modlens.core.permutation`; needs the ``null_percentiles`` column);
@@ -157,7 +167,18 @@ def summarize(
                 "mean_percentile": float(g["percentile"].mean()) if len(g) else np.nan,
             })
     summary = pd.DataFrame(rows)
-    q, reject, _ = stats.benjamini_hochberg(summary["p_value"].to_numpy(dtype=float), alpha=alpha)
+    summary.insert(2, "family", [FAMILIES.get(m, m) for m in summary["metric"]])
+    return correct_by_family(summary, alpha=alpha)
+
+
+def correct_by_family(summary: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataFrame:
+    """Benjamini-Hochberg q values and decisions at ``alpha`` within each ``family``."""
+    q = np.full(len(summary), np.nan)
+    reject = np.zeros(len(summary), dtype=bool)
+    families = summary["family"].to_numpy() if "family" in summary.columns else np.full(len(summary), "all")
+    for fam in dict.fromkeys(families):
+        idx = np.flatnonzero(families == fam)
+        q[idx], reject[idx], _ = stats.benjamini_hochberg(summary["p_value"].to_numpy(dtype=float)[idx], alpha=alpha)
     summary["q_value"] = q
     summary["significant"] = reject
     return summary
