@@ -147,10 +147,15 @@ class RayExecutor:
             if address:
                 ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
             else:
+                import modlens
+
                 n = int(workers or os.cpu_count() or 1)
+                # workers find this modlens even where it is not installed (a source checkout)
+                src = os.path.dirname(os.path.dirname(os.path.abspath(modlens.__file__)))
+                path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
                 ray.init(num_cpus=n, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-                         object_store_memory=100 * 1024 * 1024,
-                         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                         object_store_memory=80 * 1024 * 1024,
+                         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": path}})
                 self._started = True
         total = int(ray.cluster_resources().get("CPU", 1))
         self.capacity = int(workers or total)

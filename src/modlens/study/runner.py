@@ -88,7 +88,7 @@ def build_graph(spec: StudySpec, study_dir: Path) -> tuple[list[Node], dict[str,
     a = spec.analysis
     options = {"n_random": a.n_random, "accuracy": a.accuracy, "class_range": a.class_range, "ties": a.ties,
                "effect_rule": a.effect_rule, "max_fraction": a.max_fraction, "engine": a.engine, "alpha": a.alpha,
-               "vis": dict(a.vis)}
+               "vis": dict(a.vis), "figures": a.figures}
     nodes: list[Node] = []
     given: dict[str, dict] = {}
     analyses: list[dict] = []
@@ -147,7 +147,7 @@ def build_graph(spec: StudySpec, study_dir: Path) -> tuple[list[Node], dict[str,
                     model, data, ident, rs = net_facts(done)
                     net = {"id": record["id"], "group": record["group"], "seed": record["seed"], "digest": model["digest"],
                            "dataset": data if "imagenet" not in data else ident}
-                    opts = {key: options[key] for key in options if key != "vis" or a.feature_vis}
+                    opts = {key: options[key] for key in options if key not in ("vis", "figures") or a.feature_vis}
                     return ({"k": k, "random_state": rs, "network": net, "options": opts},
                             {"partitions": [_ref(done[p]) for p in parts], "lesions": [_ref(done[x]) for x in lesions],
                              "vis": [_ref(done[x]) for x in vis]})

@@ -12,6 +12,8 @@ A spec is a TOML file (or one of the built-in studies, :mod:`modlens.study.built
     metrics = ["lesion", "vis"]     # lesion: acc_drop + class_range; vis: vis_score + softmax_entropy
     accuracy = "accuracy"           # and class_range, ties, effect_rule, max_fraction, engine, alpha:
     seed = 0                        #   the options of `modlens analyze`; seed enters every analysis seed
+    figures = false                 # true: PNG grids of every network's visualizations (networks/<id>/figures/;
+                                    #   slow: minutes per network at k = 16 on 2 cores)
     [analysis.vis]                  # options of the feature visualization (steps, lr, original, ...)
     steps = 100
 
@@ -54,7 +56,7 @@ METRIC_SETS = ("lesion", "vis")
 _ANALYSIS_KEYS = {
     "k": list, "n_random": int, "partitionings": list, "metrics": list, "accuracy": str, "class_range": str,
     "ties": str, "effect_rule": str, "max_fraction": (float, int), "engine": str, "alpha": float, "seed": int,
-    "vis": dict,
+    "vis": dict, "figures": bool,
 }
 _RECIPE_KEYS = {"epochs": int, "batch_size": int, "l2": (float, int), "augment": bool, "regularize": bool,
                 "n_val": int, "data_seed": int}
@@ -86,6 +88,7 @@ class Analysis:
     alpha: float = 0.05
     seed: int = 0
     vis: dict = field(default_factory=dict)
+    figures: bool = False
 
     @property
     def feature_vis(self) -> bool:

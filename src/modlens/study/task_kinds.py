@@ -198,7 +198,7 @@ def run_stats(out: Path, params: dict, inputs: dict, context: dict, say):
     for frame in (result.subclusters, result.tests, result.visualizations):
         if frame is not None:
             frame["network"] = params["network"]["id"]
-    save_result(result, out / "result", extra_manifest={"models": [params["network"]]})
+    save_result(result, out / "result", extra_manifest={"models": [params["network"]]}, figures=o.get("figures", False))
     say("advance", 1)
     return None, {"n_subclusters": int(result.summary["n_subclusters"].max())}
 
