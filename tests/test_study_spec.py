@@ -133,3 +133,17 @@ def test_study_list(capsys):
     out = capsys.readouterr().out
     for name in REQUIRED:
         assert name in out
+
+
+def test_one_run_per_study_folder(tmp_path):
+    import fcntl
+
+    from modlens.study.runner import StudyError, run_study
+
+    out = tmp_path / "study"
+    out.mkdir()
+    with open(out / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(StudyError, match="another modlens study run is using"):
+            run_study(load_spec(write_spec(tmp_path)), out, progress=False)
+    assert not (out / "tasks").exists()

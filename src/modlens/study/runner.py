@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -167,13 +168,32 @@ def _digests(inputs: dict) -> dict:
 def run_study(spec: StudySpec, out, *, data_dir=None, executor: str = "inline", workers: int | None = None,
               progress: bool = True, device: str = "cpu", ray_address: str | None = None) -> Path:
     """Run every task of ``spec`` that is not already in ``out``'s cache, then write the outputs."""
-    from modlens.study.executors import make_executor
-    from modlens.study.progress import StudyProgress
-
     check_requirements(spec, data_dir)
     study_dir = Path(out)
     study_dir.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(study_dir)
+    with _locked(study_dir):
+        clean_temporaries(study_dir)
+        return _run_locked(spec, study_dir, data_dir=data_dir, executor=executor, workers=workers, progress=progress,
+                           device=device, ray_address=ray_address)
+
+
+@contextmanager
+def _locked(study_dir: Path):
+    """One run per study folder at a time (the lock goes with the process, even when it is killed)."""
+    import fcntl
+
+    with open(study_dir / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StudyError(f"another modlens study run is using {study_dir}; wait for it or choose another --out") from None
+        yield
+
+
+def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers, progress, device, ray_address) -> Path:
+    from modlens.study.executors import make_executor
+    from modlens.study.progress import StudyProgress
+
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.perf_counter()
     nodes, given, analyses = build_graph(spec, study_dir)
     context = {"data_dir": None if data_dir is None else str(Path(data_dir).resolve()), "device": device}

@@ -80,7 +80,8 @@ def clean_temporaries(study_dir: Path) -> int:
     """Remove the temporary folders and files that killed runs left behind."""
     n = 0
     root = Path(study_dir)
-    for path in list(root.glob("tasks/*/.tmp-*")) + list(root.glob(".*.tmp-*")) + list(root.glob("networks/.*.tmp-*")):
+    for path in [*root.glob("tasks/*/.tmp-*"), *root.glob(".*.tmp-*"), *root.glob("networks/.*.tmp-*"),
+                 *root.glob("networks/.*.old-*")]:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
