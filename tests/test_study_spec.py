@@ -147,3 +147,45 @@ def test_one_run_per_study_folder(tmp_path):
         with pytest.raises(StudyError, match="another modlens study run is using"):
             run_study(load_spec(write_spec(tmp_path)), out, progress=False)
     assert not (out / "tasks").exists()
+
+
+def test_progress_display_has_one_study_bar_and_a_bar_per_running_task(capsys):
+    from modlens.study.progress import StudyProgress
+
+    bar = StudyProgress(3, desc="demo")
+    bar.finished("train:a", cached=True)
+    bar.started("lesion:a")
+    bar.update("lesion:a", "total", 40)
+    bar.update("lesion:a", "advance", 10)
+    assert (bar._bars["lesion:a"].n, bar._bars["lesion:a"].total) == (10, 40)
+    bar.started("vis:a")
+    assert sorted(bar._positions.values()) == [1, 2]
+    bar.finished("lesion:a")
+    bar.started("stats:a")  # takes the freed line
+    assert bar._positions["stats:a"] == 1
+    bar.close()
+    err = capsys.readouterr().err
+    assert "demo: 2/3 tasks" in err and "elapsed" in err and "left" in err
+    assert "lesion:a" in err and "/40" in err
+
+
+def test_imagenet_data_split_is_disjoint_and_identified_by_its_files(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    from modlens.study.task_kinds import _imagenet_data, data_identity
+
+    rng = np.random.default_rng(0)
+    for wnid in ("n01", "n02"):
+        (tmp_path / wnid).mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / wnid / f"{i}.png")
+    spec = {"folder": str(tmp_path), "per_class": 2, "activation_per_class": 1}
+    (x, y), act = _imagenet_data(spec)
+    assert tuple(x.shape) == (4, 3, 224, 224) and y.tolist() == [0, 0, 1, 1] and tuple(act.shape) == (2, 3, 224, 224)
+    flat = lambda t: {tuple(v[:, :4, :4].flatten().tolist()) for v in t}
+    assert not flat(x) & flat(act)  # no image in both
+    before = data_identity({"imagenet": spec})
+    assert "folder" not in before["imagenet"]
+    Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "n02" / "4.png")
+    assert data_identity({"imagenet": spec}) != before

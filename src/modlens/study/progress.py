@@ -10,6 +10,7 @@ class StudyProgress:
     def __init__(self, total: int, *, enabled: bool = True, desc: str = "study"):
         self.enabled = enabled
         self._bars: dict[str, object] = {}
+        self._positions: dict[str, int] = {}
         self._free: list[int] = []
         self._next_position = 1
         self._overall = None
@@ -29,6 +30,7 @@ class StudyProgress:
             self._next_position += 1
         self._bars[task_id] = self._tqdm(total=None, desc=f"  {task_id}", file=sys.stderr, position=position,
                                          leave=False, dynamic_ncols=True)
+        self._positions[task_id] = position
 
     def update(self, task_id: str, what: str, n: int) -> None:
         if not self.enabled:
@@ -45,7 +47,7 @@ class StudyProgress:
             return
         bar = self._bars.pop(task_id, None)
         if bar is not None:
-            self._free.append(bar.pos if bar.pos > 0 else abs(bar.pos))
+            self._free.append(self._positions.pop(task_id))
             self._free.sort()
             bar.close()
         self._overall.update(1)
