@@ -33,10 +33,9 @@ class StudyProgress:
         self._positions[task_id] = position
 
     def update(self, task_id: str, what: str, n: int) -> None:
-        if not self.enabled:
+        bar = self._bars.get(task_id) if self.enabled else None
+        if bar is None:  # a message that arrived after its task finished
             return
-        self.started(task_id)
-        bar = self._bars[task_id]
         if what == "total":
             bar.reset(total=n)
         else:

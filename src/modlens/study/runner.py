@@ -229,7 +229,10 @@ def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers
                 if pending:
                     raise StudyError(f"tasks {[n.id for n in pending]} wait on tasks that never run")
                 break
-            for handle, result, error in pool.wait(list(running), timeout=0.2):
+            finished = pool.wait(list(running), timeout=0.2)
+            for task_id, what, n in pool.poll_progress():
+                bar.update(task_id, what, n)
+            for handle, result, error in finished:
                 node, key = running.pop(handle)
                 if error is not None:
                     raise StudyError(f"task {node.id} ({node.kind}, key {key[:12]}) failed: "
@@ -238,8 +241,6 @@ def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers
                 timings.append({"task": node.id, "kind": node.kind, "key": key, "seconds": result["seconds"],
                                 "cached": False})
                 bar.finished(node.id)
-            for task_id, what, n in pool.poll_progress():
-                bar.update(task_id, what, n)
     finally:
         bar.close()
         pool.close()
