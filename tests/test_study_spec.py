@@ -189,3 +189,10 @@ def test_imagenet_data_split_is_disjoint_and_identified_by_its_files(tmp_path):
     assert "folder" not in before["imagenet"]
     Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "n02" / "4.png")
     assert data_identity({"imagenet": spec}) != before
+
+
+def test_groups_filter():
+    spec = load_spec("paper-small", groups=["mlp-mnist", "mlp-fashion"])
+    assert [g.group for g in spec.networks] == ["mlp-mnist", "mlp-fashion"]
+    with pytest.raises(SpecError, match="no group cnn-cifar; its groups are mlp-mnist, mlp-fashion"):
+        load_spec("paper-small", groups=["cnn-cifar"])

@@ -118,6 +118,8 @@ def _add_study_parser(sub) -> None:
                         "ray (pip install 'modlens[ray]'; $RAY_ADDRESS or --ray-address, else a local instance)")
     r.add_argument("--workers", type=int, default=None, help="tasks at once (default: CPU cores, or GPUs when several)")
     r.add_argument("--replicates", type=int, default=None, help="replicates of every trained group (seeds 0..N-1)")
+    r.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
+                   help="run only these network groups of the study (e.g. mlp-mnist mlp-fashion)")
     r.add_argument("--ray-address", default=None, help="address of a running Ray cluster")
     r.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
                    help="where partitioning, lesions and visualizations run (training runs on the CPU)")
@@ -138,7 +140,7 @@ def _run_study(args) -> int:
     from modlens.study.runner import run_study
     from modlens.study.spec import load_spec
 
-    spec = load_spec(args.spec, data_dir=args.data_dir, replicates=args.replicates)
+    spec = load_spec(args.spec, data_dir=args.data_dir, replicates=args.replicates, groups=args.groups)
     out = run_study(spec, args.out, data_dir=args.data_dir, executor=args.executor, workers=args.workers,
                     progress=not args.no_progress, device=args.device, ray_address=args.ray_address)
     rows = pd.read_parquet(out / "study_rows.parquet")

@@ -235,10 +235,11 @@ def _path(text: str, base: Path, data_dir: Path | None) -> Path:
 
 
 def spec_from_dict(raw: dict, *, source: str = "<dict>", base: str | os.PathLike = ".",
-                   data_dir=None, replicates: int | None = None) -> StudySpec:
+                   data_dir=None, replicates: int | None = None, groups=None) -> StudySpec:
     """Check ``raw`` (a parsed TOML document) and build the spec. ``replicates`` overrides the number
-    of replicates of every trained group (seeds 0..n-1)."""
+    of replicates of every trained group (seeds 0..n-1); ``groups`` keeps only the named groups."""
     raw = copy.deepcopy(raw)
+    keep = None if groups is None else list(groups)
     _check_keys(source, raw, {"name": str, "description": str, "analysis": dict, "networks": list})
     if not raw.get("networks"):
         raise SpecError(f"{source}: no networks; add at least one [[networks]] table")
@@ -258,17 +259,22 @@ def spec_from_dict(raw: dict, *, source: str = "<dict>", base: str | os.PathLike
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise SpecError(f"{source}: group names repeat: {', '.join(dup)}; every [[networks]] needs its own group")
+    if keep is not None:
+        unknown = [n for n in keep if n not in names]
+        if unknown or not keep:
+            raise SpecError(f"{source}: no group {', '.join(unknown) or '(none given)'}; its groups are {', '.join(names)}")
+        groups = [g for g in groups if g.group in keep]
     return StudySpec(raw.get("name", Path(source).stem), raw.get("description", ""), analysis, tuple(groups), source, raw)
 
 
-def load_spec(name_or_path: str | os.PathLike, *, data_dir=None, replicates: int | None = None) -> StudySpec:
+def load_spec(name_or_path: str | os.PathLike, *, data_dir=None, replicates: int | None = None, groups=None) -> StudySpec:
     """A built-in study by name, or a TOML spec file."""
     from modlens.study.builtin import BUILTIN
 
     text = str(name_or_path)
     if text in BUILTIN:
         raw = tomllib.loads(BUILTIN[text].toml)
-        return spec_from_dict(raw, source=f"built-in study {text!r}", base=".", data_dir=data_dir, replicates=replicates)
+        return spec_from_dict(raw, source=f"built-in study {text!r}", base=".", data_dir=data_dir, replicates=replicates, groups=groups)
     path = Path(text)
     if not path.is_file():
         raise SpecError(f"no built-in study and no spec file called {text!r}; built-in studies: {', '.join(BUILTIN)} "
@@ -277,7 +283,7 @@ def load_spec(name_or_path: str | os.PathLike, *, data_dir=None, replicates: int
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML ({exc})") from None
-    return spec_from_dict(raw, source=str(path), base=path.parent, data_dir=data_dir, replicates=replicates)
+    return spec_from_dict(raw, source=str(path), base=path.parent, data_dir=data_dir, replicates=replicates, groups=groups)
 
 
 __all__ = ["SpecError", "Analysis", "NetworkGroup", "StudySpec", "spec_from_dict", "load_spec", "ARCHS"]
