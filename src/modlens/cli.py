@@ -163,7 +163,53 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bh-scope", choices=["table", "joint"], default=None,
                    help="Benjamini-Hochberg within each table family (the paper's text; default) or over lesion and "
                         "visualization tests together (what reproduces the paper's critical p of 0.025)")
+    _add_study_parser(sub)
     return parser
+
+
+def _add_study_parser(sub) -> None:
+    s = sub.add_parser("study", help="run a whole study (train, partition, lesion, visualize, statistics), resumable")
+    ss = s.add_subparsers(dest="study_command", required=True)
+    r = ss.add_parser("run", help="run a built-in study or a TOML spec; a rerun skips the tasks already done")
+    r.add_argument("spec", metavar="NAME_OR_SPEC", help="a built-in study (modlens study list) or a .toml spec file")
+    r.add_argument("--out", type=Path, required=True, help="study folder (task cache and outputs)")
+    r.add_argument("--data-dir", type=Path, default=None, help="folder with mnist/, fashion-mnist/, cifar-10-batches-py/, imagenet/")
+    r.add_argument("--executor", choices=["inline", "processes", "ray"], default="inline",
+                   help="inline (this process), processes (local pool; one worker per GPU with several GPUs), "
+                        "ray (pip install 'modlens[ray]'; $RAY_ADDRESS or --ray-address, else a local instance)")
+    r.add_argument("--workers", type=int, default=None, help="tasks at once (default: CPU cores, or GPUs when several)")
+    r.add_argument("--replicates", type=int, default=None, help="replicates of every trained group (seeds 0..N-1)")
+    r.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
+                   help="run only these network groups of the study (e.g. mlp-mnist mlp-fashion)")
+    r.add_argument("--ray-address", default=None, help="address of a running Ray cluster")
+    r.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where partitioning, lesions and visualizations run (training runs on the CPU)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ss.add_parser("list", help="list the built-in studies")
+
+
+def _run_study(args) -> int:
+    if args.study_command == "list":
+        from modlens.study.builtin import BUILTIN
+
+        width = max(len(n) for n in BUILTIN)
+        for name, b in BUILTIN.items():
+            print(f"{name.ljust(width)}  {b.summary}")
+        return 0
+    import pandas as pd
+
+    from modlens.study.runner import run_study
+    from modlens.study.spec import load_spec
+
+    spec = load_spec(args.spec, data_dir=args.data_dir, replicates=args.replicates, groups=args.groups)
+    out = run_study(spec, args.out, data_dir=args.data_dir, executor=args.executor, workers=args.workers,
+                    progress=not args.no_progress, device=args.device, ray_address=args.ray_address)
+    rows = pd.read_parquet(out / "study_rows.parquet")
+    with pd.option_context("display.width", 160, "display.max_rows", 200):
+        print(rows[["group", "k", "partitioning", "metric", "p_value", "effect", "effect_se", "n_networks"]]
+              .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\nstudy {spec.name!r} written to {out} (study_rows.csv, networks/, study.json)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("modlens: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError, OSError) as exc:
+    except (ValueError, TypeError, ImportError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as exc:
         print(f"modlens: error: {exc}", file=sys.stderr)
         return 2
 
@@ -182,6 +228,8 @@ def _run(args) -> int:
     from modlens.study import runs
     from modlens.study.report import format_summary
 
+    if args.command == "study":
+        return _run_study(args)
     if args.command == "demo":
         result = runs.demo(dataset=args.dataset, seed=args.seed, epochs=args.epochs, n_clusters=args.n_clusters,
                            n_random=args.n_random, out=args.out, overwrite=args.overwrite, **_vis_kwargs(args),

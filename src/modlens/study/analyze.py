@@ -337,7 +337,8 @@ def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = Non
     return AnalysisResult(summary, all_tables, all_tests, partitions, config, vis, results[0].vis_results, cl_table)
 
 
-def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, extra_manifest: dict | None = None) -> Path:
+def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, extra_manifest: dict | None = None,
+                figures: bool = True) -> Path:
     target = Path(directory)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {target} is not empty; choose another folder or pass overwrite=True (--overwrite)")
@@ -357,7 +358,7 @@ def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, e
         if result.vis_results:
             from modlens.study.figures import save_vis_grids
 
-            for res in result.vis_results:
+            for res in result.vis_results if figures else ():  # figures=False: the images without the PNG grids
                 files += [str(p.relative_to(tmp)) for p in save_vis_grids(res, tmp / "figures")]
             images = {f"{r.config['partitioning']}": r.images for r in result.vis_results}
             np.savez_compressed(tmp / "vis_images.npz", **{k.replace("/", "__"): v for k, v in images.items()})

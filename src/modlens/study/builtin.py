@@ -1,0 +1,200 @@
+"""The built-in studies (``modlens study list``), each a TOML spec in the format of
+:mod:`modlens.study.spec`.
+
+* ``digits``: the demo as a study: the 4x256 MLP on scikit-learn's bundled digits, 3 replicates,
+  all four partitionings, lesions and feature visualization. No download.
+* ``paper-small``: the paper's MLP and small CNN on MNIST and Fashion-MNIST, 5 replicates each
+  (Tables 1, 4 and 5; the Fashion-MNIST rows have no counterpart in the paper's tables).
+* ``paper-halves``: MLPs on the halves, halves-same, stack-diff and stack-same variants of MNIST
+  (appendix A.4; their first-layer correlation maps are Figures 1 and 6).
+* ``paper-vgg``: the CIFAR-10 VGG, regularized (the paper's) and unregularized, 5 replicates each.
+* ``paper-k``: the regularized CIFAR-10 VGG at k = 8, 12 and 16 (Tables 2 and 3).
+* ``paper-imagenet``: VGG-16, VGG-19 and ResNet-18 from weights the user supplies (saved as modlens
+  model folders) and an ImageNet validation folder; 9 random sets, as in the paper.
+* ``paper-original``: ``paper-small`` with every original-code option of ``analyze`` switched on
+  (balanced accuracy, normalized class range, original ties and effect rule, max fraction 0.99,
+  the original feature visualization), to compare the paper's numbers with both definitions.
+
+CIFAR-10 studies need ``<data-dir>/cifar-10-batches-py/`` (or ``cifar-10-python.tar.gz``);
+``paper-imagenet`` needs ``<data-dir>/imagenet/val/<wnid>/*.JPEG`` and model folders
+``<data-dir>/imagenet-models/{vgg16,vgg19,resnet18}/`` (``model.safetensors`` + ``manifest.json``
+with ``{"type": "torchvision", "name": ...}``, see :func:`modlens.nn.io.save_model`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Builtin:
+    summary: str
+    toml: str
+
+
+_ALL = '["weights/global", "weights/local", "activations/global", "activations/local"]'
+
+_PAPER_SMALL_NETS = """
+[[networks]]
+group = "mlp-mnist"
+label = "MLP, MNIST"
+arch = "mlp"
+dataset = "mnist"
+replicates = 5
+
+[[networks]]
+group = "mlp-fashion"
+label = "MLP, Fashion-MNIST"
+arch = "mlp"
+dataset = "fashion-mnist"
+replicates = 5
+
+[[networks]]
+group = "cnn-mnist"
+label = "CNN, MNIST"
+arch = "cnn"
+dataset = "mnist"
+replicates = 5
+
+[[networks]]
+group = "cnn-fashion"
+label = "CNN, Fashion-MNIST"
+arch = "cnn"
+dataset = "fashion-mnist"
+replicates = 5
+"""
+
+_VGG = """
+[[networks]]
+group = "vgg-cifar10"
+label = "VGG, CIFAR-10"
+arch = "vgg"
+dataset = "cifar10"
+replicates = 5
+"""
+
+BUILTIN: dict[str, Builtin] = {
+    "digits": Builtin(
+        "4x256 MLP on the bundled digits, 3 replicates, 4 partitionings, lesions + feature vis (no download)",
+        f"""
+name = "digits"
+description = "The demo as a study: MLPs on scikit-learn's digits, lesion and feature-visualization tests."
+
+[analysis]
+k = [16]
+n_random = 19
+partitionings = {_ALL}
+metrics = ["lesion", "vis"]
+
+[[networks]]
+group = "mlp-digits"
+label = "MLP, digits"
+arch = "mlp"
+dataset = "digits"
+replicates = 3
+epochs = 60
+"""),
+    "paper-small": Builtin(
+        "MLP and small CNN on MNIST and Fashion-MNIST, 5 replicates each (Tables 1, 4, 5)",
+        f"""
+name = "paper-small"
+description = "The paper's small networks: Tables 1, 4 and 5 for MLPs and CNNs on MNIST (and Fashion-MNIST)."
+
+[analysis]
+k = [16]
+n_random = 19
+partitionings = {_ALL}
+metrics = ["lesion", "vis"]
+{_PAPER_SMALL_NETS}"""),
+    "paper-halves": Builtin(
+        "MLPs on halves / halves-same / stack-diff / stack-same MNIST, 5 replicates each (Figures 1, 6)",
+        f"""
+name = "paper-halves"
+description = "Two-image MNIST variants (appendix A.4): does modularity follow the task's structure?"
+
+[analysis]
+k = [16]
+n_random = 19
+partitionings = {_ALL}
+metrics = ["lesion", "vis"]
+""" + "".join(f"""
+[[networks]]
+group = "mlp-{v}-mnist"
+label = "MLP, {v}-MNIST"
+arch = "mlp"
+dataset = "{v}-mnist"
+replicates = 5
+""" for v in ("halves", "halves-same", "stack-diff", "stack-same"))),
+    "paper-vgg": Builtin(
+        "CIFAR-10 VGG, regularized and unregularized, 5 replicates each (needs the CIFAR-10 files)",
+        f"""
+name = "paper-vgg"
+description = "The mid-sized CNNs: VGGs on CIFAR-10 with and without dropout and L2."
+
+[analysis]
+k = [16]
+n_random = 19
+partitionings = {_ALL}
+metrics = ["lesion", "vis"]
+{_VGG}
+[[networks]]
+group = "vgg-cifar10-unreg"
+label = "VGG (unregularized), CIFAR-10"
+arch = "vgg"
+dataset = "cifar10"
+regularize = false
+replicates = 5
+"""),
+    "paper-k": Builtin(
+        "the regularized CIFAR-10 VGG at k = 8, 12, 16 (Tables 2, 3; needs the CIFAR-10 files)",
+        f"""
+name = "paper-k"
+description = "Robustness to the number of clusters (appendix A.6)."
+
+[analysis]
+k = [8, 12, 16]
+n_random = 19
+partitionings = {_ALL}
+metrics = ["lesion", "vis"]
+{_VGG}"""),
+    "paper-imagenet": Builtin(
+        "VGG-16, VGG-19, ResNet-18 from your weights and an ImageNet validation folder, 9 random sets",
+        f"""
+name = "paper-imagenet"
+description = "The ImageNet networks, from weights the user supplies (one network each, as in the paper)."
+
+[analysis]
+k = [16]
+n_random = 9
+partitionings = {_ALL}
+metrics = ["lesion", "vis"]
+""" + "".join(f"""
+[[networks]]
+group = "{g}-imagenet"
+label = "{label}, ImageNet"
+models = ["{{data_dir}}/imagenet-models/{g}"]
+imagenet = {{ folder = "{{data_dir}}/imagenet/val", per_class = 10, activation_per_class = 5 }}
+""" for g, label in (("vgg16", "VGG-16"), ("vgg19", "VGG-19"), ("resnet18", "ResNet-18")))),
+    "paper-original": Builtin(
+        "paper-small with every original-code option switched on (rows 7, 9-11, 14-16 of the notes)",
+        f"""
+name = "paper-original"
+description = "paper-small analysed with the original code's definitions, for comparison with the paper's numbers."
+
+[analysis]
+k = [16]
+n_random = 19
+partitionings = {_ALL}
+metrics = ["lesion", "vis"]
+accuracy = "balanced"
+class_range = "normalized"
+ties = "original"
+effect_rule = "original"
+max_fraction = 0.99
+
+[analysis.vis]
+original = true
+{_PAPER_SMALL_NETS}"""),
+}
+
+__all__ = ["BUILTIN", "Builtin"]

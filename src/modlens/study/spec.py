@@ -1,0 +1,289 @@
+"""Study specifications: what networks to train or load, and how to analyse them.
+
+A spec is a TOML file (or one of the built-in studies, :mod:`modlens.study.builtin`)::
+
+    name = "my-study"
+    description = "MLPs on MNIST, two partitionings"
+
+    [analysis]                      # every key optional; defaults are the paper's
+    k = [16]                        # clusters per partitioning; several values: one analysis each
+    n_random = 19                   # random sets per true subcluster
+    partitionings = ["weights/global", "activations/global"]
+    metrics = ["lesion", "vis"]     # lesion: acc_drop + class_range; vis: vis_score + softmax_entropy
+    accuracy = "accuracy"           # and class_range, ties, effect_rule, max_fraction, engine, alpha:
+    seed = 0                        #   the options of `modlens analyze`; seed enters every analysis seed
+    figures = false                 # true: PNG grids of every network's visualizations (networks/<id>/figures/;
+                                    #   slow: minutes per network at k = 16 on 2 cores)
+    [analysis.vis]                  # options of the feature visualization (steps, lr, original, ...)
+    steps = 100
+
+    [[networks]]                    # a group of identically configured replicates, trained here
+    group = "mlp-mnist"
+    label = "MLP, MNIST"            # the paper's name of the network (tables)
+    arch = "mlp"                    # mlp | cnn | vgg
+    dataset = "mnist"
+    replicates = 5                  # seeds 0..4 (or seeds = [...])
+    epochs = 20                     # and batch_size, l2, augment, regularize, n_val, data_seed
+
+    [[networks]]                    # or saved model folders (relative to the spec file)
+    group = "mine"
+    models = ["runs/a", "runs/b"]
+
+``{data_dir}`` in a path stands for the study's data folder (``--data-dir``). ImageNet networks
+name their validation folder: ``imagenet = {folder = "{data_dir}/imagenet/val", per_class = 10}``.
+Every key is checked when the spec is loaded; an unknown key or a wrong type is an error that
+names it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modlens.experiments.partitioning import METHODS
+from modlens.study.summary import EFFECT_RULES, TIE_RULES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+ARCHS = ("mlp", "cnn", "vgg")
+METRIC_SETS = ("lesion", "vis")
+_ANALYSIS_KEYS = {
+    "k": list, "n_random": int, "partitionings": list, "metrics": list, "accuracy": str, "class_range": str,
+    "ties": str, "effect_rule": str, "max_fraction": (float, int), "engine": str, "alpha": float, "seed": int,
+    "vis": dict, "figures": bool,
+}
+_RECIPE_KEYS = {"epochs": int, "batch_size": int, "l2": (float, int), "augment": bool, "regularize": bool,
+                "n_val": int, "data_seed": int}
+_NETWORK_KEYS = {"group": str, "label": str, "arch": str, "dataset": str, "replicates": int, "seeds": list,
+                 "models": list, "imagenet": dict, **_RECIPE_KEYS}
+_VIS_KEYS = {"steps": int, "lr": float, "original": bool, "parameterization": str, "transforms": str,
+             "objective": str, "min_size": int, "batch_size": int}
+_IMAGENET_KEYS = {"folder": str, "per_class": int, "activation_per_class": int, "classes": str, "seed": int}
+_CHOICES = {"accuracy": ("accuracy", "balanced"), "class_range": ("range", "normalized"), "ties": TIE_RULES,
+            "effect_rule": EFFECT_RULES, "engine": ("incremental", "plain")}
+
+
+class SpecError(ValueError):
+    """A study spec that cannot be run; the message names the spec, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Analysis:
+    k: tuple[int, ...] = (16,)
+    n_random: int = 19
+    partitionings: tuple[str, ...] = METHODS
+    metrics: tuple[str, ...] = ("lesion",)
+    accuracy: str = "accuracy"
+    class_range: str = "range"
+    ties: str = "mid"
+    effect_rule: str = "paper"
+    max_fraction: float | None = None
+    engine: str = "incremental"
+    alpha: float = 0.05
+    seed: int = 0
+    vis: dict = field(default_factory=dict)
+    figures: bool = False
+
+    @property
+    def feature_vis(self) -> bool:
+        return "vis" in self.metrics
+
+
+@dataclass(frozen=True)
+class NetworkGroup:
+    """Identically configured replicates: trained from a recipe (``arch``/``dataset``/``seeds``)
+    or loaded from saved ``models``."""
+
+    group: str
+    label: str
+    arch: str | None = None
+    dataset: str | None = None
+    seeds: tuple[int, ...] = ()
+    models: tuple[str, ...] = ()
+    recipe: dict = field(default_factory=dict)
+    imagenet: dict | None = None
+
+    @property
+    def trained(self) -> bool:
+        return not self.models
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    description: str
+    analysis: Analysis
+    networks: tuple[NetworkGroup, ...]
+    source: str = "<dict>"
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def _check_keys(where: str, table: dict, allowed: dict) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise SpecError(f"{where}: unknown key {key!r}; allowed keys: {', '.join(sorted(allowed))}")
+        want = allowed[key]
+        kinds = want if isinstance(want, tuple) else (want,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise SpecError(f"{where}: {key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise SpecError(f"{where}: {key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+
+
+def _positive(where: str, key: str, value: int, minimum: int = 1) -> int:
+    if value < minimum:
+        raise SpecError(f"{where}: {key} must be at least {minimum}, got {value}")
+    return value
+
+
+def _analysis(table: dict, where: str) -> Analysis:
+    _check_keys(where, table, _ANALYSIS_KEYS)
+    a = dict(table)
+    if "k" in a:
+        if not a["k"] or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in a["k"]):
+            raise SpecError(f"{where}: k must be a non-empty list of integers >= 2, got {a['k']!r}")
+        a["k"] = tuple(dict.fromkeys(a["k"]))
+    if "partitionings" in a:
+        bad = [p for p in a["partitionings"] if p not in METHODS]
+        if bad or not a["partitionings"]:
+            raise SpecError(f"{where}: unknown partitionings {bad or a['partitionings']}; choose from {', '.join(METHODS)}")
+        a["partitionings"] = tuple(dict.fromkeys(a["partitionings"]))
+    if "metrics" in a:
+        bad = [m for m in a["metrics"] if m not in METRIC_SETS]
+        if bad or "lesion" not in a["metrics"]:
+            raise SpecError(f"{where}: metrics must include 'lesion' and may add 'vis'; got {a['metrics']!r}")
+        a["metrics"] = tuple(m for m in METRIC_SETS if m in a["metrics"])
+    for key, choices in _CHOICES.items():
+        if key in a and a[key] not in choices:
+            raise SpecError(f"{where}: {key} must be one of {', '.join(choices)}, got {a[key]!r}")
+    if "n_random" in a:
+        _positive(where, "n_random", a["n_random"])
+    if "seed" in a:
+        _positive(where, "seed", a["seed"], 0)
+    if "max_fraction" in a and not 0 < a["max_fraction"] <= 1:
+        raise SpecError(f"{where}: max_fraction must be in (0, 1], got {a['max_fraction']}")
+    if "alpha" in a and not 0 < a["alpha"] < 1:
+        raise SpecError(f"{where}: alpha must be in (0, 1), got {a['alpha']}")
+    if "vis" in a:
+        _check_keys(f"{where}.vis", a["vis"], _VIS_KEYS)
+    return Analysis(**a)
+
+
+def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> NetworkGroup:
+    _check_keys(where, table, _NETWORK_KEYS)
+    if "group" not in table:
+        raise SpecError(f"{where}: every [[networks]] entry needs a group name, e.g. group = \"mlp-mnist\"")
+    group = table["group"]
+    if not group or any(c in group for c in "/\\ ") or group.startswith("."):
+        raise SpecError(f"{where}: group {group!r} must be a non-empty name without '/', '\\' or spaces")
+    label = table.get("label", group)
+    recipe = {k: table[k] for k in _RECIPE_KEYS if k in table}
+    imagenet = table.get("imagenet")
+    if imagenet is not None:
+        _check_keys(f"{where}.imagenet", imagenet, _IMAGENET_KEYS)
+        if "folder" not in imagenet:
+            raise SpecError(f"{where}.imagenet: name the validation folder, e.g. folder = \"{{data_dir}}/imagenet/val\"")
+        imagenet = dict(imagenet, folder=str(_path(imagenet["folder"], base, data_dir)))
+    if "models" in table:
+        clash = [k for k in ("arch", "dataset", "replicates", "seeds", *recipe) if k in table]
+        if clash:
+            raise SpecError(f"{where}: a group of saved models takes no training keys ({', '.join(clash)}); "
+                            "drop them or drop 'models'")
+        if not table["models"] or not all(isinstance(m, str) for m in table["models"]):
+            raise SpecError(f"{where}: models must be a non-empty list of model folders")
+        models = tuple(str(_path(m, base, data_dir)) for m in table["models"])
+        return NetworkGroup(group, label, models=models, imagenet=imagenet)
+    if imagenet is not None:
+        raise SpecError(f"{where}: imagenet data goes with saved models (models = [...]); modlens does not train ImageNet networks")
+    for key in ("arch", "dataset"):
+        if key not in table:
+            raise SpecError(f"{where}: a trained group needs {key} (or give saved model folders as models = [...])")
+    if table["arch"] not in ARCHS:
+        raise SpecError(f"{where}: arch must be one of {', '.join(ARCHS)}, got {table['arch']!r}")
+    from modlens.data import DATASETS
+
+    if table["dataset"] not in DATASETS:
+        raise SpecError(f"{where}: unknown dataset {table['dataset']!r}; valid: {', '.join(DATASETS)}")
+    if "seeds" in table and "replicates" in table:
+        raise SpecError(f"{where}: give seeds or replicates, not both")
+    if "seeds" in table:
+        seeds = table["seeds"]
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            raise SpecError(f"{where}: seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise SpecError(f"{where}: seeds repeat: {seeds!r}")
+    else:
+        seeds = list(range(_positive(where, "replicates", table.get("replicates", 5))))
+    if recipe.get("regularize") is False and table["arch"] != "vgg":
+        raise SpecError(f"{where}: regularize = false applies to the VGG only (the MLP and CNN have no dropout or L2)")
+    return NetworkGroup(group, label, arch=table["arch"], dataset=table["dataset"], seeds=tuple(seeds), recipe=recipe)
+
+
+def _path(text: str, base: Path, data_dir: Path | None) -> Path:
+    if "{data_dir}" in text:
+        from modlens.data import data_root
+
+        text = text.replace("{data_dir}", str(data_root(data_dir)))
+    p = Path(os.path.expanduser(text))
+    return p if p.is_absolute() else base / p
+
+
+def spec_from_dict(raw: dict, *, source: str = "<dict>", base: str | os.PathLike = ".",
+                   data_dir=None, replicates: int | None = None, groups=None) -> StudySpec:
+    """Check ``raw`` (a parsed TOML document) and build the spec. ``replicates`` overrides the number
+    of replicates of every trained group (seeds 0..n-1); ``groups`` keeps only the named groups."""
+    raw = copy.deepcopy(raw)
+    keep = None if groups is None else list(groups)
+    _check_keys(source, raw, {"name": str, "description": str, "analysis": dict, "networks": list})
+    if not raw.get("networks"):
+        raise SpecError(f"{source}: no networks; add at least one [[networks]] table")
+    analysis = _analysis(raw.get("analysis", {}), f"{source} [analysis]")
+    base = Path(base)
+    dd = Path(data_dir) if data_dir is not None else None
+    groups = []
+    for i, table in enumerate(raw["networks"]):
+        if not isinstance(table, dict):
+            raise SpecError(f"{source}: networks[{i}] must be a table ([[networks]])")
+        g = _network(table, f"{source} networks[{i}]", base, dd)
+        if replicates is not None and g.trained:
+            g = NetworkGroup(g.group, g.label, g.arch, g.dataset, tuple(range(_positive(source, "--replicates", replicates))),
+                             recipe=g.recipe)
+        groups.append(g)
+    names = [g.group for g in groups]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SpecError(f"{source}: group names repeat: {', '.join(dup)}; every [[networks]] needs its own group")
+    if keep is not None:
+        unknown = [n for n in keep if n not in names]
+        if unknown or not keep:
+            raise SpecError(f"{source}: no group {', '.join(unknown) or '(none given)'}; its groups are {', '.join(names)}")
+        groups = [g for g in groups if g.group in keep]
+    return StudySpec(raw.get("name", Path(source).stem), raw.get("description", ""), analysis, tuple(groups), source, raw)
+
+
+def load_spec(name_or_path: str | os.PathLike, *, data_dir=None, replicates: int | None = None, groups=None) -> StudySpec:
+    """A built-in study by name, or a TOML spec file."""
+    from modlens.study.builtin import BUILTIN
+
+    text = str(name_or_path)
+    if text in BUILTIN:
+        raw = tomllib.loads(BUILTIN[text].toml)
+        return spec_from_dict(raw, source=f"built-in study {text!r}", base=".", data_dir=data_dir, replicates=replicates, groups=groups)
+    path = Path(text)
+    if not path.is_file():
+        raise SpecError(f"no built-in study and no spec file called {text!r}; built-in studies: {', '.join(BUILTIN)} "
+                        "(`modlens study list`)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML ({exc})") from None
+    return spec_from_dict(raw, source=str(path), base=path.parent, data_dir=data_dir, replicates=replicates, groups=groups)
+
+
+__all__ = ["SpecError", "Analysis", "NetworkGroup", "StudySpec", "spec_from_dict", "load_spec", "ARCHS"]

@@ -1,0 +1,206 @@
+"""What each kind of study task computes: ``run_<kind>(out, params, inputs, context, say)``
+writes the task's files into ``out`` (a temporary folder) and returns ``(digest, info)``.
+
+``inputs`` maps a name to ``{"dir": folder of the upstream output, "digest": ...}`` (lists for the
+statistics task); ``context`` holds what does not change results (``data_dir``, ``device``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from modlens.study.tasks import canonical
+
+_DATA_CACHE: dict[str, tuple] = {}
+
+
+def _device(context: dict) -> str:
+    want = context.get("device", "cpu")
+    if want == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return want
+
+
+def network_data(data: dict, data_dir=None):
+    """``((x_test, y_test), x_activation)`` tensors for a network's data description: a model
+    manifest's ``dataset`` entry, or ``{"imagenet": {...}}``. Kept for the next task of the process."""
+    key = canonical([data, str(data_dir)])
+    if key not in _DATA_CACHE:
+        if "imagenet" in data:
+            value = _imagenet_data(data["imagenet"])
+        else:
+            from modlens.study.runs import model_data
+
+            value = model_data({"dataset": data}, data_dir=data_dir)
+        _DATA_CACHE.clear()  # one dataset at a time: MNIST-sized arrays are large enough
+        _DATA_CACHE[key] = value
+    return _DATA_CACHE[key]
+
+
+def _imagenet_data(spec: dict):
+    """Test and activation images from an ImageNet validation folder: per class, a seeded sample of
+    ``per_class + activation_per_class`` images, the first ``per_class`` (by file name) for the
+    lesion test and the rest for the activation graph, so the two never overlap."""
+    import torch
+
+    from modlens.data import ImageFolderIndex, index_image_folder
+    from modlens.data._imagenet import image_batches
+
+    per_class, act = int(spec.get("per_class", 10)), int(spec.get("activation_per_class", 5))
+    index = index_image_folder(spec["folder"], per_class=per_class + act, seed=int(spec.get("seed", 0)),
+                               classes=spec.get("classes"))
+    position = np.zeros(len(index), dtype=np.int64)
+    for c in np.unique(index.labels):
+        members = np.flatnonzero(index.labels == c)
+        position[members] = np.arange(len(members))
+    parts = []
+    for mask in (position < per_class, position >= per_class):
+        sub = ImageFolderIndex(index.root, tuple(p for p, m in zip(index.paths, mask) if m), index.labels[mask],
+                               index.classes)
+        xs, ys = zip(*image_batches(sub, batch_size=64, size=224, resize=256, normalize=True))
+        parts.append((torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))))
+    return parts[0], parts[1][0]
+
+
+def data_identity(data: dict) -> dict:
+    """What identifies a network's data in task keys. Named datasets are read from md5-checked
+    files, so their name, seed and held-out split identify them; an ImageNet folder is identified by
+    the relative paths and sizes of the images it holds."""
+    if "imagenet" not in data:
+        return data
+    import hashlib
+
+    spec = data["imagenet"]
+    root = Path(spec["folder"])
+    digest = hashlib.sha256()
+    for p in sorted(root.glob("*/*")):
+        if p.is_file():
+            digest.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode())
+    return {"imagenet": {k: v for k, v in spec.items() if k != "folder"}, "files": digest.hexdigest()}
+
+
+def _load(inputs: dict, context: dict):
+    from modlens.nn.adapter import NetworkAdapter
+    from modlens.nn.io import load_model
+
+    model, manifest = load_model(inputs["model"]["dir"])
+    device = _device(context)
+    if device != "cpu":
+        model = model.to(device)
+    return model, NetworkAdapter(model), manifest
+
+
+def _read_partition(inputs: dict):
+    from modlens.study.stages import partition_from_dict
+
+    return partition_from_dict(json.loads((Path(inputs["partition"]["dir"]) / "partition.json").read_text()))
+
+
+def run_train(out: Path, params: dict, inputs: dict, context: dict, say):
+    from modlens.study.runs import train_reference
+
+    recipe = params["recipe"]
+    say("total", int(recipe.get("epochs") or _default_epochs(params)))
+    _, manifest = train_reference(
+        params["dataset"], seed=params["seed"], out=out, data_dir=context.get("data_dir"),
+        data_seed=recipe.get("data_seed", 0), epochs=recipe.get("epochs"), batch_size=recipe.get("batch_size"),
+        n_val=recipe.get("n_val", 5000), arch=params["arch"], augment=recipe.get("augment"), l2=recipe.get("l2"),
+        regularize=recipe.get("regularize", True), progress=lambda epoch, n, loss: say("advance", 1))
+    sha = json.loads((out / "manifest.json").read_text())["sha256"]
+    return sha, {"test_accuracy": manifest["accuracy"], "dataset": manifest["dataset"]}
+
+
+def _default_epochs(params: dict) -> int:
+    from modlens.experiments.train import RECIPES
+    from modlens.study.runs import DIGITS_EPOCHS
+
+    if params["dataset"].endswith("digits") and params["arch"] == "mlp":
+        return DIGITS_EPOCHS
+    return RECIPES[params["arch"]]["epochs"]
+
+
+def run_partition(out: Path, params: dict, inputs: dict, context: dict, say):
+    from modlens.study.stages import partition_digest, partition_one, partition_to_dict
+
+    _, adapter, _ = _load(inputs, context)
+    _, act = network_data(params["data"], context.get("data_dir"))
+    say("total", 1)
+    part = partition_one(adapter, params["method"], activation_data=act, n_clusters=params["k"],
+                         random_state=params["random_state"])
+    (out / "partition.json").write_text(json.dumps(partition_to_dict(part), default=float))
+    say("advance", 1)
+    return partition_digest(part), {"ncut": part.ncut, "n_subclusters": len(part.subclusters())}
+
+
+def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
+    from modlens.study.stages import lesion_one
+
+    _, adapter, _ = _load(inputs, context)
+    (x, y), _ = network_data(params["data"], context.get("data_dir"))
+    part = _read_partition(inputs)
+    o = params["options"]
+    say("total", len(part.subclusters(max_fraction=o["max_fraction"])) * (o["n_random"] + 1))
+    table = lesion_one(adapter, part, x, y, name=params["method"], n_random=o["n_random"],
+                       random_state=params["random_state"], accuracy=o["accuracy"], class_range=o["class_range"],
+                       max_fraction=o["max_fraction"], engine=o["engine"], progress=lambda n: say("advance", n))
+    table.to_parquet(out / "lesions.parquet", index=False)
+    return None, {"rows": len(table)}
+
+
+def run_vis(out: Path, params: dict, inputs: dict, context: dict, say):
+    from modlens.study.stages import vis_one, vis_options
+
+    _, adapter, _ = _load(inputs, context)
+    (x, _), _ = network_data(params["data"], context.get("data_dir"))
+    part = _read_partition(inputs)
+    o = params["options"]
+    opts = vis_options(x, max_fraction=o["max_fraction"], options=o["vis"])
+    say("total", len(part.subclusters(min_size=opts.get("min_size", 2), max_fraction=opts["max_fraction"])) * (o["n_random"] + 1))
+    res = vis_one(adapter, part, x, name=params["method"], n_random=o["n_random"], random_state=params["random_state"],
+                  max_fraction=o["max_fraction"], options=o["vis"], progress=lambda n: say("advance", n))
+    res.table.to_parquet(out / "vis.parquet", index=False)
+    np.save(out / "images.npy", np.asarray(res.images, dtype=np.float32))
+    (out / "config.json").write_text(json.dumps(res.config, default=float))
+    return None, {"rows": len(res.table)}
+
+
+def _read_vis(folder: Path):
+    from modlens.experiments.feature_vis import VisResult
+
+    return VisResult(pd.read_parquet(folder / "vis.parquet"), np.load(folder / "images.npy"),
+                     json.loads((folder / "config.json").read_text()))
+
+
+def run_stats(out: Path, params: dict, inputs: dict, context: dict, say):
+    """Per-network statistics: the network's saved analysis result (the ``save_result`` format)."""
+    from modlens.study.analyze import save_result
+    from modlens.study.stages import assemble, partition_from_dict
+
+    say("total", 1)
+    partitions = {}
+    for item in inputs["partitions"]:
+        p = partition_from_dict(json.loads((Path(item["dir"]) / "partition.json").read_text()))
+        partitions[p.method] = p
+    lesions = [pd.read_parquet(Path(item["dir"]) / "lesions.parquet") for item in inputs["lesions"]]
+    vis = [_read_vis(Path(item["dir"])) for item in inputs.get("vis", [])]
+    o = params["options"]
+    config = {"n_clusters": params["k"], "random_state": params["random_state"], **{k: o[k] for k in (
+        "n_random", "accuracy", "class_range", "ties", "effect_rule", "max_fraction", "engine", "alpha")},
+        "network": params["network"]}
+    result = assemble(partitions, lesions, vis, ties=o["ties"], effect_rule=o["effect_rule"], alpha=o["alpha"],
+                      config=config)
+    for frame in (result.subclusters, result.tests, result.visualizations):
+        if frame is not None:
+            frame["network"] = params["network"]["id"]
+    save_result(result, out / "result", extra_manifest={"models": [params["network"]]}, figures=o.get("figures", False))
+    say("advance", 1)
+    return None, {"n_subclusters": int(result.summary["n_subclusters"].max())}
+
+
+__all__ = ["network_data", "data_identity", "run_train", "run_partition", "run_lesion", "run_vis", "run_stats"]

@@ -1,0 +1,170 @@
+"""The tasks of a study and the cache that holds their outputs.
+
+A task is ``(kind, params, inputs)``: ``params`` are JSON-able options, ``inputs`` the outputs of
+the tasks it depends on. Its key is the SHA-256 of its kind, a format version, its params and the
+digests of its inputs (a model's digest is the SHA-256 of its weights, a partition's that of its
+labels), so the key changes exactly when something the task depends on changes. A task writes into
+``<study>/tasks/<kind>/.tmp-<key>-<pid>/`` and renames that folder to ``<study>/tasks/<kind>/<key>/``
+when it is complete: a finished task is a folder that exists, a killed one leaves only a temporary
+folder that the next run removes.
+
+Every task runs with one CPU thread (torch and the BLAS libraries): results of floating-point
+reductions depend on the number of threads, and a study's tables must not depend on how many
+workers run it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+#: Bump a kind's version when what its task computes changes, so old cache entries are not reused.
+VERSIONS = {"train": 1, "partition": 1, "lesion": 1, "vis": 1, "stats": 1}
+RESULT_FILE = "result.json"
+
+
+def canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"not JSON-serializable: {type(obj).__name__}")
+
+
+def task_key(kind: str, params: dict, input_digests: dict[str, str]) -> str:
+    from modlens._version import __version__
+
+    body = {"kind": kind, "version": VERSIONS[kind], "modlens": __version__, "params": params,
+            "inputs": input_digests}
+    return hashlib.sha256(canonical(body).encode()).hexdigest()
+
+
+def derived_seed(*parts) -> int:
+    """A 31-bit seed from a SeedSequence over ``parts`` (ints, or hex digests/strings hashed to ints)."""
+    words = []
+    for p in parts:
+        if isinstance(p, (int, np.integer)):
+            words.append(int(p))
+        else:
+            words.append(int(hashlib.sha256(str(p).encode()).hexdigest()[:16], 16))
+    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def task_dir(study_dir: Path, kind: str, key: str) -> Path:
+    return Path(study_dir) / "tasks" / kind / key
+
+
+def read_done(study_dir: Path, kind: str, key: str) -> dict | None:
+    """The recorded result of a finished task, or None."""
+    path = task_dir(study_dir, kind, key) / RESULT_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def clean_temporaries(study_dir: Path) -> int:
+    """Remove the temporary folders and files that killed runs left behind."""
+    n = 0
+    root = Path(study_dir)
+    for path in [*root.glob("tasks/*/.tmp-*"), *root.glob(".*.tmp-*"), *root.glob("networks/.*.tmp-*"),
+                 *root.glob("networks/.*.old-*")]:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+@contextmanager
+def single_thread():
+    """Run torch and the BLAS libraries on one thread; restore the previous settings afterwards."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def atomic_write_frame(frame, path_stem: Path) -> None:
+    """``<stem>.parquet`` and ``<stem>.csv``, each written to a temporary name and renamed."""
+    path_stem = Path(path_stem)
+    for ext in ("parquet", "csv"):
+        final = path_stem.with_name(f"{path_stem.name}.{ext}")
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        if ext == "parquet":
+            frame.to_parquet(tmp, index=False)
+        else:
+            frame.to_csv(tmp, index=False)
+        os.replace(tmp, final)
+
+
+# ---------------------------------------------------------------- execution in a worker
+
+Progress = Callable[[str, int], None]  # ("total", n) once, then ("advance", n)
+
+
+def execute(study_dir: str, kind: str, key: str, params: dict, inputs: dict, context: dict,
+            progress: Progress | None = None) -> dict:
+    """Run one task (in whatever process the executor chose) unless its folder already exists;
+    return its recorded result (``digest``, ``seconds``, ``info``)."""
+    study_dir = Path(study_dir)
+    done = read_done(study_dir, kind, key)
+    if done is not None:
+        return done
+    final = task_dir(study_dir, kind, key)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{key[:16]}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    say = progress or (lambda what, n: None)
+    started = time.perf_counter()
+    from modlens.study import task_kinds
+
+    try:
+        with single_thread():
+            digest, info = getattr(task_kinds, f"run_{kind}")(tmp, params, inputs, context, say)
+        result = {"kind": kind, "key": key, "digest": digest or key, "seconds": time.perf_counter() - started,
+                  "info": info}
+        (tmp / RESULT_FILE).write_text(canonical(result))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another worker finished the same task first: keep its output
+            if read_done(study_dir, kind, key) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return read_done(study_dir, kind, key)
+
+
+__all__ = ["VERSIONS", "task_key", "derived_seed", "task_dir", "read_done", "clean_temporaries", "execute",
+           "single_thread", "atomic_write_text", "atomic_write_frame", "canonical"]

@@ -1,0 +1,162 @@
+"""Running studies: the task cache, reruns after a change, executors, and resuming killed runs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from modlens.study.runner import run_study
+from modlens.study.spec import load_spec
+from modlens.study.summary import summarize
+
+from study_helpers import TINY, assert_same_tables, table_files, write_spec
+
+pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny study run once, uninterrupted, inline."""
+    root = tmp_path_factory.mktemp("study")
+    spec_path = write_spec(root)
+    out = run_study(load_spec(spec_path), root / "ref", progress=False)
+    return spec_path, out
+
+
+def _tasks(study: Path) -> list[dict]:
+    return json.loads((study / "study.json").read_text())["tasks"]
+
+
+def _rerun(reference, tmp_path, text=TINY, **kw):
+    _, ref = reference
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out)
+    spec = write_spec(tmp_path, text, "changed.toml")
+    run_study(load_spec(spec), out, progress=False, **kw)
+    ran = sorted({t["kind"] for t in _tasks(out) if not t["cached"]})
+    return out, ran
+
+
+def test_outputs_of_a_study(reference):
+    spec_path, out = reference
+    rows = pd.read_parquet(out / "study_rows.parquet")
+    assert list(rows.columns[:4]) == ["table_family", "group", "network_label", "k"]
+    for col in ["partitioning", "metric", "p_value", "effect", "effect_se", "n_networks", "n_subclusters"]:
+        assert col in rows.columns
+    assert len(rows) == 2 * 4 and set(rows["n_networks"]) == {2}
+    assert (rows["network_label"] == "MLP, digits").all() and (rows["k"] == 4).all()
+    assert dict(zip(rows["metric"], rows["table_family"])) == {
+        "acc_drop": "lesion", "class_range": "lesion", "vis_score": "vis", "softmax_entropy": "vis"}
+    # Fisher-Bates over the two networks' tests, as summarize computes it
+    tests = pd.concat([pd.read_parquet(out / "networks" / n / "tests.parquet").assign(network=n)
+                       for n in ("mlp-digits-s0", "mlp-digits-s1")])
+    expect = summarize(tests, partitionings=["weights/global", "activations/local"])
+    pd.testing.assert_series_equal(rows["p_value"], expect["p_value"])
+    pd.testing.assert_series_equal(rows["effect"], expect["effect"])
+    # each network's own result is a saved analysis
+    for n in ("mlp-digits-s0", "mlp-digits-s1"):
+        manifest = json.loads((out / "networks" / n / "manifest.json").read_text())
+        assert manifest["format"] == "modlens-analysis" and manifest["config"]["n_clusters"] == 4
+        assert not (out / "networks" / n / "figures").exists()  # figures = false, the default of studies
+    record = json.loads((out / "study.json").read_text())
+    assert record["name"] == "tiny" and record["versions"]["modlens"] and record["started"] <= record["finished"]
+    assert [n["train_seed"] for n in record["networks"]] == [0, 1]
+    assert all((out / n["model_dir"] / "model.safetensors").is_file() for n in record["networks"])
+    kinds = [t["kind"] for t in record["tasks"]]
+    assert kinds.count("train") == 2 and kinds.count("stats") == 2 and len(kinds) == 2 + 2 * 2 * 3 + 2
+    assert not any(t["cached"] for t in record["tasks"])
+
+
+def test_rerun_skips_every_task(reference, tmp_path):
+    out, ran = _rerun(reference, tmp_path)
+    assert ran == []
+    assert_same_tables(reference[1], out)
+
+
+@pytest.mark.parametrize("change, reruns", [
+    (("steps = 5", "steps = 6"), ["stats", "vis"]),
+    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\nties = "original"'), ["stats"]),
+    (("n_random = 3", "n_random = 4"), ["lesion", "stats", "vis"]),
+    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\nfigures = true'), ["stats"]),
+    (("k = [4]", "k = [4, 5]"), ["lesion", "partition", "stats", "vis"]),
+])
+def test_changing_one_option_reruns_only_what_depends_on_it(reference, tmp_path, change, reruns):
+    out, ran = _rerun(reference, tmp_path, TINY.replace(*change))
+    assert ran == reruns
+    if change[0] == "k = [4]":  # the k=4 partitions and tests are reused (their statistics are renamed -k4)
+        fresh = [t for t in _tasks(out) if not t["cached"] and t["kind"] != "stats"]
+        assert fresh and all("-k5" in t["task"] for t in fresh)
+    if "figures" in change[1]:
+        assert list((out / "networks" / "mlp-digits-s0" / "figures").glob("feature_vis_*.png"))
+
+
+def test_seeds_do_not_depend_on_order_or_company(reference, tmp_path):
+    """One replicate alone, in a graph of another shape, gives its tables of the full study."""
+    _, ref = reference
+    text = TINY.replace("replicates = 2", "seeds = [1]")
+    out = run_study(load_spec(write_spec(tmp_path, text)), tmp_path / "one", progress=False)
+    for name in ("summary", "subclusters", "tests", "visualizations"):
+        a = (ref / "networks" / "mlp-digits-s1" / f"{name}.parquet").read_bytes()
+        assert a == (out / "networks" / "mlp-digits-s1" / f"{name}.parquet").read_bytes()
+
+
+def test_processes_executor_gives_identical_tables(reference, tmp_path):
+    spec_path, ref = reference
+    out = run_study(load_spec(spec_path), tmp_path / "pool", executor="processes", workers=2, progress=False)
+    assert_same_tables(ref, out)
+    assert json.loads((out / "study.json").read_text())["executor"] == "processes"
+
+
+def _cli(spec: Path, out: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "modlens.cli", "study", "run", str(spec), "--out", str(out),
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _finished(out: Path) -> int:
+    return sum(1 for p in out.glob("tasks/*/*") if not p.name.startswith("."))
+
+
+def _kill_when(proc: subprocess.Popen, condition, limit: float = 240.0) -> bool:
+    """SIGKILL ``proc`` as soon as ``condition()`` holds; False when it finished first."""
+    stop = time.monotonic() + limit
+    while time.monotonic() < stop:
+        if proc.poll() is not None:
+            return False
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("the study neither finished nor reached the kill point in time")
+
+
+def test_killed_runs_resume_to_identical_tables(reference, tmp_path):
+    spec_path, ref = reference
+    out = tmp_path / "killed"
+    points = [
+        lambda: any(out.glob("tasks/train/.tmp-*")),                             # while training the first network
+        lambda: _finished(out) >= 5,                                             # among the partitions and lesions
+        lambda: any(out.glob("tasks/vis/.tmp-*")) or any(out.glob("tasks/stats/.tmp-*")),  # while writing a task
+    ]
+    kills = 0
+    for point in points:
+        kills += _kill_when(_cli(spec_path, out), point)
+    assert kills >= 2
+    assert not (out / "study_rows.parquet").exists() or kills < 3
+    proc = _cli(spec_path, out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert not list(out.glob("tasks/*/.tmp-*"))
+    assert any(t["cached"] for t in _tasks(out))  # the work done before the kills was kept
+    assert_same_tables(ref, out)
+    assert len(table_files(out)) == 2 + 2 * 8
