@@ -187,7 +187,9 @@ def _embedding(s, d_model: int):
     lookups = [n for n in s.gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default
                and n.args[1] is s.input and n.args[0].op == "get_attr"]
     if len(lookups) == 1:
-        w = getattr(s.gm, lookups[0].args[0].target)
+        w = s.gm
+        for part in lookups[0].args[0].target.split("."):
+            w = getattr(w, part)
         if w.shape[1] == d_model:
             return _np(w).T
     return None

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from modlens.nn import _capture, _fx, _memory
+from modlens.nn.inputs import to_model
 from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS, REDUCERS, bn_row_scale, channels_first, edge_block
 from modlens.nn._fx import ModelTraceError
 from modlens.nn._plan import LesionPlan
@@ -90,7 +91,7 @@ class NetworkAdapter:
         if example is not None:
             example = torch.as_tensor(example)
             self._check_accepts(example, input_name, output, forward_kwargs, example_name)
-            example = example[:2].to(device=self.device, dtype=self.dtype)
+            example = to_model(example[:2], self.device, self.dtype)
             if example.shape[0] == 1:
                 example = torch.cat([example, example])
             self.input_shape = tuple(example.shape[1:])
@@ -148,7 +149,7 @@ class NetworkAdapter:
         wrapper = _capture.CaptureWrapper(self.model, input_name, output, forward_kwargs)
         try:
             with torch.no_grad(), _fx.run_in_eval(self.model):
-                wrapper(example[:2].to(device=self.device, dtype=self.dtype))
+                wrapper(to_model(example[:2], self.device, self.dtype))
         except (RuntimeError, ValueError, IndexError) as exc:
             if isinstance(exc, ModelTraceError):
                 raise
@@ -170,7 +171,7 @@ class NetworkAdapter:
             return
         try:
             with torch.no_grad(), _fx.run_in_eval(self.model):
-                self.gm(x[:1].to(device=self.device, dtype=self.dtype))
+                self.gm(to_model(x[:1], self.device, self.dtype))
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ValueError(
                 f"{name}: the model does not accept inputs of shape {tuple(x.shape)}; it expects {self._expected()}"
@@ -281,7 +282,7 @@ class NetworkAdapter:
         key = tuple(example.shape[1:])
         if key not in self._shapes:
             self.check_input(example, "data")
-            self._shapes[key] = _fx.node_shapes(self.gm, example[:1].to(device=self.device, dtype=self.dtype))
+            self._shapes[key] = _fx.node_shapes(self.gm, to_model(example[:1], self.device, self.dtype))
         return self._shapes[key]
 
     # ----- computation ------------------------------------------------------------------
