@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--n-random", type=int, default=19)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--skip-lesions", action="store_true")
+    ap.add_argument("--methods", default="weights/global,weights/local,activations/global,activations/local",
+                    help="comma-separated partitionings to time (weights/global is always run for the lesion test)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -77,7 +79,10 @@ def main() -> None:
     print(json.dumps({"neurons": sum(adapter.layer_sizes), "graph_nodes": sum(adapter.node_layer_sizes())}))
     part = Partitioner(adapter, activation_data=x, n_clusters=args.clusters, random_state=0, batch_size=16)
     results = {}
-    for method in ("weights/global", "weights/local", "activations/global", "activations/local"):
+    methods = args.methods.split(",")
+    if not args.skip_lesions and "weights/global" not in methods:
+        methods.insert(0, "weights/global")
+    for method in methods:
         results[method] = stage(method, lambda m=method: part.partition(m))
     if not args.skip_lesions:
         table = stage("lesion test (weights/global)", lambda: lesion_test(
