@@ -151,10 +151,10 @@ def test_model_is_left_as_it_was_after_an_exception_mid_run(monkeypatch):
     _assert_unchanged(model, snap)
 
 
-def test_vit_gets_the_not_supported_yet_error():
+def test_vit_mlp_units_are_the_neuron_layers():  # (transformers: tests/test_transformers.py)
     t = transformers
     cfg = t.ViTConfig(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=16, num_labels=3)
     model = t.ViTForImageClassification(cfg).eval()
-    with pytest.raises(UnsupportedModelError, match="not supported yet"):
-        NetworkAdapter(model, torch.randn(2, 3, 16, 16), input_name="pixel_values")
+    a = NetworkAdapter(model, torch.randn(2, 3, 16, 16), input_name="pixel_values")
+    assert a.is_transformer and a.layer_names == ["vit.layers.0.mlp.fc1"] and a.layer_sizes == [16]

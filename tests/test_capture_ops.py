@@ -311,7 +311,7 @@ def test_when_export_and_fx_both_fail_the_error_names_module_line_and_workaround
     assert "torch.export failed first" in msg
 
 
-def test_attention_gets_the_not_supported_yet_error():
+def test_attention_without_a_transformer_mlp_is_refused():
     class TinyAttention(nn.Module):
         def __init__(self):
             super().__init__()
@@ -321,7 +321,7 @@ def test_attention_gets_the_not_supported_yet_error():
             h = F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x))
             return self.out(h.mean(1))
 
-    with pytest.raises(UnsupportedModelError, match="attention .* is not supported yet"):
+    with pytest.raises(UnsupportedModelError, match="attention but no transformer MLP"):
         NetworkAdapter(TinyAttention(), torch.randn(2, 3, 4))
 
 

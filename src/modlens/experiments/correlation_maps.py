@@ -21,6 +21,7 @@ from modlens.core.partition import Partition, Subcluster
 from modlens.core.seeds import as_generator
 from modlens.experiments.lesion_test import random_sets
 from modlens.nn._fx import module_device_dtype
+from modlens.nn.inputs import to_model
 
 
 def spearman_maps(x: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -117,7 +118,7 @@ def subcluster_map(neuron_maps: np.ndarray, neurons, sweeps: int = 20) -> np.nda
 
 def _preactivations(adapter, x: torch.Tensor, layer: int, batch_size: int = 4096) -> np.ndarray:
     device, dtype = module_device_dtype(adapter.model)
-    batches = (x[i:i + batch_size].to(device=device, dtype=dtype) for i in range(0, x.shape[0], batch_size))
+    batches = (to_model(x[i:i + batch_size], device, dtype) for i in range(0, x.shape[0], batch_size))
     return adapter.preactivations(batches)[layer].astype(np.float64)
 
 

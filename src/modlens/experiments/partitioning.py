@@ -23,7 +23,9 @@ import numpy as np
 from scipy import sparse
 
 from modlens.core import clustering, graph
+from modlens.core.knn_graph import build_activation_graph
 from modlens.core.partition import UNCLUSTERED, Partition
+from modlens.core.residual_graph import residual_weight_graph
 from modlens.core.seeds import as_generator, int_seed, method_seed, root_seed  # noqa: F401  (method_seed re-exported)
 from modlens.nn import _spearman
 from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS
@@ -100,16 +102,25 @@ class Partitioner:
         """(node-layer sizes, weight blocks, hidden node layers, neighbours of each node layer)."""
         if "structure" not in self._graphs:
             sizes = self.adapter.node_layer_sizes()
-            blocks = self.adapter.weight_blocks(conv_edge=self._conv_edge, bn_fold=self._bn_fold)
+            blocks = None if getattr(self.adapter, "is_transformer", False) else \
+                self.adapter.weight_blocks(conv_edge=self._conv_edge, bn_fold=self._bn_fold)
             hidden = self.adapter.hidden_node_layers()
-            self._graphs["structure"] = (sizes, blocks, hidden, graph.layer_neighbours(len(sizes), blocks))
+            if getattr(self.adapter, "is_transformer", False):
+                # every block pair is joined through the stream; local clustering takes a block's MLP
+                # layer with its neighbouring node layers (docs/transformers.md)
+                neighbours = [[m for m in (l - 1, l + 1) if 0 <= m < len(sizes)] for l in range(len(sizes))]
+            else:
+                neighbours = graph.layer_neighbours(len(sizes), blocks)
+            self._graphs["structure"] = (sizes, blocks, hidden, neighbours)
         return self._graphs["structure"]
 
     def _graph(self, kind: str):
         """(adjacency, node-layer sizes, indices of the hidden node layers, neighbours)."""
         if kind not in self._graphs:
             sizes, blocks, hidden, neighbours = self._weight_structure()
-            if kind == "weights":
+            if kind == "weights" and blocks is None:  # transformer: kNN above DENSE_MAX_NODES
+                adj, _ = residual_weight_graph(**self.adapter.residual_parts(), mode="auto")
+            elif kind == "weights":
                 adj = graph.weight_graph(sizes, blocks)
             else:
                 if self._activation_data is None:
@@ -124,7 +135,7 @@ class Partitioner:
                 on_gpu = device.type != "cpu"
                 acts = self.adapter.activation_summaries(batches(x, size, device=device, dtype=dtype),
                                                          reduce=self._act_reduce, as_numpy=not on_gpu)
-                adj = _spearman.activation_graph(acts) if on_gpu else graph.activation_graph(acts)
+                adj = _spearman.activation_graph(acts) if on_gpu else build_activation_graph(acts, mode="auto")
                 position = {h: i for i, h in enumerate(hidden)}
                 neighbours = [[position[m] for m in neighbours[h] if m in position] for h in hidden]
                 sizes = self.adapter.layer_sizes

@@ -21,11 +21,12 @@ kind              how a layer's channels flow               weight edges        
 ``permute``       channel dimension moves                    followed                   carried through
 ``mean``          spatial dims averaged                      followed                   carried through
 ``final``         softmax after the output layer             --                         --
-``attention``     not supported yet (next issue)             error                      error
+``attention``     mixed across tokens (a product of two      not a neuron layer;        recomputed
+                  activations: the model is a transformer)   residual paths only
 ================  ========================================  =========================  ==================
 
-Adding an operation means adding (or extending) one handler here and a test. Attention
-blocks and transformer MLP neurons will be one more ``kind`` with its own handler.
+Adding an operation means adding (or extending) one handler here and a test. A model with
+attention is analysed through its blocks' MLP neurons (:mod:`modlens.nn._transformer`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
+from modlens.nn._transformer import find_mlps, mlp_sink
 from modlens.nn._registry import (
     ATTENTION_MODULES, BATCH_NORMS, CONV_TYPES, LAYER_TYPES, OTHER_WEIGHT_LAYERS, PASSING, SHAPE_FUNCTIONS,
     SHAPE_METHODS, SIZE_ARITHMETIC, handler_kind, is_bn, refine_arith,
@@ -57,8 +58,14 @@ class Structure:
                 "output; modlens needs at least one hidden layer to find neurons to cluster"
             )
         self.output_layer = self._find_output_layer()
-        self.layer_nodes = [n for n in nodes if n is not self.output_layer]
         self.all_nodes = nodes
+        self.mlps = []
+        if self.transformer:  # attention: the neurons are the blocks' MLP units (nn/_transformer.py)
+            self.mlps = find_mlps(self)
+            self.layer_nodes = [m.node for m in self.mlps]
+            self.sinks = {m.node: [mlp_sink(self, m)] for m in self.mlps}
+            return
+        self.layer_nodes = [n for n in nodes if n is not self.output_layer]
         self.sinks = {n: self.walk(n) for n in self.layer_nodes}
 
     # ----- classification ----------------------------------------------------------------
@@ -144,15 +151,19 @@ class Structure:
 
     def _check_weight_layers(self) -> None:
         targets: dict[str, int] = {}
+        self.transformer = False
         for node in self.gm.graph.nodes:
             if node not in self.live or node.op not in ("call_module", "call_function", "call_method"):
                 continue
             mod = self.module(node) if node.op == "call_module" else None
-            if isinstance(mod, ATTENTION_MODULES) or (self.kind(node) == "attention" and len(self.tensor_inputs(node)) >= 2):
+            if isinstance(mod, ATTENTION_MODULES):
                 raise UnsupportedModelError(
-                    f"attention ({self.describe(node)}) is not supported yet: modlens analyses convolutional, MLP and "
-                    "normalized architectures; transformer blocks come in a later version"
+                    f"attention module {self.describe(node)} is opaque to modlens: write attention with nn.Linear "
+                    "projections and scaled_dot_product_attention (or matmul), as Hugging Face models do"
                 )
+            if self.kind(node) == "attention" and len(self.tensor_inputs(node)) >= 2:
+                self.transformer = True  # mixing across tokens: followed by recomputation, not a neuron layer
+                continue
             if self.kind(node) == "attention":
                 raise UnsupportedModelError(
                     f"unsupported functional layer {self.describe(node)}: a matrix product with a weight tensor; use "

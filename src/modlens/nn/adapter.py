@@ -25,10 +25,13 @@ import torch
 from torch import fx, nn
 
 from modlens.nn import _capture, _fx, _memory
+from modlens.nn.inputs import to_model
 from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS, REDUCERS, bn_row_scale, channels_first, edge_block
 from modlens.nn._fx import ModelTraceError
 from modlens.nn._plan import LesionPlan
+from modlens.core.residual_graph import residual_edge_blocks, residual_layer_sizes
 from modlens.nn._structure import CONV_TYPES, Structure, UnsupportedModelError
+from modlens.nn._transformer import residual_parts
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class NetworkAdapter:
         if example is not None:
             example = torch.as_tensor(example)
             self._check_accepts(example, input_name, output, forward_kwargs, example_name)
-            example = example[:2].to(device=self.device, dtype=self.dtype)
+            example = to_model(example[:2], self.device, self.dtype)
             if example.shape[0] == 1:
                 example = torch.cat([example, example])
             self.input_shape = tuple(example.shape[1:])
@@ -101,9 +104,10 @@ class NetworkAdapter:
         if example is not None and self.capture_method == "fx":
             shapes = {k: v for k, v in _fx.node_shapes(self.gm, example[:1]).items() if v is not None}
         self.structure = s = Structure(self.gm, self._input, self._output, leaf_modules, shapes)
-        self.is_cnn = any(isinstance(s.module(n), CONV_TYPES) for n in s.all_nodes)
+        self.is_transformer = s.transformer
+        self.is_cnn = any(isinstance(s.module(n), CONV_TYPES) for n in s.all_nodes) and not s.transformer
         self.include_dense = (not self.is_cnn) if include_dense is None else bool(include_dense)
-        nodes = [n for n in s.layer_nodes if self.include_dense or not self._dense(n)]
+        nodes = [n for n in s.layer_nodes if self.include_dense or s.transformer or not self._dense(n)]
         if not nodes:
             kinds = "nn.Linear or nn.Conv" if self.include_dense else "nn.Conv"
             raise UnsupportedModelError(
@@ -116,6 +120,7 @@ class NetworkAdapter:
         self.n_classes = _width(self.output_module)
         first = s.first_layers()
         self.input_size = s.module(first[0]).in_features if isinstance(s.module(first[0]), nn.Linear) else None
+        self._residual: dict | None = None
         self._probe: fx.GraphModule | None = None
         self._plans: dict[int, LesionPlan] = {}
         self._shapes: dict[tuple, dict] = {}
@@ -144,7 +149,7 @@ class NetworkAdapter:
         wrapper = _capture.CaptureWrapper(self.model, input_name, output, forward_kwargs)
         try:
             with torch.no_grad(), _fx.run_in_eval(self.model):
-                wrapper(example[:2].to(device=self.device, dtype=self.dtype))
+                wrapper(to_model(example[:2], self.device, self.dtype))
         except (RuntimeError, ValueError, IndexError) as exc:
             if isinstance(exc, ModelTraceError):
                 raise
@@ -166,7 +171,7 @@ class NetworkAdapter:
             return
         try:
             with torch.no_grad(), _fx.run_in_eval(self.model):
-                self.gm(x[:1].to(device=self.device, dtype=self.dtype))
+                self.gm(to_model(x[:1], self.device, self.dtype))
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ValueError(
                 f"{name}: the model does not accept inputs of shape {tuple(x.shape)}; it expects {self._expected()}"
@@ -185,11 +190,26 @@ class NetworkAdapter:
     @property
     def _mlp_graph(self) -> bool:
         """MLPs: the weight graph has input and output nodes (row 4 of the notes)."""
-        return not self.is_cnn
+        return not self.is_cnn and not self.is_transformer
+
+    def residual_parts(self) -> dict:
+        """Transformers: the keyword arguments of
+        :func:`~modlens.core.residual_graph.residual_weight_graph` (MLP blocks, embedding as
+        input nodes, head as output nodes; docs/transformers.md)."""
+        if not self.is_transformer:
+            raise UnsupportedModelError(f"{type(self.model).__name__} has no attention; its weight graph is "
+                                        "built from weight_blocks, not from the residual stream")
+        if self._residual is None:
+            self._residual = residual_parts(self.structure, self.structure.mlps)
+        return self._residual
 
     def node_layer_sizes(self) -> list[int]:
         """Node counts of the weight graph: MLPs input, hidden layers, output; CNNs the
-        analysed (conv) layers only (paper section 3.1; row 4)."""
+        analysed (conv) layers only (paper section 3.1; row 4); transformers the embedding's
+        inputs (if found), each block's MLP and the classes (if the head reads the stream)."""
+        if self.is_transformer:
+            p = self.residual_parts()
+            return residual_layer_sizes(p["blocks"], embedding=p["embedding"], head=p["head"])
         if self._mlp_graph:
             return [self.input_size] + self.layer_sizes + [self.n_classes]
         return list(self.layer_sizes)
@@ -197,6 +217,8 @@ class NetworkAdapter:
     def hidden_node_layers(self) -> list[int]:
         """Indices of the analysed layers among the weight graph's node layers."""
         offset = 1 if self._mlp_graph else 0
+        if self.is_transformer:
+            offset = 0 if self.residual_parts()["embedding"] is None else 1
         return [offset + i for i in range(len(self.layers))]
 
     def weight_blocks(self, *, conv_edge: str = "l1", bn_fold: str = "paper",
@@ -210,6 +232,8 @@ class NetworkAdapter:
         connected through channel-wise operations, normalizations, gates, residual additions and
         concatenations, so residual networks get blocks between non-consecutive layers.
         """
+        if self.is_transformer:  # residual-stream paths between all pairs of MLP blocks (dense)
+            return list(residual_edge_blocks(**self.residual_parts()))
         if fold_bn is not None:
             bn_fold = "original" if fold_bn else "none"
         if bn_fold not in BN_FOLDS:
@@ -258,7 +282,7 @@ class NetworkAdapter:
         key = tuple(example.shape[1:])
         if key not in self._shapes:
             self.check_input(example, "data")
-            self._shapes[key] = _fx.node_shapes(self.gm, example[:1].to(device=self.device, dtype=self.dtype))
+            self._shapes[key] = _fx.node_shapes(self.gm, to_model(example[:1], self.device, self.dtype))
         return self._shapes[key]
 
     # ----- computation ------------------------------------------------------------------

@@ -51,8 +51,8 @@ def as_tensors(data, *, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]
         if not torch.all(y == y.round()):
             raise ValueError(f"{name}: labels must be integer class indices, got non-integer floats")
     y = y.long()
-    if not x.is_floating_point():
-        x = x.float()
+    if not x.is_floating_point() and x.dtype not in INDEX_DTYPES:
+        x = x.float()  # images stored as uint8/bool; int32/int64 inputs stay token ids
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero()[0])
         raise ValueError(f"{name}: inputs contain NaN or inf (first at sample {bad})")
@@ -81,6 +81,15 @@ def check_labels(y: torch.Tensor, n_classes: int, *, name: str = "data") -> None
         )
 
 
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def to_model(x: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
+    """``x`` on ``device``; floating inputs cast to the model's ``dtype``, integer inputs (token
+    ids for an embedding lookup) kept as they are."""
+    return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device=device)
+
+
 def batches(x: torch.Tensor, batch_size: int, *, device=None, dtype=None) -> Iterator[torch.Tensor]:
     for start in range(0, x.shape[0], batch_size):
-        yield x[start:start + batch_size].to(device=device, dtype=dtype)
+        yield to_model(x[start:start + batch_size], device, dtype)

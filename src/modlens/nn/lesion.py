@@ -36,7 +36,7 @@ from torch import fx, nn
 from modlens.nn import _fx, _memory
 from modlens.nn._skip import LinearSkip
 from modlens.nn.adapter import NetworkAdapter
-from modlens.nn.inputs import check_labels
+from modlens.nn.inputs import check_labels, to_model
 
 
 def _class_counts(pred: torch.Tensor, y: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -112,7 +112,7 @@ class LesionEvaluator:
 
     def _batches(self, start: int, stop: int):
         for s0, s1 in _chunks(stop - start, self.batch_size):
-            yield self.x[start + s0:start + s1].to(device=self.device, dtype=self.dtype)
+            yield to_model(self.x[start + s0:start + s1], self.device, self.dtype)
 
     @torch.inference_mode()
     def _baseline(self) -> np.ndarray:
@@ -324,7 +324,7 @@ def correct_counts_plain(
         model.eval()
         total = torch.zeros(adapter.n_classes, dtype=count_dtype, device=device)
         for start in range(0, x.shape[0], batch):
-            xb = x[start:start + batch].to(device=device, dtype=dtype)
+            xb = to_model(x[start:start + batch], device, dtype)
             pred = model(xb).argmax(-1)
             total += _class_counts(pred, y_dev[start:start + xb.shape[0]], onehot[start:start + xb.shape[0]])
         out[i] = total.round().to(torch.int64).cpu().numpy()

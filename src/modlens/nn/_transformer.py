@@ -1,0 +1,233 @@
+"""Transformer MLP neurons (docs/transformers.md): which layers hold them and the residual weights.
+
+In a model with attention (a product of two activations: ``scaled_dot_product_attention``,
+``matmul``/``bmm`` of queries and keys), the neuron layers are the hidden units of each
+block's MLP only, the units between its two linear maps:
+
+* plain MLP: ``down(act(up(x)))``: the neurons are ``up``'s output units (pre-activation: the
+  input of ``act``), read by ``down``;
+* gated MLP (GLU, SwiGLU): ``down(act(gate(x)) * up(x))``: gate unit ``b`` and value unit ``b``
+  are one neuron; the layer is named after the gate map (the branch through the activation
+  function), its pre-activation is the gate's output, and a lesion zeroes the product.
+
+Queries, keys, values, attention output projections, the patch/token embedding and a pooler
+are not neuron layers: they mix tokens or write the residual stream. A lesion of an MLP
+neuron zeroes its columns in ``down`` (every token position) and everything after ``down`` is
+recomputed, attention included, so lesions stay exact.
+
+:func:`residual_parts` reads the matrices of :func:`modlens.core.residual_graph.residual_weight_graph`
+from the captured model: per block ``W_in`` (value map), ``W_gate``, ``W_out`` (``down``) and
+``gamma`` (the affine scale of the LayerNorm/RMSNorm that the block's MLP reads, ones when it
+has none, ``None`` when no norm precedes it); the embedding (a Linear or a patch conv reading
+the input, reshaped to ``d_model x inputs``, or the token embedding transposed) and the head
+(the output layer, times any dense Linear between it and the stream, e.g. a pooler, with its
+nonlinearity left out) with the final norm's scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from modlens.core.residual_graph import MLPBlockWeights
+from modlens.nn._ops import Route, Sink, UnsupportedModelError
+
+aten = torch.ops.aten
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
+
+
+@dataclass(frozen=True)
+class MLPNeurons:
+    """One block's MLP: ``node`` (first or gate map), ``up`` (value map of a GLU, else None),
+    ``down`` (second map) and ``value`` (what ``down`` reads)."""
+
+    node: fx.Node
+    up: fx.Node | None
+    down: fx.Node
+    value: fx.Node
+
+
+def _users(s, node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u in s.live and s.kind(u) != "shape"]
+
+
+def _is_activation(s, node: fx.Node) -> bool:
+    from modlens.nn._registry import ACTIVATIONS
+
+    if node.op == "call_module":
+        return isinstance(s.module(node), ACTIVATIONS.modules)
+    return node.target in ACTIVATIONS.functions or node.target in ACTIVATIONS.methods
+
+
+def _forward(s, layer: fx.Node):
+    """(value entering the next layer, that layer, activation seen, gate product or None), or None
+    when ``layer``'s output does not go through element-wise ops (and at most one product) into
+    exactly one layer."""
+    node, acted, gate = layer, False, None
+    while True:
+        users = _users(s, node)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        kind = s.kind(u)
+        if kind == "layer":
+            return (node, u, acted, gate) if u.args[0] is node else None
+        if kind == "unary" and s.tensor_inputs(u) == [node]:
+            acted = acted or _is_activation(s, u)
+        elif kind == "gate" and gate is None:
+            gate = u
+        else:
+            return None
+        node = u
+
+
+def _backward_branch(s, product: fx.Node, other_than: fx.Node):
+    """(layer, activation seen) feeding the other operand of a gate product, through unary ops."""
+    ins = s.tensor_inputs(product)
+    if len(ins) != 2:
+        return None
+    node = next((a for a in ins if a is not other_than), None)
+    acted = False
+    while node is not None and s.kind(node) != "layer":
+        if s.kind(node) != "unary" or len(s.tensor_inputs(node)) != 1 or len(_users(s, node)) != 1:
+            return None
+        acted = acted or _is_activation(s, node)
+        node = s.tensor_inputs(node)[0]
+    return None if node is None else (node, acted)
+
+
+def _branch_input(s, product: fx.Node, layer: fx.Node) -> fx.Node:
+    """The operand of ``product`` that comes from ``layer``."""
+    return next(a for a in s.tensor_inputs(product) if layer in _chain_to(s, a))
+
+
+def _chain_to(s, node: fx.Node) -> set:
+    seen = {node}
+    while s.kind(node) == "unary" and s.tensor_inputs(node):
+        node = s.tensor_inputs(node)[0]
+        seen.add(node)
+    return seen
+
+
+def find_mlps(s) -> list[MLPNeurons]:
+    """The MLP neuron layers of a captured model with attention, in forward order."""
+    out = []
+    for layer in s.all_nodes:
+        if layer is s.output_layer or not isinstance(s.module(layer), nn.Linear) or (s.ndim(layer) or 2) < 3:
+            continue
+        hit = _forward(s, layer)
+        if hit is None:
+            continue
+        value, down, acted, product = hit
+        if down is s.output_layer or not isinstance(s.module(down), nn.Linear):
+            continue
+        up = None
+        if product is not None:
+            other = _backward_branch(s, product, _branch_input(s, product, layer))
+            if other is None or other[0].args[0] is not layer.args[0]:
+                continue
+            up, up_acted = other
+            if up_acted and not acted:
+                continue  # this is the value map; the gate map (through the activation) names the neuron
+            if up_acted == acted and s.all_nodes.index(up) < s.all_nodes.index(layer):
+                continue  # symmetric gate: the earlier map names the pair
+            if s.module(up).out_features != s.module(layer).out_features:
+                continue
+        elif not acted:
+            continue
+        out.append(MLPNeurons(layer, up, down, value))
+    if not out:
+        raise UnsupportedModelError(
+            "the model has attention but no transformer MLP (Linear -> activation -> Linear over tokens, or a "
+            "gated GLU/SwiGLU MLP); modlens analyses the MLP neurons of transformer blocks"
+        )
+    return out
+
+
+def mlp_sink(s, m: MLPNeurons) -> Sink:
+    """The lesion sink of an MLP layer: its ``down`` map's input, at every token position."""
+    nd = s.ndim(m.node) or 3
+    return Sink("layer", m.value, m.down, Route(0, s.module(m.node).out_features, False, nd, nd - 1))
+
+
+# ----- residual-stream weights -------------------------------------------------------------------
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def _back_to_norm(s, node: fx.Node):
+    """(norm module or None, node where the backward walk stopped) through one-input ops."""
+    while True:
+        if node.op == "call_module" and isinstance(s.module(node), _NORMS):
+            return s.module(node), node
+        ins = s.tensor_inputs(node)
+        if s.kind(node) in ("layer", "input") or len(ins) != 1:
+            return None, node
+        node = ins[0]
+
+
+def _gamma(norm, d_model: int):
+    if norm is None:
+        return None
+    if getattr(norm, "weight", None) is None:
+        return np.ones(d_model)
+    return _np(norm.weight)
+
+
+def _embedding(s, d_model: int):
+    first = [n for n in s.first_layers() if n not in (s.output_layer,)]
+    mods = [s.module(n) for n in first]
+    if len(first) == 1 and isinstance(mods[0], nn.Linear) and mods[0].out_features == d_model:
+        return _np(mods[0].weight)
+    if len(first) == 1 and isinstance(mods[0], nn.Conv2d) and mods[0].out_channels == d_model:
+        return _np(mods[0].weight).reshape(d_model, -1)
+    lookups = [n for n in s.gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default
+               and n.args[1] is s.input and n.args[0].op == "get_attr"]
+    if len(lookups) == 1:
+        w = s.gm
+        for part in lookups[0].args[0].target.split("."):
+            w = getattr(w, part)
+        if w.shape[1] == d_model:
+            return _np(w).T
+    return None
+
+
+def _head(s, d_model: int):
+    """(head matrix n_classes x d_model, final gamma) or (None, None)."""
+    out = s.module(s.output_layer)
+    if not isinstance(out, nn.Linear):
+        return None, None
+    h = _np(out.weight)
+    node = s.output_layer.args[0]
+    while True:
+        norm, stop = _back_to_norm(s, node)
+        if norm is not None or s.kind(stop) != "layer" or not isinstance(s.module(stop), nn.Linear):
+            break
+        h = h @ _np(s.module(stop).weight)  # a dense map between the stream and the head (pooler)
+        node = stop.args[0]
+    if h.shape[1] != d_model:
+        return None, None
+    return h, _gamma(norm, d_model)
+
+
+def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
+    """Keyword arguments of :func:`~modlens.core.residual_graph.residual_weight_graph`."""
+    blocks = []
+    for m in mlps:
+        down = s.module(m.down)
+        d_model = down.out_features
+        norm, _ = _back_to_norm(s, m.node.args[0])
+        first = s.module(m.node)
+        if m.up is None:
+            blocks.append(MLPBlockWeights(_np(first.weight), _np(down.weight), _gamma(norm, d_model)))
+        else:
+            blocks.append(MLPBlockWeights(_np(s.module(m.up).weight), _np(down.weight), _gamma(norm, d_model),
+                                          w_gate=_np(first.weight)))
+    d_model = blocks[0].w_out.shape[0]
+    if any(b.w_out.shape[0] != d_model or b.w_in.shape[1] != d_model for b in blocks):
+        raise UnsupportedModelError("the transformer MLPs do not all read and write a residual stream of one width")
+    head, final_gamma = _head(s, d_model)
+    return {"blocks": blocks, "embedding": _embedding(s, d_model), "head": head, "final_gamma": final_gamma}
