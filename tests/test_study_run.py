@@ -87,6 +87,7 @@ def test_rerun_skips_every_task(reference, tmp_path):
     (("n_random = 3", "n_random = 4"), ["lesion", "stats", "vis"]),
     (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\nfigures = true'), ["stats"]),
     (("k = [4]", "k = [4, 5]"), ["lesion", "partition", "stats", "vis"]),
+    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\ncombine = "exact"'), ["stats"]),
 ])
 def test_changing_one_option_reruns_only_what_depends_on_it(reference, tmp_path, change, reruns):
     out, ran = _rerun(reference, tmp_path, TINY.replace(*change))
@@ -96,6 +97,23 @@ def test_changing_one_option_reruns_only_what_depends_on_it(reference, tmp_path,
         assert fresh and all("-k5" in t["task"] for t in fresh)
     if "figures" in change[1]:
         assert list((out / "networks" / "mlp-digits-s0" / "figures").glob("feature_vis_*.png"))
+
+
+def test_graph_options_rerun_the_partitions(reference, tmp_path):
+    """eigen_solver is a field of the partition tasks' keys; the lesions and visualizations of a
+    partition with the same labels are reused, and the result records the config."""
+    out, ran = _rerun(reference, tmp_path, TINY.replace("n_random = 3", 'n_random = 3\neigen_solver = "lobpcg"'))
+    assert "partition" in ran and "stats" in ran and "train" not in ran
+    manifest = json.loads((out / "networks" / "mlp-digits-s0" / "manifest.json").read_text())
+    assert manifest["config"]["options"]["eigen_solver"] == "lobpcg"
+
+
+def test_a_wrong_option_fails_at_load(tmp_path):
+    from modlens.study.spec import SpecError
+
+    path = write_spec(tmp_path, TINY.replace("n_random = 3", 'n_random = 3\neigen_solver = "arpak"'))
+    with pytest.raises(SpecError, match="eigen_solver"):
+        load_spec(path)
 
 
 def test_seeds_do_not_depend_on_order_or_company(reference, tmp_path):
