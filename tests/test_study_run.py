@@ -178,3 +178,29 @@ def test_killed_runs_resume_to_identical_tables(reference, tmp_path):
     assert any(t["cached"] for t in _tasks(out))  # the work done before the kills was kept
     assert_same_tables(ref, out)
     assert len(table_files(out)) == 2 + 2 * 8
+
+
+def test_study_network_equals_analyze_with_non_default_options(tmp_path):
+    """A study's per-network result is what ``analyze`` gives with the network's config, also
+    with non-default options (LOBPCG, the exact combination, the original tie rule)."""
+    import modlens
+    from modlens.nn.io import load_model
+    from modlens.study.task_kinds import network_data
+    from modlens.study.tasks import single_thread
+
+    text = (TINY.replace("replicates = 2", "seeds = [0]").replace('metrics = ["lesion", "vis"]', 'metrics = ["lesion"]')
+            .replace("n_random = 3", 'n_random = 3\neigen_solver = "lobpcg"\ncombine = "exact"\nties = "original"'))
+    spec = load_spec(write_spec(tmp_path, text))
+    out = run_study(spec, tmp_path / "study", progress=False)
+    net = json.loads((out / "study.json").read_text())["networks"][0]
+    cfg = spec.analysis.network_config(4, net["random_state"])
+    model, manifest = load_model(out / net["model_dir"])
+    (x, y), act = network_data(manifest["dataset"], None)
+    with single_thread():  # as every task runs
+        ref = modlens.analyze(model, (x, y), activation_data=act, config=cfg)
+    folder = out / "networks" / net["id"]
+    saved = json.loads((folder / "manifest.json").read_text())["config"]
+    assert saved["config_key"] == ref.config["config_key"] and saved["options"]["combine"] == "exact"
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "summary.parquet"), ref.summary)
+    for name, frame in (("tests", ref.tests), ("subclusters", ref.subclusters)):
+        pd.testing.assert_frame_equal(pd.read_parquet(folder / f"{name}.parquet"), frame.assign(network=net["id"]))
