@@ -108,8 +108,10 @@ class Analysis:
         return dataclasses.replace(self.config, n_clusters=int(k), random_state=random_state)
 
     def record(self) -> dict:
-        return {"k": list(self.k), "metrics": list(self.metrics), "seed": self.seed, "figures": self.figures,
-                "config": self.config.to_dict()}
+        """JSON form (study.json's resolved analysis): the study's keys and the config's fields
+        (n_clusters and random_state are set per analysis from k and seed)."""
+        fields = {k: v for k, v in self.config.to_dict().items() if k not in ("n_clusters", "random_state")}
+        return {"k": list(self.k), "metrics": list(self.metrics), "seed": self.seed, "figures": self.figures, **fields}
 
 
 @dataclass(frozen=True)
