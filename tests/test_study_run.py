@@ -87,6 +87,7 @@ def test_rerun_skips_every_task(reference, tmp_path):
     (("n_random = 3", "n_random = 4"), ["lesion", "stats", "vis"]),
     (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\nfigures = true'), ["stats"]),
     (("k = [4]", "k = [4, 5]"), ["lesion", "partition", "stats", "vis"]),
+    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\ncombine = "exact"'), ["stats"]),
 ])
 def test_changing_one_option_reruns_only_what_depends_on_it(reference, tmp_path, change, reruns):
     out, ran = _rerun(reference, tmp_path, TINY.replace(*change))
@@ -96,6 +97,23 @@ def test_changing_one_option_reruns_only_what_depends_on_it(reference, tmp_path,
         assert fresh and all("-k5" in t["task"] for t in fresh)
     if "figures" in change[1]:
         assert list((out / "networks" / "mlp-digits-s0" / "figures").glob("feature_vis_*.png"))
+
+
+def test_graph_options_rerun_the_partitions(reference, tmp_path):
+    """eigen_solver is a field of the partition tasks' keys; the lesions and visualizations of a
+    partition with the same labels are reused, and the result records the config."""
+    out, ran = _rerun(reference, tmp_path, TINY.replace("n_random = 3", 'n_random = 3\neigen_solver = "lobpcg"'))
+    assert "partition" in ran and "stats" in ran and "train" not in ran
+    manifest = json.loads((out / "networks" / "mlp-digits-s0" / "manifest.json").read_text())
+    assert manifest["config"]["options"]["eigen_solver"] == "lobpcg"
+
+
+def test_a_wrong_option_fails_at_load(tmp_path):
+    from modlens.study.spec import SpecError
+
+    path = write_spec(tmp_path, TINY.replace("n_random = 3", 'n_random = 3\neigen_solver = "arpak"'))
+    with pytest.raises(SpecError, match="eigen_solver"):
+        load_spec(path)
 
 
 def test_seeds_do_not_depend_on_order_or_company(reference, tmp_path):
@@ -160,3 +178,29 @@ def test_killed_runs_resume_to_identical_tables(reference, tmp_path):
     assert any(t["cached"] for t in _tasks(out))  # the work done before the kills was kept
     assert_same_tables(ref, out)
     assert len(table_files(out)) == 2 + 2 * 8
+
+
+def test_study_network_equals_analyze_with_non_default_options(tmp_path):
+    """A study's per-network result is what ``analyze`` gives with the network's config, also
+    with non-default options (LOBPCG, the exact combination, the original tie rule)."""
+    import modlens
+    from modlens.nn.io import load_model
+    from modlens.study.task_kinds import network_data
+    from modlens.study.tasks import single_thread
+
+    text = (TINY.replace("replicates = 2", "seeds = [0]").replace('metrics = ["lesion", "vis"]', 'metrics = ["lesion"]')
+            .replace("n_random = 3", 'n_random = 3\neigen_solver = "lobpcg"\ncombine = "exact"\nties = "original"'))
+    spec = load_spec(write_spec(tmp_path, text))
+    out = run_study(spec, tmp_path / "study", progress=False)
+    net = json.loads((out / "study.json").read_text())["networks"][0]
+    cfg = spec.analysis.network_config(4, net["random_state"])
+    model, manifest = load_model(out / net["model_dir"])
+    (x, y), act = network_data(manifest["dataset"], None)
+    with single_thread():  # as every task runs
+        ref = modlens.analyze(model, (x, y), activation_data=act, config=cfg)
+    folder = out / "networks" / net["id"]
+    saved = json.loads((folder / "manifest.json").read_text())["config"]
+    assert saved["config_key"] == ref.config["config_key"] and saved["options"]["combine"] == "exact"
+    pd.testing.assert_frame_equal(pd.read_parquet(folder / "summary.parquet"), ref.summary)
+    for name, frame in (("tests", ref.tests), ("subclusters", ref.subclusters)):
+        pd.testing.assert_frame_equal(pd.read_parquet(folder / f"{name}.parquet"), frame.assign(network=net["id"]))

@@ -7,9 +7,9 @@ import pytest
 
 import modlens
 from modlens.experiments.partitioning import METHODS
-from modlens.nn.adapter import NetworkAdapter
-from modlens.study.stages import (assemble, lesion_one, partition_digest, partition_from_dict, partition_one,
-                                  partition_to_dict, vis_one)
+from modlens.study.config import AnalysisConfig
+from modlens.study.stages import (assemble, config_subset, lesion_one, network_adapter, partition_digest,
+                                  partition_from_dict, partition_one, partition_to_dict, stage_config, vis_one)
 
 pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
 
@@ -32,33 +32,44 @@ def digits_mlp():
     {},
     {"accuracy": "balanced", "class_range": "normalized", "ties": "original", "effect_rule": "original",
      "max_fraction": 0.99},
+    {"eigen_solver": "lobpcg", "n_init": 3, "combine": "exact", "ties": "original", "engine": "plain"},
 ])
 def test_stages_compose_to_analyze(digits_mlp, options):
+    """Each stage run on its own (any order, the partitions through the cache's JSON form) and
+    assembled gives ``analyze``'s tables with the same config."""
     model, test, xa = digits_mlp
-    rs = 7
-    vis = {"steps": 4}
-    ref = modlens.analyze(model, test, activation_data=xa, n_clusters=4, n_random=5, random_state=rs,
-                          feature_vis=True, vis_options=vis, **options)
-    adapter = NetworkAdapter(model)
+    cfg = AnalysisConfig(n_clusters=4, n_random=5, random_state=7, feature_vis=True, vis_options={"steps": 4}, **options)
+    ref = modlens.analyze(model, test, activation_data=xa, config=cfg)
     x, y = test
-    lesion_opts = {k: v for k, v in options.items() if k in ("accuracy", "class_range", "max_fraction")}
+    adapter = network_adapter(model, x, cfg)
     parts, lesions, vis_results = {}, [], []
     for method in reversed(METHODS):  # order of the stages does not matter
-        p = partition_one(adapter, method, activation_data=xa, n_clusters=4, random_state=rs)
+        # each task sees only the fields it depends on (the rest are defaults)
+        pc, lc, vc = (stage_config(config_subset(cfg, s)) for s in ("partition", "lesion", "vis"))
+        p = partition_one(adapter, method, pc, activation_data=xa)
         p = partition_from_dict(json.loads(json.dumps(partition_to_dict(p))))  # as the cache stores it
         assert partition_digest(p) == partition_digest(ref.partitions[method])
         parts[method] = p
-        lesions.append(lesion_one(adapter, p, x, y, name=method, n_random=5, random_state=rs, **lesion_opts))
-        vis_results.append(vis_one(adapter, p, x, name=method, n_random=5, random_state=rs,
-                                   max_fraction=options.get("max_fraction"), options=vis))
+        lesions.append(lesion_one(adapter, p, x, y, lc, name=method))
+        vis_results.append(vis_one(adapter, p, x, vc, name=method))
     order = {m: i for i, m in enumerate(METHODS)}
     parts = dict(sorted(parts.items(), key=lambda kv: order[kv[0]]))
     lesions.sort(key=lambda t: order[t["partitioning"].iloc[0]])
     vis_results.sort(key=lambda r: order[r.config["partitioning"]])
-    got = assemble(parts, lesions, vis_results, ties=options.get("ties", "mid"),
-                   effect_rule=options.get("effect_rule", "paper"))
+    got = assemble(parts, lesions, vis_results, stage_config(config_subset(cfg, "stats")))
     pd.testing.assert_frame_equal(got.subclusters, ref.subclusters)
     pd.testing.assert_frame_equal(got.visualizations, ref.visualizations)
     pd.testing.assert_frame_equal(got.tests, ref.tests)
     pd.testing.assert_frame_equal(got.summary, ref.summary)
+    assert got.config["config_key"] == ref.config["config_key"]
     assert (got.summary["n_subclusters"] > 0).all()
+    if options.get("combine") == "exact":
+        assert ref.config["combine"] == "exact" and ref.config["options"]["eigen_solver"] == "lobpcg"
+
+
+def test_stage_configs_hold_only_what_the_stage_reads():
+    cfg = AnalysisConfig(n_clusters=4, eigen_solver="lobpcg", ties="original", vis_options={"steps": 4})
+    assert config_subset(cfg, "partition")["eigen_solver"] == "lobpcg"
+    assert "ties" not in config_subset(cfg, "partition") and "ties" not in config_subset(cfg, "lesion")
+    assert "vis_options" in config_subset(cfg, "vis") and "vis_options" not in config_subset(cfg, "lesion")
+    assert stage_config(config_subset(cfg, "stats")) == cfg

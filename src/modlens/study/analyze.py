@@ -15,17 +15,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from modlens._version import __version__
 from modlens.core.partition import Partition
-from modlens.core.seeds import STREAM_RANDOM_SETS, as_generator, method_seed, seed_record
-from modlens.experiments.lesion_test import lesion_test
-from modlens.experiments.partitioning import METHODS, Partitioner, make_adapter
 from modlens.nn.adapter import MLPAdapter
 from modlens.nn.inputs import as_tensors, check_labels
 from modlens.nn.lesion import LesionEvaluator
 from modlens.study.config import AnalysisConfig
 from modlens.study.diagnostics import add_diagnostics, clusterability_rows
-from modlens.study.summary import LESION_METRICS, VIS_METRICS, correct_by_family, subcluster_tests, summarize
+from modlens.study.summary import correct_by_family, summarize
 
 
 @dataclass
@@ -146,14 +142,12 @@ def analyze(
         Graphical clusterability test (Filan et al., 2021) of each weight partitioning against
         ``n_null`` networks with the weights shuffled within each layer (one summary row each).
     """
+    from modlens.study import stages
+
     started = time.perf_counter()
     cfg = AnalysisConfig.build(config, **options)  # every option checked before any work
-    root = cfg.random_state
-    n_clusters, n_random, max_fraction, engine = cfg.n_clusters, cfg.n_random, cfg.max_fraction, cfg.engine
-    accuracy, class_range, ties, effect_rule = cfg.accuracy, cfg.class_range, cfg.ties, cfg.effect_rule
-    feature_vis, alpha, combine = cfg.feature_vis, cfg.alpha, cfg.combine
     x, y = as_tensors(test_data, name="test data")
-    adapter = make_adapter(model, x, input_name=cfg.input_name, output=cfg.output, name="test data")
+    adapter = stages.network_adapter(model, x, cfg)
     adapter.check_input(x, "test data")
     check_labels(y, adapter.n_classes, name="test data")
     if activation_data is not None and activation_data is test_data:
@@ -162,70 +156,45 @@ def analyze(
     if partition is not None:
         partitions = {"user": _user_partition(partition, adapter)}
     else:
-        partitioner = Partitioner(adapter, activation_data=activation_data, n_clusters=n_clusters, random_state=root,
-                                  conv_edge=cfg.conv_edge, act_reduce=cfg.act_reduce, bn_fold=cfg.bn_fold,
-                                  eigen_solver=cfg.eigen_solver, n_init=cfg.n_init)
+        partitioner = stages.make_partitioner(adapter, cfg, activation_data=activation_data)
         partitions = {}
         for method in cfg.partitionings:
             t0 = time.perf_counter()
             partitions[method] = partitioner.partition(method)
-            _say(progress, f"partitioned {method}: {len(partitions[method].subclusters(max_fraction=max_fraction))} "
+            _say(progress, f"partitioned {method}: {len(partitions[method].subclusters(max_fraction=cfg.max_fraction))} "
                            f"subclusters, n-cut {partitions[method].ncut:.3f} ({time.perf_counter() - t0:.1f} s)")
-    evaluator = LesionEvaluator(adapter, x, y) if engine == "incremental" else None
+    evaluator = LesionEvaluator(adapter, x, y) if cfg.engine == "incremental" else None
     tables = []
     for name, part in partitions.items():
-        n_lesions = len(part.subclusters(max_fraction=max_fraction)) * (n_random + 1)
+        n_lesions = len(part.subclusters(max_fraction=cfg.max_fraction)) * (cfg.n_random + 1)
         with _bar(progress, n_lesions, f"lesions {name}") as bar:
-            tables.append(lesion_test(
-                adapter, part, x, y, n_random=n_random,
-                random_state=as_generator(method_seed(root, name, STREAM_RANDOM_SETS)),
-                accuracy=accuracy, class_range=class_range, max_fraction=max_fraction,
-                engine=engine, evaluator=evaluator, name=name, progress=bar.update,
-            ))
-    table = pd.concat(tables, ignore_index=True)
-    table.insert(0, "network", "0")
-    tests = subcluster_tests(table, ties=ties, effect_rule=effect_rule)
-    vis_table, vis_results, vis_skipped = None, [], None
-    if feature_vis:
-        vis_skipped = _vis_input_problem(adapter, x, cfg.vis_options)
+            tables.append(stages.lesion_one(adapter, part, x, y, cfg, name=name, evaluator=evaluator,
+                                            progress=bar.update))
+    vis_results, vis_skipped = [], None
+    if cfg.feature_vis:
+        vis_skipped = stages.vis_problem(adapter, x, cfg)
         if vis_skipped:  # token ids: say so in one line, keep the lesion results
             warnings.warn(vis_skipped, UserWarning, stacklevel=2)
-    if feature_vis and not vis_skipped:
-        vis_table, vis_results = _feature_vis(adapter, partitions, x, n_random=n_random, random_state=root,
-                                              max_fraction=max_fraction, options=cfg.vis_options, progress=progress)
-        if len(vis_table):
-            tests = pd.concat([tests, subcluster_tests(vis_table, metrics=VIS_METRICS, ties=ties, effect_rule=effect_rule)],
-                              ignore_index=True)
-    metrics = list(LESION_METRICS) + (list(VIS_METRICS) if feature_vis and not vis_skipped else [])
-    summary = summarize(tests, partitionings=list(partitions), metrics=metrics, alpha=alpha, combine=combine,
-                        random_state=root)
+        else:
+            for name, part in partitions.items():
+                with _bar(progress, stages.n_vis_images(part, x, cfg), f"visualizations {name}") as bar:
+                    vis_results.append(stages.vis_one(adapter, part, x, cfg, name=name, progress=bar.update))
     cl_table = None
     if cfg.clusterability and partitioner is not None:
         cl_table = _clusterability(partitioner, [p for p in partitions if p.startswith("weights/")], cfg.n_null, progress)
-        summary = _with_clusterability(summary, cl_table, list(partitions), alpha)
-    _add_partition_facts(summary, partitions)
-    add_diagnostics(summary, table, vis_table, tests)
     base = evaluator.baseline if evaluator is not None else None
-    config = {
-        "modlens_version": __version__,
-        "options": cfg.to_dict(), "config_key": cfg.key(),
-        "n_clusters": n_clusters, "n_random": n_random, "random_state": seed_record(root),
-        "accuracy": accuracy, "class_range": class_range, "ties": ties, "effect_rule": effect_rule,
-        "max_fraction": max_fraction, "engine": engine, "alpha": alpha, "combine": combine,
-        "conv_edge": cfg.conv_edge, "act_reduce": cfg.act_reduce, "bn_fold": cfg.bn_fold, "capture": adapter.capture_method,
-        "partitionings": list(partitions),
+    facts = {
+        "capture": adapter.capture_method,
         "n_test": int(len(y)),
         "test_accuracy": float(base.sum() / len(y)) if base is not None else None,
         "baseline_counts": [int(v) for v in base] if base is not None else None,
         "class_sizes": [int(v) for v in evaluator.class_sizes] if evaluator is not None else None,
         "layers": dict(zip(adapter.layer_names, adapter.layer_sizes)),
-        "seconds": time.perf_counter() - started,
     }
-    if vis_results:
-        config["feature_vis"] = vis_results[0].config | {"partitioning": None}
-    if vis_skipped:
-        config["feature_vis"] = {"skipped": vis_skipped}
-    return AnalysisResult(summary, table, tests, partitions, config, vis_table, vis_results, cl_table)
+    result = stages.assemble(partitions, tables, vis_results, cfg, vis_skipped=vis_skipped, clusterability=cl_table,
+                             facts=facts)
+    result.config["seconds"] = time.perf_counter() - started
+    return result
 
 
 def _clusterability(partitioner, methods, n_null, progress) -> pd.DataFrame:
@@ -270,30 +239,6 @@ def _vis_input_problem(adapter, x, options) -> str | None:
     problem = continuous_input_problem(adapter, x, (options or {}).get("preprocess"))
     return None if problem is None else (f"{problem}; skipping vis_score and softmax_entropy "
                                          "(the lesion tests ran as usual)")
-
-
-def _feature_vis(adapter, partitions, x, *, n_random, random_state, max_fraction, options, progress):
-    """Feature-visualization test of every partition, with the lesion test's random sets."""
-    from modlens.experiments.feature_vis import ORIGINAL, feature_vis_test
-
-    opts = dict(options or {})
-    if opts.pop("original", False):
-        opts = {**ORIGINAL, **opts}
-    opts.setdefault("value_range", (float(x.min()), float(x.max())))
-    opts.setdefault("transforms", default_vis_transforms(tuple(x.shape[1:])))
-    opts.setdefault("max_fraction", max_fraction)
-    tables, results = [], []
-    for name, part in partitions.items():
-        n_images = len(part.subclusters(min_size=opts.get("min_size", 2), max_fraction=opts["max_fraction"])) * (n_random + 1)
-        with _bar(progress, n_images, f"visualizations {name}") as bar:
-            res = feature_vis_test(adapter, part, tuple(x.shape[1:]), n_random=n_random, name=name,
-                                   random_state=as_generator(method_seed(random_state, name, STREAM_RANDOM_SETS)),
-                                   progress=bar.update, **opts)
-        tables.append(res.table)
-        results.append(res)
-    table = pd.concat(tables, ignore_index=True)
-    table.insert(0, "network", "0")
-    return table, results
 
 
 def _add_partition_facts(summary: pd.DataFrame, partitions: dict[str, Partition]) -> None:

@@ -30,9 +30,6 @@ from modlens.study.spec import NetworkGroup, SpecError, StudySpec
 from modlens.study.tasks import (atomic_write_frame, atomic_write_text, canonical, clean_temporaries, derived_seed,
                                  read_done, task_dir, task_key)
 
-#: The analysis options each kind of task depends on (and so hashes into its key).
-_TASK_OPTIONS = {"lesion": ("n_random", "accuracy", "class_range", "max_fraction", "engine"),
-                 "vis": ("n_random", "max_fraction", "vis")}
 FAMILIES = {"acc_drop": "lesion", "class_range": "lesion", "vis_score": "vis", "softmax_entropy": "vis"}
 
 
@@ -86,10 +83,9 @@ def build_graph(spec: StudySpec, study_dir: Path) -> tuple[list[Node], dict[str,
     and one record per (network, k) analysis."""
     from modlens.study.task_kinds import data_identity
 
+    from modlens.study.stages import config_subset
+
     a = spec.analysis
-    options = {"n_random": a.n_random, "accuracy": a.accuracy, "class_range": a.class_range, "ties": a.ties,
-               "effect_rule": a.effect_rule, "max_fraction": a.max_fraction, "engine": a.engine, "alpha": a.alpha,
-               "vis": dict(a.vis), "figures": a.figures}
     nodes: list[Node] = []
     given: dict[str, dict] = {}
     analyses: list[dict] = []
@@ -121,16 +117,17 @@ def build_graph(spec: StudySpec, study_dir: Path) -> tuple[list[Node], dict[str,
                 for method in a.partitionings:
                     pid, lid, vid = (f"{kind}:{aid}:{method}" for kind in ("partition", "lesion", "vis"))
 
+                    # each task's params hold the fields of the network's AnalysisConfig that its stage
+                    # reads (stages.STAGE_FIELDS), so its key changes exactly when one of them does
                     def make_partition(done, k=k, method=method, net_facts=net_facts):
                         model, data, ident, rs = net_facts(done)
-                        return ({"method": method, "k": k, "random_state": rs, "data": data, "data_id": ident},
-                                {"model": _ref(model)})
+                        return ({"method": method, "config": config_subset(a.network_config(k, rs), "partition"),
+                                 "data": data, "data_id": ident}, {"model": _ref(model)})
 
                     def make_test(done, kind, k=k, method=method, pid=pid, net_facts=net_facts):
                         model, data, ident, rs = net_facts(done)
-                        return ({"method": method, "k": k, "random_state": rs, "data": data, "data_id": ident,
-                                 "options": {o: options[o] for o in _TASK_OPTIONS[kind]}},
-                                {"model": _ref(model), "partition": _ref(done[pid])})
+                        return ({"method": method, "config": config_subset(a.network_config(k, rs), kind),
+                                 "data": data, "data_id": ident}, {"model": _ref(model), "partition": _ref(done[pid])})
 
                     nodes.append(Node(pid, "partition", [src], make_partition))
                     nodes.append(Node(lid, "lesion", [src, pid], partial(make_test, kind="lesion")))
@@ -148,8 +145,8 @@ def build_graph(spec: StudySpec, study_dir: Path) -> tuple[list[Node], dict[str,
                     model, data, ident, rs = net_facts(done)
                     net = {"id": record["id"], "group": record["group"], "seed": record["seed"], "digest": model["digest"],
                            "dataset": data if "imagenet" not in data else ident}
-                    opts = {key: options[key] for key in options if key not in ("vis", "figures") or a.feature_vis}
-                    return ({"k": k, "random_state": rs, "network": net, "options": opts},
+                    return ({"config": config_subset(a.network_config(k, rs), "stats"), "network": net,
+                             "figures": a.figures and a.feature_vis},
                             {"partitions": [_ref(done[p]) for p in parts], "lesions": [_ref(done[x]) for x in lesions],
                              "vis": [_ref(done[x]) for x in vis]})
 
@@ -259,7 +256,8 @@ def study_rows(spec: StudySpec, analyses: list[dict], done: dict) -> pd.DataFram
         members = [r for r in analyses if r["group"] == group and r["k"] == k]
         tests = pd.concat([pd.read_parquet(Path(done[r["stats"]]["dir"]) / "result" / "tests.parquet").assign(network=r["id"])
                            for r in members], ignore_index=True)
-        rows = summarize(tests, partitionings=list(spec.analysis.partitionings), alpha=spec.analysis.alpha)
+        rows = summarize(tests, partitionings=list(spec.analysis.partitionings), alpha=spec.analysis.alpha,
+                         combine=spec.analysis.combine, random_state=spec.analysis.seed)
         rows = rows.drop(columns=["q_value", "significant"])
         rows.insert(0, "table_family", rows["metric"].map(FAMILIES))
         rows.insert(1, "group", group)
@@ -314,7 +312,7 @@ def write_outputs(spec: StudySpec, study_dir: Path, done: dict, analyses: list[d
         })
     record = {
         "format": "modlens-study", "name": spec.name, "description": spec.description, "source": spec.source,
-        "spec": spec.raw, "resolved": {"analysis": _plain(spec.analysis), "networks": [_plain(g) for g in spec.networks]},
+        "spec": spec.raw, "resolved": {"analysis": spec.analysis.record(), "networks": [_plain(g) for g in spec.networks]},
         "networks": networks, "versions": _versions(), "executor": executor, "workers": workers,
         "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds,
         "tasks": timings,

@@ -10,8 +10,10 @@ A spec is a TOML file (or one of the built-in studies, :mod:`modlens.study.built
     n_random = 19                   # random sets per true subcluster
     partitionings = ["weights/global", "activations/global"]
     metrics = ["lesion", "vis"]     # lesion: acc_drop + class_range; vis: vis_score + softmax_entropy
-    accuracy = "accuracy"           # and class_range, ties, effect_rule, max_fraction, engine, alpha:
-    seed = 0                        #   the options of `modlens analyze`; seed enters every analysis seed
+    accuracy = "accuracy"           # and class_range, ties, effect_rule, max_fraction, engine, alpha,
+                                    #   eigen_solver, n_init, combine, conv_edge, act_reduce, bn_fold,
+                                    #   input_name, output: the options of `modlens analyze` (AnalysisConfig)
+    seed = 0                        # enters every analysis seed
     figures = false                 # true: PNG grids of every network's visualizations (networks/<id>/figures/;
                                     #   slow: minutes per network at k = 16 on 2 cores)
     [analysis.vis]                  # options of the feature visualization (steps, lr, original, ...)
@@ -31,20 +33,22 @@ A spec is a TOML file (or one of the built-in studies, :mod:`modlens.study.built
 
 ``{data_dir}`` in a path stands for the study's data folder (``--data-dir``). ImageNet networks
 name their validation folder: ``imagenet = {folder = "{data_dir}/imagenet/val", per_class = 10}``.
-Every key is checked when the spec is loaded; an unknown key or a wrong type is an error that
-names it.
+Every key is checked when the spec is loaded (the analysis options by
+:class:`~modlens.study.config.AnalysisConfig`); an unknown key, a wrong type or a wrong value is an
+error that names it, before any task runs.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modlens.experiments.partitioning import METHODS
-from modlens.study.summary import EFFECT_RULES, TIE_RULES
+from modlens.study.config import AnalysisConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,8 +60,13 @@ METRIC_SETS = ("lesion", "vis")
 _ANALYSIS_KEYS = {
     "k": list, "n_random": int, "partitionings": list, "metrics": list, "accuracy": str, "class_range": str,
     "ties": str, "effect_rule": str, "max_fraction": (float, int), "engine": str, "alpha": float, "seed": int,
-    "vis": dict, "figures": bool,
+    "vis": dict, "figures": bool, "eigen_solver": str, "n_init": (int, str), "combine": str, "conv_edge": str,
+    "act_reduce": str, "bn_fold": str, "input_name": str, "output": str,
 }
+#: Spec keys that are fields of AnalysisConfig under the same name (k, seed, metrics and vis map to
+#: n_clusters, random_state, feature_vis and vis_options; figures is the study's own).
+_CONFIG_KEYS = ("n_random", "partitionings", "accuracy", "class_range", "ties", "effect_rule", "max_fraction", "engine",
+                "alpha", "eigen_solver", "n_init", "combine", "conv_edge", "act_reduce", "bn_fold", "input_name", "output")
 _RECIPE_KEYS = {"epochs": int, "batch_size": int, "l2": (float, int), "augment": bool, "regularize": bool,
                 "n_val": int, "data_seed": int}
 _NETWORK_KEYS = {"group": str, "label": str, "arch": str, "dataset": str, "replicates": int, "seeds": list,
@@ -65,34 +74,44 @@ _NETWORK_KEYS = {"group": str, "label": str, "arch": str, "dataset": str, "repli
 _VIS_KEYS = {"steps": int, "lr": float, "original": bool, "parameterization": str, "transforms": str,
              "objective": str, "min_size": int, "batch_size": int}
 _IMAGENET_KEYS = {"folder": str, "per_class": int, "activation_per_class": int, "classes": str, "seed": int}
-_CHOICES = {"accuracy": ("accuracy", "balanced"), "class_range": ("range", "normalized"), "ties": TIE_RULES,
-            "effect_rule": EFFECT_RULES, "engine": ("incremental", "plain")}
-
-
 class SpecError(ValueError):
     """A study spec that cannot be run; the message names the spec, the key and the fix."""
 
 
 @dataclass(frozen=True)
 class Analysis:
+    """The analysis of every network of a study: ``config`` (validated when the spec is loaded) for
+    each k in ``k``, its ``random_state`` derived per network from ``seed`` and the network's weights
+    (:meth:`network_config`). The config's fields read as attributes (``analysis.n_random``)."""
+
     k: tuple[int, ...] = (16,)
-    n_random: int = 19
-    partitionings: tuple[str, ...] = METHODS
     metrics: tuple[str, ...] = ("lesion",)
-    accuracy: str = "accuracy"
-    class_range: str = "range"
-    ties: str = "mid"
-    effect_rule: str = "paper"
-    max_fraction: float | None = None
-    engine: str = "incremental"
-    alpha: float = 0.05
     seed: int = 0
-    vis: dict = field(default_factory=dict)
     figures: bool = False
+    config: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     @property
     def feature_vis(self) -> bool:
         return "vis" in self.metrics
+
+    @property
+    def vis(self) -> dict:
+        return dict(self.config.vis_options or {})
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or "config" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["config"], name)
+
+    def network_config(self, k: int, random_state: int) -> AnalysisConfig:
+        """The config of one network's analysis at ``k`` clusters."""
+        return dataclasses.replace(self.config, n_clusters=int(k), random_state=random_state)
+
+    def record(self) -> dict:
+        """JSON form (study.json's resolved analysis): the study's keys and the config's fields
+        (n_clusters and random_state are set per analysis from k and seed)."""
+        fields = {k: v for k, v in self.config.to_dict().items() if k not in ("n_clusters", "random_state")}
+        return {"k": list(self.k), "metrics": list(self.metrics), "seed": self.seed, "figures": self.figures, **fields}
 
 
 @dataclass(frozen=True)
@@ -159,20 +178,20 @@ def _analysis(table: dict, where: str) -> Analysis:
         if bad or "lesion" not in a["metrics"]:
             raise SpecError(f"{where}: metrics must include 'lesion' and may add 'vis'; got {a['metrics']!r}")
         a["metrics"] = tuple(m for m in METRIC_SETS if m in a["metrics"])
-    for key, choices in _CHOICES.items():
-        if key in a and a[key] not in choices:
-            raise SpecError(f"{where}: {key} must be one of {', '.join(choices)}, got {a[key]!r}")
-    if "n_random" in a:
-        _positive(where, "n_random", a["n_random"])
     if "seed" in a:
         _positive(where, "seed", a["seed"], 0)
-    if "max_fraction" in a and not 0 < a["max_fraction"] <= 1:
-        raise SpecError(f"{where}: max_fraction must be in (0, 1], got {a['max_fraction']}")
-    if "alpha" in a and not 0 < a["alpha"] < 1:
-        raise SpecError(f"{where}: alpha must be in (0, 1), got {a['alpha']}")
     if "vis" in a:
         _check_keys(f"{where}.vis", a["vis"], _VIS_KEYS)
-    return Analysis(**a)
+    study = {key: a[key] for key in ("k", "metrics", "seed", "figures") if key in a}
+    options = {key: a[key] for key in _CONFIG_KEYS if key in a}
+    ks = study.get("k", (16,))
+    try:
+        config = AnalysisConfig(n_clusters=ks[0], random_state=study.get("seed", 0),
+                                feature_vis="vis" in study.get("metrics", ("lesion",)), vis_options=a.get("vis") or None,
+                                **options)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"{where}: {exc}") from None
+    return Analysis(**study, config=config)
 
 
 def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> NetworkGroup:

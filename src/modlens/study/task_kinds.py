@@ -85,15 +85,17 @@ def data_identity(data: dict) -> dict:
     return {"imagenet": {k: v for k, v in spec.items() if k != "folder"}, "files": digest.hexdigest()}
 
 
-def _load(inputs: dict, context: dict):
-    from modlens.nn.adapter import NetworkAdapter
+def _load(inputs: dict, context: dict, x, cfg):
+    """The model and its adapter, captured at the test inputs ``x`` as ``analyze`` captures it."""
     from modlens.nn.io import load_model
+    from modlens.study.stages import network_adapter
 
     model, manifest = load_model(inputs["model"]["dir"])
     device = _device(context)
     if device != "cpu":
         model = model.to(device)
-    return model, NetworkAdapter(model), manifest
+        x = x.to(device)
+    return model, network_adapter(model, x, cfg), manifest
 
 
 def _read_partition(inputs: dict):
@@ -126,44 +128,46 @@ def _default_epochs(params: dict) -> int:
 
 
 def run_partition(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.study.stages import partition_digest, partition_one, partition_to_dict
+    from modlens.study.stages import partition_digest, partition_one, partition_to_dict, stage_config
 
-    _, adapter, _ = _load(inputs, context)
-    _, act = network_data(params["data"], context.get("data_dir"))
+    cfg = stage_config(params["config"])
+    (x, _), act = network_data(params["data"], context.get("data_dir"))
+    _, adapter, _ = _load(inputs, context, x, cfg)
     say("total", 1)
-    part = partition_one(adapter, params["method"], activation_data=act, n_clusters=params["k"],
-                         random_state=params["random_state"])
+    part = partition_one(adapter, params["method"], cfg, activation_data=act)
     (out / "partition.json").write_text(json.dumps(partition_to_dict(part), default=float))
     say("advance", 1)
     return partition_digest(part), {"ncut": part.ncut, "n_subclusters": len(part.subclusters())}
 
 
 def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.study.stages import lesion_one
+    from modlens.study.stages import lesion_one, stage_config
 
-    _, adapter, _ = _load(inputs, context)
+    cfg = stage_config(params["config"])
     (x, y), _ = network_data(params["data"], context.get("data_dir"))
+    _, adapter, _ = _load(inputs, context, x, cfg)
     part = _read_partition(inputs)
-    o = params["options"]
-    say("total", len(part.subclusters(max_fraction=o["max_fraction"])) * (o["n_random"] + 1))
-    table = lesion_one(adapter, part, x, y, name=params["method"], n_random=o["n_random"],
-                       random_state=params["random_state"], accuracy=o["accuracy"], class_range=o["class_range"],
-                       max_fraction=o["max_fraction"], engine=o["engine"], progress=lambda n: say("advance", n))
+    say("total", len(part.subclusters(max_fraction=cfg.max_fraction)) * (cfg.n_random + 1))
+    table = lesion_one(adapter, part, x, y, cfg, name=params["method"], progress=lambda n: say("advance", n))
     table.to_parquet(out / "lesions.parquet", index=False)
     return None, {"rows": len(table)}
 
 
 def run_vis(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.study.stages import vis_one, vis_options
+    """The visualizations of one partition; for inputs that cannot be visualized (token ids) the
+    reason, in ``skipped.json``, as ``analyze`` skips them."""
+    from modlens.study.stages import n_vis_images, stage_config, vis_one, vis_problem
 
-    _, adapter, _ = _load(inputs, context)
+    cfg = stage_config(params["config"])
     (x, _), _ = network_data(params["data"], context.get("data_dir"))
+    _, adapter, _ = _load(inputs, context, x, cfg)
     part = _read_partition(inputs)
-    o = params["options"]
-    opts = vis_options(x, max_fraction=o["max_fraction"], options=o["vis"])
-    say("total", len(part.subclusters(min_size=opts.get("min_size", 2), max_fraction=opts["max_fraction"])) * (o["n_random"] + 1))
-    res = vis_one(adapter, part, x, name=params["method"], n_random=o["n_random"], random_state=params["random_state"],
-                  max_fraction=o["max_fraction"], options=o["vis"], progress=lambda n: say("advance", n))
+    problem = vis_problem(adapter, x, cfg)
+    if problem:
+        (out / "skipped.json").write_text(json.dumps({"skipped": problem}))
+        return None, {"skipped": problem}
+    say("total", n_vis_images(part, x, cfg))
+    res = vis_one(adapter, part, x, cfg, name=params["method"], progress=lambda n: say("advance", n))
     res.table.to_parquet(out / "vis.parquet", index=False)
     np.save(out / "images.npy", np.asarray(res.images, dtype=np.float32))
     (out / "config.json").write_text(json.dumps(res.config, default=float))
@@ -171,17 +175,22 @@ def run_vis(out: Path, params: dict, inputs: dict, context: dict, say):
 
 
 def _read_vis(folder: Path):
+    """A ``VisResult``, or the reason the visualizations were skipped (a str)."""
     from modlens.experiments.feature_vis import VisResult
 
+    if (folder / "skipped.json").is_file():
+        return json.loads((folder / "skipped.json").read_text())["skipped"]
     return VisResult(pd.read_parquet(folder / "vis.parquet"), np.load(folder / "images.npy"),
                      json.loads((folder / "config.json").read_text()))
 
 
 def run_stats(out: Path, params: dict, inputs: dict, context: dict, say):
-    """Per-network statistics: the network's saved analysis result (the ``save_result`` format)."""
+    """Per-network statistics: the network's saved analysis result (the ``save_result`` format),
+    assembled by the stage ``analyze`` ends with."""
     from modlens.study.analyze import save_result
-    from modlens.study.stages import assemble, partition_from_dict
+    from modlens.study.stages import assemble, partition_from_dict, stage_config
 
+    cfg = stage_config(params["config"])
     say("total", 1)
     partitions = {}
     for item in inputs["partitions"]:
@@ -189,16 +198,13 @@ def run_stats(out: Path, params: dict, inputs: dict, context: dict, say):
         partitions[p.method] = p
     lesions = [pd.read_parquet(Path(item["dir"]) / "lesions.parquet") for item in inputs["lesions"]]
     vis = [_read_vis(Path(item["dir"])) for item in inputs.get("vis", [])]
-    o = params["options"]
-    config = {"n_clusters": params["k"], "random_state": params["random_state"], **{k: o[k] for k in (
-        "n_random", "accuracy", "class_range", "ties", "effect_rule", "max_fraction", "engine", "alpha")},
-        "network": params["network"]}
-    result = assemble(partitions, lesions, vis, ties=o["ties"], effect_rule=o["effect_rule"], alpha=o["alpha"],
-                      config=config)
+    skipped = next((v for v in vis if isinstance(v, str)), None)
+    result = assemble(partitions, lesions, [] if skipped else vis, cfg, vis_skipped=skipped,
+                      facts={"network": params["network"]})
     for frame in (result.subclusters, result.tests, result.visualizations):
         if frame is not None:
             frame["network"] = params["network"]["id"]
-    save_result(result, out / "result", extra_manifest={"models": [params["network"]]}, figures=o.get("figures", False))
+    save_result(result, out / "result", extra_manifest={"models": [params["network"]]}, figures=params["figures"])
     say("advance", 1)
     return None, {"n_subclusters": int(result.summary["n_subclusters"].max())}
 
