@@ -36,7 +36,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from modlens.core.graph import _int32_indices, _standardized_ranks, activation_graph
+from modlens.core import graph
+from modlens.core.graph import _int32_indices, _standardized_ranks
 
 #: Largest graph (in nodes) built densely when ``mode="auto"``; measured, see docs/transformers.md.
 DENSE_MAX_NODES = 8192
@@ -272,6 +273,6 @@ def build_activation_graph(activations, *, mode: str = "auto", k: int = DEFAULT_
     (:func:`knn_activation_graph`) as :func:`choose_graph_mode` decides from the unit count."""
     arrays, sizes = _stack(activations)
     if choose_graph_mode(sum(sizes), mode, dense_max_nodes=dense_max_nodes) == "dense":
-        return activation_graph(arrays)
+        return graph.activation_graph(arrays)
     return knn_activation_graph(arrays, k, **knn_kwargs)
 
