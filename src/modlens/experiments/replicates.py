@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modlens.core.seeds import named_seed
 from modlens.experiments._augment import augment_images, check_augment
 from modlens.experiments._stacked import CONV_MODES, StackedNet, stackable
 from modlens.experiments.train import (
     _check_xy,
-    _derived_seed,
     reference_info,
     reference_setup,
     train_classifier,
@@ -112,7 +112,7 @@ def train_classifiers_together(
     device = module_device_dtype(models[0])[0]
     net = StackedNet(models, conv=conv)
     order_gens = [torch.Generator().manual_seed(s) for s in seeds]
-    aug_gens = [torch.Generator().manual_seed(_derived_seed(s, "augment")) for s in seeds] if augment else None
+    aug_gens = [torch.Generator().manual_seed(named_seed(s, "augment")) for s in seeds] if augment else None
     optimizer = torch.optim.Adam(net.params, lr=lr, betas=(0.9, 0.999), eps=1e-7)
     histories: list[dict[str, list[float]]] = [{"loss": [], "cross_entropy": []} for _ in models]
     x_dev, y_dev = (x_train.to(device), y_train.to(device)) if device.type != "cpu" else (x_train, y_train)
