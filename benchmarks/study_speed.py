@@ -176,6 +176,20 @@ def run_network_path(seeds, out: Path, *, dataset: str, epochs: int | None, n_ra
     return dict(stages), time.perf_counter() - t0, models
 
 
+#: how each stage's time grows with the run's size: "r" replicates, "e" epochs, "n" test images
+SCALING = {"train": "re", "load": "r", "partition": "r", "lesion": "rn", "vis": "r", "stats": "r", "figures": "r",
+           "outputs": ""}
+
+
+def project(stages: dict, *, replicates: int, epochs: int, n_test: int, to_replicates: int = 5, to_epochs: int = 20,
+            to_n_test: int = 10_000) -> dict:
+    """Each stage's seconds scaled linearly to another size (:data:`SCALING`): a projection, not a
+    measurement. Training is linear in epochs, the lesion stage in test images (every lesion runs
+    over all of them; the activation graph uses the held-out split, whose size does not change)."""
+    factor = {"r": to_replicates / replicates, "e": to_epochs / epochs, "n": to_n_test / n_test}
+    return {stage: seconds * float(np.prod([factor[c] for c in SCALING[stage]])) for stage, seconds in stages.items()}
+
+
 def stage_table(study: dict, study_total: float, network: dict, network_total: float) -> str:
     """Both paths' stages: seconds and share of that path's total."""
     lines = [f"{'stage':<28} {'study s':>9} {'share':>7} {'per-network s':>14} {'share':>7}",
@@ -188,7 +202,7 @@ def stage_table(study: dict, study_total: float, network: dict, network_total: f
                          f"{value:>{width}.1f} {100 * value / total:>6.1f}%")
         lines.append(f"{STAGE_LABELS[stage]:<28} {cells[0]} {cells[1]}")
     lines.append("-" * 69)
-    lines.append(f"{'total (wall)':<28} {study_total:>9.1f} {'':>7} {network_total:>14.1f}")
+    lines.append(f"{'total':<28} {study_total:>9.1f} {'':>7} {network_total:>14.1f}")
     return "\n".join(lines)
 
 
@@ -241,7 +255,9 @@ def main(argv=None) -> int:
         stack.enter_context(test_subsample(args.n_test))
         results = {}
         order = ("study", "network") if args.order == "study-first" else ("network", "study")
+        cpu = {}
         for path in order:
+            c0 = time.process_time()
             if path == "study":
                 results[path] = run_study_path(spec, work / "study", data_dir=args.data_dir, executor=args.executor,
                                                workers=args.workers)
@@ -249,6 +265,7 @@ def main(argv=None) -> int:
                 results[path] = run_network_path(seeds, work / "per-network", dataset=args.dataset,
                                                  epochs=args.epochs, n_random=args.n_random,
                                                  vis_steps=args.vis_steps, data_dir=args.data_dir)
+            cpu[path] = time.process_time() - c0
     (s_stages, s_total, s_models), (n_stages, n_total, n_models) = results["study"], results["network"]
     same = sum(s_models.get(f"{GROUP}-s{seed}") == n_models[seed] for seed in seeds)
     print(f"MLP row of paper-small ({args.dataset}): {len(seeds)} replicates, {args.epochs} epochs, "
@@ -258,7 +275,20 @@ def main(argv=None) -> int:
     print(stage_table(s_stages, s_total, n_stages, n_total))
     print(f"ratio per-network / study: {n_total / s_total:.2f}x; without the per-network path's figure PNGs "
           f"(the same work as the study): {(n_total - n_stages.get('figures', 0.0)) / s_total:.2f}x")
+    if args.executor == "inline":  # other executors work in other processes
+        print(f"CPU time of the process (all threads; steadier than wall time on a shared machine): study "
+              f"{cpu['study']:.1f} s, per network {cpu['network']:.1f} s, ratio {cpu['network'] / cpu['study']:.2f}x")
     print(f"trained models byte-identical between the paths: {same}/{len(seeds)}")
+    n_full = len(load_dataset(args.dataset, "test", data_dir=args.data_dir))
+    size = {"replicates": len(seeds), "epochs": args.epochs, "n_test": min(args.n_test or n_full, n_full)}
+    if size != {"replicates": 5, "epochs": 20, "n_test": n_full}:
+        ps, pn = (project(st, **size, to_n_test=n_full) for st in (s_stages, n_stages))
+        print(f"\nPROJECTED (not measured) to 5 replicates, 20 epochs, {n_full} test images, each stage scaled "
+              "linearly (training by replicates x epochs, lesions by replicates x images, outputs unchanged, "
+              "the rest by replicates):")
+        print(stage_table(ps, sum(ps.values()), pn, sum(pn.values())))
+        print(f"projected ratio per-network / study: {sum(pn.values()) / sum(ps.values()):.2f}x; without the figure PNGs: "
+              f"{(sum(pn.values()) - pn.get('figures', 0.0)) / sum(ps.values()):.2f}x")
     sys.stdout.flush()
     return 0
 

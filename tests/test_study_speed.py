@@ -57,7 +57,7 @@ def test_test_subsample_is_seeded_and_restored(bench):
 def test_both_paths_stage_table(bench, capsys):
     assert bench.main(["--dataset", "digits", "--replicates", "1", "--epochs", "1", "--n-random", "1",
                        "--vis-steps", "2", "--threads", "1", "--n-test", "100"]) == 0
-    out = capsys.readouterr().out
+    out, projected = capsys.readouterr().out.split("PROJECTED (not measured)")
     # a row per stage: seconds and share for each path where the path has that stage
     number = r"\s+(\d+\.\d)\s+(\d+\.\d)%"
     for label in ("training", "partitioning (4 ways)", "lesions", "feature visualization", "statistics + saving"):
@@ -66,12 +66,21 @@ def test_both_paths_stage_table(bench, capsys):
     assert re.search(r"load model \+ data\s+-" + number, out)
     assert re.search(r"figure PNGs \(analyze only\)\s+-\s+\d+\.\d", out)
     assert re.search(r"outputs \+ runner overhead" + number + r"\s+-", out)
-    study_total, network_total = map(float, re.search(r"total \(wall\)\s+(\d+\.\d)\s+(\d+\.\d)", out).groups())
+    study_total, network_total = map(float, re.search(r"\ntotal\s+(\d+\.\d)\s+(\d+\.\d)", out).groups())
     shares = [float(s) for s in re.findall(r"(\d+\.\d)%", out)]
     assert abs(sum(shares) - 200.0) < 1.0  # each path's shares add up to its total
     ratio = float(re.search(r"ratio per-network / study: (\d+\.\d+)x", out).group(1))
     assert ratio == pytest.approx(network_total / study_total, abs=0.02)
     assert "trained models byte-identical between the paths: 1/1" in out
+    assert re.search(r"projected ratio per-network / study: \d+\.\d+x", projected)
+
+
+def test_projection_scales_each_stage_by_its_own_size(bench):
+    stages = {"train": 2.0, "lesion": 3.0, "vis": 1.0, "outputs": 4.0, "figures": 0.5}
+    got = bench.project(stages, replicates=2, epochs=2, n_test=2000)
+    # to 5 replicates, 20 epochs, 10,000 images: x25 (training), x12.5 (lesions), x2.5, unchanged
+    assert got == pytest.approx({"train": 50.0, "lesion": 37.5, "vis": 2.5, "outputs": 4.0, "figures": 1.25})
+    assert bench.project(stages, replicates=5, epochs=20, n_test=10_000) == pytest.approx(stages)
 
 
 def test_n_test_needs_the_inline_executor(bench):
