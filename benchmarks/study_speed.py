@@ -191,13 +191,14 @@ def project(stages: dict, *, replicates: int, epochs: int, n_test: int, to_repli
 
 
 def stage_table(study: dict, study_total: float, network: dict, network_total: float) -> str:
-    """Both paths' stages: seconds and share of that path's total."""
+    """Both paths' stages: seconds and share of that path's total (with several workers the study's
+    task seconds add up to more than its wall time; their shares are then of their sum)."""
     lines = [f"{'stage':<28} {'study s':>9} {'share':>7} {'per-network s':>14} {'share':>7}",
              "-" * 69]
     for stage in dict.fromkeys(STUDY_STAGES[:-1] + NETWORK_STAGES[1:2] + NETWORK_STAGES[-1:] + STUDY_STAGES[-1:]):
         s, n = study.get(stage), network.get(stage)
         cells = []
-        for value, total, width in ((s, study_total, 9), (n, network_total, 14)):
+        for value, total, width in ((s, max(study_total, sum(study.values())), 9), (n, network_total, 14)):
             cells.append(f"{'-':>{width}} {'':>7}" if value is None else
                          f"{value:>{width}.1f} {100 * value / total:>6.1f}%")
         lines.append(f"{STAGE_LABELS[stage]:<28} {cells[0]} {cells[1]}")
@@ -281,14 +282,20 @@ def main(argv=None) -> int:
     print(f"trained models byte-identical between the paths: {same}/{len(seeds)}")
     n_full = len(load_dataset(args.dataset, "test", data_dir=args.data_dir))
     size = {"replicates": len(seeds), "epochs": args.epochs, "n_test": min(args.n_test or n_full, n_full)}
+    busy = sum(s_stages.values()) / s_total  # > 1: tasks ran side by side (several workers)
+    if busy > 1.01:
+        print(f"study: {sum(s_stages.values()):.1f} task-seconds over {args.workers} workers in {s_total:.1f} s of wall "
+              f"time ({busy:.2f} tasks at a time on average); the study's shares are of the task-seconds")
     if size != {"replicates": 5, "epochs": 20, "n_test": n_full}:
         ps, pn = (project(st, **size, to_n_test=n_full) for st in (s_stages, n_stages))
+        ps_total = sum(ps.values()) / max(busy, 1.0)
         print(f"\nPROJECTED (not measured) to 5 replicates, 20 epochs, {n_full} test images, each stage scaled "
               "linearly (training by replicates x epochs, lesions by replicates x images, outputs unchanged, "
               "the rest by replicates):")
-        print(stage_table(ps, sum(ps.values()), pn, sum(pn.values())))
-        print(f"projected ratio per-network / study: {sum(pn.values()) / sum(ps.values()):.2f}x; without the figure PNGs: "
-              f"{(sum(pn.values()) - pn.get('figures', 0.0)) / sum(ps.values()):.2f}x")
+        print(stage_table(ps, ps_total, pn, sum(pn.values())))
+        print(f"projected ratio per-network / study: {sum(pn.values()) / ps_total:.2f}x; without the figure PNGs: "
+              f"{(sum(pn.values()) - pn.get('figures', 0.0)) / ps_total:.2f}x"
+              + (f" (study total: task-seconds / {busy:.2f} tasks at a time)" if busy > 1.01 else ""))
     sys.stdout.flush()
     return 0
 
