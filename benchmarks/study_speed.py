@@ -76,7 +76,7 @@ def study_spec(*, replicates: int, epochs: int | None, dataset: str = "mnist", n
 def test_subsample(n_test: int | None, seed: int = 0):
     """Within the block, every model's test set (study tasks and ``analyze_saved``) is a seeded
     subsample of ``n_test`` images; ``None`` leaves it whole."""
-    from modlens.study import runs
+    from modlens.study import runs, stages
 
     if n_test is None:
         yield
@@ -104,9 +104,8 @@ def _stage_clock(log: dict):
     ``figures = true``) to ``log`` while active."""
     from modlens.experiments import feature_vis as fv
     from modlens.experiments.partitioning import Partitioner
-    from modlens.study import analyze as an
     from modlens.study import figures as figs
-    from modlens.study import runs
+    from modlens.study import runs, stages
 
     def timed(fn, stage):
         @functools.wraps(fn)  # keeps the signature (AnalysisConfig reads feature_vis_test's)
@@ -119,7 +118,7 @@ def _stage_clock(log: dict):
         return wrapper
 
     patches = [(runs, "load_model", "load"), (runs, "model_data", "load"), (Partitioner, "partition", "partition"),
-               (an, "lesion_test", "lesion"), (fv, "feature_vis_test", "vis"),
+               (stages, "lesion_test", "lesion"), (fv, "feature_vis_test", "vis"),
                (figs, "save_vis_grids", "figures")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, stage in patches:
