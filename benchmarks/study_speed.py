@@ -76,7 +76,7 @@ def study_spec(*, replicates: int, epochs: int | None, dataset: str = "mnist", n
 def test_subsample(n_test: int | None, seed: int = 0):
     """Within the block, every model's test set (study tasks and ``analyze_saved``) is a seeded
     subsample of ``n_test`` images; ``None`` leaves it whole."""
-    from modlens.study import runs, stages
+    from modlens.study import runs
 
     if n_test is None:
         yield
