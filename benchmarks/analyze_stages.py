@@ -15,9 +15,11 @@ functions. Not a test: times depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import os
 import cProfile
 import pstats
 import time
+from pathlib import Path
 from collections import defaultdict
 
 import torch
@@ -72,7 +74,7 @@ def stage_times(stats: pstats.Stats) -> list[tuple[str, float, int]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="a folder written by modlens train")
-    ap.add_argument("--data-dir", default="/work/shared/data")
+    ap.add_argument("--data-dir", default=os.environ.get("MODLENS_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--no-feature-vis", action="store_true")
     ap.add_argument("--n-random", type=int, default=19)
     ap.add_argument("--n-clusters", type=int, default=16)

@@ -17,8 +17,10 @@ partition has more subclusters to test than a random one's).
 from __future__ import annotations
 
 import argparse
+import os
 import functools
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +40,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mnist-epochs", type=int, default=0)
-    ap.add_argument("--data-dir", default="/work/shared/data")
+    ap.add_argument("--data-dir", default=os.environ.get("MODLENS_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,9 @@ process's CPU time is printed beside the wall time, as it is less disturbed by o
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -185,7 +187,7 @@ def main() -> None:
     ap.add_argument("--arch", choices=["mlp", "cnn"], default="mlp")
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--data-dir", default="/work/shared/data")
+    ap.add_argument("--data-dir", default=os.environ.get("MODLENS_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--n-train", type=int, default=None, help="use only the first N training examples")
     ap.add_argument("--n-val", type=int, default=5000)
     ap.add_argument("--conv", choices=["grouped", "loop"], default="grouped")

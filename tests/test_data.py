@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from modlens.data._digits import split_indices
 from modlens.data._idx import check_pair, gunzip, parse_idx, read_idx_images, read_idx_labels
 from modlens.data._sources import MD5, SPLIT_FILES
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(os.environ.get("MODLENS_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
