@@ -70,7 +70,10 @@ def test_both_paths_stage_table(bench, capsys):
     shares = [float(s) for s in re.findall(r"(\d+\.\d)%", out)]
     assert abs(sum(shares) - 200.0) < 1.0  # each path's shares add up to its total
     ratio = float(re.search(r"ratio per-network / study: (\d+\.\d+)x", out).group(1))
-    assert ratio == pytest.approx(network_total / study_total, abs=0.02)
+    # the totals are printed to 0.1 s and the ratio to 0.01: it must lie within their rounding
+    low = (network_total - 0.05) / (study_total + 0.05) - 0.005
+    high = (network_total + 0.05) / (study_total - 0.05) + 0.005
+    assert low <= ratio <= high
     assert "trained models byte-identical between the paths: 1/1" in out
     assert re.search(r"projected ratio per-network / study: \d+\.\d+x", projected)
 
