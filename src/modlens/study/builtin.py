@@ -34,141 +34,65 @@ class Builtin:
 
 _ALL = '["weights/global", "weights/local", "activations/global", "activations/local"]'
 
-_PAPER_SMALL_NETS = """
-[[networks]]
-group = "mlp-mnist"
-label = "MLP, MNIST"
-arch = "mlp"
-dataset = "mnist"
-replicates = 5
 
-[[networks]]
-group = "mlp-fashion"
-label = "MLP, Fashion-MNIST"
-arch = "mlp"
-dataset = "fashion-mnist"
-replicates = 5
+def _head(name: str, description: str, *, k: str = "[16]", n_random: int = 19, extra: str = "") -> str:
+    """The spec's name and its ``[analysis]`` table: every partitioning, lesions and visualizations."""
+    return f"""
+name = "{name}"
+description = "{description}"
 
-[[networks]]
-group = "cnn-mnist"
-label = "CNN, MNIST"
-arch = "cnn"
-dataset = "mnist"
-replicates = 5
+[analysis]
+k = {k}
+n_random = {n_random}
+partitionings = {_ALL}
+metrics = ["lesion", "vis"]
+{extra}"""
 
+
+def _net(group: str, label: str, arch: str, dataset: str, replicates: int = 5, extra: str = "") -> str:
+    """One ``[[networks]]`` entry: replicates of a reference recipe trained on a dataset."""
+    return f"""
 [[networks]]
-group = "cnn-fashion"
-label = "CNN, Fashion-MNIST"
-arch = "cnn"
-dataset = "fashion-mnist"
-replicates = 5
+group = "{group}"
+label = "{label}"
+arch = "{arch}"
+dataset = "{dataset}"
+{extra}replicates = {replicates}
 """
 
-_VGG = """
-[[networks]]
-group = "vgg-cifar10"
-label = "VGG, CIFAR-10"
-arch = "vgg"
-dataset = "cifar10"
-replicates = 5
-"""
+
+_PAPER_SMALL_NETS = "".join(_net(g, label, arch, ds) for g, label, arch, ds in (
+    ("mlp-mnist", "MLP, MNIST", "mlp", "mnist"), ("mlp-fashion", "MLP, Fashion-MNIST", "mlp", "fashion-mnist"),
+    ("cnn-mnist", "CNN, MNIST", "cnn", "mnist"), ("cnn-fashion", "CNN, Fashion-MNIST", "cnn", "fashion-mnist")))
+
+_VGG = _net("vgg-cifar10", "VGG, CIFAR-10", "vgg", "cifar10")
 
 BUILTIN: dict[str, Builtin] = {
     "digits": Builtin(
         "4x256 MLP on the bundled digits, 3 replicates, 4 partitionings, lesions + feature vis (no download)",
-        f"""
-name = "digits"
-description = "The demo as a study: MLPs on scikit-learn's digits, lesion and feature-visualization tests."
-
-[analysis]
-k = [16]
-n_random = 19
-partitionings = {_ALL}
-metrics = ["lesion", "vis"]
-
-[[networks]]
-group = "mlp-digits"
-label = "MLP, digits"
-arch = "mlp"
-dataset = "digits"
-replicates = 3
-epochs = 60
-"""),
+        _head("digits", "The demo as a study: MLPs on scikit-learn's digits, lesion and feature-visualization tests.")
+        + _net("mlp-digits", "MLP, digits", "mlp", "digits", replicates=3, extra="epochs = 60\n")),
     "paper-small": Builtin(
         "MLP and small CNN on MNIST and Fashion-MNIST, 5 replicates each (Tables 1, 4, 5)",
-        f"""
-name = "paper-small"
-description = "The paper's small networks: Tables 1, 4 and 5 for MLPs and CNNs on MNIST (and Fashion-MNIST)."
-
-[analysis]
-k = [16]
-n_random = 19
-partitionings = {_ALL}
-metrics = ["lesion", "vis"]
-{_PAPER_SMALL_NETS}"""),
+        _head("paper-small", "The paper's small networks: Tables 1, 4 and 5 for MLPs and CNNs on MNIST (and Fashion-MNIST).")
+        + _PAPER_SMALL_NETS),
     "paper-halves": Builtin(
         "MLPs on halves / halves-same / stack-diff / stack-same MNIST, 5 replicates each (Figures 1, 6)",
-        f"""
-name = "paper-halves"
-description = "Two-image MNIST variants (appendix A.4): does modularity follow the task's structure?"
-
-[analysis]
-k = [16]
-n_random = 19
-partitionings = {_ALL}
-metrics = ["lesion", "vis"]
-""" + "".join(f"""
-[[networks]]
-group = "mlp-{v}-mnist"
-label = "MLP, {v}-MNIST"
-arch = "mlp"
-dataset = "{v}-mnist"
-replicates = 5
-""" for v in ("halves", "halves-same", "stack-diff", "stack-same"))),
+        _head("paper-halves", "Two-image MNIST variants (appendix A.4): does modularity follow the task's structure?")
+        + "".join(_net(f"mlp-{v}-mnist", f"MLP, {v}-MNIST", "mlp", f"{v}-mnist")
+                  for v in ("halves", "halves-same", "stack-diff", "stack-same"))),
     "paper-vgg": Builtin(
         "CIFAR-10 VGG, regularized and unregularized, 5 replicates each (needs the CIFAR-10 files)",
-        f"""
-name = "paper-vgg"
-description = "The mid-sized CNNs: VGGs on CIFAR-10 with and without dropout and L2."
-
-[analysis]
-k = [16]
-n_random = 19
-partitionings = {_ALL}
-metrics = ["lesion", "vis"]
-{_VGG}
-[[networks]]
-group = "vgg-cifar10-unreg"
-label = "VGG (unregularized), CIFAR-10"
-arch = "vgg"
-dataset = "cifar10"
-regularize = false
-replicates = 5
-"""),
+        _head("paper-vgg", "The mid-sized CNNs: VGGs on CIFAR-10 with and without dropout and L2.")
+        + _VGG + _net("vgg-cifar10-unreg", "VGG (unregularized), CIFAR-10", "vgg", "cifar10", extra="regularize = false\n")),
     "paper-k": Builtin(
         "the regularized CIFAR-10 VGG at k = 8, 12, 16 (Tables 2, 3; needs the CIFAR-10 files)",
-        f"""
-name = "paper-k"
-description = "Robustness to the number of clusters (appendix A.6)."
-
-[analysis]
-k = [8, 12, 16]
-n_random = 19
-partitionings = {_ALL}
-metrics = ["lesion", "vis"]
-{_VGG}"""),
+        _head("paper-k", "Robustness to the number of clusters (appendix A.6).", k="[8, 12, 16]") + _VGG),
     "paper-imagenet": Builtin(
         "VGG-16, VGG-19, ResNet-18 from your weights and an ImageNet validation folder, 9 random sets",
-        f"""
-name = "paper-imagenet"
-description = "The ImageNet networks, from weights the user supplies (one network each, as in the paper)."
-
-[analysis]
-k = [16]
-n_random = 9
-partitionings = {_ALL}
-metrics = ["lesion", "vis"]
-""" + "".join(f"""
+        _head("paper-imagenet", "The ImageNet networks, from weights the user supplies (one network each, as in the paper).",
+              n_random=9)
+        + "".join(f"""
 [[networks]]
 group = "{g}-imagenet"
 label = "{label}, ImageNet"
@@ -177,16 +101,8 @@ imagenet = {{ folder = "{{data_dir}}/imagenet/val", per_class = 10, activation_p
 """ for g, label in (("vgg16", "VGG-16"), ("vgg19", "VGG-19"), ("resnet18", "ResNet-18")))),
     "paper-original": Builtin(
         "paper-small with every original-code option switched on (rows 7, 9-11, 14-16 of the notes)",
-        f"""
-name = "paper-original"
-description = "paper-small analysed with the original code's definitions, for comparison with the paper's numbers."
-
-[analysis]
-k = [16]
-n_random = 19
-partitionings = {_ALL}
-metrics = ["lesion", "vis"]
-accuracy = "balanced"
+        _head("paper-original", "paper-small analysed with the original code's definitions, for comparison with the paper's numbers.",
+              extra="""accuracy = "balanced"
 class_range = "normalized"
 ties = "original"
 effect_rule = "original"
@@ -194,7 +110,7 @@ max_fraction = 0.99
 
 [analysis.vis]
 original = true
-{_PAPER_SMALL_NETS}"""),
+""") + _PAPER_SMALL_NETS),
 }
 
 __all__ = ["BUILTIN", "Builtin"]
