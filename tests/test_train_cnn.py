@@ -185,3 +185,61 @@ def test_complete_architecture_checks_the_data(spec, shape, n_classes, match):
     with pytest.raises(ValueError, match=match) as info:
         complete_architecture(spec, shape, n_classes)
     assert "\n" not in str(info.value)
+
+
+# ----- channels-last training (the CPU default for conv nets): same recipe, same numbers to rounding -----
+
+SMALL_CNN = {"type": "cnn", "input_shape": [1, 12, 12], "n_classes": 3, "conv": [8, 8, "M", 8, "M"], "dense": [16]}
+
+
+def _stripes(n=96, seed=0, dtype=torch.float32):
+    """Three classes: a bright stripe in the left, middle or right third of a 12x12 image."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, size=n)
+    x = rng.uniform(0, 0.3, size=(n, 1, 12, 12))
+    for i, label in enumerate(y):
+        x[i, :, :, 4 * label:4 * label + 4] += 0.6
+    return torch.from_numpy(x).to(dtype), torch.from_numpy(y.astype(np.int64))
+
+
+def test_channels_last_is_chosen_for_conv_nets_on_the_cpu():
+    from modlens.experiments.train import use_channels_last
+    x, _ = _stripes(4)
+    cnn, mlp = build_model(SMALL_CNN), build_model({"type": "mlp", "sizes": [144, 8, 3]})
+    assert use_channels_last(cnn, x) and not use_channels_last(cnn, x, "contiguous")
+    assert not use_channels_last(mlp, x.flatten(1)) and not use_channels_last(mlp, x.flatten(1), "channels_last")
+    with pytest.raises(ValueError, match="memory_format"):
+        use_channels_last(cnn, x, "nhwc")
+
+
+def test_channels_last_training_equals_contiguous_in_float64():
+    """Same initialization, batches and arithmetic: in float64 the layouts agree to rounding after two
+    epochs (Adam, batch 16), and the parameters come back in the contiguous layout."""
+    x, y = _stripes(dtype=torch.float64)
+    models, hists = {}, {}
+    for fmt in ("contiguous", "channels_last"):
+        models[fmt] = build_model(SMALL_CNN, generator=torch.Generator().manual_seed(3)).double()
+        hists[fmt] = train_classifier(models[fmt], x, y, epochs=2, batch_size=16, seed=5, memory_format=fmt)
+    assert hists["contiguous"]["loss"] == pytest.approx(hists["channels_last"]["loss"], rel=1e-10)
+    for (name, a), b in zip(models["contiguous"].state_dict().items(), models["channels_last"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+        assert b.is_contiguous(), name
+
+
+def test_channels_last_float32_gradients_and_losses_match_contiguous():
+    """float32: the layouts sum in other orders (oneDNN kernels), so gradients agree to float
+    tolerance, and so do the losses of the first steps from one initialization."""
+    import torch.nn.functional as F
+    x, y = _stripes(n=64, seed=1)
+    grads = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = build_model(SMALL_CNN, generator=torch.Generator().manual_seed(0)).to(memory_format=fmt)
+        F.cross_entropy(model(x.contiguous(memory_format=fmt)), y).backward()
+        grads[fmt] = [p.grad.contiguous() for p in model.parameters()]
+    for a, b in zip(grads[torch.contiguous_format], grads[torch.channels_last]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    hists = {}
+    for fmt in ("contiguous", "channels_last"):
+        model = build_model(SMALL_CNN, generator=torch.Generator().manual_seed(0))
+        hists[fmt] = train_classifier(model, x, y, epochs=3, batch_size=64, seed=0, memory_format=fmt)["loss"]
+    assert hists["contiguous"] == pytest.approx(hists["channels_last"], rel=1e-4)

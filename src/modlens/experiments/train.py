@@ -35,11 +35,32 @@ from modlens.nn.models import PAPER_MLP_HIDDEN, build_model
 
 __all__ = [
     "train_classifier", "accuracy", "split_validation", "train_reference", "train_reference_mlp",
-    "reference_setup", "reference_info",
+    "reference_setup", "reference_info", "MEMORY_FORMATS", "use_channels_last",
     "complete_architecture", "recipe", "RECIPES", "PAPER_AUGMENT", "augment_images", "l2_penalty",
 ]
 
 Progress = Callable[[int, int, float], Any]
+
+#: ``memory_format`` values of :func:`train_classifier`.
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+def use_channels_last(model: nn.Module, x: torch.Tensor, memory_format: str = "auto") -> bool:
+    """Whether :func:`train_classifier` trains ``model`` on images ``x`` in the channels-last layout.
+
+    ``"auto"``: for image batches (N, C, H, W) into a model with a 2-D convolution, on the CPU, where
+    oneDNN's channels-last kernels are faster (max-pooling by an order of magnitude, measured in
+    ``benchmarks/README.md``). The layout changes no value and no recipe: same initialization,
+    data order and arithmetic; the convolutions sum in another order, so weights differ from the
+    contiguous layout's in the last bits (and drift apart over the steps, as any rounding does).
+    """
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
+    if memory_format != "auto":
+        return memory_format == "channels_last" and x.ndim == 4
+    device = module_device_dtype(model)[0]
+    return (x.ndim == 4 and device.type == "cpu"
+            and any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
 
 def _check_xy(x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +94,7 @@ def train_classifier(
     weight_decay_l2: float = 0.0,
     augment: bool | dict | None = None,
     drop_last: bool | None = None,
+    memory_format: str = "auto",
 ) -> dict[str, list[float]]:
     """Train ``model`` in place on ``(x_train, y_train)``; returns per-epoch means ``{"loss", "cross_entropy"}``.
 
@@ -89,6 +111,10 @@ def train_classifier(
     generator derived from ``seed``. ``drop_last`` skips a final incomplete batch; by default it is
     on only for models with batch norm that have at least one full batch (a batch of one sample
     breaks batch norm in training mode).
+
+    ``memory_format`` (``"auto"``, ``"channels_last"``, ``"contiguous"``; see
+    :func:`use_channels_last`) is the layout the parameters and the batches take during training;
+    the parameters are returned to the contiguous layout afterwards.
     """
     x_train, y_train = _check_xy(x_train, y_train, "train_classifier")
     if epochs < 0 or batch_size < 1:
@@ -108,6 +134,7 @@ def train_classifier(
         drop_last = batch_norm and n >= batch_size
     stop = n - n % batch_size if drop_last else n
     device = module_device_dtype(model)[0]
+    channels_last = use_channels_last(model, x_train, memory_format)
     order_generator = torch.Generator().manual_seed(int(seed))
     aug_generator = torch.Generator().manual_seed(named_seed(seed, "augment")) if augment else None
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
@@ -122,10 +149,14 @@ def train_classifier(
             with torch.cuda.device(cuda[0]):
                 torch.cuda.manual_seed(named_seed(seed, "dropout"))
         try:
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
             _epochs(model, x_train, y_train, order_generator=order_generator, aug_generator=aug_generator,
                     augment=augment, optimizer=optimizer, weight_decay_l2=weight_decay_l2, epochs=epochs, batch_size=batch_size,
-                    stop=stop, device=device, history=history, progress=progress)
+                    stop=stop, device=device, history=history, progress=progress, channels_last=channels_last)
         finally:
+            if channels_last:
+                model.to(memory_format=torch.contiguous_format)
             model.train(was_training)
     return history
 
@@ -133,7 +164,7 @@ def train_classifier(
 def _epochs(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, order_generator: torch.Generator,
             aug_generator: torch.Generator | None, augment: dict | None, optimizer: torch.optim.Optimizer,
             weight_decay_l2: float, epochs: int, batch_size: int, stop: int, device: torch.device,
-            history: dict[str, list[float]], progress: Progress | None) -> None:
+            history: dict[str, list[float]], progress: Progress | None, channels_last: bool = False) -> None:
     """The training loop of :func:`train_classifier` (arguments already checked)."""
     n = x_train.shape[0]
     for epoch in range(1, epochs + 1):
@@ -145,6 +176,8 @@ def _epochs(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, o
             xb, yb = x_train[idx].to(device), y_train[idx].to(device)
             if aug_generator is not None:
                 xb = augment_images(xb, aug_generator, **augment)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             ce = F.cross_entropy(model(xb), yb)
             loss = ce + weight_decay_l2 * l2_penalty(model) if weight_decay_l2 > 0 else ce
             optimizer.zero_grad(set_to_none=True)
