@@ -141,3 +141,122 @@ def test_conv1d_and_convolutional_classifier():
     for layer, width in enumerate(adapter.layer_sizes):
         sets = [[0], [1, 2], [width - 1], list(range(width))]
         np.testing.assert_array_equal(ev.correct_counts(layer, sets), correct_counts_plain(adapter, layer, sets, x, y))
+
+
+# ----- channels-last layout, fused conv correction, pool-before-ReLU rewrite (the CPU fast path) -----
+
+def _small_cnn(dtype, seed=0, n=120):
+    """The paper's small CNN shape at toy size: conv-relu-conv-relu-pool-conv-relu-pool-dense."""
+    from modlens.nn.models import build_model
+    model = build_model({"type": "cnn", "input_shape": [2, 12, 12], "n_classes": 5, "conv": [8, 8, "M", 8, "M"],
+                         "dense": [16]}, generator=torch.Generator().manual_seed(seed)).to(dtype).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():   # larger weights and non-zero biases, so that lesions change predictions
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(2.0)
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=dtype))
+    x = torch.randn(n, 2, 12, 12, generator=g, dtype=dtype)
+    with torch.no_grad():
+        model.out.bias.sub_(model(x).mean(0))             # centre the logits: every class gets predicted
+        y = model(x).argmax(-1)
+    y[::3] = (y[::3] + 1) % 5
+    return model, x, y
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_engine_equals_plain_in_float64(channels_last):
+    model, x, y = _small_cnn(torch.float64)
+    adapter = NetworkAdapter(model)
+    ev = LesionEvaluator(adapter, x, y, channels_last=channels_last, batch_size=50)
+    assert ev.channels_last is channels_last
+    rng = np.random.default_rng(0)
+    changed = 0
+    for layer, width in enumerate(adapter.layer_sizes):
+        sets = random_sets(rng, width)
+        fast = ev.correct_counts(layer, sets)
+        np.testing.assert_array_equal(fast, correct_counts_plain(adapter, layer, sets, x, y), err_msg=str(layer))
+        changed += int((fast != ev.baseline).any())
+    assert changed == len(adapter.layer_sizes)
+
+
+def test_channels_last_is_the_cpu_default_and_the_weights_are_restored():
+    model, x, y = _small_cnn(torch.float32)
+    adapter = NetworkAdapter(model)
+    before = {k: (v.data_ptr(), v.stride()) for k, v in model.state_dict().items()}
+    ev = LesionEvaluator(adapter, x, y)
+    assert ev.channels_last
+    ev.correct_counts(0, [[1, 2]])
+    cached = next(iter(ev._caches.values()))
+    assert all(v.is_contiguous(memory_format=torch.channels_last) for v in cached.values() if v.dim() == 4)
+    assert {k: (v.data_ptr(), v.stride()) for k, v in model.state_dict().items()} == before
+    mlp = NetworkAdapter(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)))
+    assert not LesionEvaluator(mlp, torch.rand(10, 6), torch.zeros(10, dtype=torch.int64)).channels_last
+
+
+def test_float32_fast_paths_agree_with_each_other_and_the_oracle(monkeypatch):
+    """float32: the fused oneDNN correction, the unfused one and the NCHW layout give the same counts
+    (and the plain path's, within one sample for rounding near ties)."""
+    from modlens.nn import _plan
+    model, x, y = _small_cnn(torch.float32, seed=4, n=300)
+    adapter = NetworkAdapter(model)
+    calls = []
+    fused = torch.ops.mkldnn._convolution_pointwise.binary
+
+    def counting(*a, **k):
+        calls.append(1)
+        return fused(*a, **k)
+    monkeypatch.setattr(torch.ops.mkldnn._convolution_pointwise, "binary", counting)
+    rng = np.random.default_rng(1)
+    for layer in (0, 1):
+        sets = [rng.choice(8, size=s, replace=False) for s in (1, 2, 3, 5)]
+        got = {}
+        for name, cl, fuse in [("fused", True, True), ("unfused", True, False), ("nchw", False, True)]:
+            monkeypatch.setattr(_plan, "FUSED_CORRECTION", fuse)
+            got[name] = LesionEvaluator(adapter, x, y, channels_last=cl).correct_counts(layer, sets)
+        np.testing.assert_array_equal(got["fused"], got["unfused"])
+        np.testing.assert_array_equal(got["fused"], got["nchw"])
+        assert np.abs(got["fused"] - correct_counts_plain(adapter, layer, sets, x, y)).max() <= 1
+    assert calls, "the fused correction should run for a float32 conv consumer on the CPU"
+
+
+def test_corrected_equals_the_subtraction():
+    from modlens.nn import _plan
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, 3, padding=1, stride=2)
+    u = torch.rand(7, 6, 9, 9).contiguous(memory_format=torch.channels_last)
+    z = conv(u).detach().contiguous(memory_format=torch.channels_last)
+    c = _plan.Correction(None, conv, None, [])
+    idx = torch.tensor([[0, 4]])
+    out = c.corrected(z, u, idx)
+    ref = z - F.conv2d(u[:, [0, 4]], conv.weight[:, [0, 4]], None, 2, 1)
+    torch.testing.assert_close(out[0], ref, rtol=1e-6, atol=1e-6)
+    assert out.reshape(-1, *z.shape[1:]).is_contiguous(memory_format=torch.channels_last)
+    two = c.corrected(z, u, torch.tensor([[0, 4], [1, 2]]))      # several sets: the grouped conv
+    torch.testing.assert_close(two[0], ref, rtol=1e-6, atol=1e-6)
+    assert two.reshape(-1, *z.shape[1:]).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pool_before_relu_rewrite_is_exact_and_selective():
+    from modlens.nn._fx import trace
+    from modlens.nn._plan import pool_before_relu
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool, self.act = nn.MaxPool2d(2), nn.ReLU()
+
+        def forward(self, x):
+            a = F.max_pool2d(torch.relu(x), 2)             # rewritten
+            b = self.pool(self.act(x))                       # rewritten (modules)
+            r = F.relu(x)
+            c = F.max_pool2d(r, 2) + r[..., ::2, ::2]        # not: the ReLU has another user
+            d, _ = F.max_pool2d(F.relu(x), 2, return_indices=True)   # not: indices would change
+            return a + b + c + d
+
+    net = Net()
+    gm = trace(net)
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    expected = net(x)
+    assert pool_before_relu(gm) == 2
+    assert torch.equal(gm(x), expected)

@@ -30,6 +30,10 @@ from torch import fx, nn
 from modlens.nn import _fx
 from modlens.nn._structure import Route, Structure, UnsupportedModelError
 
+#: Use oneDNN's fused convolution + addition for a conv correction where it applies (see
+#: :meth:`Correction.corrected`); ``False`` runs the convolution and the subtraction apart.
+FUSED_CORRECTION = True
+
 
 def channel_mask(value: torch.Tensor, keep: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``value`` with dimension ``dim`` multiplied by ``keep`` (1 = kept, 0 = lesioned)."""
@@ -80,6 +84,8 @@ class Correction:
             return torch.bmm(u_sel, w_sel)
         c = u.shape[0]
         u_sel = u[:, idx.reshape(-1)]                                 # (c, B*k, *spatial)
+        if channels_last(u):  # indexing gives NCHW; the conv runs in u's layout (oneDNN's fast one)
+            u_sel = u_sel.contiguous(memory_format=torch.channels_last)
         w_sel = w[:, idx].transpose(0, 1).reshape(n_sets * w.shape[0], k, *w.shape[2:])
         padding = m.padding
         if m.padding_mode != "zeros":
@@ -88,6 +94,30 @@ class Correction:
         conv = F.conv2d if isinstance(m, nn.Conv2d) else F.conv1d
         out = conv(u_sel, w_sel, None, m.stride, padding, m.dilation, n_sets)   # (c, B*out, ...)
         return out.reshape(c, n_sets, w.shape[0], *out.shape[2:]).transpose(0, 1)
+
+
+    def corrected(self, z: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The consumer's output ``z`` (c, ...) minus :meth:`delta` for each set: (B, c, ...), laid
+        out as ``z`` (so that its (B * c, ...) reshape is a view). One set of a 2-D conv on the CPU
+        runs as one oneDNN convolution with the subtraction fused in (the same values: ``z +
+        conv(u_S, -W_S)``), which saves writing and re-reading the correction."""
+        if idx.shape[0] == 1 and _fusable(self.module, u, z):
+            m = self.module
+            u_sel = u[:, idx[0]].contiguous(memory_format=torch.channels_last)
+            w_neg = torch.neg(m.weight.detach()[:, idx[0]]).contiguous(memory_format=torch.channels_last)
+            out = torch.ops.mkldnn._convolution_pointwise.binary(
+                u_sel, z, w_neg, None, list(m.padding), list(m.stride), list(m.dilation), 1, "add", None, None, [], None)
+            return out.unsqueeze(0)
+        return torch.sub(z.unsqueeze(0), self.delta(u, idx), out=_stacked(z, idx.shape[0]))
+
+
+def _fusable(m: nn.Module, u: torch.Tensor, z: torch.Tensor) -> bool:
+    """Whether oneDNN's fused convolution + addition (``mkldnn._convolution_pointwise.binary``, the op
+    inductor uses) can compute ``z - conv(u_S, W_S)``: a zero-padded 2-D conv, float32, CPU, channels-last."""
+    return (FUSED_CORRECTION and isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+            and u.device.type == "cpu" and u.dtype == torch.float32 and z.dtype == torch.float32
+            and channels_last(u) and channels_last(z) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
 @dataclass
@@ -135,6 +165,7 @@ class LesionPlan:
         self.probe_outputs = probe_outputs
         self.probe = _fx.extract(gm, [structure.input], probe_outputs, clone_outputs=True)
         self.tail = _fx.extract(gm, self.cuts + self.frontier, [output])
+        pool_before_relu(self.tail)
 
     def _check_independent(self, structure: Structure, layer: fx.Node) -> None:
         """Each cut value must depend on the lesion only through the layer's own channel-wise
@@ -185,8 +216,7 @@ class LesionPlan:
         inputs = []
         for c, idx in zip(self.corrections, corr_idx):
             z = cached[c.consumer]
-            z_new = z.unsqueeze(0) - c.delta(cached[c.value], idx)
-            inputs.append(z_new.reshape(-1, *z.shape[1:]))
+            inputs.append(c.corrected(z, cached[c.value], idx).reshape(-1, *z.shape[1:]))
         for m, idx in zip(self.masks, mask_idx):
             v = cached[m.value]
             dim = m.routes[0].dim
@@ -194,11 +224,11 @@ class LesionPlan:
             keep.scatter_(1, idx, 0.0)
             shape = [n_sets] + [1] * v.dim()
             shape[1 + dim] = v.shape[dim]
-            masked = v.unsqueeze(0) * keep.view(shape)
+            masked = torch.mul(v.unsqueeze(0), keep.view(shape), out=_stacked(v, n_sets))
             inputs.append(masked.reshape(-1, *v.shape[1:]))
         for f in self.frontier:  # always a copy: the tail may modify its inputs in place
             v = cached[f]
-            inputs.append(v.clone() if n_sets == 1 else v.unsqueeze(0).expand(n_sets, *v.shape).reshape(-1, *v.shape[1:]))
+            inputs.append(_stacked(v, n_sets).copy_(v.unsqueeze(0).expand(n_sets, *v.shape)).reshape(-1, *v.shape[1:]))
         return inputs
 
     # ----- sizes and costs (per sample) -------------------------------------------------------------
@@ -234,6 +264,60 @@ class LesionPlan:
             per_input = layer_macs(c.module, shapes, c.consumer) / c.width
             corr += int(per_input * k)
         return {"probe": probe, "lesion": corr + tail, "forward": forward}
+
+
+_RELUS = (torch.relu, F.relu, torch.ops.aten.relu.default)
+_MAX_POOLS = (F.max_pool2d, torch.max_pool2d, torch.ops.aten.max_pool2d.default)
+
+
+def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return type(m) is nn.ReLU and not m.inplace
+    return n.op == "call_function" and n.target in _RELUS and len(n.args) == 1 and not n.kwargs
+
+
+def _is_max_pool(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return type(m) is nn.MaxPool2d and not m.return_indices
+    return (n.op == "call_function" and n.target in _MAX_POOLS and not n.kwargs.get("return_indices", False)
+            and not (n.target is F.max_pool2d and len(n.args) > 6 and n.args[6]))
+
+
+def pool_before_relu(gm: fx.GraphModule) -> int:
+    """Rewrite ``max_pool2d(relu(x))`` as ``relu(max_pool2d(x))`` where the ReLU feeds only the pool:
+    the same values exactly (ReLU is monotone, so it commutes with a maximum), with the ReLU on the
+    pooled value, a quarter of the size. Returns the number of rewrites."""
+    count = 0
+    for pool in list(gm.graph.nodes):
+        if not _is_max_pool(gm, pool) or not pool.args or not isinstance(pool.args[0], fx.Node):
+            continue
+        relu = pool.args[0]
+        if not _is_relu(gm, relu) or len(relu.users) != 1:
+            continue
+        with gm.graph.inserting_after(pool):
+            after = gm.graph.node_copy(relu, lambda a: pool)
+        pool.replace_all_uses_with(after, delete_user_cb=lambda user: user is not after)
+        pool.replace_input_with(relu, relu.args[0])
+        gm.graph.erase_node(relu)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a 4-D tensor laid out channels-last (NHWC), and not also contiguous."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def _stacked(v: torch.Tensor, n_sets: int) -> torch.Tensor:
+    """An empty (n_sets, *v.shape) tensor whose (n_sets * N, ...) reshape is a view in ``v``'s layout."""
+    if channels_last(v):
+        n, c, h, w = v.shape
+        return v.new_empty((n_sets, n, h, w, c)).permute(0, 1, 4, 2, 3)
+    return v.new_empty((n_sets, *v.shape))
 
 
 def layer_macs(module: nn.Module, shapes: dict, node: fx.Node) -> int:

@@ -25,6 +25,7 @@ samples at a time, so the ImageNet-sized case runs on one GPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
 from typing import Callable, Sequence
@@ -82,12 +83,21 @@ class LesionEvaluator:
     skip:
         Skip, exactly, the (set, sample) pairs whose prediction is known without running the
         tail (silent lesions, certified margins; :mod:`modlens.nn._skip`). ``False`` runs every pair.
+    channels_last:
+        Run the forward passes and the tails with 2-D conv weights and 4-D values in the
+        channels-last layout (the weights are converted for the duration of each call and restored).
+        ``None``: on the CPU, for models with a 2-D convolution, where oneDNN's convolutions and
+        max-pooling are several times faster in this layout (``benchmarks/README.md``). Same
+        values; float rounding may differ in the last bits.
     """
 
     def __init__(self, adapter: NetworkAdapter, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048,
-                 memory_budget_bytes: int | None = None, skip: bool = True):
+                 memory_budget_bytes: int | None = None, skip: bool = True, channels_last: bool | None = None):
         self.adapter = adapter
         self.skip = skip  # exact work-skipping for Linear consumers (see modlens.nn._skip)
+        if channels_last is None:
+            channels_last = adapter.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in adapter.model.modules())
+        self.channels_last = bool(channels_last)
         self.device, self.dtype = adapter.device, adapter.dtype
         check_labels(y, adapter.n_classes, name="test data")
         adapter.check_input(x, "test data")
@@ -110,6 +120,23 @@ class LesionEvaluator:
         self.last_stats: dict = {}
         self.baseline = self._baseline()
 
+    @contextlib.contextmanager
+    def _mode(self):
+        """Eval mode and, with ``channels_last``, the 2-D conv weights in that layout (restored after)."""
+        saved = []
+        with _fx.run_in_eval(self.adapter.model):
+            try:
+                if self.channels_last:
+                    for m in self.adapter.gm.modules():
+                        w = getattr(m, "weight", None)
+                        if isinstance(m, nn.Conv2d) and isinstance(w, torch.Tensor) and w.dim() == 4:
+                            saved.append((w, w.data))
+                            w.data = w.data.contiguous(memory_format=torch.channels_last)
+                yield
+            finally:
+                for w, data in saved:
+                    w.data = data
+
     def _batches(self, start: int, stop: int):
         for s0, s1 in _chunks(stop - start, self.batch_size):
             yield to_model(self.x[start + s0:start + s1], self.device, self.dtype)
@@ -118,7 +145,7 @@ class LesionEvaluator:
     def _baseline(self) -> np.ndarray:
         total = torch.zeros(self.n_classes, dtype=self.count_dtype, device=self.device)
         start = 0
-        with _fx.run_in_eval(self.adapter.model):
+        with self._mode():
             for xb in self._batches(0, len(self.x)):
                 n = xb.shape[0]
                 total += _class_counts(self.adapter.gm(xb).argmax(-1), self.y[start:start + n],
@@ -152,13 +179,15 @@ class LesionEvaluator:
         """Probe outputs for samples ``start:stop``, written into preallocated tensors."""
         cached: dict = {}
         pos = 0
-        with _fx.run_in_eval(self.adapter.model):
+        with self._mode():
             for xb in self._batches(start, stop):
                 out = plan.probe(xb)
                 out = out if isinstance(out, tuple) else (out,)
                 for node, v in zip(plan.probe_outputs, out):
                     if node not in cached:
-                        cached[node] = torch.empty((stop - start, *v.shape[1:]), dtype=v.dtype, device=v.device)
+                        fmt = torch.channels_last if self.channels_last and v.dim() == 4 else torch.contiguous_format
+                        cached[node] = torch.empty((stop - start, *v.shape[1:]), dtype=v.dtype, device=v.device,
+                                                   memory_format=fmt)
                     cached[node][pos:pos + v.shape[0]] = v
                 pos += xb.shape[0]
         return cached
@@ -214,7 +243,7 @@ class LesionEvaluator:
                              torch.zeros(len(sets), self.n_classes, dtype=self.count_dtype, device=self.device),
                              sets.shape[1]))
         stats = self.last_stats
-        with _fx.run_in_eval(self.adapter.model):
+        with self._mode():
             skip = LinearSkip.build(plan, plan.macs(self.shapes, 1)["lesion"]) if self.skip else None
             stats["skip"] = None if skip is None else ("chain" if skip.stages is not None else "silent")
             for start, stop, cached in self._cache_chunks(layer, plan):
