@@ -53,3 +53,22 @@ def test_conv_feature_vis_batched_equals_single():
     single = feature_vis_test(adapter, part, (3, 8, 8), batched=False, **kw)
     np.testing.assert_allclose(batched.images, single.images, atol=1e-10)
     np.testing.assert_allclose(batched.table["vis_score"], single.table["vis_score"], rtol=1e-9)
+
+
+def test_conv_feature_vis_channels_last_equals_contiguous():
+    """The NHWC layout (the CPU default for conv nets) changes no value: float64, same images and
+    scores as the NCHW layout to rounding; the model's weights keep their layout."""
+    from modlens.nn.models import build_model
+    model = build_model({"type": "cnn", "input_shape": [1, 10, 10], "n_classes": 4, "conv": [6, 6, "M", 6, "M"],
+                         "dense": [8]}, generator=torch.Generator().manual_seed(1)).double().eval()
+    adapter = MLPAdapter(model)
+    part = modlens.partition(adapter, "weights/global", n_clusters=3)
+    strides = [p.stride() for p in model.parameters()]
+    kw = dict(n_random=2, steps=6, random_state=3)
+    nhwc = feature_vis_test(adapter, part, (1, 10, 10), **kw)
+    nchw = feature_vis_test(adapter, part, (1, 10, 10), channels_last=False, **kw)
+    assert len(nhwc.table) > 0
+    np.testing.assert_allclose(nhwc.images, nchw.images, atol=1e-9)
+    np.testing.assert_allclose(nhwc.table["vis_score"], nchw.table["vis_score"], rtol=1e-9)
+    np.testing.assert_allclose(nhwc.table["softmax_entropy"], nchw.table["softmax_entropy"], rtol=1e-9)
+    assert [p.stride() for p in model.parameters()] == strides

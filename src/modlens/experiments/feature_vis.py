@@ -54,6 +54,7 @@ from modlens.experiments._vis_transforms import (
 )
 from modlens.experiments._vis_transforms import reflect_resample as _reflect_resample  # noqa: F401 (tests)
 from modlens.nn._fx import module_device_dtype, run_in_eval
+from modlens.nn._layout import conv_weights_channels_last, prefer_channels_last, to_channels_last
 
 PARAMETERIZATIONS = ("pixel", "fourier")
 OBJECTIVES = ("l1", "spatial_mean_abs")
@@ -108,6 +109,7 @@ class _Plan:
     lr: float
     value_range: tuple[float, float]
     preprocess: Callable[[torch.Tensor], torch.Tensor] | None
+    channels_last: bool = False
 
 
 def unit_values(z: torch.Tensor, objective: str = "l1") -> torch.Tensor:
@@ -150,6 +152,7 @@ def _to_image(param: torch.Tensor, plan: _Plan, scale: torch.Tensor | None) -> t
 
 def _objectives(adapter, img: torch.Tensor, groups, plan: _Plan, modules: dict) -> torch.Tensor:
     x = plan.preprocess(img) if plan.preprocess is not None else img
+    x = to_channels_last(x) if plan.channels_last else x
     parts = []
     for layer, sel, mask in groups:
         if layer not in modules:
@@ -167,6 +170,7 @@ def _entropy(adapter, img: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """Entropy (nats) of the softmax of the logits: the last Linear's output, so a model that
     ends in a softmax is not normalized twice."""
     x = plan.preprocess(img) if plan.preprocess is not None else img
+    x = to_channels_last(x) if plan.channels_last else x
     logits = adapter.forward_records(x)[2] if hasattr(adapter, "forward_records") else adapter.model(x)
     logp = torch.log_softmax(logits, dim=1)
     return -(logp.exp() * logp).sum(1)
@@ -212,7 +216,7 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
     modules = {} if modules is None else modules
     trace = []
     opt = torch.optim.Adam([param], lr=plan.lr)
-    with run_in_eval(adapter.model):
+    with run_in_eval(adapter.model), conv_weights_channels_last(adapter.model, plan.channels_last):
         for step in range(plan.steps):
             eps = None
             if plan.transforms in NEEDS_NOISE:  # drawn after the uniforms, one input at a time
@@ -337,6 +341,7 @@ def feature_vis_test(
     batch_size: int | None = None,
     name: str | None = None,
     progress: Callable[[int], None] | None = None,
+    channels_last: bool | None = None,
 ) -> VisResult:
     """Visualize every true subcluster of ``partition`` and ``n_random`` random sets each.
 
@@ -350,12 +355,17 @@ def feature_vis_test(
     optimizes one image at a time (the reference path); ``batch_size`` caps the images per
     optimization (results do not depend on it). ``progress`` is called with the number of
     images finished. Row 0 of each subcluster (``draw`` 0) is the true subcluster.
+    ``channels_last`` runs the conv layers in the NHWC layout (weights converted for the duration
+    of the optimization); ``None``: on the CPU for models with a 2-D conv (faster with oneDNN; the
+    same values up to float rounding).
     """
     plan, rows, base = _build_plan(
         adapter, partition, input_shape, n_random=n_random, steps=steps, lr=lr, random_state=random_state,
         parameterization=parameterization, transforms=transforms, objective=objective,
         value_range=value_range, preprocess=preprocess, min_size=min_size, max_fraction=max_fraction, name=name)
     lo, hi = plan.value_range
+    device = module_device_dtype(adapter.model)[0]
+    plan.channels_last = bool(prefer_channels_last(adapter.model, device) if channels_last is None else channels_last)
     modules: dict = {}
     problem = continuous_input_problem(adapter, torch.full((1,) + plan.input_shape, 0.5 * (lo + hi)), preprocess,
                                        _modules=modules)

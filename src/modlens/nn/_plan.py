@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from modlens.nn import _fx
+from modlens.nn._layout import channels_last
 from modlens.nn._structure import Route, Structure, UnsupportedModelError
 
 #: Use oneDNN's fused convolution + addition for a conv correction where it applies (see
@@ -305,11 +306,6 @@ def pool_before_relu(gm: fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
-
-
-def channels_last(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a 4-D tensor laid out channels-last (NHWC), and not also contiguous."""
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
 
 
 def _stacked(v: torch.Tensor, n_sets: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from modlens.nn import _fx, _memory
+from modlens.nn import _fx, _layout, _memory
 from modlens.nn._skip import LinearSkip
 from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.inputs import check_labels, to_model
@@ -96,7 +96,7 @@ class LesionEvaluator:
         self.adapter = adapter
         self.skip = skip  # exact work-skipping for Linear consumers (see modlens.nn._skip)
         if channels_last is None:
-            channels_last = adapter.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in adapter.model.modules())
+            channels_last = _layout.prefer_channels_last(adapter.model, adapter.device)
         self.channels_last = bool(channels_last)
         self.device, self.dtype = adapter.device, adapter.dtype
         check_labels(y, adapter.n_classes, name="test data")
@@ -123,23 +123,13 @@ class LesionEvaluator:
     @contextlib.contextmanager
     def _mode(self):
         """Eval mode and, with ``channels_last``, the 2-D conv weights in that layout (restored after)."""
-        saved = []
-        with _fx.run_in_eval(self.adapter.model):
-            try:
-                if self.channels_last:
-                    for m in self.adapter.gm.modules():
-                        w = getattr(m, "weight", None)
-                        if isinstance(m, nn.Conv2d) and isinstance(w, torch.Tensor) and w.dim() == 4:
-                            saved.append((w, w.data))
-                            w.data = w.data.contiguous(memory_format=torch.channels_last)
-                yield
-            finally:
-                for w, data in saved:
-                    w.data = data
+        with _fx.run_in_eval(self.adapter.model), _layout.conv_weights_channels_last(self.adapter.gm, self.channels_last):
+            yield
 
     def _batches(self, start: int, stop: int):
         for s0, s1 in _chunks(stop - start, self.batch_size):
-            yield to_model(self.x[start + s0:start + s1], self.device, self.dtype)
+            xb = to_model(self.x[start + s0:start + s1], self.device, self.dtype)
+            yield _layout.to_channels_last(xb) if self.channels_last else xb
 
     @torch.inference_mode()
     def _baseline(self) -> np.ndarray:
