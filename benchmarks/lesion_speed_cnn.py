@@ -1,7 +1,11 @@
-"""Lesion-stage speed on VGG-sized CNNs: incremental batched path vs the plain per-lesion loop.
+"""Lesion-stage speed on CNNs: incremental batched path vs the plain per-lesion loop.
 
     python benchmarks/lesion_speed_cnn.py --case cifar-vgg      [--n-images N] [--device cuda]
     python benchmarks/lesion_speed_cnn.py --case imagenet-vgg16 [--n-images N] [--device cuda]
+    python benchmarks/lesion_speed_cnn.py --case mnist-cnn --model DIR [--n-images N] [--feature-vis]
+
+``mnist-cnn`` is the paper's small CNN, trained (``modlens train --arch cnn --dataset mnist``), on
+the MNIST test images, with its real partitions: see :func:`measure_trained`.
 
 Cases (random weights and random images: the lesion stage's cost does not depend on them):
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 import resource
 import sys
 import time
@@ -81,6 +86,7 @@ def vgg16(n_classes: int = 1000, convs=VGG_CONVS, dense: int = 4096) -> nn.Seque
 CASES = {
     "cifar-vgg": dict(build=cifar_vgg, size=32, classes=10, full=10_000, cpu_images=500, cpu_fast=6),
     "imagenet-vgg16": dict(build=vgg16, size=224, classes=1000, full=3_000, cpu_images=8, cpu_fast=3),
+    "mnist-cnn": None,   # a trained model (--model), measure_trained
 }
 
 
@@ -109,9 +115,36 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timings per layer and path; the fastest is kept")
     ap.add_argument("--memory-budget-gib", type=float, help="LesionEvaluator budget (default 2 GiB CPU, half the free GPU)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
+    g = ap.add_argument_group("mnist-cnn (a trained small CNN)")
+    g.add_argument("--model", help="the model folder (modlens train --arch cnn --dataset mnist)")
+    g.add_argument("--data-dir", default=os.environ.get("MODLENS_DATA", "/work/shared/data"))
+    g.add_argument("--methods", default="all", help="partitionings, comma-separated (default: all four)")
+    g.add_argument("--paths", default="channels_last,no-reorder,contiguous,plain",
+                   help="lesion paths to time ('' for none), the first is the reference of the ratios: channels_last "
+                   "(the default engine on the CPU), no-reorder (it without max-pool before ReLU in the tails), "
+                   "contiguous (the engine before: NCHW), plain (the oracle)")
+    g.add_argument("--per-layer", default="channels_last=all,contiguous=6,plain=2",
+                   help="lesions timed per (partitioning, layer) and path; the rest is extrapolated")
+    g.add_argument("--feature-vis", default="", help="also time feature visualization of every partitioning "
+                   "with these layouts, comma-separated: channels_last, contiguous")
+    g.add_argument("--vis-steps", type=int, default=100)
+    g.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time lesions and visualizations by wall clock or by the process's CPU time")
     args = ap.parse_args()
+    if args.clock == "cpu":
+        global _clock
+        _clock = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.case == "mnist-cnn":
+        if not args.model:
+            ap.error("--case mnist-cnn needs --model DIR")
+        per_layer = {k: (None if v == "all" else int(v)) for k, v in (p.split("=") for p in args.per_layer.split(","))}
+        measure_trained(args.model, data_dir=args.data_dir, n_images=args.n_images, methods=args.methods,
+                        paths=[p for p in args.paths.split(",") if p], per_layer=per_layer, n_clusters=args.n_clusters,
+                        n_random=args.n_random, feature_vis=[v for v in args.feature_vis.split(",") if v],
+                        vis_steps=args.vis_steps)
+        return
     measure(args.case, device=args.device, n_images=args.n_images, full_images=args.full_images,
             n_clusters=args.n_clusters, partition=args.partition, n_random=args.n_random,
             fast_per_layer=args.fast_per_layer, plain_per_layer=args.plain_per_layer, repeats=args.repeats,
@@ -224,6 +257,205 @@ def measure(case_name: str, *, device="cpu", n_images: int | None = None, full_i
     return {"plain_s": tot["plain"], "incremental_s": tot["fast"], "ratio": tot["plain"] / tot["fast"],
             "flop_ratio": tot["fplain"] / tot["ffast"], "n_images": n, "full_images": full, "n_lesions": n_lesions,
             "max_count_diff": tot["diff"]}
+
+
+_clock = time.perf_counter   # --clock cpu: time.process_time (less disturbed by other jobs on a shared machine)
+
+
+def _sets_by_layer(adapter, part, n_random: int, seed: int) -> dict[int, list[np.ndarray]]:
+    """Each subcluster and its random controls, per layer, drawn as ``lesion_test`` draws them."""
+    rng = np.random.default_rng(seed)
+    out: dict[int, list[np.ndarray]] = {}
+    for sc in part.subclusters():
+        width = adapter.layers[sc.layer].n_neurons
+        out.setdefault(sc.layer, []).extend([sc.neurons] + random_sets(width, sc.size, n_random, rng))
+    return out
+
+
+def measure_trained(model_dir, *, data_dir=None, n_images: int | None = None, methods: str = "all",
+                    paths=("channels_last", "no-reorder", "contiguous", "plain"), per_layer: dict | None = None,
+                    n_clusters: int = 16, n_random: int = 19, feature_vis=(), vis_steps: int = 100,
+                    say=functools.partial(print, flush=True)) -> dict:
+    """The lesion stage (and optionally feature visualization) of a trained small CNN, path by path.
+
+    The model's four partitionings (k = ``n_clusters``, activations from its held-out training
+    examples, as ``modlens analyze``) each give every subcluster and ``n_random`` random sets of its
+    size. Per (partitioning, layer), each path in ``paths`` is timed on ``per_layer[path]`` lesions
+    (``None``: all) spread over the layer's subclusters, the first of them the call that fills the
+    layer's cache (timed apart; one evaluator per path serves the four partitionings, as in
+    ``analyze``), and its per-lesion time is extrapolated to the layer's lesions. The per-lesion
+    times and ratios printed per layer are taken on the same lesions for every path but ``plain``. Paths: ``channels_last`` (the default incremental
+    engine on the CPU), ``no-reorder`` (it without the max-pool/ReLU reordering of the tails),
+    ``contiguous`` (the same engine in the NCHW layout with the tails as traced: the path before),
+    ``plain`` (one full forward pass per lesion: the oracle). The counts of every timed lesion are
+    compared with the first path's. ``feature_vis`` names layouts under which
+    ``feature_vis_test`` (``vis_steps`` Adam steps, the study's defaults) is timed per partitioning.
+    Returns the totals per path (seconds, extrapolated to all lesions of ``n_images`` images)."""
+    from modlens.experiments.partitioning import METHODS, make_adapter
+    from modlens.nn.io import load_model
+    from modlens.study.runs import model_data
+
+    per_layer = {"channels_last": None, "no-reorder": 6, "contiguous": 6, "plain": 2} | dict(per_layer or {})
+    model, manifest = load_model(model_dir)
+    (x, y), act = model_data(manifest, data_dir=data_dir)
+    if n_images:
+        x, y = x[:n_images], y[:n_images]
+    adapter = make_adapter(model, x)
+    say(f"small CNN {model_dir} (test accuracy {manifest.get('accuracy')}): layers {adapter.layer_names} "
+        f"{adapter.layer_sizes}; {len(x)} test images; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.2f}")
+    methods = list(METHODS) if methods == "all" else methods.split(",")
+    t0 = time.perf_counter()
+    partitioner = Partitioner(adapter, activation_data=act, n_clusters=n_clusters, random_state=0)
+    parts = {m: partitioner.partition(m) for m in methods}
+    say(f"partitioning ({', '.join(methods)}): {time.perf_counter() - t0:.1f} s")
+    lesions = {m: _sets_by_layer(adapter, parts[m], n_random, seed=i) for i, m in enumerate(methods)}
+    shapes = adapter.node_shapes(x[:1])
+    for m in methods:
+        say(f"  {m}: subclusters per layer {[len(lesions[m].get(l, [])) // (n_random + 1) for l in range(len(adapter.layers))]}"
+            f", lesions {sum(len(v) for v in lesions[m].values())}")
+
+    result: dict = {"n_images": len(x)}
+    if paths:
+        result.update(_measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, say))
+    if feature_vis:
+        result["vis_s"] = measure_vis(adapter, parts, x, n_random=n_random, layouts=feature_vis, steps=vis_steps,
+                                      say=say)
+    return result
+
+
+#: Lesion paths of ``mnist-cnn``: (channels-last layout, max-pool before ReLU in tails).
+LESION_PATHS = {
+    "channels_last": (True, True),     # the default engine on the CPU
+    "no-reorder": (True, False),
+    "contiguous": (False, False),      # the engine before this work: NCHW, tails as traced
+}
+
+
+def _adapter_for(model, x, reorder: bool):
+    """An adapter whose lesion plans are built with or without the max-pool/ReLU reordering."""
+    from modlens.experiments.partitioning import make_adapter
+    from modlens.nn import _plan
+
+    adapter = make_adapter(model, x)
+    keep = _plan.pool_before_relu
+    if not reorder:
+        _plan.pool_before_relu = lambda gm: 0
+    try:
+        for layer in range(len(adapter.layers)):
+            adapter.lesion_plan(layer)
+    finally:
+        _plan.pool_before_relu = keep
+    return adapter
+
+
+def _measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, say) -> dict:
+    """The lesion timing of :func:`measure_trained`."""
+    evaluators = {}
+    t_setup = {}
+    for p in paths:
+        if p == "plain":
+            continue
+        cl, reorder = LESION_PATHS[p]
+        own = _adapter_for(adapter.model, x, reorder)
+        t0 = _clock()
+        evaluators[p] = LesionEvaluator(own, x, y, channels_last=cl)
+        t_setup[p] = _clock() - t0
+    say("baseline pass (evaluator setup): " + ", ".join(f"{p} {t:.2f} s" for p, t in t_setup.items()))
+    tot = {p: t_setup.get(p, 0.0) for p in paths}
+    fills = {p: 0.0 for p in paths}
+    flops = {"plain": 0.0, "incremental": 0.0}
+    diff = 0
+    say(f"{'partitioning':>20} {'layer':>6} {'lesions':>7} " + " ".join(f"{p + ' s/lesion':>22}" for p in paths)
+        + " " + " ".join(f"{'ratio ' + p:>16}" for p in paths[1:]) + f" {'FLOP ratio':>10}")
+    # the same lesions for every path: a spread sample first (ratios), then the rest (the paths timed on all)
+    k_common = min([len(v) for ls in lesions.values() for v in ls.values()]
+                   + [per_layer[p] for p in paths if p != "plain" and per_layer.get(p) is not None])
+    for m in methods:
+        for layer, sets in sorted(lesions[m].items()):
+            n = len(sets)
+            spread = np.linspace(0, n - 1, min(n, max(2, k_common))).round().astype(int)
+            order = list(dict.fromkeys([*spread.tolist(), *range(n)]))
+            sets = [sets[i] for i in order]
+            per, counts = {}, {}
+            for p in paths:
+                k = n if per_layer.get(p) is None else min(n, max(1, per_layer[p]))
+                if p == "plain":
+                    t0 = _clock()
+                    counts[p] = correct_counts_plain(adapter, layer, sets[:k], x, y)
+                    per[p] = (_clock() - t0) / k
+                    tot[p] += per[p] * n
+                    continue
+                ev = evaluators[p]
+                t0 = _clock()
+                parts = [ev.correct_counts(layer, sets[:1])]      # fills the layer's cache on its first call
+                t_first = _clock() - t0
+                kc = min(k, k_common)
+                t0 = _clock()
+                if kc > 1:
+                    parts.append(ev.correct_counts(layer, sets[1:kc]))
+                per[p] = (_clock() - t0) / max(1, kc - 1) if kc > 1 else t_first
+                if k > kc:                                        # the rest: measured, not extrapolated
+                    t0 = _clock()
+                    parts.append(ev.correct_counts(layer, sets[kc:k]))
+                    rest = _clock() - t0
+                    tot[p] += t_first + per[p] * (kc - 1) + rest + (rest / (k - kc)) * (n - k)
+                else:
+                    tot[p] += t_first + per[p] * (n - 1)
+                fills[p] += t_first
+                counts[p] = np.concatenate(parts)
+            ref = counts[paths[0]]
+            for p in paths[1:]:
+                c = min(len(ref), len(counts[p]))
+                diff = max(diff, int(np.abs(ref[:c] - counts[p][:c]).max()))
+            plan = adapter.lesion_plan(layer)
+            macs = [plan.macs(shapes, len(s)) for s in sets]
+            fp = 2.0 * len(x) * sum(mm["forward"] for mm in macs)
+            fi = 2.0 * len(x) * sum(mm["lesion"] for mm in macs)
+            flops["plain"] += fp
+            flops["incremental"] += fi
+            say(f"{m:>20} {adapter.layer_names[layer]:>6} {n:>7} " + " ".join(f"{per[p]:22.4f}" for p in paths)
+                + " " + " ".join(f"{per[p] / per[paths[0]]:15.2f}x" for p in paths[1:]) + f" {fp / fi:10.1f}"
+                + f"  (load {os.getloadavg()[0]:.1f})")
+    say(f"largest difference of class-wise counts between the paths on the timed lesions: {diff}")
+    say(f"s/lesion: per lesion on the same {k_common - 1} lesions per (partitioning, layer) for every path but plain "
+        f"(after the call that fills the cache); plain: {per_layer['plain']} lesions")
+    for p in paths:
+        timed = "all lesions timed" if per_layer.get(p) is None else f"{per_layer[p]} lesions per layer timed, extrapolated"
+        say(f"lesion stage, {p:>13}: {tot[p]:9.1f} s {'CPU' if _clock is time.process_time else 'wall'} ({timed}; baseline pass {t_setup.get(p, 0.0):.1f} s and cache "
+            f"fills {fills[p]:.1f} s included)")
+    for p in paths[1:]:
+        say(f"  ratio {p} / {paths[0]}: {tot[p] / tot[paths[0]]:.2f}x")
+    say(f"FLOPs (cache fills not counted): plain {flops['plain'] / 1e12:.1f} TFLOP, incremental "
+        f"{flops['incremental'] / 1e12:.1f} TFLOP; {peak_memory(torch.device('cpu'))}")
+    return {"lesion_s": tot, "max_count_diff": diff}
+
+
+def measure_vis(adapter, parts: dict, x, *, n_random: int, layouts, steps: int, say) -> dict:
+    """``feature_vis_test`` of each partition under each layout (the study's defaults); seconds per layout,
+    and the largest difference of the optimized images from the first layout's."""
+    from modlens.experiments.feature_vis import feature_vis_test
+    from modlens.study.analyze import default_vis_transforms
+
+    opts = dict(steps=steps, value_range=(float(x.min()), float(x.max())),
+                transforms=default_vis_transforms(tuple(x.shape[1:])))
+    out = {}
+    images = {}
+    for layout in layouts:
+        total = 0.0
+        for i, (m, part) in enumerate(parts.items()):
+            kw = {} if layout == "default" else {"channels_last": layout == "channels_last"}
+            t0 = _clock()
+            res = feature_vis_test(adapter, part, tuple(x.shape[1:]), n_random=n_random, random_state=i, **opts, **kw)
+            dt = _clock() - t0
+            total += dt
+            first = images.setdefault(m, res.images)
+            say(f"feature visualization, {layout:>13}, {m:>20}: {len(res.table)} images, {dt:7.1f} s; largest "
+                f"image difference to {layouts[0]}: {float(np.abs(res.images - first).max()):.2e}")
+        out[layout] = total
+        say(f"feature visualization, {layout}: {total:.1f} s for {len(parts)} partitionings "
+            f"(load average {os.getloadavg()[0]:.2f})")
+    return out
 
 
 if __name__ == "__main__":

@@ -194,47 +194,36 @@ def test_channels_last_is_the_cpu_default_and_the_weights_are_restored():
     assert not LesionEvaluator(mlp, torch.rand(10, 6), torch.zeros(10, dtype=torch.int64)).channels_last
 
 
-def test_float32_fast_paths_agree_with_each_other_and_the_oracle(monkeypatch):
-    """float32: the fused oneDNN correction, the unfused one and the NCHW layout give the same counts
-    (and the plain path's, within one sample for rounding near ties)."""
-    from modlens.nn import _plan
+def test_float32_layouts_agree_with_each_other_and_the_oracle():
+    """float32: the NHWC and NCHW engines give the same counts (and the plain path's, within one
+    sample for rounding near ties)."""
     model, x, y = _small_cnn(torch.float32, seed=4, n=300)
     adapter = NetworkAdapter(model)
-    calls = []
-    fused = torch.ops.mkldnn._convolution_pointwise.binary
-
-    def counting(*a, **k):
-        calls.append(1)
-        return fused(*a, **k)
-    monkeypatch.setattr(torch.ops.mkldnn._convolution_pointwise, "binary", counting)
     rng = np.random.default_rng(1)
     for layer in (0, 1):
-        sets = [rng.choice(8, size=s, replace=False) for s in (1, 2, 3, 5)]
-        got = {}
-        for name, cl, fuse in [("fused", True, True), ("unfused", True, False), ("nchw", False, True)]:
-            monkeypatch.setattr(_plan, "FUSED_CORRECTION", fuse)
-            got[name] = LesionEvaluator(adapter, x, y, channels_last=cl).correct_counts(layer, sets)
-        np.testing.assert_array_equal(got["fused"], got["unfused"])
-        np.testing.assert_array_equal(got["fused"], got["nchw"])
-        assert np.abs(got["fused"] - correct_counts_plain(adapter, layer, sets, x, y)).max() <= 1
-    assert calls, "the fused correction should run for a float32 conv consumer on the CPU"
+        sets = [rng.choice(8, size=s, replace=False) for s in (1, 2, 2, 3, 5)]
+        nhwc = LesionEvaluator(adapter, x, y).correct_counts(layer, sets)
+        nchw = LesionEvaluator(adapter, x, y, channels_last=False).correct_counts(layer, sets)
+        np.testing.assert_array_equal(nhwc, nchw)
+        assert np.abs(nhwc - correct_counts_plain(adapter, layer, sets, x, y)).max() <= 1
 
 
-def test_corrected_equals_the_subtraction():
-    from modlens.nn import _plan
-    torch.manual_seed(0)
-    conv = nn.Conv2d(6, 5, 3, padding=1, stride=2)
-    u = torch.rand(7, 6, 9, 9).contiguous(memory_format=torch.channels_last)
-    z = conv(u).detach().contiguous(memory_format=torch.channels_last)
-    c = _plan.Correction(None, conv, None, [])
-    idx = torch.tensor([[0, 4]])
-    out = c.corrected(z, u, idx)
-    ref = z - F.conv2d(u[:, [0, 4]], conv.weight[:, [0, 4]], None, 2, 1)
-    torch.testing.assert_close(out[0], ref, rtol=1e-6, atol=1e-6)
-    assert out.reshape(-1, *z.shape[1:]).is_contiguous(memory_format=torch.channels_last)
-    two = c.corrected(z, u, torch.tensor([[0, 4], [1, 2]]))      # several sets: the grouped conv
-    torch.testing.assert_close(two[0], ref, rtol=1e-6, atol=1e-6)
-    assert two.reshape(-1, *z.shape[1:]).is_contiguous(memory_format=torch.channels_last)
+def test_stacked_tail_inputs_keep_the_channels_last_layout():
+    """Several sets stacked in the batch: each set's corrected consumer output, as a view in NHWC."""
+    model, x, _ = _small_cnn(torch.float64, n=6)
+    adapter = NetworkAdapter(model)
+    plan = adapter.lesion_plan(0)
+    idx = torch.tensor([[0, 3], [1, 2], [5, 7]])
+    with torch.inference_mode():      # as the engine runs it
+        cached = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                  for k, v in zip(plan.probe_outputs, plan.probe(x))}
+        (z_new,) = plan.tail_inputs(cached, [idx], [])
+    assert z_new.shape == (18, 8, 12, 12) and z_new.is_contiguous(memory_format=torch.channels_last)
+    c = plan.corrections[0]
+    for b in range(3):
+        with torch.inference_mode():
+            expected = cached[c.consumer] - F.conv2d(cached[c.value][:, idx[b]], c.module.weight[:, idx[b]], None, 1, 1)
+        torch.testing.assert_close(z_new[6 * b:6 * (b + 1)], expected, rtol=1e-12, atol=1e-12)
 
 
 def test_pool_before_relu_rewrite_is_exact_and_selective():

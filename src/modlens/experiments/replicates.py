@@ -16,7 +16,9 @@ dense products are the kernels ``F.linear`` and its backward use for one replica
 thread an MLP trained together is bit-identical to one trained alone (tested); on two threads
 ``bmm`` and ``mm`` can split small products differently (after 20 epochs on digits: weights within
 1.2e-4, equal test accuracy). Grouped convolutions sum in another order, so CNN weights drift from
-rounding on and test accuracies agree within a test example (``conv="loop"``: bit-identical).
+rounding on and test accuracies agree within a test example (``conv="loop"``: bit-identical to
+the single path in the contiguous layout, ``memory_format="contiguous"``; on the CPU the single
+path trains conv nets channels-last by default, whose convolutions also sum in another order).
 On the CPU stacking does not make an MLP step cheaper (each step is bound by arithmetic; measured
 in ``benchmarks/README.md``); it pays where small products leave the device idle, on a GPU.
 

@@ -31,10 +31,6 @@ from modlens.nn import _fx
 from modlens.nn._layout import channels_last
 from modlens.nn._structure import Route, Structure, UnsupportedModelError
 
-#: Use oneDNN's fused convolution + addition for a conv correction where it applies (see
-#: :meth:`Correction.corrected`); ``False`` runs the convolution and the subtraction apart.
-FUSED_CORRECTION = True
-
 
 def channel_mask(value: torch.Tensor, keep: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``value`` with dimension ``dim`` multiplied by ``keep`` (1 = kept, 0 = lesioned)."""
@@ -95,30 +91,6 @@ class Correction:
         conv = F.conv2d if isinstance(m, nn.Conv2d) else F.conv1d
         out = conv(u_sel, w_sel, None, m.stride, padding, m.dilation, n_sets)   # (c, B*out, ...)
         return out.reshape(c, n_sets, w.shape[0], *out.shape[2:]).transpose(0, 1)
-
-
-    def corrected(self, z: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The consumer's output ``z`` (c, ...) minus :meth:`delta` for each set: (B, c, ...), laid
-        out as ``z`` (so that its (B * c, ...) reshape is a view). One set of a 2-D conv on the CPU
-        runs as one oneDNN convolution with the subtraction fused in (the same values: ``z +
-        conv(u_S, -W_S)``), which saves writing and re-reading the correction."""
-        if idx.shape[0] == 1 and _fusable(self.module, u, z):
-            m = self.module
-            u_sel = u[:, idx[0]].contiguous(memory_format=torch.channels_last)
-            w_neg = torch.neg(m.weight.detach()[:, idx[0]]).contiguous(memory_format=torch.channels_last)
-            out = torch.ops.mkldnn._convolution_pointwise.binary(
-                u_sel, z, w_neg, None, list(m.padding), list(m.stride), list(m.dilation), 1, "add", None, None, [], None)
-            return out.unsqueeze(0)
-        return torch.sub(z.unsqueeze(0), self.delta(u, idx), out=_stacked(z, idx.shape[0]))
-
-
-def _fusable(m: nn.Module, u: torch.Tensor, z: torch.Tensor) -> bool:
-    """Whether oneDNN's fused convolution + addition (``mkldnn._convolution_pointwise.binary``, the op
-    inductor uses) can compute ``z - conv(u_S, W_S)``: a zero-padded 2-D conv, float32, CPU, channels-last."""
-    return (FUSED_CORRECTION and isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-            and u.device.type == "cpu" and u.dtype == torch.float32 and z.dtype == torch.float32
-            and channels_last(u) and channels_last(z) and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
 @dataclass
@@ -217,7 +189,8 @@ class LesionPlan:
         inputs = []
         for c, idx in zip(self.corrections, corr_idx):
             z = cached[c.consumer]
-            inputs.append(c.corrected(z, cached[c.value], idx).reshape(-1, *z.shape[1:]))
+            z_new = torch.sub(z.unsqueeze(0), c.delta(cached[c.value], idx), out=_stacked(z, n_sets))
+            inputs.append(z_new.reshape(-1, *z.shape[1:]))
         for m, idx in zip(self.masks, mask_idx):
             v = cached[m.value]
             dim = m.routes[0].dim
