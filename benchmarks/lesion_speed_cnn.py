@@ -143,7 +143,8 @@ def main() -> None:
         measure_trained(args.model, data_dir=args.data_dir, n_images=args.n_images, methods=args.methods,
                         paths=[p for p in args.paths.split(",") if p], per_layer=per_layer, n_clusters=args.n_clusters,
                         n_random=args.n_random, feature_vis=[v for v in args.feature_vis.split(",") if v],
-                        vis_steps=args.vis_steps)
+                        vis_steps=args.vis_steps, full_images=args.full_images or 10_000,
+                        memory_budget_gib=args.memory_budget_gib)
         return
     measure(args.case, device=args.device, n_images=args.n_images, full_images=args.full_images,
             n_clusters=args.n_clusters, partition=args.partition, n_random=args.n_random,
@@ -275,6 +276,7 @@ def _sets_by_layer(adapter, part, n_random: int, seed: int) -> dict[int, list[np
 def measure_trained(model_dir, *, data_dir=None, n_images: int | None = None, methods: str = "all",
                     paths=("channels_last", "no-reorder", "contiguous", "plain"), per_layer: dict | None = None,
                     n_clusters: int = 16, n_random: int = 19, feature_vis=(), vis_steps: int = 100,
+                    full_images: int = 10_000, memory_budget_gib: float | None = None,
                     say=functools.partial(print, flush=True)) -> dict:
     """The lesion stage (and optionally feature visualization) of a trained small CNN, path by path.
 
@@ -290,11 +292,15 @@ def measure_trained(model_dir, *, data_dir=None, n_images: int | None = None, me
     ``plain`` (one full forward pass per lesion: the oracle). The counts of every timed lesion are
     compared with the first path's. ``feature_vis`` names layouts under which
     ``feature_vis_test`` (``vis_steps`` Adam steps, the study's defaults) is timed per partitioning.
-    Returns the totals per path (seconds, extrapolated to all lesions of ``n_images`` images)."""
+    Times scale linearly with the number of images: the totals are also given for ``full_images``
+    (run fewer images than the full 10,000 where a layer's cache would not fit the memory budget,
+    since every call then refills it; the script warns). Returns the totals per path (seconds,
+    extrapolated to all lesions of ``full_images`` images)."""
     from modlens.experiments.partitioning import METHODS, make_adapter
     from modlens.nn.io import load_model
     from modlens.study.runs import model_data
 
+    budget = int(memory_budget_gib * 2**30) if memory_budget_gib else None
     per_layer = {"channels_last": None, "no-reorder": 6, "contiguous": 6, "plain": 2} | dict(per_layer or {})
     model, manifest = load_model(model_dir)
     (x, y), act = model_data(manifest, data_dir=data_dir)
@@ -317,7 +323,8 @@ def measure_trained(model_dir, *, data_dir=None, n_images: int | None = None, me
 
     result: dict = {"n_images": len(x)}
     if paths:
-        result.update(_measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, say))
+        result.update(_measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, say, budget,
+                                       full_images))
     if feature_vis:
         result["vis_s"] = measure_vis(adapter, parts, x, n_random=n_random, layouts=feature_vis, steps=vis_steps,
                                       say=say)
@@ -349,7 +356,8 @@ def _adapter_for(model, x, reorder: bool):
     return adapter
 
 
-def _measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, say) -> dict:
+def _measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, say, budget=None,
+                     full_images: int = 10_000) -> dict:
     """The lesion timing of :func:`measure_trained`."""
     evaluators = {}
     t_setup = {}
@@ -359,13 +367,14 @@ def _measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, 
         cl, reorder = LESION_PATHS[p]
         own = _adapter_for(adapter.model, x, reorder)
         t0 = _clock()
-        evaluators[p] = LesionEvaluator(own, x, y, channels_last=cl)
+        evaluators[p] = LesionEvaluator(own, x, y, channels_last=cl, memory_budget_bytes=budget)
         t_setup[p] = _clock() - t0
     say("baseline pass (evaluator setup): " + ", ".join(f"{p} {t:.2f} s" for p, t in t_setup.items()))
     tot = {p: t_setup.get(p, 0.0) for p in paths}
     fills = {p: 0.0 for p in paths}
     flops = {"plain": 0.0, "incremental": 0.0}
     diff = 0
+    refilled: set[str] = set()
     say(f"{'partitioning':>20} {'layer':>6} {'lesions':>7} " + " ".join(f"{p + ' s/lesion':>22}" for p in paths)
         + " " + " ".join(f"{'ratio ' + p:>16}" for p in paths[1:]) + f" {'FLOP ratio':>10}")
     # the same lesions for every path: a spread sample first (ratios), then the rest (the paths timed on all)
@@ -395,6 +404,9 @@ def _measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, 
                 if kc > 1:
                     parts.append(ev.correct_counts(layer, sets[1:kc]))
                 per[p] = (_clock() - t0) / max(1, kc - 1) if kc > 1 else t_first
+                chunks = ev.last_stats.get("cache_chunks", 1)
+                if chunks > 1:
+                    refilled.add(f"{m} {adapter.layer_names[layer]} ({p}: {chunks} chunks)")
                 if k > kc:                                        # the rest: measured, not extrapolated
                     t0 = _clock()
                     parts.append(ev.correct_counts(layer, sets[kc:k]))
@@ -418,17 +430,24 @@ def _measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, 
                 + " " + " ".join(f"{per[p] / per[paths[0]]:15.2f}x" for p in paths[1:]) + f" {fp / fi:10.1f}"
                 + f"  (load {os.getloadavg()[0]:.1f})")
     say(f"largest difference of class-wise counts between the paths on the timed lesions: {diff}")
+    if refilled:
+        say("WARNING: these layers' caches did not fit the memory budget, so every call refilled them (a probe "
+            "pass over all images), which the per-lesion times of sampled calls include; use fewer --n-images "
+            "(times scale linearly) or a larger --memory-budget-gib: " + "; ".join(sorted(refilled)))
     say(f"s/lesion: per lesion on the same {k_common - 1} lesions per (partitioning, layer) for every path but plain "
         f"(after the call that fills the cache); plain: {per_layer['plain']} lesions")
+    scale = full_images / len(x)
+    clock = "CPU" if _clock is time.process_time else "wall"
     for p in paths:
         timed = "all lesions timed" if per_layer.get(p) is None else f"{per_layer[p]} lesions per layer timed, extrapolated"
-        say(f"lesion stage, {p:>13}: {tot[p]:9.1f} s {'CPU' if _clock is time.process_time else 'wall'} ({timed}; baseline pass {t_setup.get(p, 0.0):.1f} s and cache "
-            f"fills {fills[p]:.1f} s included)")
+        full = f"; x{scale:.2f} = {tot[p] * scale:.0f} s at {full_images} images" if scale != 1 else ""
+        say(f"lesion stage, {p:>13}: {tot[p]:9.1f} s {clock} ({timed}; baseline pass {t_setup.get(p, 0.0):.1f} s and "
+            f"cache fills {fills[p]:.1f} s included{full})")
     for p in paths[1:]:
         say(f"  ratio {p} / {paths[0]}: {tot[p] / tot[paths[0]]:.2f}x")
-    say(f"FLOPs (cache fills not counted): plain {flops['plain'] / 1e12:.1f} TFLOP, incremental "
-        f"{flops['incremental'] / 1e12:.1f} TFLOP; {peak_memory(torch.device('cpu'))}")
-    return {"lesion_s": tot, "max_count_diff": diff}
+    say(f"FLOPs at {full_images} images (cache fills not counted): plain {flops['plain'] * scale / 1e12:.1f} TFLOP, "
+        f"incremental {flops['incremental'] * scale / 1e12:.1f} TFLOP; {peak_memory(torch.device('cpu'))}")
+    return {"lesion_s": {p: t * scale for p, t in tot.items()}, "max_count_diff": diff}
 
 
 def measure_vis(adapter, parts: dict, x, *, n_random: int, layouts, steps: int, say) -> dict:
