@@ -19,7 +19,8 @@ from torch import nn
 from modlens._version import __version__
 from modlens.nn.models import build_model
 
-__all__ = ["save_model", "load_model", "WEIGHTS_FILE", "MANIFEST_FILE", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_model", "load_model", "read_manifest", "resolve_directory", "sha256_file", "WEIGHTS_FILE", "MANIFEST_FILE",
+           "FORMAT", "FORMAT_VERSION"]
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -28,7 +29,8 @@ FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -88,7 +90,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, manifest: Mapping
     placed = False
     try:
         save_file(state, str(tmp_weights))
-        out["sha256"] = _sha256(tmp_weights)
+        out["sha256"] = sha256_file(tmp_weights)
         tmp_manifest.write_text(json.dumps(out, sort_keys=True, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp_weights, directory / WEIGHTS_FILE)
         placed = True
@@ -105,21 +107,26 @@ def save_model(model: nn.Module, directory: str | os.PathLike, manifest: Mapping
 
 def _pickle_error(path: Path) -> ValueError:
     return ValueError(
-        f"{path} looks like a pickled PyTorch checkpoint; modlens reads only a directory holding "
-        f"{WEIGHTS_FILE} + {MANIFEST_FILE} (it never unpickles files). To convert a checkpoint you trust: "
+        f"{path} looks like a PyTorch checkpoint, not a modlens model folder ({WEIGHTS_FILE} + {MANIFEST_FILE}); "
+        f"name the model's code and pass the file as its weights: modlens analyze pkg.module:factory --weights {path} "
+        "(a state dict is read with torch.load(weights_only=True); modlens never unpickles objects), or convert it: "
         f"state = torch.load({str(path)!r}, weights_only=True); model = build_model(arch); "
         f"model.load_state_dict(state); modlens.nn.io.save_model(model, 'out_dir', {{'architecture': arch}})"
     )
 
 
-def _resolve_directory(directory: str | os.PathLike) -> Path:
+def resolve_directory(directory: str | os.PathLike) -> Path:
+    """The model folder ``directory`` names (or the folder of its weights or manifest file); a one-line
+    error when there is none, or when a pickled checkpoint is given instead."""
     path = Path(directory)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise _pickle_error(path)
     if path.is_file() and path.name in (WEIGHTS_FILE, MANIFEST_FILE):
         path = path.parent
     if not path.is_dir():
-        raise FileNotFoundError(f"load_model: {path} is not a directory holding {WEIGHTS_FILE} + {MANIFEST_FILE}")
+        raise FileNotFoundError(f"load_model: {path} is not a directory holding {WEIGHTS_FILE} + {MANIFEST_FILE}"
+                                + ("" if path.exists() else "; a model is a modlens model folder, pkg.module:factory, "
+                                   "timm:NAME, torchvision:NAME or hf:REPO_OR_FOLDER"))
     if not (path / MANIFEST_FILE).is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
         if pickles:
@@ -128,15 +135,9 @@ def _resolve_directory(directory: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by :func:`save_model`; returns ``(model in eval mode, manifest)``.
-
-    Checks the manifest's format and version, the weights' SHA-256, tensor names and shapes
-    against the architecture, and that every weight is finite; each failure is a ``ValueError``
-    naming the file or tensor.
-    """
-    directory = _resolve_directory(directory)
-    manifest_path, weights_path = directory / MANIFEST_FILE, directory / WEIGHTS_FILE
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a model folder, its format and version checked (the weights are not read)."""
+    manifest_path = Path(directory) / MANIFEST_FILE
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -148,9 +149,22 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     if version != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: format_version {version!r} is not supported by modlens "
                          f"{__version__} (reads version {FORMAT_VERSION}); upgrade modlens or re-save the model")
+    return manifest
+
+
+def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_model`; returns ``(model in eval mode, manifest)``.
+
+    Checks the manifest's format and version, the weights' SHA-256, tensor names and shapes
+    against the architecture, and that every weight is finite; each failure is a ``ValueError``
+    naming the file or tensor.
+    """
+    directory = resolve_directory(directory)
+    manifest = read_manifest(directory)
+    manifest_path, weights_path = directory / MANIFEST_FILE, directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"load_model: {weights_path} is missing (the manifest is there)")
-    actual = _sha256(weights_path)
+    actual = sha256_file(weights_path)
     if actual != manifest.get("sha256"):
         raise ValueError(f"{weights_path}: SHA-256 {actual} does not match the manifest's {manifest.get('sha256')!r}; "
                          "the file is corrupted or was replaced. Re-copy it, or re-save the model with save_model")
