@@ -17,6 +17,10 @@ MNIST and Fashion-MNIST are read from the standard gzipped IDX files in ``<root>
 ``$MODLENS_DATA``, else ``~/.cache/modlens/data``. Files are md5-checked and downloaded from public
 mirrors (CIFAR-10: the official archive) if missing.
 
+:func:`load_data_files` reads test and activation data from an image folder (``<class>/<image>``, with
+a model's preprocessing), a ``.npz``/``.safetensors`` file of arrays or a dataset name;
+:func:`data_files_identity` says what identifies them without reading them.
+
 :func:`load_imagenet_folder` / :func:`iter_imagenet_folder` read an ImageNet validation folder
 (``root/<wnid>/<image>.JPEG``) with the standard resize / centre-crop / normalize preprocessing and
 an optional seeded per-class subsample; they need Pillow.
@@ -38,9 +42,18 @@ from ._cifar import load_cifar10_split
 from ._derived import make_halves, make_stack, partner_indices, resize_half_width
 from ._digits import load_digits_split
 from ._errors import DataCorruptError, DataError, DataUnavailableError
+from ._files import (
+    IMAGE_OPTIONS,
+    data_files_identity,
+    folder_digest,
+    load_data_files,
+    read_arrays,
+    source_kind,
+)
 from ._imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INTERPOLATIONS,
     ImageFolderIndex,
     index_image_folder,
     iter_imagenet_folder,
@@ -68,6 +81,13 @@ __all__ = [
     "derived_rng",
     "held_out_data",
     "image_batches",
+    "IMAGE_OPTIONS",
+    "INTERPOLATIONS",
+    "data_files_identity",
+    "folder_digest",
+    "load_data_files",
+    "read_arrays",
+    "source_kind",
     "index_image_folder",
     "iter_imagenet_folder",
     "load_dataset",
