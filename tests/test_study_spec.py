@@ -183,22 +183,23 @@ def test_imagenet_data_split_is_disjoint_and_identified_by_its_files(tmp_path):
     from PIL import Image
     import numpy as np
 
-    from modlens.study.task_kinds import _imagenet_data, data_identity
+    from modlens.study.inputs import data_identity, imagenet_data, load_files
 
     rng = np.random.default_rng(0)
     for wnid in ("n01", "n02"):
         (tmp_path / wnid).mkdir()
         for i in range(4):
             Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / wnid / f"{i}.png")
-    spec = {"folder": str(tmp_path), "per_class": 2, "activation_per_class": 1}
-    (x, y), act = _imagenet_data(spec)
+    spec = imagenet_data({"folder": str(tmp_path), "per_class": 2, "activation_per_class": 1})
+    data = {"files": {"test": spec["test_data"], "activation": spec["activation_data"], "options": spec["options"]}}
+    (x, y), act = load_files(data)
     assert tuple(x.shape) == (4, 3, 224, 224) and y.tolist() == [0, 0, 1, 1] and tuple(act.shape) == (2, 3, 224, 224)
     flat = lambda t: {tuple(v[:, :4, :4].flatten().tolist()) for v in t}
     assert not flat(x) & flat(act)  # no image in both
-    before = data_identity({"imagenet": spec})
-    assert "folder" not in before["imagenet"]
+    before = data_identity(data)
+    assert str(tmp_path) not in json.dumps(before)  # the files identify it, not where they lie
     Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "n02" / "4.png")
-    assert data_identity({"imagenet": spec}) != before
+    assert data_identity(data) != before
 
 
 def test_groups_filter():

@@ -1,4 +1,4 @@
-"""The ``modlens`` command line: demo, train, analyze, correlation-maps, report, study run/list.
+"""The ``modlens`` command line: demo, train, analyze, correlation-maps, report, study run/list/status.
 
 The options of ``analyze`` and ``demo`` are generated from the fields of
 :class:`~modlens.analysis.AnalysisConfig` (:func:`modlens.analysis.config.options`), one option per
@@ -75,6 +75,35 @@ def _analysis_kwargs(a, skip=()) -> dict:
     return out
 
 
+def _model_arg(text: str):
+    from modlens.study.inputs import parse_model_arg
+
+    try:
+        return parse_model_arg(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    """The options of a model's data and random init (modlens.study.inputs.INPUT_OPTIONS: the keys of
+    a study spec's [[networks]] under the same names)."""
+    from modlens.study.inputs import INPUT_OPTIONS
+
+    for o in INPUT_OPTIONS:
+        p.add_argument("--" + o.name.replace("_", "-"), dest=o.name, type=o.kind, choices=o.choices, nargs=o.n,
+                       default=None, metavar=None if o.choices else (o.name.upper() if o.n is None else "V"), help=o.help)
+
+
+def _input_kwargs(a) -> dict:
+    from modlens.study.inputs import INPUT_OPTIONS
+
+    given = {o.name: getattr(a, o.name) for o in INPUT_OPTIONS}
+    out = {k: given.pop(k) for k in ("test_data", "activation_data")}
+    out["init_seed"] = given.pop("init_seed") or 0
+    out["data_options"] = {k: v for k, v in given.items() if v is not None}
+    return out
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(v) for v in text.split(",") if v.strip()]
@@ -121,11 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (mlp 128, cnn 64, vgg 128)")
     t.add_argument("--n-val", type=int, default=5000, help="training examples held out for activation graphs")
 
-    a = sub.add_parser("analyze", help="partition saved models and run the lesion tests")
-    a.add_argument("models", nargs="+", type=Path, help="model folder(s); several are treated as replicates")
+    a = sub.add_parser("analyze", help="partition models and run the lesion tests",
+                       description="Models: modlens model folders, pkg.module:factory (or FILE.py:factory), timm:NAME, "
+                                   "torchvision:NAME, hf:REPO_OR_FOLDER; several are replicates.")
+    a.add_argument("models", nargs="+", metavar="MODEL", help="model folder(s) or name(s); several are treated as replicates")
     a.add_argument("--out", type=Path, required=True, help="folder for the result tables (Parquet, CSV, JSON)")
     a.add_argument("--data-dir", type=Path, default=None)
     a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--weights", nargs="+", metavar="FILE", default=None,
+                   help="weights of each model: a .safetensors file or a PyTorch state dict (read with "
+                        "torch.load(weights_only=True)), or 'pretrained' (timm/torchvision weights from the local cache); "
+                        "several files for one model are replicates")
+    a.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, metavar="KEY=VALUE", default=None,
+                   help="keyword argument of the model's factory or constructor (e.g. num_classes=10); repeatable")
+    _add_input_options(a)
     _add_analysis_options(a)
 
     c = sub.add_parser("correlation-maps", help="draw first-layer correlation maps of a saved MLP (paper figures 1 and 6)")
@@ -156,9 +194,11 @@ def _add_study_parser(sub) -> None:
     r.add_argument("spec", metavar="NAME_OR_SPEC", help="a built-in study (modlens study list) or a .toml spec file")
     r.add_argument("--out", type=Path, required=True, help="study folder (task cache and outputs)")
     r.add_argument("--data-dir", type=Path, default=None, help="folder with mnist/, fashion-mnist/, cifar-10-batches-py/, imagenet/")
-    r.add_argument("--executor", choices=EXECUTORS, default="inline",
-                   help="inline (this process), processes (local pool; one worker per GPU with several GPUs), "
-                        "ray (pip install 'modlens[ray]'; $RAY_ADDRESS or --ray-address, else a local instance)")
+    r.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="auto (the default: a process pool on every CPU core, or every GPU when there are several and "
+                        "--device is not cpu; inline where there is one core), inline (this process), processes "
+                        "(local pool), ray (pip install 'modlens[ray]'; $RAY_ADDRESS or --ray-address, else a local "
+                        "instance listening on 127.0.0.1 only); all give the same tables")
     r.add_argument("--workers", type=int, default=None, help="tasks at once (default: CPU cores, or GPUs when several)")
     r.add_argument("--replicates", type=int, default=None, help="replicates of every trained group (seeds 0..N-1)")
     r.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
@@ -168,6 +208,8 @@ def _add_study_parser(sub) -> None:
                    help="where partitioning, lesions and visualizations run (training runs on the CPU)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     ss.add_parser("list", help="list the built-in studies")
+    st = ss.add_parser("status", help="tasks done, running and left in a study folder, and the time the finished ones took")
+    st.add_argument("folder", type=Path, metavar="DIR", help="the study folder (--out of modlens study run)")
 
 
 def _run_study(args) -> int:
@@ -177,6 +219,11 @@ def _run_study(args) -> int:
         width = max(len(n) for n in BUILTIN)
         for name, b in BUILTIN.items():
             print(f"{name.ljust(width)}  {b.summary}")
+        return 0
+    if args.study_command == "status":
+        from modlens.study.status import format_status, study_status
+
+        print(format_status(study_status(args.folder), args.folder))
         return 0
     import pandas as pd
 
@@ -247,7 +294,8 @@ def _run(args) -> int:
         return 0
     if args.command == "analyze":
         result = commands.analyze_saved(args.models, out=args.out, data_dir=args.data_dir, overwrite=args.overwrite,
-                                        progress=True, **_analysis_kwargs(args))
+                                        progress=True, weights=args.weights, model_args=dict(args.model_args or []),
+                                        **_input_kwargs(args), **_analysis_kwargs(args))
         print(format_summary(result.summary))
         print(f"\ntables written to {args.out}")
         return 0

@@ -137,7 +137,7 @@ def analyze(
                     vis_results.append(stages.vis_one(adapter, part, x, cfg, name=name, progress=bar.update))
     cl_table = None
     if cfg.clusterability and partitioner is not None:
-        cl_table = _clusterability(partitioner, [p for p in partitions if p.startswith("weights/")], cfg.n_null, progress)
+        cl_table = _clusterability(partitioner, [p for p in partitions if p.startswith("weights/")], cfg, progress)
     facts = {
         "capture": adapter.capture_method,
         "n_test": int(len(y)),
@@ -152,19 +152,15 @@ def analyze(
     return result
 
 
-def _clusterability(partitioner, methods, n_null, progress) -> pd.DataFrame:
-    from modlens.experiments.clusterability import clusterability_test
-
+def _clusterability(partitioner, methods, cfg, progress) -> pd.DataFrame:
     rows = []
     for method in methods:
         t0 = time.perf_counter()
-        res = clusterability_test(partitioner, method, n_null=n_null)
+        res = stages.clusterability_one(partitioner, method, cfg)
         _say(progress, f"clusterability {method}: n-cut {res['ncut']:.3f} vs shuffled {res['null_mean']:.3f} "
                        f"± {res['null_sd']:.3f}, p {res['p_value']:.3g} ({time.perf_counter() - t0:.1f} s)")
         rows.append(res)
-    table = pd.DataFrame(rows)
-    table.insert(0, "network", "0")
-    return table
+    return stages.clusterability_table(rows)
 
 
 def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = None, *, alpha: float = 0.05,

@@ -9,6 +9,8 @@ by construction what ``analyze`` gives with the same :class:`~modlens.analysis.c
   ``class_range``, ``max_fraction``, ``engine``);
 * :func:`vis_problem` / :func:`vis_one`: the feature-visualization test of one partition
   (``n_random``, ``max_fraction``, ``vis_options``), skipped for discrete inputs;
+* :func:`clusterability_one` / :func:`clusterability_table`: the graphical clusterability test of a
+  weight partitioning (the partitioning's fields and ``n_null``);
 * :func:`assemble`: tests, summary (``ties``, ``effect_rule``, ``alpha``, ``combine``), diagnostics.
 
 :data:`STAGE_FIELDS` names the fields of the config each stage reads; a study keys its tasks by
@@ -43,6 +45,7 @@ STAGE_FIELDS = {
     "partition": _PARTITION,
     "lesion": ("n_random", "accuracy", "class_range", "max_fraction", "random_state", *_CAPTURE),
     "vis": ("feature_vis", "n_random", "max_fraction", "vis_options", "random_state", *_CAPTURE),
+    "clusterability": (*_PARTITION, "n_null"),
     "stats": None,  # all of them: the per-network result records the whole config (and its key)
 }
 
@@ -129,6 +132,21 @@ def vis_one(adapter, part: Partition, x, cfg: AnalysisConfig, *, name: str,
     return res
 
 
+def clusterability_one(partitioner: Partitioner, method: str, cfg: AnalysisConfig) -> dict:
+    """The clusterability test of the weight partitioning ``method`` (n-cut against ``cfg.n_null``
+    networks with shuffled weights), seeded from the partitioner's root as ``analyze`` seeds it."""
+    from modlens.experiments.clusterability import clusterability_test
+
+    return clusterability_test(partitioner, method, n_null=cfg.n_null)
+
+
+def clusterability_table(rows: Sequence[dict]) -> pd.DataFrame:
+    """The result's ``clusterability`` table from :func:`clusterability_one`'s rows."""
+    table = pd.DataFrame(list(rows))
+    table.insert(0, "network", "0")
+    return table
+
+
 def assemble(partitions: dict[str, Partition], lesion_tables: Sequence[pd.DataFrame], vis_results: Sequence = (),
              cfg: AnalysisConfig | None = None, *, vis_skipped: str | None = None, clusterability=None,
              facts: dict | None = None) -> AnalysisResult:
@@ -186,5 +204,6 @@ def add_partition_facts(summary: pd.DataFrame, partitions: dict[str, Partition])
 
 
 __all__ = ["STAGE_FIELDS", "config_subset", "stage_config", "network_adapter", "make_partitioner", "partition_one",
-           "lesion_one", "vis_problem", "vis_options", "n_vis_images", "vis_one", "assemble", "with_clusterability",
+           "lesion_one", "vis_problem", "vis_options", "n_vis_images", "vis_one", "clusterability_one",
+           "clusterability_table", "assemble", "with_clusterability",
            "add_partition_facts"]

@@ -222,7 +222,8 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
             "notes": notes + fig_notes}
 
 
-_RUN_KEYS = ("name", "description", "source", "executor", "workers", "started", "finished", "seconds")
+_RUN_KEYS = ("name", "description", "source", "executor", "executor_requested", "workers", "started", "finished",
+             "seconds", "utilization")
 
 
 def _setting(study: dict, key: str, default):

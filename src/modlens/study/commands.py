@@ -8,6 +8,8 @@ it, so the activation graph is never computed on the test set.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -22,6 +24,7 @@ from modlens.experiments.replicates import train_replicates
 from modlens.experiments.train import ARCHS, DIGITS_MLP_EPOCHS, train_reference, train_reference_mlp
 from modlens.nn.io import load_model, save_model
 from modlens.report.correlation import save_correlation_figure, saved_model_maps
+from modlens.study.inputs import data_description, load_files, model_sources, network_names
 
 
 def _is_digits(name: str) -> bool:
@@ -105,42 +108,73 @@ def model_data(manifest: dict, *, data_dir=None) -> tuple[tuple[torch.Tensor, to
 
 
 def analyze_saved(
-    model_dirs: Sequence[str | os.PathLike],
+    models: Sequence[str | os.PathLike],
     *,
     out: str | os.PathLike | None = None,
     data_dir=None,
     overwrite: bool = False,
     progress: bool = False,
     config: AnalysisConfig | None = None,
+    weights=None,
+    model_args: dict | None = None,
+    init_seed: int = 0,
+    test_data=None,
+    activation_data=None,
+    data_options: dict | None = None,
     **options,
 ) -> AnalysisResult:
-    """Analyse one or more saved models; several models are replicates (Fisher-Bates).
-    ``config``/``options`` are the :class:`~modlens.analysis.AnalysisConfig` of every model."""
-    if not model_dirs:
-        raise ValueError("give at least one model folder")
+    """Analyse one or more models; several are replicates (Fisher-Bates).
+
+    ``models`` are names as :func:`modlens.nn.sources.resolve_model` reads them (modlens model
+    folders, ``pkg.module:factory``, ``timm:NAME``, ``torchvision:NAME``, ``hf:REPO_OR_FOLDER``), with
+    ``weights`` (one per model, or several files for one model), ``model_args`` and ``init_seed``.
+    ``test_data`` / ``activation_data`` / ``data_options`` name the data
+    (:mod:`modlens.study.inputs`); a modlens folder given none uses its manifest's dataset.
+    ``config``/``options`` are the :class:`~modlens.analysis.AnalysisConfig` of every model. Every
+    name, file and weight is checked before anything is written; the result is written atomically."""
     cfg = AnalysisConfig.build(config, **options)  # fails here, before any model is read
     if out is not None:
         target = Path(out)
         if target.exists() and any(target.iterdir()) and not overwrite:
             raise FileExistsError(f"output folder {target} is not empty; choose another folder or pass --overwrite")
-    results, names, manifests = [], [], []
-    for i, d in enumerate(model_dirs):
-        model, manifest = load_model(d)
-        test, act = model_data(manifest, data_dir=data_dir)
+    sources = model_sources(models, weights, model_args=model_args, init_seed=init_seed)
+    descriptions = [data_description(s, test_data, activation_data, data_options) for s in sources]
+    results, names, records, loaded = [], network_names(sources), [], {}
+    for i, (source, data) in enumerate(zip(sources, descriptions)):
+        model = source.build()
+        key = json.dumps(data, sort_keys=True)
+        if key not in loaded:
+            loaded.clear()  # one data set in memory at a time
+            loaded[key] = model_data({"dataset": data}, data_dir=data_dir) if "files" not in data else \
+                load_files(data, data_dir=data_dir)
+        test, act = loaded[key]
+        record = source.record()
+        run_cfg = cfg if cfg.input_name is not None or not record.get("input_name") else \
+            dataclasses.replace(cfg, input_name=record["input_name"])
+        if act is None and any(p.startswith("activations/") for p in run_cfg.partitionings):
+            raise ValueError(f"{source.name}: the activation partitionings need activation data (--activation-data "
+                             "SOURCE, held out from the test set), or keep to --partitionings weights/global weights/local")
         if progress:
-            print(f"[{i + 1}/{len(model_dirs)}] {d}: {manifest['dataset']['name']}, seed {manifest.get('seed')}, "
-                  f"test accuracy {manifest.get('accuracy', float('nan')):.4f}", file=sys.stderr, flush=True)
-        results.append(analyze(model, test, activation_data=act, config=cfg, progress=progress))
-        names.append(Path(d).name)
-        manifests.append({"path": str(d), "dataset": manifest["dataset"], "seed": manifest.get("seed"),
-                          "accuracy": manifest.get("accuracy"), "sha256": manifest.get("sha256")})
+            print(f"[{i + 1}/{len(sources)}] {source.name}: {_describe(record, data, test)}", file=sys.stderr, flush=True)
+        results.append(analyze(model, test, activation_data=act, config=run_cfg, progress=progress))
+        manifest = source.facts.get("manifest") or {}
+        records.append({"path": source.name, "source": record, "dataset": data, "seed": manifest.get("seed"),
+                        "accuracy": manifest.get("accuracy"), "sha256": record["digest"]})
     result = results[0] if len(results) == 1 else combine(results, names, alpha=cfg.alpha)
     if len(results) == 1:
         result.subclusters["network"] = names[0]
         result.tests["network"] = names[0]
     if out is not None:
-        save_result(result, out, overwrite=overwrite, extra_manifest={"models": manifests})
+        save_result(result, out, overwrite=overwrite, extra_manifest={"models": records})
     return result
+
+
+def _describe(record: dict, data: dict, test) -> str:
+    if "files" not in data:
+        return f"{data.get('name')} (its manifest's dataset)"
+    pre = record.get("preprocessing") or {}
+    return (f"test data {data['files']['test']} ({len(test[1])} examples"
+            + (f"; preprocessing from {pre['from']}" if pre.get("from") else "") + ")")
 
 
 def demo(

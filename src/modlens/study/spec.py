@@ -31,8 +31,21 @@ A spec is a TOML file (or one of the built-in studies, :mod:`modlens.study.built
     group = "mine"
     models = ["runs/a", "runs/b"]
 
+    [[networks]]                    # or models by name, with their data (modlens.study.inputs)
+    group = "resnets"
+    models = ["timm:resnet18", "torchvision:resnet18", "mypkg.nets:make", "hf:./vit-folder"]
+    weights = ["pretrained", "ckpt/tv.pth", "ckpt/mine.safetensors", ""]  # one per model ("": its own/random)
+    model_args = { num_classes = 10 }           # keyword arguments of every model's constructor
+    test_data = "data/val"          # an image folder, a .npz/.safetensors file, or a dataset name
+    activation_data = "data/val"    # the same folder: split per class (per_class, activation_per_class)
+    per_class = 10                  # and image_size, resize, mean, std, interpolation, channels, classes,
+                                    #   sample_seed, init_seed: the options of `modlens analyze`
+
 ``{data_dir}`` in a path stands for the study's data folder (``--data-dir``). ImageNet networks
-name their validation folder: ``imagenet = {folder = "{data_dir}/imagenet/val", per_class = 10}``.
+name their validation folder: ``imagenet = {folder = "{data_dir}/imagenet/val", per_class = 10}``
+(the same as ``test_data`` and ``activation_data`` that folder, with ImageNet's preprocessing).
+Several weights files for one model are replicates (``models = ["mypkg.nets:make"]``,
+``weights = ["a.safetensors", "b.safetensors"]``).
 Every key is checked when the spec is loaded (the analysis options by
 :class:`~modlens.analysis.config.AnalysisConfig`); an unknown key, a wrong type or a wrong value is an
 error that names it, before any task runs.
@@ -43,6 +56,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +64,7 @@ from pathlib import Path
 from modlens.analysis.config import AnalysisConfig, Option, options, vis_options
 from modlens.experiments.train import ARCHS
 from modlens.report.paper import BH_SCOPES
+from modlens.study.inputs import INPUT_OPTIONS, imagenet_data
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,8 +77,11 @@ _STUDY_KEYS = {"figures": bool, "bh_scope": str}
 _RENAMED = {"k": "n_clusters", "seed": "random_state", "metrics": "feature_vis", "vis": "vis_options"}
 _RECIPE_KEYS = {"epochs": int, "batch_size": int, "l2": (float, int), "augment": bool, "regularize": bool,
                 "n_val": int, "data_seed": int}
+#: Keys of a group of models given by name (not trained here): their weights and data.
+_SOURCE_KEYS = {"weights": (str, list), "model_args": dict,
+                **{o.name: (list,) if o.n else (float, int) if o.kind is float else (o.kind,) for o in INPUT_OPTIONS}}
 _NETWORK_KEYS = {"group": str, "label": str, "arch": str, "dataset": str, "replicates": int, "seeds": list,
-                 "models": list, "imagenet": dict, **_RECIPE_KEYS}
+                 "models": list, "imagenet": dict, **_RECIPE_KEYS, **_SOURCE_KEYS}
 _IMAGENET_KEYS = {"folder": str, "per_class": int, "activation_per_class": int, "classes": str, "seed": int}
 
 
@@ -113,6 +131,10 @@ class NetworkGroup:
     models: tuple[str, ...] = ()
     recipe: dict = field(default_factory=dict)
     imagenet: dict | None = None
+    weights: tuple[str | None, ...] = ()  # one per model, or empty
+    model_args: dict = field(default_factory=dict)
+    init_seed: int = 0
+    data: dict | None = None  # {"test_data", "activation_data", "options"} of models given with data
 
     @property
     def trained(self) -> bool:
@@ -215,9 +237,12 @@ def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> Netw
             raise SpecError(f"{where}: a group of saved models takes no training keys ({', '.join(clash)}); "
                             "drop them or drop 'models'")
         if not table["models"] or not all(isinstance(m, str) for m in table["models"]):
-            raise SpecError(f"{where}: models must be a non-empty list of model folders")
-        models = tuple(str(_path(m, base, data_dir)) for m in table["models"])
-        return NetworkGroup(group, label, models=models, imagenet=imagenet)
+            raise SpecError(f"{where}: models must be a non-empty list of model folders or names")
+        return _named_group(table, where, group, label, imagenet, base, data_dir)
+    given = sorted(k for k in _SOURCE_KEYS if k in table)
+    if given:
+        raise SpecError(f"{where}: {', '.join(given)} go with models = [...] (models given by name or folder); a "
+                        "trained group reads its dataset")
     if imagenet is not None:
         raise SpecError(f"{where}: imagenet data goes with saved models (models = [...]); modlens does not train ImageNet networks")
     for key in ("arch", "dataset"):
@@ -242,6 +267,65 @@ def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> Netw
     if recipe.get("regularize") is False and table["arch"] != "vgg":
         raise SpecError(f"{where}: regularize = false applies to the VGG only (the MLP and CNN have no dropout or L2)")
     return NetworkGroup(group, label, arch=table["arch"], dataset=table["dataset"], seeds=tuple(seeds), recipe=recipe)
+
+
+def _named_group(table: dict, where: str, group: str, label: str, imagenet, base: Path, data_dir) -> NetworkGroup:
+    models = [_model_name(m, base, data_dir) for m in table["models"]]
+    weights = table.get("weights", [])
+    weights = [weights] if isinstance(weights, str) else weights
+    if not all(isinstance(w, str) for w in weights):
+        raise SpecError(f"{where}: weights must be a file name, 'pretrained', or a list of them (\"\" for none)")
+    if weights and len(models) == 1 and len(weights) > 1:
+        models = models * len(weights)
+    if weights and len(weights) != len(models):
+        raise SpecError(f"{where}: {len(weights)} weights for {len(models)} models; give one entry per model (\"\" for "
+                        "none), or one model with several weights files (replicates)")
+    weights = [None if w in ("", None) else w if w == "pretrained" else str(_path(w, base, data_dir)) for w in weights]
+    options = {o.name: table[o.name] for o in INPUT_OPTIONS if o.name in table and o.name not in
+               ("init_seed", "test_data", "activation_data")}
+    for key in ("mean", "std"):
+        if key in options and not (len(options[key]) in (1, 3) and all(isinstance(v, (int, float)) and
+                                                                         not isinstance(v, bool) for v in options[key])):
+            raise SpecError(f"{where}: {key} must list 1 or 3 numbers, got {options[key]!r}")
+    data = None
+    if imagenet is not None:
+        if "test_data" in table or "activation_data" in table:
+            raise SpecError(f"{where}: give imagenet = {{...}} or test_data/activation_data, not both")
+        data = imagenet_data(imagenet)
+        data["options"].update(options)
+    elif "test_data" in table:
+        data = {"test_data": _data_name(table["test_data"], base, data_dir),
+                "activation_data": _data_name(table["activation_data"], base, data_dir) if "activation_data" in table
+                else None, "options": options}
+    elif options or "activation_data" in table:
+        raise SpecError(f"{where}: {', '.join(sorted(options) or ['activation_data'])} without test_data; name the "
+                        "test data too")
+    init_seed = table.get("init_seed", 0)
+    if init_seed < 0:
+        raise SpecError(f"{where}: init_seed must be a non-negative integer, got {init_seed}")
+    return NetworkGroup(group, label, models=tuple(models), imagenet=imagenet, weights=tuple(weights),
+                        model_args=dict(table.get("model_args", {})), init_seed=init_seed, data=data)
+
+
+def _model_name(text: str, base: Path, data_dir) -> str:
+    """A model name with its paths made absolute (relative to the spec file): folders, ``FILE.py:factory``
+    and ``hf:FOLDER``; library names and importable factories stay as they are."""
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix in ("timm", "torchvision"):
+        return text
+    if sep and prefix == "hf":
+        folder = _path(rest, base, data_dir)
+        return f"hf:{folder}" if folder.is_dir() or rest.startswith((".", "/", "~", "{")) else text
+    factory = re.match(r"^(.+\.py|[A-Za-z_][\w.]*):([A-Za-z_][\w.]*)$", text)
+    if factory:
+        return f"{_path(factory.group(1), base, data_dir)}:{factory.group(2)}" if factory.group(1).endswith(".py") else text
+    return str(_path(text, base, data_dir))
+
+
+def _data_name(text: str, base: Path, data_dir) -> str:
+    """A data path made absolute, or a dataset name left as it is."""
+    p = _path(text, base, data_dir)
+    return str(p) if p.exists() or "/" in text or "{data_dir}" in text or Path(text).suffix else text
 
 
 def _path(text: str, base: Path, data_dir: Path | None) -> Path:
@@ -271,8 +355,7 @@ def spec_from_dict(raw: dict, *, source: str = "<dict>", base: str | os.PathLike
             raise SpecError(f"{source}: networks[{i}] must be a table ([[networks]])")
         g = _network(table, f"{source} networks[{i}]", base, dd)
         if replicates is not None and g.trained:
-            g = NetworkGroup(g.group, g.label, g.arch, g.dataset, tuple(range(_positive(source, "--replicates", replicates))),
-                             recipe=g.recipe)
+            g = dataclasses.replace(g, seeds=tuple(range(_positive(source, "--replicates", replicates))))
         groups.append(g)
     names = [g.group for g in groups]
     dup = sorted({n for n in names if names.count(n) > 1})

@@ -28,7 +28,8 @@ from modlens.analysis.storage import canonical, is_temporary
 from modlens.study.task_kinds import KINDS
 
 #: Bump a kind's version when what its task computes changes, so old cache entries are not reused.
-VERSIONS = {"train": 1, "partition": 2, "lesion": 2, "vis": 2, "stats": 2}  # 2: params hold AnalysisConfig fields
+VERSIONS = {"train": 1, "partition": 2, "lesion": 2, "vis": 2, "clusterability": 1,
+            "stats": 2}  # 2: params hold AnalysisConfig fields
 RESULT_FILE = "result.json"
 
 
