@@ -9,6 +9,10 @@ Public entry points (imported on first use, so that ``import modlens.core`` stay
 * :class:`AnalysisConfig` - every option of an analysis, validated; :class:`AnalysisResult` - what
   ``analyze`` returns.
 * :class:`Partition` - integer cluster labels per analysed layer.
+* :func:`load_model` - any model by name (``pkg.module:factory``, ``timm:NAME``, ``torchvision:NAME``,
+  ``hf:REPO_OR_FOLDER``, a modlens model folder) with its weights, and the record of where it came from.
+* :func:`load_result` - a saved result read back (it displays itself in a notebook, as results do);
+  :func:`open_study` - a study folder, with its tables and figures.
 
 The packages, lowest layer first: ``core`` (numpy/scipy), ``nn`` and ``data`` (the torch
 boundary), ``experiments``, ``analysis``, ``report``, ``study``, ``cli``.
@@ -16,7 +20,8 @@ boundary), ``experiments``, ``analysis``, ``report``, ``study``, ``cli``.
 
 from modlens._version import __version__
 
-__all__ = ["partition", "analyze", "combine", "AnalysisConfig", "AnalysisResult", "Partition", "__version__"]
+__all__ = ["partition", "analyze", "combine", "AnalysisConfig", "AnalysisResult", "Partition", "load_model",
+           "load_result", "open_study", "__version__"]
 
 
 def __getattr__(name):
@@ -24,10 +29,18 @@ def __getattr__(name):
         from modlens.experiments.partitioning import partition
 
         return partition
-    if name in ("analyze", "combine", "AnalysisConfig", "AnalysisResult"):
+    if name == "load_model":
+        from modlens.nn.sources import load_model
+
+        return load_model
+    if name in ("analyze", "combine", "AnalysisConfig", "AnalysisResult", "load_result"):
         import modlens.analysis
 
         return getattr(modlens.analysis, name)
+    if name == "open_study":
+        from modlens.study.results import open_study
+
+        return open_study
     if name == "Partition":
         from modlens.core.partition import Partition
 

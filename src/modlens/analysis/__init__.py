@@ -4,7 +4,8 @@
   :mod:`~modlens.analysis.stages` (capture, partition, lesion test, feature visualization,
   statistics), each reading only the fields of the validated :class:`AnalysisConfig`
   (:mod:`~modlens.analysis.config`) it needs; a study runs the same stages as cached tasks.
-* :class:`AnalysisResult` and its folder format (:mod:`~modlens.analysis.result`);
+* :class:`AnalysisResult` and its folder format (:mod:`~modlens.analysis.result`, :func:`load_result`),
+  its notebook display and the cells of the paper's tables (:mod:`~modlens.analysis.display`);
   :func:`combine` pools replicate networks.
 * The statistics pipeline (:mod:`~modlens.analysis.statistics`: percentiles, Fisher, Bates,
   Benjamini-Hochberg per family, effects), :mod:`~modlens.analysis.diagnostics` (degenerate
@@ -16,6 +17,6 @@
 
 from modlens.analysis.analyze import analyze, combine
 from modlens.analysis.config import AnalysisConfig
-from modlens.analysis.result import AnalysisResult, save_result
+from modlens.analysis.result import AnalysisResult, load_result, save_result
 
-__all__ = ["analyze", "combine", "AnalysisConfig", "AnalysisResult", "save_result"]
+__all__ = ["analyze", "combine", "AnalysisConfig", "AnalysisResult", "save_result", "load_result"]

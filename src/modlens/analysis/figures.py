@@ -42,6 +42,20 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
 
 
+def vis_grid_figures(vis_result):
+    """``((partitioning, layer), figure)`` per (partitioning, layer) of ``vis_result`` (a
+    :class:`VisResult`): each true subcluster's optimized input beside its random sets, as in
+    figure 7 (see :func:`save_vis_grids`)."""
+    table, images = vis_result.table, np.asarray(vis_result.images, dtype=np.float64)
+    lo, hi = vis_result.value_range
+    for (name, layer), group in table.groupby(["partitioning", "layer"], sort=False):
+        scaled = {idx: np.clip((images[idx] - lo) / (hi - lo), 0, 1) for idx in group.index}
+        draw = _vector_figure if images.ndim == 2 else _grid_figure
+        fig = draw(group, scaled, (lo, hi))
+        fig.suptitle(f"{name}: layer {layer} ({group['layer_name'].iloc[0]})", fontsize=9)
+        yield (name, int(layer)), fig
+
+
 def save_vis_grids(vis_result, directory: str | os.PathLike) -> list[Path]:
     """One PNG per (partitioning, layer) of ``vis_result`` (a :class:`VisResult`) in
     ``directory``: each true subcluster's optimized input beside its random sets, as in
@@ -49,20 +63,52 @@ def save_vis_grids(vis_result, directory: str | os.PathLike) -> list[Path]:
     heatmaps (rows T, columns D). Vectors (D,): a panel per subcluster with one heat strip per
     input, the true subcluster's on top. Values are shown on the result's value range (the
     colour bar of heatmaps and strips). Returns the paths written."""
-    table, images = vis_result.table, np.asarray(vis_result.images, dtype=np.float64)
-    lo, hi = vis_result.value_range
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for (name, layer), group in table.groupby(["partitioning", "layer"], sort=False):
-        scaled = {idx: np.clip((images[idx] - lo) / (hi - lo), 0, 1) for idx in group.index}
-        draw = _vector_figure if images.ndim == 2 else _grid_figure
-        fig = draw(group, scaled, (lo, hi))
-        fig.suptitle(f"{name}: layer {layer} ({group['layer_name'].iloc[0]})", fontsize=9)
-        path = directory / f"feature_vis_{slug(name)}_layer{int(layer)}.png"
+    for (name, layer), fig in vis_grid_figures(vis_result):
+        path = directory / f"feature_vis_{slug(name)}_layer{layer}.png"
         fig.savefig(path)
         paths.append(path)
     return paths
+
+
+_COLOURS = {"acc_drop": "#4c72b0", "class_range": "#dd8452", "vis_score": "#55a868", "softmax_entropy": "#c44e52"}
+
+
+def percentile_figure(tests, title: str):
+    """One panel per partitioning with a step histogram per metric of the true subclusters' centred
+    percentiles among their random sets (low = modular), pooled over the networks of ``tests``
+    (the report's Figure 5, a notebook result's first figure)."""
+    from modlens.analysis.statistics import METRICS
+    from modlens.analysis.text import PARTITION_LABELS
+    from modlens.experiments.partitioning import METHODS
+
+    bins = np.linspace(0, 1, 21)
+    seen = list(dict.fromkeys(tests["partitioning"]))
+    parts = [m for m in METHODS if m in seen] + [p for p in seen if p not in METHODS]
+    metrics = [m for m in METRICS if m in set(tests["metric"])]
+    fig = new_figure(2.3 * len(parts) + 0.5, 2.6)
+    axes = fig.subplots(1, len(parts), squeeze=False)[0]
+    fig.subplots_adjust(left=0.5 / (2.3 * len(parts) + 0.5), right=0.99, top=0.8, bottom=0.3, wspace=0.25)
+    for c, part in enumerate(parts):
+        ax = axes[c]
+        for m in metrics:
+            v = tests[(tests["metric"] == m) & (tests["partitioning"] == part)]["percentile"].to_numpy(dtype=float)
+            v = v[np.isfinite(v)]
+            if v.size:
+                ax.hist(v, bins=bins, histtype="step", linewidth=1.4, color=_COLOURS.get(m), label=METRICS[m].label)
+        ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=6)
+        ax.set_title(PARTITION_LABELS.get(part, part), fontsize=8)
+        ax.set_xlabel("percentile (low = modular)", fontsize=7)
+    axes[0].set_ylabel("true subclusters", fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
 
 
 def _colorbar(fig, mappable, value_range, left: float, bottom: float, height: float) -> None:
@@ -135,4 +181,4 @@ def _vector_figure(group, scaled: dict, value_range):
     return fig
 
 
-__all__ = ["save_vis_grids", "new_figure", "displayable", "slug"]
+__all__ = ["save_vis_grids", "vis_grid_figures", "percentile_figure", "new_figure", "displayable", "slug"]

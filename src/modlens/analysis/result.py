@@ -53,6 +53,13 @@ class AnalysisResult:
 
         return format_summary(self.summary)
 
+    def _repr_html_(self) -> str:
+        """The notebook display: the summary table (significance and effect marks, n-cut per
+        partitioning, degenerate metrics flagged) and the figures inline (:mod:`modlens.analysis.display`)."""
+        from modlens.analysis.display import result_html
+
+        return result_html(self)
+
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the tables (Parquet and CSV), the partitions and a manifest into ``directory``,
         through a temporary folder renamed at the end, so a failure leaves no partial output."""
@@ -89,6 +96,38 @@ def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, e
     return target
 
 
+def load_result(directory: str | os.PathLike) -> AnalysisResult:
+    """A saved result (``modlens analyze --out``, :meth:`AnalysisResult.save`, a study's
+    ``networks/<id>/``) read back: its tables, partitions, config and visualizations."""
+    from modlens.experiments.feature_vis import VisResult
+
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved analysis result (no manifest.json); give the folder "
+                                "written by `modlens analyze --out` or AnalysisResult.save")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "modlens-analysis":
+        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected 'modlens-analysis'")
+    frames = {name: pd.read_parquet(directory / f"{name}.parquet") if (directory / f"{name}.parquet").is_file() else None
+              for name in TABLES}
+    parts = json.loads((directory / "partitions.json").read_text())
+    config = manifest.get("config", {})
+    vis = []
+    if frames["visualizations"] is not None and (directory / "vis_images.npz").is_file():
+        with np.load(directory / "vis_images.npz") as npz:
+            images = {k.replace("__", "/"): npz[k] for k in npz.files}
+        table = frames["visualizations"]
+        first = table[table["network"] == table["network"].iloc[0]] if "network" in table.columns else table
+        for name, imgs in images.items():
+            rows = first[first["partitioning"] == name].reset_index(drop=True)
+            if len(rows) == len(imgs):
+                vis.append(VisResult(rows, imgs, {**(config.get("feature_vis") or {}), "partitioning": name}))
+    return AnalysisResult(frames["summary"], frames["subclusters"], frames["tests"],
+                          {k: partition_from_dict(v) for k, v in parts.items()}, config, frames["visualizations"], vis,
+                          frames["clusterability"])
+
+
 # -- the partition record (partitions.json of a result, partition.json of a study task) ----------
 
 def partition_to_dict(p: Partition) -> dict:
@@ -109,4 +148,4 @@ def partition_digest(p: Partition) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-__all__ = ["AnalysisResult", "save_result", "TABLES", "partition_to_dict", "partition_from_dict", "partition_digest"]
+__all__ = ["AnalysisResult", "save_result", "load_result", "TABLES", "partition_to_dict", "partition_from_dict", "partition_digest"]

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -197,3 +198,13 @@ def correct_by_family(summary: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataF
     summary["q_value"] = q
     summary["significant"] = reject
     return summary
+
+
+def bold_effect(effect: float, se: float, metric: str) -> bool:
+    """More than two standard errors from 1 in the modular direction (strictly). Without a
+    standard error (the paper's Tables 2 and 3), any effect on the modular side of 1."""
+    if effect is None or not math.isfinite(float(effect)):
+        return False
+    high = METRICS[metric].higher_is_modular
+    se = float(se) if se is not None and math.isfinite(float(se)) else 0.0
+    return bool(effect - 2 * se > 1) if high else bool(effect + 2 * se < 1)

@@ -8,6 +8,10 @@ import pandas as pd
 
 from modlens.analysis.statistics import METRICS
 
+#: The paper's names of the four partitionings (its tables' rows).
+PARTITION_LABELS = {"weights/global": "Weight/Global", "weights/local": "Weight/Local",
+                    "activations/global": "Act./Global", "activations/local": "Act./Local"}
+
 
 def format_p(p: float) -> str:
     if p is None or not math.isfinite(p):

@@ -161,7 +161,7 @@ def _study_model_maps(study_dir: Path, study: dict, *, data_dir=None, method: st
 
 def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh_scope: str | None = None,
                         correlation_maps: Callable[[str], object] | None = None, data_dir=None) -> dict:
-    """Write ``tables/``, ``figures/`` and ``report.html`` into ``study_dir``.
+    """Write ``tables/``, ``figures/`` (with ``captions.json``) and ``report.html`` into ``study_dir``.
 
     ``correlation_maps(network_id)`` returning a
     :class:`~modlens.experiments.correlation_maps.CorrelationMaps` draws Figures 1/6 for the
@@ -213,6 +213,9 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
     ours = {f.png for f in figures}
     figures += [FigureFile(p, p.with_suffix(".svg"), f"From the study run: {p.stem}.")
                 for p in sorted(fig_dir.glob("*.png")) if p not in ours]
+    fig_dir.mkdir(parents=True, exist_ok=True)  # the captions, for a notebook's display of the study
+    (fig_dir / "captions.json").write_text(json.dumps({f.png.name: f.caption for f in figures if f.png.exists()},
+                                                      indent=2, sort_keys=True) + "\n", encoding="utf-8")
     sections = _sections(tables, ctable, counts, figures, notes + fig_notes, _study_meta(study))
     title = f"modlens study: {study.get('name', study_dir.name)}"
     report = study_dir / "report.html"

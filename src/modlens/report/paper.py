@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from modlens.core import stats
-from modlens.analysis.statistics import METRICS, TABLE_FAMILIES, table_family
+from modlens.analysis.statistics import METRICS, TABLE_FAMILIES, bold_effect, table_family
 
 #: The metrics of each table family (``table_family`` of study rows -> metrics).
 FAMILIES = {short: tuple(m for m in METRICS if m != "clusterability" and table_family(m) == short)
@@ -93,16 +93,6 @@ def family_bh(rows: pd.DataFrame, *, alpha: float = 0.05, scope: str = "table") 
     rows["significant"] = rows["significant"].astype(bool)
     rows["bold"] = [bold_effect(e, s, m) for e, s, m in zip(rows["effect"], rows["effect_se"], rows["metric"])]
     return rows, info
-
-
-def bold_effect(effect: float, se: float, metric: str) -> bool:
-    """More than two standard errors from 1 in the modular direction (strictly). Without a
-    standard error (the paper's Tables 2 and 3), any effect on the modular side of 1."""
-    if effect is None or not math.isfinite(float(effect)):
-        return False
-    high = METRICS[metric].higher_is_modular
-    se = float(se) if se is not None and math.isfinite(float(se)) else 0.0
-    return bool(effect - 2 * se > 1) if high else bool(effect + 2 * se < 1)
 
 
 def side_of_one(effect: float) -> int:

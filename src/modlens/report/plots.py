@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 
 from modlens.experiments.partitioning import METHODS
-from modlens.analysis.figures import displayable, new_figure, slug
+from modlens.analysis.figures import displayable, new_figure, percentile_figure, slug
 from modlens.analysis.statistics import METRICS
-from modlens.report.tables import PARTITION_LABELS
+from modlens.analysis.text import PARTITION_LABELS
 
 _SHADE = "#9ecae1"
 
@@ -96,40 +96,15 @@ def _rect(x, y, color):
     return Rectangle((x, y), 1, 1, facecolor=color, edgecolor="none")
 
 
-_COLOURS = {"acc_drop": "#4c72b0", "class_range": "#dd8452", "vis_score": "#55a868", "softmax_entropy": "#c44e52"}
-
-
 def figure5(tests: dict[str, pd.DataFrame], names: dict[str, str], directory: Path) -> list[FigureFile]:
     """Per group: one panel per partitioning with a step histogram per metric of the true
     subclusters' centred percentiles among their random sets (low = modular), pooled over the
-    group's networks."""
+    group's networks (:func:`modlens.analysis.figures.percentile_figure`)."""
     out = []
-    bins = np.linspace(0, 1, 21)
     for g, frame in tests.items():
         if frame is None or frame.empty:
             continue
-        parts = _ordered(frame["partitioning"], METHODS)
-        metrics = [m for m in METRICS if m in set(frame["metric"])]
-        fig = new_figure(2.3 * len(parts) + 0.5, 2.6)
-        axes = fig.subplots(1, len(parts), squeeze=False)[0]
-        fig.subplots_adjust(left=0.5 / (2.3 * len(parts) + 0.5), right=0.99, top=0.8, bottom=0.3, wspace=0.25)
-        for c, part in enumerate(parts):
-            ax = axes[c]
-            for m in metrics:
-                v = frame[(frame["metric"] == m) & (frame["partitioning"] == part)]["percentile"].to_numpy(dtype=float)
-                v = v[np.isfinite(v)]
-                if v.size:
-                    ax.hist(v, bins=bins, histtype="step", linewidth=1.4, color=_COLOURS.get(m),
-                            label=METRICS[m].label)
-            ax.set_xlim(0, 1)
-            ax.tick_params(labelsize=6)
-            ax.set_title(PARTITION_LABELS.get(part, part), fontsize=8)
-            ax.set_xlabel("percentile (low = modular)", fontsize=7)
-        axes[0].set_ylabel("true subclusters", fontsize=7)
-        handles, labels = axes[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
-        fig.suptitle(names.get(g, g), fontsize=9)
+        fig = percentile_figure(frame, names.get(g, g))
         caption = (f"Figure 5 ({names.get(g, g)}): percentiles of true subclusters among their random sets, one "
                    f"histogram per metric, pooled over {frame['network'].nunique()} network(s); under no modularity "
                    "they are uniform, and a pile-up near 0 is what makes a Fisher-Bates p value small.")

@@ -1,5 +1,6 @@
 """The paper's Tables 1-5 from study rows (after :func:`modlens.report.paper.family_bh`), as
-CSV and Markdown laid out like the paper, and as cells the HTML report renders.
+CSV and Markdown laid out like the paper, and as cells the HTML report renders (the cells of
+:mod:`modlens.analysis.display`, which a notebook's display of a result uses too).
 
 Table 1: effect measures of every metric; Table 4: lesion p values and effects; Table 5:
 visualization p values and effects (all at the study's main k); Tables 2 and 3: the same as 4
@@ -10,80 +11,19 @@ standard errors from 1 on the modular side.
 
 from __future__ import annotations
 
-import csv
-import io
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from modlens.analysis.display import effect_cell, format_effect, format_p, p_cell
+from modlens.analysis.statistics import METRICS
+from modlens.analysis.text import PARTITION_LABELS
+from modlens.core.html import Cell, Table
 from modlens.experiments.partitioning import METHODS
 from modlens.report.paper import FAMILIES, PAPER_CRITICAL_P
-from modlens.analysis.statistics import METRICS
 
-PARTITION_LABELS = {"weights/global": "Weight/Global", "weights/local": "Weight/Local",
-                    "activations/global": "Act./Global", "activations/local": "Act./Local"}
 _METRIC_HEAD = {"acc_drop": ("Importance: Acc. Drop", "High→Imp."), "class_range": ("Coherence: Class Range", "High→Coh."),
                 "vis_score": ("Coherence: Vis Score", "High→Coh."), "softmax_entropy": ("Coherence: Softmax H", "Low→Coh.")}
-
-
-@dataclass
-class Cell:
-    text: str
-    bold: bool = False
-    html: str | None = None  # richer markup (superscripts); escaped text otherwise
-
-
-@dataclass
-class Table:
-    name: str  # "table4"
-    title: str
-    caption: str
-    columns: list[str]
-    rows: list[list[Cell]] = field(default_factory=list)
-
-    def to_markdown(self) -> str:
-        def md(c: Cell) -> str:
-            t = c.text.replace("|", "\\|")
-            return f"**{t}**" if c.bold and t else t
-        lines = [f"### {self.title}", "", self.caption, "",
-                 "| " + " | ".join(self.columns) + " |", "|" + "|".join("---" for _ in self.columns) + "|"]
-        lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in self.rows]
-        return "\n".join(lines) + "\n"
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(self.columns)
-        for row in self.rows:
-            w.writerow([c.text for c in row])
-        return buf.getvalue()
-
-
-def format_p(p: float) -> tuple[str, str]:
-    """(plain, html) in the paper's style: three decimals from 0.001 up, else m × 10^e."""
-    if p is None or not math.isfinite(float(p)):
-        return "n/a", "n/a"
-    p = float(p)
-    if p >= 0.001:
-        s = f"{p:.3f}"
-        return s, s
-    if p == 0:
-        return "< 1e-300", "&lt; 10<sup>-300</sup>"
-    exp = math.floor(math.log10(p))
-    mant = p / 10 ** exp
-    if round(mant, 2) >= 10:
-        mant, exp = mant / 10, exp + 1
-    return f"{mant:.2f} × 10^{exp}", f"{mant:.2f} × 10<sup>{exp}</sup>"
-
-
-def format_effect(effect: float, se: float | None) -> str:
-    if effect is None or not math.isfinite(float(effect)):
-        return "n/a"
-    if se is None or not math.isfinite(float(se)):
-        return f"{float(effect):.3f}"
-    return f"{float(effect):.3f} ± {float(se):.3f}"
 
 
 def main_k(rows: pd.DataFrame) -> int:
@@ -111,16 +51,11 @@ def _lookup(rows: pd.DataFrame) -> dict:
 
 
 def _p_cell(r) -> Cell:
-    if r is None:
-        return Cell("")
-    text, html = format_p(r.p_value)
-    return Cell(text, bool(r.significant), html)
+    return Cell("") if r is None else p_cell(r.p_value, r.significant)
 
 
 def _effect_cell(r, with_se: bool = True) -> Cell:
-    if r is None:
-        return Cell("")
-    return Cell(format_effect(r.effect, r.effect_se if with_se else None), bool(r.bold))
+    return Cell("") if r is None else effect_cell(r.effect, r.effect_se if with_se else None, r.bold)
 
 
 def _caption(what: str, info: dict, families: list[str], k_text: str) -> str:

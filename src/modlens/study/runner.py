@@ -33,6 +33,7 @@ from modlens.core.seeds import derived_seed
 from modlens.report import write_study_outputs
 from modlens.study.executors import make_executor
 from modlens.study.progress import StudyProgress
+from modlens.study.results import StudyResult
 from modlens.study.status import RunLog
 from modlens.study.spec import NetworkGroup, SpecError, StudySpec
 from modlens.nn.sources import parse_model_name
@@ -199,10 +200,12 @@ def _digests(inputs: dict) -> dict:
 
 
 def run_study(spec: StudySpec, out, *, data_dir=None, executor: str = "auto", workers: int | None = None,
-              progress: bool = True, device: str = "cpu", ray_address: str | None = None) -> Path:
+              progress: bool = True, device: str = "cpu", ray_address: str | None = None) -> StudyResult:
     """Run every task of ``spec`` that is not already in ``out``'s cache, then write the outputs.
     ``executor="auto"`` (the default) runs the tasks on every core (every GPU with several GPUs and
-    ``device`` not ``"cpu"``); ``"inline"``, ``"processes"`` and ``"ray"`` give the same tables."""
+    ``device`` not ``"cpu"``); ``"inline"``, ``"processes"`` and ``"ray"`` give the same tables.
+    Returns the study folder as a :class:`~modlens.study.results.StudyResult` (a path that displays
+    the study's tables and figures in a notebook)."""
     resolved = check_requirements(spec, data_dir)
     study_dir = Path(out)
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -291,7 +294,7 @@ def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers
     write_outputs(spec, study_dir, done, analyses, timings=timings, started=started,
                   seconds=time.perf_counter() - t0, run=run)
     log.close(finished=completed)
-    return study_dir
+    return StudyResult(study_dir)
 
 
 def study_rows(spec: StudySpec, analyses: list[dict], done: dict) -> pd.DataFrame:
