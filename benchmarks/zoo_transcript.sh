@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The transcript of docs/zoo-transcript.md: a timm model and a Hugging Face folder analysed end to
+# end from the shell. Run from the repository root in an environment with timm and transformers:
+#   PYTHON=/path/to/venv/bin/python benchmarks/zoo_transcript.sh [WORKDIR] > docs/zoo-transcript.txt 2>&1
+set -euo pipefail
+PYTHON=${PYTHON:-python}
+W=${1:-/tmp/modlens-zoo-demo}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+modlens() { "$PYTHON" -m modlens.cli "$@"; }
+run() { echo "\$ $*"; "$@"; echo; }
+rm -rf "$W"
+run "$PYTHON" benchmarks/zoo_transcript_setup.py "$W"
+run modlens analyze timm:resnet10t --model-arg num_classes=10 --weights "$W/resnet10t-digits.safetensors" \
+    --test-data "$W/digits/val" --activation-data "$W/digits/val" --per-class 25 --activation-per-class 15 \
+    --n-random 9 --out "$W/results/timm"
+run modlens analyze "hf:$W/vit-digits" --test-data "$W/digits/val" --activation-data "$W/digits/val" \
+    --per-class 25 --activation-per-class 15 --n-random 9 --out "$W/results/hf"
+run modlens report "$W/results/timm"
+run modlens report "$W/results/hf"
+echo "\$ python -c 'import json; print(json.load(open(\"$W/results/timm/manifest.json\"))[\"models\"][0][\"source\"])'"
+"$PYTHON" -c "import json, pprint; pprint.pprint(json.load(open('$W/results/timm/manifest.json'))['models'][0]['source'], width=110)"
