@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -105,10 +106,13 @@ def hf_folder(target: str) -> Path:
                                     "model.save_pretrained(FOLDER)")
         return path.resolve()
     found = None
-    if "/" in target and not path.exists():
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", target) and not target.startswith("."):  # a hub id: namespace/name
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(target, "config.json")
+        try:
+            found = try_to_load_from_cache(target, "config.json")
+        except ValueError:  # not a valid repo id after all
+            found = None
     if not isinstance(found, str):
         raise FileNotFoundError(f"hf:{target} is neither a folder nor a hub id in the local Hugging Face cache "
                                 f"(looked in {path.resolve()} and {_hf_cache_dir()}); modlens does not download: "

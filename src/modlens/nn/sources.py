@@ -131,8 +131,8 @@ class ModelSource:
             else:
                 model = _zoo.build(self.kind, self.target, self.model_args, self.facts)
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{self.name} returned a {type(model).__name__}, not a torch.nn.Module; the factory "
-                            "must return the network itself")
+            raise TypeError(f"{self.name} returned an object of type {type(model).__name__}, not a torch.nn.Module; "
+                            "the factory must return the network itself")
         weights = self.facts.get("weights")
         if isinstance(weights, dict) and weights.get("file") and not weights.get("built_in"):
             fit_weights(model, read_state_dict(weights["file"]), f"{self.name} with weights {weights['file']}")
@@ -158,7 +158,7 @@ def resolve_model(name: str | os.PathLike, weights: str | os.PathLike | None = N
     if kind == "factory":
         facts["module_root"] = _module_root(_factory_object(target), target)  # imports it: a wrong name fails here
         if weights == PRETRAINED:
-            raise ValueError(f"weights='pretrained' is for timm:, torchvision: and hf: models; give {name} a weights "
+            raise ValueError(f"weights='pretrained' is for timm: and torchvision: models; give {name} a weights "
                              "file (safetensors or a state dict)")
     else:
         facts.update(_zoo.describe(kind, target, args))

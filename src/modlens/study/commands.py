@@ -159,7 +159,8 @@ def analyze_saved(
         results.append(analyze(model, test, activation_data=act, config=run_cfg, progress=progress))
         manifest = source.facts.get("manifest") or {}
         records.append({"path": source.name, "source": record, "dataset": data, "seed": manifest.get("seed"),
-                        "accuracy": manifest.get("accuracy"), "sha256": record["digest"]})
+                        "accuracy": manifest.get("accuracy"), "sha256": (record.get("weights") or {}).get("sha256"),
+                        "digest": record["digest"]})
     result = results[0] if len(results) == 1 else combine(results, names, alpha=cfg.alpha)
     if len(results) == 1:
         result.subclusters["network"] = names[0]
