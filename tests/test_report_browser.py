@@ -69,7 +69,7 @@ def test_notebook_displays_in_browser(tiny_study, tmp_path):
     pieces = {"study": study._repr_html_(), "result": result._repr_html_(), "partition": part._repr_html_()}
     assert pieces["study"].count("<img ") == len([p for p in out["figures"] if p.suffix == ".png"])
     assert pieces["result"].count("<img ") >= 1  # the percentile histograms, and the grids where saved
-    assert "<strong>" in pieces["study"] and "Table 4: lesion experiments" in pieces["study"]
+    assert "Table 4: lesion experiments" in pieces["study"] and "Table 1: effect measures" in pieces["study"]
     assert "n-cut per partitioning" in pieces["study"] and "weights/global" in pieces["partition"]
     assert f"{part.ncut:.4f}" in pieces["partition"]
     page = tmp_path / "notebook.html"
