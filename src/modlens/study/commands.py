@@ -22,7 +22,7 @@ from modlens.analysis import AnalysisConfig, AnalysisResult, analyze, combine, s
 from modlens.data import held_out_data, load_dataset
 from modlens.experiments.replicates import train_replicates
 from modlens.experiments.train import ARCHS, DIGITS_MLP_EPOCHS, train_reference, train_reference_mlp
-from modlens.nn.io import load_model, save_model
+from modlens.nn.io import save_model
 from modlens.report.correlation import save_correlation_figure, saved_model_maps
 from modlens.study.inputs import data_description, load_files, model_sources, network_names
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import queue as _queue
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 from modlens.study.tasks import execute
 
