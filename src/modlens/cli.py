@@ -237,7 +237,10 @@ def _run_study(args) -> int:
     with pd.option_context("display.width", 160, "display.max_rows", 200):
         print(rows[["group", "k", "partitioning", "metric", "p_value", "effect", "effect_se", "n_networks"]]
               .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"\nstudy {spec.name!r} written to {out} (study_rows.csv, networks/, study.json)")
+    record = out.record
+    util = (record.get("utilization") or {}).get("value")
+    print(f"\nstudy {spec.name!r} written to {out} (study_rows.csv, networks/, study.json); {record['executor']}, "
+          f"{record['workers']} worker(s)" + ("" if util is None else f", utilization {util:.2f}"))
     return 0
 
 

@@ -330,9 +330,12 @@ def _versions() -> dict:
 
 
 def utilization(timings: list[dict], wall_seconds: float, workers: int) -> float | None:
-    """Task-seconds over wall-seconds x workers, of the tasks run (not taken from the cache)."""
+    """Task-seconds over wall-seconds x workers, of the tasks run (not taken from the cache); None
+    when none ran."""
     busy = sum(t["seconds"] for t in timings if not t["cached"])
-    return None if wall_seconds <= 0 or not workers else busy / (wall_seconds * workers)
+    if not any(not t["cached"] for t in timings) or wall_seconds <= 0 or not workers:
+        return None  # every task came from the cache: nothing ran to keep the workers busy
+    return busy / (wall_seconds * workers)
 
 
 def write_outputs(spec: StudySpec, study_dir: Path, done: dict, analyses: list[dict], *, timings: list[dict],
