@@ -20,6 +20,12 @@ mirrors (CIFAR-10: the official archive) if missing.
 :func:`load_imagenet_folder` / :func:`iter_imagenet_folder` read an ImageNet validation folder
 (``root/<wnid>/<image>.JPEG``) with the standard resize / centre-crop / normalize preprocessing and
 an optional seeded per-class subsample; they need Pillow.
+
+:func:`load_text` reads the two-genre text corpus (``<root>/text/``: English prose and Python
+source) for language models: byte-level tokens (:func:`encode`, :func:`decode`, 128 ASCII
+symbols), byte classes (:func:`byte_classes`), a held-out split by contiguous chunks and
+fixed-length contexts with next-token targets and the genre of each sequence
+(:class:`TextDataset`; see :mod:`modlens.data._text`).
 Uses numpy and the standard library only (scikit-learn for the digits, Pillow for ImageNet).
 """
 
@@ -50,9 +56,21 @@ from ._imagenet import (
 from ._imagenet import check_sizes as _check_sizes
 from ._imagenet import image_batches as _image_batches
 from ._sources import ENV_VAR, data_root, load_idx_split
+from ._text import (
+    BYTE_CLASSES,
+    GENRES,
+    TextDataset,
+    byte_classes,
+    decode,
+    encode,
+    load_text,
+    make_text_split,
+    read_genre,
+)
 
 __all__ = [
     "BASE_DATASETS",
+    "BYTE_CLASSES",
     "CIFAR10_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -63,18 +81,26 @@ __all__ = [
     "DataError",
     "DataUnavailableError",
     "Dataset",
+    "GENRES",
+    "TextDataset",
     "VARIANTS",
+    "byte_classes",
     "data_root",
+    "decode",
     "derived_rng",
+    "encode",
     "index_image_folder",
     "iter_imagenet_folder",
     "load_dataset",
     "load_imagenet_folder",
+    "load_text",
     "make_halves",
     "make_stack",
+    "make_text_split",
     "partner_indices",
     "preprocess_image",
     "read_class_list",
+    "read_genre",
     "resize_half_width",
 ]
 
