@@ -345,12 +345,15 @@ STAGES = ["forward", "causal", "capture", "inspect", "exact", "weights", "activa
 
 
 def silent(row: dict) -> str:
-    """What capture accepted but read wrongly (norm scales the residual weight graph did not find)."""
+    """What capture accepted but read incompletely: the token embedding (input layer) or the norm
+    scales that the residual weight graph did not find."""
     r = row.get("inspect")
     if not r or not r["ok"]:
         return ""
     v = r["value"]
     notes = []
+    if v["embedding"] is None:
+        notes.append("no token embedding found (the weight graph has no input layer)")
     if not all(v["block_gamma_found"]):
         notes.append(f"no MLP norm scale found in {v['block_gamma_found'].count(False)} of {len(v['block_gamma_found'])} blocks")
     if not v["final_gamma_found"] and v["head"] is not None:
