@@ -153,14 +153,18 @@ class PlainDecoder(nn.Module):
         return self.lm_head(x) if self.head_kind == "causal" else self.score(x[:, -1])
 
 
-def build(family: str, head: str) -> nn.Module:
-    torch.manual_seed(0)
-    if family == "plain":
-        return PlainDecoder(head).eval()
-    import transformers
+def build(family: str, head: str, seed: int = 0) -> nn.Module:
+    """The model with weights drawn from ``seed``. Module constructors (ours and Hugging Face's)
+    draw from torch's global generator; it is seeded inside ``fork_rng`` so that the caller's
+    generator state is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if family == "plain":
+            return PlainDecoder(head).eval()
+        import transformers
 
-    cls = getattr(transformers, _CLASSES[family][0 if head == "seqcls" else 1])
-    return cls(_config(family)).eval()
+        cls = getattr(transformers, _CLASSES[family][0 if head == "seqcls" else 1])
+        return cls(_config(family)).eval()
 
 
 class LastToken(nn.Module):
