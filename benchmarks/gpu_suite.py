@@ -40,7 +40,7 @@ import train_replicates_speed  # noqa: E402
 
 from modlens.core import graph  # noqa: E402
 from modlens.core.partition import Partition  # noqa: E402
-from modlens.nn import _spearman  # noqa: E402
+from modlens.nn import spearman_graph_torch  # noqa: E402
 from modlens.nn.adapter import NetworkAdapter  # noqa: E402
 
 #: Full sizes (a GPU) and tiny ones (``--tiny``: a CPU check of the code paths).
@@ -97,11 +97,11 @@ def spearman_stage(n: int, m: int, device: torch.device, say) -> dict:
     cpu = graph.activation_graph([t.numpy() for t in layers])
     t_cpu = time.perf_counter() - t0
     on_dev = [t.to(device) for t in layers]
-    _spearman.activation_graph([t[:8] for t in on_dev])  # warm-up
+    spearman_graph_torch([t[:8] for t in on_dev])  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    dev = _spearman.activation_graph(on_dev)
+    dev = spearman_graph_torch(on_dev)
     t_dev = time.perf_counter() - t0
     diff = float(np.abs(cpu - dev).max())
     say(f"Spearman^2, {m} neurons x {n} samples: CPU (numpy/scipy) {t_cpu:.2f} s, torch on {device} {t_dev:.3f} s, "

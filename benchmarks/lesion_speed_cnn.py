@@ -14,7 +14,7 @@ Cases (random weights and random images: the lesion stage's cost does not depend
 The conv channels (4,224 nodes) are partitioned with k=16 (weights/global, as the paper), and
 every subcluster gets ``--n-random`` random sets of its size (19). Both paths run in the same
 process on the first ``--n-images`` images: per layer, the incremental path
-(:class:`~modlens.nn.lesion.LesionEvaluator`) on the first ``--fast-per-layer`` lesions and the
+(:class:`~modlens.nn.lesion.IncrementalLesions`) on the first ``--fast-per-layer`` lesions and the
 plain path (:func:`~modlens.nn.lesion.correct_counts_plain`, one full forward pass per lesion) on
 the first ``--plain-per-layer`` (best of ``--repeats`` timings each). Times are extrapolated, linearly, to all of the layer's lesions
 and to the full number of images; every extrapolated number is labelled so. Counts of the timed
@@ -41,7 +41,7 @@ from modlens.experiments.lesion_test import random_sets
 from modlens.experiments.partitioning import Partitioner
 from modlens.nn import _memory
 from modlens.nn.adapter import NetworkAdapter
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 
 VGG_CONVS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -107,7 +107,7 @@ def main() -> None:
                     "(default: all on a GPU, 6 (CIFAR) or 3 (ImageNet) on a CPU)")
     ap.add_argument("--plain-per-layer", type=int, default=2, help="lesions per layer timed on the plain path")
     ap.add_argument("--repeats", type=int, default=2, help="timings per layer and path; the fastest is kept")
-    ap.add_argument("--memory-budget-gib", type=float, help="LesionEvaluator budget (default 2 GiB CPU, half the free GPU)")
+    ap.add_argument("--memory-budget-gib", type=float, help="IncrementalLesions budget (default 2 GiB CPU, half the free GPU)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     args = ap.parse_args()
     if args.threads:
@@ -172,7 +172,7 @@ def measure(case_name: str, *, device="cpu", n_images: int | None = None, full_i
     n_lesions = sum(len(v) for v in per_layer.values())
 
     t0 = time.perf_counter()
-    ev = LesionEvaluator(adapter, x, y, memory_budget_bytes=budget)
+    ev = IncrementalLesions(adapter, x, y, memory_budget_bytes=budget)
     t_setup = time.perf_counter() - t0
     shapes = adapter.node_shapes(x)
     t0 = time.perf_counter()

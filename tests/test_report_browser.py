@@ -41,7 +41,7 @@ def _check(report, tmp_path):
 
 
 def test_study_report_in_browser(tiny_study, tmp_path):
-    from modlens.study.outputs import write_study_outputs
+    from modlens.report.outputs import write_study_outputs
 
     out = write_study_outputs(tiny_study)
     n_img = _check(out["report"], tmp_path)
@@ -49,7 +49,7 @@ def test_study_report_in_browser(tiny_study, tmp_path):
 
 
 def test_single_result_report_in_browser(tiny_study, tmp_path):
-    from modlens.study.outputs import write_result_report
+    from modlens.report.outputs import write_result_report
 
     report = write_result_report(tiny_study / "networks" / "mlp-digits-s2", tmp_path / "single.html")
     _check(report, tmp_path)

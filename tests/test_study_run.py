@@ -14,7 +14,7 @@ import pytest
 
 from modlens.study.runner import run_study
 from modlens.study.spec import load_spec
-from modlens.study.summary import summarize
+from modlens.analysis.statistics import summarize
 
 from study_helpers import TINY, assert_same_tables, table_files, write_spec
 
@@ -83,16 +83,17 @@ def test_rerun_skips_every_task(reference, tmp_path):
 
 @pytest.mark.parametrize("change, reruns", [
     (("steps = 5", "steps = 6"), ["stats", "vis"]),
-    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\nties = "original"'), ["stats"]),
+    (("feature_vis = true", 'feature_vis = true\nties = "original"'), ["stats"]),
     (("n_random = 3", "n_random = 4"), ["lesion", "stats", "vis"]),
-    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\nfigures = true'), ["stats"]),
-    (("k = [4]", "k = [4, 5]"), ["lesion", "partition", "stats", "vis"]),
-    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\ncombine = "exact"'), ["stats"]),
+    (("feature_vis = true", "feature_vis = true\nfigures = true"), ["stats"]),
+    (("n_clusters = [4]", "n_clusters = [4, 5]"), ["lesion", "partition", "stats", "vis"]),
+    (("feature_vis = true", 'feature_vis = true\ncombine = "exact"'), ["stats"]),
+    (("feature_vis = true", 'feature_vis = true\nengine = "plain"'), []),  # changes no number: no task reruns
 ])
 def test_changing_one_option_reruns_only_what_depends_on_it(reference, tmp_path, change, reruns):
     out, ran = _rerun(reference, tmp_path, TINY.replace(*change))
     assert ran == reruns
-    if change[0] == "k = [4]":  # the k=4 partitions and tests are reused (their statistics are renamed -k4)
+    if change[0] == "n_clusters = [4]":  # the k=4 partitions and tests are reused (their statistics are renamed -k4)
         fresh = [t for t in _tasks(out) if not t["cached"] and t["kind"] != "stats"]
         assert fresh and all("-k5" in t["task"] for t in fresh)
     if "figures" in change[1]:

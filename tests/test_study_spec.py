@@ -28,11 +28,11 @@ def test_builtin_studies_load_and_are_documented(tmp_path):
     small = load_spec("paper-small")
     assert {g.label for g in small.networks} >= {"MLP, MNIST", "CNN, MNIST"}
     assert all(g.seeds == (0, 1, 2, 3, 4) for g in small.networks)
-    assert load_spec("paper-k").analysis.k == (8, 12, 16)
+    assert load_spec("paper-k").analysis.n_clusters == (8, 12, 16)
     assert load_spec("paper-imagenet").analysis.n_random == 9
     orig = load_spec("paper-original")
     assert (orig.analysis.accuracy, orig.analysis.class_range, orig.analysis.ties, orig.analysis.effect_rule,
-            orig.analysis.max_fraction, orig.analysis.vis) == ("balanced", "normalized", "original", "original", 0.99,
+            orig.analysis.max_fraction, orig.analysis.vis_options) == ("balanced", "normalized", "original", "original", 0.99,
                                                                {"original": True})
     # the same trained networks as paper-small: one study folder can hold both
     assert [g.recipe for g in orig.networks] == [g.recipe for g in small.networks]
@@ -45,9 +45,12 @@ def test_replicates_override(tmp_path):
 
 @pytest.mark.parametrize("patch, message", [
     ({"analysis": {"kk": [16]}}, "unknown key 'kk'"),
-    ({"analysis": {"k": [1]}}, "k must be a non-empty list of integers >= 2"),
+    ({"analysis": {"n_clusters": [1]}}, "n_clusters must be an integer >= 2 or a non-empty list of them"),
+    ({"analysis": {"k": [16]}}, "unknown key 'k'; the option is called 'n_clusters'"),
+    ({"analysis": {"seed": 1}}, "unknown key 'seed'; the option is called 'random_state'"),
     ({"analysis": {"partitionings": ["weights/everywhere"]}}, "unknown partitionings ['weights/everywhere']"),
-    ({"analysis": {"metrics": ["vis"]}}, "metrics must include 'lesion'"),
+    ({"analysis": {"metrics": ["vis"]}}, "unknown key 'metrics'; the option is called 'feature_vis'"),
+    ({"analysis": {"feature_vis": "yes"}}, "feature_vis must be bool"),
     ({"analysis": {"ties": "sometimes"}}, "ties must be one of"),
     ({"analysis": {"n_random": 0}}, "n_random must be an int >= 1"),  # checked by AnalysisConfig
     ({"analysis": {"eigen_solver": "magic"}}, "[analysis]: AnalysisConfig: "),
@@ -55,9 +58,10 @@ def test_replicates_override(tmp_path):
     ({"analysis": {"n_init": 0}}, "[analysis]: AnalysisConfig: "),
     ({"analysis": {"bn_fold": "sometimes"}}, "[analysis]: AnalysisConfig: "),
     ({"analysis": {"alpha": 1.5}}, "alpha must lie in (0, 1)"),
-    ({"analysis": {"clusterability": True}}, "unknown key 'clusterability'"),
+    ({"analysis": {"clusterabilty": True}}, "unknown key 'clusterabilty'"),
+    ({"analysis": {"bh_scope": "everything"}}, "bh_scope must be one of table, joint"),
     ({"analysis": {"n_random": "19"}}, "n_random must be int"),
-    ({"analysis": {"vis": {"stepz": 3}}}, "[analysis].vis: unknown key 'stepz'"),
+    ({"analysis": {"vis_options": {"stepz": 3}}}, "[analysis].vis_options: unknown key 'stepz'"),
     ({"networks": [{"group": "a", "arch": "mlp"}]}, "a trained group needs dataset"),
     ({"networks": [{"group": "a", "arch": "rnn", "dataset": "digits"}]}, "arch must be one of"),
     ({"networks": [{"group": "a", "arch": "mlp", "dataset": "svhn"}]}, "unknown dataset 'svhn'"),
@@ -83,7 +87,7 @@ def test_spec_errors_name_the_key(patch, message):
 def test_toml_file_and_errors(tmp_path):
     path = write_spec(tmp_path)
     spec = load_spec(path)
-    assert spec.name == "tiny" and spec.analysis.k == (4,) and spec.networks[0].seeds == (0, 1)
+    assert spec.name == "tiny" and spec.analysis.n_clusters == (4,) and spec.networks[0].seeds == (0, 1)
     bad = write_spec(tmp_path, "name = [", "bad.toml")
     with pytest.raises(SpecError, match="not valid TOML"):
         load_spec(bad)

@@ -1,15 +1,22 @@
 """modlens: is this trained network modular, and which groups of its neurons are the modules?
 
-Public entry points (imported lazily, so that ``modlens.core`` stays free of torch):
+Public entry points (imported on first use, so that ``import modlens.core`` stays free of torch):
 
-* :func:`partition` - spectral partitions of an MLP's hidden neurons.
-* :func:`analyze` - lesion tests of partitions against random controls, with statistics.
-* :class:`Partition` - integer cluster labels per hidden layer.
+* :func:`partition` - spectral partitions of any network's neurons (MLP units, conv channels,
+  transformer MLP units), from its weights or its activations.
+* :func:`analyze` - lesion (and feature-visualization) tests of partitions against random
+  controls, with statistics; :func:`combine` pools replicate networks.
+* :class:`AnalysisConfig` - every option of an analysis, validated; :class:`AnalysisResult` - what
+  ``analyze`` returns.
+* :class:`Partition` - integer cluster labels per analysed layer.
+
+The packages, lowest layer first: ``core`` (numpy/scipy), ``nn`` and ``data`` (the torch
+boundary), ``experiments``, ``analysis``, ``report``, ``study``, ``cli``.
 """
 
 from modlens._version import __version__
 
-__all__ = ["partition", "analyze", "combine", "Partition", "__version__"]
+__all__ = ["partition", "analyze", "combine", "AnalysisConfig", "AnalysisResult", "Partition", "__version__"]
 
 
 def __getattr__(name):
@@ -17,10 +24,10 @@ def __getattr__(name):
         from modlens.experiments.partitioning import partition
 
         return partition
-    if name in ("analyze", "combine"):
-        from modlens.study import analyze as _analyze
+    if name in ("analyze", "combine", "AnalysisConfig", "AnalysisResult"):
+        import modlens.analysis
 
-        return getattr(_analyze, name)
+        return getattr(modlens.analysis, name)
     if name == "Partition":
         from modlens.core.partition import Partition
 

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from modlens.core.seeds import tagged_sequence
+from modlens.core.seeds import as_generator, tagged_sequence
 
 from ._cifar import CLASSES as CIFAR10_CLASSES
 from ._cifar import load_cifar10_split
@@ -54,7 +54,7 @@ from ._imagenet import (
     read_class_list,
 )
 from ._imagenet import check_sizes as _check_sizes
-from ._imagenet import image_batches as _image_batches
+from ._imagenet import image_batches
 from ._sources import ENV_VAR, data_root, load_idx_split
 from ._text import (
     BYTE_CLASSES,
@@ -89,6 +89,8 @@ __all__ = [
     "decode",
     "derived_rng",
     "encode",
+    "held_out_data",
+    "image_batches",
     "index_image_folder",
     "iter_imagenet_folder",
     "load_dataset",
@@ -102,6 +104,7 @@ __all__ = [
     "read_class_list",
     "read_genre",
     "resize_half_width",
+    "split_validation",
 ]
 
 BASE_DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10")
@@ -229,7 +232,39 @@ def load_imagenet_folder(
     index = index_image_folder(root, per_class=per_class, seed=seed, classes=classes)
     x = np.empty((len(index), 3, size, size), dtype=np.float32)
     start = 0
-    for xb, _ in _image_batches(index, batch_size=64, size=size, resize=resize, normalize=normalize):
+    for xb, _ in image_batches(index, batch_size=64, size=size, resize=resize, normalize=normalize):
         x[start:start + len(xb)] = xb
         start += len(xb)
     return Dataset(name="imagenet", split="val", x=x, y=index.labels.copy(), n_classes=len(index.classes))
+
+
+def split_validation(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into sorted, disjoint ``(train_idx, val_idx)`` with
+    ``len(val_idx) == n_val``: the training examples held out for the activation graph."""
+    n, n_val = int(n), int(n_val)
+    if not 0 <= n_val < n:
+        raise ValueError(f"split_validation: need 0 <= n_val < n, got n_val={n_val}, n={n}")
+    perm = as_generator(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def held_out_data(record: dict, *, data_dir: str | os.PathLike | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_test, y_test, x_activation)`` of a trained model, from the ``dataset`` record of its
+    manifest (``{"name", "data_seed", "activation_split"}``): the test split, and the held-out
+    examples that were never trained on (digits: its "val" split; otherwise the training examples
+    :func:`split_validation` held out), so activation graphs are never computed on the test set."""
+    if not isinstance(record, dict) or "name" not in record:
+        raise ValueError("the model's manifest names no dataset; pass test and activation data through the Python API")
+    name, data_seed = record["name"], int(record.get("data_seed", 0))
+    test = load_dataset(name, "test", data_dir=data_dir, seed=data_seed)
+    split = record.get("activation_split", {})
+    if split.get("split") == "val":
+        act = load_dataset(name, "val", data_dir=data_dir, seed=data_seed).x
+    else:
+        train = load_dataset(name, "train", data_dir=data_dir, seed=data_seed)
+        if len(train) != int(split["n_total"]):
+            raise ValueError(f"the manifest expects {split['n_total']} training examples of {name}, found {len(train)}")
+        _, val_idx = split_validation(int(split["n_total"]), int(split["n_val"]), int(split["val_seed"]))
+        act = train.x[val_idx]
+    return test.x, test.y, act

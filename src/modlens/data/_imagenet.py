@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from modlens.core.seeds import tagged_sequence
 
 from ._errors import DataCorruptError, DataUnavailableError
 
@@ -142,7 +143,7 @@ def index_image_folder(
             if per_class > len(files):
                 raise ValueError(f"class folder {root / wnid} has {len(files)} images, fewer than per_class="
                                 f"{per_class}; lower per_class")
-            rng = np.random.default_rng([int(seed), zlib.crc32(wnid.encode())])
+            rng = np.random.default_rng(tagged_sequence(int(seed), wnid))  # SeedSequence([seed, crc32(wnid)])
             files = [files[i] for i in np.sort(rng.choice(len(files), size=int(per_class), replace=False))]
         paths += files
         labels += [index_of[wnid]] * len(files)

@@ -14,6 +14,21 @@ RECIPES: dict[str, dict[str, Any]] = {
     "vgg": {"epochs": 200, "batch_size": 128, "weight_decay_l2": 5e-4, "augment": dict(PAPER_AUGMENT)},
 }
 
+#: The reference architectures (the keys of :data:`RECIPES`).
+ARCHS = tuple(RECIPES)
+
+#: The MLP on scikit-learn's small digits data trains for 60 epochs (the demo's recipe; 20 epochs of
+#: 1,000 images leave it far from convergence).
+DIGITS_MLP_EPOCHS = 60
+
+
+def default_epochs(arch: str, dataset: str) -> int:
+    """Epochs of the reference recipe of ``arch`` on ``dataset``."""
+    if dataset.endswith("digits") and arch == "mlp":
+        return DIGITS_MLP_EPOCHS
+    return int(RECIPES[arch]["epochs"])
+
+
 # Architecture types whose spec names the input image shape / the number of outputs, and the key.
 _IMAGE_SHAPE_KEY = {"cnn": "input_shape", "vgg": "input_shape", "small_vgg": "input_shape"}
 _CLASSES_KEY = {"cnn": "n_classes", "vgg": "n_classes", "small_vgg": "n_classes", "small_resnet": "n_classes",

@@ -53,7 +53,7 @@ from modlens.experiments._vis_transforms import (
     N_UNIFORMS, NEEDS_NOISE, TRANSFORMS, apply_transform, check_transforms, default_transforms, input_kind,
 )
 from modlens.experiments._vis_transforms import reflect_resample as _reflect_resample  # noqa: F401 (tests)
-from modlens.nn._fx import module_device_dtype, run_in_eval
+from modlens.nn import eval_mode
 
 PARAMETERIZATIONS = ("pixel", "fourier")
 OBJECTIVES = ("l1", "spatial_mean_abs")
@@ -153,7 +153,7 @@ def _objectives(adapter, img: torch.Tensor, groups, plan: _Plan, modules: dict) 
     parts = []
     for layer, sel, mask in groups:
         if layer not in modules:
-            modules[layer] = adapter.preactivation_module(layer)
+            modules[layer] = adapter.values([layer])
         parts.append(subcluster_objective(modules[layer](x[sel]), mask, plan.objective))
     if all(isinstance(sel, slice) for _, sel, _ in groups):  # rows in layer order: no scatter
         return torch.cat(parts)
@@ -163,11 +163,13 @@ def _objectives(adapter, img: torch.Tensor, groups, plan: _Plan, modules: dict) 
     return obj
 
 
-def _entropy(adapter, img: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Entropy (nats) of the softmax of the logits: the last Linear's output, so a model that
+def _entropy(adapter, img: torch.Tensor, plan: _Plan, modules: dict) -> torch.Tensor:
+    """Entropy (nats) of the softmax of the logits: the output layer's output, so a model that
     ends in a softmax is not normalized twice."""
     x = plan.preprocess(img) if plan.preprocess is not None else img
-    logits = adapter.forward_records(x)[2] if hasattr(adapter, "forward_records") else adapter.model(x)
+    if "logits" not in modules:
+        modules["logits"] = adapter.values([], logits=True)
+    logits = modules["logits"](x)
     logp = torch.log_softmax(logits, dim=1)
     return -(logp.exp() * logp).sum(1)
 
@@ -183,7 +185,7 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
     between calls.
     """
     idx = [int(i) for i in batch_indices]
-    device, dtype = module_device_dtype(adapter.model)
+    device, dtype = adapter.device, adapter.dtype
     lo, hi = plan.value_range
     gens = [torch.Generator().manual_seed(plan.seeds[i]) for i in idx]
     shape = plan.input_shape
@@ -212,7 +214,7 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
     modules = {} if modules is None else modules
     trace = []
     opt = torch.optim.Adam([param], lr=plan.lr)
-    with run_in_eval(adapter.model):
+    with eval_mode(adapter.model):
         for step in range(plan.steps):
             eps = None
             if plan.transforms in NEEDS_NOISE:  # drawn after the uniforms, one input at a time
@@ -234,7 +236,7 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
         with torch.no_grad():
             images = _to_image(param.detach(), plan, scale)
             scores = _objectives(adapter, images, groups, plan, modules)
-            entropies = _entropy(adapter, images, plan)
+            entropies = _entropy(adapter, images, plan, modules)
     trace_t = torch.stack(trace) if trace else torch.empty(0, len(idx), dtype=dtype)
     return images, scores, entropies, trace_t
 
@@ -254,12 +256,12 @@ def continuous_input_problem(adapter, example: torch.Tensor, preprocess=None, *,
     if not example.is_floating_point():
         return (f"{lead}: the model's inputs (shape {shape}) are {str(example.dtype).replace('torch.', '')} "
                 "(token ids or other discrete values), which cannot be optimized by gradient")
-    device, dtype = module_device_dtype(adapter.model)
+    device, dtype = adapter.device, adapter.dtype
     x0 = example[:2].detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
-    with torch.enable_grad(), run_in_eval(adapter.model):
+    with torch.enable_grad(), eval_mode(adapter.model):
         for layer in range(len(adapter.layers)):
             if layer not in modules:
-                modules[layer] = adapter.preactivation_module(layer)
+                modules[layer] = adapter.values([layer])
             z = modules[layer](preprocess(x0) if preprocess is not None else x0)
             grad = torch.autograd.grad(z.abs().sum(), x0, allow_unused=True)[0] if z.requires_grad else None
             if grad is None:

@@ -27,10 +27,7 @@ from modlens.core.knn_graph import build_activation_graph
 from modlens.core.partition import UNCLUSTERED, Partition
 from modlens.core.residual_graph import residual_weight_graph
 from modlens.core.seeds import as_generator, int_seed, method_seed, root_seed  # noqa: F401  (method_seed re-exported)
-from modlens.nn import _spearman
-from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS
-from modlens.nn.adapter import NetworkAdapter
-from modlens.nn.inputs import as_inputs, batches
+from modlens.nn import ACT_REDUCTIONS, BN_FOLDS, NetworkAdapter, as_inputs, batches, spearman_graph_torch
 
 METHODS = ("weights/global", "weights/local", "activations/global", "activations/local")
 
@@ -63,8 +60,7 @@ class Partitioner:
     """Builds each graph once and clusters it by any of the four methods.
 
     ``conv_edge`` (``"l1"`` or ``"matrix_1_norm"``, row 1), ``bn_fold`` (``"paper"``,
-    ``"original"`` or ``"none"``, row 3; ``fold_bn=True/False`` is the older spelling of
-    ``"original"``/``"none"``) and ``act_reduce`` (``"l1"`` or ``"matrix_1_norm"``, row 2) choose
+    ``"original"`` or ``"none"``, row 3) and ``act_reduce`` (``"l1"`` or ``"matrix_1_norm"``, row 2) choose
     how conv channels and normalizations enter the graphs. ``eigen_solver`` and ``n_init`` go to
     :func:`modlens.core.clustering.spectral_labels` (``"auto"``: ARPACK up to
     :data:`~modlens.core.clustering.ARPACK_MAX_NODES` nodes; 25 k-means initializations, 100
@@ -74,7 +70,7 @@ class Partitioner:
 
     def __init__(self, adapter: NetworkAdapter, *, activation_data=None, n_clusters: int = 16,
                  random_state: int = 0, batch_size: int = 2048, conv_edge: str = "l1",
-                 bn_fold: str = "paper", act_reduce: str = "l1", fold_bn: bool | None = None,
+                 bn_fold: str = "paper", act_reduce: str = "l1",
                  eigen_solver: str = "auto", n_init: int | str = "auto"):
         self.adapter = adapter
         self.n_clusters = int(n_clusters)
@@ -84,7 +80,7 @@ class Partitioner:
         self._activation_data = activation_data
         self._batch_size = batch_size
         self._conv_edge = conv_edge
-        self._bn_fold = bn_fold if fold_bn is None else ("original" if fold_bn else "none")
+        self._bn_fold = bn_fold
         self._act_reduce = act_reduce
         check_graph_options(conv_edge=conv_edge, bn_fold=self._bn_fold, act_reduce=act_reduce)
         self._graphs: dict[str, tuple] = {}
@@ -133,9 +129,9 @@ class Partitioner:
                 device, dtype = self.adapter.device, self.adapter.dtype
                 size = self.adapter.batch_size_for(x, self._batch_size)
                 on_gpu = device.type != "cpu"
-                acts = self.adapter.activation_summaries(batches(x, size, device=device, dtype=dtype),
-                                                         reduce=self._act_reduce, as_numpy=not on_gpu)
-                adj = _spearman.activation_graph(acts) if on_gpu else build_activation_graph(acts, mode="auto")
+                acts = self.adapter.record(batches(x, size, device=device, dtype=dtype), reduce=self._act_reduce,
+                                           as_numpy=not on_gpu)
+                adj = spearman_graph_torch(acts) if on_gpu else build_activation_graph(acts, mode="auto")
                 position = {h: i for i, h in enumerate(hidden)}
                 neighbours = [[position[m] for m in neighbours[h] if m in position] for h in hidden]
                 sizes = self.adapter.layer_sizes
@@ -254,8 +250,9 @@ def partition(model, method: str, *, n_clusters: int = 16, data=None, random_sta
     :class:`~modlens.core.partition.Partition` with integer labels for every neuron of every
     hidden layer, in forward order (``-1`` for neurons with no edges).
 
-    ``eigen_solver`` (``"auto"``, ``"arpack"``, ``"lobpcg"``, ``"amg"``) and ``n_init`` (k-means
-    initializations; ``"auto"``: 25, or 100 above 2,000 nodes, as the original code) go to
+    ``eigen_solver`` (``"auto"``, ``"arpack"``, ``"lobpcg"``, ``"lanczos"``, ``"amg"``) and
+    ``n_init`` (k-means initializations; ``"auto"``: 25, or 100 above 2,000 nodes, as the
+    original code) go to
     :func:`modlens.core.clustering.spectral_labels`.
     """
     check_method(method)

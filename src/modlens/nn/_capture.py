@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from modlens.nn._fx import ModelTraceError, run_in_eval, trace
+from modlens.nn._fx import ModelTraceError, eval_mode, trace
 
 aten = torch.ops.aten
 _PREFIX = "model."
@@ -315,7 +315,7 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, *, input_name
     export_error = None
     if method != "fx" and example is not None and not leaf_modules:
         try:
-            with run_in_eval(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 ep = _export(wrapper, example)
             batch = [n for n in ep.graph.nodes if n.op == "placeholder"][-1].meta["val"].shape[0]
             if isinstance(batch, int):

@@ -42,10 +42,10 @@ name = "{name}"
 description = "{description}"
 
 [analysis]
-k = {k}
+n_clusters = {k}
 n_random = {n_random}
 partitionings = {_ALL}
-metrics = ["lesion", "vis"]
+feature_vis = true
 {extra}"""
 
 
@@ -108,7 +108,7 @@ ties = "original"
 effect_rule = "original"
 max_fraction = 0.99
 
-[analysis.vis]
+[analysis.vis_options]
 original = true
 """) + _PAPER_SMALL_NETS),
 }

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,11 +25,16 @@ from typing import Callable
 
 import pandas as pd
 
+from modlens.analysis.stages import config_subset
+from modlens.analysis.statistics import summarize, table_family
+from modlens.analysis.storage import atomic_write_frame, atomic_write_text, copy_folder, pretty
+from modlens.core.seeds import derived_seed
+from modlens.report import write_study_outputs
+from modlens.study.executors import make_executor
+from modlens.study.progress import StudyProgress
 from modlens.study.spec import NetworkGroup, SpecError, StudySpec
-from modlens.study.tasks import (atomic_write_frame, atomic_write_text, canonical, clean_temporaries, derived_seed,
-                                 read_done, task_dir, task_key)
-
-FAMILIES = {"acc_drop": "lesion", "class_range": "lesion", "vis_score": "vis", "softmax_entropy": "vis"}
+from modlens.study.task_kinds import data_identity
+from modlens.study.tasks import clean_temporaries, read_done, task_dir, task_key
 
 
 class StudyError(RuntimeError):
@@ -81,15 +85,11 @@ def _network_ids(group: NetworkGroup) -> list[str]:
 def build_graph(spec: StudySpec, study_dir: Path) -> tuple[list[Node], dict[str, dict], list[dict]]:
     """The task nodes (in a fixed order), the finished inputs that need no task (saved models),
     and one record per (network, k) analysis."""
-    from modlens.study.task_kinds import data_identity
-
-    from modlens.study.stages import config_subset
-
     a = spec.analysis
     nodes: list[Node] = []
     given: dict[str, dict] = {}
     analyses: list[dict] = []
-    several_k = len(a.k) > 1
+    several_k = len(a.n_clusters) > 1
     for g in spec.networks:
         for i, nid in enumerate(_network_ids(g)):
             if g.trained:
@@ -109,9 +109,9 @@ def build_graph(spec: StudySpec, study_dir: Path) -> tuple[list[Node], dict[str,
             def net_facts(done, src=src):
                 model = done[src]
                 data = model["info"]["dataset"]
-                return model, data, data_identity(data), derived_seed(a.seed, model["digest"])
+                return model, data, data_identity(data), derived_seed(a.random_state, model["digest"])
 
-            for k in a.k:
+            for k in a.n_clusters:
                 aid = f"{nid}-k{k}" if several_k else nid
                 parts, lesions, vis = [], [], []
                 for method in a.partitionings:
@@ -188,12 +188,11 @@ def _locked(study_dir: Path):
 
 
 def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers, progress, device, ray_address) -> Path:
-    from modlens.study.executors import make_executor
-    from modlens.study.progress import StudyProgress
-
     started, t0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), time.perf_counter()
     nodes, given, analyses = build_graph(spec, study_dir)
-    context = {"data_dir": None if data_dir is None else str(Path(data_dir).resolve()), "device": device}
+    # what a task needs but its results do not depend on (so it is not in the task keys)
+    context = {"data_dir": None if data_dir is None else str(Path(data_dir).resolve()), "device": device,
+               "engine": spec.analysis.config.engine}
     bar = StudyProgress(len(nodes), enabled=progress, desc=spec.name)
     pool = make_executor(executor, workers=workers, progress=bar.update, ray_address=ray_address)
     done: dict[str, dict] = dict(given)
@@ -248,8 +247,6 @@ def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers
 
 def study_rows(spec: StudySpec, analyses: list[dict], done: dict) -> pd.DataFrame:
     """One row per (group, k, partitioning, metric): Fisher-Bates over the group's replicates."""
-    from modlens.study.summary import summarize
-
     frames = []
     keys = list(dict.fromkeys((r["group"], r["k"]) for r in analyses))
     for group, k in keys:
@@ -257,9 +254,9 @@ def study_rows(spec: StudySpec, analyses: list[dict], done: dict) -> pd.DataFram
         tests = pd.concat([pd.read_parquet(Path(done[r["stats"]]["dir"]) / "result" / "tests.parquet").assign(network=r["id"])
                            for r in members], ignore_index=True)
         rows = summarize(tests, partitionings=list(spec.analysis.partitionings), alpha=spec.analysis.alpha,
-                         combine=spec.analysis.combine, random_state=spec.analysis.seed)
+                         combine=spec.analysis.combine, random_state=spec.analysis.random_state)
         rows = rows.drop(columns=["q_value", "significant"])
-        rows.insert(0, "table_family", rows["metric"].map(FAMILIES))
+        rows.insert(0, "table_family", [table_family(m) for m in rows["metric"]])
         rows.insert(1, "group", group)
         rows.insert(2, "network_label", members[0]["label"])
         rows.insert(3, "k", int(k))
@@ -280,32 +277,19 @@ def _versions() -> dict:
             "pandas": pd.__version__, "platform": platform.platform()}
 
 
-def _copy_network(src: Path, target: Path) -> None:
-    """Replace ``target`` by a copy of ``src``, through a temporary folder and a rename."""
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_outputs(spec: StudySpec, study_dir: Path, done: dict, analyses: list[dict], *, timings: list[dict],
                   started: str, seconds: float, executor: str, workers: int | None) -> None:
     nets = study_dir / "networks"
     nets.mkdir(exist_ok=True)
     for r in analyses:
-        _copy_network(Path(done[r["stats"]]["dir"]) / "result", nets / r["id"])
+        copy_folder(Path(done[r["stats"]]["dir"]) / "result", nets / r["id"])
     atomic_write_frame(study_rows(spec, analyses, done), study_dir / "study_rows")
     networks = []
     for r in analyses:
         src = done[r["source"]]
         networks.append({
             "id": r["id"], "network": r["network"], "group": r["group"], "label": r["label"], "k": r["k"],
-            "train_seed": r["seed"], "random_state": derived_seed(spec.analysis.seed, src["digest"]),
+            "train_seed": r["seed"], "random_state": derived_seed(spec.analysis.random_state, src["digest"]),
             "model_dir": os.path.relpath(src["dir"], study_dir) if r["model_path"] is None else r["model_path"],
             "model_sha256": src["digest"], "dataset": src["info"].get("dataset"),
             "test_accuracy": src["info"].get("test_accuracy"),
@@ -317,20 +301,14 @@ def write_outputs(spec: StudySpec, study_dir: Path, done: dict, analyses: list[d
         "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds,
         "tasks": timings,
     }
-    atomic_write_text(study_dir / "study.json", json.dumps(json.loads(canonical(record)), indent=2))
-    import importlib.util
-
-    if importlib.util.find_spec("modlens.study.outputs") is None:  # the report layer is optional here
-        return
-    from modlens.study import outputs
-
-    outputs.write_study_outputs(study_dir)
+    atomic_write_text(study_dir / "study.json", pretty(record))
+    write_study_outputs(study_dir)
 
 
 def _plain(obj) -> dict:
     from dataclasses import asdict
 
-    return json.loads(canonical(asdict(obj)))
+    return asdict(obj)
 
 
 __all__ = ["run_study", "build_graph", "study_rows", "check_requirements", "StudyError", "write_outputs"]

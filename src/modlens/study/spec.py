@@ -6,17 +6,17 @@ A spec is a TOML file (or one of the built-in studies, :mod:`modlens.study.built
     description = "MLPs on MNIST, two partitionings"
 
     [analysis]                      # every key optional; defaults are the paper's
-    k = [16]                        # clusters per partitioning; several values: one analysis each
+    n_clusters = [16]               # k; several values: one analysis each
     n_random = 19                   # random sets per true subcluster
     partitionings = ["weights/global", "activations/global"]
-    metrics = ["lesion", "vis"]     # lesion: acc_drop + class_range; vis: vis_score + softmax_entropy
-    accuracy = "accuracy"           # and class_range, ties, effect_rule, max_fraction, engine, alpha,
-                                    #   eigen_solver, n_init, combine, conv_edge, act_reduce, bn_fold,
-                                    #   input_name, output: the options of `modlens analyze` (AnalysisConfig)
-    seed = 0                        # enters every analysis seed
+    feature_vis = true              # vis_score + softmax_entropy beside the lesion metrics
+    accuracy = "accuracy"           # and every other option of `modlens analyze`, by the same name:
+                                    #   the fields of AnalysisConfig (modlens.analysis.config.options())
+    random_state = 0                # enters every network's analysis seed
     figures = false                 # true: PNG grids of every network's visualizations (networks/<id>/figures/;
                                     #   slow: minutes per network at k = 16 on 2 cores)
-    [analysis.vis]                  # options of the feature visualization (steps, lr, original, ...)
+    bh_scope = "table"              # Benjamini-Hochberg per table family (or "joint": Tables 4 and 5 together)
+    [analysis.vis_options]          # options of the feature visualization (steps, lr, original, ...)
     steps = 100
 
     [[networks]]                    # a group of identically configured replicates, trained here
@@ -34,7 +34,7 @@ A spec is a TOML file (or one of the built-in studies, :mod:`modlens.study.built
 ``{data_dir}`` in a path stands for the study's data folder (``--data-dir``). ImageNet networks
 name their validation folder: ``imagenet = {folder = "{data_dir}/imagenet/val", per_class = 10}``.
 Every key is checked when the spec is loaded (the analysis options by
-:class:`~modlens.study.config.AnalysisConfig`); an unknown key, a wrong type or a wrong value is an
+:class:`~modlens.analysis.config.AnalysisConfig`); an unknown key, a wrong type or a wrong value is an
 error that names it, before any task runs.
 """
 
@@ -47,33 +47,26 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modlens.experiments.partitioning import METHODS
-from modlens.study.config import AnalysisConfig
+from modlens.analysis.config import AnalysisConfig, Option, options, vis_options
+from modlens.experiments.train import ARCHS
+from modlens.report.paper import BH_SCOPES
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-ARCHS = ("mlp", "cnn", "vgg")
-METRIC_SETS = ("lesion", "vis")
-_ANALYSIS_KEYS = {
-    "k": list, "n_random": int, "partitionings": list, "metrics": list, "accuracy": str, "class_range": str,
-    "ties": str, "effect_rule": str, "max_fraction": (float, int), "engine": str, "alpha": float, "seed": int,
-    "vis": dict, "figures": bool, "eigen_solver": str, "n_init": (int, str), "combine": str, "conv_edge": str,
-    "act_reduce": str, "bn_fold": str, "input_name": str, "output": str,
-}
-#: Spec keys that are fields of AnalysisConfig under the same name (k, seed, metrics and vis map to
-#: n_clusters, random_state, feature_vis and vis_options; figures is the study's own).
-_CONFIG_KEYS = ("n_random", "partitionings", "accuracy", "class_range", "ties", "effect_rule", "max_fraction", "engine",
-                "alpha", "eigen_solver", "n_init", "combine", "conv_edge", "act_reduce", "bn_fold", "input_name", "output")
+#: Keys of [analysis] that are the study's own (not options of one network's analysis).
+_STUDY_KEYS = {"figures": bool, "bh_scope": str}
+#: Earlier names of analysis keys: a spec that uses one is told the current name.
+_RENAMED = {"k": "n_clusters", "seed": "random_state", "metrics": "feature_vis", "vis": "vis_options"}
 _RECIPE_KEYS = {"epochs": int, "batch_size": int, "l2": (float, int), "augment": bool, "regularize": bool,
                 "n_val": int, "data_seed": int}
 _NETWORK_KEYS = {"group": str, "label": str, "arch": str, "dataset": str, "replicates": int, "seeds": list,
                  "models": list, "imagenet": dict, **_RECIPE_KEYS}
-_VIS_KEYS = {"steps": int, "lr": float, "original": bool, "parameterization": str, "transforms": str,
-             "objective": str, "min_size": int, "batch_size": int}
 _IMAGENET_KEYS = {"folder": str, "per_class": int, "activation_per_class": int, "classes": str, "seed": int}
+
+
 class SpecError(ValueError):
     """A study spec that cannot be run; the message names the spec, the key and the fix."""
 
@@ -81,22 +74,15 @@ class SpecError(ValueError):
 @dataclass(frozen=True)
 class Analysis:
     """The analysis of every network of a study: ``config`` (validated when the spec is loaded) for
-    each k in ``k``, its ``random_state`` derived per network from ``seed`` and the network's weights
-    (:meth:`network_config`). The config's fields read as attributes (``analysis.n_random``)."""
+    each k in ``n_clusters``, its ``random_state`` derived per network from the study's
+    ``random_state`` and the network's weights (:meth:`network_config`). ``figures`` and
+    ``bh_scope`` are the study's own. The config's other fields read as attributes
+    (``analysis.n_random``)."""
 
-    k: tuple[int, ...] = (16,)
-    metrics: tuple[str, ...] = ("lesion",)
-    seed: int = 0
-    figures: bool = False
     config: AnalysisConfig = field(default_factory=AnalysisConfig)
-
-    @property
-    def feature_vis(self) -> bool:
-        return "vis" in self.metrics
-
-    @property
-    def vis(self) -> dict:
-        return dict(self.config.vis_options or {})
+    n_clusters: tuple[int, ...] = (16,)
+    figures: bool = False
+    bh_scope: str = "table"
 
     def __getattr__(self, name: str):
         if name.startswith("_") or "config" not in self.__dict__:
@@ -108,10 +94,10 @@ class Analysis:
         return dataclasses.replace(self.config, n_clusters=int(k), random_state=random_state)
 
     def record(self) -> dict:
-        """JSON form (study.json's resolved analysis): the study's keys and the config's fields
-        (n_clusters and random_state are set per analysis from k and seed)."""
-        fields = {k: v for k, v in self.config.to_dict().items() if k not in ("n_clusters", "random_state")}
-        return {"k": list(self.k), "metrics": list(self.metrics), "seed": self.seed, "figures": self.figures, **fields}
+        """JSON form (study.json's resolved analysis): the config's fields, with every k of the study
+        in ``n_clusters``, and the study's own keys."""
+        return {**self.config.to_dict(), "n_clusters": list(self.n_clusters), "figures": self.figures,
+                "bh_scope": self.bh_scope}
 
 
 @dataclass(frozen=True)
@@ -161,37 +147,51 @@ def _positive(where: str, key: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+def _toml_kinds(option: Option) -> tuple:
+    """The TOML value types an option takes: its type (an int where a float is, a list of strings
+    for several values, any string or int where the default is a string such as n_init's "auto")."""
+    if option.many:
+        return (list,)
+    if option.kind is float:
+        return (float, int)
+    if option.kind is int and isinstance(option.default, str):
+        return (int, str)
+    return (option.kind,)
+
+
 def _analysis(table: dict, where: str) -> Analysis:
-    _check_keys(where, table, _ANALYSIS_KEYS)
+    for old, new in _RENAMED.items():
+        if old in table:
+            raise SpecError(f"{where}: unknown key {old!r}; the option is called {new!r} (the same name as "
+                            f"analyze's keyword and modlens analyze's --{new.replace('_', '-')})")
+    fields = {o.name: o for o in options()}
+    allowed = {**{name: _toml_kinds(o) for name, o in fields.items()}, "n_clusters": (int, list), **_STUDY_KEYS}
+    _check_keys(where, table, allowed)
     a = dict(table)
-    if "k" in a:
-        if not a["k"] or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in a["k"]):
-            raise SpecError(f"{where}: k must be a non-empty list of integers >= 2, got {a['k']!r}")
-        a["k"] = tuple(dict.fromkeys(a["k"]))
+    ks = a.pop("n_clusters", 16)
+    ks = [ks] if isinstance(ks, int) else ks
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in ks):
+        raise SpecError(f"{where}: n_clusters must be an integer >= 2 or a non-empty list of them, got {ks!r}")
+    study = {"n_clusters": tuple(dict.fromkeys(ks))}
+    for key in _STUDY_KEYS:
+        if key in a:
+            study[key] = a.pop(key)
+    if study.get("bh_scope", "table") not in BH_SCOPES:
+        raise SpecError(f"{where}: bh_scope must be one of {', '.join(BH_SCOPES)}, got {study['bh_scope']!r}")
     if "partitionings" in a:
-        bad = [p for p in a["partitionings"] if p not in METHODS]
-        if bad or not a["partitionings"]:
-            raise SpecError(f"{where}: unknown partitionings {bad or a['partitionings']}; choose from {', '.join(METHODS)}")
         a["partitionings"] = tuple(dict.fromkeys(a["partitionings"]))
-    if "metrics" in a:
-        bad = [m for m in a["metrics"] if m not in METRIC_SETS]
-        if bad or "lesion" not in a["metrics"]:
-            raise SpecError(f"{where}: metrics must include 'lesion' and may add 'vis'; got {a['metrics']!r}")
-        a["metrics"] = tuple(m for m in METRIC_SETS if m in a["metrics"])
-    if "seed" in a:
-        _positive(where, "seed", a["seed"], 0)
-    if "vis" in a:
-        _check_keys(f"{where}.vis", a["vis"], _VIS_KEYS)
-    study = {key: a[key] for key in ("k", "metrics", "seed", "figures") if key in a}
-    options = {key: a[key] for key in _CONFIG_KEYS if key in a}
-    ks = study.get("k", (16,))
+    if "vis_options" in a:
+        vis = {o.name: (o.kind,) for o in vis_options() if o.kind is not None}
+        _check_keys(f"{where}.vis_options", a["vis_options"], {k: (float, int) if t == (float,) else t
+                                                               for k, t in vis.items()})
+        a["vis_options"] = a["vis_options"] or None
     try:
-        config = AnalysisConfig(n_clusters=ks[0], random_state=study.get("seed", 0),
-                                feature_vis="vis" in study.get("metrics", ("lesion",)), vis_options=a.get("vis") or None,
-                                **options)
+        config = AnalysisConfig(n_clusters=study["n_clusters"][0], **a)
     except (ValueError, TypeError) as exc:
         raise SpecError(f"{where}: {exc}") from None
-    return Analysis(**study, config=config)
+    if not isinstance(config.random_state, int):
+        raise SpecError(f"{where}: random_state must be an integer, got {table.get('random_state')!r}")
+    return Analysis(config=config, **study)
 
 
 def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> NetworkGroup:

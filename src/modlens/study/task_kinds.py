@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from modlens.study.tasks import canonical
+from modlens.analysis.storage import canonical
 
 _DATA_CACHE: dict[str, tuple] = {}
 
@@ -35,7 +35,7 @@ def network_data(data: dict, data_dir=None):
         if "imagenet" in data:
             value = _imagenet_data(data["imagenet"])
         else:
-            from modlens.study.runs import model_data
+            from modlens.study.commands import model_data
 
             value = model_data({"dataset": data}, data_dir=data_dir)
         _DATA_CACHE.clear()  # one dataset at a time: MNIST-sized arrays are large enough
@@ -49,8 +49,7 @@ def _imagenet_data(spec: dict):
     lesion test and the rest for the activation graph, so the two never overlap."""
     import torch
 
-    from modlens.data import ImageFolderIndex, index_image_folder
-    from modlens.data._imagenet import image_batches
+    from modlens.data import ImageFolderIndex, image_batches, index_image_folder
 
     per_class, act = int(spec.get("per_class", 10)), int(spec.get("activation_per_class", 5))
     index = index_image_folder(spec["folder"], per_class=per_class + act, seed=int(spec.get("seed", 0)),
@@ -87,8 +86,8 @@ def data_identity(data: dict) -> dict:
 
 def _load(inputs: dict, context: dict, x, cfg):
     """The model and its adapter, captured at the test inputs ``x`` as ``analyze`` captures it."""
+    from modlens.analysis.stages import network_adapter
     from modlens.nn.io import load_model
-    from modlens.study.stages import network_adapter
 
     model, manifest = load_model(inputs["model"]["dir"])
     device = _device(context)
@@ -99,18 +98,19 @@ def _load(inputs: dict, context: dict, x, cfg):
 
 
 def _read_partition(inputs: dict):
-    from modlens.study.stages import partition_from_dict
+    from modlens.analysis.result import partition_from_dict
 
     return partition_from_dict(json.loads((Path(inputs["partition"]["dir"]) / "partition.json").read_text()))
 
 
 def run_train(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.study.runs import train_reference
+    from modlens.experiments.train import default_epochs
+    from modlens.study.commands import train_and_save
 
     recipe = params["recipe"]
-    say("total", int(recipe.get("epochs") or _default_epochs(params)))
-    _, manifest = train_reference(
-        params["dataset"], seed=params["seed"], out=out, data_dir=context.get("data_dir"),
+    say("total", int(recipe.get("epochs") or default_epochs(params["arch"], params["dataset"])))
+    [(_, manifest)] = train_and_save(
+        params["dataset"], seeds=[params["seed"]], out=out, folders=False, data_dir=context.get("data_dir"),
         data_seed=recipe.get("data_seed", 0), epochs=recipe.get("epochs"), batch_size=recipe.get("batch_size"),
         n_val=recipe.get("n_val", 5000), arch=params["arch"], augment=recipe.get("augment"), l2=recipe.get("l2"),
         regularize=recipe.get("regularize", True), progress=lambda epoch, n, loss: say("advance", 1))
@@ -118,17 +118,9 @@ def run_train(out: Path, params: dict, inputs: dict, context: dict, say):
     return sha, {"test_accuracy": manifest["accuracy"], "dataset": manifest["dataset"]}
 
 
-def _default_epochs(params: dict) -> int:
-    from modlens.experiments.train import RECIPES
-    from modlens.study.runs import DIGITS_EPOCHS
-
-    if params["dataset"].endswith("digits") and params["arch"] == "mlp":
-        return DIGITS_EPOCHS
-    return RECIPES[params["arch"]]["epochs"]
-
-
 def run_partition(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.study.stages import partition_digest, partition_one, partition_to_dict, stage_config
+    from modlens.analysis.result import partition_digest, partition_to_dict
+    from modlens.analysis.stages import partition_one, stage_config
 
     cfg = stage_config(params["config"])
     (x, _), act = network_data(params["data"], context.get("data_dir"))
@@ -141,14 +133,16 @@ def run_partition(out: Path, params: dict, inputs: dict, context: dict, say):
 
 
 def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.study.stages import lesion_one, stage_config
+    from modlens.analysis.stages import lesion_one, stage_config
+    from modlens.nn import lesion_engine
 
     cfg = stage_config(params["config"])
     (x, y), _ = network_data(params["data"], context.get("data_dir"))
     _, adapter, _ = _load(inputs, context, x, cfg)
     part = _read_partition(inputs)
     say("total", len(part.subclusters(max_fraction=cfg.max_fraction)) * (cfg.n_random + 1))
-    table = lesion_one(adapter, part, x, y, cfg, name=params["method"], progress=lambda n: say("advance", n))
+    engine = lesion_engine(context.get("engine", cfg.engine), adapter, x, y)
+    table = lesion_one(engine, part, cfg, name=params["method"], progress=lambda n: say("advance", n))
     table.to_parquet(out / "lesions.parquet", index=False)
     return None, {"rows": len(table)}
 
@@ -156,7 +150,7 @@ def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
 def run_vis(out: Path, params: dict, inputs: dict, context: dict, say):
     """The visualizations of one partition; for inputs that cannot be visualized (token ids) the
     reason, in ``skipped.json``, as ``analyze`` skips them."""
-    from modlens.study.stages import n_vis_images, stage_config, vis_one, vis_problem
+    from modlens.analysis.stages import n_vis_images, stage_config, vis_one, vis_problem
 
     cfg = stage_config(params["config"])
     (x, _), _ = network_data(params["data"], context.get("data_dir"))
@@ -187,10 +181,12 @@ def _read_vis(folder: Path):
 def run_stats(out: Path, params: dict, inputs: dict, context: dict, say):
     """Per-network statistics: the network's saved analysis result (the ``save_result`` format),
     assembled by the stage ``analyze`` ends with."""
-    from modlens.study.analyze import save_result
-    from modlens.study.stages import assemble, partition_from_dict, stage_config
+    import dataclasses
 
-    cfg = stage_config(params["config"])
+    from modlens.analysis.result import partition_from_dict, save_result
+    from modlens.analysis.stages import assemble, stage_config
+
+    cfg = dataclasses.replace(stage_config(params["config"]), engine=context.get("engine", "incremental"))
     say("total", 1)
     partitions = {}
     for item in inputs["partitions"]:
@@ -209,4 +205,7 @@ def run_stats(out: Path, params: dict, inputs: dict, context: dict, say):
     return None, {"n_subclusters": int(result.summary["n_subclusters"].max())}
 
 
-__all__ = ["network_data", "data_identity", "run_train", "run_partition", "run_lesion", "run_vis", "run_stats"]
+#: What each kind of task runs: ``KINDS[kind](out, params, inputs, context, say) -> (digest, info)``.
+KINDS = {"train": run_train, "partition": run_partition, "lesion": run_lesion, "vis": run_vis, "stats": run_stats}
+
+__all__ = ["KINDS", "network_data", "data_identity"]

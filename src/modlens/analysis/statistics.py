@@ -36,13 +36,28 @@ METRICS: dict[str, Metric] = {
     "softmax_entropy": Metric("softmax_entropy", "Softmax H", False, "coherence"),
     "clusterability": Metric("clusterability", "n-cut vs shuffled", False, "clusterability"),
 }
-LESION_METRICS = ("acc_drop", "class_range")
-VIS_METRICS = ("vis_score", "softmax_entropy")
-#: Benjamini-Hochberg families: the paper corrects Table 4 (lesions) and Table 5
-#: (visualizations) separately; the clusterability test is a third family.
+#: Benjamini-Hochberg families, the one definition of which metric belongs to which: the paper
+#: corrects Table 4 (lesions) and Table 5 (visualizations) separately; the clusterability test is
+#: a third family.
 FAMILIES = {"acc_drop": "lesion", "class_range": "lesion", "vis_score": "visualization",
             "softmax_entropy": "visualization", "clusterability": "clusterability"}
-TIE_RULES = ("mid", "original")
+LESION_METRICS = tuple(m for m, f in FAMILIES.items() if f == "lesion")
+VIS_METRICS = tuple(m for m, f in FAMILIES.items() if f == "visualization")
+#: The paper's tables (Table 4: lesion, Table 5: visualization) by family; a study's rows name
+#: them in their ``table_family`` column by these short names (the study-rows file format).
+TABLE_FAMILIES = {"lesion": "lesion", "visualization": "vis"}
+
+
+def table_family(metric: str) -> str:
+    """The ``table_family`` of a metric's study rows: ``"lesion"`` or ``"vis"``."""
+    family = FAMILIES.get(metric)
+    if family not in TABLE_FAMILIES:
+        raise ValueError(f"metric {metric!r} belongs to no table family; known: "
+                         f"{', '.join(m for m, f in FAMILIES.items() if f in TABLE_FAMILIES)}")
+    return TABLE_FAMILIES[family]
+
+
+TIE_RULES = stats.TIE_RULES  # owned by core.stats.percentiles
 EFFECT_RULES = ("paper", "original")
 COMBINE_RULES = ("fisher", "exact")  # per-network combination: the paper's, or the exact permutation null
 

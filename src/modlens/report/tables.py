@@ -1,4 +1,4 @@
-"""The paper's Tables 1-5 from study rows (after :func:`modlens.study.paper.family_bh`), as
+"""The paper's Tables 1-5 from study rows (after :func:`modlens.report.paper.family_bh`), as
 CSV and Markdown laid out like the paper, and as cells the HTML report renders.
 
 Table 1: effect measures of every metric; Table 4: lesion p values and effects; Table 5:
@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from modlens.experiments.partitioning import METHODS
-from modlens.study.paper import FAMILIES, PAPER_CRITICAL_P
-from modlens.study.summary import METRICS
+from modlens.report.paper import FAMILIES, PAPER_CRITICAL_P
+from modlens.analysis.statistics import METRICS
 
 PARTITION_LABELS = {"weights/global": "Weight/Global", "weights/local": "Weight/Local",
                     "activations/global": "Act./Global", "activations/local": "Act./Local"}
@@ -97,7 +97,7 @@ def _ordered(values, order) -> list:
     return [v for v in order if v in seen] + [v for v in seen if v not in order]
 
 
-def _network_names(rows: pd.DataFrame) -> dict[str, str]:
+def network_names(rows: pd.DataFrame) -> dict[str, str]:
     """group -> the name shown in the Network column (the paper label, or the group when
     two groups share a label or a label is missing)."""
     labels = rows.drop_duplicates("group").set_index("group")["network_label"]
@@ -146,7 +146,7 @@ def _p_effect_table(rows, info, family: str, name: str, title: str, ks: list[int
     for m in metrics:
         head, arrow = _METRIC_HEAD[m]
         columns += [f"{head}: p Value", f"{head}: Effect Meas. ({arrow})"]
-    look, names = _lookup(sub), _network_names(rows)
+    look, names = _lookup(sub), network_names(rows)
     table = Table(name, title, "", columns)
     for g in list(dict.fromkeys(sub["group"])):
         for k in ks:
@@ -172,7 +172,7 @@ def effect_table(rows: pd.DataFrame, info: dict) -> Table | None:
     if sub.empty:
         return None
     columns = ["Network", "Partitioning"] + [f"{METRICS[m].label} ({_METRIC_HEAD[m][1]})" for m in metrics]
-    look, names = _lookup(sub), _network_names(rows)
+    look, names = _lookup(sub), network_names(rows)
     table = Table("table1", "Table 1: effect measures", "", columns)
     for g in list(dict.fromkeys(sub["group"])):
         for part in _ordered(sub[sub["group"] == g]["partitioning"], METHODS):
@@ -228,5 +228,5 @@ def write_tables(tables: list[Table], directory: Path) -> list[Path]:
     return paths
 
 
-__all__ = ["Cell", "Table", "PARTITION_LABELS", "format_p", "format_effect", "main_k", "effect_table", "build_tables",
+__all__ = ["Cell", "Table", "PARTITION_LABELS", "format_p", "format_effect", "main_k", "network_names", "effect_table", "build_tables",
            "comparison_table", "write_tables"]

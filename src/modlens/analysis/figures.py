@@ -1,6 +1,7 @@
-"""Figures of the coherence experiments: feature-visualization grids (paper, figure 7) and
-subcluster correlation maps (figures 1 and 6). Matplotlib's Agg canvas only: no pyplot, no
-windows, no global state."""
+"""The figures an analysis result saves: feature-visualization grids (paper, figure 7), true
+subclusters beside their random sets. Matplotlib's Agg canvas only: no pyplot, no windows, no
+global state; :func:`new_figure`, :func:`displayable` and :func:`slug` serve the report's
+figures too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -20,7 +21,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _displayable(img: np.ndarray, rgb: bool = True) -> tuple[np.ndarray, str | None]:
+def displayable(img: np.ndarray, rgb: bool = True) -> tuple[np.ndarray, str | None]:
     """(H, W) grayscale or (H, W, 3) RGB from a (C, H, W) image with values in [0, 1]:
     1 channel: grayscale; 3 (with ``rgb``): RGB; otherwise the first (up to 3) channels
     side by side in grayscale."""
@@ -37,7 +38,7 @@ def _displayable(img: np.ndarray, rgb: bool = True) -> tuple[np.ndarray, str | N
     return out, "gray"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
 
 
@@ -58,7 +59,7 @@ def save_vis_grids(vis_result, directory: str | os.PathLike) -> list[Path]:
         draw = _vector_figure if images.ndim == 2 else _grid_figure
         fig = draw(group, scaled, (lo, hi))
         fig.suptitle(f"{name}: layer {layer} ({group['layer_name'].iloc[0]})", fontsize=9)
-        path = directory / f"feature_vis_{_slug(name)}_layer{int(layer)}.png"
+        path = directory / f"feature_vis_{slug(name)}_layer{int(layer)}.png"
         fig.savefig(path)
         paths.append(path)
     return paths
@@ -79,7 +80,7 @@ def _grid_figure(group, scaled: dict, value_range):
     heat = next(iter(scaled.values())).ndim == 2
     top = 0.75 if heat else 0.55  # heatmaps: a line saying which axis is which under the title
     width, height = 1.1 * n_cols + (1.5 if heat else 1.0), 1.15 * len(subs) + top + 0.15
-    fig = _figure(width, height)
+    fig = new_figure(width, height)
     axes = fig.subplots(len(subs), n_cols, squeeze=False)
     right = 1 - (0.6 if heat else 0.1) / width
     fig.subplots_adjust(left=0.8 / width, right=right, top=1 - top / height, bottom=0.1 / height)
@@ -92,7 +93,7 @@ def _grid_figure(group, scaled: dict, value_range):
             if heat:  # a sequence: rows are positions T, columns features D
                 shown = ax.imshow(scaled[idx], cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
             else:
-                img, cmap = _displayable(scaled[idx])
+                img, cmap = displayable(scaled[idx])
                 ax.imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             if r == 0:
                 ax.set_title("true" if row["draw"] == 0 else f"random {row['draw']}", fontsize=7)
@@ -113,7 +114,7 @@ def _vector_figure(group, scaled: dict, value_range):
     dim = next(iter(scaled.values())).shape[0]
     panel = 0.45 + 0.12 * n_draws
     width, height = min(14.0, max(5.0, 0.08 * dim + 2.4)), panel * len(subs) + 0.9
-    fig = _figure(width, height)
+    fig = new_figure(width, height)
     axes = fig.subplots(len(subs), 1, squeeze=False)[:, 0]
     right = 1 - 0.8 / width
     fig.subplots_adjust(left=1.0 / width, right=right, top=1 - 0.55 / height, bottom=0.45 / height, hspace=0.45)
@@ -134,39 +135,4 @@ def _vector_figure(group, scaled: dict, value_range):
     return fig
 
 
-def _scale01(a: np.ndarray) -> np.ndarray:
-    lo, hi = a.min(), a.max()
-    return np.full_like(a, 0.5) if hi <= lo else (a - lo) / (hi - lo)
-
-
-def save_correlation_figure(maps, path: str | os.PathLike) -> Path:
-    """Figure 6 for a :class:`CorrelationMaps`: one column per true subcluster, the true
-    map in the first row and its random sets below, each column scaled to [0, 1]
-    (multi-channel maps: the first channels side by side)."""
-    true, rand = np.asarray(maps.true_maps, dtype=np.float64), np.asarray(maps.random_maps, dtype=np.float64)
-    m, n = rand.shape[:2]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    width, height = 1.2 * max(m, 1) + 1.0, 1.2 * (n + 1) + 0.5
-    fig = _figure(width, height)
-    axes = fig.subplots(n + 1, max(m, 1), squeeze=False)
-    fig.subplots_adjust(left=0.9 / width, right=1 - 0.1 / width, top=1 - 0.4 / height, bottom=0.1 / height)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    for j in range(m):
-        column = _scale01(np.concatenate([true[j:j + 1], rand[j]]))
-        for i in range(n + 1):
-            img, cmap = _displayable(column[i], rgb=False)
-            axes[i, j].imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        sc = maps.subclusters[j]
-        axes[0, j].set_title(f"c{sc.cluster} (n={sc.size})", fontsize=7)
-    if m:
-        axes[0, 0].text(-0.1, 0.5, "true", transform=axes[0, 0].transAxes, ha="right", va="center", fontsize=7)
-        for i in range(1, n + 1):
-            axes[i, 0].text(-0.1, 0.5, f"random {i}", transform=axes[i, 0].transAxes, ha="right", va="center",
-                            fontsize=7)
-    fig.savefig(path)
-    return path
-
-
-__all__ = ["save_vis_grids", "save_correlation_figure"]
+__all__ = ["save_vis_grids", "new_figure", "displayable", "slug"]

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from modlens.core import stats
-from modlens.study.summary import FAMILIES, METRICS, VIS_METRICS
+from modlens.analysis.statistics import FAMILIES, METRICS, VIS_METRICS
 
 SATURATED_ENTROPY = 1e-6
 SATURATED_FRACTION = 0.25

@@ -8,7 +8,7 @@ import html
 import json
 from pathlib import Path
 
-from modlens.study.tables import Table
+from modlens.report.tables import Table
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;max-width:1200px;

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from modlens.study.summary import METRICS
+from modlens.analysis.statistics import METRICS
 
 
 def format_p(p: float) -> str:

@@ -1,6 +1,6 @@
-"""The stages of :func:`~modlens.study.analyze.analyze`: ``analyze`` is composed of these functions,
+"""The stages of :func:`~modlens.analysis.analyze.analyze`: ``analyze`` is composed of these functions,
 and a study runs and caches each one as a task of its own, so that a study's per-network result is
-by construction what ``analyze`` gives with the same :class:`~modlens.study.config.AnalysisConfig`.
+by construction what ``analyze`` gives with the same :class:`~modlens.analysis.config.AnalysisConfig`.
 
 * :func:`network_adapter`: the model captured at the test inputs (``input_name``, ``output``);
 * :func:`make_partitioner` / :func:`partition_one`: spectral partitionings (``n_clusters``,
@@ -19,23 +19,21 @@ visualizations share them), whatever order the stages run in.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from modlens._version import __version__
+from modlens.analysis.config import NOT_IN_KEY, AnalysisConfig
+from modlens.analysis.diagnostics import add_diagnostics, clusterability_rows
+from modlens.analysis.result import AnalysisResult
+from modlens.analysis.statistics import LESION_METRICS, VIS_METRICS, correct_by_family, subcluster_tests, summarize
 from modlens.core.partition import Partition
 from modlens.core.seeds import STREAM_RANDOM_SETS, as_generator, method_seed, seed_record
+from modlens.experiments.feature_vis import ORIGINAL, continuous_input_problem, default_transforms, feature_vis_test
 from modlens.experiments.lesion_test import lesion_test
 from modlens.experiments.partitioning import Partitioner, check_method, make_adapter
-from modlens.study.analyze import (AnalysisResult, _add_partition_facts, _vis_input_problem, _with_clusterability,
-                                   default_vis_transforms)
-from modlens.study.config import AnalysisConfig
-from modlens.study.diagnostics import add_diagnostics
-from modlens.study.summary import LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
 
 _CAPTURE = ("input_name", "output")
 _PARTITION = ("n_clusters", "eigen_solver", "n_init", "conv_edge", "act_reduce", "bn_fold", "random_state", *_CAPTURE)
@@ -43,17 +41,20 @@ _PARTITION = ("n_clusters", "eigen_solver", "n_init", "conv_edge", "act_reduce",
 #: Lesion and visualization tasks also depend on their partition, through its digest.
 STAGE_FIELDS = {
     "partition": _PARTITION,
-    "lesion": ("n_random", "accuracy", "class_range", "max_fraction", "engine", "random_state", *_CAPTURE),
+    "lesion": ("n_random", "accuracy", "class_range", "max_fraction", "random_state", *_CAPTURE),
     "vis": ("feature_vis", "n_random", "max_fraction", "vis_options", "random_state", *_CAPTURE),
     "stats": None,  # all of them: the per-network result records the whole config (and its key)
 }
 
 
 def config_subset(cfg: AnalysisConfig, stage: str) -> dict:
-    """The JSON record of the fields of ``cfg`` that ``stage`` reads (all of them for ``"stats"``)."""
+    """The JSON record of the fields of ``cfg`` that ``stage`` reads (for ``"stats"`` every field
+    that changes a number, :data:`~modlens.analysis.config.NOT_IN_KEY` left out)."""
     record = cfg.to_dict()
     names = STAGE_FIELDS[stage]
-    return record if names is None else {k: record[k] for k in names}
+    if names is None:
+        return {k: v for k, v in record.items() if k not in NOT_IN_KEY}
+    return {k: record[k] for k in names}
 
 
 def stage_config(record: dict) -> AnalysisConfig:
@@ -80,31 +81,35 @@ def partition_one(adapter, method: str, cfg: AnalysisConfig, *, activation_data=
     return make_partitioner(adapter, cfg, activation_data=activation_data).partition(method)
 
 
-def lesion_one(adapter, part: Partition, x, y, cfg: AnalysisConfig, *, name: str, evaluator=None,
+def lesion_one(engine, part: Partition, cfg: AnalysisConfig, *, name: str,
                progress: Callable[[int], None] | None = None) -> pd.DataFrame:
-    """The lesion table of one partition, its random sets drawn from stream 1 of its method seed."""
-    table = lesion_test(adapter, part, x, y, n_random=cfg.n_random,
+    """The lesion table of one partition on ``engine`` (:func:`modlens.nn.lesion_engine`), its
+    random sets drawn from stream 1 of its method seed."""
+    table = lesion_test(engine, part, n_random=cfg.n_random,
                         random_state=as_generator(method_seed(cfg.random_state, name, STREAM_RANDOM_SETS)),
                         accuracy=cfg.accuracy, class_range=cfg.class_range, max_fraction=cfg.max_fraction,
-                        engine=cfg.engine, evaluator=evaluator, name=name, progress=progress)
+                        name=name, progress=progress)
     table.insert(0, "network", "0")
     return table
 
 
 def vis_problem(adapter, x, cfg: AnalysisConfig) -> str | None:
-    """Why the test inputs cannot be visualized (discrete inputs, one line), or None."""
-    return _vis_input_problem(adapter, x, cfg.vis_options)
+    """Why the test inputs cannot be visualized (discrete inputs such as token ids), as one
+    line, or None."""
+    problem = continuous_input_problem(adapter, x, (cfg.vis_options or {}).get("preprocess"))
+    return None if problem is None else (f"{problem}; skipping vis_score and softmax_entropy "
+                                         "(the lesion tests ran as usual)")
 
 
 def vis_options(x, cfg: AnalysisConfig) -> dict:
-    """The arguments of ``feature_vis_test`` for ``cfg`` and test inputs ``x``."""
-    from modlens.experiments.feature_vis import ORIGINAL
-
+    """The arguments of ``feature_vis_test`` for ``cfg`` and test inputs ``x``: the value range
+    defaults to the inputs' range, the transforms to the paper's for the input's shape
+    (:func:`~modlens.experiments.feature_vis.default_transforms`, appendix A.5)."""
     opts = dict(cfg.vis_options or {})
     if opts.pop("original", False):
         opts = {**ORIGINAL, **opts}
     opts.setdefault("value_range", (float(x.min()), float(x.max())))
-    opts.setdefault("transforms", default_vis_transforms(tuple(x.shape[1:])))
+    opts.setdefault("transforms", default_transforms(tuple(x.shape[1:])))
     opts.setdefault("max_fraction", cfg.max_fraction)
     return opts
 
@@ -117,8 +122,6 @@ def n_vis_images(part: Partition, x, cfg: AnalysisConfig) -> int:
 def vis_one(adapter, part: Partition, x, cfg: AnalysisConfig, *, name: str,
             progress: Callable[[int], None] | None = None):
     """The feature-visualization test of one partition (a ``VisResult``), same random sets as its lesions."""
-    from modlens.experiments.feature_vis import feature_vis_test
-
     res = feature_vis_test(adapter, part, tuple(x.shape[1:]), n_random=cfg.n_random, name=name,
                            random_state=as_generator(method_seed(cfg.random_state, name, STREAM_RANDOM_SETS)),
                            progress=progress, **vis_options(x, cfg))
@@ -147,8 +150,8 @@ def assemble(partitions: dict[str, Partition], lesion_tables: Sequence[pd.DataFr
     summary = summarize(tests, partitionings=list(partitions), metrics=metrics, alpha=cfg.alpha, combine=cfg.combine,
                         random_state=cfg.random_state)
     if clusterability is not None:
-        summary = _with_clusterability(summary, clusterability, list(partitions), cfg.alpha)
-    _add_partition_facts(summary, partitions)
+        summary = with_clusterability(summary, clusterability, list(partitions), cfg.alpha)
+    add_partition_facts(summary, partitions)
     add_diagnostics(summary, table, vis_table, tests)
     config = {
         "modlens_version": __version__, "options": cfg.to_dict(), "config_key": cfg.key(),
@@ -165,26 +168,23 @@ def assemble(partitions: dict[str, Partition], lesion_tables: Sequence[pd.DataFr
                           clusterability)
 
 
-# -- serialization of partitions (the format of partitions.json in a saved result) -------------
-
-def partition_to_dict(p: Partition) -> dict:
-    return {"method": p.method, "n_clusters": p.n_clusters, "ncut": p.ncut, "layer_names": list(p.layer_names),
-            "labels": [l.tolist() for l in p.labels], "info": p.info}
-
-
-def partition_from_dict(d: dict) -> Partition:
-    labels = [np.asarray(l, dtype=np.int64) for l in d["labels"]]
-    return Partition.from_labels(labels, d["layer_names"], [len(l) for l in labels], method=d["method"],
-                                 n_clusters=d["n_clusters"], ncut=d["ncut"], info=d.get("info") or {})
+def with_clusterability(summary, cl_table, partitionings, alpha) -> pd.DataFrame:
+    """Summary rows of the clusterability test, placed before each partitioning's other rows."""
+    if cl_table is None or not len(cl_table):
+        return summary
+    rows = clusterability_rows(cl_table)
+    out = pd.concat([rows, summary], ignore_index=True)
+    order = {p: i for i, p in enumerate(partitionings)}
+    out = out.iloc[np.lexsort((out["family"] != "clusterability", out["partitioning"].map(order).fillna(len(order))))]
+    return correct_by_family(out.reset_index(drop=True), alpha=alpha)
 
 
-def partition_digest(p: Partition) -> str:
-    """A hash of what the partition says (method, layers, labels), not of how long it took."""
-    body = {"method": p.method, "n_clusters": p.n_clusters, "layer_names": list(p.layer_names),
-            "labels": [l.tolist() for l in p.labels]}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def add_partition_facts(summary: pd.DataFrame, partitions: dict[str, Partition]) -> None:
+    """n-cut and the number of neurons left unclustered (no edges) of each partitioning."""
+    summary["ncut"] = [partitions[p].ncut for p in summary["partitioning"]]
+    summary["n_unclustered"] = [int(sum((l < 0).sum() for l in partitions[p].labels)) for p in summary["partitioning"]]
 
 
 __all__ = ["STAGE_FIELDS", "config_subset", "stage_config", "network_adapter", "make_partitioner", "partition_one",
-           "lesion_one", "vis_problem", "vis_options", "n_vis_images", "vis_one", "assemble", "partition_to_dict",
-           "partition_from_dict", "partition_digest"]
+           "lesion_one", "vis_problem", "vis_options", "n_vis_images", "vis_one", "assemble", "with_clusterability",
+           "add_partition_facts"]
