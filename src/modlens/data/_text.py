@@ -274,6 +274,20 @@ class TextDataset:
         """``(N, T)``: the genre of every position (its sequence's genre)."""
         return np.broadcast_to(self.genre[:, None], self.ids.shape).copy()
 
+    # what next-token analyses read (modlens.nn.tokens.as_token_data): the byte class of every target
+    # token, the genre of every position
+    @property
+    def token_classes(self) -> np.ndarray:
+        """The byte class of every token id (index in :data:`BYTE_CLASSES`)."""
+        return BYTE_CLASS_OF
+
+    token_class_names = BYTE_CLASSES
+    label_names = GENRES
+
+    def position_labels(self) -> np.ndarray:
+        """``(N, T)``: the label of every position for coherence: its genre."""
+        return self.position_genre()
+
     def target_classes(self) -> np.ndarray:
         """``(N, T)``: the byte class of every target token (index in :data:`BYTE_CLASSES`)."""
         return byte_classes(self.targets)
