@@ -96,7 +96,8 @@ def _rect(x, y, color):
     return Rectangle((x, y), 1, 1, facecolor=color, edgecolor="none")
 
 
-_COLOURS = {"acc_drop": "#4c72b0", "class_range": "#dd8452", "vis_score": "#55a868", "softmax_entropy": "#c44e52"}
+_COLOURS = {"acc_drop": "#4c72b0", "class_range": "#dd8452", "vis_score": "#55a868", "softmax_entropy": "#c44e52",
+            "ce_increase": "#8172b3", "label_range": "#937860", "top_concentration": "#da8bc3"}
 
 
 def figure5(tests: dict[str, pd.DataFrame], names: dict[str, str], directory: Path) -> list[FigureFile]:
