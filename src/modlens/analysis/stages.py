@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from modlens._version import __version__
 from modlens.analysis.config import NOT_IN_KEY, AnalysisConfig
@@ -86,8 +87,12 @@ def test_data(data, cfg: AnalysisConfig, *, token_classes=None, position_classes
 
 
 def inputs_of(data):
-    """The model inputs of prepared test data (ids of next-token data)."""
-    return data.ids if isinstance(data, TokenData) else data[0] if isinstance(data, tuple) else data
+    """The model inputs of prepared test data (the ids of next-token data or of a text dataset)."""
+    if isinstance(data, TokenData):
+        return data.ids
+    if hasattr(data, "ids") and hasattr(data, "targets"):
+        return torch.as_tensor(np.asarray(data.ids))
+    return data[0] if isinstance(data, tuple) else data
 
 
 def activation_inputs(data, cfg: AnalysisConfig):

@@ -76,6 +76,8 @@ __all__ = [
     "IMAGENET_STD",
     "ImageFolderIndex",
     "DATASETS",
+    "TEXT_DATASETS",
+    "held_out_text",
     "ENV_VAR",
     "DataCorruptError",
     "DataError",
@@ -116,7 +118,10 @@ _SPECS: dict[str, tuple[str | None, str]] = {b: (None, b) for b in BASE_DATASETS
 _SPECS.update({f"{v}-{b}": (v, b) for v in VARIANTS for b in _VARIANT_BASES})
 
 DATASETS: list[str] = list(_SPECS)
-"""Every valid dataset name."""
+"""Every valid image dataset name."""
+
+TEXT_DATASETS = ("text",)
+"""Datasets of token sequences for language models: ``"text"``, the two-genre corpus (:func:`load_text`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -246,6 +251,24 @@ def split_validation(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"split_validation: need 0 <= n_val < n, got n_val={n_val}, n={n}")
     perm = as_generator(seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def held_out_text(record: dict, *, data_dir: str | os.PathLike | None = None) -> tuple[TextDataset, TextDataset]:
+    """``(test, activation)`` contexts of a language model trained on the text corpus, from the
+    ``dataset`` record of its manifest (``{"name": "text", "data_seed", "context", "n_test",
+    "n_activation"}``): at most ``n_test`` sequences of the test split and ``n_activation`` of the
+    held-out "val" split (never trained on), each balanced between the genres
+    (:meth:`TextDataset.balanced`, seeded by ``data_seed``)."""
+    if not isinstance(record, dict) or record.get("name") not in TEXT_DATASETS:
+        raise ValueError(f"held_out_text needs a text dataset record, got {record!r}")
+    seed, context = int(record.get("data_seed", 0)), int(record.get("context", 128))
+    test = load_text("test", context=context, seed=seed, data_dir=data_dir)
+    act = load_text("val", context=context, seed=seed, data_dir=data_dir)
+    if record.get("n_test"):
+        test = test.balanced(int(record["n_test"]), seed)
+    if record.get("n_activation"):
+        act = act.balanced(int(record["n_activation"]), seed)
+    return test, act
 
 
 def held_out_data(record: dict, *, data_dir: str | os.PathLike | None = None

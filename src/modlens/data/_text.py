@@ -292,6 +292,30 @@ class TextDataset:
         """``(N, T)``: the byte class of every target token (index in :data:`BYTE_CLASSES`)."""
         return byte_classes(self.targets)
 
+    def subset(self, index) -> "TextDataset":
+        """The sequences ``index`` (an index array or a slice), in that order."""
+        return TextDataset(split=self.split, ids=self.ids[index], targets=self.targets[index], genre=self.genre[index],
+                           offset=self.offset[index], context=self.context, seed=self.seed,
+                           chunk_bytes=self.chunk_bytes)
+
+    def balanced(self, n: int, seed: int = 0) -> "TextDataset":
+        """At most ``n`` sequences, as many of each genre as possible up to ``n // 2`` (the rest from the
+        other genre), drawn without replacement by a hash-seeded generator of ``(seed, split)`` and kept
+        in their order in the split: a small lesion test or activation set with both genres."""
+        n = _check_int("n", n, 1)
+        if n >= len(self):
+            return self
+        rng = np.random.default_rng(np.random.SeedSequence([_check_int("seed", seed, 0), _order_key(0, self.split, n)]))
+        members = [np.flatnonzero(self.genre == g) for g in range(len(GENRES))]
+        want = [min(len(m), n // len(GENRES)) for m in members]
+        spare = n - sum(want)
+        for g, m in enumerate(members):  # a genre with too few sequences leaves its share to the other
+            extra = min(spare, len(m) - want[g])
+            want[g] += extra
+            spare -= extra
+        pick = np.concatenate([rng.choice(m, size=k, replace=False) for m, k in zip(members, want)])
+        return self.subset(np.sort(pick))
+
     def genre_counts(self) -> dict[str, int]:
         return {g: int((self.genre == i).sum()) for i, g in enumerate(GENRES)}
 
