@@ -1,6 +1,10 @@
 """Failure survey (issue 18): decoder language models through today's modlens.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lm_survey.py [--out benchmarks/results/lm_survey.json]
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lm_survey.py [--out benchmarks/results/lm_survey_after.json]
+
+``benchmarks/results/lm_survey.json`` is the survey made before issue 18 was built (every family
+failed somewhere; the stages were those of that code); ``lm_survey_after.json`` the same survey
+with the decoder rewrites and the next-token task (this version of the script).
     PYTHONPATH=src python benchmarks/lm_survey.py --families gpt2,llama --heads causal
 
 Builds every decoder family of issue 18 from a tiny Hugging Face config (random weights, nothing
@@ -26,13 +30,13 @@ Stages:
   norm modules before each MLP and before the head);
 * ``weights``: ``modlens.partition(model, "weights/global", data=ids)``;
 * ``activations``: ``modlens.partition(model, "activations/global", data=ids)``;
-* ``analyze``: ``modlens.analyze(model, (ids, y), ...)``, one partitioning, 3 random sets;
-  ``y`` = the model's own predictions for seqcls, the next-token targets ``(N, T)`` (last
-  position -100) for causal (there is no next-token task yet: this records where it breaks);
-* ``analyze_flat`` (causal only): the same with ``y`` of shape ``(N,)`` (the argmax of the last
-  position), to see where a ``(B, T, V)`` output breaks once the labels pass the boundary;
-* ``exact`` (when capture succeeded and the output is ``(B, C)``): the incremental lesion engine
-  against the plain oracle on two lesion sets per layer (correct counts equal).
+* ``analyze``: ``modlens.analyze(model, (ids, y), ...)`` for seqcls (``y`` = the model's own
+  predictions), ``modlens.analyze(model, ids, task="next-token", ...)`` for causal; one
+  partitioning, 3 random sets (the survey before issue 18 passed ``(N, T)`` targets, and recorded
+  in ``analyze_flat`` where ``(N,)`` labels broke);
+* ``exact`` (when capture succeeded): the incremental lesion engine against the plain oracle on
+  two lesion sets per layer (seqcls: correct counts equal; causal: the next-token engines, counts
+  per cell equal and cross-entropy sums within 1e-4 relative in float32).
 
 Probe rows (``--probes``, on by default) work around a first failure from the outside, without
 changing modlens, to show what breaks next:
@@ -266,7 +270,9 @@ def _inspect(adapter):
 def survey_one(family: str, head: str, probe: str = "", patches: tuple = (), select: bool = False) -> dict:
     import modlens
     from modlens.nn.adapter import NetworkAdapter
-    from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+    from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
+    from modlens.nn.token_lesion import IncrementalTokenLesions, token_counts_plain
+    from modlens.nn.tokens import as_token_data
 
     row = {"family": family, "head": head, "probe": probe}
     model = patched(build(family, head), list(patches))
@@ -319,33 +325,41 @@ def survey_one(family: str, head: str, probe: str = "", patches: tuple = (), sel
     row["capture"] = _run(capture)
     if row["capture"]["ok"]:
         row["inspect"] = _run(lambda: _inspect(holder["a"]))
-        if head == "seqcls":
-            def exact():
-                a = holder["a"]
-                ev = LesionEvaluator(a, ids, y)
-                out = []
-                for layer, width in enumerate(a.layer_sizes):
-                    sets = [list(range(0, width // 4)), list(range(width // 2, width))]
+        def exact():
+            a = holder["a"]
+            out = []
+            if head == "seqcls":
+                ev = IncrementalLesions(a, ids, y)
+            else:  # next-token lesions (counts per cell and cross-entropy sums)
+                data = as_token_data(ids)
+                ev = IncrementalTokenLesions(a, data)
+            for layer, width in enumerate(a.layer_sizes):
+                sets = [list(range(0, width // 4)), list(range(width // 2, width))]
+                if head == "seqcls":
                     fast, plain = ev.correct_counts(layer, sets), correct_counts_plain(a, layer, sets, ids, y)
                     out.append(bool((torch.as_tensor(fast) == torch.as_tensor(plain)).all()))
-                if not all(out):
-                    raise AssertionError(f"incremental lesion counts differ from the plain oracle in layers {out}")
-                return out
-            row["exact"] = _run(exact)
+                else:
+                    (fc, fe), (pc, pe) = ev.lesion_counts(layer, sets), token_counts_plain(a, layer, sets, data)
+                    out.append(bool((fc == pc).all()) and bool(abs(fe - pe).max() <= 1e-4 * abs(pe).max()))
+            if not all(out):
+                raise AssertionError(f"incremental lesion counts differ from the plain oracle in layers {out}")
+            return out
+        row["exact"] = _run(exact)
+    task = {"task": "next-token"} if head == "causal" else {}
     row["weights"] = _run(lambda: [len(l) for l in modlens.partition(model, "weights/global", n_clusters=3, data=ids,
-                                                                     **kw).labels])
+                                                                     **kw, **task).labels])
     row["activations"] = _run(lambda: [len(l) for l in modlens.partition(model, "activations/global", n_clusters=3,
-                                                                         data=ids, **kw).labels])
+                                                                         data=ids, **kw, **task).labels])
     common = dict(activation_data=ids, n_clusters=3, n_random=3, partitionings=["weights/global"], random_state=0, **kw)
-    row["analyze"] = _run(lambda: modlens.analyze(model, (ids, y), **common).summary.shape[0])
-    if head == "causal":
-        y_flat = logits[:, -1].argmax(-1).clone()
-        row["analyze_flat"] = _run(lambda: modlens.analyze(model, (ids, y_flat), **common).summary.shape[0])
+    if head == "causal":  # the next-token task (issue 18): ids alone, each position against the next token
+        row["analyze"] = _run(lambda: modlens.analyze(model, ids, task="next-token", **common).summary.shape[0])
+    else:
+        row["analyze"] = _run(lambda: modlens.analyze(model, (ids, y), **common).summary.shape[0])
     row["logits_shape"] = logits_shape
     return row
 
 
-STAGES = ["forward", "causal", "capture", "inspect", "exact", "weights", "activations", "analyze", "analyze_flat"]
+STAGES = ["forward", "causal", "capture", "inspect", "exact", "weights", "activations", "analyze"]
 
 
 def silent(row: dict) -> str:
@@ -378,7 +392,7 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--heads", default=",".join(HEADS))
     ap.add_argument("--no-probes", dest="probes", action="store_false", help="only the unmodified models")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm_survey.json")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lm_survey_after.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

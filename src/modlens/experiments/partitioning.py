@@ -150,13 +150,15 @@ class Partitioner:
                 device, dtype = self.adapter.device, self.adapter.dtype
                 size = self.adapter.batch_size_for(x, self._batch_size)
                 on_gpu = device.type != "cpu"
+                knn = {}
                 if getattr(self.adapter, "is_transformer", False) and self._act_tokens == "positions":
                     acts = self._position_rows(data, x, size)
                     on_gpu = False
+                    knn = {"dtype": np.float32}   # many rows: float32 ranks on the kNN path (halves time and memory)
                 else:
                     acts = self.adapter.record(batches(x, size, device=device, dtype=dtype), reduce=self._act_reduce,
                                                as_numpy=not on_gpu)
-                adj = spearman_graph_torch(acts) if on_gpu else build_activation_graph(acts, mode="auto")
+                adj = spearman_graph_torch(acts) if on_gpu else build_activation_graph(acts, mode="auto", **knn)
                 position = {h: i for i, h in enumerate(hidden)}
                 neighbours = [[position[m] for m in neighbours[h] if m in position] for h in hidden]
                 sizes = self.adapter.layer_sizes
