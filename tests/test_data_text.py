@@ -185,6 +185,18 @@ def test_split_is_a_function_of_the_seed_only():
     assert not np.array_equal(a.offset, c.offset)
 
 
+def test_balanced_subsets_and_next_token_attributes():
+    ds = make_text_split(_streams(20000, 30000), "train", context=32, seed=0, chunk_bytes=1024)
+    sub = ds.balanced(10, seed=3)
+    assert sub.genre_counts() == {"prose": 5, "code": 5} and np.all(np.diff(sub.offset[sub.genre == 1]) > 0)
+    assert sub.balanced(10, seed=3) is sub and ds.balanced(10, seed=3).ids.tolist() == sub.ids.tolist()
+    assert ds.balanced(10, seed=4).ids.tolist() != sub.ids.tolist()
+    few = ds.subset(np.r_[np.flatnonzero(ds.genre == 0)[:2], np.flatnonzero(ds.genre == 1)])
+    assert few.balanced(8).genre_counts() == {"prose": 2, "code": 6}   # the other genre fills the share
+    np.testing.assert_array_equal(ds.position_labels(), ds.position_genre())
+    assert ds.token_class_names == BYTE_CLASSES and ds.label_names == GENRES and ds.token_classes.shape == (128,)
+
+
 def test_make_text_split_arguments():
     streams = _streams()
     with pytest.raises(ValueError, match="chunks of at least 129 bytes"):
