@@ -8,7 +8,9 @@ The model is Hugging Face's ``GPT2LMHeadModel`` from a ``GPT2Config`` with GPT-2
 blocks, width 768, 12 heads, 3,072 MLP units per block = 36,864 neurons, vocabulary 50,257, tied
 embeddings) and a context of 128, random weights (nothing downloaded). Data: random token ids,
 ``--act-sequences`` sequences as activation data and ``--test-sequences`` as the lesion test set.
-Stages, each timed (wall seconds) with the process's peak resident memory so far (``ru_maxrss``):
+Stages, each timed (wall seconds, and CPU seconds of all the process's threads: on a shared machine
+the CPU time divided by the threads is what an idle machine's wall time would be) with the
+process's peak resident memory so far (``ru_maxrss``):
 
 1. ``capture``: :class:`~modlens.nn.adapter.NetworkAdapter` (torch.export; GPT-2's Conv1D,
    gelu_new and the tied unembedding through the decoder rewrites);
@@ -71,7 +73,7 @@ def measure_lesions(adapter, data, *, k: int, layers, sets: int, n_random: int =
     engine = IncrementalTokenLesions(adapter, data)
     setup = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    per_layer = {}
+    per_layer, macs = {}, {}
     for layer in layers:
         width = adapter.layer_sizes[layer]
         size = max(1, width // k)
@@ -84,14 +86,17 @@ def measure_lesions(adapter, data, *, k: int, layers, sets: int, n_random: int =
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         per_layer[layer] = (time.perf_counter() - t) / sets
+        macs[layer] = adapter.lesion_plan(layer).macs(engine.shapes, size)["lesion"] * len(data)
         engine.clear_cache()
         say(f"  layer {layer}: {per_layer[layer]:.3f} s per lesion set of {size} neurons "
             f"({engine.last_stats.get('sets_per_block')} sets x {engine.last_stats.get('samples_per_block')} sequences per block)")
     mean = float(np.mean(list(per_layer.values())))
     n_sets = 4 * k * len(adapter.layers) * (n_random + 1)
+    flop = 2.0 * float(np.mean(list(macs.values())))   # Linear layers only (attention products not counted)
     return {"baseline_s": setup, "per_set_s": {str(k_): v for k_, v in per_layer.items()}, "mean_per_set_s": mean,
             "projected_sets": n_sets, "projected_s": mean * n_sets, "test_sequences": len(data),
-            "test_positions": int(engine.n_scored)}
+            "test_positions": int(engine.n_scored), "linear_gflop_per_set": flop / 1e9,
+            "projected_linear_tflop": flop * n_sets / 1e12}
 
 
 def run(*, tiny: bool = False, device: str = "cpu", stages=("capture", "weights", "activations", "lesions"),
@@ -106,10 +111,13 @@ def run(*, tiny: bool = False, device: str = "cpu", stages=("capture", "weights"
     out: dict = {"size": size, "device": device, "stages": {}}
 
     def stage(name, fn):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         value = fn()
-        out["stages"][name] = {"seconds": time.perf_counter() - t0, "peak_rss_gb": _rss_gb(), **(value or {})}
-        say(f"{name}: {out['stages'][name]['seconds']:.1f} s, peak RSS {out['stages'][name]['peak_rss_gb']:.2f} GB")
+        out["stages"][name] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+                               "peak_rss_gb": _rss_gb(), **(value or {})}
+        st = out["stages"][name]
+        say(f"{name}: {st['seconds']:.1f} s wall, {st['cpu_seconds']:.1f} s CPU (all threads), "
+            f"peak RSS {st['peak_rss_gb']:.2f} GB")
 
     model = gpt2_sized(size).to(dev)
     act = as_token_data(token_batch(size, act_sequences, 1))
