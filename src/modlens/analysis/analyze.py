@@ -16,7 +16,7 @@ from modlens.analysis.diagnostics import add_diagnostics
 from modlens.analysis.result import AnalysisResult
 from modlens.analysis.statistics import summarize
 from modlens.core.partition import Partition
-from modlens.nn import NetworkAdapter, as_tensors, check_labels, lesion_engine
+from modlens.nn import NetworkAdapter
 
 
 def _user_partition(partition, adapter: NetworkAdapter) -> Partition:
@@ -35,6 +35,9 @@ def analyze(
     partition=None,
     config: AnalysisConfig | None = None,
     progress: bool = False,
+    token_classes=None,
+    position_classes=None,
+    token_groups=None,
     **options,
 ) -> AnalysisResult:
     """Test whether the partitions of ``model``'s hidden neurons are important and coherent.
@@ -50,7 +53,19 @@ def analyze(
         capture: MLPs, CNNs (grouped, depthwise, residual, normalized), transformers through their
         MLP neurons (README, Models).
     test_data:
-        ``(inputs, labels)`` tensors/arrays or a DataLoader: the lesion test set.
+        ``(inputs, labels)`` tensors/arrays or a DataLoader: the lesion test set. With
+        ``task="next-token"`` (a language model; docs/language-models.md): token ids ``(N, T)``, a
+        dict with ``input_ids`` and ``labels`` (aligned, -100 ignored) or ``targets`` (shifted) and
+        an ``attention_mask`` (right padding), a DataLoader of those, or a dataset with ``ids`` and
+        ``targets`` such as :func:`modlens.data.load_text`'s (:func:`modlens.nn.tokens.as_token_data`).
+    token_classes, position_classes:
+        Next-token task: the class of every vocabulary entry (an int array over the vocabulary or a
+        mapping; -1: none), for the class range over the classes of the target tokens, and a label
+        per sequence ``(N,)`` or per position ``(N, T)`` (e.g. the genre), for the label range. The
+        top-activating-positions test (``feature_vis=True``) uses both.
+    token_groups:
+        Transformers: a group per vocabulary entry (-1: left out) for ``vocab_nodes="groups"``: the
+        weight graph's embedding and unembedding as one node per group.
     activation_data:
         Held-out data (not the test set) for the activation graphs.
     partition:
@@ -103,24 +118,24 @@ def analyze(
     """
     started = time.perf_counter()
     cfg = AnalysisConfig.build(config, **options)  # every option checked before any work
-    x, y = as_tensors(test_data, name="test data")
+    test = stages.test_data(test_data, cfg, token_classes=token_classes, position_classes=position_classes)
+    x = stages.inputs_of(test)
     adapter = stages.network_adapter(model, x, cfg)
     adapter.check_input(x, "test data")
-    check_labels(y, adapter.n_classes, name="test data")
     if activation_data is not None and activation_data is test_data:
         raise ValueError("activation_data is the test set; pass a held-out split so lesions are tested on unseen data")
     partitioner = None
     if partition is not None:
         partitions = {"user": _user_partition(partition, adapter)}
     else:
-        partitioner = stages.make_partitioner(adapter, cfg, activation_data=activation_data)
+        partitioner = stages.make_partitioner(adapter, cfg, activation_data=activation_data, token_groups=token_groups)
         partitions = {}
         for method in cfg.partitionings:
             t0 = time.perf_counter()
             partitions[method] = partitioner.partition(method)
             _say(progress, f"partitioned {method}: {len(partitions[method].subclusters(max_fraction=cfg.max_fraction))} "
                            f"subclusters, n-cut {partitions[method].ncut:.3f} ({time.perf_counter() - t0:.1f} s)")
-    engine = lesion_engine(cfg.engine, adapter, x, y)
+    engine = stages.make_engine(adapter, test, cfg)
     tables = []
     for name, part in partitions.items():
         n_lesions = len(part.subclusters(max_fraction=cfg.max_fraction)) * (cfg.n_random + 1)
@@ -132,20 +147,15 @@ def analyze(
         if vis_skipped:  # token ids: say so in one line, keep the lesion results
             warnings.warn(vis_skipped, UserWarning, stacklevel=2)
         else:
+            vis_in = test if cfg.task == "next-token" else x   # token inputs: the top-activating positions
             for name, part in partitions.items():
                 with _bar(progress, stages.n_vis_images(part, x, cfg), f"visualizations {name}") as bar:
-                    vis_results.append(stages.vis_one(adapter, part, x, cfg, name=name, progress=bar.update))
+                    vis_results.append(stages.vis_one(adapter, part, vis_in, cfg, name=name, progress=bar.update))
     cl_table = None
     if cfg.clusterability and partitioner is not None:
         cl_table = _clusterability(partitioner, [p for p in partitions if p.startswith("weights/")], cfg, progress)
-    facts = {
-        "capture": adapter.capture_method,
-        "n_test": int(len(y)),
-        "test_accuracy": float(engine.baseline.sum() / len(y)),
-        "baseline_counts": [int(v) for v in engine.baseline],
-        "class_sizes": [int(v) for v in engine.class_sizes],
-        "layers": dict(zip(adapter.layer_names, adapter.layer_sizes)),
-    }
+    facts = {"capture": adapter.capture_method, **stages.test_facts(engine, test, cfg),
+             "layers": dict(zip(adapter.layer_names, adapter.layer_sizes))}
     result = stages.assemble(partitions, tables, vis_results, cfg, vis_skipped=vis_skipped, clusterability=cl_table,
                              facts=facts)
     result.config["seconds"] = time.perf_counter() - started

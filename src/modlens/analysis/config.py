@@ -28,8 +28,11 @@ from modlens.core import clustering, graph
 from modlens.core.seeds import root_from_record, root_seed, seed_record
 from modlens.experiments.feature_vis import OBJECTIVES, PARAMETERIZATIONS, TRANSFORMS, feature_vis_test
 from modlens.experiments.lesion_test import ACCURACY_MODES, CLASS_RANGE_MODES
-from modlens.experiments.partitioning import METHODS
+from modlens.experiments.partitioning import ACT_TOKENS, METHODS, VOCAB_NODES
 from modlens.nn import ACT_REDUCTIONS, BN_FOLDS, ENGINES
+
+#: What a model's output is scored against (``task``): class labels (the paper), or the next token.
+TASKS = ("classification", "next-token")
 
 #: Fields that change no number (left out of :meth:`AnalysisConfig.key` and of every stage's key):
 #: both lesion engines give the same counts (the plain one is the oracle of the other).
@@ -57,6 +60,9 @@ class AnalysisConfig:
     :func:`options`' (and ``modlens analyze --help``'s).
     """
 
+    task: str = _opt("classification", "what the output is scored against: class labels (the paper), or "
+                                       "'next-token' for a language model (the prediction at position t against "
+                                       "token t + 1; docs/language-models.md)", choices=TASKS)
     partitionings: tuple[str, ...] = _opt(METHODS, "which partitionings to test", choices=METHODS)
     n_clusters: int = _opt(16, "clusters per partitioning (k)")
     n_random: int = _opt(19, "random subclusters per true subcluster")
@@ -97,6 +103,15 @@ class AnalysisConfig:
                                  "1-norm (notes row 2)", choices=ACT_REDUCTIONS)
     bn_fold: str = _opt("paper", "batch-norm scale on the edges out of the normalized channel (paper), into it "
                                  "(original), or none (notes row 3)", choices=BN_FOLDS)
+    act_tokens: str = _opt("auto", "transformer activation graph: one row per (sequence, position) ('positions') "
+                                   "or per sequence, the L1 norm over tokens ('aggregate'); auto: positions for "
+                                   "the next-token task, aggregate otherwise", choices=ACT_TOKENS)
+    max_positions: int = _opt(4096, "per-position activation graph: at most this many (sequence, position) rows, "
+                                    "drawn from the activation data with random_state")
+    vocab_nodes: str = _opt("auto", "transformer weight graph: the embedding and unembedding as one node per token "
+                                    "('tokens'), left out ('none'), or one node per group of token_groups "
+                                    "('groups'); auto: tokens up to 4,096, none above, groups when token_groups "
+                                    "is given", choices=VOCAB_NODES)
     input_name: str | None = _opt(None, "pass the inputs as this keyword argument (e.g. pixel_values)", kind=str)
     output: Any = _opt(None, "which output holds the logits: a key, an index (in Python also a function)", kind=str,
                        hash=False)
@@ -112,6 +127,7 @@ class AnalysisConfig:
         set_("n_clusters", _check_int("n_clusters", self.n_clusters, 2))
         set_("n_random", _check_int("n_random", self.n_random, 1))
         set_("n_null", _check_int("n_null", self.n_null, 1))
+        set_("max_positions", _check_int("max_positions", self.max_positions, 2))
         for f in dataclasses.fields(self):
             if f.metadata.get("choices") and f.name not in ("partitionings", "eigen_solver"):
                 _choice(f.name, getattr(self, f.name), f.metadata["choices"])
@@ -270,4 +286,4 @@ def _choice(name: str, value, choices) -> None:
         raise ValueError(f"AnalysisConfig: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-__all__ = ["AnalysisConfig", "NOT_IN_KEY", "Option", "options", "vis_options"]
+__all__ = ["AnalysisConfig", "NOT_IN_KEY", "Option", "options", "vis_options", "TASKS"]

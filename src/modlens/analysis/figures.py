@@ -73,7 +73,8 @@ def save_vis_grids(vis_result, directory: str | os.PathLike) -> list[Path]:
     return paths
 
 
-_COLOURS = {"acc_drop": "#4c72b0", "class_range": "#dd8452", "vis_score": "#55a868", "softmax_entropy": "#c44e52"}
+_COLOURS = {"acc_drop": "#4c72b0", "class_range": "#dd8452", "vis_score": "#55a868", "softmax_entropy": "#c44e52",
+            "ce_increase": "#8172b3", "label_range": "#937860", "top_concentration": "#da8bc3"}
 
 
 def percentile_figure(tests, title: str):

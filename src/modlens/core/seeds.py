@@ -11,7 +11,8 @@
   rebuilds the root, so a run made with ``None`` can be repeated exactly.
 * :func:`method_seed` derives the seed of one partitioning method and stream from a root,
   independent of the order in which methods run. Streams: 0 clustering, 1 random sets
-  (lesions and visualizations share them), 2 graphical-clusterability null draws.
+  (lesions and visualizations share them), 2 graphical-clusterability null draws, 3 the
+  positions sampled from token sequences (activation rows, top-activating positions).
 * :func:`named_seed`, :func:`tagged_sequence`, :func:`image_seed`, :func:`int_seed`: the
   small derivations of training (augmentation stream), derived datasets, per-image
   visualization seeds, and ints for libraries that want one.
@@ -31,7 +32,7 @@ import zlib
 import numpy as np
 
 #: Stream numbers of :func:`method_seed`.
-STREAM_CLUSTERING, STREAM_RANDOM_SETS, STREAM_CLUSTERABILITY = 0, 1, 2
+STREAM_CLUSTERING, STREAM_RANDOM_SETS, STREAM_CLUSTERABILITY, STREAM_POSITIONS = 0, 1, 2, 3
 
 _METHOD_IDS = {"weights/global": 0, "weights/local": 1, "activations/global": 2, "activations/local": 3}
 

@@ -24,6 +24,12 @@ a model's preprocessing), a ``.npz``/``.safetensors`` file of arrays or a datase
 :func:`load_imagenet_folder` / :func:`iter_imagenet_folder` read an ImageNet validation folder
 (``root/<wnid>/<image>.JPEG``) with the standard resize / centre-crop / normalize preprocessing and
 an optional seeded per-class subsample; they need Pillow.
+
+:func:`load_text` reads the two-genre text corpus (``<root>/text/``: English prose and Python
+source) for language models: byte-level tokens (:func:`encode`, :func:`decode`, 128 ASCII
+symbols), byte classes (:func:`byte_classes`), a held-out split by contiguous chunks and
+fixed-length contexts with next-token targets and the genre of each sequence
+(:class:`TextDataset`; see :mod:`modlens.data._text`).
 Uses numpy and the standard library only (scikit-learn for the digits, Pillow for ImageNet).
 """
 
@@ -63,22 +69,41 @@ from ._imagenet import (
 from ._imagenet import check_sizes as _check_sizes
 from ._imagenet import image_batches
 from ._sources import ENV_VAR, data_root, load_idx_split
+from ._text import (
+    BYTE_CLASSES,
+    GENRES,
+    TextDataset,
+    byte_classes,
+    decode,
+    encode,
+    load_text,
+    make_text_split,
+    read_genre,
+)
 
 __all__ = [
     "BASE_DATASETS",
+    "BYTE_CLASSES",
     "CIFAR10_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageFolderIndex",
     "DATASETS",
+    "TEXT_DATASETS",
+    "held_out_text",
     "ENV_VAR",
     "DataCorruptError",
     "DataError",
     "DataUnavailableError",
     "Dataset",
+    "GENRES",
+    "TextDataset",
     "VARIANTS",
+    "byte_classes",
     "data_root",
+    "decode",
     "derived_rng",
+    "encode",
     "held_out_data",
     "image_batches",
     "IMAGE_OPTIONS",
@@ -92,11 +117,14 @@ __all__ = [
     "iter_imagenet_folder",
     "load_dataset",
     "load_imagenet_folder",
+    "load_text",
     "make_halves",
     "make_stack",
+    "make_text_split",
     "partner_indices",
     "preprocess_image",
     "read_class_list",
+    "read_genre",
     "resize_half_width",
     "split_validation",
 ]
@@ -110,7 +138,10 @@ _SPECS: dict[str, tuple[str | None, str]] = {b: (None, b) for b in BASE_DATASETS
 _SPECS.update({f"{v}-{b}": (v, b) for v in VARIANTS for b in _VARIANT_BASES})
 
 DATASETS: list[str] = list(_SPECS)
-"""Every valid dataset name."""
+"""Every valid image dataset name."""
+
+TEXT_DATASETS = ("text",)
+"""Datasets of token sequences for language models: ``"text"``, the two-genre corpus (:func:`load_text`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,6 +271,24 @@ def split_validation(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"split_validation: need 0 <= n_val < n, got n_val={n_val}, n={n}")
     perm = as_generator(seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def held_out_text(record: dict, *, data_dir: str | os.PathLike | None = None) -> tuple[TextDataset, TextDataset]:
+    """``(test, activation)`` contexts of a language model trained on the text corpus, from the
+    ``dataset`` record of its manifest (``{"name": "text", "data_seed", "context", "n_test",
+    "n_activation"}``): at most ``n_test`` sequences of the test split and ``n_activation`` of the
+    held-out "val" split (never trained on), each balanced between the genres
+    (:meth:`TextDataset.balanced`, seeded by ``data_seed``)."""
+    if not isinstance(record, dict) or record.get("name") not in TEXT_DATASETS:
+        raise ValueError(f"held_out_text needs a text dataset record, got {record!r}")
+    seed, context = int(record.get("data_seed", 0)), int(record.get("context", 128))
+    test = load_text("test", context=context, seed=seed, data_dir=data_dir)
+    act = load_text("val", context=context, seed=seed, data_dir=data_dir)
+    if record.get("n_test"):
+        test = test.balanced(int(record["n_test"]), seed)
+    if record.get("n_activation"):
+        act = act.balanced(int(record["n_activation"]), seed)
+    return test, act
 
 
 def held_out_data(record: dict, *, data_dir: str | os.PathLike | None = None

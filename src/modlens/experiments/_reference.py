@@ -12,6 +12,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "mlp": {"epochs": 20, "batch_size": 128, "weight_decay_l2": 0.0, "augment": None},
     "cnn": {"epochs": 10, "batch_size": 64, "weight_decay_l2": 0.0, "augment": None},
     "vgg": {"epochs": 200, "batch_size": 128, "weight_decay_l2": 5e-4, "augment": dict(PAPER_AUGMENT)},
+    # the reference decoder language model (issue 18; modlens.experiments.train_lm): steps of AdamW on
+    # byte contexts of the two-genre corpus, and the held-out sequences its analysis uses
+    "gpt": {"epochs": 1, "batch_size": 16, "weight_decay_l2": 0.0, "augment": None, "steps": 400, "lr": 3e-3,
+            "warmup": 40, "weight_decay": 0.1, "context": 128, "n_test": 16, "n_activation": 128},
 }
 
 #: The reference architectures (the keys of :data:`RECIPES`).

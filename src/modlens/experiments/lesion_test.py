@@ -33,6 +33,35 @@ def random_sets(width: int, size: int, n: int, rng: np.random.Generator) -> list
     return [np.sort(rng.choice(width, size=size, replace=False)) for _ in range(n)]
 
 
+def subcluster_sets(adapter, partition: Partition, *, n_random: int, random_state, max_fraction: float | None,
+                    name: str):
+    """Per layer with subclusters: ``(layer, sets, rows)``, the true subclusters of ``partition`` each
+    followed by its ``n_random`` random sets of the same size in the same layer (drawn in this order
+    from one generator, so every test that uses this function draws the same sets), and one row
+    ``(name, layer, layer_name, cluster, size, kind, draw, neurons)`` per set."""
+    if n_random < 1:
+        raise ValueError(f"n_random must be at least 1, got {n_random}")
+    if list(partition.layer_sizes) != adapter.layer_sizes:
+        raise ValueError(
+            f"the partition has layers of sizes {list(partition.layer_sizes)} but the model's hidden "
+            f"layers ({', '.join(adapter.layer_names)}) have sizes {adapter.layer_sizes}"
+        )
+    rng = as_generator(random_state)
+    subclusters = partition.subclusters(max_fraction=max_fraction)
+    for layer in range(len(adapter.layers)):
+        in_layer = [s for s in subclusters if s.layer == layer]
+        if not in_layer:
+            continue
+        width = adapter.layers[layer].n_neurons
+        sets, rows = [], []
+        for sc in in_layer:
+            for draw, neurons in enumerate([sc.neurons] + random_sets(width, sc.size, n_random, rng)):
+                sets.append(neurons)
+                rows.append((name, layer, sc.layer_name, sc.cluster, sc.size,
+                             "true" if draw == 0 else "random", draw, ",".join(map(str, neurons))))
+        yield layer, sets, rows
+
+
 def lesion_metrics(
     counts: np.ndarray,
     baseline: np.ndarray,
@@ -88,29 +117,11 @@ def lesion_test(
     the subcluster itself (``draw`` 0) and ``"random"`` for its controls (``draw`` 1..n).
     ``progress`` is called with the number of lesions finished, as they finish.
     """
-    if n_random < 1:
-        raise ValueError(f"n_random must be at least 1, got {n_random}")
     adapter = engine.adapter
-    if list(partition.layer_sizes) != adapter.layer_sizes:
-        raise ValueError(
-            f"the partition has layers of sizes {list(partition.layer_sizes)} but the model's hidden "
-            f"layers ({', '.join(adapter.layer_names)}) have sizes {adapter.layer_sizes}"
-        )
-    rng = as_generator(random_state)
     name = name or partition.method
-    subclusters = partition.subclusters(max_fraction=max_fraction)
     frames = []
-    for layer in range(len(adapter.layers)):
-        in_layer = [s for s in subclusters if s.layer == layer]
-        if not in_layer:
-            continue
-        width = adapter.layers[layer].n_neurons
-        sets, rows = [], []
-        for sc in in_layer:
-            for draw, neurons in enumerate([sc.neurons] + random_sets(width, sc.size, n_random, rng)):
-                sets.append(neurons)
-                rows.append((name, layer, sc.layer_name, sc.cluster, sc.size,
-                             "true" if draw == 0 else "random", draw, ",".join(map(str, neurons))))
+    for layer, sets, rows in subcluster_sets(adapter, partition, n_random=n_random, random_state=random_state,
+                                             max_fraction=max_fraction, name=name):
         counts = engine.correct_counts(layer, sets, progress=progress)
         frame = pd.DataFrame(rows, columns=COLUMNS[:8])
         metrics = lesion_metrics(counts, engine.baseline, engine.class_sizes, accuracy=accuracy, class_range=class_range)

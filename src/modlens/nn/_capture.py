@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from modlens.nn._decoder_capture import rewrite
 from modlens.nn._fx import ModelTraceError, eval_mode, trace
 
 aten = torch.ops.aten
@@ -185,7 +186,8 @@ class _Builder:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-        return fx.GraphModule({k: v for k, v in self.root.items() if k in used}, gm.graph, name)
+        # decoder patterns (addmm linear maps, written-out norms and activations, merged rows, last-token reads)
+        return rewrite(fx.GraphModule({k: v for k, v in self.root.items() if k in used}, gm.graph, name))
 
     # ----- weight layers and normalizations as modules ---------------------------------------------------
     def _name(self, node: fx.Node, weight) -> str:

@@ -60,6 +60,20 @@ def _check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, tor
         raise ValueError(f"{where}: weights do not match the manifest's architecture: " + "; ".join(problems))
 
 
+def _tied(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names of tensors that share memory with an earlier one (tied weights, such as a decoder's
+    unembedding and token embedding), mapped to that earlier name."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
 def save_model(model: nn.Module, directory: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
     """Write ``model.safetensors`` and ``manifest.json`` into ``directory`` (created if needed).
 
@@ -75,6 +89,8 @@ def save_model(model: nn.Module, directory: str | os.PathLike, manifest: Mapping
                          "{'type': 'mlp', 'sizes': [784, 256, 10], 'activation': 'relu'}")
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     _check_tensors(_build(architecture).state_dict(), state, f"save_model({str(directory)!r})")
+    for name in _tied(model.state_dict()):  # tied weights are stored once; the architecture ties them again
+        del state[name]
     out = dict(manifest)
     out.update(format=FORMAT, format_version=FORMAT_VERSION, modlens_version=__version__)
     out.pop("sha256", None)
@@ -173,6 +189,9 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     except ValueError as exc:
         raise ValueError(f"{manifest_path}: bad architecture: {exc}") from None
     tensors = load_file(str(weights_path))
+    for name, source in _tied(model.state_dict()).items():  # weights the architecture ties were stored once
+        if name not in tensors and source in tensors:
+            tensors[name] = tensors[source]
     _check_tensors(model.state_dict(), tensors, str(weights_path))
     for name in sorted(tensors):
         t = tensors[name]

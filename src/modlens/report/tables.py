@@ -26,6 +26,16 @@ _METRIC_HEAD = {"acc_drop": ("Importance: Acc. Drop", "High→Imp."), "class_ran
                 "vis_score": ("Coherence: Vis Score", "High→Coh."), "softmax_entropy": ("Coherence: Softmax H", "Low→Coh.")}
 
 
+def metric_head(metric: str) -> tuple[str, str]:
+    """(column head, direction) of a metric in the paper's tables; metrics beyond the paper's four
+    (the next-token task's) get theirs from :data:`~modlens.analysis.statistics.METRICS`."""
+    if metric in _METRIC_HEAD:
+        return _METRIC_HEAD[metric]
+    spec = METRICS[metric]
+    return (f"{spec.proxy.capitalize()}: {spec.label}",
+            f"{'High' if spec.higher_is_modular else 'Low'}→{'Imp.' if spec.proxy == 'importance' else 'Coh.'}")
+
+
 def main_k(rows: pd.DataFrame) -> int:
     """The k of Tables 1, 4 and 5: 16 (the paper's) when the study has it, else the largest."""
     ks = sorted({int(k) for k in rows["k"]})
@@ -79,7 +89,7 @@ def _p_effect_table(rows, info, family: str, name: str, title: str, ks: list[int
         return None
     columns = ["Network"] + (["k"] if with_k else []) + ["Partitioning"]
     for m in metrics:
-        head, arrow = _METRIC_HEAD[m]
+        head, arrow = metric_head(m)
         columns += [f"{head}: p Value", f"{head}: Effect Meas. ({arrow})"]
     look, names = _lookup(sub), network_names(rows)
     table = Table(name, title, "", columns)
@@ -106,7 +116,7 @@ def effect_table(rows: pd.DataFrame, info: dict) -> Table | None:
     metrics = [m for m in METRICS if m in set(sub["metric"])]
     if sub.empty:
         return None
-    columns = ["Network", "Partitioning"] + [f"{METRICS[m].label} ({_METRIC_HEAD[m][1]})" for m in metrics]
+    columns = ["Network", "Partitioning"] + [f"{METRICS[m].label} ({metric_head(m)[1]})" for m in metrics]
     look, names = _lookup(sub), network_names(rows)
     table = Table("table1", "Table 1: effect measures", "", columns)
     for g in list(dict.fromkeys(sub["group"])):

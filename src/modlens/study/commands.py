@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from modlens.analysis import AnalysisConfig, AnalysisResult, analyze, combine, save_result
-from modlens.data import held_out_data, load_dataset
+from modlens.data import TEXT_DATASETS, held_out_data, held_out_text, load_dataset
 from modlens.experiments.replicates import train_replicates
 from modlens.experiments.train import ARCHS, DIGITS_MLP_EPOCHS, train_reference, train_reference_mlp
 from modlens.nn.io import save_model
@@ -67,6 +67,14 @@ def train_and_save(
         raise ValueError(f"folders=False saves one model, got {len(seeds)} seeds")
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose {', '.join(ARCHS)}")
+    if (arch == "gpt") != (dataset in TEXT_DATASETS):
+        raise ValueError(f"--arch gpt (the reference language model) trains on --dataset text, and the text corpus "
+                         f"trains --arch gpt; got arch {arch!r} with dataset {dataset!r}")
+    if arch == "gpt":  # one replicate at a time; with several seeds progress gets a list, as train_replicates gives it
+        each = (lambda s, n, loss: progress(s, n, [loss])) if progress is not None and len(seeds) > 1 else progress
+        return [_train_lm(seed, out=Path(out) / f"seed{seed}" if folders else Path(out), data_dir=data_dir,
+                          data_seed=data_seed, steps=epochs, batch_size=batch_size, progress=each)
+                for seed in seeds]
     train = load_dataset(dataset, "train", data_dir=data_dir, seed=data_seed)
     test = load_dataset(dataset, "test", data_dir=data_dir, seed=data_seed)
     digits = _is_digits(dataset)
@@ -101,9 +109,39 @@ def train_and_save(
     return results
 
 
+def _train_lm(seed: int, *, out: Path, data_dir, data_seed: int, steps: int | None, batch_size: int | None,
+              progress) -> tuple[torch.nn.Module, dict]:
+    """The reference decoder (``gpt`` recipe) trained on the text corpus and saved with its manifest,
+    whose dataset record names the held-out sequences its analysis uses."""
+    from modlens.data import load_text
+    from modlens.experiments.train import recipe
+    from modlens.experiments.train_lm import train_reference_lm
+
+    r = recipe({"type": "gpt"})
+    train = load_text("train", context=r["context"], seed=data_seed, data_dir=data_dir)
+    test = load_text("test", context=r["context"], seed=data_seed, data_dir=data_dir)
+    model, info = train_reference_lm({"type": "gpt"}, train, test, seed=seed, steps=steps, batch_size=batch_size,
+                                     progress=progress)
+    manifest = {
+        "architecture": info["architecture"],
+        "dataset": {"name": "text", "data_seed": data_seed, "context": r["context"], "n_test": r["n_test"],
+                    "n_activation": r["n_activation"], "activation_split": {"split": "val"}},
+        "seed": seed, "task": "next-token", "accuracy": info["test_accuracy"], "training": info,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    save_model(model, out, manifest)
+    return model, manifest
+
+
 def model_data(manifest: dict, *, data_dir=None) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``((x_test, y_test), x_activation)`` tensors of a saved model (its manifest's dataset)."""
-    x, y, act = held_out_data(manifest.get("dataset"), data_dir=data_dir)
+    """``((x_test, y_test), x_activation)`` tensors of a saved model (its manifest's dataset); for a
+    language model on the text corpus ``((test contexts, None), activation contexts)`` as
+    :class:`~modlens.data.TextDataset` (next-token data with byte classes and genres)."""
+    record = manifest.get("dataset")
+    if isinstance(record, dict) and record.get("name") in TEXT_DATASETS:
+        test, act = held_out_text(record, data_dir=data_dir)
+        return (test, None), act
+    x, y, act = held_out_data(record, data_dir=data_dir)
     return (torch.from_numpy(x), torch.from_numpy(y)), torch.from_numpy(act)
 
 
@@ -151,6 +189,10 @@ def analyze_saved(
         record = source.record()
         run_cfg = cfg if cfg.input_name is not None or not record.get("input_name") else \
             dataclasses.replace(cfg, input_name=record["input_name"])
+        if (source.facts.get("manifest") or {}).get("task") == "next-token":
+            if "task" not in options and (config is None or config.task != "next-token"):
+                run_cfg = AnalysisConfig.build(run_cfg, task="next-token")   # a language model: the next-token task
+            test = test[0]
         if act is None and any(p.startswith("activations/") for p in run_cfg.partitionings):
             raise ValueError(f"{source.name}: the activation partitionings need activation data (--activation-data "
                              "SOURCE, held out from the test set), or keep to --partitionings weights/global weights/local")

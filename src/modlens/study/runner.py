@@ -69,6 +69,11 @@ def check_requirements(spec: StudySpec, data_dir=None) -> dict[str, list]:
     root = data_root(data_dir)
     resolved = {}
     for g in spec.networks:
+        if g.trained and g.dataset == "text":
+            missing = [f for f in ("prose.txt", "code.txt") if not (root / "text" / f).is_file()]
+            if missing:
+                raise SpecError(f"study {spec.name!r} needs the two-genre text corpus: put {', '.join(missing)} in "
+                                f"{root / 'text'} (or pass --data-dir DIR)")
         if g.trained and g.dataset == "cifar10":
             folder = root / "cifar-10-batches-py"
             if not (folder / "test_batch").is_file() and not (root / "cifar-10-python.tar.gz").is_file():

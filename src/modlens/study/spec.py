@@ -22,10 +22,10 @@ A spec is a TOML file (or one of the built-in studies, :mod:`modlens.study.built
     [[networks]]                    # a group of identically configured replicates, trained here
     group = "mlp-mnist"
     label = "MLP, MNIST"            # the paper's name of the network (tables)
-    arch = "mlp"                    # mlp | cnn | vgg
+    arch = "mlp"                    # mlp | cnn | vgg | gpt (the language model, dataset = "text")
     dataset = "mnist"
     replicates = 5                  # seeds 0..4 (or seeds = [...])
-    epochs = 20                     # and batch_size, l2, augment, regularize, n_val, data_seed
+    epochs = 20                     # and batch_size, l2, augment, regularize, n_val, data_seed (gpt: steps)
 
     [[networks]]                    # or saved model folders (relative to the spec file)
     group = "mine"
@@ -76,7 +76,7 @@ _STUDY_KEYS = {"figures": bool, "bh_scope": str}
 #: Earlier names of analysis keys: a spec that uses one is told the current name.
 _RENAMED = {"k": "n_clusters", "seed": "random_state", "metrics": "feature_vis", "vis": "vis_options"}
 _RECIPE_KEYS = {"epochs": int, "batch_size": int, "l2": (float, int), "augment": bool, "regularize": bool,
-                "n_val": int, "data_seed": int}
+                "n_val": int, "data_seed": int, "steps": int}
 #: Keys of a group of models given by name (not trained here): their weights and data.
 _SOURCE_KEYS = {"weights": (str, list), "model_args": dict,
                 **{o.name: (list,) if o.n else (float, int) if o.kind is float else (o.kind,) for o in INPUT_OPTIONS}}
@@ -250,10 +250,17 @@ def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> Netw
             raise SpecError(f"{where}: a trained group needs {key} (or give saved model folders as models = [...])")
     if table["arch"] not in ARCHS:
         raise SpecError(f"{where}: arch must be one of {', '.join(ARCHS)}, got {table['arch']!r}")
-    from modlens.data import DATASETS
+    from modlens.data import DATASETS, TEXT_DATASETS
 
-    if table["dataset"] not in DATASETS:
-        raise SpecError(f"{where}: unknown dataset {table['dataset']!r}; valid: {', '.join(DATASETS)}")
+    if table["dataset"] not in (*DATASETS, *TEXT_DATASETS):
+        raise SpecError(f"{where}: unknown dataset {table['dataset']!r}; valid: {', '.join((*DATASETS, *TEXT_DATASETS))}")
+    if (table["arch"] == "gpt") != (table["dataset"] in TEXT_DATASETS):
+        raise SpecError(f"{where}: arch gpt (the reference language model) trains on dataset text, and text trains "
+                        f"arch gpt; got arch {table['arch']!r} with dataset {table['dataset']!r}")
+    wrong = [k for k in (("epochs", "l2", "augment", "n_val") if table["arch"] == "gpt" else ("steps",)) if k in table]
+    if wrong:
+        raise SpecError(f"{where}: {', '.join(wrong)} do(es) not apply to arch {table['arch']!r} (the language model "
+                        "trains for a number of steps; the image networks for epochs)")
     if "seeds" in table and "replicates" in table:
         raise SpecError(f"{where}: give seeds or replicates, not both")
     if "seeds" in table:

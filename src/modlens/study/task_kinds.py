@@ -56,6 +56,8 @@ def _data(params: dict, inputs: dict, context: dict):
 
 def _load(inputs: dict, context: dict, x, cfg):
     """The model and its adapter, captured at the test inputs ``x`` as ``analyze`` captures it."""
+    import torch
+
     from modlens.analysis.stages import network_adapter
 
     ref = inputs["model"]
@@ -74,7 +76,7 @@ def _load(inputs: dict, context: dict, x, cfg):
     device = _device(context)
     if device != "cpu":
         model = model.to(device)
-        x = x.to(device)
+        x = x.to(device) if isinstance(x, torch.Tensor) else x
     return model, network_adapter(model, x, cfg)
 
 
@@ -89,14 +91,23 @@ def run_train(out: Path, params: dict, inputs: dict, context: dict, say):
     from modlens.study.commands import train_and_save
 
     recipe = params["recipe"]
-    say("total", int(recipe.get("epochs") or default_epochs(params["arch"], params["dataset"])))
+    if params["arch"] == "gpt":  # the language model reports every step
+        from modlens.experiments.train import recipe as arch_recipe
+
+        say("total", int(recipe.get("steps") or arch_recipe({"type": "gpt"})["steps"]))
+    else:
+        say("total", int(recipe.get("epochs") or default_epochs(params["arch"], params["dataset"])))
     [(_, manifest)] = train_and_save(
         params["dataset"], seeds=[params["seed"]], out=out, folders=False, data_dir=context.get("data_dir"),
-        data_seed=recipe.get("data_seed", 0), epochs=recipe.get("epochs"), batch_size=recipe.get("batch_size"),
+        data_seed=recipe.get("data_seed", 0), batch_size=recipe.get("batch_size"),
+        epochs=recipe.get("steps") if params["arch"] == "gpt" else recipe.get("epochs"),
         n_val=recipe.get("n_val", 5000), arch=params["arch"], augment=recipe.get("augment"), l2=recipe.get("l2"),
         regularize=recipe.get("regularize", True), progress=lambda epoch, n, loss: say("advance", 1))
     sha = json.loads((out / "manifest.json").read_text())["sha256"]
-    return sha, {"test_accuracy": manifest["accuracy"], "dataset": manifest["dataset"]}
+    info = {"test_accuracy": manifest["accuracy"], "dataset": manifest["dataset"]}
+    if "test_cross_entropy" in manifest.get("training", {}):
+        info["test_cross_entropy"] = manifest["training"]["test_cross_entropy"]
+    return sha, info
 
 
 def run_partition(out: Path, params: dict, inputs: dict, context: dict, say):
@@ -113,16 +124,22 @@ def run_partition(out: Path, params: dict, inputs: dict, context: dict, say):
     return partition_digest(part), {"ncut": part.ncut, "n_subclusters": len(part.subclusters())}
 
 
+def _test(x, y, cfg):
+    """The test data as the task reads it: (inputs, labels), or next-token data."""
+    from modlens.analysis.stages import test_data
+
+    return test_data(x if cfg.task == "next-token" else (x, y), cfg)
+
+
 def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.analysis.stages import lesion_one, stage_config
-    from modlens.nn import lesion_engine
+    from modlens.analysis.stages import lesion_one, make_engine, stage_config
 
     cfg = stage_config(params["config"])
     (x, y), _ = _data(params, inputs, context)
     _, adapter = _load(inputs, context, x, cfg)
     part = _read_partition(inputs)
     say("total", len(part.subclusters(max_fraction=cfg.max_fraction)) * (cfg.n_random + 1))
-    engine = lesion_engine(context.get("engine", cfg.engine), adapter, x, y)
+    engine = make_engine(adapter, _test(x, y, cfg), cfg, engine=context.get("engine", cfg.engine))
     table = lesion_one(engine, part, cfg, name=params["method"], progress=lambda n: say("advance", n))
     table.to_parquet(out / "lesions.parquet", index=False)
     return None, {"rows": len(table)}
@@ -134,7 +151,7 @@ def run_vis(out: Path, params: dict, inputs: dict, context: dict, say):
     from modlens.analysis.stages import n_vis_images, stage_config, vis_one, vis_problem
 
     cfg = stage_config(params["config"])
-    (x, _), _ = _data(params, inputs, context)
+    (x, y), _ = _data(params, inputs, context)
     _, adapter = _load(inputs, context, x, cfg)
     part = _read_partition(inputs)
     problem = vis_problem(adapter, x, cfg)
@@ -142,7 +159,8 @@ def run_vis(out: Path, params: dict, inputs: dict, context: dict, say):
         (out / "skipped.json").write_text(json.dumps({"skipped": problem}))
         return None, {"skipped": problem}
     say("total", n_vis_images(part, x, cfg))
-    res = vis_one(adapter, part, x, cfg, name=params["method"], progress=lambda n: say("advance", n))
+    vis_in = _test(x, y, cfg) if cfg.task == "next-token" else x  # token inputs: the top-activating positions
+    res = vis_one(adapter, part, vis_in, cfg, name=params["method"], progress=lambda n: say("advance", n))
     res.table.to_parquet(out / "vis.parquet", index=False)
     np.save(out / "images.npy", np.asarray(res.images, dtype=np.float32))
     (out / "config.json").write_text(json.dumps(res.config, default=float))
