@@ -24,17 +24,17 @@ from collections import defaultdict
 
 import torch
 
-from modlens.experiments import feature_vis as fv
 from modlens.nn.io import load_model
-from modlens.study import analyze as an
-from modlens.study.runs import model_data
+from modlens.analysis import analyze as an
+from modlens.analysis import stages
+from modlens.study.commands import model_data
 
 #: stage label -> (file suffix, function name) whose inclusive time is the stage's
 STAGES = [
     ("load model + data", "analyze_stages.py", "load"),
     ("adapter (trace)", "nn/adapter.py", "__init__"),
     ("weight graph", "core/graph.py", "weight_graph"),
-    ("activation recording", "nn/adapter.py", "activation_summaries"),
+    ("activation recording", "nn/adapter.py", "record"),
     ("Spearman correlations", "core/graph.py", "activation_graph"),
     ("clustering (global)", "core/clustering.py", "cluster_global"),
     ("clustering (local)", "core/clustering.py", "cluster_local"),
@@ -43,9 +43,9 @@ STAGES = [
     ("  unlesioned tail for skipping", "nn/_skip.py", "baseline"),
     ("lesions, all partitionings", "experiments/lesion_test.py", "lesion_test"),
     ("feature vis, all partitionings", "experiments/feature_vis.py", "feature_vis_test"),
-    ("  pre-activation modules (fx)", "nn/adapter.py", "preactivation_module"),
-    ("statistics", "study/summary.py", "subcluster_tests"),
-    ("summary table", "study/summary.py", "summarize"),
+    ("  pre-activation modules (fx)", "nn/adapter.py", "values"),
+    ("statistics", "analysis/statistics.py", "subcluster_tests"),
+    ("summary table", "analysis/statistics.py", "summarize"),
 ]
 
 
@@ -89,8 +89,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     per_part: dict[str, float] = defaultdict(float)
-    an.lesion_test = _timed(an.lesion_test, lambda a, k: "lesions " + k["name"], per_part, clock)
-    fv.feature_vis_test = _timed(fv.feature_vis_test, lambda a, k: "feature vis " + k["name"], per_part, clock)
+    stages.lesion_test = _timed(stages.lesion_test, lambda a, k: "lesions " + k["name"], per_part, clock)
+    stages.feature_vis_test = _timed(stages.feature_vis_test, lambda a, k: "feature vis " + k["name"], per_part, clock)
 
 
     def load(path):

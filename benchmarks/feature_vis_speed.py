@@ -27,7 +27,7 @@ import torch
 
 from modlens.experiments import feature_vis as fv
 from modlens.experiments.partitioning import partition
-from modlens.nn.adapter import MLPAdapter
+from modlens.nn import NetworkAdapter
 from modlens.nn.models import PAPER_MLP_HIDDEN, mlp
 
 
@@ -57,7 +57,7 @@ def main() -> None:
         print(f"trained {args.mnist_epochs} epoch(s) on MNIST in {time.perf_counter() - t0:.0f} s: "
               f"{ {k: v for k, v in info.items() if 'acc' in k} }")
     t0 = time.perf_counter()
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     part = partition(adapter, "weights/global", n_clusters=16, random_state=args.seed)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, partition {time.perf_counter() - t0:.1f} s")
     measure(adapter, part, (1, 28, 28), n_random=args.n_random, steps=args.steps, single=args.single,

@@ -53,9 +53,9 @@ def original_vis(runs: Path, data_dir) -> None:
     from modlens.core.partition import Partition
     from modlens.core.seeds import STREAM_RANDOM_SETS, as_generator, method_seed, root_from_record
     from modlens.experiments.feature_vis import ORIGINAL, feature_vis_test
-    from modlens.nn.adapter import MLPAdapter
+    from modlens.nn import NetworkAdapter
     from modlens.nn.io import load_model
-    from modlens.study.runs import model_data
+    from modlens.study.commands import model_data
 
     for net in NETS:
         d, cfg = _load(runs, net)
@@ -64,7 +64,7 @@ def original_vis(runs: Path, data_dir) -> None:
             continue
         model, manifest = load_model(runs / net)
         (x, _), _ = model_data(manifest, data_dir=data_dir)
-        adapter = MLPAdapter(model)
+        adapter = NetworkAdapter(model)
         root = root_from_record(cfg["random_state"])
         parts = json.loads((d / "partitions.json").read_text())
         tables = []
@@ -104,8 +104,8 @@ VARIANTS = {
 
 
 def summaries(runs: Path, variants=None):
-    from modlens.study.diagnostics import add_diagnostics
-    from modlens.study.summary import LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
+    from modlens.analysis.diagnostics import add_diagnostics
+    from modlens.analysis.statistics import LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
 
     data = []
     for net in NETS:
@@ -195,7 +195,7 @@ def verify(runs: Path) -> str:
     """Compare the recomputed original-options tests with those of a real run
     (``modlens analyze mlpS --accuracy balanced --class-range normalized --ties original
     --effect-rule original --vis-original --out RUNS/original/mlpS``): max abs differences."""
-    from modlens.study.summary import LESION_METRICS, VIS_METRICS, subcluster_tests
+    from modlens.analysis.statistics import LESION_METRICS, VIS_METRICS, subcluster_tests
 
     out = []
     keys = ["partitioning", "layer", "cluster", "metric"]

@@ -16,6 +16,10 @@ GPU memory it allocated, and the suite ends with a summary table):
    ``--spearman-samples`` samples: torch on the GPU vs numpy/scipy on the CPU, and their max difference.
 4. replicates trained together vs one by one (``train_replicates_speed.compare``): 5 MLPs
    784-256x4-10 on MNIST if ``--data-dir`` holds it, else on random MNIST-shaped data, ``--epochs``.
+5. next-token lesions of a GPT-2-small-sized decoder (``lm_speed.run``: 12 blocks, 3,072 MLP units,
+   vocabulary 50,257, context 128, random weights; 8 test sequences): seconds per lesion set at the
+   first, middle and last block, and the lesion stage of four partitionings at k = 16 projected
+   from them (issue 18).
 
 Without a CUDA device it refuses in one line (exit code 2), unless ``--device cpu --tiny``: tiny
 models, images and sample counts that exercise every stage in seconds (this is what the tests run).
@@ -36,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import feature_vis_speed  # noqa: E402  (benchmarks/ helpers)
 import lesion_speed_cnn  # noqa: E402
+import lm_speed  # noqa: E402
 import train_replicates_speed  # noqa: E402
 
 from modlens.core import graph  # noqa: E402
 from modlens.core.partition import Partition  # noqa: E402
-from modlens.nn import _spearman  # noqa: E402
+from modlens.nn import spearman_graph_torch  # noqa: E402
 from modlens.nn.adapter import NetworkAdapter  # noqa: E402
 
 #: Full sizes (a GPU) and tiny ones (``--tiny``: a CPU check of the code paths).
@@ -97,11 +102,11 @@ def spearman_stage(n: int, m: int, device: torch.device, say) -> dict:
     cpu = graph.activation_graph([t.numpy() for t in layers])
     t_cpu = time.perf_counter() - t0
     on_dev = [t.to(device) for t in layers]
-    _spearman.activation_graph([t[:8] for t in on_dev])  # warm-up
+    spearman_graph_torch([t[:8] for t in on_dev])  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    dev = _spearman.activation_graph(on_dev)
+    dev = spearman_graph_torch(on_dev)
     t_dev = time.perf_counter() - t0
     diff = float(np.abs(cpu - dev).max())
     say(f"Spearman^2, {m} neurons x {n} samples: CPU (numpy/scipy) {t_cpu:.2f} s, torch on {device} {t_dev:.3f} s, "
@@ -166,11 +171,20 @@ def run(device: str = "cuda", tiny: bool = False, data_dir: str | None = None, s
         return res
     stage("replicates trained together vs one by one", replicates)
 
+    def language_model():
+        res = lm_speed.run(tiny=tiny, device=device, stages=("capture", "lesions"), sets=2 if tiny else 4, say=say)
+        les = res["stages"]["lesions"]
+        say(f"projected next-token lesion stage: {les['projected_sets']} sets x {les['mean_per_set_s']:.3f} s = "
+            f"{les['projected_s'] / 3600:.2f} h")
+        return {"per_set_s": les["mean_per_set_s"], "projected_s": les["projected_s"],
+                "capture_s": res["stages"]["capture"]["seconds"]}
+    stage("next-token lesions, GPT-2-small-sized decoder", language_model)
+
     say(f"\n== summary ({time.perf_counter() - started:.0f} s in all, device {device}"
         f"{' ' + torch.cuda.get_device_name(dev) if dev.type == 'cuda' else ''}{', TINY sizes' if tiny else ''}) ==")
     for name, out in results.items():
         keys = [k for k in ("ratio", "speedup", "plain_s", "incremental_s", "batched_s", "single_s", "cpu_s", "device_s",
-                            "seconds_together", "seconds_one_by_one") if k in out]
+                            "seconds_together", "seconds_one_by_one", "per_set_s", "projected_s") if k in out]
         figures = ", ".join(f"{k} {out[k]:.3g}" for k in keys)
         say(f"{name}: {figures}; peak {out['peak']}")
     return results

@@ -106,7 +106,7 @@ def mnist(args) -> None:
     from modlens.core.graph import activation_graph, ncut, weight_graph
     from modlens.core.knn_graph import knn_activation_graph, knn_sparsify
     from modlens.nn.io import load_model
-    from modlens.study.runs import model_data
+    from modlens.study.commands import model_data
 
     model, manifest = load_model(args.model)
     _, act_x = model_data(manifest, data_dir=args.data_dir)

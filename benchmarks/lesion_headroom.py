@@ -33,9 +33,9 @@ import torch
 from modlens.data import load_dataset
 from modlens.experiments.lesion_test import random_sets
 from modlens.experiments.partitioning import METHODS, Partitioner
-from modlens.nn.adapter import MLPAdapter
+from modlens.nn import NetworkAdapter
 from modlens.nn.io import load_model
-from modlens.study.runs import model_data
+from modlens.study.commands import model_data
 
 U = 2.0 ** -8  # unit roundoff of bfloat16
 
@@ -87,7 +87,7 @@ def main() -> None:
 
     model, manifest = load_model(args.model)
     _, held_out = model_data(manifest, data_dir=args.data_dir)
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     test = load_dataset("mnist", "test", data_dir=args.data_dir)
     x = torch.from_numpy(test.x[:args.n_images]).reshape(args.n_images, -1)
     lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]

@@ -26,11 +26,12 @@ from modlens.core import clustering, graph
 from modlens.data import load_dataset
 from modlens.experiments.lesion_test import random_sets
 from modlens.experiments.partitioning import METHODS, Partitioner
-from modlens.experiments.train import split_validation, train_reference_mlp
-from modlens.nn.adapter import MLPAdapter
+from modlens.data import split_validation
+from modlens.experiments.train import train_reference_mlp
+from modlens.nn import NetworkAdapter
 from modlens.nn.io import load_model, save_model
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
-from modlens.study.runs import model_data
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
+from modlens.study.commands import model_data
 
 
 def main() -> None:
@@ -65,7 +66,7 @@ def main() -> None:
                                                 "dataset": {"name": "mnist", "data_seed": 0, "activation_split": {
                                                     "split": "train", "n_total": info["n_total"], "n_val": info["n_val"],
                                                     "val_seed": info["val_seed"]}}})
-    adapter = MLPAdapter(model, x[:2])  # captured with torch.export at the data's shape, as analyze does
+    adapter = NetworkAdapter(model, x[:2])  # captured with torch.export at the data's shape, as analyze does
     print(f"capture: {adapter.capture_method}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(y)} test images")
 
@@ -102,7 +103,7 @@ def main() -> None:
     flops_fast = sum(layer_flops.values()) + 2.0 * len(y) * adapter.lesion_plan(0).macs(shapes, 1)["forward"]  # + cache fill
 
     t0 = time.perf_counter()
-    ev = LesionEvaluator(adapter, x, y)
+    ev = IncrementalLesions(adapter, x, y)
     t_fast = time.perf_counter() - t0
     fast_counts = {}
     for layer, sets in sorted(per_layer.items()):

@@ -18,7 +18,7 @@ Cases (random weights and random images: the lesion stage's cost does not depend
 The conv channels (4,224 nodes) are partitioned with k=16 (weights/global, as the paper), and
 every subcluster gets ``--n-random`` random sets of its size (19). Both paths run in the same
 process on the first ``--n-images`` images: per layer, the incremental path
-(:class:`~modlens.nn.lesion.LesionEvaluator`) on the first ``--fast-per-layer`` lesions and the
+(:class:`~modlens.nn.lesion.IncrementalLesions`) on the first ``--fast-per-layer`` lesions and the
 plain path (:func:`~modlens.nn.lesion.correct_counts_plain`, one full forward pass per lesion) on
 the first ``--plain-per-layer`` (best of ``--repeats`` timings each). Times are extrapolated, linearly, to all of the layer's lesions
 and to the full number of images; every extrapolated number is labelled so. Counts of the timed
@@ -46,7 +46,7 @@ from modlens.experiments.lesion_test import random_sets
 from modlens.experiments.partitioning import Partitioner
 from modlens.nn import _memory
 from modlens.nn.adapter import NetworkAdapter
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 
 VGG_CONVS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
@@ -113,7 +113,7 @@ def main() -> None:
                     "(default: all on a GPU, 6 (CIFAR) or 3 (ImageNet) on a CPU)")
     ap.add_argument("--plain-per-layer", type=int, default=2, help="lesions per layer timed on the plain path")
     ap.add_argument("--repeats", type=int, default=2, help="timings per layer and path; the fastest is kept")
-    ap.add_argument("--memory-budget-gib", type=float, help="LesionEvaluator budget (default 2 GiB CPU, half the free GPU)")
+    ap.add_argument("--memory-budget-gib", type=float, help="IncrementalLesions budget (default 2 GiB CPU, half the free GPU)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     g = ap.add_argument_group("mnist-cnn (a trained small CNN)")
     g.add_argument("--model", help="the model folder (modlens train --arch cnn --dataset mnist)")
@@ -206,7 +206,7 @@ def measure(case_name: str, *, device="cpu", n_images: int | None = None, full_i
     n_lesions = sum(len(v) for v in per_layer.values())
 
     t0 = time.perf_counter()
-    ev = LesionEvaluator(adapter, x, y, memory_budget_bytes=budget)
+    ev = IncrementalLesions(adapter, x, y, memory_budget_bytes=budget)
     t_setup = time.perf_counter() - t0
     shapes = adapter.node_shapes(x)
     t0 = time.perf_counter()
@@ -298,7 +298,7 @@ def measure_trained(model_dir, *, data_dir=None, n_images: int | None = None, me
     extrapolated to all lesions of ``full_images`` images)."""
     from modlens.experiments.partitioning import METHODS, make_adapter
     from modlens.nn.io import load_model
-    from modlens.study.runs import model_data
+    from modlens.study.commands import model_data
 
     budget = int(memory_budget_gib * 2**30) if memory_budget_gib else None
     per_layer = {"channels_last": None, "no-reorder": 6, "contiguous": 6, "plain": 2} | dict(per_layer or {})
@@ -367,7 +367,7 @@ def _measure_lesions(adapter, lesions, methods, x, y, shapes, paths, per_layer, 
         cl, reorder = LESION_PATHS[p]
         own = _adapter_for(adapter.model, x, reorder)
         t0 = _clock()
-        evaluators[p] = LesionEvaluator(own, x, y, channels_last=cl, memory_budget_bytes=budget)
+        evaluators[p] = IncrementalLesions(own, x, y, channels_last=cl, memory_budget_bytes=budget)
         t_setup[p] = _clock() - t0
     say("baseline pass (evaluator setup): " + ", ".join(f"{p} {t:.2f} s" for p, t in t_setup.items()))
     tot = {p: t_setup.get(p, 0.0) for p in paths}
@@ -454,7 +454,7 @@ def measure_vis(adapter, parts: dict, x, *, n_random: int, layouts, steps: int, 
     """``feature_vis_test`` of each partition under each layout (the study's defaults); seconds per layout,
     and the largest difference of the optimized images from the first layout's."""
     from modlens.experiments.feature_vis import feature_vis_test
-    from modlens.study.analyze import default_vis_transforms
+    from modlens.experiments.feature_vis import default_transforms as default_vis_transforms
 
     opts = dict(steps=steps, value_range=(float(x.min()), float(x.max())),
                 transforms=default_vis_transforms(tuple(x.shape[1:])))

@@ -13,14 +13,14 @@ feature visualization with 100 steps):
   per-task timings in ``study.json``; "outputs" is the rest of the run's wall time (task graph,
   cache look-ups, the study's tables and report).
 * **per network**: for each seed, ``modlens train --dataset mnist --seed S`` then ``modlens analyze
-  DIR --feature-vis`` as their Python calls (:func:`modlens.study.runs.train_reference`,
-  :func:`modlens.study.runs.analyze_saved`). Its analysis stages are timed by wrapping, for the
+  DIR --feature-vis`` as their Python calls (:func:`modlens.study.commands.train_and_save`,
+  :func:`modlens.study.commands.analyze_saved`). Its analysis stages are timed by wrapping, for the
   duration of this path only, loading, ``Partitioner.partition``, ``lesion_test`` and
   ``feature_vis_test`` and ``save_vis_grids`` (the PNG grids that ``analyze`` always draws and a study draws only with
   ``figures = true``: the second ratio printed leaves them out); "statistics + saving" is the rest.
 
 ``--n-test M`` analyses a seeded subsample of M test images on both paths (it replaces
-``modlens.study.runs.model_data`` in this process, so it needs ``--executor inline``: spawned
+``modlens.study.commands.model_data`` in this process, so it needs ``--executor inline``: spawned
 workers would load the full test set). ``--dataset digits`` (with small ``--n-random`` and
 ``--vis-steps``) exists for the test. The trained models of both paths are compared byte for byte
 (same seed and recipe: equal on one thread). Not a test: times depend on the machine and its load.
@@ -67,7 +67,7 @@ def study_spec(*, replicates: int, epochs: int | None, dataset: str = "mnist", n
     if n_random != raw["analysis"]["n_random"]:
         raw["analysis"]["n_random"] = int(n_random)
     if vis_steps != 100:
-        raw["analysis"]["vis"] = {"steps": int(vis_steps)}
+        raw["analysis"]["vis_options"] = {"steps": int(vis_steps)}
     return spec_from_dict(raw, source="built-in study 'paper-small'", data_dir=data_dir, replicates=replicates,
                           groups=[GROUP])
 
@@ -76,7 +76,7 @@ def study_spec(*, replicates: int, epochs: int | None, dataset: str = "mnist", n
 def test_subsample(n_test: int | None, seed: int = 0):
     """Within the block, every model's test set (study tasks and ``analyze_saved``) is a seeded
     subsample of ``n_test`` images; ``None`` leaves it whole."""
-    from modlens.study import runs
+    from modlens.study import commands as runs
 
     if n_test is None:
         yield
@@ -102,10 +102,10 @@ def _stage_clock(log: dict):
     """Add the wall time of loading, partitioning, lesions, visualization and the visualization
     figures (``save_result`` draws PNG grids for ``analyze``; a study does not unless
     ``figures = true``) to ``log`` while active."""
-    from modlens.experiments import feature_vis as fv
     from modlens.experiments.partitioning import Partitioner
-    from modlens.study import figures as figs
-    from modlens.study import runs, stages
+    from modlens.analysis import figures as figs
+    from modlens.analysis import stages
+    from modlens.study import commands as runs
 
     def timed(fn, stage):
         @functools.wraps(fn)  # keeps the signature (AnalysisConfig reads feature_vis_test's)
@@ -118,7 +118,7 @@ def _stage_clock(log: dict):
         return wrapper
 
     patches = [(runs, "load_model", "load"), (runs, "model_data", "load"), (Partitioner, "partition", "partition"),
-               (stages, "lesion_test", "lesion"), (fv, "feature_vis_test", "vis"),
+               (stages, "lesion_test", "lesion"), (stages, "feature_vis_test", "vis"),
                (figs, "save_vis_grids", "figures")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, stage in patches:
@@ -151,7 +151,7 @@ def run_study_path(spec, out: Path, *, data_dir, executor: str, workers: int | N
 def run_network_path(seeds, out: Path, *, dataset: str, epochs: int | None, n_random: int, vis_steps: int,
                      data_dir) -> tuple[dict, float, dict]:
     """(stage -> seconds, wall seconds, seed -> model sha256) of train-one-analyse-one for every seed."""
-    from modlens.study.runs import analyze_saved, train_reference
+    from modlens.study.commands import analyze_saved, train_and_save
 
     stages = defaultdict(float)
     models = {}
@@ -160,7 +160,7 @@ def run_network_path(seeds, out: Path, *, dataset: str, epochs: int | None, n_ra
     for seed in seeds:
         model_dir = out / f"model-s{seed}"
         t1 = time.perf_counter()
-        train_reference(dataset, seed=seed, out=model_dir, data_dir=data_dir, epochs=epochs)
+        train_and_save(dataset, seeds=[seed], out=model_dir, folders=False, data_dir=data_dir, epochs=epochs)
         stages["train"] += time.perf_counter() - t1
         models[seed] = json.loads((model_dir / "manifest.json").read_text())["sha256"]
         inner = defaultdict(float)
@@ -212,9 +212,9 @@ def _warm_imports() -> None:
     import scipy.stats  # noqa: F401
     import sklearn.cluster  # noqa: F401
 
-    import modlens.study.analyze  # noqa: F401
-    import modlens.study.figures  # noqa: F401
-    import modlens.study.outputs  # noqa: F401
+    import modlens.analysis.analyze  # noqa: F401
+    import modlens.analysis.figures  # noqa: F401
+    import modlens.report.outputs  # noqa: F401
     import modlens.study.runner  # noqa: F401
     import modlens.study.task_kinds  # noqa: F401
 

@@ -43,6 +43,7 @@ def main() -> None:
     import transformers
 
     from modlens.experiments.lesion_test import lesion_test
+    from modlens.nn import lesion_engine
     from modlens.experiments.partitioning import Partitioner
     from modlens.nn.adapter import NetworkAdapter
 
@@ -86,7 +87,8 @@ def main() -> None:
         results[method] = stage(method, lambda m=method: part.partition(m))
     if not args.skip_lesions:
         table = stage("lesion test (weights/global)", lambda: lesion_test(
-            adapter, results["weights/global"], x, y, n_random=args.n_random, random_state=0))
+            lesion_engine("incremental", adapter, x, y), results["weights/global"], n_random=args.n_random,
+            random_state=0))
         print(json.dumps({"lesion_sets": int(len(table))}))
     print(json.dumps({"args": vars(args), "total_seconds": round(sum(r["seconds"] for r in rows), 1),
                       "peak_rss_mb": round(_rss_mb())}))

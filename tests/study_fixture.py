@@ -12,9 +12,9 @@ from unittest import mock
 import pandas as pd
 import torch
 
+from modlens.analysis import analyze, combine, save_result
+from modlens.analysis.statistics import table_family
 from modlens.data import load_dataset
-from modlens.study.analyze import analyze, combine, save_result
-from modlens.study.paper import family_of
 
 
 def tiny_digits_mlp(seed: int, epochs: int = 20) -> torch.nn.Module:
@@ -64,7 +64,7 @@ def build_study(root: Path, *, ks=(16,), feature_vis: bool = True, n_random: int
                     # analyze's own PNG grids (slow, tested elsewhere) for one network only; the study
                     # runner too can leave them out
                     grids = contextlib.nullcontext() if nid == "mlp-mnist-s0" else mock.patch(
-                        "modlens.study.figures.save_vis_grids", return_value=[])
+                        "modlens.analysis.figures.save_vis_grids", return_value=[])
                     with grids:
                         save_result(res if keep else replace(res, vis_results=[]), root / "networks" / nid)
                     networks.append({"id": nid, "group": group, "label": label, "k": k, "train_seed": s % 2,
@@ -74,7 +74,7 @@ def build_study(root: Path, *, ks=(16,), feature_vis: bool = True, n_random: int
                 names.append(nid)
             summary = combine(results, names).summary
             rows.append(pd.DataFrame({
-                "table_family": [family_of(m) for m in summary["metric"]], "group": group, "network_label": label,
+                "table_family": [table_family(m) for m in summary["metric"]], "group": group, "network_label": label,
                 "k": k, "partitioning": summary["partitioning"], "metric": summary["metric"],
                 "p_value": summary["p_value"], "effect": summary["effect"], "effect_se": summary["effect_se"],
                 "n_networks": summary["n_networks"], "n_subclusters": summary["n_subclusters"]}))

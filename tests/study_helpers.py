@@ -8,11 +8,11 @@ from pathlib import Path
 TINY = """
 name = "tiny"
 [analysis]
-k = [4]
+n_clusters = [4]
 n_random = 3
 partitionings = ["weights/global", "activations/local"]
-metrics = ["lesion", "vis"]
-[analysis.vis]
+feature_vis = true
+[analysis.vis_options]
 steps = 5
 [[networks]]
 group = "mlp-digits"

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modlens.nn.adapter import MLPAdapter, ModelTraceError, UnsupportedModelError
+from modlens.nn import NetworkAdapter, ModelTraceError, UnsupportedModelError
 
 
 class CustomMLP(nn.Module):
@@ -29,7 +29,7 @@ def seq(inplace=False):
 
 
 def test_sequential_layers_in_forward_order():
-    a = MLPAdapter(seq())
+    a = NetworkAdapter(seq())
     assert a.layer_names == ["1", "4"]
     assert a.layer_sizes == [7, 5]
     assert a.node_layer_sizes() == [12, 7, 5, 3]
@@ -41,10 +41,10 @@ def test_sequential_layers_in_forward_order():
 def test_custom_forward_and_functional_activations():
     torch.manual_seed(0)
     m = CustomMLP()
-    a = MLPAdapter(m)
+    a = NetworkAdapter(m)
     assert a.layer_names == ["fc1", "fc2"]
     x = torch.randn(9, 3, 4)
-    z1, z2 = a.preactivations(iter([x]))
+    z1, z2 = a.record(iter([x]))
     np.testing.assert_allclose(z1, m.fc1(x.view(9, -1)).detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(z2, m.fc2(F.gelu(m.fc1(x.view(9, -1)))).detach().numpy(), rtol=1e-5, atol=1e-6)
 
@@ -53,7 +53,7 @@ def test_inplace_relu_does_not_overwrite_preactivations():
     torch.manual_seed(0)
     m = seq(inplace=True)
     x = torch.randn(50, 12)
-    z1, _ = MLPAdapter(m).preactivations(iter([x]))
+    z1, _ = NetworkAdapter(m).record(iter([x]))
     assert (z1 < 0).any(), "pre-activations must keep their negative values"
     with torch.no_grad():
         np.testing.assert_allclose(z1, m[1](x).numpy(), rtol=1e-6)
@@ -62,7 +62,7 @@ def test_inplace_relu_does_not_overwrite_preactivations():
 def test_training_mode_is_restored():
     m = seq()
     m.train()
-    MLPAdapter(m).preactivations(iter([torch.randn(4, 12)]))
+    NetworkAdapter(m).record(iter([torch.randn(4, 12)]))
     assert m.training and m[3].training
 
 
@@ -70,7 +70,7 @@ def test_unsupported_layer_is_named():
     # LayerNorm and gates are supported since the capture rebuild (issue 8); these are not
     m = nn.Sequential(nn.ConvTranspose2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(UnsupportedModelError, match=r"'0' \(ConvTranspose2d\)"):
-        MLPAdapter(m)
+        NetworkAdapter(m)
 
     class Cumulative(nn.Module):
         def __init__(self):
@@ -81,7 +81,7 @@ def test_unsupported_layer_is_named():
             return self.b(torch.cumsum(self.a(x), 1))
 
     with pytest.raises(UnsupportedModelError, match=r"unsupported operation 'cumsum.*after layer 'a'"):
-        MLPAdapter(Cumulative(), torch.randn(3, 4))
+        NetworkAdapter(Cumulative(), torch.randn(3, 4))
 
 
 def test_untraceable_model_gets_actionable_error():
@@ -96,14 +96,14 @@ def test_untraceable_model_gets_actionable_error():
             return self.b(torch.relu(self.a(x)))
 
     with pytest.raises(ModelTraceError, match="leaf"):
-        MLPAdapter(Branchy())
+        NetworkAdapter(Branchy())
 
 
 def test_needs_a_hidden_layer_and_finite_weights():
     with pytest.raises(UnsupportedModelError, match="hidden layer"):
-        MLPAdapter(nn.Sequential(nn.Linear(4, 2)))
+        NetworkAdapter(nn.Sequential(nn.Linear(4, 2)))
     m = seq()
     with torch.no_grad():
         m[4].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"4\.weight.*NaN"):
-        MLPAdapter(m)
+        NetworkAdapter(m)

@@ -17,7 +17,7 @@ from modlens.experiments.partitioning import METHODS
 from modlens.nn import adapter as adapter_mod
 from modlens.nn import lesion as lesion_mod
 from modlens.nn.models import mlp
-from modlens.study.analyze import analyze
+from modlens.analysis.analyze import analyze
 
 pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
 
@@ -45,13 +45,13 @@ def test_each_stage_runs_once_per_network_and_tables_match_single_runs(digits_ml
     model, (x, y), xa = digits_mlp
     opts = dict(activation_data=xa, n_clusters=4, n_random=3, random_state=5)
     calls = Counter()
-    for owner, name in [(adapter_mod.NetworkAdapter, "activation_summaries"), (graph, "activation_graph"),
-                        (graph, "weight_graph"), (lesion_mod.LesionEvaluator, "_baseline"),
-                        (lesion_mod.LesionEvaluator, "_fill"), (adapter_mod.NetworkAdapter, "__init__")]:
+    for owner, name in [(adapter_mod.NetworkAdapter, "record"), (graph, "activation_graph"),
+                        (graph, "weight_graph"), (lesion_mod.IncrementalLesions, "_baseline"),
+                        (lesion_mod.IncrementalLesions, "_fill"), (adapter_mod.NetworkAdapter, "__init__")]:
         _count(monkeypatch, owner, name, calls)
     both = analyze(model, (x, y), partitionings=METHODS, feature_vis=True, vis_options={"steps": 3}, **opts)
     n_layers = len(both.config["layers"])
-    assert calls["activation_summaries"] == 1 and calls["activation_graph"] == 1 and calls["weight_graph"] == 1
+    assert calls["record"] == 1 and calls["activation_graph"] == 1 and calls["weight_graph"] == 1
     assert calls["_baseline"] == 1 and calls["__init__"] == 1
     assert 1 <= calls["_fill"] <= n_layers  # one probe pass per layer, shared by the four partitionings
     monkeypatch.undo()

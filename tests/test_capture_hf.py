@@ -12,7 +12,7 @@ import torch
 import modlens
 from modlens.experiments.partitioning import METHODS
 from modlens.nn.adapter import NetworkAdapter, UnsupportedModelError
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected", "ignore::UserWarning")
@@ -117,7 +117,7 @@ def test_incremental_engine_equals_plain_oracle_on_hugging_face_models(family):
     _center(model, x0)
     x, y = _data(model, 32, 1, torch.float64)
     a = NetworkAdapter(model, x, input_name="pixel_values")
-    ev = LesionEvaluator(a, x, y)
+    ev = IncrementalLesions(a, x, y)
     rng = np.random.default_rng(0)
     layers = range(len(a.layers)) if len(a.layers) < 20 else rng.choice(len(a.layers), 12, replace=False)
     changed = 0
@@ -137,13 +137,13 @@ def test_model_is_left_as_it_was_after_an_exception_mid_run(monkeypatch):
     test, held = _data(model.eval(), 16, 1), _data(model, 16, 2)[0]
     model.train()
     calls = []
-    baseline = LesionEvaluator._baseline
+    baseline = IncrementalLesions._baseline
 
     def boom(self):
         calls.append(baseline(self))  # after capture, partitioning and a pass over the test set
         raise RuntimeError("interrupted mid-run")
 
-    monkeypatch.setattr(LesionEvaluator, "_baseline", boom)
+    monkeypatch.setattr(IncrementalLesions, "_baseline", boom)
     with pytest.raises(RuntimeError, match="mid-run"):
         modlens.analyze(model, test, activation_data=held, input_name="pixel_values", n_clusters=2, n_random=1,
                         partitionings=["weights/global"])

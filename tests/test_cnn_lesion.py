@@ -10,7 +10,7 @@ from torch import nn
 from modlens.core.partition import Partition
 from modlens.experiments.lesion_test import lesion_test
 from modlens.nn.adapter import NetworkAdapter
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain, lesion_engine
 from test_cnn_models import resnet_case
 
 
@@ -22,7 +22,7 @@ def random_sets(rng, width):
 def test_incremental_equals_plain_on_a_residual_bn_network(seed):
     model, x, y = resnet_case(seed)
     adapter = NetworkAdapter(model, include_dense=True)
-    ev = LesionEvaluator(adapter, x, y, batch_size=25)
+    ev = IncrementalLesions(adapter, x, y, batch_size=25)
     rng = np.random.default_rng(seed)
     changed = 0
     for layer, width in enumerate(adapter.layer_sizes):
@@ -55,7 +55,7 @@ def test_lesion_zeroes_the_channel_after_batch_norm():
         h2[:, [1, 3]] = 0
         y = expected.clone()
     adapter = NetworkAdapter(model)
-    counts = LesionEvaluator(adapter, x, y).correct_counts(0, [[1, 3]])
+    counts = IncrementalLesions(adapter, x, y).correct_counts(0, [[1, 3]])
     assert counts.sum() == len(y)
     assert correct_counts_plain(adapter, 0, [[1, 3]], x, y).sum() == len(y)
 
@@ -72,14 +72,14 @@ def test_flattened_channel_owns_its_columns():
         y = F.linear(F.relu(F.linear(model[:5](x), w, model[5].bias)), model[7].weight, model[7].bias).argmax(-1)
     adapter = NetworkAdapter(model, include_dense=True)
     assert adapter.layer_names == ["0", "2", "5"]
-    assert LesionEvaluator(adapter, x, y).correct_counts(1, [[2]]).sum() == len(y)
+    assert IncrementalLesions(adapter, x, y).correct_counts(1, [[2]]).sum() == len(y)
 
 
 def test_tiny_memory_budget_chunks_and_gives_identical_counts():
     model, x, y = resnet_case(0)
     adapter = NetworkAdapter(model, include_dense=True)
-    big = LesionEvaluator(adapter, x, y)
-    small = LesionEvaluator(adapter, x, y, memory_budget_bytes=40_000)
+    big = IncrementalLesions(adapter, x, y)
+    small = IncrementalLesions(adapter, x, y, memory_budget_bytes=40_000)
     rng = np.random.default_rng(3)
     for layer in (0, 2, 5, 8):
         sets = random_sets(rng, adapter.layer_sizes[layer])
@@ -97,8 +97,8 @@ def test_float32_block_shapes_do_not_change_counts():
     model, x = model.float(), x.float()
     adapter = NetworkAdapter(model)
     sets = [np.arange(s) for s in (2, 2, 3, 5)]
-    a = LesionEvaluator(adapter, x, y).correct_counts(3, sets)
-    b = LesionEvaluator(adapter, x, y, memory_budget_bytes=30_000).correct_counts(3, sets)
+    a = IncrementalLesions(adapter, x, y).correct_counts(3, sets)
+    b = IncrementalLesions(adapter, x, y, memory_budget_bytes=30_000).correct_counts(3, sets)
     assert np.abs(a - b).max() <= 1
     assert np.abs(a - correct_counts_plain(adapter, 3, sets, x, y)).max() <= 1
 
@@ -119,8 +119,8 @@ def test_lesion_test_on_a_cnn_agrees_between_engines():
     adapter = NetworkAdapter(model)
     labels = [np.arange(n) % 2 for n in adapter.layer_sizes]
     part = Partition.from_labels(labels, adapter.layer_names, adapter.layer_sizes)
-    fast = lesion_test(adapter, part, x, y, n_random=3, random_state=0)
-    plain = lesion_test(adapter, part, x, y, n_random=3, random_state=0, engine="plain")
+    fast = lesion_test(lesion_engine("incremental", adapter, x, y), part, n_random=3, random_state=0)
+    plain = lesion_test(lesion_engine("plain", adapter, x, y), part, n_random=3, random_state=0)
     assert len(fast) == 2 * 8 * 4
     np.testing.assert_array_equal(fast["accuracy"].to_numpy(), plain["accuracy"].to_numpy())
 
@@ -137,7 +137,7 @@ def test_conv1d_and_convolutional_classifier():
     y[::4] = 0
     adapter = NetworkAdapter(model)
     assert adapter.layer_names == ["0", "3"] and adapter.n_classes == 4
-    ev = LesionEvaluator(adapter, x, y)
+    ev = IncrementalLesions(adapter, x, y)
     for layer, width in enumerate(adapter.layer_sizes):
         sets = [[0], [1, 2], [width - 1], list(range(width))]
         np.testing.assert_array_equal(ev.correct_counts(layer, sets), correct_counts_plain(adapter, layer, sets, x, y))
@@ -168,7 +168,7 @@ def _small_cnn(dtype, seed=0, n=120):
 def test_channels_last_engine_equals_plain_in_float64(channels_last):
     model, x, y = _small_cnn(torch.float64)
     adapter = NetworkAdapter(model)
-    ev = LesionEvaluator(adapter, x, y, channels_last=channels_last, batch_size=50)
+    ev = IncrementalLesions(adapter, x, y, channels_last=channels_last, batch_size=50)
     assert ev.channels_last is channels_last
     rng = np.random.default_rng(0)
     changed = 0
@@ -184,14 +184,14 @@ def test_channels_last_is_the_cpu_default_and_the_weights_are_restored():
     model, x, y = _small_cnn(torch.float32)
     adapter = NetworkAdapter(model)
     before = {k: (v.data_ptr(), v.stride()) for k, v in model.state_dict().items()}
-    ev = LesionEvaluator(adapter, x, y)
+    ev = IncrementalLesions(adapter, x, y)
     assert ev.channels_last
     ev.correct_counts(0, [[1, 2]])
     cached = next(iter(ev._caches.values()))
     assert all(v.is_contiguous(memory_format=torch.channels_last) for v in cached.values() if v.dim() == 4)
     assert {k: (v.data_ptr(), v.stride()) for k, v in model.state_dict().items()} == before
     mlp = NetworkAdapter(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)))
-    assert not LesionEvaluator(mlp, torch.rand(10, 6), torch.zeros(10, dtype=torch.int64)).channels_last
+    assert not IncrementalLesions(mlp, torch.rand(10, 6), torch.zeros(10, dtype=torch.int64)).channels_last
 
 
 def test_float32_layouts_agree_with_each_other_and_the_oracle():
@@ -202,8 +202,8 @@ def test_float32_layouts_agree_with_each_other_and_the_oracle():
     rng = np.random.default_rng(1)
     for layer in (0, 1):
         sets = [rng.choice(8, size=s, replace=False) for s in (1, 2, 2, 3, 5)]
-        nhwc = LesionEvaluator(adapter, x, y).correct_counts(layer, sets)
-        nchw = LesionEvaluator(adapter, x, y, channels_last=False).correct_counts(layer, sets)
+        nhwc = IncrementalLesions(adapter, x, y).correct_counts(layer, sets)
+        nchw = IncrementalLesions(adapter, x, y, channels_last=False).correct_counts(layer, sets)
         np.testing.assert_array_equal(nhwc, nchw)
         assert np.abs(nhwc - correct_counts_plain(adapter, layer, sets, x, y)).max() <= 1
 

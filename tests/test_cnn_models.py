@@ -195,5 +195,5 @@ def test_bn_fold_matches_a_numerically_folded_conv(conv_cls):
     expected = fused.weight.detach().abs().reshape(5, 3, -1).sum(-1).numpy()
     np.testing.assert_allclose(blocks[0][2], expected, rtol=1e-12)
     np.testing.assert_allclose(bn_scale(bn).numpy(), (bn.weight.abs() / torch.sqrt(bn.running_var + bn.eps)).detach().numpy())
-    unfolded = NetworkAdapter(model).weight_blocks(fold_bn=False)[0][2]
+    unfolded = NetworkAdapter(model).weight_blocks(bn_fold="none")[0][2]
     np.testing.assert_allclose(unfolded, conv.weight.detach().abs().reshape(5, 3, -1).sum(-1).numpy(), rtol=1e-12)

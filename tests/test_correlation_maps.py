@@ -16,7 +16,7 @@ from modlens.experiments.correlation_maps import (
     spearman_maps,
     subcluster_map,
 )
-from modlens.nn.adapter import MLPAdapter
+from modlens.nn import NetworkAdapter
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +96,7 @@ def _halves_mlp(seed=0, per=8, h=8, w=8):
         mask[:per, :, : w // 2] = 1
         mask[per:, :, w // 2:] = 1
         model[1].weight.copy_(torch.randn(n, h * w, generator=g) * mask.reshape(n, -1))
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     labels = np.repeat([0, 1], per)
     return adapter, Partition.from_labels([labels, np.arange(n) % 2], adapter.layer_names, adapter.layer_sizes)
 
@@ -127,7 +127,7 @@ def test_true_first_layer_subclusters_prefer_one_half():
 def test_correlation_figure_is_written_and_readable(tmp_path):
     import matplotlib.image as mpimg
 
-    from modlens.study.figures import save_correlation_figure
+    from modlens.report.correlation import save_correlation_figure
 
     adapter, part = _halves_mlp(per=4)
     x = torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(2))

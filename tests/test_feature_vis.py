@@ -11,11 +11,11 @@ from torch import nn
 
 from modlens.core import stats
 from modlens.core.partition import Partition
-from modlens.core.rng import as_generator
+from modlens.core.seeds import as_generator
 from modlens.experiments import feature_vis as fv
 from modlens.experiments.feature_vis import COLUMNS, ORIGINAL, feature_vis_test, subcluster_objective, unit_values
 from modlens.experiments.lesion_test import random_sets
-from modlens.nn.adapter import MLPAdapter
+from modlens.nn import NetworkAdapter
 from modlens.nn.models import mlp
 
 
@@ -30,7 +30,7 @@ def _one_thread():
 
 def _tiny(seed=0, sizes=(64, 12, 12, 10)):
     model = mlp(list(sizes), generator=torch.Generator().manual_seed(seed)).double()
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     part = Partition.from_labels([np.arange(12) % 3, np.arange(12) % 4], adapter.layer_names, adapter.layer_sizes)
     return adapter, part
 
@@ -59,7 +59,7 @@ def _planted(seed=0, per=5):
             lin.bias.zero_()
         model[1].bias.fill_(3.0)
     labels = np.repeat(np.arange(k), per)
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     return adapter, Partition.from_labels([labels, labels], adapter.layer_names, adapter.layer_sizes)
 
 
@@ -153,7 +153,7 @@ def test_scores_and_entropy_recomputed_from_images():
     x = torch.as_tensor(res.images)
     for layer in (0, 1):
         rows = np.flatnonzero(res.table["layer"] == layer)
-        z = adapter.preactivation_module(layer)(preprocess(x[rows])).detach()
+        z = adapter.values([layer])(preprocess(x[rows])).detach()
         for r, row in zip(rows, z):
             members = [int(i) for i in res.table["neurons"].iloc[r].split(",")]
             assert res.table["vis_score"].iloc[r] == pytest.approx(row[members].abs().sum().item(), rel=1e-12)
@@ -161,7 +161,7 @@ def test_scores_and_entropy_recomputed_from_images():
     entropy = -(logp.exp() * logp).sum(1)
     np.testing.assert_allclose(res.table["softmax_entropy"], entropy.detach().numpy(), rtol=1e-12)
     # a model that ends in a softmax is not normalized twice
-    soft = MLPAdapter(nn.Sequential(adapter.model, nn.Softmax(dim=1)))
+    soft = NetworkAdapter(nn.Sequential(adapter.model, nn.Softmax(dim=1)))
     res2 = feature_vis_test(soft, part, (1, 8, 8), n_random=2, steps=6, preprocess=preprocess)
     np.testing.assert_allclose(res2.table["softmax_entropy"], res.table["softmax_entropy"], rtol=1e-12)
 
@@ -178,7 +178,7 @@ def test_value_range_original_preset_and_model_untouched():
     assert orig.config["parameterization"] == "fourier" and orig.config["objective"] == "spatial_mean_abs"
     assert (orig.table["layer"] == 1).all()  # row 7: size >= 3 (layer 0 has size-2 clusters only)
     assert 0 < orig.images.min() and orig.images.max() < 1  # sigmoid
-    rgb = feature_vis_test(MLPAdapter(mlp([192, 12, 12, 10], generator=torch.Generator().manual_seed(0))), part,
+    rgb = feature_vis_test(NetworkAdapter(mlp([192, 12, 12, 10], generator=torch.Generator().manual_seed(0))), part,
                            (3, 8, 8), n_random=1, **{**ORIGINAL, "steps": 3})
     assert rgb.images.shape[1:] == (3, 8, 8)
     with pytest.raises(ValueError, match="input_shape"):
@@ -217,7 +217,7 @@ def test_pairwise_effect_values():
 def test_vis_grids_are_written_and_readable(tmp_path):
     import matplotlib.image as mpimg
 
-    from modlens.study.figures import save_vis_grids
+    from modlens.analysis.figures import save_vis_grids
 
     adapter, part = _tiny()
     res = feature_vis_test(adapter, part, (1, 8, 8), n_random=3, steps=2, name="weights/global")
@@ -256,8 +256,8 @@ def test_partition_without_testable_subclusters_gives_an_empty_table():
 
 
 def test_default_transforms_follow_the_input_size():
-    from modlens.study.analyze import default_vis_transforms
+    from modlens.experiments.feature_vis import default_transforms
 
-    assert default_vis_transforms((1, 28, 28)) == "jitter-scale"
-    assert default_vis_transforms((3, 32, 32)) == "jitter-scale"
-    assert default_vis_transforms((3, 224, 224)) == "lucid"
+    assert default_transforms((1, 28, 28)) == "jitter-scale"
+    assert default_transforms((3, 32, 32)) == "jitter-scale"
+    assert default_transforms((3, 224, 224)) == "lucid"

@@ -20,7 +20,7 @@ from modlens.core.partition import Partition
 from modlens.experiments import _vis_transforms as vt
 from modlens.experiments.feature_vis import continuous_input_problem, feature_vis_test
 from modlens.experiments.partitioning import METHODS
-from modlens.nn.adapter import MLPAdapter
+from modlens.nn import NetworkAdapter
 from modlens.nn.models import mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
@@ -125,10 +125,10 @@ def test_noise_shift_is_noise_then_a_circular_roll():
 @pytest.mark.parametrize("shape,transforms", [((32,), "noise"), ((32,), "none"), ((12, 5), "noise-shift")])
 def test_batched_equals_one_at_a_time_for_vectors_and_sequences(shape, transforms):
     if len(shape) == 1:  # zero biases, inputs start near 0: the noise flips signs, so it matters
-        adapter = MLPAdapter(mlp([32, 12, 12, 10], generator=torch.Generator().manual_seed(0)).double())
+        adapter = NetworkAdapter(mlp([32, 12, 12, 10], generator=torch.Generator().manual_seed(0)).double())
         modules = [np.arange(12) % 3, np.arange(12) % 4]
     else:
-        adapter = MLPAdapter(SeqNet().double())
+        adapter = NetworkAdapter(SeqNet().double())
         modules = [np.arange(8) % 2, np.arange(8) % 3]
     part = Partition.from_labels(modules, adapter.layer_names, adapter.layer_sizes)
     kw = dict(n_random=3, steps=10, random_state=7, transforms=transforms, value_range=(-2.0, 2.0))
@@ -231,8 +231,8 @@ def test_integer_inputs_skip_feature_vis_and_keep_the_lesions():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # without feature_vis: no warning
         modlens.analyze(model, (x, y), partition=part, n_random=4)
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     with pytest.raises(ValueError, match="continuous inputs"):
         feature_vis_test(adapter, Partition.from_labels(part, adapter.layer_names, adapter.layer_sizes), (5,))
     assert "int64 (token ids" in continuous_input_problem(adapter, x)
-    assert continuous_input_problem(MLPAdapter(coherent_mlp()[0]), torch.zeros(2, 32)) is None
+    assert continuous_input_problem(NetworkAdapter(coherent_mlp()[0]), torch.zeros(2, 32)) is None

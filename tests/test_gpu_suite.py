@@ -36,7 +36,9 @@ def test_refuses_without_a_gpu_in_one_line(suite, capsys):
 def test_tiny_run_covers_every_stage_on_cpu(suite, capsys):
     results = suite.run("cpu", tiny=True)
     out = capsys.readouterr().out
-    assert len(results) == 6 and all("peak" in r and r["wall_s"] >= 0 for r in results.values())
+    assert len(results) == 7 and all("peak" in r and r["wall_s"] >= 0 for r in results.values())
+    lm = next(r for name, r in results.items() if name.startswith("next-token lesions"))
+    assert lm["per_set_s"] > 0 and lm["projected_s"] == pytest.approx(lm["per_set_s"] * 4 * 16 * 3 * 20)
     lesion = [r for name, r in results.items() if name.startswith("lesions")]
     assert len(lesion) == 2 and all(r["plain_s"] > 0 and r["incremental_s"] > 0 and r["max_count_diff"] == 0 for r in lesion)
     vis = [r for name, r in results.items() if name.startswith("feature visualization")]

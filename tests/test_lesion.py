@@ -7,8 +7,8 @@ from torch import nn
 
 from modlens.experiments.lesion_test import lesion_metrics, lesion_test
 from modlens.core.partition import Partition
-from modlens.nn.adapter import MLPAdapter
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn import NetworkAdapter
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain, lesion_engine
 
 
 def random_mlp(sizes, act, seed, dtype=torch.float64):
@@ -37,8 +37,8 @@ def test_incremental_equals_plain_on_random_mlps(act, seed):
     sizes = [10, 24, 16, 20, 6]
     model = random_mlp(sizes, act, seed)
     x, y = labelled(model, 300, 10, seed)
-    adapter = MLPAdapter(model)
-    ev = LesionEvaluator(adapter, x, y, batch_size=77)
+    adapter = NetworkAdapter(model)
+    ev = IncrementalLesions(adapter, x, y, batch_size=77)
     rng = np.random.default_rng(seed)
     for layer, width in enumerate(adapter.layer_sizes):
         sets = [rng.choice(width, size=s, replace=False) for s in (1, 2, 2, 5, 5, 5, width - 1, width)] + [[]]
@@ -53,23 +53,23 @@ def test_lesion_zeroes_the_neurons_output_not_its_preactivation():
     # sigmoid(0) = 0.5, so zeroing pre-activations would differ from removing the neuron
     model = random_mlp([3, 4, 2], nn.Sigmoid, 0)
     x = torch.randn(50, 3, dtype=torch.float64)
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     with torch.no_grad():
         w = model[2].weight.clone()
         w[:, [1, 2]] = 0
         expected = (torch.sigmoid(model[0](x)) @ w.T + model[2].bias).argmax(-1)
     y = expected.clone()
-    counts = LesionEvaluator(adapter, x, y).correct_counts(0, [[1, 2]])
+    counts = IncrementalLesions(adapter, x, y).correct_counts(0, [[1, 2]])
     assert counts.sum() == len(y)
 
 
 def test_float32_batching_does_not_change_counts():
     model = random_mlp([8, 32, 32, 5], nn.ReLU, 3, dtype=torch.float32)
     x, y = labelled(model, 500, 8, 3, dtype=torch.float32)
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     sets = [np.arange(s) for s in (3, 3, 3, 7)]
-    a = LesionEvaluator(adapter, x, y, batch_size=500).correct_counts(1, sets)
-    b = LesionEvaluator(adapter, x, y, batch_size=13).correct_counts(1, sets)
+    a = IncrementalLesions(adapter, x, y, batch_size=500).correct_counts(1, sets)
+    b = IncrementalLesions(adapter, x, y, batch_size=13).correct_counts(1, sets)
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - correct_counts_plain(adapter, 1, sets, x, y)).max() <= 1
 
@@ -77,13 +77,13 @@ def test_float32_batching_does_not_change_counts():
 def test_bad_lesion_sets():
     model = random_mlp([3, 4, 2], nn.ReLU, 0)
     x = torch.randn(10, 3, dtype=torch.float64)
-    ev = LesionEvaluator(MLPAdapter(model), x, torch.zeros(10, dtype=torch.long))
+    ev = IncrementalLesions(NetworkAdapter(model), x, torch.zeros(10, dtype=torch.long))
     with pytest.raises(ValueError, match=r"outside \[0, 3\]"):
         ev.correct_counts(0, [[0, 4]])
     with pytest.raises(ValueError, match="repeats"):
         ev.correct_counts(0, [[1, 1]])
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 1\]"):
-        LesionEvaluator(MLPAdapter(model), x, torch.full((10,), 5))
+        IncrementalLesions(NetworkAdapter(model), x, torch.full((10,), 5))
 
 
 def test_lesion_metrics_by_hand():
@@ -106,11 +106,11 @@ def test_lesion_metrics_by_hand():
 def test_lesion_test_table_and_engines_agree():
     model = random_mlp([6, 12, 12, 4], nn.ReLU, 5)
     x, y = labelled(model, 200, 6, 5)
-    adapter = MLPAdapter(model)
+    adapter = NetworkAdapter(model)
     labels = [np.arange(12) % 3, np.arange(12) // 4]
     part = Partition.from_labels(labels, adapter.layer_names, adapter.layer_sizes)
-    fast = lesion_test(adapter, part, x, y, n_random=5, random_state=1)
-    plain = lesion_test(adapter, part, x, y, n_random=5, random_state=1, engine="plain")
+    fast = lesion_test(lesion_engine("incremental", adapter, x, y), part, n_random=5, random_state=1)
+    plain = lesion_test(lesion_engine("plain", adapter, x, y), part, n_random=5, random_state=1)
     assert len(fast) == 6 * 6
     assert (fast["kind"] == "true").sum() == 6
     assert fast.groupby(["layer", "cluster"]).size().eq(6).all()

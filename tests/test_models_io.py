@@ -179,7 +179,7 @@ def test_no_partial_files_when_saving_fails(tmp_path, monkeypatch, fail_at):
 
         monkeypatch.setattr(mio, "save_file", half_write)
     elif fail_at == "sha":
-        monkeypatch.setattr(mio, "_sha256", boom)
+        monkeypatch.setattr(mio, "sha256_file", boom)
     else:
         real_replace = mio.os.replace
         calls = []
@@ -198,7 +198,7 @@ def test_no_partial_files_when_saving_fails(tmp_path, monkeypatch, fail_at):
 
 def test_existing_directory_failure_leaves_old_model(tmp_path, monkeypatch):
     model, directory = _saved(tmp_path)
-    monkeypatch.setattr(mio, "_sha256", lambda p: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(mio, "sha256_file", lambda p: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         save_model(build_model(ARCH, generator=_gen(1)), directory, {"architecture": ARCH})
     monkeypatch.undo()

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from modlens.analysis import AnalysisConfig
 from modlens.core import permutation as P
 from modlens.core.stats import fisher, fisher_bates, percentiles
 
@@ -313,7 +314,7 @@ def test_analyze_and_combine_with_exact(planted):
 
 
 def test_summarize_exact_all_ties_and_missing_column():
-    from modlens.study.summary import subcluster_tests, summarize
+    from modlens.analysis.statistics import subcluster_tests, summarize
 
     rows = []
     for c in range(3):
@@ -332,7 +333,8 @@ def test_cli_option():
 
     args = build_parser().parse_args(["analyze", "m", "--out", "o", "--combine", "exact"])
     assert _analysis_kwargs(args)["combine"] == "exact"
-    assert _analysis_kwargs(build_parser().parse_args(["analyze", "m", "--out", "o"]))["combine"] == "fisher"
+    assert "combine" not in _analysis_kwargs(build_parser().parse_args(["analyze", "m", "--out", "o"]))
+    assert AnalysisConfig().combine == "fisher"  # what an option left out of the command line is
     with pytest.raises(SystemExit):
         build_parser().parse_args(["analyze", "m", "--out", "o", "--combine", "stouffer"])
 
@@ -351,7 +353,7 @@ def test_monte_carlo_null_feeds_the_replicate_step():
 
 def test_exact_summary_from_saved_tables(tmp_path):
     """The tests table read back from Parquet or CSV gives the same exact summary."""
-    from modlens.study.summary import subcluster_tests, summarize
+    from modlens.analysis.statistics import subcluster_tests, summarize
 
     rng = np.random.default_rng(8)
     rows = [dict(network="0", partitioning="p", layer=0, layer_name="h", cluster=c, size=4,

@@ -41,7 +41,7 @@ def _check(report, tmp_path):
 
 
 def test_study_report_in_browser(tiny_study, tmp_path):
-    from modlens.study.outputs import write_study_outputs
+    from modlens.report.outputs import write_study_outputs
 
     out = write_study_outputs(tiny_study)
     n_img = _check(out["report"], tmp_path)
@@ -49,7 +49,31 @@ def test_study_report_in_browser(tiny_study, tmp_path):
 
 
 def test_single_result_report_in_browser(tiny_study, tmp_path):
-    from modlens.study.outputs import write_result_report
+    from modlens.report.outputs import write_result_report
 
     report = write_result_report(tiny_study / "networks" / "mlp-digits-s2", tmp_path / "single.html")
     _check(report, tmp_path)
+
+
+def test_notebook_displays_in_browser(tiny_study, tmp_path):
+    """What a notebook shows for a study, a result and a partition (their _repr_html_), on one page:
+    no console messages, every figure decodes, the tables are marked as in the report."""
+    from modlens.analysis.result import load_result
+    from modlens.report.outputs import write_study_outputs
+    from modlens.study.results import open_study
+
+    out = write_study_outputs(tiny_study)
+    study = open_study(tiny_study)
+    result = load_result(tiny_study / "networks" / "mlp-digits-s2")
+    part = result.partitions["weights/global"]
+    pieces = {"study": study._repr_html_(), "result": result._repr_html_(), "partition": part._repr_html_()}
+    assert pieces["study"].count("<img ") == len([p for p in out["figures"] if p.suffix == ".png"])
+    assert pieces["result"].count("<img ") >= 1  # the percentile histograms, and the grids where saved
+    assert "Table 4: lesion experiments" in pieces["study"] and "Table 1: effect measures" in pieces["study"]
+    assert "n-cut per partitioning" in pieces["study"] and "weights/global" in pieces["partition"]
+    assert f"{part.ncut:.4f}" in pieces["partition"]
+    page = tmp_path / "notebook.html"
+    page.write_text('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">'
+                    "<title>notebook</title></head><body>" + "".join(pieces.values()) + "</body></html>",
+                    encoding="utf-8")
+    _check(page, tmp_path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from modlens.core import seeds
-from modlens.study.config import AnalysisConfig
+from modlens.analysis.config import AnalysisConfig
 
 
 def _state(ss):
@@ -85,7 +85,7 @@ def test_bad_options_fail_fast(bad, match):
         AnalysisConfig(**bad)
     assert time.perf_counter() - t0 < 0.5
     # analyze fails on the option before it touches the model or the data
-    from modlens.study.analyze import analyze  # imported (torch included) before the clock starts
+    from modlens.analysis.analyze import analyze  # imported (torch included) before the clock starts
 
     t0 = time.perf_counter()
     with pytest.raises((ValueError, TypeError), match=match):
@@ -111,7 +111,7 @@ def test_key_is_canonical_and_stable_across_processes():
     assert a.key() == b.key() and a.to_dict() == b.to_dict()
     assert AnalysisConfig(engine="plain").key() == AnalysisConfig().key()  # engine changes no number
     assert AnalysisConfig(ties="original").key() != AnalysisConfig().key()
-    code = ("from modlens.study.config import AnalysisConfig as C;"
+    code = ("from modlens.analysis.config import AnalysisConfig as C;"
             "print(C(partitionings=['weights/global'], vis_options={'steps': 10, 'lr': 0.1}).key())")
     from pathlib import Path
 
@@ -132,7 +132,33 @@ def test_cli_passes_clustering_options():
     assert (kw["eigen_solver"], kw["n_init"], kw["clusterability"], kw["n_null"]) == ("lobpcg", 7, True, 9)
     cfg = AnalysisConfig(**kw)  # the CLI's options are AnalysisConfig fields
     assert cfg.n_init == 7
-    d = build_parser().parse_args(["demo", "--eigen-solver", "arpack"])
-    assert d.eigen_solver == "arpack" and d.n_init == "auto"
-    with pytest.raises(ValueError, match="n-init"):
-        _analysis_kwargs(build_parser().parse_args(["analyze", "m", "--out", "o", "--n-init", "lots"]))
+    d = _analysis_kwargs(build_parser().parse_args(["demo", "--eigen-solver", "arpack", "--n-init", "auto"]))
+    assert d == {"eigen_solver": "arpack", "n_init": "auto"}  # options not given keep the config's defaults
+    with pytest.raises(SystemExit):  # argparse: "expected an integer or 'auto'"
+        build_parser().parse_args(["analyze", "m", "--out", "o", "--n-init", "lots"])
+
+
+def test_every_config_field_is_one_cli_option_and_one_spec_key_of_the_same_name():
+    """The command line and study specs are generated from AnalysisConfig: one name per option."""
+    from modlens.analysis.config import options, vis_options
+    from modlens.cli import _analysis_kwargs, build_parser
+    from modlens.study.spec import spec_from_dict
+
+    parser = build_parser()
+    analyze = parser._subparsers._group_actions[0].choices["analyze"]
+    flags = {f for a in analyze._actions for f in a.option_strings}
+    for o in options():
+        if o.kind is not dict:
+            assert "--" + o.name.replace("_", "-") in flags, o.name
+    for o in vis_options():
+        if o.kind is not None:
+            assert "--vis-" + o.name.replace("_", "-") in flags, o.name
+    argv = ["analyze", "m", "--out", "o", "--n-clusters", "8", "--random-state", "3", "--ties", "original",
+            "--partitionings", "weights/local", "--vis-steps", "7", "--max-fraction", "0.5"]
+    kw = _analysis_kwargs(parser.parse_args(argv))
+    from_cli = AnalysisConfig(**kw)
+    assert from_cli.feature_vis and from_cli.vis_options == {"steps": 7}  # a --vis-* option implies --feature-vis
+    toml = {"n_clusters": 8, "random_state": 3, "ties": "original", "partitionings": ["weights/local"],
+            "feature_vis": True, "vis_options": {"steps": 7}, "max_fraction": 0.5}
+    spec = spec_from_dict({"name": "t", "analysis": toml, "networks": [{"group": "g", "arch": "mlp", "dataset": "digits"}]})
+    assert spec.analysis.config == from_cli == AnalysisConfig(**{**toml, "partitionings": ("weights/local",)})

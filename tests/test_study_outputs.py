@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from modlens.study.paper import (bold_effect, compare_with_paper, agreement_counts, family_bh, reported_results,
+from modlens.report.paper import (bold_effect, compare_with_paper, agreement_counts, family_bh, reported_results,
                                  check_rows)
-from modlens.study.tables import build_tables, format_p, main_k
+from modlens.report.tables import build_tables, format_p, main_k
 
 SHARED_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "paper" / "reported-results.csv"
 
@@ -159,7 +159,7 @@ def test_tables_laid_out_like_the_paper():
 
 def test_figure3_shades_significant_cells(tmp_path):
     from PIL import Image
-    from modlens.study.study_plots import figure3
+    from modlens.report.plots import figure3
 
     rows, info = family_bh(synthetic_rows(groups=("a",)))
     rows["significant"] = [i % 2 == 0 for i in range(len(rows))]
@@ -173,7 +173,7 @@ def test_figure3_shades_significant_cells(tmp_path):
 
 
 def test_study_outputs_files(tiny_study):
-    from modlens.study.outputs import write_study_outputs
+    from modlens.report.outputs import write_study_outputs
 
     out = write_study_outputs(tiny_study)
     names = {p.name for p in (tiny_study / "tables").iterdir()}
@@ -221,7 +221,7 @@ def test_correlation_figures_for_halves_groups(tiny_study, tmp_path):
     import torch
     from modlens.nn.io import save_model
     from modlens.nn.models import build_model
-    from modlens.study.outputs import write_study_outputs
+    from modlens.report.outputs import write_study_outputs
 
     study = tmp_path / "halves"
     shutil.copytree(tiny_study, study, ignore=shutil.ignore_patterns("tables", "figures", "report.html"))
@@ -260,7 +260,7 @@ def test_figure7_uses_the_images_of_the_first_network(tmp_path):
     """Images are saved for a combined result's first network only; Figure 7 must pair them
     with that network's rows, and draw the largest first-layer subcluster's true image first."""
     from PIL import Image
-    from modlens.study.study_plots import figure7
+    from modlens.report.plots import figure7
 
     rows = []
     for net in ("n0", "n1"):
@@ -281,7 +281,7 @@ def test_figure7_uses_the_images_of_the_first_network(tmp_path):
 
 
 def test_network_groups_from_study_json_or_ids():
-    from modlens.study.outputs import network_groups
+    from modlens.report.outputs import network_groups
 
     ids = ["mlp-mnist-s0", "mlp-mnist-s1", "cnn-x-s0"]
     assert network_groups({}, ids) == {"mlp-mnist-s0": "mlp-mnist", "mlp-mnist-s1": "mlp-mnist", "cnn-x-s0": "cnn-x"}

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from modlens.study.runner import run_study
 from modlens.study.spec import load_spec
-from modlens.study.summary import summarize
+from modlens.analysis.statistics import summarize
 
 from study_helpers import TINY, assert_same_tables, table_files, write_spec
 
@@ -27,7 +28,7 @@ def reference(tmp_path_factory):
     """The tiny study run once, uninterrupted, inline."""
     root = tmp_path_factory.mktemp("study")
     spec_path = write_spec(root)
-    out = run_study(load_spec(spec_path), root / "ref", progress=False)
+    out = run_study(load_spec(spec_path), root / "ref", executor="inline", progress=False)
     return spec_path, out
 
 
@@ -40,6 +41,7 @@ def _rerun(reference, tmp_path, text=TINY, **kw):
     out = tmp_path / "copy"
     shutil.copytree(ref, out)
     spec = write_spec(tmp_path, text, "changed.toml")
+    kw.setdefault("executor", "inline")
     run_study(load_spec(spec), out, progress=False, **kw)
     ran = sorted({t["kind"] for t in _tasks(out) if not t["cached"]})
     return out, ran
@@ -83,16 +85,18 @@ def test_rerun_skips_every_task(reference, tmp_path):
 
 @pytest.mark.parametrize("change, reruns", [
     (("steps = 5", "steps = 6"), ["stats", "vis"]),
-    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\nties = "original"'), ["stats"]),
+    (("feature_vis = true", 'feature_vis = true\nties = "original"'), ["stats"]),
     (("n_random = 3", "n_random = 4"), ["lesion", "stats", "vis"]),
-    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\nfigures = true'), ["stats"]),
-    (("k = [4]", "k = [4, 5]"), ["lesion", "partition", "stats", "vis"]),
-    (('metrics = ["lesion", "vis"]', 'metrics = ["lesion", "vis"]\ncombine = "exact"'), ["stats"]),
+    (("feature_vis = true", "feature_vis = true\nfigures = true"), ["stats"]),
+    (("n_clusters = [4]", "n_clusters = [4, 5]"), ["lesion", "partition", "stats", "vis"]),
+    (("feature_vis = true", 'feature_vis = true\ncombine = "exact"'), ["stats"]),
+    (("feature_vis = true", 'feature_vis = true\nengine = "plain"'), []),  # changes no number: no task reruns
+    (("feature_vis = true", "feature_vis = true\nclusterability = true\nn_null = 2"), ["clusterability", "stats"]),
 ])
 def test_changing_one_option_reruns_only_what_depends_on_it(reference, tmp_path, change, reruns):
     out, ran = _rerun(reference, tmp_path, TINY.replace(*change))
     assert ran == reruns
-    if change[0] == "k = [4]":  # the k=4 partitions and tests are reused (their statistics are renamed -k4)
+    if change[0] == "n_clusters = [4]":  # the k=4 partitions and tests are reused (their statistics are renamed -k4)
         fresh = [t for t in _tasks(out) if not t["cached"] and t["kind"] != "stats"]
         assert fresh and all("-k5" in t["task"] for t in fresh)
     if "figures" in change[1]:
@@ -124,6 +128,54 @@ def test_seeds_do_not_depend_on_order_or_company(reference, tmp_path):
     for name in ("summary", "subclusters", "tests", "visualizations"):
         a = (ref / "networks" / "mlp-digits-s1" / f"{name}.parquet").read_bytes()
         assert a == (out / "networks" / "mlp-digits-s1" / f"{name}.parquet").read_bytes()
+
+
+def test_default_executor_uses_every_core_and_gives_the_inline_tables(reference, tmp_path, monkeypatch):
+    from modlens.study import executors
+
+    if executors.available_cores() < 2:  # what a machine with more than one core does
+        monkeypatch.setattr(executors, "available_cores", lambda: 2)
+    spec_path, ref = reference
+    out = run_study(load_spec(spec_path), tmp_path / "auto", progress=False)
+    record = json.loads((out / "study.json").read_text())
+    assert (record["executor"], record["executor_requested"]) == ("processes", "auto")
+    assert record["workers"] == executors.available_cores() > 1
+    assert_same_tables(ref, out)
+    util = record["utilization"]
+    assert util["workers"] == record["workers"] and 0 < util["value"] <= 1
+    assert util["value"] == pytest.approx(util["task_seconds"] / (util["wall_seconds"] * util["workers"]))
+    assert util["task_seconds"] == pytest.approx(sum(t["seconds"] for t in record["tasks"] if not t["cached"]))
+    monkeypatch.setattr(executors, "available_cores", lambda: 1)
+    assert executors.make_executor("auto").name == "inline"
+
+
+def test_study_status(reference, tmp_path, capsys):
+    import fcntl
+
+    from modlens.cli import main
+    from modlens.study.status import study_status
+
+    _, ref = reference
+    assert main(["study", "status", str(ref)]) == 0
+    out = capsys.readouterr().out
+    n = len(_tasks(ref))
+    assert "finished at" in out and re.search(rf"^total\s+{n}\s+0\s+0\s+0\s+\d+\.\d s", out, re.M), out
+    assert re.search(r"^train\s+2\s+0\s+0\s+0", out, re.M)
+    copy = tmp_path / "copy"
+    shutil.copytree(ref, copy)
+    run = json.loads((copy / "run.json").read_text())
+    for task in ("stats:mlp-digits-s0", "stats:mlp-digits-s1"):
+        run["tasks"][task]["state"] = "running"
+    run["finished"] = None
+    (copy / "run.json").write_text(json.dumps(run))
+    with open(copy / ".lock", "w") as fh:  # a run holds the folder
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        status = study_status(copy)
+        assert status["active"] and status["kinds"]["stats"]["running"] == 2 and status["total"]["done"] == n - 2
+        assert main(["study", "status", str(copy)]) == 0 and "running since" in capsys.readouterr().out
+    status = study_status(copy)  # the run is gone: its running tasks are left to do
+    assert not status["active"] and status["kinds"]["stats"]["pending"] == 2
+    assert main(["study", "status", str(tmp_path)]) == 2 and "no run.json" in capsys.readouterr().err
 
 
 def test_processes_executor_gives_identical_tables(reference, tmp_path):
@@ -178,6 +230,29 @@ def test_killed_runs_resume_to_identical_tables(reference, tmp_path):
     assert any(t["cached"] for t in _tasks(out))  # the work done before the kills was kept
     assert_same_tables(ref, out)
     assert len(table_files(out)) == 2 + 2 * 8
+
+
+def test_study_clusterability_is_what_analyze_gives(tmp_path):
+    """clusterability = true runs the test as cached tasks; the network's result is analyze's."""
+    import modlens
+    from modlens.nn.io import load_model
+    from modlens.study.task_kinds import network_data
+    from modlens.study.tasks import single_thread
+
+    text = (TINY.replace("replicates = 2", "seeds = [0]").replace("feature_vis = true", "clusterability = true\nn_null = 3"))
+    spec = load_spec(write_spec(tmp_path, text))
+    out = run_study(spec, tmp_path / "study", executor="inline", progress=False)
+    kinds = [t["kind"] for t in _tasks(out)]
+    assert kinds.count("clusterability") == 1  # the weight partitioning only, as analyze
+    net = json.loads((out / "study.json").read_text())["networks"][0]
+    cfg = spec.analysis.network_config(4, net["random_state"])
+    model, manifest = load_model(out / net["model_dir"])
+    (x, y), act = network_data(manifest["dataset"], None)
+    with single_thread():
+        ref = modlens.analyze(model, (x, y), activation_data=act, config=cfg)
+    saved = pd.read_parquet(out / "networks" / net["id"] / "summary.parquet")
+    pd.testing.assert_frame_equal(saved, ref.summary)
+    assert "clusterability" in set(saved["metric"])
 
 
 def test_study_network_equals_analyze_with_non_default_options(tmp_path):

@@ -28,11 +28,11 @@ def test_builtin_studies_load_and_are_documented(tmp_path):
     small = load_spec("paper-small")
     assert {g.label for g in small.networks} >= {"MLP, MNIST", "CNN, MNIST"}
     assert all(g.seeds == (0, 1, 2, 3, 4) for g in small.networks)
-    assert load_spec("paper-k").analysis.k == (8, 12, 16)
+    assert load_spec("paper-k").analysis.n_clusters == (8, 12, 16)
     assert load_spec("paper-imagenet").analysis.n_random == 9
     orig = load_spec("paper-original")
     assert (orig.analysis.accuracy, orig.analysis.class_range, orig.analysis.ties, orig.analysis.effect_rule,
-            orig.analysis.max_fraction, orig.analysis.vis) == ("balanced", "normalized", "original", "original", 0.99,
+            orig.analysis.max_fraction, orig.analysis.vis_options) == ("balanced", "normalized", "original", "original", 0.99,
                                                                {"original": True})
     # the same trained networks as paper-small: one study folder can hold both
     assert [g.recipe for g in orig.networks] == [g.recipe for g in small.networks]
@@ -45,9 +45,12 @@ def test_replicates_override(tmp_path):
 
 @pytest.mark.parametrize("patch, message", [
     ({"analysis": {"kk": [16]}}, "unknown key 'kk'"),
-    ({"analysis": {"k": [1]}}, "k must be a non-empty list of integers >= 2"),
+    ({"analysis": {"n_clusters": [1]}}, "n_clusters must be an integer >= 2 or a non-empty list of them"),
+    ({"analysis": {"k": [16]}}, "unknown key 'k'; the option is called 'n_clusters'"),
+    ({"analysis": {"seed": 1}}, "unknown key 'seed'; the option is called 'random_state'"),
     ({"analysis": {"partitionings": ["weights/everywhere"]}}, "unknown partitionings ['weights/everywhere']"),
-    ({"analysis": {"metrics": ["vis"]}}, "metrics must include 'lesion'"),
+    ({"analysis": {"metrics": ["vis"]}}, "unknown key 'metrics'; the option is called 'feature_vis'"),
+    ({"analysis": {"feature_vis": "yes"}}, "feature_vis must be bool"),
     ({"analysis": {"ties": "sometimes"}}, "ties must be one of"),
     ({"analysis": {"n_random": 0}}, "n_random must be an int >= 1"),  # checked by AnalysisConfig
     ({"analysis": {"eigen_solver": "magic"}}, "[analysis]: AnalysisConfig: "),
@@ -55,9 +58,10 @@ def test_replicates_override(tmp_path):
     ({"analysis": {"n_init": 0}}, "[analysis]: AnalysisConfig: "),
     ({"analysis": {"bn_fold": "sometimes"}}, "[analysis]: AnalysisConfig: "),
     ({"analysis": {"alpha": 1.5}}, "alpha must lie in (0, 1)"),
-    ({"analysis": {"clusterability": True}}, "unknown key 'clusterability'"),
+    ({"analysis": {"clusterabilty": True}}, "unknown key 'clusterabilty'"),
+    ({"analysis": {"bh_scope": "everything"}}, "bh_scope must be one of table, joint"),
     ({"analysis": {"n_random": "19"}}, "n_random must be int"),
-    ({"analysis": {"vis": {"stepz": 3}}}, "[analysis].vis: unknown key 'stepz'"),
+    ({"analysis": {"vis_options": {"stepz": 3}}}, "[analysis].vis_options: unknown key 'stepz'"),
     ({"networks": [{"group": "a", "arch": "mlp"}]}, "a trained group needs dataset"),
     ({"networks": [{"group": "a", "arch": "rnn", "dataset": "digits"}]}, "arch must be one of"),
     ({"networks": [{"group": "a", "arch": "mlp", "dataset": "svhn"}]}, "unknown dataset 'svhn'"),
@@ -83,7 +87,7 @@ def test_spec_errors_name_the_key(patch, message):
 def test_toml_file_and_errors(tmp_path):
     path = write_spec(tmp_path)
     spec = load_spec(path)
-    assert spec.name == "tiny" and spec.analysis.k == (4,) and spec.networks[0].seeds == (0, 1)
+    assert spec.name == "tiny" and spec.analysis.n_clusters == (4,) and spec.networks[0].seeds == (0, 1)
     bad = write_spec(tmp_path, "name = [", "bad.toml")
     with pytest.raises(SpecError, match="not valid TOML"):
         load_spec(bad)
@@ -179,22 +183,23 @@ def test_imagenet_data_split_is_disjoint_and_identified_by_its_files(tmp_path):
     from PIL import Image
     import numpy as np
 
-    from modlens.study.task_kinds import _imagenet_data, data_identity
+    from modlens.study.inputs import data_identity, imagenet_data, load_files
 
     rng = np.random.default_rng(0)
     for wnid in ("n01", "n02"):
         (tmp_path / wnid).mkdir()
         for i in range(4):
             Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / wnid / f"{i}.png")
-    spec = {"folder": str(tmp_path), "per_class": 2, "activation_per_class": 1}
-    (x, y), act = _imagenet_data(spec)
+    spec = imagenet_data({"folder": str(tmp_path), "per_class": 2, "activation_per_class": 1})
+    data = {"files": {"test": spec["test_data"], "activation": spec["activation_data"], "options": spec["options"]}}
+    (x, y), act = load_files(data)
     assert tuple(x.shape) == (4, 3, 224, 224) and y.tolist() == [0, 0, 1, 1] and tuple(act.shape) == (2, 3, 224, 224)
     flat = lambda t: {tuple(v[:, :4, :4].flatten().tolist()) for v in t}
     assert not flat(x) & flat(act)  # no image in both
-    before = data_identity({"imagenet": spec})
-    assert "folder" not in before["imagenet"]
+    before = data_identity(data)
+    assert str(tmp_path) not in json.dumps(before)  # the files identify it, not where they lie
     Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "n02" / "4.png")
-    assert data_identity({"imagenet": spec}) != before
+    assert data_identity(data) != before
 
 
 def test_groups_filter():

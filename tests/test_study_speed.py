@@ -35,11 +35,11 @@ def test_spec_is_the_mlp_mnist_group_of_paper_small(bench):
     assert spec.analysis.feature_vis and len(spec.analysis.partitionings) == 4 and spec.analysis.n_random == 19
     short = bench.study_spec(replicates=1, epochs=2, dataset="digits", n_random=3, vis_steps=5)
     assert short.networks[0].recipe == {"epochs": 2} and short.networks[0].dataset == "digits"
-    assert short.analysis.n_random == 3 and short.analysis.vis == {"steps": 5}
+    assert short.analysis.n_random == 3 and short.analysis.vis_options == {"steps": 5}
 
 
 def test_test_subsample_is_seeded_and_restored(bench):
-    from modlens.study import runs
+    from modlens.study import commands as runs
 
     original = runs.model_data
     manifest = {"dataset": {"name": "digits", "data_seed": 0, "activation_split": {"split": "val"}}}

@@ -7,9 +7,11 @@ import pytest
 
 import modlens
 from modlens.experiments.partitioning import METHODS
-from modlens.study.config import AnalysisConfig
-from modlens.study.stages import (assemble, config_subset, lesion_one, network_adapter, partition_digest,
-                                  partition_from_dict, partition_one, partition_to_dict, stage_config, vis_one)
+from modlens.analysis.config import AnalysisConfig
+from modlens.analysis.result import partition_digest, partition_from_dict, partition_to_dict
+from modlens.analysis.stages import (assemble, config_subset, lesion_one, network_adapter, partition_one, stage_config,
+                                     vis_one)
+from modlens.nn import lesion_engine
 
 pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
 
@@ -50,7 +52,7 @@ def test_stages_compose_to_analyze(digits_mlp, options):
         p = partition_from_dict(json.loads(json.dumps(partition_to_dict(p))))  # as the cache stores it
         assert partition_digest(p) == partition_digest(ref.partitions[method])
         parts[method] = p
-        lesions.append(lesion_one(adapter, p, x, y, lc, name=method))
+        lesions.append(lesion_one(lesion_engine(lc.engine, adapter, x, y), p, lc, name=method))
         vis_results.append(vis_one(adapter, p, x, vc, name=method))
     order = {m: i for i, m in enumerate(METHODS)}
     parts = dict(sorted(parts.items(), key=lambda kv: order[kv[0]]))

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from modlens.study.diagnostics import add_diagnostics, clusterability_rows
-from modlens.study.report import format_summary
-from modlens.study.summary import correct_by_family, subcluster_tests, summarize
+from modlens.analysis.diagnostics import add_diagnostics, clusterability_rows
+from modlens.analysis.text import format_summary
+from modlens.analysis.statistics import correct_by_family, subcluster_tests, summarize
 
 
 def _tests(pcts_by_metric):

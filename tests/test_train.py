@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from modlens.experiments.train import accuracy, split_validation, train_classifier, train_reference_mlp
+from modlens.data import split_validation
+from modlens.experiments.train import accuracy, train_classifier, train_reference_mlp
 from modlens.nn.models import mlp
 
 

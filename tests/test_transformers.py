@@ -14,7 +14,7 @@ from torch import nn
 
 import modlens
 from modlens.nn.adapter import NetworkAdapter
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 from planted import block_masks, planted_data
 from tiny_transformers import TokenClassifier
 
@@ -36,7 +36,7 @@ def test_mlp_units_are_the_neurons_and_attention_is_not_a_layer():
     assert a.node_layer_sizes() == [6, 12, 12, 12, 3] and a.hidden_node_layers() == [1, 2, 3]
     # the activation summary is the L1 norm over tokens of the pre-activation (input of GELU)
     x = torch.randn(7, 5, 6)
-    acts = a.preactivations([x])
+    acts = a.record([x])
     h = m.blocks[0].ln2(m.blocks[0].attn(m.blocks[0].ln1(m.embed(x) + m.pos)) + m.embed(x) + m.pos)
     np.testing.assert_allclose(acts[0], m.blocks[0].mlp.fc1(h).abs().sum(1).detach().numpy(), rtol=1e-5, atol=1e-5)
 
@@ -51,7 +51,7 @@ def test_glu_gate_and_value_pair_into_one_neuron():
     b0 = m.blocks[0]
     s = m.embed(x) + m.pos
     s = s + b0.attn(b0.ln1(s))
-    np.testing.assert_allclose(a.preactivations([x])[0], b0.mlp.gate(b0.ln2(s)).abs().sum(1).detach().numpy(),
+    np.testing.assert_allclose(a.record([x])[0], b0.mlp.gate(b0.ln2(s)).abs().sum(1).detach().numpy(),
                                rtol=1e-10)
     # a lesion zeroes the product gate * value: same as zeroing the down map's column
     y = m(x).argmax(-1)
@@ -99,7 +99,7 @@ def test_incremental_lesions_equal_the_plain_oracle(glu):
     x = torch.randn(120, 5, 6, dtype=torch.float64)
     y = m(x).argmax(-1)
     a = NetworkAdapter(m, x)
-    ev = LesionEvaluator(a, x, y)
+    ev = IncrementalLesions(a, x, y)
     rng = np.random.default_rng(0)
     changed = 0
     for layer in range(3):  # a lesion in block 0 is recomputed through blocks 1-2's attention
@@ -212,7 +212,7 @@ def test_hugging_face_transformers_through_partition_and_analyze(kind):
         y = model(**{name: x}).logits.argmax(-1)
     a = NetworkAdapter(model, x, input_name=name)
     assert a.is_transformer and a.layer_sizes == [16, 16] and a.node_layer_sizes() == sizes
-    ev = LesionEvaluator(a, x, y)
+    ev = IncrementalLesions(a, x, y)
     sets = [np.arange(4), np.arange(8, 16)]
     for layer in range(2):
         np.testing.assert_array_equal(ev.correct_counts(layer, sets), correct_counts_plain(a, layer, sets, x, y))

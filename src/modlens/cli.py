@@ -1,4 +1,9 @@
-"""The ``modlens`` command line: demo, train, analyze, correlation-maps, report."""
+"""The ``modlens`` command line: demo, train, analyze, correlation-maps, report, study run/list/status.
+
+The options of ``analyze`` and ``demo`` are generated from the fields of
+:class:`~modlens.analysis.AnalysisConfig` (:func:`modlens.analysis.config.options`), one option per
+field under the same name, so the command line, the Python API and study specs cannot drift apart.
+"""
 
 from __future__ import annotations
 
@@ -7,87 +12,96 @@ import sys
 from pathlib import Path
 
 from modlens._version import __version__
+from modlens.experiments.train import ARCHS, DIGITS_MLP_EPOCHS
+from modlens.report.paper import BH_SCOPES
+from modlens.study.executors import EXECUTORS
 
 
-def _add_analysis_options(p: argparse.ArgumentParser) -> None:
-    from modlens.experiments.partitioning import METHODS
-
-    p.add_argument("--n-clusters", type=int, default=16, help="clusters per partitioning (default 16)")
-    p.add_argument("--n-random", type=int, default=19, help="random subclusters per true subcluster (default 19)")
-    p.add_argument("--seed", type=int, default=0, help="seed of clustering and random draws (default 0)")
-    p.add_argument("--partitionings", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
-                   help=f"which partitionings to test (default: all of {', '.join(METHODS)})")
-    p.add_argument("--accuracy", choices=["accuracy", "balanced"], default="accuracy",
-                   help="'balanced' reproduces the original code's mean per-class accuracy (notes row 9)")
-    p.add_argument("--class-range", choices=["range", "normalized"], default="range",
-                   help="'normalized' reproduces the original code's range / |mean change| (notes row 10)")
-    p.add_argument("--ties", choices=["mid", "original"], default="mid",
-                   help="tie rule of percentiles; 'original' counts ties in favour of modularity (notes row 11)")
-    p.add_argument("--effect-rule", choices=["paper", "original"], default="paper",
-                   help="'original': a lesion effect is 0 unless true and random drops are both positive (notes row 14); "
-                        "'paper': 2x/(x+mu) with negative x, mu taken as 0")
-    p.add_argument("--engine", choices=["incremental", "plain"], default="incremental",
-                   help="lesion evaluation path; 'plain' is the slow one-lesion-per-pass reference")
-    p.add_argument("--alpha", type=float, default=0.05,
-                   help="false discovery rate for Benjamini-Hochberg (lesion and visualization metrics corrected separately)")
-    p.add_argument("--conv-edge", choices=["l1", "matrix_1_norm"], default="l1",
-                   help="conv weight-graph edge: L1 norm of the kernel slice, or the original code's matrix 1-norm (notes row 1)")
-    p.add_argument("--act-reduce", choices=["l1", "matrix_1_norm"], default="l1",
-                   help="conv channel activation summary: L1 norm of the map, or the original's matrix 1-norm (notes row 2)")
-    p.add_argument("--bn-fold", choices=["paper", "original", "none"], default="paper",
-                   help="batch-norm scale on the edges out of the normalized channel (paper), into it (original), or none (notes row 3)")
-    p.add_argument("--combine", choices=["fisher", "exact"], default="fisher",
-                   help="per-network combination: 'fisher' (paper: chi2 null, Bates over replicates) or 'exact' "
-                        "(exact permutation null of the same statistics; holds its level with tied percentiles)")
-    _add_vis_options(p)
-    _add_clustering_options(p)
+def _option_type(o):
+    """The argparse type of an analysis option: its value type, where an int option whose default is
+    a word (n_init's "auto") also takes that word."""
+    if o.kind is int and isinstance(o.default, str):
+        def int_or_word(text: str):
+            try:
+                return int(text)
+            except ValueError:
+                if text == o.default:
+                    return text
+                raise argparse.ArgumentTypeError(f"expected an integer or {o.default!r}, got {text!r}") from None
+        return int_or_word
+    return o.kind
 
 
-def _add_clustering_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eigen-solver", choices=["auto", "arpack", "lobpcg", "lanczos", "amg"], default="auto",
-                   help="spectral clustering eigensolver; auto: ARPACK (the paper's) up to 5,000 nodes, LOBPCG above, "
-                        "Lanczos for sparse kNN graphs above 8,192 nodes")
-    p.add_argument("--n-init", default="auto",
-                   help="k-means initializations; auto: 25, or 100 above 2,000 nodes (the original code)")
-    p.add_argument("--clusterability", action="store_true",
-                   help="graphical clusterability test of the weight partitionings (n-cut vs shuffled weights)")
-    p.add_argument("--n-null", type=int, default=50, help="shuffled networks per clusterability test (default 50)")
+def _add_options(p: argparse.ArgumentParser, opts, prefix: str = "", skip=()) -> None:
+    """One command-line option per analysis option (the fields of ``AnalysisConfig``, or the keys
+    of its ``vis_options`` with ``prefix="vis-"``): ``--name-with-dashes``, the field's type,
+    choices and help; defaults are the config's (not repeated here)."""
+    for o in opts:
+        if o.name in skip or o.kind is None or o.kind is dict:
+            continue
+        flag = "--" + prefix + o.name.replace("_", "-")
+        dest = (prefix.replace("-", "_") + o.name)
+        default = o.default if not isinstance(o.default, tuple) else list(o.default)
+        shown = "" if default is None else f" (default {' '.join(default) if isinstance(default, list) else default})"
+        if o.kind is bool:
+            p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=o.help + shown)
+        elif o.many:
+            p.add_argument(flag, dest=dest, nargs="+", choices=o.choices, metavar=o.name.upper()[:-1] or "VALUE",
+                           default=None, help=f"{o.help}; any of {', '.join(o.choices)}{shown}")
+        else:
+            p.add_argument(flag, dest=dest, type=_option_type(o), choices=o.choices, default=None,
+                           metavar=None if o.choices else o.name.upper(), help=o.help + shown)
 
 
-def _clustering_kwargs(a) -> dict:
-    n_init = a.n_init if a.n_init == "auto" else _int_arg("--n-init", a.n_init)
-    return dict(eigen_solver=a.eigen_solver, n_init=n_init, clusterability=a.clusterability, n_null=a.n_null)
+def _add_analysis_options(p: argparse.ArgumentParser, skip=()) -> None:
+    from modlens.analysis.config import options, vis_options
+
+    _add_options(p, options(), skip=skip)
+    _add_options(p, vis_options(), prefix="vis-")
 
 
-def _int_arg(name: str, value: str) -> int:
+def _analysis_kwargs(a, skip=()) -> dict:
+    """The analysis options given on the command line (the others keep the config's defaults); a
+    --vis-* option implies --feature-vis."""
+    from modlens.analysis.config import options, vis_options
+
+    out = {o.name: getattr(a, o.name) for o in options() if o.name not in skip and getattr(a, o.name, None) is not None}
+    vis = {o.name: getattr(a, "vis_" + o.name) for o in vis_options() if getattr(a, "vis_" + o.name, None) is not None}
+    if "partitionings" in out:
+        out["partitionings"] = tuple(out["partitionings"])
+    if vis:
+        out["vis_options"] = vis
+        out.setdefault("feature_vis", True)
+    return out
+
+
+def _model_arg(text: str):
+    from modlens.study.inputs import parse_model_arg
+
     try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be 'auto' or an int, got {value!r}") from None
+        return parse_model_arg(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_vis_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--feature-vis", action="store_true",
-                   help="also run the feature-visualization test (vis score, softmax entropy; paper section 4.2)")
-    p.add_argument("--vis-steps", type=int, default=None, help="Adam steps per visualization (default 100)")
-    p.add_argument("--vis-original", action="store_true",
-                   help="original code's visualization: Fourier/decorrelated/sigmoid, 65 steps, |spatial mean| (notes rows 15-16)")
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    """The options of a model's data and random init (modlens.study.inputs.INPUT_OPTIONS: the keys of
+    a study spec's [[networks]] under the same names)."""
+    from modlens.study.inputs import INPUT_OPTIONS
+
+    for o in INPUT_OPTIONS:
+        p.add_argument("--" + o.name.replace("_", "-"), dest=o.name, type=o.kind, choices=o.choices, nargs=o.n,
+                       default=None, metavar=None if o.choices else (o.name.upper() if o.n is None else "V"), help=o.help)
 
 
-def _vis_kwargs(a) -> dict:
-    opts = {}
-    if a.vis_steps is not None:
-        opts["steps"] = a.vis_steps
-    if a.vis_original:
-        opts["original"] = True
-    return dict(feature_vis=a.feature_vis or a.vis_original, vis_options=opts or None)
+def _input_kwargs(a) -> dict:
+    from modlens.study.inputs import INPUT_OPTIONS
 
-
-def _analysis_kwargs(a) -> dict:
-    return dict(n_clusters=a.n_clusters, n_random=a.n_random, random_state=a.seed, partitionings=a.partitionings,
-                accuracy=a.accuracy, class_range=a.class_range, ties=a.ties, effect_rule=a.effect_rule,
-                engine=a.engine, alpha=a.alpha, conv_edge=a.conv_edge, act_reduce=a.act_reduce, bn_fold=a.bn_fold,
-                combine=a.combine, **_vis_kwargs(a), **_clustering_kwargs(a))
+    given = {o.name: getattr(a, o.name) for o in INPUT_OPTIONS}
+    out = {k: given.pop(k) for k in ("test_data", "activation_data")}
+    out["init_seed"] = given.pop("init_seed") or 0
+    out["data_options"] = {k: v for k, v in given.items() if v is not None}
+    return out
 
 
 def _seed_list(text: str) -> list[int]:
@@ -108,20 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="train a small MLP on embedded data and test its partitions (no download)")
     d.add_argument("--dataset", default="digits", choices=["digits", "halves-digits", "halves-same-digits",
                                                            "stack-diff-digits", "stack-same-digits"])
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--epochs", type=int, default=60)
-    d.add_argument("--n-clusters", type=int, default=16)
-    d.add_argument("--n-random", type=int, default=19)
+    d.add_argument("--seed", type=int, default=0, help="seed of training (and of the analysis unless --random-state)")
+    d.add_argument("--epochs", type=int, default=DIGITS_MLP_EPOCHS)
     d.add_argument("--out", type=Path, default=None, help="also write the result tables to this folder")
     d.add_argument("--overwrite", action="store_true")
-    _add_vis_options(d)
-    _add_clustering_options(d)
+    _add_analysis_options(d)
 
     t = sub.add_parser("train", help="train a reference network of the paper and save it (safetensors + manifest)")
     t.add_argument("--dataset", required=True, help="mnist, fashion-mnist, halves-mnist, halves-same-mnist, stack-diff-mnist, "
-                                                     "stack-same-mnist (and the fashion-mnist/digits variants), cifar10")
-    t.add_argument("--arch", choices=["mlp", "cnn", "vgg"], default="mlp",
-                   help="mlp: 4x256 MLP; cnn: the small CNN; vgg: the CIFAR VGG (default mlp)")
+                                                     "stack-same-mnist (and the fashion-mnist/digits variants), cifar10; "
+                                                     "text (the two-genre corpus, for --arch gpt)")
+    t.add_argument("--arch", choices=ARCHS, default="mlp",
+                   help="mlp: 4x256 MLP; cnn: the small CNN; vgg: the CIFAR VGG; gpt: the reference decoder language "
+                        "model on --dataset text (default mlp)")
+    t.add_argument("--steps", type=int, default=None, help="gpt: training steps (default: the recipe's, 400)")
     t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="rotation/shift/flip augmentation (default: on for vgg, off otherwise)")
     t.add_argument("--l2", type=float, default=None, help="L2 coefficient on kernels (default: 5e-4 for vgg, 0 otherwise)")
@@ -139,11 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (mlp 128, cnn 64, vgg 128)")
     t.add_argument("--n-val", type=int, default=5000, help="training examples held out for activation graphs")
 
-    a = sub.add_parser("analyze", help="partition saved models and run the lesion tests")
-    a.add_argument("models", nargs="+", type=Path, help="model folder(s); several are treated as replicates")
+    a = sub.add_parser("analyze", help="partition models and run the lesion tests",
+                       description="Models: modlens model folders, pkg.module:factory (or FILE.py:factory), timm:NAME, "
+                                   "torchvision:NAME, hf:REPO_OR_FOLDER; several are replicates.")
+    a.add_argument("models", nargs="+", metavar="MODEL", help="model folder(s) or name(s); several are treated as replicates")
     a.add_argument("--out", type=Path, required=True, help="folder for the result tables (Parquet, CSV, JSON)")
     a.add_argument("--data-dir", type=Path, default=None)
     a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--weights", nargs="+", metavar="FILE", default=None,
+                   help="weights of each model: a .safetensors file or a PyTorch state dict (read with "
+                        "torch.load(weights_only=True)), or 'pretrained' (timm/torchvision weights from the local cache); "
+                        "several files for one model are replicates")
+    a.add_argument("--model-arg", dest="model_args", action="append", type=_model_arg, metavar="KEY=VALUE", default=None,
+                   help="keyword argument of the model's factory or constructor (e.g. num_classes=10); repeatable")
+    _add_input_options(a)
     _add_analysis_options(a)
 
     c = sub.add_parser("correlation-maps", help="draw first-layer correlation maps of a saved MLP (paper figures 1 and 6)")
@@ -152,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="weights/global", help="partitioning method (default weights/global)")
     c.add_argument("--n-clusters", type=int, default=16)
     c.add_argument("--n-random", type=int, default=4, help="random subclusters drawn under each true one")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--random-state", type=int, default=0)
     c.add_argument("--data-dir", type=Path, default=None)
     c.add_argument("--n-images", type=int, default=None, help="use only the first N test images")
 
@@ -160,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("result", type=Path, help="folder written by `modlens analyze --out`, or a study folder "
                                               "(its tables/, figures/ and report.html are rewritten)")
     r.add_argument("--out", type=Path, default=None, help="HTML file to write (default: RESULT/report.html)")
-    r.add_argument("--bh-scope", choices=["table", "joint"], default=None,
+    r.add_argument("--bh-scope", choices=BH_SCOPES, default=None,
                    help="Benjamini-Hochberg within each table family (the paper's text; default) or over lesion and "
                         "visualization tests together (what reproduces the paper's critical p of 0.025)")
     _add_study_parser(sub)
@@ -174,9 +197,11 @@ def _add_study_parser(sub) -> None:
     r.add_argument("spec", metavar="NAME_OR_SPEC", help="a built-in study (modlens study list) or a .toml spec file")
     r.add_argument("--out", type=Path, required=True, help="study folder (task cache and outputs)")
     r.add_argument("--data-dir", type=Path, default=None, help="folder with mnist/, fashion-mnist/, cifar-10-batches-py/, imagenet/")
-    r.add_argument("--executor", choices=["inline", "processes", "ray"], default="inline",
-                   help="inline (this process), processes (local pool; one worker per GPU with several GPUs), "
-                        "ray (pip install 'modlens[ray]'; $RAY_ADDRESS or --ray-address, else a local instance)")
+    r.add_argument("--executor", choices=EXECUTORS, default="auto",
+                   help="auto (the default: a process pool on every CPU core, or every GPU when there are several and "
+                        "--device is not cpu; inline where there is one core), inline (this process), processes "
+                        "(local pool), ray (pip install 'modlens[ray]'; $RAY_ADDRESS or --ray-address, else a local "
+                        "instance listening on 127.0.0.1 only); all give the same tables")
     r.add_argument("--workers", type=int, default=None, help="tasks at once (default: CPU cores, or GPUs when several)")
     r.add_argument("--replicates", type=int, default=None, help="replicates of every trained group (seeds 0..N-1)")
     r.add_argument("--groups", nargs="+", default=None, metavar="GROUP",
@@ -186,6 +211,8 @@ def _add_study_parser(sub) -> None:
                    help="where partitioning, lesions and visualizations run (training runs on the CPU)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     ss.add_parser("list", help="list the built-in studies")
+    st = ss.add_parser("status", help="tasks done, running and left in a study folder, and the time the finished ones took")
+    st.add_argument("folder", type=Path, metavar="DIR", help="the study folder (--out of modlens study run)")
 
 
 def _run_study(args) -> int:
@@ -195,6 +222,11 @@ def _run_study(args) -> int:
         width = max(len(n) for n in BUILTIN)
         for name, b in BUILTIN.items():
             print(f"{name.ljust(width)}  {b.summary}")
+        return 0
+    if args.study_command == "status":
+        from modlens.study.status import format_status, study_status
+
+        print(format_status(study_status(args.folder), args.folder))
         return 0
     import pandas as pd
 
@@ -208,7 +240,10 @@ def _run_study(args) -> int:
     with pd.option_context("display.width", 160, "display.max_rows", 200):
         print(rows[["group", "k", "partitioning", "metric", "p_value", "effect", "effect_se", "n_networks"]]
               .to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    print(f"\nstudy {spec.name!r} written to {out} (study_rows.csv, networks/, study.json)")
+    record = out.record
+    util = (record.get("utilization") or {}).get("value")
+    print(f"\nstudy {spec.name!r} written to {out} (study_rows.csv, networks/, study.json); {record['executor']}, "
+          f"{record['workers']} worker(s)" + ("" if util is None else f", utilization {util:.2f}"))
     return 0
 
 
@@ -225,17 +260,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from modlens.study import runs
-    from modlens.study.report import format_summary
+    from modlens.analysis.text import format_summary
+    from modlens.study import commands
 
     if args.command == "study":
         return _run_study(args)
     if args.command == "demo":
-        result = runs.demo(dataset=args.dataset, seed=args.seed, epochs=args.epochs, n_clusters=args.n_clusters,
-                           n_random=args.n_random, out=args.out, overwrite=args.overwrite, **_vis_kwargs(args),
-                           **_clustering_kwargs(args))
+        result = commands.demo(dataset=args.dataset, seed=args.seed, epochs=args.epochs, out=args.out,
+                               overwrite=args.overwrite, **_analysis_kwargs(args))
+        o = result.config["options"]
         print(f"\nmodlens demo: {args.dataset}, 4x256 MLP, test accuracy {result.config['model']['test_accuracy']:.4f}, "
-              f"k={args.n_clusters}, {args.n_random} random sets per subcluster ({result.config['seconds']:.1f} s analysis)\n")
+              f"k={o['n_clusters']}, {o['n_random']} random sets per subcluster ({result.config['seconds']:.1f} s analysis)\n")
         print(format_summary(result.summary))
         if args.out:
             print(f"\ntables written to {args.out}")
@@ -244,7 +279,10 @@ def _run(args) -> int:
         def report(epoch, n, loss):
             print(f"epoch {epoch}/{n}  loss {loss:.4f}", file=sys.stderr, flush=True)
 
-        options = dict(out=args.out, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
+        if args.steps is not None and args.arch != "gpt":
+            raise ValueError("--steps applies to --arch gpt (the image networks train for --epochs)")
+        epochs = args.steps if args.arch == "gpt" else args.epochs
+        options = dict(out=args.out, data_dir=args.data_dir, epochs=epochs, batch_size=args.batch_size,
                        n_val=args.n_val, arch=args.arch, augment=args.augment, l2=args.l2,
                        regularize=not args.no_regularization)
         if args.seeds is not None:
@@ -253,32 +291,40 @@ def _run(args) -> int:
                 print(f"epoch {epoch}/{n}  loss {shown}", file=sys.stderr, flush=True)
 
             together = "together" if args.together else "auto"
-            for model_out in runs.train_reference_set(args.dataset, seeds=args.seeds, progress=report_all,
-                                                      together=together, **options):
+            for model_out in commands.train_and_save(args.dataset, seeds=args.seeds, progress=report_all,
+                                                     together=together, **options):
                 m = model_out[1]
                 print(f"saved {args.out / ('seed' + str(m['seed']))} (test accuracy {m['accuracy']:.4f}, "
-                      f"trained {m['training']['trained']})")
+                      f"trained {m['training'].get('trained', 'alone')})")
             return 0
-        _, manifest = runs.train_reference(args.dataset, seed=args.seed, progress=report, **options)
-        print(f"saved {args.out} (test accuracy {manifest['accuracy']:.4f})")
+        if args.arch == "gpt":
+            def report(step, n, loss):  # noqa: F811  (the language model reports steps)
+                if step == n or step % 20 == 0:
+                    print(f"step {step}/{n}  loss {loss:.4f}", file=sys.stderr, flush=True)
+
+        [(_, manifest)] = commands.train_and_save(args.dataset, seeds=[args.seed], folders=False, progress=report,
+                                                  **options)
+        what = "next-token accuracy" if args.arch == "gpt" else "test accuracy"
+        print(f"saved {args.out} ({what} {manifest['accuracy']:.4f})")
         return 0
     if args.command == "analyze":
-        result = runs.analyze_saved(args.models, out=args.out, data_dir=args.data_dir, overwrite=args.overwrite,
-                                    progress=True, **_analysis_kwargs(args))
+        result = commands.analyze_saved(args.models, out=args.out, data_dir=args.data_dir, overwrite=args.overwrite,
+                                        progress=True, weights=args.weights, model_args=dict(args.model_args or []),
+                                        **_input_kwargs(args), **_analysis_kwargs(args))
         print(format_summary(result.summary))
         print(f"\ntables written to {args.out}")
         return 0
     if args.command == "correlation-maps":
-        path, maps = runs.correlation_figure(args.model, args.out, method=args.method, n_clusters=args.n_clusters,
-                                             n_random=args.n_random, seed=args.seed, data_dir=args.data_dir,
-                                             n_images=args.n_images)
+        path, maps = commands.correlation_figure(args.model, args.out, method=args.method, n_clusters=args.n_clusters,
+                                                 n_random=args.n_random, random_state=args.random_state,
+                                                 data_dir=args.data_dir, n_images=args.n_images)
         true_pref = float(maps.true_half_preference.mean()) if len(maps.true_half_preference) else float("nan")
         rand_pref = float(maps.random_half_preference.mean()) if maps.random_half_preference.size else float("nan")
         print(f"wrote {path}: {len(maps.subclusters)} first-layer subclusters; mean left/right half preference "
               f"{true_pref:.3f} (true) vs {rand_pref:.3f} (random)")
         return 0
     if args.command == "report":
-        from modlens.study.outputs import write_report
+        from modlens.report import write_report
 
         path = write_report(args.result, args.out, bh_scope=args.bh_scope)
         print(f"wrote {path}")

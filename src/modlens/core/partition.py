@@ -133,3 +133,20 @@ class Partition:
                     continue
                 out.append(Subcluster(layer, name, int(cluster), neurons))
         return out
+
+    def _repr_html_(self) -> str:
+        """The notebook display: method, k and n-cut, then per layer its neurons, clusters,
+        unclustered neurons and tested subclusters (:mod:`modlens.core.html`'s pieces)."""
+        from modlens.core.html import Cell, Table, fragment, kv_html, table_html
+
+        tested = [0] * len(self.labels)
+        for s in self.subclusters():
+            tested[s.layer] += 1
+        table = Table("partition", "", "", ["Layer", "Neurons", "Clusters", "Unclustered", "Subclusters tested"])
+        for i, (name, lab, k) in enumerate(zip(self.layer_names, self.labels, self.clusters_per_layer())):
+            table.rows.append([Cell(name), Cell(str(lab.size)), Cell(str(k)), Cell(str(int((lab < 0).sum()))),
+                               Cell(str(tested[i]))])
+        facts = {"method": self.method, "k": self.n_clusters if self.n_clusters is not None else "n/a",
+                 "n-cut": "n/a" if self.ncut is None else f"{self.ncut:.4f}", "layers": len(self.labels),
+                 "neurons": int(sum(self.layer_sizes)), "subclusters tested": sum(tested)}
+        return fragment(f"Partition ({self.method})", kv_html(facts) + table_html(table, heading=False))

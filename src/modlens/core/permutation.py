@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 from scipy import fft as _fft
 
-from modlens.core.rng import as_generator
+from modlens.core.seeds import as_generator
 
 __all__ = ["NullDistribution", "CombinedTest", "null_percentiles", "fisher_exact", "replicate_exact", "combine_networks",
            "METHODS"]

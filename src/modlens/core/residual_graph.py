@@ -32,6 +32,13 @@ output to the head, so by default every block gets these edges (``input_edges="a
 Node layers, in order: the inputs (when ``embedding`` is given), one layer per block, the
 outputs (when ``head`` is given).
 
+**Token groups** (docs/language-models.md, section 9). A vocabulary of tens of thousands of
+tokens makes the input and output layers far larger than the neurons. ``input_groups`` /
+``output_groups`` (an int per vocabulary entry, ``-1`` to leave a token out) contract them to one
+node per group: the edge between a neuron and a group is the sum of its edges to the group's
+tokens (the full token graph with each group merged into one node, so every cut between sets of
+neurons is unchanged), computed over chunks of ``VOCAB_CHUNK`` tokens.
+
 This module is layer 0: numpy and scipy only.
 """
 
@@ -42,8 +49,32 @@ from typing import Sequence
 
 import numpy as np
 
+from scipy import sparse
+
 from modlens.core.graph import weight_graph
 from modlens.core.knn_graph import DEFAULT_K, DENSE_MAX_NODES, TopK, _check_k, choose_graph_mode
+
+
+#: Vocabulary entries per chunk when token groups are contracted.
+VOCAB_CHUNK = 4096
+
+
+def _group_sizes(groups, n: int, what: str) -> int:
+    """Number of groups of a token-group array over ``n`` entries (checked)."""
+    g = np.asarray(groups)
+    if g.shape != (n,) or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"core.residual_graph: {what} must be an int array of shape ({n},) (one group per "
+                         f"vocabulary entry, -1 to leave it out), got shape {g.shape} dtype {g.dtype}")
+    if g.size and g.min() < -1:
+        raise ValueError(f"core.residual_graph: {what} must be >= -1, found {int(g.min())}")
+    return int(g.max()) + 1 if g.size and g.max() >= 0 else 0
+
+
+def _one_hot(groups: np.ndarray, n_groups: int) -> sparse.csr_array:
+    """(len(groups), n_groups) 0/1 matrix; entries of group -1 get an empty row."""
+    keep = groups >= 0
+    rows = np.flatnonzero(keep)
+    return sparse.csr_array((np.ones(rows.size), (rows, groups[keep])), shape=(groups.size, n_groups))
 
 
 @dataclass(frozen=True)
@@ -120,10 +151,15 @@ def residual_edge_blocks(
     input_edges: str = "all",
     output_edges: str = "all",
     dtype=np.float64,
+    input_groups=None,
+    output_groups=None,
+    neurons_only: bool = False,
 ):
     """Yield ``(i, j, A)`` node-layer triples of edge weights (``A[b, a]`` joins node ``a`` of
     layer ``i`` to node ``b`` of layer ``j``), one block pair at a time, in the node-layer
-    numbering of :func:`residual_weight_graph`. Each ``A`` is ``(size_j, size_i)``, non-negative."""
+    numbering of :func:`residual_weight_graph`. Each ``A`` is ``(size_j, size_i)``, non-negative.
+    ``input_groups`` / ``output_groups`` contract the embedding's inputs / the head's outputs to
+    token groups (module docstring); ``neurons_only`` yields the block pairs between neurons only."""
     if input_edges not in ("all", "first") or output_edges not in ("all", "last"):
         raise ValueError(
             f"core.residual_graph: input_edges must be 'all' or 'first' and output_edges 'all' or 'last', "
@@ -140,31 +176,56 @@ def residual_edge_blocks(
             total += np.abs(r @ write)
         return total
 
-    if embedding is not None:
+    if embedding is not None and not neurons_only:
         emb = np.asarray(embedding, dtype=dtype)
+        onehot = None
+        if input_groups is not None:
+            groups = np.asarray(input_groups, dtype=np.int64)
+            onehot = _one_hot(groups, _group_sizes(groups, emb.shape[1], "input_groups"))
         targets = range(len(blocks)) if input_edges == "all" else [0]
         for j in targets:
-            yield 0, first + j, through(reads[j], emb)
+            if onehot is None:
+                yield 0, first + j, through(reads[j], emb)
+                continue
+            acc = np.zeros((blocks[j].width, onehot.shape[1]))
+            for c0 in range(0, emb.shape[1], VOCAB_CHUNK):
+                part = through(reads[j], emb[:, c0:c0 + VOCAB_CHUNK])           # (d_mlp, chunk)
+                acc += (onehot[c0:c0 + VOCAB_CHUNK].T @ part.T).T
+            yield 0, first + j, acc
     for j in range(len(blocks)):
         for i in range(j):
             yield first + i, first + j, through(reads[j], writes[i])
-    if head is not None:
+    if head is not None and not neurons_only:
         h = np.asarray(head, dtype=dtype)
         if final_gamma is not None:
             h = h * np.asarray(final_gamma, dtype=dtype)[None, :]
+        onehot = None
+        if output_groups is not None:
+            groups = np.asarray(output_groups, dtype=np.int64)
+            onehot = _one_hot(groups, _group_sizes(groups, h.shape[0], "output_groups"))
         out_layer = first + len(blocks)
         sources = range(len(blocks)) if output_edges == "all" else [len(blocks) - 1]
         for i in sources:
-            yield first + i, out_layer, np.abs(h @ writes[i])
+            if onehot is None:
+                yield first + i, out_layer, np.abs(h @ writes[i])
+                continue
+            acc = np.zeros((onehot.shape[1], blocks[i].width))
+            for c0 in range(0, h.shape[0], VOCAB_CHUNK):
+                acc += onehot[c0:c0 + VOCAB_CHUNK].T @ np.abs(h[c0:c0 + VOCAB_CHUNK] @ writes[i])
+            yield first + i, out_layer, acc
 
 
-def residual_layer_sizes(blocks: Sequence[MLPBlockWeights], *, embedding=None, head=None) -> list[int]:
-    """Node-layer sizes: inputs (if ``embedding``), each block's MLP width, outputs (if ``head``)."""
+def residual_layer_sizes(blocks: Sequence[MLPBlockWeights], *, embedding=None, head=None, input_groups=None,
+                         output_groups=None) -> list[int]:
+    """Node-layer sizes: inputs (if ``embedding``; token groups if ``input_groups``), each block's
+    MLP width, outputs (if ``head``; token groups if ``output_groups``)."""
     sizes = [b.width for b in blocks]
     if embedding is not None:
-        sizes = [int(np.shape(embedding)[1])] + sizes
+        n_in = int(np.shape(embedding)[1])
+        sizes = [n_in if input_groups is None else _group_sizes(input_groups, n_in, "input_groups")] + sizes
     if head is not None:
-        sizes = sizes + [int(np.shape(head)[0])]
+        n_out = int(np.shape(head)[0])
+        sizes = sizes + [n_out if output_groups is None else _group_sizes(output_groups, n_out, "output_groups")]
     return sizes
 
 
@@ -181,6 +242,8 @@ def residual_weight_graph(
     symmetrize: str = "max",
     dense_max_nodes: int = DENSE_MAX_NODES,
     dtype=np.float64,
+    input_groups=None,
+    output_groups=None,
 ):
     """Residual-stream weight graph of a transformer's MLP neurons (module docstring).
 
@@ -192,10 +255,12 @@ def residual_weight_graph(
     ``O(n k + d_mlp^2)``; ``"auto"`` chooses by node count (:func:`choose_graph_mode`).
     ``dtype=np.float32`` halves the cost of the matrix products.
     """
-    sizes = residual_layer_sizes(blocks, embedding=embedding, head=head)
+    sizes = residual_layer_sizes(blocks, embedding=embedding, head=head, input_groups=input_groups,
+                                 output_groups=output_groups)
     triples = residual_edge_blocks(
         blocks, embedding=embedding, head=head, final_gamma=final_gamma,
         input_edges=input_edges, output_edges=output_edges, dtype=dtype,
+        input_groups=input_groups, output_groups=output_groups,
     )
     if choose_graph_mode(sum(sizes), mode, dense_max_nodes=dense_max_nodes) == "dense":
         return weight_graph(sizes, list(triples)), sizes

@@ -11,22 +11,28 @@
   rebuilds the root, so a run made with ``None`` can be repeated exactly.
 * :func:`method_seed` derives the seed of one partitioning method and stream from a root,
   independent of the order in which methods run. Streams: 0 clustering, 1 random sets
-  (lesions and visualizations share them), 2 graphical-clusterability null draws.
+  (lesions and visualizations share them), 2 graphical-clusterability null draws, 3 the
+  positions sampled from token sequences (activation rows, top-activating positions).
 * :func:`named_seed`, :func:`tagged_sequence`, :func:`image_seed`, :func:`int_seed`: the
   small derivations of training (augmentation stream), derived datasets, per-image
   visualization seeds, and ints for libraries that want one.
+* :func:`derived_seed`: a study's seed of one network, from the study's seed and the digest
+  of the network's weights.
+
+Nothing else in modlens derives a seed: every random stream starts from one of these functions.
 
 This module is layer 0: numpy only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 
 import numpy as np
 
 #: Stream numbers of :func:`method_seed`.
-STREAM_CLUSTERING, STREAM_RANDOM_SETS, STREAM_CLUSTERABILITY = 0, 1, 2
+STREAM_CLUSTERING, STREAM_RANDOM_SETS, STREAM_CLUSTERABILITY, STREAM_POSITIONS = 0, 1, 2, 3
 
 _METHOD_IDS = {"weights/global": 0, "weights/local": 1, "activations/global": 2, "activations/local": 3}
 
@@ -142,3 +148,15 @@ def image_seed(base: int, row: int) -> int:
     """The 63-bit seed of visualization image ``row`` of a run whose base seed is ``base``."""
     state = np.random.SeedSequence([int(base), int(row)]).generate_state(2, dtype=np.uint32)
     return int(state[0]) | (int(state[1] & 0x7FFFFFFF) << 32)
+
+
+def derived_seed(*parts) -> int:
+    """A 31-bit seed from a ``SeedSequence`` over ``parts``: ints as they are, anything else (a hex
+    digest, a name) hashed to a 64-bit int with SHA-256."""
+    words = []
+    for p in parts:
+        if isinstance(p, (int, np.integer)):
+            words.append(int(p))
+        else:
+            words.append(int(hashlib.sha256(str(p).encode()).hexdigest()[:16], 16))
+    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)

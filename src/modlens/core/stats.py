@@ -22,6 +22,7 @@ import numpy as np
 from scipy import stats as _sps
 
 __all__ = [
+    "TIE_RULES",
     "percentiles",
     "fisher",
     "bates_cdf",
@@ -46,6 +47,10 @@ def _as_array(name: str, values, ndim: int | None = None, *, allow_nan: bool = F
             pos = tuple(int(i) for i in bad[0])
             raise ValueError(f"{name} contains NaN at position {pos[0] if len(pos) == 1 else pos}")
     return arr
+
+
+#: Tie rules of :func:`percentiles`: the paper's mid-rank, or the original code's (notes row 11).
+TIE_RULES = ("mid", "original")
 
 
 def percentiles(true_values, random_values, *, higher_is_modular: bool = True, ties: str = "mid") -> np.ndarray:
@@ -74,7 +79,7 @@ def percentiles(true_values, random_values, *, higher_is_modular: bool = True, t
     Raises ValueError on NaN (naming its position), on mismatched shapes, n < 1, or an
     unknown ``ties``.
     """
-    if ties not in ("mid", "original"):
+    if ties not in TIE_RULES:
         raise ValueError(f"ties must be 'mid' or 'original', got {ties!r}")
     t = _as_array("true_values", true_values, 1)
     r = _as_array("random_values", random_values, 2)

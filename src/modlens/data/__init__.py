@@ -17,9 +17,19 @@ MNIST and Fashion-MNIST are read from the standard gzipped IDX files in ``<root>
 ``$MODLENS_DATA``, else ``~/.cache/modlens/data``. Files are md5-checked and downloaded from public
 mirrors (CIFAR-10: the official archive) if missing.
 
+:func:`load_data_files` reads test and activation data from an image folder (``<class>/<image>``, with
+a model's preprocessing), a ``.npz``/``.safetensors`` file of arrays or a dataset name;
+:func:`data_files_identity` says what identifies them without reading them.
+
 :func:`load_imagenet_folder` / :func:`iter_imagenet_folder` read an ImageNet validation folder
 (``root/<wnid>/<image>.JPEG``) with the standard resize / centre-crop / normalize preprocessing and
 an optional seeded per-class subsample; they need Pillow.
+
+:func:`load_text` reads the two-genre text corpus (``<root>/text/``: English prose and Python
+source) for language models: byte-level tokens (:func:`encode`, :func:`decode`, 128 ASCII
+symbols), byte classes (:func:`byte_classes`), a held-out split by contiguous chunks and
+fixed-length contexts with next-token targets and the genre of each sequence
+(:class:`TextDataset`; see :mod:`modlens.data._text`).
 Uses numpy and the standard library only (scikit-learn for the digits, Pillow for ImageNet).
 """
 
@@ -31,16 +41,25 @@ from typing import Sequence
 
 import numpy as np
 
-from modlens.core.seeds import tagged_sequence
+from modlens.core.seeds import as_generator, tagged_sequence
 
 from ._cifar import CLASSES as CIFAR10_CLASSES
 from ._cifar import load_cifar10_split
 from ._derived import make_halves, make_stack, partner_indices, resize_half_width
 from ._digits import load_digits_split
 from ._errors import DataCorruptError, DataError, DataUnavailableError
+from ._files import (
+    IMAGE_OPTIONS,
+    data_files_identity,
+    folder_digest,
+    load_data_files,
+    read_arrays,
+    source_kind,
+)
 from ._imagenet import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INTERPOLATIONS,
     ImageFolderIndex,
     index_image_folder,
     iter_imagenet_folder,
@@ -48,34 +67,66 @@ from ._imagenet import (
     read_class_list,
 )
 from ._imagenet import check_sizes as _check_sizes
-from ._imagenet import image_batches as _image_batches
+from ._imagenet import image_batches
 from ._sources import ENV_VAR, data_root, load_idx_split
+from ._text import (
+    BYTE_CLASSES,
+    GENRES,
+    TextDataset,
+    byte_classes,
+    decode,
+    encode,
+    load_text,
+    make_text_split,
+    read_genre,
+)
 
 __all__ = [
     "BASE_DATASETS",
+    "BYTE_CLASSES",
     "CIFAR10_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageFolderIndex",
     "DATASETS",
+    "TEXT_DATASETS",
+    "held_out_text",
     "ENV_VAR",
     "DataCorruptError",
     "DataError",
     "DataUnavailableError",
     "Dataset",
+    "GENRES",
+    "TextDataset",
     "VARIANTS",
+    "byte_classes",
     "data_root",
+    "decode",
     "derived_rng",
+    "encode",
+    "held_out_data",
+    "image_batches",
+    "IMAGE_OPTIONS",
+    "INTERPOLATIONS",
+    "data_files_identity",
+    "folder_digest",
+    "load_data_files",
+    "read_arrays",
+    "source_kind",
     "index_image_folder",
     "iter_imagenet_folder",
     "load_dataset",
     "load_imagenet_folder",
+    "load_text",
     "make_halves",
     "make_stack",
+    "make_text_split",
     "partner_indices",
     "preprocess_image",
     "read_class_list",
+    "read_genre",
     "resize_half_width",
+    "split_validation",
 ]
 
 BASE_DATASETS = ("mnist", "fashion-mnist", "digits", "cifar10")
@@ -87,7 +138,10 @@ _SPECS: dict[str, tuple[str | None, str]] = {b: (None, b) for b in BASE_DATASETS
 _SPECS.update({f"{v}-{b}": (v, b) for v in VARIANTS for b in _VARIANT_BASES})
 
 DATASETS: list[str] = list(_SPECS)
-"""Every valid dataset name."""
+"""Every valid image dataset name."""
+
+TEXT_DATASETS = ("text",)
+"""Datasets of token sequences for language models: ``"text"``, the two-genre corpus (:func:`load_text`)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,7 +257,57 @@ def load_imagenet_folder(
     index = index_image_folder(root, per_class=per_class, seed=seed, classes=classes)
     x = np.empty((len(index), 3, size, size), dtype=np.float32)
     start = 0
-    for xb, _ in _image_batches(index, batch_size=64, size=size, resize=resize, normalize=normalize):
+    for xb, _ in image_batches(index, batch_size=64, size=size, resize=resize, normalize=normalize):
         x[start:start + len(xb)] = xb
         start += len(xb)
     return Dataset(name="imagenet", split="val", x=x, y=index.labels.copy(), n_classes=len(index.classes))
+
+
+def split_validation(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into sorted, disjoint ``(train_idx, val_idx)`` with
+    ``len(val_idx) == n_val``: the training examples held out for the activation graph."""
+    n, n_val = int(n), int(n_val)
+    if not 0 <= n_val < n:
+        raise ValueError(f"split_validation: need 0 <= n_val < n, got n_val={n_val}, n={n}")
+    perm = as_generator(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def held_out_text(record: dict, *, data_dir: str | os.PathLike | None = None) -> tuple[TextDataset, TextDataset]:
+    """``(test, activation)`` contexts of a language model trained on the text corpus, from the
+    ``dataset`` record of its manifest (``{"name": "text", "data_seed", "context", "n_test",
+    "n_activation"}``): at most ``n_test`` sequences of the test split and ``n_activation`` of the
+    held-out "val" split (never trained on), each balanced between the genres
+    (:meth:`TextDataset.balanced`, seeded by ``data_seed``)."""
+    if not isinstance(record, dict) or record.get("name") not in TEXT_DATASETS:
+        raise ValueError(f"held_out_text needs a text dataset record, got {record!r}")
+    seed, context = int(record.get("data_seed", 0)), int(record.get("context", 128))
+    test = load_text("test", context=context, seed=seed, data_dir=data_dir)
+    act = load_text("val", context=context, seed=seed, data_dir=data_dir)
+    if record.get("n_test"):
+        test = test.balanced(int(record["n_test"]), seed)
+    if record.get("n_activation"):
+        act = act.balanced(int(record["n_activation"]), seed)
+    return test, act
+
+
+def held_out_data(record: dict, *, data_dir: str | os.PathLike | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x_test, y_test, x_activation)`` of a trained model, from the ``dataset`` record of its
+    manifest (``{"name", "data_seed", "activation_split"}``): the test split, and the held-out
+    examples that were never trained on (digits: its "val" split; otherwise the training examples
+    :func:`split_validation` held out), so activation graphs are never computed on the test set."""
+    if not isinstance(record, dict) or "name" not in record:
+        raise ValueError("the model's manifest names no dataset; pass test and activation data through the Python API")
+    name, data_seed = record["name"], int(record.get("data_seed", 0))
+    test = load_dataset(name, "test", data_dir=data_dir, seed=data_seed)
+    split = record.get("activation_split", {})
+    if split.get("split") == "val":
+        act = load_dataset(name, "val", data_dir=data_dir, seed=data_seed).x
+    else:
+        train = load_dataset(name, "train", data_dir=data_dir, seed=data_seed)
+        if len(train) != int(split["n_total"]):
+            raise ValueError(f"the manifest expects {split['n_total']} training examples of {name}, found {len(train)}")
+        _, val_idx = split_validation(int(split["n_total"]), int(split["n_val"]), int(split["val_seed"]))
+        act = train.x[val_idx]
+    return test.x, test.y, act

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from modlens.core.seeds import tagged_sequence
 
 from ._errors import DataCorruptError, DataUnavailableError
 
@@ -113,8 +114,8 @@ def index_image_folder(
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataUnavailableError(f"ImageNet folder {root} does not exist; point to a folder laid out as "
-                                   "<root>/<wnid>/<image>.JPEG (the validation images sorted into class folders)")
+        raise DataUnavailableError(f"image folder {root} does not exist; point to a folder laid out as "
+                                   "<root>/<class>/<image> (e.g. ImageNet's validation images sorted into wnid folders)")
     if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer))
                                   or per_class < 1):
         raise ValueError(f"per_class must be a positive int or None, got {per_class!r}")
@@ -125,7 +126,7 @@ def index_image_folder(
         flat = _images_in(root)
         hint = (f" it holds {len(flat)} images directly: sort them into one sub-folder per class (wnid)"
                 if flat else " it is empty")
-        raise DataUnavailableError(f"ImageNet folder {root} has no class sub-folders;{hint}")
+        raise DataUnavailableError(f"image folder {root} has no class sub-folders;{hint}")
     wnids = read_class_list(classes) if classes is not None else tuple(folders)
     index_of = {w: k for k, w in enumerate(wnids)}
     unknown = [f for f in folders if f not in index_of]
@@ -142,44 +143,61 @@ def index_image_folder(
             if per_class > len(files):
                 raise ValueError(f"class folder {root / wnid} has {len(files)} images, fewer than per_class="
                                 f"{per_class}; lower per_class")
-            rng = np.random.default_rng([int(seed), zlib.crc32(wnid.encode())])
+            rng = np.random.default_rng(tagged_sequence(int(seed), wnid))  # SeedSequence([seed, crc32(wnid)])
             files = [files[i] for i in np.sort(rng.choice(len(files), size=int(per_class), replace=False))]
         paths += files
         labels += [index_of[wnid]] * len(files)
     return ImageFolderIndex(root, tuple(paths), np.array(labels, dtype=np.int64), wnids)
 
 
-def check_sizes(size: int, resize: int) -> None:
+def check_sizes(size: int | None, resize: int | None) -> None:
     for name, v in (("size", size), ("resize", resize)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if resize < size:
+    if size is not None and resize is not None and resize < size:
         raise ValueError(f"resize ({resize}) must be at least the crop size ({size}); the standard pair is 256 and 224")
 
 
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
 def preprocess_image(
-    path: str | os.PathLike, *, size: int = 224, resize: int = 256, normalize: bool = True
+    path: str | os.PathLike, *, size: int | None = 224, resize: int | None = 256, normalize: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, channels: int = 3,
+    interpolation: str = "bilinear",
 ) -> np.ndarray:
-    """One image as float32 ``(3, size, size)``: RGB, shorter side -> ``resize``, centre crop, [0, 1],
-    then ``(x - IMAGENET_MEAN) / IMAGENET_STD`` per channel if ``normalize``."""
+    """One image as float32 ``(channels, size, size)``: RGB (or grayscale with ``channels=1``),
+    shorter side -> ``resize`` (``interpolation``), centre crop ``size``, [0, 1], then
+    ``(x - mean) / std`` per channel if ``normalize`` (ImageNet's by default). ``size=None`` keeps
+    the image as it is (no resize, no crop); ``resize=None`` resizes the shorter side to ``size``."""
     check_sizes(size, resize)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     Image = _pil_image()
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = img.convert("RGB" if channels == 3 else "L")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataCorruptError(f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); "
                                "delete or replace the file") from None
-    w, h = img.size
-    new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
-    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    if size is not None:
+        resize = size if resize is None else resize
+        w, h = img.size
+        new_w, new_h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), getattr(Image.Resampling, interpolation.upper()))
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
+    x = np.asarray(img, dtype=np.float32)
+    x = (x[None] if x.ndim == 2 else x.transpose(2, 0, 1)) / np.float32(255.0)
     if normalize:
-        mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
-        x = (x - mean) / np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+        m, s = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        if m.shape not in ((1,), (channels,)) or s.shape != m.shape:
+            raise ValueError(f"mean and std need 1 or {channels} values for {channels}-channel images, got "
+                             f"{list(map(float, mean))} and {list(map(float, std))}")
+        x = (x - m[:, None, None]) / s[:, None, None]
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -207,10 +225,15 @@ def iter_imagenet_folder(
     return image_batches(index, batch_size=batch_size, size=size, resize=resize, normalize=normalize)
 
 
-def image_batches(index: ImageFolderIndex, *, batch_size: int, size: int, resize: int,
-                  normalize: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Decode the images of ``index`` in order, ``batch_size`` at a time (arguments already checked)."""
+def image_batches(index: ImageFolderIndex, *, batch_size: int, size: int | None, resize: int | None,
+                  normalize: bool, **options) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Decode the images of ``index`` in order, ``batch_size`` at a time (arguments already checked;
+    ``options``: ``mean``, ``std``, ``channels``, ``interpolation`` of :func:`preprocess_image`)."""
     for start in range(0, len(index), batch_size):
         chunk = index.paths[start:start + batch_size]
-        x = np.stack([preprocess_image(p, size=size, resize=resize, normalize=normalize) for p in chunk])
-        yield x, index.labels[start:start + len(chunk)].copy()
+        images = [preprocess_image(p, size=size, resize=resize, normalize=normalize, **options) for p in chunk]
+        shapes = sorted({im.shape for im in images})
+        if len(shapes) > 1:
+            raise ValueError(f"images of {index.root} differ in size ({shapes[0]} and {shapes[-1]}); give an image "
+                             "size (--image-size N) to resize and centre-crop them alike")
+        yield np.stack(images), index.labels[start:start + len(chunk)].copy()

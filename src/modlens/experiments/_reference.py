@@ -12,7 +12,26 @@ RECIPES: dict[str, dict[str, Any]] = {
     "mlp": {"epochs": 20, "batch_size": 128, "weight_decay_l2": 0.0, "augment": None},
     "cnn": {"epochs": 10, "batch_size": 64, "weight_decay_l2": 0.0, "augment": None},
     "vgg": {"epochs": 200, "batch_size": 128, "weight_decay_l2": 5e-4, "augment": dict(PAPER_AUGMENT)},
+    # the reference decoder language model (issue 18; modlens.experiments.train_lm): steps of AdamW on
+    # byte contexts of the two-genre corpus, and the held-out sequences its analysis uses
+    "gpt": {"epochs": 1, "batch_size": 16, "weight_decay_l2": 0.0, "augment": None, "steps": 400, "lr": 3e-3,
+            "warmup": 40, "weight_decay": 0.1, "context": 128, "n_test": 16, "n_activation": 128},
 }
+
+#: The reference architectures (the keys of :data:`RECIPES`).
+ARCHS = tuple(RECIPES)
+
+#: The MLP on scikit-learn's small digits data trains for 60 epochs (the demo's recipe; 20 epochs of
+#: 1,000 images leave it far from convergence).
+DIGITS_MLP_EPOCHS = 60
+
+
+def default_epochs(arch: str, dataset: str) -> int:
+    """Epochs of the reference recipe of ``arch`` on ``dataset``."""
+    if dataset.endswith("digits") and arch == "mlp":
+        return DIGITS_MLP_EPOCHS
+    return int(RECIPES[arch]["epochs"])
+
 
 # Architecture types whose spec names the input image shape / the number of outputs, and the key.
 _IMAGE_SHAPE_KEY = {"cnn": "input_shape", "vgg": "input_shape", "small_vgg": "input_shape"}

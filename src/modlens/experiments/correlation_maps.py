@@ -20,7 +20,6 @@ from scipy.stats import rankdata
 from modlens.core.partition import Partition, Subcluster
 from modlens.core.seeds import as_generator
 from modlens.experiments.lesion_test import random_sets
-from modlens.nn._fx import module_device_dtype
 from modlens.nn.inputs import to_model
 
 
@@ -117,9 +116,8 @@ def subcluster_map(neuron_maps: np.ndarray, neurons, sweeps: int = 20) -> np.nda
 
 
 def _preactivations(adapter, x: torch.Tensor, layer: int, batch_size: int = 4096) -> np.ndarray:
-    device, dtype = module_device_dtype(adapter.model)
-    batches = (to_model(x[i:i + batch_size], device, dtype) for i in range(0, x.shape[0], batch_size))
-    return adapter.preactivations(batches)[layer].astype(np.float64)
+    batches = (to_model(x[i:i + batch_size], adapter.device, adapter.dtype) for i in range(0, x.shape[0], batch_size))
+    return adapter.record(batches, [layer])[0].astype(np.float64)
 
 
 def correlation_maps(

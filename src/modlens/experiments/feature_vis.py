@@ -53,8 +53,7 @@ from modlens.experiments._vis_transforms import (
     N_UNIFORMS, NEEDS_NOISE, TRANSFORMS, apply_transform, check_transforms, default_transforms, input_kind,
 )
 from modlens.experiments._vis_transforms import reflect_resample as _reflect_resample  # noqa: F401 (tests)
-from modlens.nn._fx import module_device_dtype, run_in_eval
-from modlens.nn._layout import conv_weights_channels_last, prefer_channels_last, to_channels_last
+from modlens.nn import conv_weights_channels_last, device_dtype, eval_mode, prefer_channels_last, to_channels_last
 
 PARAMETERIZATIONS = ("pixel", "fourier")
 OBJECTIVES = ("l1", "spatial_mean_abs")
@@ -156,7 +155,7 @@ def _objectives(adapter, img: torch.Tensor, groups, plan: _Plan, modules: dict) 
     parts = []
     for layer, sel, mask in groups:
         if layer not in modules:
-            modules[layer] = adapter.preactivation_module(layer)
+            modules[layer] = adapter.values([layer])
         parts.append(subcluster_objective(modules[layer](x[sel]), mask, plan.objective))
     if all(isinstance(sel, slice) for _, sel, _ in groups):  # rows in layer order: no scatter
         return torch.cat(parts)
@@ -166,12 +165,14 @@ def _objectives(adapter, img: torch.Tensor, groups, plan: _Plan, modules: dict) 
     return obj
 
 
-def _entropy(adapter, img: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """Entropy (nats) of the softmax of the logits: the last Linear's output, so a model that
+def _entropy(adapter, img: torch.Tensor, plan: _Plan, modules: dict) -> torch.Tensor:
+    """Entropy (nats) of the softmax of the logits: the output layer's output, so a model that
     ends in a softmax is not normalized twice."""
     x = plan.preprocess(img) if plan.preprocess is not None else img
     x = to_channels_last(x) if plan.channels_last else x
-    logits = adapter.forward_records(x)[2] if hasattr(adapter, "forward_records") else adapter.model(x)
+    if "logits" not in modules:
+        modules["logits"] = adapter.values([], logits=True)
+    logits = modules["logits"](x)
     logp = torch.log_softmax(logits, dim=1)
     return -(logp.exp() * logp).sum(1)
 
@@ -187,7 +188,7 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
     between calls.
     """
     idx = [int(i) for i in batch_indices]
-    device, dtype = module_device_dtype(adapter.model)
+    device, dtype = adapter.device, adapter.dtype
     lo, hi = plan.value_range
     gens = [torch.Generator().manual_seed(plan.seeds[i]) for i in idx]
     shape = plan.input_shape
@@ -216,7 +217,7 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
     modules = {} if modules is None else modules
     trace = []
     opt = torch.optim.Adam([param], lr=plan.lr)
-    with run_in_eval(adapter.model), conv_weights_channels_last(adapter.model, plan.channels_last):
+    with eval_mode(adapter.model), conv_weights_channels_last(adapter.model, plan.channels_last):
         for step in range(plan.steps):
             eps = None
             if plan.transforms in NEEDS_NOISE:  # drawn after the uniforms, one input at a time
@@ -238,7 +239,7 @@ def _optimize(adapter, plan: _Plan, batch_indices: Sequence[int], *, history: bo
         with torch.no_grad():
             images = _to_image(param.detach(), plan, scale)
             scores = _objectives(adapter, images, groups, plan, modules)
-            entropies = _entropy(adapter, images, plan)
+            entropies = _entropy(adapter, images, plan, modules)
     trace_t = torch.stack(trace) if trace else torch.empty(0, len(idx), dtype=dtype)
     return images, scores, entropies, trace_t
 
@@ -258,12 +259,12 @@ def continuous_input_problem(adapter, example: torch.Tensor, preprocess=None, *,
     if not example.is_floating_point():
         return (f"{lead}: the model's inputs (shape {shape}) are {str(example.dtype).replace('torch.', '')} "
                 "(token ids or other discrete values), which cannot be optimized by gradient")
-    device, dtype = module_device_dtype(adapter.model)
+    device, dtype = adapter.device, adapter.dtype
     x0 = example[:2].detach().to(device=device, dtype=dtype).clone().requires_grad_(True)
-    with torch.enable_grad(), run_in_eval(adapter.model):
+    with torch.enable_grad(), eval_mode(adapter.model):
         for layer in range(len(adapter.layers)):
             if layer not in modules:
-                modules[layer] = adapter.preactivation_module(layer)
+                modules[layer] = adapter.values([layer])
             z = modules[layer](preprocess(x0) if preprocess is not None else x0)
             grad = torch.autograd.grad(z.abs().sum(), x0, allow_unused=True)[0] if z.requires_grad else None
             if grad is None:
@@ -364,7 +365,7 @@ def feature_vis_test(
         parameterization=parameterization, transforms=transforms, objective=objective,
         value_range=value_range, preprocess=preprocess, min_size=min_size, max_fraction=max_fraction, name=name)
     lo, hi = plan.value_range
-    device = module_device_dtype(adapter.model)[0]
+    device = device_dtype(adapter.model)[0]
     plan.channels_last = bool(prefer_channels_last(adapter.model, device) if channels_last is None else channels_last)
     modules: dict = {}
     problem = continuous_input_problem(adapter, torch.full((1,) + plan.input_shape, 0.5 * (lo + hi)), preprocess,

@@ -13,16 +13,13 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 
 from modlens.core.partition import Partition
 from modlens.core.seeds import as_generator
-from modlens.nn.adapter import NetworkAdapter
-from modlens.nn.lesion import LesionEvaluator, correct_counts_plain
+from modlens.nn import LesionEngine
 
 ACCURACY_MODES = ("accuracy", "balanced")
 CLASS_RANGE_MODES = ("range", "normalized")
-ENGINES = ("incremental", "plain")
 
 #: Columns of the table :func:`lesion_test` returns, in order.
 COLUMNS = [
@@ -34,6 +31,35 @@ COLUMNS = [
 def random_sets(width: int, size: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``n`` random neuron sets of ``size`` drawn without replacement from ``width`` neurons."""
     return [np.sort(rng.choice(width, size=size, replace=False)) for _ in range(n)]
+
+
+def subcluster_sets(adapter, partition: Partition, *, n_random: int, random_state, max_fraction: float | None,
+                    name: str):
+    """Per layer with subclusters: ``(layer, sets, rows)``, the true subclusters of ``partition`` each
+    followed by its ``n_random`` random sets of the same size in the same layer (drawn in this order
+    from one generator, so every test that uses this function draws the same sets), and one row
+    ``(name, layer, layer_name, cluster, size, kind, draw, neurons)`` per set."""
+    if n_random < 1:
+        raise ValueError(f"n_random must be at least 1, got {n_random}")
+    if list(partition.layer_sizes) != adapter.layer_sizes:
+        raise ValueError(
+            f"the partition has layers of sizes {list(partition.layer_sizes)} but the model's hidden "
+            f"layers ({', '.join(adapter.layer_names)}) have sizes {adapter.layer_sizes}"
+        )
+    rng = as_generator(random_state)
+    subclusters = partition.subclusters(max_fraction=max_fraction)
+    for layer in range(len(adapter.layers)):
+        in_layer = [s for s in subclusters if s.layer == layer]
+        if not in_layer:
+            continue
+        width = adapter.layers[layer].n_neurons
+        sets, rows = [], []
+        for sc in in_layer:
+            for draw, neurons in enumerate([sc.neurons] + random_sets(width, sc.size, n_random, rng)):
+                sets.append(neurons)
+                rows.append((name, layer, sc.layer_name, sc.cluster, sc.size,
+                             "true" if draw == 0 else "random", draw, ",".join(map(str, neurons))))
+        yield layer, sets, rows
 
 
 def lesion_metrics(
@@ -73,66 +99,33 @@ def lesion_metrics(
 
 
 def lesion_test(
-    adapter: NetworkAdapter,
+    engine: LesionEngine,
     partition: Partition,
-    x: torch.Tensor,
-    y: torch.Tensor,
     *,
     n_random: int = 19,
     random_state=0,
     accuracy: str = "accuracy",
     class_range: str = "range",
     max_fraction: float | None = None,
-    engine: str = "incremental",
-    evaluator: LesionEvaluator | None = None,
     name: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
-    """Lesion every true subcluster of ``partition`` and its random controls.
+    """Lesion every true subcluster of ``partition`` and its random controls on ``engine``
+    (:func:`modlens.nn.lesion_engine`: the network, its test set and how lesions are evaluated).
 
     Returns a tidy table with one row per (subcluster, draw): ``kind`` is ``"true"`` for
     the subcluster itself (``draw`` 0) and ``"random"`` for its controls (``draw`` 1..n).
     ``progress`` is called with the number of lesions finished, as they finish.
     """
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if n_random < 1:
-        raise ValueError(f"n_random must be at least 1, got {n_random}")
-    if list(partition.layer_sizes) != adapter.layer_sizes:
-        raise ValueError(
-            f"the partition has layers of sizes {list(partition.layer_sizes)} but the model's hidden "
-            f"layers ({', '.join(adapter.layer_names)}) have sizes {adapter.layer_sizes}"
-        )
-    rng = as_generator(random_state)
-    if engine == "incremental" and evaluator is None:
-        evaluator = LesionEvaluator(adapter, x, y)
-    if evaluator is not None and engine == "incremental":
-        baseline, class_sizes = evaluator.baseline, evaluator.class_sizes
-    else:  # the empty lesion is the intact network
-        baseline = correct_counts_plain(adapter, 0, [[]], x, y)[0]
-        class_sizes = np.bincount(y.numpy(), minlength=adapter.n_classes)
+    adapter = engine.adapter
     name = name or partition.method
-    subclusters = partition.subclusters(max_fraction=max_fraction)
     frames = []
-    for layer in range(len(adapter.layers)):
-        in_layer = [s for s in subclusters if s.layer == layer]
-        if not in_layer:
-            continue
-        width = adapter.layers[layer].n_neurons
-        sets, rows = [], []
-        for sc in in_layer:
-            for draw, neurons in enumerate([sc.neurons] + random_sets(width, sc.size, n_random, rng)):
-                sets.append(neurons)
-                rows.append((name, layer, sc.layer_name, sc.cluster, sc.size,
-                             "true" if draw == 0 else "random", draw, ",".join(map(str, neurons))))
-        if engine == "incremental":
-            counts = evaluator.correct_counts(layer, sets, progress=progress)
-        else:
-            counts = correct_counts_plain(adapter, layer, sets, x, y)
-            if progress is not None:
-                progress(len(sets))
+    for layer, sets, rows in subcluster_sets(adapter, partition, n_random=n_random, random_state=random_state,
+                                             max_fraction=max_fraction, name=name):
+        counts = engine.correct_counts(layer, sets, progress=progress)
         frame = pd.DataFrame(rows, columns=COLUMNS[:8])
-        for key, values in lesion_metrics(counts, baseline, class_sizes, accuracy=accuracy, class_range=class_range).items():
+        metrics = lesion_metrics(counts, engine.baseline, engine.class_sizes, accuracy=accuracy, class_range=class_range)
+        for key, values in metrics.items():
             frame[key] = values
         # per-class correct counts, so that other accuracy / class-range rules can be computed later
         frame["class_correct"] = [",".join(map(str, row)) for row in np.asarray(counts, dtype=np.int64)]

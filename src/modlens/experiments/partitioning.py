@@ -26,11 +26,12 @@ from modlens.core import clustering, graph
 from modlens.core.knn_graph import build_activation_graph
 from modlens.core.partition import UNCLUSTERED, Partition
 from modlens.core.residual_graph import residual_weight_graph
-from modlens.core.seeds import as_generator, int_seed, method_seed, root_seed  # noqa: F401  (method_seed re-exported)
-from modlens.nn import _spearman
-from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS
-from modlens.nn.adapter import NetworkAdapter
-from modlens.nn.inputs import as_inputs, batches
+from modlens.core.seeds import STREAM_POSITIONS, as_generator, int_seed, method_seed, root_seed  # noqa: F401
+from modlens.core.weight_share import weight_share
+from modlens.experiments.token_graphs import (ACT_TOKENS, VOCAB_NODES, layer_layout, resolve_act_tokens,  # noqa: F401
+                                              residual_weight_share, vocab_parts)
+from modlens.nn import ACT_REDUCTIONS, BN_FOLDS, NetworkAdapter, as_inputs, batches, spearman_graph_torch
+from modlens.nn.tokens import TokenData, position_values, sample_positions
 
 METHODS = ("weights/global", "weights/local", "activations/global", "activations/local")
 
@@ -63,19 +64,26 @@ class Partitioner:
     """Builds each graph once and clusters it by any of the four methods.
 
     ``conv_edge`` (``"l1"`` or ``"matrix_1_norm"``, row 1), ``bn_fold`` (``"paper"``,
-    ``"original"`` or ``"none"``, row 3; ``fold_bn=True/False`` is the older spelling of
-    ``"original"``/``"none"``) and ``act_reduce`` (``"l1"`` or ``"matrix_1_norm"``, row 2) choose
+    ``"original"`` or ``"none"``, row 3) and ``act_reduce`` (``"l1"`` or ``"matrix_1_norm"``, row 2) choose
     how conv channels and normalizations enter the graphs. ``eigen_solver`` and ``n_init`` go to
     :func:`modlens.core.clustering.spectral_labels` (``"auto"``: ARPACK up to
     :data:`~modlens.core.clustering.ARPACK_MAX_NODES` nodes; 25 k-means initializations, 100
     above 2,000 nodes). ``random_state``: an int, ``SeedSequence``, ``Generator`` or ``None``
     (made a root once, :func:`modlens.core.seeds.root_seed`).
+
+    Transformers (docs/language-models.md; :mod:`modlens.experiments.token_graphs`): ``act_tokens``
+    (``"positions"``: one activation row per (sequence, position), at most ``max_positions`` drawn
+    from stream :data:`~modlens.core.seeds.STREAM_POSITIONS`; ``"aggregate"``: the L1 norm over
+    tokens; ``"auto"``: positions for ``task="next-token"``), ``vocab_nodes`` and ``token_groups``
+    (the embedding and unembedding in the weight graph).
     """
 
     def __init__(self, adapter: NetworkAdapter, *, activation_data=None, n_clusters: int = 16,
                  random_state: int = 0, batch_size: int = 2048, conv_edge: str = "l1",
-                 bn_fold: str = "paper", act_reduce: str = "l1", fold_bn: bool | None = None,
-                 eigen_solver: str = "auto", n_init: int | str = "auto"):
+                 bn_fold: str = "paper", act_reduce: str = "l1",
+                 eigen_solver: str = "auto", n_init: int | str = "auto", task: str = "classification",
+                 act_tokens: str = "auto", max_positions: int = 4096, vocab_nodes: str = "auto",
+                 token_groups=None):
         self.adapter = adapter
         self.n_clusters = int(n_clusters)
         self.random_state = root_seed(random_state)
@@ -84,9 +92,13 @@ class Partitioner:
         self._activation_data = activation_data
         self._batch_size = batch_size
         self._conv_edge = conv_edge
-        self._bn_fold = bn_fold if fold_bn is None else ("original" if fold_bn else "none")
+        self._bn_fold = bn_fold
         self._act_reduce = act_reduce
         check_graph_options(conv_edge=conv_edge, bn_fold=self._bn_fold, act_reduce=act_reduce)
+        self._act_tokens = resolve_act_tokens(act_tokens, task)
+        self._max_positions = int(max_positions)
+        self._vocab = (vocab_nodes, token_groups)
+        vocab_parts({}, vocab_nodes, token_groups)  # fail fast on a wrong vocabulary option
         self._graphs: dict[str, tuple] = {}
         self._cache: dict[str, Partition] = {}
         if self.n_clusters < 2:
@@ -101,11 +113,15 @@ class Partitioner:
     def _weight_structure(self):
         """(node-layer sizes, weight blocks, hidden node layers, neighbours of each node layer)."""
         if "structure" not in self._graphs:
-            sizes = self.adapter.node_layer_sizes()
-            blocks = None if getattr(self.adapter, "is_transformer", False) else \
+            transformer = getattr(self.adapter, "is_transformer", False)
+            if transformer:  # the vocabulary decision (docs/language-models.md, section 9)
+                self._graphs["parts"] = vocab_parts(self.adapter.residual_parts(), *self._vocab)
+                sizes, hidden = layer_layout(self._graphs["parts"])
+            else:
+                sizes, hidden = self.adapter.node_layer_sizes(), self.adapter.hidden_node_layers()
+            blocks = None if transformer else \
                 self.adapter.weight_blocks(conv_edge=self._conv_edge, bn_fold=self._bn_fold)
-            hidden = self.adapter.hidden_node_layers()
-            if getattr(self.adapter, "is_transformer", False):
+            if transformer:
                 # every block pair is joined through the stream; local clustering takes a block's MLP
                 # layer with its neighbouring node layers (docs/transformers.md)
                 neighbours = [[m for m in (l - 1, l + 1) if 0 <= m < len(sizes)] for l in range(len(sizes))]
@@ -119,7 +135,7 @@ class Partitioner:
         if kind not in self._graphs:
             sizes, blocks, hidden, neighbours = self._weight_structure()
             if kind == "weights" and blocks is None:  # transformer: kNN above DENSE_MAX_NODES
-                adj, _ = residual_weight_graph(**self.adapter.residual_parts(), mode="auto")
+                adj, _ = residual_weight_graph(**self._graphs["parts"], mode="auto")
             elif kind == "weights":
                 adj = graph.weight_graph(sizes, blocks)
             else:
@@ -128,20 +144,43 @@ class Partitioner:
                         "activation partitionings need activation data: pass activation_data (or data=) "
                         "as a held-out split that is not the lesion test set"
                     )
-                x = as_inputs(self._activation_data, name="activation data")
+                data = self._activation_data
+                x = data.ids if isinstance(data, TokenData) else as_inputs(data, name="activation data")
                 self.adapter.check_input(x, "activation data")
                 device, dtype = self.adapter.device, self.adapter.dtype
                 size = self.adapter.batch_size_for(x, self._batch_size)
                 on_gpu = device.type != "cpu"
-                acts = self.adapter.activation_summaries(batches(x, size, device=device, dtype=dtype),
-                                                         reduce=self._act_reduce, as_numpy=not on_gpu)
-                adj = _spearman.activation_graph(acts) if on_gpu else build_activation_graph(acts, mode="auto")
+                knn = {}
+                if getattr(self.adapter, "is_transformer", False) and self._act_tokens == "positions":
+                    acts = self._position_rows(data, x, size)
+                    on_gpu = False
+                    knn = {"dtype": np.float32}   # many rows: float32 ranks on the kNN path (halves time and memory)
+                else:
+                    acts = self.adapter.record(batches(x, size, device=device, dtype=dtype), reduce=self._act_reduce,
+                                               as_numpy=not on_gpu)
+                adj = spearman_graph_torch(acts) if on_gpu else build_activation_graph(acts, mode="auto", **knn)
                 position = {h: i for i, h in enumerate(hidden)}
                 neighbours = [[position[m] for m in neighbours[h] if m in position] for h in hidden]
                 sizes = self.adapter.layer_sizes
                 hidden = list(range(len(sizes)))
             self._graphs[kind] = (adj, sizes, hidden, neighbours)
         return self._graphs[kind]
+
+    def _position_rows(self, data, x, batch_size: int) -> list[np.ndarray]:
+        """Per-position activation rows (sequence x token) of the activation data."""
+        candidates = data.positions() if isinstance(data, TokenData) else np.argwhere(np.ones(tuple(x.shape[:2]), bool))
+        rng = as_generator(method_seed(self.random_state, "activations/global", STREAM_POSITIONS))
+        positions = sample_positions(candidates, self._max_positions, rng)
+        self._graphs["positions"] = int(len(positions))
+        return position_values(self.adapter, x, positions, batch_size=batch_size, name="activation data")
+
+    def weight_share(self, labels) -> dict:
+        """Share of squared weight inside the clusters of hidden-neuron ``labels``, with its 1/k and
+        size-matched baselines (:mod:`modlens.core.weight_share`), on the full weight graph."""
+        if getattr(self.adapter, "is_transformer", False):
+            return residual_weight_share(self.adapter.residual_parts(), labels)
+        _, blocks, hidden, _ = self._weight_structure()
+        return weight_share(blocks, labels, hidden)
 
     def partition(self, method: str) -> Partition:
         if method in self._cache:
@@ -154,6 +193,11 @@ class Partitioner:
         hidden_labels, ncut, full_ncut = cluster_graph(adj, sizes, hidden, neighbours, scope, self.n_clusters,
                                                        random_state=seed, k_per_layer=k_per_layer, **self._spectral)
         seconds = time.perf_counter() - start
+        extra = {}
+        if method == "weights/global":  # beside the n-cut: the share of squared weight inside clusters
+            extra["weight_share"] = self.weight_share(hidden_labels)
+        if kind == "activations" and "positions" in self._graphs:
+            extra["activation_rows"] = {"kind": "positions", "n": self._graphs["positions"]}
         result = Partition.from_labels(
             hidden_labels, self.adapter.layer_names, self.adapter.layer_sizes,
             method=method, n_clusters=self.n_clusters, ncut=ncut,
@@ -164,6 +208,7 @@ class Partitioner:
                 "clustering_seconds": seconds,
                 "eigen_solver": self._spectral["eigen_solver"],
                 "n_init": self._spectral["n_init"],
+                **extra,
             },
         )
         self._cache[method] = result
@@ -241,7 +286,8 @@ def _hidden_ncut(adj, sizes, hidden, labels, *, distinct_per_layer: bool) -> flo
 def partition(model, method: str, *, n_clusters: int = 16, data=None, random_state=0,
               conv_edge: str = "l1", act_reduce: str = "l1", bn_fold: str = "paper",
               input_name: str | None = None, output=None, eigen_solver: str = "auto",
-              n_init: int | str = "auto") -> Partition:
+              n_init: int | str = "auto", task: str = "classification", act_tokens: str = "auto",
+              max_positions: int = 4096, vocab_nodes: str = "auto", token_groups=None) -> Partition:
     """Partition the hidden neurons of ``model`` (any ``torch.nn.Module`` modlens can capture:
     MLPs, CNNs, residual, grouped/depthwise and normalized networks; for CNNs the conv channels).
 
@@ -254,13 +300,24 @@ def partition(model, method: str, *, n_clusters: int = 16, data=None, random_sta
     :class:`~modlens.core.partition.Partition` with integer labels for every neuron of every
     hidden layer, in forward order (``-1`` for neurons with no edges).
 
-    ``eigen_solver`` (``"auto"``, ``"arpack"``, ``"lobpcg"``, ``"amg"``) and ``n_init`` (k-means
-    initializations; ``"auto"``: 25, or 100 above 2,000 nodes, as the original code) go to
+    ``eigen_solver`` (``"auto"``, ``"arpack"``, ``"lobpcg"``, ``"lanczos"``, ``"amg"``) and
+    ``n_init`` (k-means initializations; ``"auto"``: 25, or 100 above 2,000 nodes, as the
+    original code) go to
     :func:`modlens.core.clustering.spectral_labels`.
+
+    Language models (docs/language-models.md): ``task="next-token"`` (``data``: token ids, or
+    anything :func:`modlens.nn.tokens.as_token_data` takes), ``act_tokens``, ``max_positions``,
+    ``vocab_nodes`` and ``token_groups`` as in :class:`Partitioner`.
     """
     check_method(method)
     check_graph_options(conv_edge=conv_edge, bn_fold=bn_fold, act_reduce=act_reduce)
-    adapter = make_adapter(model, data, input_name=input_name, output=output, name="activation data")
+    if task == "next-token" and data is not None:
+        from modlens.nn.tokens import as_token_data
+
+        data = as_token_data(data, name="activation data")
+    example = data.ids if isinstance(data, TokenData) else data
+    adapter = make_adapter(model, example, input_name=input_name, output=output, name="activation data")
     return Partitioner(adapter, activation_data=data, n_clusters=n_clusters, random_state=random_state,
                        conv_edge=conv_edge, act_reduce=act_reduce, bn_fold=bn_fold,
-                       eigen_solver=eigen_solver, n_init=n_init).partition(method)
+                       eigen_solver=eigen_solver, n_init=n_init, task=task, act_tokens=act_tokens,
+                       max_positions=max_positions, vocab_nodes=vocab_nodes, token_groups=token_groups).partition(method)

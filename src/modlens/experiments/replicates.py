@@ -45,7 +45,7 @@ from modlens.experiments.train import (
     reference_setup,
     train_classifier,
 )
-from modlens.nn._fx import module_device_dtype
+from modlens.nn import device_dtype
 from modlens.nn.models import build_model
 
 __all__ = ["train_classifiers_together", "train_replicates", "TOGETHER_MODES"]
@@ -111,7 +111,7 @@ def train_classifiers_together(
         raise ValueError(f"{what}: indices must be one non-empty index tensor per model, all of one length; got "
                          f"lengths {[len(i) for i in indices]} for {len(models)} models")
     R, n = len(models), len(indices[0])
-    device = module_device_dtype(models[0])[0]
+    device = device_dtype(models[0])[0]
     net = StackedNet(models, conv=conv)
     order_gens = [torch.Generator().manual_seed(s) for s in seeds]
     aug_gens = [torch.Generator().manual_seed(named_seed(s, "augment")) for s in seeds] if augment else None
@@ -203,7 +203,7 @@ def train_replicates(
     if together == "together" and reason is not None:
         raise ValueError(f"{what}: {setup['architecture']['type']!r} networks cannot be trained together: they have "
                          f"{reason}; use together='one-by-one' or 'auto'")
-    on_gpu = module_device_dtype(models[0])[0].type == "cuda"
+    on_gpu = device_dtype(models[0])[0].type == "cuda"
     batched = reason is None and (together == "together" or (together == "auto" and on_gpu))
     kwargs = dict(epochs=setup["epochs"], batch_size=setup["batch_size"], lr=setup["lr"],
                   weight_decay_l2=setup["weight_decay_l2"], augment=setup["augment"])

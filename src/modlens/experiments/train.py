@@ -27,16 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modlens.core.seeds import as_generator, named_seed
+from modlens.core.seeds import named_seed
+from modlens.data import split_validation
 from modlens.experiments._augment import PAPER_AUGMENT, augment_images, check_augment, l2_penalty
-from modlens.experiments._reference import RECIPES, complete_architecture, recipe
-from modlens.nn._fx import module_device_dtype
+from modlens.experiments._reference import ARCHS, DIGITS_MLP_EPOCHS, RECIPES, complete_architecture, default_epochs, recipe
+from modlens.nn import device_dtype
 from modlens.nn.models import PAPER_MLP_HIDDEN, build_model
 
 __all__ = [
-    "train_classifier", "accuracy", "split_validation", "train_reference", "train_reference_mlp",
+    "train_classifier", "accuracy", "train_reference", "train_reference_mlp",
     "reference_setup", "reference_info", "MEMORY_FORMATS", "use_channels_last",
-    "complete_architecture", "recipe", "RECIPES", "PAPER_AUGMENT", "augment_images", "l2_penalty",
+    "complete_architecture", "recipe", "RECIPES", "ARCHS", "DIGITS_MLP_EPOCHS", "default_epochs", "PAPER_AUGMENT",
+    "augment_images", "l2_penalty",
 ]
 
 Progress = Callable[[int, int, float], Any]
@@ -58,7 +60,7 @@ def use_channels_last(model: nn.Module, x: torch.Tensor, memory_format: str = "a
         raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {memory_format!r}")
     if memory_format != "auto":
         return memory_format == "channels_last" and x.ndim == 4
-    device = module_device_dtype(model)[0]
+    device = device_dtype(model)[0]
     return (x.ndim == 4 and device.type == "cpu"
             and any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
@@ -133,7 +135,7 @@ def train_classifier(
     if drop_last is None:
         drop_last = batch_norm and n >= batch_size
     stop = n - n % batch_size if drop_last else n
-    device = module_device_dtype(model)[0]
+    device = device_dtype(model)[0]
     channels_last = use_channels_last(model, x_train, memory_format)
     order_generator = torch.Generator().manual_seed(int(seed))
     aug_generator = torch.Generator().manual_seed(named_seed(seed, "augment")) if augment else None
@@ -198,7 +200,7 @@ def _epochs(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, *, o
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024) -> float:
     """Fraction of samples whose arg-max logit equals the label (eval mode, no gradients)."""
     x, y = _check_xy(x, y, "accuracy")
-    device = module_device_dtype(model)[0]
+    device = device_dtype(model)[0]
     was_training = model.training
     model.eval()
     correct = 0
@@ -210,15 +212,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: 
     finally:
         model.train(was_training)
     return correct / x.shape[0]
-
-
-def split_validation(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of ``range(n)`` into sorted, disjoint ``(train_idx, val_idx)`` with ``len(val_idx) == n_val``."""
-    n, n_val = int(n), int(n_val)
-    if not 0 <= n_val < n:
-        raise ValueError(f"split_validation: need 0 <= n_val < n, got n_val={n_val}, n={n}")
-    perm = as_generator(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def train_reference(

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from modlens.nn._fx import ModelTraceError, run_in_eval, trace
+from modlens.nn._decoder_capture import rewrite
+from modlens.nn._fx import ModelTraceError, eval_mode, trace
 
 aten = torch.ops.aten
 _PREFIX = "model."
@@ -185,7 +186,8 @@ class _Builder:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-        return fx.GraphModule({k: v for k, v in self.root.items() if k in used}, gm.graph, name)
+        # decoder patterns (addmm linear maps, written-out norms and activations, merged rows, last-token reads)
+        return rewrite(fx.GraphModule({k: v for k, v in self.root.items() if k in used}, gm.graph, name))
 
     # ----- weight layers and normalizations as modules ---------------------------------------------------
     def _name(self, node: fx.Node, weight) -> str:
@@ -315,7 +317,7 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, *, input_name
     export_error = None
     if method != "fx" and example is not None and not leaf_modules:
         try:
-            with run_in_eval(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 ep = _export(wrapper, example)
             batch = [n for n in ep.graph.nodes if n.op == "placeholder"][-1].meta["val"].shape[0]
             if isinstance(batch, int):

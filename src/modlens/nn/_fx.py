@@ -203,12 +203,12 @@ def node_shapes(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, tupl
             shapes[n] = tuple(value.shape[1:]) if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
             return value
 
-    with torch.no_grad(), run_in_eval(gm):
+    with torch.no_grad(), eval_mode(gm):
         _Rec(gm).run(example)
     return shapes
 
 
-def run_in_eval(module: nn.Module):
+def eval_mode(module: nn.Module):
     """Context manager: put ``module`` in eval mode and restore its training flags after."""
     return _EvalMode(module)
 
@@ -229,7 +229,7 @@ class _EvalMode:
         return False
 
 
-def module_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
         return p.device, p.dtype
     return torch.device("cpu"), torch.float32

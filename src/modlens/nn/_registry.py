@@ -23,7 +23,13 @@ kind              how a layer's channels flow               weight edges        
 ``final``         softmax after the output layer             --                         --
 ``attention``     mixed across tokens (a product of two      not a neuron layer;        recomputed
                   activations: the model is a transformer)   residual paths only
+``take_tokens``   one position per sequence read after the   --                         recomputed
+                  output layer (last-token heads)
 ================  ========================================  =========================  ==================
+
+Decoder language models write some operations out; capture replaces those patterns by one node
+each (:mod:`modlens.nn._decoder_capture`): an element-wise closure (``gelu_new``) is ``unary``, a
+written-out RMS normalization is a ``norm`` and a last-token read is ``take_tokens``.
 
 Adding an operation means adding (or extending) one handler here and a test. A model with
 attention is analysed through its blocks' MLP neurons (:mod:`modlens.nn._transformer`).
@@ -38,12 +44,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from modlens.nn._decoder_ops import Elementwise, WrittenNorm, take_tokens
+
 aten = torch.ops.aten
 
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, WrittenNorm)
 OTHER_WEIGHT_LAYERS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
                        nn.LazyLinear, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding)
 ATTENTION_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -120,8 +128,11 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
                     | _ops("scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"),
                     methods={"matmul", "bmm"})
 
+CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise functions (gelu_new)
+TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
+
 HANDLERS = [ACTIVATIONS, PASSING, POOLING, BATCH_NORM, NORMALIZATION, ARITHMETIC, CONCAT, FLATTEN, PERMUTE, MEAN,
-            FINAL, ATTENTION]
+            FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
 SHAPE_FUNCTIONS = {getattr} | _ops("sym_size.int", "sym_numel")
 SIZE_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv}
@@ -165,6 +176,12 @@ def refine_arith(node: fx.Node, n_tensors: int) -> str:
 
 def _name(target) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def is_activation_module(m) -> bool:
+    """An activation function module: one of :data:`ACTIVATIONS`, or a written-out closure with a
+    nonlinear operation in it."""
+    return isinstance(m, ACTIVATIONS.modules) or (isinstance(m, Elementwise) and m.nonlinear)
 
 
 def is_bn(m) -> bool:

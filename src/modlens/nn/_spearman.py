@@ -43,7 +43,7 @@ def spearman_squared(x: torch.Tensor) -> torch.Tensor:
     return corr * corr
 
 
-def activation_graph(layers: list[torch.Tensor]) -> np.ndarray:
+def spearman_graph_torch(layers: list[torch.Tensor]) -> np.ndarray:
     """Dense activation-graph adjacency (zero diagonal) from per-layer (n, units) tensors."""
     x = torch.cat([t.double() for t in layers], dim=1)
     if x.shape[0] < 3:

@@ -32,6 +32,7 @@ from modlens.nn._registry import (
 )
 
 _FOLLOW = ("unary", "bn", "scale", "flatten", "permute", "mean")
+_MATRIX_PRODUCTS = {torch.ops.aten.addmm.default, torch.ops.aten.mm.default}
 _MIXING = ("join", "gate", "norm")
 
 
@@ -181,6 +182,13 @@ class Structure:
                         f"layer '{node.target}' is called more than once in forward (shared weights); "
                         "modlens needs every layer to be used once"
                     )
+            elif node.op == "call_function" and node.target in _MATRIX_PRODUCTS and any(
+                    a.op == "get_attr" for a in node.all_input_nodes):
+                raise UnsupportedModelError(
+                    f"{self.describe(node)} is a linear map written as a matrix product with a weight tensor "
+                    f"that modlens could not turn into a layer (input of shape {self.shapes.get(node.args[1])}); "
+                    "use nn.Linear, or a 2-D parameter W in addmm(bias, x, W) / mm(x, W)"
+                )
             elif node.op == "call_function" and getattr(node.target, "__name__", "") in (
                     "linear", "conv1d", "conv2d", "conv3d", "bilinear", "linear.default", "conv2d.default"):
                 raise UnsupportedModelError(
@@ -372,6 +380,9 @@ class Structure:
         node = self.output
         while self.kind(node) != "layer":
             kind = self.kind(node)
+            if kind == "take_tokens":  # one position per sequence, read after a per-position output layer
+                node = node.args[0]
+                continue
             ins = self.tensor_inputs(node)
             if kind not in ("unary", "final", "flatten", "bn", "scale") or len(ins) != 1:
                 raise UnsupportedModelError(

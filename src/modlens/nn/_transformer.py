@@ -33,10 +33,11 @@ import torch
 from torch import fx, nn
 
 from modlens.core.residual_graph import MLPBlockWeights
+from modlens.nn._decoder_ops import WrittenNorm
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
 
 aten = torch.ops.aten
-_NORMS = (nn.LayerNorm, nn.RMSNorm)
+_NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm)
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,10 @@ def _users(s, node: fx.Node) -> list[fx.Node]:
 
 
 def _is_activation(s, node: fx.Node) -> bool:
-    from modlens.nn._registry import ACTIVATIONS
+    from modlens.nn._registry import ACTIVATIONS, is_activation_module
 
     if node.op == "call_module":
-        return isinstance(s.module(node), ACTIVATIONS.modules)
+        return is_activation_module(s.module(node))
     return node.target in ACTIVATIONS.functions or node.target in ACTIVATIONS.methods
 
 
@@ -185,14 +186,49 @@ def _embedding(s, d_model: int):
     if len(first) == 1 and isinstance(mods[0], nn.Conv2d) and mods[0].out_channels == d_model:
         return _np(mods[0].weight).reshape(d_model, -1)
     lookups = [n for n in s.gm.graph.nodes if n.op == "call_function" and n.target is aten.embedding.default
-               and n.args[1] is s.input and n.args[0].op == "get_attr"]
+               and _from_input(s, n.args[1]) and n.args[0].op == "get_attr"]
     if len(lookups) == 1:
         w = s.gm
         for part in lookups[0].args[0].target.split("."):
             w = getattr(w, part)
         if w.shape[1] == d_model:
-            return _np(w).T
+            return _np(w).T * _lookup_scale(s, lookups[0])
     return None
+
+
+_INDEX_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+                aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.alias.default}
+
+
+def _from_input(s, node) -> bool:
+    """Whether ``node`` is the model input, or the input through views and copies (GPT-2 views the
+    ids before the lookup)."""
+    while isinstance(node, fx.Node) and node is not s.input:
+        if node.op != "call_function" or node.target not in _INDEX_VIEWS:
+            return False
+        node = node.args[0]
+    return node is s.input
+
+
+def _lookup_scale(s, lookup: fx.Node) -> float:
+    """A constant factor the looked-up embeddings are multiplied by before anything else (Gemma's
+    ``sqrt(d_model)``), else 1."""
+    from modlens.nn._fx import extract
+
+    users = [u for u in lookup.users if u in s.live]
+    if len(users) != 1 or users[0].op != "call_function" or users[0].target is not aten.mul.Tensor:
+        return 1.0
+    other = [a for a in users[0].args[:2] if a is not lookup]
+    if len(other) != 1:
+        return 1.0
+    if isinstance(other[0], (int, float)):
+        return float(other[0])
+    if isinstance(other[0], fx.Node) and other[0] not in s.dynamic:
+        with torch.no_grad():
+            value = extract(s.gm, [], [other[0]])()
+        if value.numel() == 1:
+            return float(value.reshape(()))
+    return 1.0
 
 
 def _head(s, d_model: int):

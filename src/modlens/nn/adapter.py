@@ -11,8 +11,10 @@ Which layers are analysed (paper section 3.1; row 4 of the notes): for an MLP ev
 Linear, with the weight graph over input, hidden and output neurons; for a network with
 convolutions the conv channels and the per-position (channels-last) Linear units, with no
 input, output or dense nodes. ``include_dense`` adds the hidden dense Linear layers of a CNN.
-``MLPAdapter`` is the historical name of the class. Device and dtype are resolved once, from
-the model's parameters, at construction.
+Device and dtype are resolved once, from the model's parameters, at construction.
+
+Values are read by layer name through one method, :meth:`NetworkAdapter.values` (a module that
+runs only as far as the named layers), and :meth:`NetworkAdapter.record` streams it over batches.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class NetworkAdapter:
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self._check_parameters()
-        self.device, self.dtype = _fx.module_device_dtype(model)
+        self.device, self.dtype = _fx.device_dtype(model)
         leaf_modules = tuple(leaf_modules)
         self.input_shape = None
         self._accepted: set = set()
@@ -121,7 +123,6 @@ class NetworkAdapter:
         first = s.first_layers()
         self.input_size = s.module(first[0]).in_features if isinstance(s.module(first[0]), nn.Linear) else None
         self._residual: dict | None = None
-        self._probe: fx.GraphModule | None = None
         self._plans: dict[int, LesionPlan] = {}
         self._shapes: dict[tuple, dict] = {}
 
@@ -148,7 +149,7 @@ class NetworkAdapter:
     def _check_accepts(self, example: torch.Tensor, input_name, output, forward_kwargs, name: str) -> None:
         wrapper = _capture.CaptureWrapper(self.model, input_name, output, forward_kwargs)
         try:
-            with torch.no_grad(), _fx.run_in_eval(self.model):
+            with torch.no_grad(), _fx.eval_mode(self.model):
                 wrapper(to_model(example[:2], self.device, self.dtype))
         except (RuntimeError, ValueError, IndexError) as exc:
             if isinstance(exc, ModelTraceError):
@@ -170,7 +171,7 @@ class NetworkAdapter:
         if given in self._accepted:
             return
         try:
-            with torch.no_grad(), _fx.run_in_eval(self.model):
+            with torch.no_grad(), _fx.eval_mode(self.model):
                 self.gm(to_model(x[:1], self.device, self.dtype))
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ValueError(
@@ -221,21 +222,17 @@ class NetworkAdapter:
             offset = 0 if self.residual_parts()["embedding"] is None else 1
         return [offset + i for i in range(len(self.layers))]
 
-    def weight_blocks(self, *, conv_edge: str = "l1", bn_fold: str = "paper",
-                      fold_bn: bool | None = None) -> list[tuple[int, int, np.ndarray]]:
+    def weight_blocks(self, *, conv_edge: str = "l1", bn_fold: str = "paper") -> list[tuple[int, int, np.ndarray]]:
         """Edge blocks ``(i, j, A)`` of the weight graph, ``A`` of shape (size_j, size_i).
 
         A dense layer gives ``|W|``; a conv gives the L1 norm of each kernel slice within its
         group (``conv_edge="matrix_1_norm"`` for the original code's norm, row 1); per-channel
-        scales are folded as ``bn_fold`` says (:mod:`modlens.nn._conv`; ``fold_bn=True/False``
-        is the older spelling of ``"original"``/``"none"``). Blocks join every pair of layers
-        connected through channel-wise operations, normalizations, gates, residual additions and
+        scales are folded as ``bn_fold`` says (:mod:`modlens.nn._conv`). Blocks join every pair of
+        layers connected through channel-wise operations, normalizations, gates, residual additions and
         concatenations, so residual networks get blocks between non-consecutive layers.
         """
         if self.is_transformer:  # residual-stream paths between all pairs of MLP blocks (dense)
             return list(residual_edge_blocks(**self.residual_parts()))
-        if fold_bn is not None:
-            bn_fold = "original" if fold_bn else "none"
         if bn_fold not in BN_FOLDS:
             raise ValueError(f"bn_fold must be one of {BN_FOLDS}, got {bn_fold!r}")
         s = self.structure
@@ -263,11 +260,6 @@ class NetworkAdapter:
                 blocks.append((index[src], index[consumer], block))
         return blocks
 
-    def consumer(self, layer: int) -> nn.Module:
-        """The first layer that reads hidden layer ``layer`` (for an MLP, the next Linear)."""
-        sink = next(sk for sk in self.structure.sinks[self._layer_nodes[layer]] if sk.kind == "layer")
-        return self.structure.module(sink.user)
-
     def layer_node(self, layer: int) -> fx.Node:
         return self._layer_nodes[layer]
 
@@ -286,87 +278,73 @@ class NetworkAdapter:
         return self._shapes[key]
 
     # ----- computation ------------------------------------------------------------------
-    def _preact_nodes(self) -> list[fx.Node]:
-        return [self.structure.preactivation_node(n) for n in self._layer_nodes]
-
     def _channels_last(self, layer: int) -> bool:
         return self.structure.layer_route(self._layer_nodes[layer]).channels_last
 
-    def _posts(self, reduce=None) -> list:
-        out = []
-        for i in range(len(self.layers)):
-            last = self._channels_last(i)
-            if reduce is None:
-                out.append(channels_first if last else None)
-            else:
-                out.append((lambda t, r=reduce: r(channels_first(t))) if last else reduce)
-        return out
+    def _post(self, layer: int, reduce: str | None):
+        """What is applied to layer ``layer``'s pre-activation as it is computed (or None)."""
+        last = self._channels_last(layer)
+        if reduce is None:
+            return channels_first if last else None
+        r = REDUCERS[reduce]
+        return (lambda t: r(channels_first(t))) if last else r
 
-    def probe(self) -> fx.GraphModule:
-        """Module mapping an input batch to, per layer l, (pre-activation z_l, input u_l of its
-        first consumer), followed by the output layer's output; values cloned on creation."""
-        if self._probe is None:
-            outs: list[fx.Node] = []
-            for node, pre in zip(self._layer_nodes, self._preact_nodes()):
-                sink = self.structure.sinks[node][0]
-                outs += [pre, sink.value]
-            outs.append(self.structure.output_layer)
-            self._probe = _fx.extract(self.gm, [self._input], outs, clone_outputs=True)
-        return self._probe
+    def layer_index(self, layer: int | str) -> int:
+        """The index of an analysed layer given by index or by name (its module path)."""
+        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+            if not 0 <= int(layer) < len(self.layers):
+                raise IndexError(f"layer index {layer} out of range: the model has {len(self.layers)} analysed layers")
+            return int(layer)
+        names = self.layer_names
+        if layer not in names:
+            raise KeyError(f"no analysed layer named {layer!r}; the layers are {', '.join(names)}")
+        return names.index(layer)
 
-    def preactivation_module(self, layer: int) -> fx.GraphModule:
-        """Differentiable module mapping a model input to layer ``layer``'s pre-activations:
-        (B, C) for a Linear, (B, C, H, W) for a conv (channels-last layers moved to channels
-        first); the layer's output after any batch norm directly following it, i.e. what its
-        activation function receives. Runs only the layers up to it."""
-        node = self.structure.preactivation_node(self._layer_nodes[layer])
-        post = self._posts()[layer]
-        return _fx.extract(self.gm, [self._input], [node], clone_outputs=True, post=[post] if post else None)
+    def values(self, layers: Iterable[int | str] | None = None, *, reduce: str | None = None,
+               logits: bool = False) -> fx.GraphModule:
+        """A module mapping an input batch to values of the named layers (names or indices;
+        default: every analysed layer), in that order, running only as far as they need:
 
-    def forward_records(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """(pre-activations z_l, first-consumer inputs u_l, output-layer output) for a batch."""
-        self.check_input(x, "data")
-        vals = self.probe()(x)
-        n = len(self.layers)
-        return [vals[2 * i] for i in range(n)], [vals[2 * i + 1] for i in range(n)], vals[-1]
+        * each layer's pre-activation: what its activation function receives (the layer's output
+          after a batch norm directly following it), (B, C) for a Linear, (B, C, H, W) for a conv,
+          channels-last layers moved to channels first; differentiable;
+        * with ``reduce`` (``"l1"``, or ``"matrix_1_norm"``: row 2 of the notes), one (B, C)
+          summary per layer instead: dense units as they are, each conv channel's (or each
+          token's) map reduced the moment it is computed;
+        * with ``logits=True``, the output layer's class scores last.
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The model's class scores for a batch, through the captured graph."""
-        self.check_input(x, "data")
-        return self.gm(x)
-
-    def summary_module(self, reduce: str = "l1") -> fx.GraphModule:
-        """Module mapping an input batch to one (B, n_neurons) tensor per analysed layer: the
-        pre-activations of dense units, and per conv channel the L1 norm over spatial
-        positions of its pre-activation map (``reduce="matrix_1_norm"``: row 2 of the notes).
-        Each map is reduced the moment it is computed."""
-        if reduce not in ACT_REDUCTIONS:
+        A single output is returned as a tensor, several as a tuple."""
+        if reduce is not None and reduce not in ACT_REDUCTIONS:
             raise ValueError(f"reduce must be one of {ACT_REDUCTIONS}, got {reduce!r}")
-        return _fx.extract(self.gm, [self._input], self._preact_nodes(), post=self._posts(REDUCERS[reduce]))
+        idx = list(range(len(self.layers))) if layers is None else [self.layer_index(l) for l in layers]
+        nodes = [self.structure.preactivation_node(self._layer_nodes[i]) for i in idx]
+        posts = [self._post(i, reduce) for i in idx]
+        if logits:
+            nodes.append(self.structure.output_layer)
+            posts.append(None)
+        if not nodes:
+            raise ValueError("values: name at least one layer, or pass logits=True")
+        post = posts if any(p is not None for p in posts) else None
+        return _fx.extract(self.gm, [self._input], nodes, clone_outputs=reduce is None, post=post)
 
-    def activation_summaries(self, batches: Iterator[torch.Tensor], *, reduce: str = "l1",
-                             as_numpy: bool = True, name: str = "activation data") -> list:
-        """Streamed :meth:`summary_module` outputs over ``batches``, concatenated per layer.
-
-        Memory grows with samples x neurons only, never with the size of the maps. With
-        ``as_numpy=False`` the result stays on the model's device as tensors.
-        """
-        module = self.summary_module(reduce)
-        parts: list[list] = [[] for _ in self.layers]
-        with torch.no_grad(), _fx.run_in_eval(self.model):
+    def record(self, batches: Iterator[torch.Tensor], layers: Iterable[int | str] | None = None, *,
+               reduce: str | None = "l1", as_numpy: bool = True, name: str = "activation data") -> list:
+        """:meth:`values` streamed over ``batches`` (in eval mode, without gradients),
+        concatenated per layer. With the default ``reduce="l1"`` memory grows with samples x
+        neurons only, never with the size of the maps. ``as_numpy=False`` keeps tensors on the
+        model's device."""
+        module = self.values(layers, reduce=reduce)
+        parts: list[list] = []
+        with torch.no_grad(), _fx.eval_mode(self.model):
             for x in batches:
                 self.check_input(x, name)
                 out = module(x)
                 out = out if isinstance(out, tuple) else (out,)
+                parts = parts or [[] for _ in out]
                 for i, z in enumerate(out):
                     parts[i].append(z.cpu().numpy() if as_numpy else z)
         cat = np.concatenate if as_numpy else torch.cat
         return [cat(p, 0) for p in parts]
-
-    def preactivations(self, batches: Iterator[torch.Tensor]) -> list[np.ndarray]:
-        """Pre-activations of every analysed layer, (n_samples, n_neurons) each; conv channels
-        are summarized by the L1 norm of their map (see :meth:`activation_summaries`)."""
-        return self.activation_summaries(batches)
 
     def batch_size_for(self, example: torch.Tensor, batch_size: int, budget: int | None = None) -> int:
         """``batch_size``, lowered so that one forward pass fits in ``budget`` bytes."""
@@ -374,7 +352,4 @@ class NetworkAdapter:
         return _memory.batch_for(self.node_shapes(example), self.dtype, batch_size, budget)
 
 
-#: Historical name: the adapter handles MLPs, CNNs and residual networks alike.
-MLPAdapter = NetworkAdapter
-
-__all__ = ["NetworkAdapter", "MLPAdapter", "NeuronLayer", "UnsupportedModelError", "ModelTraceError"]
+__all__ = ["NetworkAdapter", "NeuronLayer", "UnsupportedModelError", "ModelTraceError"]

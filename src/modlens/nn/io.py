@@ -19,7 +19,8 @@ from torch import nn
 from modlens._version import __version__
 from modlens.nn.models import build_model
 
-__all__ = ["save_model", "load_model", "WEIGHTS_FILE", "MANIFEST_FILE", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_model", "load_model", "read_manifest", "resolve_directory", "sha256_file", "WEIGHTS_FILE", "MANIFEST_FILE",
+           "FORMAT", "FORMAT_VERSION"]
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -28,7 +29,8 @@ FORMAT_VERSION = 1
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -58,6 +60,20 @@ def _check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, tor
         raise ValueError(f"{where}: weights do not match the manifest's architecture: " + "; ".join(problems))
 
 
+def _tied(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Names of tensors that share memory with an earlier one (tied weights, such as a decoder's
+    unembedding and token embedding), mapped to that earlier name."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
 def save_model(model: nn.Module, directory: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
     """Write ``model.safetensors`` and ``manifest.json`` into ``directory`` (created if needed).
 
@@ -73,6 +89,8 @@ def save_model(model: nn.Module, directory: str | os.PathLike, manifest: Mapping
                          "{'type': 'mlp', 'sizes': [784, 256, 10], 'activation': 'relu'}")
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     _check_tensors(_build(architecture).state_dict(), state, f"save_model({str(directory)!r})")
+    for name in _tied(model.state_dict()):  # tied weights are stored once; the architecture ties them again
+        del state[name]
     out = dict(manifest)
     out.update(format=FORMAT, format_version=FORMAT_VERSION, modlens_version=__version__)
     out.pop("sha256", None)
@@ -88,7 +106,7 @@ def save_model(model: nn.Module, directory: str | os.PathLike, manifest: Mapping
     placed = False
     try:
         save_file(state, str(tmp_weights))
-        out["sha256"] = _sha256(tmp_weights)
+        out["sha256"] = sha256_file(tmp_weights)
         tmp_manifest.write_text(json.dumps(out, sort_keys=True, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp_weights, directory / WEIGHTS_FILE)
         placed = True
@@ -105,21 +123,26 @@ def save_model(model: nn.Module, directory: str | os.PathLike, manifest: Mapping
 
 def _pickle_error(path: Path) -> ValueError:
     return ValueError(
-        f"{path} looks like a pickled PyTorch checkpoint; modlens reads only a directory holding "
-        f"{WEIGHTS_FILE} + {MANIFEST_FILE} (it never unpickles files). To convert a checkpoint you trust: "
+        f"{path} looks like a PyTorch checkpoint, not a modlens model folder ({WEIGHTS_FILE} + {MANIFEST_FILE}); "
+        f"name the model's code and pass the file as its weights: modlens analyze pkg.module:factory --weights {path} "
+        "(a state dict is read with torch.load(weights_only=True); modlens never unpickles objects), or convert it: "
         f"state = torch.load({str(path)!r}, weights_only=True); model = build_model(arch); "
         f"model.load_state_dict(state); modlens.nn.io.save_model(model, 'out_dir', {{'architecture': arch}})"
     )
 
 
-def _resolve_directory(directory: str | os.PathLike) -> Path:
+def resolve_directory(directory: str | os.PathLike) -> Path:
+    """The model folder ``directory`` names (or the folder of its weights or manifest file); a one-line
+    error when there is none, or when a pickled checkpoint is given instead."""
     path = Path(directory)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise _pickle_error(path)
     if path.is_file() and path.name in (WEIGHTS_FILE, MANIFEST_FILE):
         path = path.parent
     if not path.is_dir():
-        raise FileNotFoundError(f"load_model: {path} is not a directory holding {WEIGHTS_FILE} + {MANIFEST_FILE}")
+        raise FileNotFoundError(f"load_model: {path} is not a directory holding {WEIGHTS_FILE} + {MANIFEST_FILE}"
+                                + ("" if path.exists() else "; a model is a modlens model folder, pkg.module:factory, "
+                                   "timm:NAME, torchvision:NAME or hf:REPO_OR_FOLDER"))
     if not (path / MANIFEST_FILE).is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
         if pickles:
@@ -128,15 +151,9 @@ def _resolve_directory(directory: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by :func:`save_model`; returns ``(model in eval mode, manifest)``.
-
-    Checks the manifest's format and version, the weights' SHA-256, tensor names and shapes
-    against the architecture, and that every weight is finite; each failure is a ``ValueError``
-    naming the file or tensor.
-    """
-    directory = _resolve_directory(directory)
-    manifest_path, weights_path = directory / MANIFEST_FILE, directory / WEIGHTS_FILE
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a model folder, its format and version checked (the weights are not read)."""
+    manifest_path = Path(directory) / MANIFEST_FILE
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -148,9 +165,22 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     if version != FORMAT_VERSION:
         raise ValueError(f"{manifest_path}: format_version {version!r} is not supported by modlens "
                          f"{__version__} (reads version {FORMAT_VERSION}); upgrade modlens or re-save the model")
+    return manifest
+
+
+def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_model`; returns ``(model in eval mode, manifest)``.
+
+    Checks the manifest's format and version, the weights' SHA-256, tensor names and shapes
+    against the architecture, and that every weight is finite; each failure is a ``ValueError``
+    naming the file or tensor.
+    """
+    directory = resolve_directory(directory)
+    manifest = read_manifest(directory)
+    manifest_path, weights_path = directory / MANIFEST_FILE, directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"load_model: {weights_path} is missing (the manifest is there)")
-    actual = _sha256(weights_path)
+    actual = sha256_file(weights_path)
     if actual != manifest.get("sha256"):
         raise ValueError(f"{weights_path}: SHA-256 {actual} does not match the manifest's {manifest.get('sha256')!r}; "
                          "the file is corrupted or was replaced. Re-copy it, or re-save the model with save_model")
@@ -159,6 +189,9 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
     except ValueError as exc:
         raise ValueError(f"{manifest_path}: bad architecture: {exc}") from None
     tensors = load_file(str(weights_path))
+    for name, source in _tied(model.state_dict()).items():  # weights the architecture ties were stored once
+        if name not in tensors and source in tensors:
+            tensors[name] = tensors[source]
     _check_tensors(model.state_dict(), tensors, str(weights_path))
     for name in sorted(tensors):
         t = tensors[name]

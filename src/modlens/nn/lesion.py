@@ -4,15 +4,17 @@ A lesioned neuron (a unit, or a conv channel) contributes nothing downstream (pa
 section 4.1: the weights out of it are zero). Its value is zeroed at the input of every
 consumer, after any batch norm, activation or pooling, so a batch norm that follows cannot
 turn the removed channel into a constant (unlike the original code, row 8 of the notes).
-Two paths compute the same numbers:
+Two engines compute the same numbers behind one interface (:class:`LesionEngine`:
+``correct_counts(layer, sets)``, ``baseline``, ``class_sizes``); :func:`lesion_engine` makes
+either by name:
 
-* :func:`correct_counts_plain`, the oracle: in a deep copy of the captured model, zero the
+* :class:`PlainLesions` (:func:`correct_counts_plain`), the oracle: in a deep copy of the captured model, zero the
   slices of the consumers' weights that read the neurons (for a Linear after a flatten, the
   columns the channel owns; in a grouped conv, the in-group slices) and, where the neurons
   enter an operation without weights (residual addition, normalization, gate), multiply that
   input by a channel mask; then run the whole test set through the forward pass, one lesion
   at a time. It uses the structure's sinks (what a lesion means), never the fast path's plan.
-* :class:`LesionEvaluator`, the fast path (see :mod:`modlens.nn._plan`): it caches what the
+* :class:`IncrementalLesions`, the fast path (see :mod:`modlens.nn._plan`): it caches what the
   lesioned layer's consumers read and produce, subtracts the low-rank term of the removed
   channels for many lesion sets at once (sets stacked in the batch), and re-runs only the
   part of the network after the consumers.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -66,8 +68,22 @@ def _chunks(n: int, size: int):
         yield start, min(n, start + size)
 
 
-class LesionEvaluator:
-    """Fast, batched lesion evaluation on a fixed test set.
+class LesionEngine(Protocol):
+    """What :func:`~modlens.experiments.lesion_test.lesion_test` needs of a lesion engine: the
+    adapter, the test set's intact per-class correct counts and class sizes, and the per-class
+    correct counts with each of several neuron sets of one layer lesioned."""
+
+    adapter: NetworkAdapter
+    baseline: np.ndarray
+    class_sizes: np.ndarray
+
+    def correct_counts(self, layer: int, neuron_sets: Sequence[Sequence[int]], *,
+                       progress: Callable[[int], None] | None = None) -> np.ndarray:
+        ...
+
+
+class IncrementalLesions:
+    """Fast, batched lesion evaluation on a fixed test set (the ``"incremental"`` engine).
 
     Parameters
     ----------
@@ -123,7 +139,7 @@ class LesionEvaluator:
     @contextlib.contextmanager
     def _mode(self):
         """Eval mode and, with ``channels_last``, the 2-D conv weights in that layout (restored after)."""
-        with _fx.run_in_eval(self.adapter.model), _layout.conv_weights_channels_last(self.adapter.gm, self.channels_last):
+        with _fx.eval_mode(self.adapter.model), _layout.conv_weights_channels_last(self.adapter.gm, self.channels_last):
             yield
 
     def _batches(self, start: int, stop: int):
@@ -316,7 +332,7 @@ def correct_counts_plain(
     layer that reads them, grouped convs and per-position Linears included) and, where they
     enter an operation without weights (residual addition, normalization, gate), their channels
     are multiplied by zero; then the whole test set runs through the copy's forward pass.
-    Same result as :meth:`LesionEvaluator.correct_counts`, one full pass per lesion."""
+    Same result as :meth:`IncrementalLesions.correct_counts`, one full pass per lesion."""
     info = adapter.layers[layer]
     sets = _as_index_sets(neuron_sets, info.n_neurons, info.name)
     check_labels(y, adapter.n_classes, name="test data")
@@ -348,3 +364,37 @@ def correct_counts_plain(
             total += _class_counts(pred, y_dev[start:start + xb.shape[0]], onehot[start:start + xb.shape[0]])
         out[i] = total.round().to(torch.int64).cpu().numpy()
     return out
+
+
+class PlainLesions:
+    """The ``"plain"`` engine: :func:`correct_counts_plain`, one full forward pass of a weight-
+    edited copy per lesion set. The reference the incremental engine is checked against."""
+
+    def __init__(self, adapter: NetworkAdapter, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 2048,
+                 memory_budget_bytes: int | None = None):
+        check_labels(y, adapter.n_classes, name="test data")
+        adapter.check_input(x, "test data")
+        if len(x) != len(y):
+            raise ValueError(f"test data: {len(x)} inputs but {len(y)} labels")
+        self.adapter, self.x, self.y = adapter, x, y
+        self._options = dict(batch_size=batch_size, memory_budget_bytes=memory_budget_bytes)
+        self.class_sizes = np.bincount(y.cpu().numpy(), minlength=adapter.n_classes)
+        self.baseline = correct_counts_plain(adapter, 0, [[]], x, y, **self._options)[0]
+
+    def correct_counts(self, layer: int, neuron_sets: Sequence[Sequence[int]], *,
+                       progress: Callable[[int], None] | None = None) -> np.ndarray:
+        counts = correct_counts_plain(self.adapter, layer, neuron_sets, self.x, self.y, **self._options)
+        if progress is not None:
+            progress(len(neuron_sets))
+        return counts
+
+
+#: The lesion engines by name (``engine=`` of ``analyze``; both give the same counts).
+ENGINES = {"incremental": IncrementalLesions, "plain": PlainLesions}
+
+
+def lesion_engine(name: str, adapter: NetworkAdapter, x: torch.Tensor, y: torch.Tensor, **options) -> LesionEngine:
+    """The engine ``name`` (``"incremental"`` or ``"plain"``) on test set ``(x, y)``."""
+    if name not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    return ENGINES[name](adapter, x, y, **options)

@@ -13,7 +13,11 @@ Architecture types for :func:`build_model` (every key but ``type`` optional unle
 * ``{"type": "torchvision", "name": "vgg16" | "vgg19" | "resnet18" | "resnet50", "num_classes": 1000}``
   (``name`` required; needs the optional torchvision, weights are not downloaded);
 * ``{"type": "small_vgg", ...}`` and ``{"type": "small_resnet", ...}``: small test networks
-  structured like the real ones (:func:`small_vgg`, :func:`small_resnet`).
+  structured like the real ones (:func:`small_vgg`, :func:`small_resnet`);
+* ``{"type": "gpt", "vocab_size": 128, "context": 128, "d_model": 128, "n_blocks": 4, "n_heads": 4,
+  "d_mlp": 512}``: the reference decoder language model (:class:`Decoder`: GELU MLPs, LayerNorm,
+  causal attention, unembedding tied to the token embedding); ``"head": "classes"`` with
+  ``"n_classes"`` puts a class head on the last position instead.
 """
 
 from __future__ import annotations
@@ -36,14 +40,19 @@ from modlens.nn._convnets import (
     torchvision_model,
     vgg_dropout_rates,
 )
+from modlens.nn._gpt import Decoder
 from modlens.nn._layers import ACTIVATIONS, linear
 from modlens.nn._layers import activation as _activation
 
 __all__ = [
     "PAPER_MLP_HIDDEN", "ACTIVATIONS", "SMALL_CNN_CONV", "SMALL_CNN_DENSE", "CIFAR_VGG_CONV", "CIFAR_VGG_DENSE",
     "TORCHVISION_NAMES", "mlp", "small_cnn", "cifar_vgg", "vgg_dropout_rates", "small_vgg", "small_resnet",
-    "torchvision_model", "build_model",
+    "torchvision_model", "build_model", "Decoder", "GPT_REFERENCE",
 ]
+
+#: The reference decoder of issue 18 (docs/language-models.md): byte-level, 4 blocks of width 128 with
+#: 512 MLP units, 4 heads, a context of 128 tokens.
+GPT_REFERENCE = {"vocab_size": 128, "context": 128, "d_model": 128, "n_blocks": 4, "n_heads": 4, "d_mlp": 512}
 
 #: Hidden widths of the paper's MNIST MLP (784-256-256-256-256-10).
 PAPER_MLP_HIDDEN = (256, 256, 256, 256)
@@ -106,6 +115,11 @@ def _build_small_resnet(spec: dict[str, Any], generator: torch.Generator | None)
     return small_resnet(spec.get("in_channels", 3), spec.get("n_classes", 10), generator=generator, **kwargs)
 
 
+def _build_gpt(spec: dict[str, Any], generator: torch.Generator | None) -> nn.Module:
+    kwargs = {k: spec.get(k, v) for k, v in GPT_REFERENCE.items()}
+    return Decoder(**kwargs, head=spec.get("head", "lm"), n_classes=spec.get("n_classes"), generator=generator)
+
+
 # Dispatch table: type -> (builder, required keys, optional keys).
 _BUILDERS: dict[str, tuple[Callable[[dict[str, Any], torch.Generator | None], nn.Module], set[str], set[str]]] = {
     "mlp": (_build_mlp, {"sizes"}, {"activation"}),
@@ -114,6 +128,7 @@ _BUILDERS: dict[str, tuple[Callable[[dict[str, Any], torch.Generator | None], nn
     "torchvision": (_build_torchvision, {"name"}, {"num_classes"}),
     "small_vgg": (_build_small_vgg, set(), {"input_shape", "n_classes", "conv", "dense", "style", "batch_norm"}),
     "small_resnet": (_build_small_resnet, set(), {"in_channels", "n_classes", "widths", "blocks", "stem_pool"}),
+    "gpt": (_build_gpt, set(), {*GPT_REFERENCE, "head", "n_classes"}),
 }
 
 

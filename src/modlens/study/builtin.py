@@ -11,6 +11,12 @@
 * ``paper-k``: the regularized CIFAR-10 VGG at k = 8, 12 and 16 (Tables 2 and 3).
 * ``paper-imagenet``: VGG-16, VGG-19 and ResNet-18 from weights the user supplies (saved as modlens
   model folders) and an ImageNet validation folder; 9 random sets, as in the paper.
+* ``lm-tiny``: the reference decoder language model (4 blocks of width 128, 512 MLP units, byte
+  tokens, context 128) trained on the two-genre text corpus (English prose and Python source), 5
+  replicates, the next-token task: all four partitionings at k = 8, importance (accuracy drop,
+  cross-entropy increase), coherence by byte class of the target (class range), by genre (label
+  range) and the top-activating-positions test (issue 18; docs/language-models.md). Needs
+  ``<data-dir>/text/{prose,code}.txt``.
 * ``paper-original``: ``paper-small`` with every original-code option of ``analyze`` switched on
   (balanced accuracy, normalized class range, original ties and effect rule, max fraction 0.99,
   the original feature visualization), to compare the paper's numbers with both definitions.
@@ -42,10 +48,10 @@ name = "{name}"
 description = "{description}"
 
 [analysis]
-k = {k}
+n_clusters = {k}
 n_random = {n_random}
 partitionings = {_ALL}
-metrics = ["lesion", "vis"]
+feature_vis = true
 {extra}"""
 
 
@@ -99,6 +105,12 @@ label = "{label}, ImageNet"
 models = ["{{data_dir}}/imagenet-models/{g}"]
 imagenet = {{ folder = "{{data_dir}}/imagenet/val", per_class = 10, activation_per_class = 5 }}
 """ for g, label in (("vgg16", "VGG-16"), ("vgg19", "VGG-19"), ("resnet18", "ResNet-18")))),
+    "lm-tiny": Builtin(
+        "byte-level decoder LM on prose + Python source, 5 replicates, next-token task, k = 8 (needs text/)",
+        _head("lm-tiny", "Is a small decoder language model modular, and are its modules specific to a genre? "
+                         "Next-token importance and coherence by byte class and by genre.", k="[8]",
+              extra='task = "next-token"\n')
+        + _net("gpt-text", "GPT 4x128 (MLP 512), two-genre text", "gpt", "text")),
     "paper-original": Builtin(
         "paper-small with every original-code option switched on (rows 7, 9-11, 14-16 of the notes)",
         _head("paper-original", "paper-small analysed with the original code's definitions, for comparison with the paper's numbers.",
@@ -108,7 +120,7 @@ ties = "original"
 effect_rule = "original"
 max_fraction = 0.99
 
-[analysis.vis]
+[analysis.vis_options]
 original = true
 """) + _PAPER_SMALL_NETS),
 }

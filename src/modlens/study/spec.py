@@ -6,35 +6,48 @@ A spec is a TOML file (or one of the built-in studies, :mod:`modlens.study.built
     description = "MLPs on MNIST, two partitionings"
 
     [analysis]                      # every key optional; defaults are the paper's
-    k = [16]                        # clusters per partitioning; several values: one analysis each
+    n_clusters = [16]               # k; several values: one analysis each
     n_random = 19                   # random sets per true subcluster
     partitionings = ["weights/global", "activations/global"]
-    metrics = ["lesion", "vis"]     # lesion: acc_drop + class_range; vis: vis_score + softmax_entropy
-    accuracy = "accuracy"           # and class_range, ties, effect_rule, max_fraction, engine, alpha,
-                                    #   eigen_solver, n_init, combine, conv_edge, act_reduce, bn_fold,
-                                    #   input_name, output: the options of `modlens analyze` (AnalysisConfig)
-    seed = 0                        # enters every analysis seed
+    feature_vis = true              # vis_score + softmax_entropy beside the lesion metrics
+    accuracy = "accuracy"           # and every other option of `modlens analyze`, by the same name:
+                                    #   the fields of AnalysisConfig (modlens.analysis.config.options())
+    random_state = 0                # enters every network's analysis seed
     figures = false                 # true: PNG grids of every network's visualizations (networks/<id>/figures/;
                                     #   slow: minutes per network at k = 16 on 2 cores)
-    [analysis.vis]                  # options of the feature visualization (steps, lr, original, ...)
+    bh_scope = "table"              # Benjamini-Hochberg per table family (or "joint": Tables 4 and 5 together)
+    [analysis.vis_options]          # options of the feature visualization (steps, lr, original, ...)
     steps = 100
 
     [[networks]]                    # a group of identically configured replicates, trained here
     group = "mlp-mnist"
     label = "MLP, MNIST"            # the paper's name of the network (tables)
-    arch = "mlp"                    # mlp | cnn | vgg
+    arch = "mlp"                    # mlp | cnn | vgg | gpt (the language model, dataset = "text")
     dataset = "mnist"
     replicates = 5                  # seeds 0..4 (or seeds = [...])
-    epochs = 20                     # and batch_size, l2, augment, regularize, n_val, data_seed
+    epochs = 20                     # and batch_size, l2, augment, regularize, n_val, data_seed (gpt: steps)
 
     [[networks]]                    # or saved model folders (relative to the spec file)
     group = "mine"
     models = ["runs/a", "runs/b"]
 
+    [[networks]]                    # or models by name, with their data (modlens.study.inputs)
+    group = "resnets"
+    models = ["timm:resnet18", "torchvision:resnet18", "mypkg.nets:make", "hf:./vit-folder"]
+    weights = ["pretrained", "ckpt/tv.pth", "ckpt/mine.safetensors", ""]  # one per model ("": its own/random)
+    model_args = { num_classes = 10 }           # keyword arguments of every model's constructor
+    test_data = "data/val"          # an image folder, a .npz/.safetensors file, or a dataset name
+    activation_data = "data/val"    # the same folder: split per class (per_class, activation_per_class)
+    per_class = 10                  # and image_size, resize, mean, std, interpolation, channels, classes,
+                                    #   sample_seed, init_seed: the options of `modlens analyze`
+
 ``{data_dir}`` in a path stands for the study's data folder (``--data-dir``). ImageNet networks
-name their validation folder: ``imagenet = {folder = "{data_dir}/imagenet/val", per_class = 10}``.
+name their validation folder: ``imagenet = {folder = "{data_dir}/imagenet/val", per_class = 10}``
+(the same as ``test_data`` and ``activation_data`` that folder, with ImageNet's preprocessing).
+Several weights files for one model are replicates (``models = ["mypkg.nets:make"]``,
+``weights = ["a.safetensors", "b.safetensors"]``).
 Every key is checked when the spec is loaded (the analysis options by
-:class:`~modlens.study.config.AnalysisConfig`); an unknown key, a wrong type or a wrong value is an
+:class:`~modlens.analysis.config.AnalysisConfig`); an unknown key, a wrong type or a wrong value is an
 error that names it, before any task runs.
 """
 
@@ -43,37 +56,35 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modlens.experiments.partitioning import METHODS
-from modlens.study.config import AnalysisConfig
+from modlens.analysis.config import AnalysisConfig, Option, options, vis_options
+from modlens.experiments.train import ARCHS
+from modlens.report.paper import BH_SCOPES
+from modlens.study.inputs import INPUT_OPTIONS, imagenet_data
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-ARCHS = ("mlp", "cnn", "vgg")
-METRIC_SETS = ("lesion", "vis")
-_ANALYSIS_KEYS = {
-    "k": list, "n_random": int, "partitionings": list, "metrics": list, "accuracy": str, "class_range": str,
-    "ties": str, "effect_rule": str, "max_fraction": (float, int), "engine": str, "alpha": float, "seed": int,
-    "vis": dict, "figures": bool, "eigen_solver": str, "n_init": (int, str), "combine": str, "conv_edge": str,
-    "act_reduce": str, "bn_fold": str, "input_name": str, "output": str,
-}
-#: Spec keys that are fields of AnalysisConfig under the same name (k, seed, metrics and vis map to
-#: n_clusters, random_state, feature_vis and vis_options; figures is the study's own).
-_CONFIG_KEYS = ("n_random", "partitionings", "accuracy", "class_range", "ties", "effect_rule", "max_fraction", "engine",
-                "alpha", "eigen_solver", "n_init", "combine", "conv_edge", "act_reduce", "bn_fold", "input_name", "output")
+#: Keys of [analysis] that are the study's own (not options of one network's analysis).
+_STUDY_KEYS = {"figures": bool, "bh_scope": str}
+#: Earlier names of analysis keys: a spec that uses one is told the current name.
+_RENAMED = {"k": "n_clusters", "seed": "random_state", "metrics": "feature_vis", "vis": "vis_options"}
 _RECIPE_KEYS = {"epochs": int, "batch_size": int, "l2": (float, int), "augment": bool, "regularize": bool,
-                "n_val": int, "data_seed": int}
+                "n_val": int, "data_seed": int, "steps": int}
+#: Keys of a group of models given by name (not trained here): their weights and data.
+_SOURCE_KEYS = {"weights": (str, list), "model_args": dict,
+                **{o.name: (list,) if o.n else (float, int) if o.kind is float else (o.kind,) for o in INPUT_OPTIONS}}
 _NETWORK_KEYS = {"group": str, "label": str, "arch": str, "dataset": str, "replicates": int, "seeds": list,
-                 "models": list, "imagenet": dict, **_RECIPE_KEYS}
-_VIS_KEYS = {"steps": int, "lr": float, "original": bool, "parameterization": str, "transforms": str,
-             "objective": str, "min_size": int, "batch_size": int}
+                 "models": list, "imagenet": dict, **_RECIPE_KEYS, **_SOURCE_KEYS}
 _IMAGENET_KEYS = {"folder": str, "per_class": int, "activation_per_class": int, "classes": str, "seed": int}
+
+
 class SpecError(ValueError):
     """A study spec that cannot be run; the message names the spec, the key and the fix."""
 
@@ -81,22 +92,15 @@ class SpecError(ValueError):
 @dataclass(frozen=True)
 class Analysis:
     """The analysis of every network of a study: ``config`` (validated when the spec is loaded) for
-    each k in ``k``, its ``random_state`` derived per network from ``seed`` and the network's weights
-    (:meth:`network_config`). The config's fields read as attributes (``analysis.n_random``)."""
+    each k in ``n_clusters``, its ``random_state`` derived per network from the study's
+    ``random_state`` and the network's weights (:meth:`network_config`). ``figures`` and
+    ``bh_scope`` are the study's own. The config's other fields read as attributes
+    (``analysis.n_random``)."""
 
-    k: tuple[int, ...] = (16,)
-    metrics: tuple[str, ...] = ("lesion",)
-    seed: int = 0
-    figures: bool = False
     config: AnalysisConfig = field(default_factory=AnalysisConfig)
-
-    @property
-    def feature_vis(self) -> bool:
-        return "vis" in self.metrics
-
-    @property
-    def vis(self) -> dict:
-        return dict(self.config.vis_options or {})
+    n_clusters: tuple[int, ...] = (16,)
+    figures: bool = False
+    bh_scope: str = "table"
 
     def __getattr__(self, name: str):
         if name.startswith("_") or "config" not in self.__dict__:
@@ -108,10 +112,10 @@ class Analysis:
         return dataclasses.replace(self.config, n_clusters=int(k), random_state=random_state)
 
     def record(self) -> dict:
-        """JSON form (study.json's resolved analysis): the study's keys and the config's fields
-        (n_clusters and random_state are set per analysis from k and seed)."""
-        fields = {k: v for k, v in self.config.to_dict().items() if k not in ("n_clusters", "random_state")}
-        return {"k": list(self.k), "metrics": list(self.metrics), "seed": self.seed, "figures": self.figures, **fields}
+        """JSON form (study.json's resolved analysis): the config's fields, with every k of the study
+        in ``n_clusters``, and the study's own keys."""
+        return {**self.config.to_dict(), "n_clusters": list(self.n_clusters), "figures": self.figures,
+                "bh_scope": self.bh_scope}
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,10 @@ class NetworkGroup:
     models: tuple[str, ...] = ()
     recipe: dict = field(default_factory=dict)
     imagenet: dict | None = None
+    weights: tuple[str | None, ...] = ()  # one per model, or empty
+    model_args: dict = field(default_factory=dict)
+    init_seed: int = 0
+    data: dict | None = None  # {"test_data", "activation_data", "options"} of models given with data
 
     @property
     def trained(self) -> bool:
@@ -161,37 +169,51 @@ def _positive(where: str, key: str, value: int, minimum: int = 1) -> int:
     return value
 
 
+def _toml_kinds(option: Option) -> tuple:
+    """The TOML value types an option takes: its type (an int where a float is, a list of strings
+    for several values, any string or int where the default is a string such as n_init's "auto")."""
+    if option.many:
+        return (list,)
+    if option.kind is float:
+        return (float, int)
+    if option.kind is int and isinstance(option.default, str):
+        return (int, str)
+    return (option.kind,)
+
+
 def _analysis(table: dict, where: str) -> Analysis:
-    _check_keys(where, table, _ANALYSIS_KEYS)
+    for old, new in _RENAMED.items():
+        if old in table:
+            raise SpecError(f"{where}: unknown key {old!r}; the option is called {new!r} (the same name as "
+                            f"analyze's keyword and modlens analyze's --{new.replace('_', '-')})")
+    fields = {o.name: o for o in options()}
+    allowed = {**{name: _toml_kinds(o) for name, o in fields.items()}, "n_clusters": (int, list), **_STUDY_KEYS}
+    _check_keys(where, table, allowed)
     a = dict(table)
-    if "k" in a:
-        if not a["k"] or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in a["k"]):
-            raise SpecError(f"{where}: k must be a non-empty list of integers >= 2, got {a['k']!r}")
-        a["k"] = tuple(dict.fromkeys(a["k"]))
+    ks = a.pop("n_clusters", 16)
+    ks = [ks] if isinstance(ks, int) else ks
+    if not ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 2 for k in ks):
+        raise SpecError(f"{where}: n_clusters must be an integer >= 2 or a non-empty list of them, got {ks!r}")
+    study = {"n_clusters": tuple(dict.fromkeys(ks))}
+    for key in _STUDY_KEYS:
+        if key in a:
+            study[key] = a.pop(key)
+    if study.get("bh_scope", "table") not in BH_SCOPES:
+        raise SpecError(f"{where}: bh_scope must be one of {', '.join(BH_SCOPES)}, got {study['bh_scope']!r}")
     if "partitionings" in a:
-        bad = [p for p in a["partitionings"] if p not in METHODS]
-        if bad or not a["partitionings"]:
-            raise SpecError(f"{where}: unknown partitionings {bad or a['partitionings']}; choose from {', '.join(METHODS)}")
         a["partitionings"] = tuple(dict.fromkeys(a["partitionings"]))
-    if "metrics" in a:
-        bad = [m for m in a["metrics"] if m not in METRIC_SETS]
-        if bad or "lesion" not in a["metrics"]:
-            raise SpecError(f"{where}: metrics must include 'lesion' and may add 'vis'; got {a['metrics']!r}")
-        a["metrics"] = tuple(m for m in METRIC_SETS if m in a["metrics"])
-    if "seed" in a:
-        _positive(where, "seed", a["seed"], 0)
-    if "vis" in a:
-        _check_keys(f"{where}.vis", a["vis"], _VIS_KEYS)
-    study = {key: a[key] for key in ("k", "metrics", "seed", "figures") if key in a}
-    options = {key: a[key] for key in _CONFIG_KEYS if key in a}
-    ks = study.get("k", (16,))
+    if "vis_options" in a:
+        vis = {o.name: (o.kind,) for o in vis_options() if o.kind is not None}
+        _check_keys(f"{where}.vis_options", a["vis_options"], {k: (float, int) if t == (float,) else t
+                                                               for k, t in vis.items()})
+        a["vis_options"] = a["vis_options"] or None
     try:
-        config = AnalysisConfig(n_clusters=ks[0], random_state=study.get("seed", 0),
-                                feature_vis="vis" in study.get("metrics", ("lesion",)), vis_options=a.get("vis") or None,
-                                **options)
+        config = AnalysisConfig(n_clusters=study["n_clusters"][0], **a)
     except (ValueError, TypeError) as exc:
         raise SpecError(f"{where}: {exc}") from None
-    return Analysis(**study, config=config)
+    if not isinstance(config.random_state, int):
+        raise SpecError(f"{where}: random_state must be an integer, got {table.get('random_state')!r}")
+    return Analysis(config=config, **study)
 
 
 def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> NetworkGroup:
@@ -215,9 +237,12 @@ def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> Netw
             raise SpecError(f"{where}: a group of saved models takes no training keys ({', '.join(clash)}); "
                             "drop them or drop 'models'")
         if not table["models"] or not all(isinstance(m, str) for m in table["models"]):
-            raise SpecError(f"{where}: models must be a non-empty list of model folders")
-        models = tuple(str(_path(m, base, data_dir)) for m in table["models"])
-        return NetworkGroup(group, label, models=models, imagenet=imagenet)
+            raise SpecError(f"{where}: models must be a non-empty list of model folders or names")
+        return _named_group(table, where, group, label, imagenet, base, data_dir)
+    given = sorted(k for k in _SOURCE_KEYS if k in table)
+    if given:
+        raise SpecError(f"{where}: {', '.join(given)} go with models = [...] (models given by name or folder); a "
+                        "trained group reads its dataset")
     if imagenet is not None:
         raise SpecError(f"{where}: imagenet data goes with saved models (models = [...]); modlens does not train ImageNet networks")
     for key in ("arch", "dataset"):
@@ -225,10 +250,17 @@ def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> Netw
             raise SpecError(f"{where}: a trained group needs {key} (or give saved model folders as models = [...])")
     if table["arch"] not in ARCHS:
         raise SpecError(f"{where}: arch must be one of {', '.join(ARCHS)}, got {table['arch']!r}")
-    from modlens.data import DATASETS
+    from modlens.data import DATASETS, TEXT_DATASETS
 
-    if table["dataset"] not in DATASETS:
-        raise SpecError(f"{where}: unknown dataset {table['dataset']!r}; valid: {', '.join(DATASETS)}")
+    if table["dataset"] not in (*DATASETS, *TEXT_DATASETS):
+        raise SpecError(f"{where}: unknown dataset {table['dataset']!r}; valid: {', '.join((*DATASETS, *TEXT_DATASETS))}")
+    if (table["arch"] == "gpt") != (table["dataset"] in TEXT_DATASETS):
+        raise SpecError(f"{where}: arch gpt (the reference language model) trains on dataset text, and text trains "
+                        f"arch gpt; got arch {table['arch']!r} with dataset {table['dataset']!r}")
+    wrong = [k for k in (("epochs", "l2", "augment", "n_val") if table["arch"] == "gpt" else ("steps",)) if k in table]
+    if wrong:
+        raise SpecError(f"{where}: {', '.join(wrong)} do(es) not apply to arch {table['arch']!r} (the language model "
+                        "trains for a number of steps; the image networks for epochs)")
     if "seeds" in table and "replicates" in table:
         raise SpecError(f"{where}: give seeds or replicates, not both")
     if "seeds" in table:
@@ -242,6 +274,65 @@ def _network(table: dict, where: str, base: Path, data_dir: Path | None) -> Netw
     if recipe.get("regularize") is False and table["arch"] != "vgg":
         raise SpecError(f"{where}: regularize = false applies to the VGG only (the MLP and CNN have no dropout or L2)")
     return NetworkGroup(group, label, arch=table["arch"], dataset=table["dataset"], seeds=tuple(seeds), recipe=recipe)
+
+
+def _named_group(table: dict, where: str, group: str, label: str, imagenet, base: Path, data_dir) -> NetworkGroup:
+    models = [_model_name(m, base, data_dir) for m in table["models"]]
+    weights = table.get("weights", [])
+    weights = [weights] if isinstance(weights, str) else weights
+    if not all(isinstance(w, str) for w in weights):
+        raise SpecError(f"{where}: weights must be a file name, 'pretrained', or a list of them (\"\" for none)")
+    if weights and len(models) == 1 and len(weights) > 1:
+        models = models * len(weights)
+    if weights and len(weights) != len(models):
+        raise SpecError(f"{where}: {len(weights)} weights for {len(models)} models; give one entry per model (\"\" for "
+                        "none), or one model with several weights files (replicates)")
+    weights = [None if w in ("", None) else w if w == "pretrained" else str(_path(w, base, data_dir)) for w in weights]
+    options = {o.name: table[o.name] for o in INPUT_OPTIONS if o.name in table and o.name not in
+               ("init_seed", "test_data", "activation_data")}
+    for key in ("mean", "std"):
+        if key in options and not (len(options[key]) in (1, 3) and all(isinstance(v, (int, float)) and
+                                                                         not isinstance(v, bool) for v in options[key])):
+            raise SpecError(f"{where}: {key} must list 1 or 3 numbers, got {options[key]!r}")
+    data = None
+    if imagenet is not None:
+        if "test_data" in table or "activation_data" in table:
+            raise SpecError(f"{where}: give imagenet = {{...}} or test_data/activation_data, not both")
+        data = imagenet_data(imagenet)
+        data["options"].update(options)
+    elif "test_data" in table:
+        data = {"test_data": _data_name(table["test_data"], base, data_dir),
+                "activation_data": _data_name(table["activation_data"], base, data_dir) if "activation_data" in table
+                else None, "options": options}
+    elif options or "activation_data" in table:
+        raise SpecError(f"{where}: {', '.join(sorted(options) or ['activation_data'])} without test_data; name the "
+                        "test data too")
+    init_seed = table.get("init_seed", 0)
+    if init_seed < 0:
+        raise SpecError(f"{where}: init_seed must be a non-negative integer, got {init_seed}")
+    return NetworkGroup(group, label, models=tuple(models), imagenet=imagenet, weights=tuple(weights),
+                        model_args=dict(table.get("model_args", {})), init_seed=init_seed, data=data)
+
+
+def _model_name(text: str, base: Path, data_dir) -> str:
+    """A model name with its paths made absolute (relative to the spec file): folders, ``FILE.py:factory``
+    and ``hf:FOLDER``; library names and importable factories stay as they are."""
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix in ("timm", "torchvision"):
+        return text
+    if sep and prefix == "hf":
+        folder = _path(rest, base, data_dir)
+        return f"hf:{folder}" if folder.is_dir() or rest.startswith((".", "/", "~", "{")) else text
+    factory = re.match(r"^(.+\.py|[A-Za-z_][\w.]*):([A-Za-z_][\w.]*)$", text)
+    if factory:
+        return f"{_path(factory.group(1), base, data_dir)}:{factory.group(2)}" if factory.group(1).endswith(".py") else text
+    return str(_path(text, base, data_dir))
+
+
+def _data_name(text: str, base: Path, data_dir) -> str:
+    """A data path made absolute, or a dataset name left as it is."""
+    p = _path(text, base, data_dir)
+    return str(p) if p.exists() or "/" in text or "{data_dir}" in text or Path(text).suffix else text
 
 
 def _path(text: str, base: Path, data_dir: Path | None) -> Path:
@@ -271,8 +362,7 @@ def spec_from_dict(raw: dict, *, source: str = "<dict>", base: str | os.PathLike
             raise SpecError(f"{source}: networks[{i}] must be a table ([[networks]])")
         g = _network(table, f"{source} networks[{i}]", base, dd)
         if replicates is not None and g.trained:
-            g = NetworkGroup(g.group, g.label, g.arch, g.dataset, tuple(range(_positive(source, "--replicates", replicates))),
-                             recipe=g.recipe)
+            g = dataclasses.replace(g, seeds=tuple(range(_positive(source, "--replicates", replicates))))
         groups.append(g)
     names = [g.group for g in groups]
     dup = sorted({n for n in names if names.count(n) > 1})

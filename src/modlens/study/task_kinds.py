@@ -2,7 +2,9 @@
 writes the task's files into ``out`` (a temporary folder) and returns ``(digest, info)``.
 
 ``inputs`` maps a name to ``{"dir": folder of the upstream output, "digest": ...}`` (lists for the
-statistics task); ``context`` holds what does not change results (``data_dir``, ``device``).
+statistics task), and ``{"model": {"source": record, "digest": ...}}`` for a model given by name;
+named data files travel as ``inputs["data"]``; ``context`` holds what does not change results
+(``data_dir``, ``device``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from modlens.study.tasks import canonical
+from modlens.analysis.storage import canonical
+from modlens.study.inputs import load_files
 
 _DATA_CACHE: dict[str, tuple] = {}
 
@@ -29,13 +32,14 @@ def _device(context: dict) -> str:
 
 def network_data(data: dict, data_dir=None):
     """``((x_test, y_test), x_activation)`` tensors for a network's data description: a model
-    manifest's ``dataset`` entry, or ``{"imagenet": {...}}``. Kept for the next task of the process."""
+    manifest's ``dataset`` entry, or ``{"files": ...}`` (:mod:`modlens.study.inputs`). Kept for the
+    next task of the process."""
     key = canonical([data, str(data_dir)])
     if key not in _DATA_CACHE:
-        if "imagenet" in data:
-            value = _imagenet_data(data["imagenet"])
+        if "files" in data:
+            value = load_files(data, data_dir=data_dir)
         else:
-            from modlens.study.runs import model_data
+            from modlens.study.commands import model_data
 
             value = model_data({"dataset": data}, data_dir=data_dir)
         _DATA_CACHE.clear()  # one dataset at a time: MNIST-sized arrays are large enough
@@ -43,96 +47,76 @@ def network_data(data: dict, data_dir=None):
     return _DATA_CACHE[key]
 
 
-def _imagenet_data(spec: dict):
-    """Test and activation images from an ImageNet validation folder: per class, a seeded sample of
-    ``per_class + activation_per_class`` images, the first ``per_class`` (by file name) for the
-    lesion test and the rest for the activation graph, so the two never overlap."""
-    import torch
-
-    from modlens.data import ImageFolderIndex, index_image_folder
-    from modlens.data._imagenet import image_batches
-
-    per_class, act = int(spec.get("per_class", 10)), int(spec.get("activation_per_class", 5))
-    index = index_image_folder(spec["folder"], per_class=per_class + act, seed=int(spec.get("seed", 0)),
-                               classes=spec.get("classes"))
-    position = np.zeros(len(index), dtype=np.int64)
-    for c in np.unique(index.labels):
-        members = np.flatnonzero(index.labels == c)
-        position[members] = np.arange(len(members))
-    parts = []
-    for mask in (position < per_class, position >= per_class):
-        sub = ImageFolderIndex(index.root, tuple(p for p, m in zip(index.paths, mask) if m), index.labels[mask],
-                               index.classes)
-        xs, ys = zip(*image_batches(sub, batch_size=64, size=224, resize=256, normalize=True))
-        parts.append((torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))))
-    return parts[0], parts[1][0]
-
-
-def data_identity(data: dict) -> dict:
-    """What identifies a network's data in task keys. Named datasets are read from md5-checked
-    files, so their name, seed and held-out split identify them; an ImageNet folder is identified by
-    the relative paths and sizes of the images it holds."""
-    if "imagenet" not in data:
-        return data
-    import hashlib
-
-    spec = data["imagenet"]
-    root = Path(spec["folder"])
-    digest = hashlib.sha256()
-    for p in sorted(root.glob("*/*")):
-        if p.is_file():
-            digest.update(f"{p.relative_to(root)}:{p.stat().st_size}\n".encode())
-    return {"imagenet": {k: v for k, v in spec.items() if k != "folder"}, "files": digest.hexdigest()}
+def _data(params: dict, inputs: dict, context: dict):
+    """The task's data: named files travel in ``inputs["data"]`` (their digest is in the key, their
+    paths are not), a dataset record in ``params["data"]``."""
+    data = inputs["data"]["description"] if "data" in inputs else params["data"]
+    return network_data(data, context.get("data_dir"))
 
 
 def _load(inputs: dict, context: dict, x, cfg):
     """The model and its adapter, captured at the test inputs ``x`` as ``analyze`` captures it."""
-    from modlens.nn.io import load_model
-    from modlens.study.stages import network_adapter
+    import torch
 
-    model, manifest = load_model(inputs["model"]["dir"])
+    from modlens.analysis.stages import network_adapter
+
+    ref = inputs["model"]
+    if "source" in ref:  # a model given by name: found again, and checked to be the one the key names
+        from modlens.nn.sources import source_from_record
+
+        source = source_from_record(ref["source"])
+        if source.digest != ref["digest"]:
+            raise RuntimeError(f"{ref['source']['name']} changed while the study ran (digest {source.digest[:12]}, "
+                               f"expected {ref['digest'][:12]}); run the study again")
+        model = source.build()
+    else:
+        from modlens.nn.io import load_model
+
+        model, _ = load_model(ref["dir"])
     device = _device(context)
     if device != "cpu":
         model = model.to(device)
-        x = x.to(device)
-    return model, network_adapter(model, x, cfg), manifest
+        x = x.to(device) if isinstance(x, torch.Tensor) else x
+    return model, network_adapter(model, x, cfg)
 
 
 def _read_partition(inputs: dict):
-    from modlens.study.stages import partition_from_dict
+    from modlens.analysis.result import partition_from_dict
 
     return partition_from_dict(json.loads((Path(inputs["partition"]["dir"]) / "partition.json").read_text()))
 
 
 def run_train(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.study.runs import train_reference
+    from modlens.experiments.train import default_epochs
+    from modlens.study.commands import train_and_save
 
     recipe = params["recipe"]
-    say("total", int(recipe.get("epochs") or _default_epochs(params)))
-    _, manifest = train_reference(
-        params["dataset"], seed=params["seed"], out=out, data_dir=context.get("data_dir"),
-        data_seed=recipe.get("data_seed", 0), epochs=recipe.get("epochs"), batch_size=recipe.get("batch_size"),
+    if params["arch"] == "gpt":  # the language model reports every step
+        from modlens.experiments.train import recipe as arch_recipe
+
+        say("total", int(recipe.get("steps") or arch_recipe({"type": "gpt"})["steps"]))
+    else:
+        say("total", int(recipe.get("epochs") or default_epochs(params["arch"], params["dataset"])))
+    [(_, manifest)] = train_and_save(
+        params["dataset"], seeds=[params["seed"]], out=out, folders=False, data_dir=context.get("data_dir"),
+        data_seed=recipe.get("data_seed", 0), batch_size=recipe.get("batch_size"),
+        epochs=recipe.get("steps") if params["arch"] == "gpt" else recipe.get("epochs"),
         n_val=recipe.get("n_val", 5000), arch=params["arch"], augment=recipe.get("augment"), l2=recipe.get("l2"),
         regularize=recipe.get("regularize", True), progress=lambda epoch, n, loss: say("advance", 1))
     sha = json.loads((out / "manifest.json").read_text())["sha256"]
-    return sha, {"test_accuracy": manifest["accuracy"], "dataset": manifest["dataset"]}
-
-
-def _default_epochs(params: dict) -> int:
-    from modlens.experiments.train import RECIPES
-    from modlens.study.runs import DIGITS_EPOCHS
-
-    if params["dataset"].endswith("digits") and params["arch"] == "mlp":
-        return DIGITS_EPOCHS
-    return RECIPES[params["arch"]]["epochs"]
+    info = {"test_accuracy": manifest["accuracy"], "dataset": manifest["dataset"]}
+    if "test_cross_entropy" in manifest.get("training", {}):
+        info["test_cross_entropy"] = manifest["training"]["test_cross_entropy"]
+    return sha, info
 
 
 def run_partition(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.study.stages import partition_digest, partition_one, partition_to_dict, stage_config
+    from modlens.analysis.result import partition_digest, partition_to_dict
+    from modlens.analysis.stages import partition_one, stage_config
 
     cfg = stage_config(params["config"])
-    (x, _), act = network_data(params["data"], context.get("data_dir"))
-    _, adapter, _ = _load(inputs, context, x, cfg)
+    (x, _), act = _data(params, inputs, context)
+    _, adapter = _load(inputs, context, x, cfg)
     say("total", 1)
     part = partition_one(adapter, params["method"], cfg, activation_data=act)
     (out / "partition.json").write_text(json.dumps(partition_to_dict(part), default=float))
@@ -140,15 +124,23 @@ def run_partition(out: Path, params: dict, inputs: dict, context: dict, say):
     return partition_digest(part), {"ncut": part.ncut, "n_subclusters": len(part.subclusters())}
 
 
+def _test(x, y, cfg):
+    """The test data as the task reads it: (inputs, labels), or next-token data."""
+    from modlens.analysis.stages import test_data
+
+    return test_data(x if cfg.task == "next-token" else (x, y), cfg)
+
+
 def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
-    from modlens.study.stages import lesion_one, stage_config
+    from modlens.analysis.stages import lesion_one, make_engine, stage_config
 
     cfg = stage_config(params["config"])
-    (x, y), _ = network_data(params["data"], context.get("data_dir"))
-    _, adapter, _ = _load(inputs, context, x, cfg)
+    (x, y), _ = _data(params, inputs, context)
+    _, adapter = _load(inputs, context, x, cfg)
     part = _read_partition(inputs)
     say("total", len(part.subclusters(max_fraction=cfg.max_fraction)) * (cfg.n_random + 1))
-    table = lesion_one(adapter, part, x, y, cfg, name=params["method"], progress=lambda n: say("advance", n))
+    engine = make_engine(adapter, _test(x, y, cfg), cfg, engine=context.get("engine", cfg.engine))
+    table = lesion_one(engine, part, cfg, name=params["method"], progress=lambda n: say("advance", n))
     table.to_parquet(out / "lesions.parquet", index=False)
     return None, {"rows": len(table)}
 
@@ -156,22 +148,38 @@ def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
 def run_vis(out: Path, params: dict, inputs: dict, context: dict, say):
     """The visualizations of one partition; for inputs that cannot be visualized (token ids) the
     reason, in ``skipped.json``, as ``analyze`` skips them."""
-    from modlens.study.stages import n_vis_images, stage_config, vis_one, vis_problem
+    from modlens.analysis.stages import n_vis_images, stage_config, vis_one, vis_problem
 
     cfg = stage_config(params["config"])
-    (x, _), _ = network_data(params["data"], context.get("data_dir"))
-    _, adapter, _ = _load(inputs, context, x, cfg)
+    (x, y), _ = _data(params, inputs, context)
+    _, adapter = _load(inputs, context, x, cfg)
     part = _read_partition(inputs)
     problem = vis_problem(adapter, x, cfg)
     if problem:
         (out / "skipped.json").write_text(json.dumps({"skipped": problem}))
         return None, {"skipped": problem}
     say("total", n_vis_images(part, x, cfg))
-    res = vis_one(adapter, part, x, cfg, name=params["method"], progress=lambda n: say("advance", n))
+    vis_in = _test(x, y, cfg) if cfg.task == "next-token" else x  # token inputs: the top-activating positions
+    res = vis_one(adapter, part, vis_in, cfg, name=params["method"], progress=lambda n: say("advance", n))
     res.table.to_parquet(out / "vis.parquet", index=False)
     np.save(out / "images.npy", np.asarray(res.images, dtype=np.float32))
     (out / "config.json").write_text(json.dumps(res.config, default=float))
     return None, {"rows": len(res.table)}
+
+
+def run_clusterability(out: Path, params: dict, inputs: dict, context: dict, say):
+    """The clusterability test of one weight partitioning (as ``analyze`` runs it with
+    ``clusterability=True``), a one-row table."""
+    from modlens.analysis.stages import clusterability_one, make_partitioner, stage_config
+
+    cfg = stage_config(params["config"])
+    (x, _), act = _data(params, inputs, context)
+    _, adapter = _load(inputs, context, x, cfg)
+    say("total", 1)
+    row = clusterability_one(make_partitioner(adapter, cfg, activation_data=act), params["method"], cfg)
+    pd.DataFrame([row]).to_parquet(out / "clusterability.parquet", index=False)
+    say("advance", 1)
+    return None, {"p_value": float(row["p_value"])}
 
 
 def _read_vis(folder: Path):
@@ -187,10 +195,12 @@ def _read_vis(folder: Path):
 def run_stats(out: Path, params: dict, inputs: dict, context: dict, say):
     """Per-network statistics: the network's saved analysis result (the ``save_result`` format),
     assembled by the stage ``analyze`` ends with."""
-    from modlens.study.analyze import save_result
-    from modlens.study.stages import assemble, partition_from_dict, stage_config
+    import dataclasses
 
-    cfg = stage_config(params["config"])
+    from modlens.analysis.result import partition_from_dict, save_result
+    from modlens.analysis.stages import assemble, clusterability_table, stage_config
+
+    cfg = dataclasses.replace(stage_config(params["config"]), engine=context.get("engine", "incremental"))
     say("total", 1)
     partitions = {}
     for item in inputs["partitions"]:
@@ -199,9 +209,12 @@ def run_stats(out: Path, params: dict, inputs: dict, context: dict, say):
     lesions = [pd.read_parquet(Path(item["dir"]) / "lesions.parquet") for item in inputs["lesions"]]
     vis = [_read_vis(Path(item["dir"])) for item in inputs.get("vis", [])]
     skipped = next((v for v in vis if isinstance(v, str)), None)
+    cl_rows = [pd.read_parquet(Path(item["dir"]) / "clusterability.parquet").iloc[0].to_dict()
+               for item in inputs.get("clusterability", [])]
     result = assemble(partitions, lesions, [] if skipped else vis, cfg, vis_skipped=skipped,
+                      clusterability=clusterability_table(cl_rows) if cl_rows else None,
                       facts={"network": params["network"]})
-    for frame in (result.subclusters, result.tests, result.visualizations):
+    for frame in (result.subclusters, result.tests, result.visualizations, result.clusterability):
         if frame is not None:
             frame["network"] = params["network"]["id"]
     save_result(result, out / "result", extra_manifest={"models": [params["network"]]}, figures=params["figures"])
@@ -209,4 +222,8 @@ def run_stats(out: Path, params: dict, inputs: dict, context: dict, say):
     return None, {"n_subclusters": int(result.summary["n_subclusters"].max())}
 
 
-__all__ = ["network_data", "data_identity", "run_train", "run_partition", "run_lesion", "run_vis", "run_stats"]
+#: What each kind of task runs: ``KINDS[kind](out, params, inputs, context, say) -> (digest, info)``.
+KINDS = {"train": run_train, "partition": run_partition, "lesion": run_lesion, "vis": run_vis,
+         "clusterability": run_clusterability, "stats": run_stats}
+
+__all__ = ["KINDS", "network_data"]

@@ -24,25 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
+from modlens.analysis.storage import canonical, is_temporary
+from modlens.study.task_kinds import KINDS
 
 #: Bump a kind's version when what its task computes changes, so old cache entries are not reused.
-VERSIONS = {"train": 1, "partition": 2, "lesion": 2, "vis": 2, "stats": 2}  # 2: params hold AnalysisConfig fields
+VERSIONS = {"train": 1, "partition": 2, "lesion": 2, "vis": 2, "clusterability": 1,
+            "stats": 2}  # 2: params hold AnalysisConfig fields
 RESULT_FILE = "result.json"
-
-
-def canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    raise TypeError(f"not JSON-serializable: {type(obj).__name__}")
 
 
 def task_key(kind: str, params: dict, input_digests: dict[str, str]) -> str:
@@ -51,17 +39,6 @@ def task_key(kind: str, params: dict, input_digests: dict[str, str]) -> str:
     body = {"kind": kind, "version": VERSIONS[kind], "modlens": __version__, "params": params,
             "inputs": input_digests}
     return hashlib.sha256(canonical(body).encode()).hexdigest()
-
-
-def derived_seed(*parts) -> int:
-    """A 31-bit seed from a SeedSequence over ``parts`` (ints, or hex digests/strings hashed to ints)."""
-    words = []
-    for p in parts:
-        if isinstance(p, (int, np.integer)):
-            words.append(int(p))
-        else:
-            words.append(int(hashlib.sha256(str(p).encode()).hexdigest()[:16], 16))
-    return int(np.random.SeedSequence(words).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def task_dir(study_dir: Path, kind: str, key: str) -> Path:
@@ -80,8 +57,8 @@ def clean_temporaries(study_dir: Path) -> int:
     """Remove the temporary folders and files that killed runs left behind."""
     n = 0
     root = Path(study_dir)
-    for path in [*root.glob("tasks/*/.tmp-*"), *root.glob(".*.tmp-*"), *root.glob("networks/.*.tmp-*"),
-                 *root.glob("networks/.*.old-*")]:
+    for path in [*root.glob("tasks/*/.tmp-*"), *(p for p in [*root.iterdir(), *root.glob("networks/*")]
+                                                  if is_temporary(p))]:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -105,26 +82,6 @@ def single_thread():
         torch.set_num_threads(before)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def atomic_write_frame(frame, path_stem: Path) -> None:
-    """``<stem>.parquet`` and ``<stem>.csv``, each written to a temporary name and renamed."""
-    path_stem = Path(path_stem)
-    for ext in ("parquet", "csv"):
-        final = path_stem.with_name(f"{path_stem.name}.{ext}")
-        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        if ext == "parquet":
-            frame.to_parquet(tmp, index=False)
-        else:
-            frame.to_csv(tmp, index=False)
-        os.replace(tmp, final)
-
-
 # ---------------------------------------------------------------- execution in a worker
 
 Progress = Callable[[str, int], None]  # ("total", n) once, then ("advance", n)
@@ -146,11 +103,9 @@ def execute(study_dir: str, kind: str, key: str, params: dict, inputs: dict, con
     tmp.mkdir()
     say = progress or (lambda what, n: None)
     started = time.perf_counter()
-    from modlens.study import task_kinds
-
     try:
         with single_thread():
-            digest, info = getattr(task_kinds, f"run_{kind}")(tmp, params, inputs, context, say)
+            digest, info = KINDS[kind](tmp, params, inputs, context, say)
         result = {"kind": kind, "key": key, "digest": digest or key, "seconds": time.perf_counter() - started,
                   "info": info}
         (tmp / RESULT_FILE).write_text(canonical(result))
@@ -166,5 +121,4 @@ def execute(study_dir: str, kind: str, key: str, params: dict, inputs: dict, con
     return read_done(study_dir, kind, key)
 
 
-__all__ = ["VERSIONS", "task_key", "derived_seed", "task_dir", "read_done", "clean_temporaries", "execute",
-           "single_thread", "atomic_write_text", "atomic_write_frame", "canonical"]
+__all__ = ["VERSIONS", "task_key", "task_dir", "read_done", "clean_temporaries", "execute", "single_thread"]

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,18 +32,48 @@ class Metric:
 
 METRICS: dict[str, Metric] = {
     "acc_drop": Metric("acc_drop", "Acc. drop", True, "importance"),
+    "ce_increase": Metric("ce_increase", "CE increase", True, "importance"),
     "class_range": Metric("class_range", "Class range", True, "coherence"),
+    "label_range": Metric("label_range", "Label range", True, "coherence"),
     "vis_score": Metric("vis_score", "Vis score", True, "coherence"),
     "softmax_entropy": Metric("softmax_entropy", "Softmax H", False, "coherence"),
+    "top_concentration": Metric("top_concentration", "Top-position KL", True, "coherence"),
     "clusterability": Metric("clusterability", "n-cut vs shuffled", False, "clusterability"),
 }
-LESION_METRICS = ("acc_drop", "class_range")
-VIS_METRICS = ("vis_score", "softmax_entropy")
-#: Benjamini-Hochberg families: the paper corrects Table 4 (lesions) and Table 5
-#: (visualizations) separately; the clusterability test is a third family.
-FAMILIES = {"acc_drop": "lesion", "class_range": "lesion", "vis_score": "visualization",
-            "softmax_entropy": "visualization", "clusterability": "clusterability"}
-TIE_RULES = ("mid", "original")
+#: Benjamini-Hochberg families, the one definition of which metric belongs to which: the paper
+#: corrects Table 4 (lesions) and Table 5 (visualizations) separately; the clusterability test is
+#: a third family. The next-token task's metrics (docs/language-models.md, sections 4-5): the
+#: cross-entropy increase and the range over position labels are lesion metrics; the
+#: top-activating-positions test replaces feature visualization for token inputs, so it is
+#: corrected with the visualization metrics (Table 5).
+FAMILIES = {"acc_drop": "lesion", "ce_increase": "lesion", "class_range": "lesion", "label_range": "lesion",
+            "vis_score": "visualization", "softmax_entropy": "visualization", "top_concentration": "visualization",
+            "clusterability": "clusterability"}
+#: Which metrics an analysis of each task has (``task`` of ``analyze``), by family, in table order.
+TASK_METRICS = {
+    "classification": {"lesion": ("acc_drop", "class_range"), "visualization": ("vis_score", "softmax_entropy")},
+    "next-token": {"lesion": ("acc_drop", "ce_increase", "class_range", "label_range"),
+                   "visualization": ("top_concentration",)},
+}
+assert all(FAMILIES[m] == f for task in TASK_METRICS.values() for f, ms in task.items() for m in ms)
+#: The paper's (classification) lesion and visualization metrics.
+LESION_METRICS = TASK_METRICS["classification"]["lesion"]
+VIS_METRICS = TASK_METRICS["classification"]["visualization"]
+#: The paper's tables (Table 4: lesion, Table 5: visualization) by family; a study's rows name
+#: them in their ``table_family`` column by these short names (the study-rows file format).
+TABLE_FAMILIES = {"lesion": "lesion", "visualization": "vis"}
+
+
+def table_family(metric: str) -> str:
+    """The ``table_family`` of a metric's study rows: ``"lesion"`` or ``"vis"``."""
+    family = FAMILIES.get(metric)
+    if family not in TABLE_FAMILIES:
+        raise ValueError(f"metric {metric!r} belongs to no table family; known: "
+                         f"{', '.join(m for m, f in FAMILIES.items() if f in TABLE_FAMILIES)}")
+    return TABLE_FAMILIES[family]
+
+
+TIE_RULES = stats.TIE_RULES  # owned by core.stats.percentiles
 EFFECT_RULES = ("paper", "original")
 COMBINE_RULES = ("fisher", "exact")  # per-network combination: the paper's, or the exact permutation null
 
@@ -89,7 +120,7 @@ def subcluster_tests(
             pairs = None
             if not (np.isfinite(x) and np.isfinite(mu)):
                 eff = np.nan
-            elif effect_rule == "original" and metric in VIS_METRICS:
+            elif effect_rule == "original" and FAMILIES.get(metric) == "visualization":
                 pairs = stats.pairwise_effect_values([x], r[None, :])[0]
                 eff = float(pairs.mean())
             else:
@@ -182,3 +213,13 @@ def correct_by_family(summary: pd.DataFrame, *, alpha: float = 0.05) -> pd.DataF
     summary["q_value"] = q
     summary["significant"] = reject
     return summary
+
+
+def bold_effect(effect: float, se: float, metric: str) -> bool:
+    """More than two standard errors from 1 in the modular direction (strictly). Without a
+    standard error (the paper's Tables 2 and 3), any effect on the modular side of 1."""
+    if effect is None or not math.isfinite(float(effect)):
+        return False
+    high = METRICS[metric].higher_is_modular
+    se = float(se) if se is not None and math.isfinite(float(se)) else 0.0
+    return bool(effect - 2 * se > 1) if high else bool(effect + 2 * se < 1)

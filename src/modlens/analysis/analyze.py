@@ -2,65 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from modlens.analysis import stages
+from modlens.analysis.config import AnalysisConfig
+from modlens.analysis.diagnostics import add_diagnostics
+from modlens.analysis.result import AnalysisResult
+from modlens.analysis.statistics import summarize
 from modlens.core.partition import Partition
-from modlens.nn.adapter import MLPAdapter
-from modlens.nn.inputs import as_tensors, check_labels
-from modlens.nn.lesion import LesionEvaluator
-from modlens.study.config import AnalysisConfig
-from modlens.study.diagnostics import add_diagnostics, clusterability_rows
-from modlens.study.summary import correct_by_family, summarize
+from modlens.nn import NetworkAdapter
 
 
-@dataclass
-class AnalysisResult:
-    """What :func:`analyze` found.
-
-    summary:     one row per (partitioning, metric): p value, effect ± SE, BH q value.
-    subclusters: one row per (subcluster, draw): the tidy lesion table.
-    tests:       one row per (true subcluster, metric): percentile and effect value.
-    partitions:  the partitions that were tested, by name.
-    config:      the arguments and facts needed to reproduce the tables.
-    visualizations: with ``feature_vis=True``, one row per (subcluster, draw) with the
-                 visualization score and softmax entropy; ``vis_results`` holds the images.
-    """
-
-    summary: pd.DataFrame
-    subclusters: pd.DataFrame
-    tests: pd.DataFrame
-    partitions: dict[str, Partition]
-    config: dict = field(default_factory=dict)
-    visualizations: pd.DataFrame | None = None
-    vis_results: list = field(default_factory=list, repr=False)
-    clusterability: pd.DataFrame | None = None  # one row per (network, weight partitioning)
-
-    def __repr__(self) -> str:
-        from modlens.study.report import format_summary
-
-        return format_summary(self.summary)
-
-    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write Parquet and CSV tables, the partitions and a manifest into ``directory``.
-
-        Files are written to a temporary folder that is renamed at the end, so a failure
-        leaves no partial output.
-        """
-        return save_result(self, directory, overwrite=overwrite)
-
-
-def _user_partition(partition, adapter: MLPAdapter) -> Partition:
+def _user_partition(partition, adapter: NetworkAdapter) -> Partition:
     if isinstance(partition, Partition):
         return Partition.from_labels(partition.labels, adapter.layer_names, adapter.layer_sizes,
                                      method=partition.method, n_clusters=partition.n_clusters,
@@ -76,23 +35,37 @@ def analyze(
     partition=None,
     config: AnalysisConfig | None = None,
     progress: bool = False,
+    token_classes=None,
+    position_classes=None,
+    token_groups=None,
     **options,
 ) -> AnalysisResult:
     """Test whether the partitions of ``model``'s hidden neurons are important and coherent.
 
-    The options (``partitionings``, ``n_clusters``, ``n_random``, ``random_state``,
-    ``accuracy``, ``class_range``, ``ties``, ``effect_rule``, ``max_fraction``, ``engine``,
-    ``alpha``, ``feature_vis``, ``vis_options``, ``eigen_solver``, ``n_init``,
-    ``clusterability``, ``n_null``) are the fields of
-    :class:`~modlens.study.config.AnalysisConfig`: pass ``config=`` or any of them as keywords
+    The options are the fields of :class:`~modlens.analysis.AnalysisConfig` (each with its help
+    text in :func:`modlens.analysis.config.options`): pass ``config=`` or any of them as keywords
     (keywords replace the config's values). They are validated before any work starts.
 
     Parameters
     ----------
     model:
-        Any MLP-like ``torch.nn.Module`` (Linear layers joined by elementwise activations).
+        Any ``torch.nn.Module`` that maps one input tensor to class scores and that modlens can
+        capture: MLPs, CNNs (grouped, depthwise, residual, normalized), transformers through their
+        MLP neurons (README, Models).
     test_data:
-        ``(inputs, labels)`` tensors/arrays or a DataLoader: the lesion test set.
+        ``(inputs, labels)`` tensors/arrays or a DataLoader: the lesion test set. With
+        ``task="next-token"`` (a language model; docs/language-models.md): token ids ``(N, T)``, a
+        dict with ``input_ids`` and ``labels`` (aligned, -100 ignored) or ``targets`` (shifted) and
+        an ``attention_mask`` (right padding), a DataLoader of those, or a dataset with ``ids`` and
+        ``targets`` such as :func:`modlens.data.load_text`'s (:func:`modlens.nn.tokens.as_token_data`).
+    token_classes, position_classes:
+        Next-token task: the class of every vocabulary entry (an int array over the vocabulary or a
+        mapping; -1: none), for the class range over the classes of the target tokens, and a label
+        per sequence ``(N,)`` or per position ``(N, T)`` (e.g. the genre), for the label range. The
+        top-activating-positions test (``feature_vis=True``) uses both.
+    token_groups:
+        Transformers: a group per vocabulary entry (-1: left out) for ``vocab_nodes="groups"``: the
+        weight graph's embedding and unembedding as one node per group.
     activation_data:
         Held-out data (not the test set) for the activation graphs.
     partition:
@@ -136,115 +109,68 @@ def analyze(
         int, ``numpy.random.SeedSequence``, ``numpy.random.Generator`` or ``None`` (fresh
         entropy, recorded in ``config["options"]["random_state"]`` so the run can be repeated).
     eigen_solver, n_init:
-        spectral clustering (``"auto"``: ARPACK up to 5,000 nodes, LOBPCG above; 25 k-means
-        initializations, 100 above 2,000 nodes).
+        spectral clustering (``"auto"``: ARPACK, the paper's, up to 5,000 nodes, LOBPCG above,
+        Lanczos for sparse kNN graphs above 8,192 nodes; 25 k-means initializations, 100 above
+        2,000 nodes: :func:`modlens.core.clustering.choose_eigen_solver`).
     clusterability, n_null:
         Graphical clusterability test (Filan et al., 2021) of each weight partitioning against
         ``n_null`` networks with the weights shuffled within each layer (one summary row each).
     """
-    from modlens.study import stages
-
     started = time.perf_counter()
     cfg = AnalysisConfig.build(config, **options)  # every option checked before any work
-    x, y = as_tensors(test_data, name="test data")
+    test = stages.test_data(test_data, cfg, token_classes=token_classes, position_classes=position_classes)
+    x = stages.inputs_of(test)
     adapter = stages.network_adapter(model, x, cfg)
     adapter.check_input(x, "test data")
-    check_labels(y, adapter.n_classes, name="test data")
     if activation_data is not None and activation_data is test_data:
         raise ValueError("activation_data is the test set; pass a held-out split so lesions are tested on unseen data")
     partitioner = None
     if partition is not None:
         partitions = {"user": _user_partition(partition, adapter)}
     else:
-        partitioner = stages.make_partitioner(adapter, cfg, activation_data=activation_data)
+        partitioner = stages.make_partitioner(adapter, cfg, activation_data=activation_data, token_groups=token_groups)
         partitions = {}
         for method in cfg.partitionings:
             t0 = time.perf_counter()
             partitions[method] = partitioner.partition(method)
             _say(progress, f"partitioned {method}: {len(partitions[method].subclusters(max_fraction=cfg.max_fraction))} "
                            f"subclusters, n-cut {partitions[method].ncut:.3f} ({time.perf_counter() - t0:.1f} s)")
-    evaluator = LesionEvaluator(adapter, x, y) if cfg.engine == "incremental" else None
+    engine = stages.make_engine(adapter, test, cfg)
     tables = []
     for name, part in partitions.items():
         n_lesions = len(part.subclusters(max_fraction=cfg.max_fraction)) * (cfg.n_random + 1)
         with _bar(progress, n_lesions, f"lesions {name}") as bar:
-            tables.append(stages.lesion_one(adapter, part, x, y, cfg, name=name, evaluator=evaluator,
-                                            progress=bar.update))
+            tables.append(stages.lesion_one(engine, part, cfg, name=name, progress=bar.update))
     vis_results, vis_skipped = [], None
     if cfg.feature_vis:
         vis_skipped = stages.vis_problem(adapter, x, cfg)
         if vis_skipped:  # token ids: say so in one line, keep the lesion results
             warnings.warn(vis_skipped, UserWarning, stacklevel=2)
         else:
+            vis_in = test if cfg.task == "next-token" else x   # token inputs: the top-activating positions
             for name, part in partitions.items():
                 with _bar(progress, stages.n_vis_images(part, x, cfg), f"visualizations {name}") as bar:
-                    vis_results.append(stages.vis_one(adapter, part, x, cfg, name=name, progress=bar.update))
+                    vis_results.append(stages.vis_one(adapter, part, vis_in, cfg, name=name, progress=bar.update))
     cl_table = None
     if cfg.clusterability and partitioner is not None:
-        cl_table = _clusterability(partitioner, [p for p in partitions if p.startswith("weights/")], cfg.n_null, progress)
-    base = evaluator.baseline if evaluator is not None else None
-    facts = {
-        "capture": adapter.capture_method,
-        "n_test": int(len(y)),
-        "test_accuracy": float(base.sum() / len(y)) if base is not None else None,
-        "baseline_counts": [int(v) for v in base] if base is not None else None,
-        "class_sizes": [int(v) for v in evaluator.class_sizes] if evaluator is not None else None,
-        "layers": dict(zip(adapter.layer_names, adapter.layer_sizes)),
-    }
+        cl_table = _clusterability(partitioner, [p for p in partitions if p.startswith("weights/")], cfg, progress)
+    facts = {"capture": adapter.capture_method, **stages.test_facts(engine, test, cfg),
+             "layers": dict(zip(adapter.layer_names, adapter.layer_sizes))}
     result = stages.assemble(partitions, tables, vis_results, cfg, vis_skipped=vis_skipped, clusterability=cl_table,
                              facts=facts)
     result.config["seconds"] = time.perf_counter() - started
     return result
 
 
-def _clusterability(partitioner, methods, n_null, progress) -> pd.DataFrame:
-    from modlens.experiments.clusterability import clusterability_test
-
+def _clusterability(partitioner, methods, cfg, progress) -> pd.DataFrame:
     rows = []
     for method in methods:
         t0 = time.perf_counter()
-        res = clusterability_test(partitioner, method, n_null=n_null)
+        res = stages.clusterability_one(partitioner, method, cfg)
         _say(progress, f"clusterability {method}: n-cut {res['ncut']:.3f} vs shuffled {res['null_mean']:.3f} "
                        f"± {res['null_sd']:.3f}, p {res['p_value']:.3g} ({time.perf_counter() - t0:.1f} s)")
         rows.append(res)
-    table = pd.DataFrame(rows)
-    table.insert(0, "network", "0")
-    return table
-
-
-def _with_clusterability(summary, cl_table, partitionings, alpha) -> pd.DataFrame:
-    """Summary rows of the clusterability test, placed before each partitioning's other rows."""
-    if cl_table is None or not len(cl_table):
-        return summary
-    rows = clusterability_rows(cl_table)
-    out = pd.concat([rows, summary], ignore_index=True)
-    order = {p: i for i, p in enumerate(partitionings)}
-    out = out.iloc[np.lexsort((out["family"] != "clusterability", out["partitioning"].map(order).fillna(len(order))))]
-    return correct_by_family(out.reset_index(drop=True), alpha=alpha)
-
-
-def default_vis_transforms(input_shape: tuple[int, ...]) -> str:
-    """Paper, appendix A.5: random jitter and scaling for small images; padding, jitter,
-    rotation and scaling (``"lucid"``) for ImageNet-sized ones (128 pixels a side or more);
-    additive noise for vectors (D,), noise and a shift along T for sequences (T, D)."""
-    from modlens.experiments.feature_vis import default_transforms
-
-    return default_transforms(input_shape)
-
-
-def _vis_input_problem(adapter, x, options) -> str | None:
-    """Why the inputs cannot be visualized (discrete inputs), as one line, or None."""
-    from modlens.experiments.feature_vis import continuous_input_problem
-
-    problem = continuous_input_problem(adapter, x, (options or {}).get("preprocess"))
-    return None if problem is None else (f"{problem}; skipping vis_score and softmax_entropy "
-                                         "(the lesion tests ran as usual)")
-
-
-def _add_partition_facts(summary: pd.DataFrame, partitions: dict[str, Partition]) -> None:
-    """n-cut and the number of neurons left unclustered (no edges) of each partitioning."""
-    summary["ncut"] = [partitions[p].ncut for p in summary["partitioning"]]
-    summary["n_unclustered"] = [int(sum((l < 0).sum() for l in partitions[p].labels)) for p in summary["partitioning"]]
+    return stages.clusterability_table(rows)
 
 
 def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = None, *, alpha: float = 0.05,
@@ -266,7 +192,7 @@ def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = Non
                         random_state=results[0].config.get("random_state", 0))
     cls = [r.clusterability.assign(network=n) for n, r in zip(names, results) if r.clusterability is not None]
     cl_table = pd.concat(cls, ignore_index=True) if cls else None
-    summary = _with_clusterability(summary, cl_table, parts, alpha)
+    summary = stages.with_clusterability(summary, cl_table, parts, alpha)
     # n-cut: mean over networks; unclustered neurons: summed over networks
     summary["ncut"] = [np.mean([r.partitions[p].ncut for r in results if p in r.partitions and r.partitions[p].ncut is not None] or [np.nan])
                        for p in summary["partitioning"]]
@@ -280,60 +206,6 @@ def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = Non
     add_diagnostics(summary, all_tables, vis, all_tests)
     # figures: those of the first network (every network's images stay in its own result)
     return AnalysisResult(summary, all_tables, all_tests, partitions, config, vis, results[0].vis_results, cl_table)
-
-
-def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, extra_manifest: dict | None = None,
-                figures: bool = True) -> Path:
-    target = Path(directory)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {target} is not empty; choose another folder or pass overwrite=True (--overwrite)")
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        files = []
-        for name in ("summary", "subclusters", "tests", "visualizations", "clusterability"):
-            frame = getattr(result, name)
-            if frame is None:
-                continue
-            frame.to_parquet(tmp / f"{name}.parquet", index=False)
-            frame.to_csv(tmp / f"{name}.csv", index=False)
-            files += [f"{name}.parquet", f"{name}.csv"]
-        if result.vis_results:
-            from modlens.study.figures import save_vis_grids
-
-            for res in result.vis_results if figures else ():  # figures=False: the images without the PNG grids
-                files += [str(p.relative_to(tmp)) for p in save_vis_grids(res, tmp / "figures")]
-            images = {f"{r.config['partitioning']}": r.images for r in result.vis_results}
-            np.savez_compressed(tmp / "vis_images.npz", **{k.replace("/", "__"): v for k, v in images.items()})
-            files.append("vis_images.npz")
-        parts = {
-            name: {"method": p.method, "n_clusters": p.n_clusters, "ncut": p.ncut, "layer_names": list(p.layer_names),
-                   "labels": [l.tolist() for l in p.labels], "info": p.info}
-            for name, p in result.partitions.items()
-        }
-        (tmp / "partitions.json").write_text(json.dumps(parts, default=_json_default))
-        files.append("partitions.json")
-        manifest = {"format": "modlens-analysis", "config": result.config, "files": files, **(extra_manifest or {})}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON-serializable: {type(obj).__name__}")
 
 
 def _say(enabled: bool, message: str) -> None:
@@ -358,3 +230,6 @@ def _bar(enabled: bool, total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="lesion", file=sys.stderr, leave=True, dynamic_ncols=True)
+
+
+__all__ = ["analyze", "combine"]

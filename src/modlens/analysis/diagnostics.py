@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from modlens.core import stats
-from modlens.study.summary import FAMILIES, METRICS, VIS_METRICS
+from modlens.analysis.statistics import FAMILIES, METRICS, VIS_METRICS
 
 SATURATED_ENTROPY = 1e-6
 SATURATED_FRACTION = 0.25
@@ -48,9 +48,12 @@ def add_diagnostics(summary: pd.DataFrame, lesions: pd.DataFrame | None, vis: pd
             cols["n_saturated"][i], cols["n_images"][i] = int(np.sum(h < SATURATED_ENTROPY)), h.size
             if h.size and cols["n_saturated"][i] >= SATURATED_FRACTION * h.size:
                 found.append("saturated")
-        if metric in ("acc_drop", "class_range") and lesions is not None and len(lesions):
+        if FAMILIES.get(metric) == "lesion" and lesions is not None and len(lesions):
             g = lesions[lesions["partitioning"] == part]
-            unchanged = (g["acc_drop"].to_numpy(dtype=float) == 0) & (g["class_range"].to_numpy(dtype=float) == 0)
+            if "ce_increase" in g.columns:  # next-token lesions: the loss moves unless nothing changed
+                unchanged = g["ce_increase"].to_numpy(dtype=float) == 0
+            else:
+                unchanged = (g["acc_drop"].to_numpy(dtype=float) == 0) & (g["class_range"].to_numpy(dtype=float) == 0)
             cols["n_unchanged"][i], cols["n_lesions"][i] = int(unchanged.sum()), len(g)
             if len(g) and cols["n_unchanged"][i] >= UNCHANGED_FRACTION * len(g):
                 found.append("no-change")

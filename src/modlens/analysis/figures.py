@@ -1,6 +1,7 @@
-"""Figures of the coherence experiments: feature-visualization grids (paper, figure 7) and
-subcluster correlation maps (figures 1 and 6). Matplotlib's Agg canvas only: no pyplot, no
-windows, no global state."""
+"""The figures an analysis result saves: feature-visualization grids (paper, figure 7), true
+subclusters beside their random sets. Matplotlib's Agg canvas only: no pyplot, no windows, no
+global state; :func:`new_figure`, :func:`displayable` and :func:`slug` serve the report's
+figures too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -20,7 +21,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _displayable(img: np.ndarray, rgb: bool = True) -> tuple[np.ndarray, str | None]:
+def displayable(img: np.ndarray, rgb: bool = True) -> tuple[np.ndarray, str | None]:
     """(H, W) grayscale or (H, W, 3) RGB from a (C, H, W) image with values in [0, 1]:
     1 channel: grayscale; 3 (with ``rgb``): RGB; otherwise the first (up to 3) channels
     side by side in grayscale."""
@@ -37,8 +38,22 @@ def _displayable(img: np.ndarray, rgb: bool = True) -> tuple[np.ndarray, str | N
     return out, "gray"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-") or "x"
+
+
+def vis_grid_figures(vis_result):
+    """``((partitioning, layer), figure)`` per (partitioning, layer) of ``vis_result`` (a
+    :class:`VisResult`): each true subcluster's optimized input beside its random sets, as in
+    figure 7 (see :func:`save_vis_grids`)."""
+    table, images = vis_result.table, np.asarray(vis_result.images, dtype=np.float64)
+    lo, hi = vis_result.value_range
+    for (name, layer), group in table.groupby(["partitioning", "layer"], sort=False):
+        scaled = {idx: np.clip((images[idx] - lo) / (hi - lo), 0, 1) for idx in group.index}
+        draw = _vector_figure if images.ndim == 2 else _grid_figure
+        fig = draw(group, scaled, (lo, hi))
+        fig.suptitle(f"{name}: layer {layer} ({group['layer_name'].iloc[0]})", fontsize=9)
+        yield (name, int(layer)), fig
 
 
 def save_vis_grids(vis_result, directory: str | os.PathLike) -> list[Path]:
@@ -48,20 +63,53 @@ def save_vis_grids(vis_result, directory: str | os.PathLike) -> list[Path]:
     heatmaps (rows T, columns D). Vectors (D,): a panel per subcluster with one heat strip per
     input, the true subcluster's on top. Values are shown on the result's value range (the
     colour bar of heatmaps and strips). Returns the paths written."""
-    table, images = vis_result.table, np.asarray(vis_result.images, dtype=np.float64)
-    lo, hi = vis_result.value_range
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for (name, layer), group in table.groupby(["partitioning", "layer"], sort=False):
-        scaled = {idx: np.clip((images[idx] - lo) / (hi - lo), 0, 1) for idx in group.index}
-        draw = _vector_figure if images.ndim == 2 else _grid_figure
-        fig = draw(group, scaled, (lo, hi))
-        fig.suptitle(f"{name}: layer {layer} ({group['layer_name'].iloc[0]})", fontsize=9)
-        path = directory / f"feature_vis_{_slug(name)}_layer{int(layer)}.png"
+    for (name, layer), fig in vis_grid_figures(vis_result):
+        path = directory / f"feature_vis_{slug(name)}_layer{layer}.png"
         fig.savefig(path)
         paths.append(path)
     return paths
+
+
+_COLOURS = {"acc_drop": "#4c72b0", "class_range": "#dd8452", "vis_score": "#55a868", "softmax_entropy": "#c44e52",
+            "ce_increase": "#8172b3", "label_range": "#937860", "top_concentration": "#da8bc3"}
+
+
+def percentile_figure(tests, title: str):
+    """One panel per partitioning with a step histogram per metric of the true subclusters' centred
+    percentiles among their random sets (low = modular), pooled over the networks of ``tests``
+    (the report's Figure 5, a notebook result's first figure)."""
+    from modlens.analysis.statistics import METRICS
+    from modlens.analysis.text import PARTITION_LABELS
+    from modlens.experiments.partitioning import METHODS
+
+    bins = np.linspace(0, 1, 21)
+    seen = list(dict.fromkeys(tests["partitioning"]))
+    parts = [m for m in METHODS if m in seen] + [p for p in seen if p not in METHODS]
+    metrics = [m for m in METRICS if m in set(tests["metric"])]
+    fig = new_figure(2.3 * len(parts) + 0.5, 2.6)
+    axes = fig.subplots(1, len(parts), squeeze=False)[0]
+    fig.subplots_adjust(left=0.5 / (2.3 * len(parts) + 0.5), right=0.99, top=0.8, bottom=0.3, wspace=0.25)
+    for c, part in enumerate(parts):
+        ax = axes[c]
+        for m in metrics:
+            v = tests[(tests["metric"] == m) & (tests["partitioning"] == part)]["percentile"].to_numpy(dtype=float)
+            v = v[np.isfinite(v)]
+            if v.size:
+                ax.hist(v, bins=bins, histtype="step", linewidth=1.4, color=_COLOURS.get(m), label=METRICS[m].label)
+        ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=6)
+        ax.set_title(PARTITION_LABELS.get(part, part), fontsize=8)
+        ax.set_xlabel("percentile (low = modular)", fontsize=7)
+    axes[0].set_ylabel("true subclusters", fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
 
 
 def _colorbar(fig, mappable, value_range, left: float, bottom: float, height: float) -> None:
@@ -79,7 +127,7 @@ def _grid_figure(group, scaled: dict, value_range):
     heat = next(iter(scaled.values())).ndim == 2
     top = 0.75 if heat else 0.55  # heatmaps: a line saying which axis is which under the title
     width, height = 1.1 * n_cols + (1.5 if heat else 1.0), 1.15 * len(subs) + top + 0.15
-    fig = _figure(width, height)
+    fig = new_figure(width, height)
     axes = fig.subplots(len(subs), n_cols, squeeze=False)
     right = 1 - (0.6 if heat else 0.1) / width
     fig.subplots_adjust(left=0.8 / width, right=right, top=1 - top / height, bottom=0.1 / height)
@@ -92,7 +140,7 @@ def _grid_figure(group, scaled: dict, value_range):
             if heat:  # a sequence: rows are positions T, columns features D
                 shown = ax.imshow(scaled[idx], cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
             else:
-                img, cmap = _displayable(scaled[idx])
+                img, cmap = displayable(scaled[idx])
                 ax.imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             if r == 0:
                 ax.set_title("true" if row["draw"] == 0 else f"random {row['draw']}", fontsize=7)
@@ -113,7 +161,7 @@ def _vector_figure(group, scaled: dict, value_range):
     dim = next(iter(scaled.values())).shape[0]
     panel = 0.45 + 0.12 * n_draws
     width, height = min(14.0, max(5.0, 0.08 * dim + 2.4)), panel * len(subs) + 0.9
-    fig = _figure(width, height)
+    fig = new_figure(width, height)
     axes = fig.subplots(len(subs), 1, squeeze=False)[:, 0]
     right = 1 - 0.8 / width
     fig.subplots_adjust(left=1.0 / width, right=right, top=1 - 0.55 / height, bottom=0.45 / height, hspace=0.45)
@@ -134,39 +182,4 @@ def _vector_figure(group, scaled: dict, value_range):
     return fig
 
 
-def _scale01(a: np.ndarray) -> np.ndarray:
-    lo, hi = a.min(), a.max()
-    return np.full_like(a, 0.5) if hi <= lo else (a - lo) / (hi - lo)
-
-
-def save_correlation_figure(maps, path: str | os.PathLike) -> Path:
-    """Figure 6 for a :class:`CorrelationMaps`: one column per true subcluster, the true
-    map in the first row and its random sets below, each column scaled to [0, 1]
-    (multi-channel maps: the first channels side by side)."""
-    true, rand = np.asarray(maps.true_maps, dtype=np.float64), np.asarray(maps.random_maps, dtype=np.float64)
-    m, n = rand.shape[:2]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    width, height = 1.2 * max(m, 1) + 1.0, 1.2 * (n + 1) + 0.5
-    fig = _figure(width, height)
-    axes = fig.subplots(n + 1, max(m, 1), squeeze=False)
-    fig.subplots_adjust(left=0.9 / width, right=1 - 0.1 / width, top=1 - 0.4 / height, bottom=0.1 / height)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    for j in range(m):
-        column = _scale01(np.concatenate([true[j:j + 1], rand[j]]))
-        for i in range(n + 1):
-            img, cmap = _displayable(column[i], rgb=False)
-            axes[i, j].imshow(img, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        sc = maps.subclusters[j]
-        axes[0, j].set_title(f"c{sc.cluster} (n={sc.size})", fontsize=7)
-    if m:
-        axes[0, 0].text(-0.1, 0.5, "true", transform=axes[0, 0].transAxes, ha="right", va="center", fontsize=7)
-        for i in range(1, n + 1):
-            axes[i, 0].text(-0.1, 0.5, f"random {i}", transform=axes[i, 0].transAxes, ha="right", va="center",
-                            fontsize=7)
-    fig.savefig(path)
-    return path
-
-
-__all__ = ["save_vis_grids", "save_correlation_figure"]
+__all__ = ["save_vis_grids", "vis_grid_figures", "percentile_figure", "new_figure", "displayable", "slug"]

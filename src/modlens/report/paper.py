@@ -19,9 +19,11 @@ import numpy as np
 import pandas as pd
 
 from modlens.core import stats
-from modlens.study.summary import LESION_METRICS, METRICS, VIS_METRICS
+from modlens.analysis.statistics import METRICS, TABLE_FAMILIES, bold_effect, table_family
 
-FAMILIES = {"lesion": LESION_METRICS, "vis": VIS_METRICS}
+#: The metrics of each table family (``table_family`` of study rows -> metrics).
+FAMILIES = {short: tuple(m for m in METRICS if m != "clusterability" and table_family(m) == short)
+            for short in TABLE_FAMILIES.values()}
 CITATION = ('"Detecting Modularity in Deep Neural Networks", anonymous authors, under double-blind review '
             "as a conference paper at ICLR 2022, Tables 2-5 (transcribed values packaged with modlens)")
 PAPER_CRITICAL_P = 0.025
@@ -29,33 +31,25 @@ ROW_COLUMNS = ["table_family", "group", "network_label", "k", "partitioning", "m
                "p_value", "effect", "effect_se", "n_networks", "n_subclusters"]
 
 
-def family_of(metric: str) -> str:
-    for family, metrics in FAMILIES.items():
-        if metric in metrics:
-            return family
-    raise ValueError(f"study.paper: metric {metric!r} belongs to no table family; known: "
-                     f"{', '.join(LESION_METRICS + VIS_METRICS)}")
-
-
 def check_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """Validate a study-rows frame (one row per group, k, partitioning and metric)."""
     missing = [c for c in ROW_COLUMNS if c not in rows.columns]
     if missing:
-        raise ValueError(f"study.paper: study rows lack columns {missing}; each row needs {ROW_COLUMNS}")
+        raise ValueError(f"report.paper: study rows lack columns {missing}; each row needs {ROW_COLUMNS}")
     rows = rows.reset_index(drop=True).copy()
-    wrong = [(m, f) for m, f in zip(rows["metric"], rows["table_family"]) if family_of(m) != f]
+    wrong = [(m, f) for m, f in zip(rows["metric"], rows["table_family"]) if table_family(m) != f]
     if wrong:
-        raise ValueError(f"study.paper: metric {wrong[0][0]!r} is filed under table_family {wrong[0][1]!r}, "
-                         f"expected {family_of(wrong[0][0])!r}")
+        raise ValueError(f"report.paper: metric {wrong[0][0]!r} is filed under table_family {wrong[0][1]!r}, "
+                         f"expected {table_family(wrong[0][0])!r}")
     key = ["group", "k", "partitioning", "metric"]
     dup = rows.duplicated(key)
     if dup.any():
-        raise ValueError(f"study.paper: duplicate study row {rows.loc[dup, key].iloc[0].to_dict()}; "
+        raise ValueError(f"report.paper: duplicate study row {rows.loc[dup, key].iloc[0].to_dict()}; "
                          "one row per (group, k, partitioning, metric)")
     p = rows["p_value"].to_numpy(dtype=float)
     bad = np.flatnonzero(np.isfinite(p) & ((p < 0) | (p > 1)))
     if bad.size:
-        raise ValueError(f"study.paper: p_value {p[bad[0]]} in row {int(bad[0])} lies outside [0, 1]")
+        raise ValueError(f"report.paper: p_value {p[bad[0]]} in row {int(bad[0])} lies outside [0, 1]")
     return rows
 
 
@@ -75,7 +69,7 @@ def family_bh(rows: pd.DataFrame, *, alpha: float = 0.05, scope: str = "table") 
     ``{"critical_p", "m", "n_significant", "alpha", "scope"}``.
     """
     if scope not in BH_SCOPES:
-        raise ValueError(f"study.paper: scope must be one of {BH_SCOPES}, got {scope!r}")
+        raise ValueError(f"report.paper: scope must be one of {BH_SCOPES}, got {scope!r}")
     rows = check_rows(rows)
     rows["q_value"] = np.nan
     rows["significant"] = False
@@ -101,16 +95,6 @@ def family_bh(rows: pd.DataFrame, *, alpha: float = 0.05, scope: str = "table") 
     return rows, info
 
 
-def bold_effect(effect: float, se: float, metric: str) -> bool:
-    """More than two standard errors from 1 in the modular direction (strictly). Without a
-    standard error (the paper's Tables 2 and 3), any effect on the modular side of 1."""
-    if effect is None or not math.isfinite(float(effect)):
-        return False
-    high = METRICS[metric].higher_is_modular
-    se = float(se) if se is not None and math.isfinite(float(se)) else 0.0
-    return bool(effect - 2 * se > 1) if high else bool(effect + 2 * se < 1)
-
-
 def side_of_one(effect: float) -> int:
     """+1 above 1, -1 below, 0 at 1 or unknown."""
     if effect is None or not math.isfinite(float(effect)):
@@ -120,7 +104,7 @@ def side_of_one(effect: float) -> int:
 
 def reported_results() -> pd.DataFrame:
     """The paper's Tables 2-5 as one tidy frame (packaged copy of reported-results.csv)."""
-    with resources.files("modlens.study").joinpath("_paper/reported_results.csv").open("r", encoding="utf-8") as fh:
+    with resources.files("modlens.report").joinpath("_paper/reported_results.csv").open("r", encoding="utf-8") as fh:
         frame = pd.read_csv(fh)
     frame["significant"] = frame["significant"].astype(str).str.lower().eq("true")
     return frame
@@ -156,5 +140,5 @@ def agreement_counts(comparison: pd.DataFrame) -> dict[str, int]:
             "side": int(comparison["agree_side"].sum()), "both": int(comparison["agree"].sum())}
 
 
-__all__ = ["BH_SCOPES", "FAMILIES", "CITATION", "PAPER_CRITICAL_P", "ROW_COLUMNS", "family_of", "check_rows", "family_bh",
+__all__ = ["BH_SCOPES", "FAMILIES", "CITATION", "PAPER_CRITICAL_P", "ROW_COLUMNS", "check_rows", "family_bh",
            "bold_effect", "side_of_one", "reported_results", "compare_with_paper", "agreement_counts"]

@@ -1,5 +1,6 @@
-"""The paper's Tables 1-5 from study rows (after :func:`modlens.study.paper.family_bh`), as
-CSV and Markdown laid out like the paper, and as cells the HTML report renders.
+"""The paper's Tables 1-5 from study rows (after :func:`modlens.report.paper.family_bh`), as
+CSV and Markdown laid out like the paper, and as cells the HTML report renders (the cells of
+:mod:`modlens.analysis.display`, which a notebook's display of a result uses too).
 
 Table 1: effect measures of every metric; Table 4: lesion p values and effects; Table 5:
 visualization p values and effects (all at the study's main k); Tables 2 and 3: the same as 4
@@ -10,80 +11,29 @@ standard errors from 1 on the modular side.
 
 from __future__ import annotations
 
-import csv
-import io
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from modlens.analysis.display import effect_cell, format_effect, format_p, p_cell
+from modlens.analysis.statistics import METRICS
+from modlens.analysis.text import PARTITION_LABELS
+from modlens.core.html import Cell, Table
 from modlens.experiments.partitioning import METHODS
-from modlens.study.paper import FAMILIES, PAPER_CRITICAL_P
-from modlens.study.summary import METRICS
+from modlens.report.paper import FAMILIES, PAPER_CRITICAL_P
 
-PARTITION_LABELS = {"weights/global": "Weight/Global", "weights/local": "Weight/Local",
-                    "activations/global": "Act./Global", "activations/local": "Act./Local"}
 _METRIC_HEAD = {"acc_drop": ("Importance: Acc. Drop", "High→Imp."), "class_range": ("Coherence: Class Range", "High→Coh."),
                 "vis_score": ("Coherence: Vis Score", "High→Coh."), "softmax_entropy": ("Coherence: Softmax H", "Low→Coh.")}
 
 
-@dataclass
-class Cell:
-    text: str
-    bold: bool = False
-    html: str | None = None  # richer markup (superscripts); escaped text otherwise
-
-
-@dataclass
-class Table:
-    name: str  # "table4"
-    title: str
-    caption: str
-    columns: list[str]
-    rows: list[list[Cell]] = field(default_factory=list)
-
-    def to_markdown(self) -> str:
-        def md(c: Cell) -> str:
-            t = c.text.replace("|", "\\|")
-            return f"**{t}**" if c.bold and t else t
-        lines = [f"### {self.title}", "", self.caption, "",
-                 "| " + " | ".join(self.columns) + " |", "|" + "|".join("---" for _ in self.columns) + "|"]
-        lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in self.rows]
-        return "\n".join(lines) + "\n"
-
-    def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(self.columns)
-        for row in self.rows:
-            w.writerow([c.text for c in row])
-        return buf.getvalue()
-
-
-def format_p(p: float) -> tuple[str, str]:
-    """(plain, html) in the paper's style: three decimals from 0.001 up, else m × 10^e."""
-    if p is None or not math.isfinite(float(p)):
-        return "n/a", "n/a"
-    p = float(p)
-    if p >= 0.001:
-        s = f"{p:.3f}"
-        return s, s
-    if p == 0:
-        return "< 1e-300", "&lt; 10<sup>-300</sup>"
-    exp = math.floor(math.log10(p))
-    mant = p / 10 ** exp
-    if round(mant, 2) >= 10:
-        mant, exp = mant / 10, exp + 1
-    return f"{mant:.2f} × 10^{exp}", f"{mant:.2f} × 10<sup>{exp}</sup>"
-
-
-def format_effect(effect: float, se: float | None) -> str:
-    if effect is None or not math.isfinite(float(effect)):
-        return "n/a"
-    if se is None or not math.isfinite(float(se)):
-        return f"{float(effect):.3f}"
-    return f"{float(effect):.3f} ± {float(se):.3f}"
+def metric_head(metric: str) -> tuple[str, str]:
+    """(column head, direction) of a metric in the paper's tables; metrics beyond the paper's four
+    (the next-token task's) get theirs from :data:`~modlens.analysis.statistics.METRICS`."""
+    if metric in _METRIC_HEAD:
+        return _METRIC_HEAD[metric]
+    spec = METRICS[metric]
+    return (f"{spec.proxy.capitalize()}: {spec.label}",
+            f"{'High' if spec.higher_is_modular else 'Low'}→{'Imp.' if spec.proxy == 'importance' else 'Coh.'}")
 
 
 def main_k(rows: pd.DataFrame) -> int:
@@ -97,7 +47,7 @@ def _ordered(values, order) -> list:
     return [v for v in order if v in seen] + [v for v in seen if v not in order]
 
 
-def _network_names(rows: pd.DataFrame) -> dict[str, str]:
+def network_names(rows: pd.DataFrame) -> dict[str, str]:
     """group -> the name shown in the Network column (the paper label, or the group when
     two groups share a label or a label is missing)."""
     labels = rows.drop_duplicates("group").set_index("group")["network_label"]
@@ -111,16 +61,11 @@ def _lookup(rows: pd.DataFrame) -> dict:
 
 
 def _p_cell(r) -> Cell:
-    if r is None:
-        return Cell("")
-    text, html = format_p(r.p_value)
-    return Cell(text, bool(r.significant), html)
+    return Cell("") if r is None else p_cell(r.p_value, r.significant)
 
 
 def _effect_cell(r, with_se: bool = True) -> Cell:
-    if r is None:
-        return Cell("")
-    return Cell(format_effect(r.effect, r.effect_se if with_se else None), bool(r.bold))
+    return Cell("") if r is None else effect_cell(r.effect, r.effect_se if with_se else None, r.bold)
 
 
 def _caption(what: str, info: dict, families: list[str], k_text: str) -> str:
@@ -144,9 +89,9 @@ def _p_effect_table(rows, info, family: str, name: str, title: str, ks: list[int
         return None
     columns = ["Network"] + (["k"] if with_k else []) + ["Partitioning"]
     for m in metrics:
-        head, arrow = _METRIC_HEAD[m]
+        head, arrow = metric_head(m)
         columns += [f"{head}: p Value", f"{head}: Effect Meas. ({arrow})"]
-    look, names = _lookup(sub), _network_names(rows)
+    look, names = _lookup(sub), network_names(rows)
     table = Table(name, title, "", columns)
     for g in list(dict.fromkeys(sub["group"])):
         for k in ks:
@@ -171,8 +116,8 @@ def effect_table(rows: pd.DataFrame, info: dict) -> Table | None:
     metrics = [m for m in METRICS if m in set(sub["metric"])]
     if sub.empty:
         return None
-    columns = ["Network", "Partitioning"] + [f"{METRICS[m].label} ({_METRIC_HEAD[m][1]})" for m in metrics]
-    look, names = _lookup(sub), _network_names(rows)
+    columns = ["Network", "Partitioning"] + [f"{METRICS[m].label} ({metric_head(m)[1]})" for m in metrics]
+    look, names = _lookup(sub), network_names(rows)
     table = Table("table1", "Table 1: effect measures", "", columns)
     for g in list(dict.fromkeys(sub["group"])):
         for part in _ordered(sub[sub["group"] == g]["partitioning"], METHODS):
@@ -228,5 +173,5 @@ def write_tables(tables: list[Table], directory: Path) -> list[Path]:
     return paths
 
 
-__all__ = ["Cell", "Table", "PARTITION_LABELS", "format_p", "format_effect", "main_k", "effect_table", "build_tables",
+__all__ = ["Cell", "Table", "PARTITION_LABELS", "format_p", "format_effect", "main_k", "network_names", "effect_table", "build_tables",
            "comparison_table", "write_tables"]

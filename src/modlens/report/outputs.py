@@ -20,10 +20,13 @@ import numpy as np
 import pandas as pd
 
 from modlens._version import __version__
-from modlens.study import html_report as H
-from modlens.study.paper import CITATION, FAMILIES, agreement_counts, compare_with_paper, family_bh, family_of
-from modlens.study.study_plots import FigureFile, figure3, figure5, figure7
-from modlens.study.tables import build_tables, comparison_table, main_k, write_tables, _network_names
+from modlens.analysis.figures import slug
+from modlens.analysis.statistics import table_family
+from modlens.report import html as H
+from modlens.report.correlation import save_correlation_figure, saved_model_maps
+from modlens.report.paper import CITATION, agreement_counts, compare_with_paper, family_bh
+from modlens.report.plots import FigureFile, figure3, figure5, figure7
+from modlens.report.tables import build_tables, comparison_table, main_k, network_names, write_tables
 
 
 @dataclass
@@ -43,11 +46,11 @@ def load_network(path: str | Path) -> NetworkResult:
     path = Path(path)
     mpath = path / "manifest.json"
     if not mpath.is_file():
-        raise FileNotFoundError(f"study.outputs: {path} is not a saved analyze result (no manifest.json); "
+        raise FileNotFoundError(f"report: {path} is not a saved analyze result (no manifest.json); "
                                 "give the folder written by `modlens analyze --out` or AnalysisResult.save")
     manifest = json.loads(mpath.read_text())
     if manifest.get("format") != "modlens-analysis":
-        raise ValueError(f"study.outputs: {mpath} has format {manifest.get('format')!r}, expected 'modlens-analysis'")
+        raise ValueError(f"report: {mpath} has format {manifest.get('format')!r}, expected 'modlens-analysis'")
     summary = pd.read_parquet(path / "summary.parquet")
     tests = pd.read_parquet(path / "tests.parquet")
     vis = pd.read_parquet(path / "visualizations.parquet") if (path / "visualizations.parquet").is_file() else None
@@ -131,64 +134,55 @@ def _sections(tables, ctable, counts, figures, notes, meta: list[tuple[str, str]
     return sections + meta
 
 
-def saved_model_maps(study_dir: Path, study: dict, *, data_dir=None, method: str = "weights/global",
-                     n_random: int = 4, n_images: int | None = 2000) -> Callable[[str], object] | None:
+def _study_model_maps(study_dir: Path, study: dict, *, data_dir=None, method: str = "weights/global",
+                      n_random: int = 4, n_images: int | None = 2000) -> Callable[[str], object] | None:
     """A ``correlation_maps(network_id)`` callable from the model folders study.json records
-    (``networks[i]["model_dir"]``, relative to the study folder or absolute): it loads the
-    model, its test images (as its manifest says) and draws the maps of ``method``'s
-    first-layer subclusters, with the network's k and analysis seed. None when no network
-    records a model folder."""
+    (``networks[i]["model_dir"]``, relative to the study folder or absolute), with each network's
+    k and analysis seed and the study's ``input_name``/``output``
+    (:func:`~modlens.report.correlation.saved_model_maps`). None when no network records a model
+    folder."""
     nets = study.get("networks")
     records = {n.get("id"): n for n in nets if isinstance(n, dict)} if isinstance(nets, list) else {}
     if not any(r.get("model_dir") for r in records.values()):
         return None
 
     def maps_of(network_id: str):
-        from modlens.experiments.correlation_maps import correlation_maps
-        from modlens.experiments.partitioning import partition
-        from modlens.nn.adapter import MLPAdapter
-        from modlens.nn.io import load_model
-        from modlens.study.runs import model_data
-
         rec = records.get(network_id) or {}
         if not rec.get("model_dir"):
             raise FileNotFoundError(f"study.json records no model_dir for network {network_id}")
         model_dir = Path(rec["model_dir"])
-        model, manifest = load_model(model_dir if model_dir.is_absolute() else study_dir / model_dir)
-        (x, _), act = model_data(manifest, data_dir=data_dir)
-        x = x[:n_images] if n_images else x
-        adapter = MLPAdapter(model)
-        seed = int(rec.get("random_state") or 0)
-        part = partition(adapter, method, n_clusters=int(rec.get("k") or 16), data=act, random_state=seed)
-        return correlation_maps(adapter, part, x, layer=0, n_random=n_random, random_state=seed)
+        return saved_model_maps(model_dir if model_dir.is_absolute() else study_dir / model_dir, method=method,
+                                n_clusters=int(rec.get("k") or 16), n_random=n_random,
+                                random_state=int(rec.get("random_state") or 0), data_dir=data_dir, n_images=n_images,
+                                input_name=_setting(study, "input_name", None), output=_setting(study, "output", None))
 
     return maps_of
 
 
 def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh_scope: str | None = None,
                         correlation_maps: Callable[[str], object] | None = None, data_dir=None) -> dict:
-    """Write ``tables/``, ``figures/`` and ``report.html`` into ``study_dir``.
+    """Write ``tables/``, ``figures/`` (with ``captions.json``) and ``report.html`` into ``study_dir``.
 
     ``correlation_maps(network_id)`` returning a
     :class:`~modlens.experiments.correlation_maps.CorrelationMaps` draws Figures 1/6 for the
     first network of each halves/stack group; by default the model folders study.json
-    records are used (:func:`saved_model_maps`, test images from ``data_dir``); where
+    records are used (test images from ``data_dir``); where
     neither works those figures are skipped with a note saying why.
     ``alpha`` and ``bh_scope`` (``"table"``, the default, or ``"joint"``: see
-    :func:`~modlens.study.paper.family_bh`) default to the spec's ``alpha``/``bh_scope``.
+    :func:`~modlens.report.paper.family_bh`) default to the spec's ``alpha``/``bh_scope``.
     Returns the paths written, the critical p value per family and the agreement counts.
     """
     study_dir = Path(study_dir)
     spath, rpath = study_dir / "study.json", study_dir / "study_rows.parquet"
     for p in (spath, rpath):
         if not p.is_file():
-            raise FileNotFoundError(f"study.outputs: {p} is missing; a study folder needs study.json and "
+            raise FileNotFoundError(f"report: {p} is missing; a study folder needs study.json and "
                                     "study_rows.parquet (written by `modlens study run`)")
     study = json.loads(spath.read_text())
     alpha = float(alpha if alpha is not None else _setting(study, "alpha", 0.05))
     bh_scope = bh_scope or _setting(study, "bh_scope", "table")
     rows, info = family_bh(pd.read_parquet(rpath), alpha=alpha, scope=bh_scope)
-    names = _network_names(rows)
+    names = network_names(rows)
     net_dir = study_dir / "networks"
     ids = sorted(p.name for p in net_dir.iterdir() if (p / "manifest.json").is_file()) if net_dir.is_dir() else []
     groups = network_groups(study, ids)
@@ -213,12 +207,15 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
     rows.to_parquet(table_dir / "study_rows.parquet", index=False)
     if not comparison.empty:
         comparison.to_csv(table_dir / "paper_comparison_rows.csv", index=False)
-    maps_of = correlation_maps or saved_model_maps(study_dir, study, data_dir=data_dir)
+    maps_of = correlation_maps or _study_model_maps(study_dir, study, data_dir=data_dir)
     extra, notes = _correlation_figures(first, names, fig_dir, maps_of)
     figures, fig_notes = _figure_sections(rows, info, names, tests, vis, fig_dir, extra)
     ours = {f.png for f in figures}
     figures += [FigureFile(p, p.with_suffix(".svg"), f"From the study run: {p.stem}.")
                 for p in sorted(fig_dir.glob("*.png")) if p not in ours]
+    fig_dir.mkdir(parents=True, exist_ok=True)  # the captions, for a notebook's display of the study
+    (fig_dir / "captions.json").write_text(json.dumps({f.png.name: f.caption for f in figures if f.png.exists()},
+                                                      indent=2, sort_keys=True) + "\n", encoding="utf-8")
     sections = _sections(tables, ctable, counts, figures, notes + fig_notes, _study_meta(study))
     title = f"modlens study: {study.get('name', study_dir.name)}"
     report = study_dir / "report.html"
@@ -228,7 +225,8 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
             "notes": notes + fig_notes}
 
 
-_RUN_KEYS = ("name", "description", "source", "executor", "workers", "started", "finished", "seconds")
+_RUN_KEYS = ("name", "description", "source", "executor", "executor_requested", "workers", "started", "finished",
+             "seconds", "utilization")
 
 
 def _setting(study: dict, key: str, default):
@@ -283,9 +281,6 @@ def _correlation_figures(first: dict[str, str], names, fig_dir: Path, maps_of) -
     if maps_of is None:
         return [], [f"Figures 1/6 skipped for {', '.join(halves)}: drawing them needs the models; pass "
                     "correlation_maps= to write_study_outputs or run `modlens correlation-maps MODEL --out FILE`."]
-    from modlens.study.figures import save_correlation_figure
-    from modlens.study.figures import _slug
-
     out, notes = [], []
     for g in halves:
         try:
@@ -293,8 +288,8 @@ def _correlation_figures(first: dict[str, str], names, fig_dir: Path, maps_of) -
         except (OSError, ValueError) as exc:  # a moved model folder, missing data files
             notes.append(f"Figures 1/6 skipped for {g}: {exc}")
             continue
-        png = save_correlation_figure(maps, fig_dir / f"figure6_{_slug(g)}.png")
-        svg = save_correlation_figure(maps, fig_dir / f"figure6_{_slug(g)}.svg")
+        png = save_correlation_figure(maps, fig_dir / f"figure6_{slug(g)}.png")
+        svg = save_correlation_figure(maps, fig_dir / f"figure6_{slug(g)}.svg")
         out.append(FigureFile(png, svg, f"Figures 1/6 ({names.get(g, g)}, network {first[g]}): sign-aligned correlation "
                                         "maps of first-layer subclusters (top row) beside random subclusters."))
     return out, notes
@@ -309,7 +304,7 @@ def result_rows(net: NetworkResult, label: str | None = None) -> pd.DataFrame:
         model = cfg.get("model") or {}
         label = ", ".join(sets) or str(model.get("dataset") or net.path.name)
     s = net.summary
-    return pd.DataFrame({"table_family": [family_of(m) for m in s["metric"]], "group": "result", "network_label": label,
+    return pd.DataFrame({"table_family": [table_family(m) for m in s["metric"]], "group": "result", "network_label": label,
                          "k": int(cfg.get("n_clusters", 16)), "partitioning": s["partitioning"], "metric": s["metric"],
                          "p_value": s["p_value"], "effect": s["effect"], "effect_se": s["effect_se"],
                          "n_networks": s["n_networks"], "n_subclusters": s["n_subclusters"]})
@@ -324,7 +319,7 @@ def write_result_report(result_dir: str | Path, out: str | Path | None = None, *
     cfg = net.manifest.get("config", {})
     alpha = float(alpha if alpha is not None else cfg.get("alpha", 0.05))
     rows, info = family_bh(result_rows(net), alpha=alpha, scope=bh_scope)
-    names = _network_names(rows)
+    names = network_names(rows)
     tables, comparison, ctable = _tables_and_comparison(rows, info)
     counts = agreement_counts(comparison)
     vis = {"result": (net.visualizations, net.images, net.value_range)} if net.visualizations is not None and net.images else {}
@@ -361,5 +356,5 @@ def write_report(path: str | Path, out: str | Path | None = None, *, bh_scope: s
     return write_result_report(path, out, bh_scope=bh_scope or "table")
 
 
-__all__ = ["NetworkResult", "load_network", "network_groups", "saved_model_maps", "write_study_outputs", "result_rows",
-           "write_result_report", "write_report", "FAMILIES"]
+__all__ = ["NetworkResult", "load_network", "network_groups", "write_study_outputs", "result_rows",
+           "write_result_report", "write_report"]

@@ -6,7 +6,11 @@ import math
 
 import pandas as pd
 
-from modlens.study.summary import METRICS
+from modlens.analysis.statistics import METRICS
+
+#: The paper's names of the four partitionings (its tables' rows).
+PARTITION_LABELS = {"weights/global": "Weight/Global", "weights/local": "Weight/Local",
+                    "activations/global": "Act./Global", "activations/local": "Act./Local"}
 
 
 def format_p(p: float) -> str:

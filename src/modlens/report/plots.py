@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 
 from modlens.experiments.partitioning import METHODS
-from modlens.study.figures import _displayable, _figure, _slug
-from modlens.study.summary import METRICS
-from modlens.study.tables import PARTITION_LABELS
+from modlens.analysis.figures import displayable, new_figure, percentile_figure, slug
+from modlens.analysis.statistics import METRICS
+from modlens.analysis.text import PARTITION_LABELS
 
 _SHADE = "#9ecae1"
 
@@ -52,7 +52,7 @@ def figure3(rows: pd.DataFrame, names: dict[str, str], k: int, critical: dict[st
     cell_w, cell_h = 0.95, 0.42
     n_parts = max(len(set(sub[sub["group"] == g]["partitioning"])) for g in groups)
     pw, ph = 1.3 + cell_w * len(metrics), 0.9 + cell_h * n_parts
-    fig = _figure(pw * n_cols + 0.3, ph * n_rows + 0.3)
+    fig = new_figure(pw * n_cols + 0.3, ph * n_rows + 0.3)
     for i, g in enumerate(groups):
         gs = sub[sub["group"] == g]
         parts = _ordered(gs["partitioning"], METHODS)
@@ -96,44 +96,19 @@ def _rect(x, y, color):
     return Rectangle((x, y), 1, 1, facecolor=color, edgecolor="none")
 
 
-_COLOURS = {"acc_drop": "#4c72b0", "class_range": "#dd8452", "vis_score": "#55a868", "softmax_entropy": "#c44e52"}
-
-
 def figure5(tests: dict[str, pd.DataFrame], names: dict[str, str], directory: Path) -> list[FigureFile]:
     """Per group: one panel per partitioning with a step histogram per metric of the true
     subclusters' centred percentiles among their random sets (low = modular), pooled over the
-    group's networks."""
+    group's networks (:func:`modlens.analysis.figures.percentile_figure`)."""
     out = []
-    bins = np.linspace(0, 1, 21)
     for g, frame in tests.items():
         if frame is None or frame.empty:
             continue
-        parts = _ordered(frame["partitioning"], METHODS)
-        metrics = [m for m in METRICS if m in set(frame["metric"])]
-        fig = _figure(2.3 * len(parts) + 0.5, 2.6)
-        axes = fig.subplots(1, len(parts), squeeze=False)[0]
-        fig.subplots_adjust(left=0.5 / (2.3 * len(parts) + 0.5), right=0.99, top=0.8, bottom=0.3, wspace=0.25)
-        for c, part in enumerate(parts):
-            ax = axes[c]
-            for m in metrics:
-                v = frame[(frame["metric"] == m) & (frame["partitioning"] == part)]["percentile"].to_numpy(dtype=float)
-                v = v[np.isfinite(v)]
-                if v.size:
-                    ax.hist(v, bins=bins, histtype="step", linewidth=1.4, color=_COLOURS.get(m),
-                            label=METRICS[m].label)
-            ax.set_xlim(0, 1)
-            ax.tick_params(labelsize=6)
-            ax.set_title(PARTITION_LABELS.get(part, part), fontsize=8)
-            ax.set_xlabel("percentile (low = modular)", fontsize=7)
-        axes[0].set_ylabel("true subclusters", fontsize=7)
-        handles, labels = axes[0].get_legend_handles_labels()
-        if handles:
-            fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
-        fig.suptitle(names.get(g, g), fontsize=9)
+        fig = percentile_figure(frame, names.get(g, g))
         caption = (f"Figure 5 ({names.get(g, g)}): percentiles of true subclusters among their random sets, one "
                    f"histogram per metric, pooled over {frame['network'].nunique()} network(s); under no modularity "
                    "they are uniform, and a pile-up near 0 is what makes a Fisher-Bates p value small.")
-        out.append(_save(fig, directory, f"figure5_{_slug(g)}", caption))
+        out.append(_save(fig, directory, f"figure5_{slug(g)}", caption))
     return out
 
 
@@ -164,7 +139,7 @@ def figure7(vis: dict[str, tuple[pd.DataFrame, dict[str, np.ndarray], tuple[floa
         if not picks:
             continue
         n_cols = max(len(r) for _, r, _ in picks)
-        fig = _figure(1.2 * n_cols + 1.4, 1.25 * len(picks) + 0.6)
+        fig = new_figure(1.2 * n_cols + 1.4, 1.25 * len(picks) + 0.6)
         axes = fig.subplots(len(picks), n_cols, squeeze=False)
         fig.subplots_adjust(left=1.3 / (1.2 * n_cols + 1.4), right=0.98, top=1 - 0.5 / (1.25 * len(picks) + 0.6),
                             bottom=0.03, wspace=0.08, hspace=0.25)
@@ -172,7 +147,7 @@ def figure7(vis: dict[str, tuple[pd.DataFrame, dict[str, np.ndarray], tuple[floa
             for ax in axes[r]:
                 ax.set_axis_off()
             for c, (idx, row) in enumerate(rows.iterrows()):
-                img, cmap = _displayable(np.clip((np.asarray(imgs[idx], dtype=float) - lo) / (hi - lo), 0, 1))
+                img, cmap = displayable(np.clip((np.asarray(imgs[idx], dtype=float) - lo) / (hi - lo), 0, 1))
                 ax = axes[r, c]
                 ax.set_axis_on()  # a frame, so that an image saturated to white stays visible
                 ax.set_xticks([])
@@ -188,7 +163,7 @@ def figure7(vis: dict[str, tuple[pd.DataFrame, dict[str, np.ndarray], tuple[floa
         fig.suptitle(names.get(g, g), fontsize=9)
         caption = (f"Figure 7 ({names.get(g, g)}): feature visualization of the largest first-layer subcluster of each "
                    "partitioning (left) beside random sets of neurons of the same size in the same layer.")
-        out.append(_save(fig, directory, f"figure7_{_slug(g)}", caption))
+        out.append(_save(fig, directory, f"figure7_{slug(g)}", caption))
     return out
 
 
