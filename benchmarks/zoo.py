@@ -311,7 +311,8 @@ LAYER_KEYS = {"num_hidden_layers", "num_layers", "n_layer", "n_layers", "num_enc
 HEAD_KEYS = {"num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
              "decoder_attention_heads", "num_self_attention_heads", "num_cross_attention_heads"}
 KV_KEYS = {"num_key_value_heads", "multi_query_group_num", "num_kv_heads"}
-HIDDEN_KEYS = {"hidden_size", "d_model", "n_embd", "n_embed", "dim", "d_latents", "embed_dim", "hidden_dim_model"}
+HIDDEN_KEYS = {"hidden_size", "d_model", "n_embd", "n_embed", "dim", "d_latents", "embed_dim", "hidden_dim_model",
+               "cross_attention_hidden_size"}
 FFN_KEYS = {"intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff", "n_inner", "mlp_dim",
             "inner_hidden_size", "dim_feedforward", "hidden_dim", "ffn_hidden_size", "moe_intermediate_size",
             "shared_expert_intermediate_size", "decoder_hidden_size"}
@@ -335,12 +336,16 @@ def _round(v: int, to: int = 16) -> int:
     return max(to, int(round(v / to)) * to)
 
 
-def shrink_config(cfg, image_size: int, depth: int = 2):
-    """Reduce a transformers config in place: ``depth`` layers, 4 heads of width 8 (hidden 32),
-    MLP width 64, stage widths / 16 (multiples of 16), stage depths <= 2, 2 heads per stage,
-    256-token vocabulary (special token ids moved into it), images of ``image_size``, 4 experts."""
+def shrink_config(cfg, image_size: int, depth: int = 2, widths: bool = True):
+    """Reduce a transformers config in place: ``depth`` layers, 4 experts (2 per token), stage
+    depths <= 2, 256-token vocabulary (special token ids moved into it), images of
+    ``image_size``; with ``widths`` also 4 heads of width 8 (hidden 32), MLP width 64, stage
+    widths / 16 (multiples of 16) and 2 heads per stage. Nested configs alike."""
+    import transformers
+
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
     get = lambda k: getattr(cfg, k, None)  # noqa: E731
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
 
     def put(k, v):
         try:
@@ -348,105 +353,128 @@ def shrink_config(cfg, image_size: int, depth: int = 2):
         except Exception:  # noqa: BLE001 - read-only properties
             pass
 
+    old_hidden = get("hidden_size")
     heads = None
-    for k in HEAD_KEYS:
-        v = get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            heads = min(v, HEADS)
-            put(k, heads)
-    for k in KV_KEYS:
-        v = get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            put(k, heads if heads and v >= heads else 1)
-    hidden = (heads or HEADS) * HEAD_WIDTH
-    for k in HIDDEN_KEYS:
-        v = get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > hidden:
-            put(k, hidden)
-    for k in FFN_KEYS:
-        v = get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 2 * hidden:
-            put(k, 2 * hidden)
-    for k in HEAD_DIM_KEYS:
-        v = get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > HEAD_WIDTH:
-            put(k, HEAD_WIDTH)
+    if widths:
+        for k in HEAD_KEYS:
+            v = get(k)
+            if is_int(v) and v > 0:
+                heads = min(v, HEADS)
+                put(k, heads)
+        for k in KV_KEYS:
+            v = get(k)
+            if is_int(v) and v > 0:
+                put(k, heads if heads and v >= heads else 1)
+            elif v is None and k in d and heads:
+                put(k, heads)
+        hidden = (heads or HEADS) * HEAD_WIDTH
+        for k in HIDDEN_KEYS | {"pooler_hidden_size"}:
+            v = get(k)
+            if is_int(v) and v > hidden:
+                put(k, hidden)
+        for k in FFN_KEYS:
+            v = get(k)
+            if is_int(v) and v > 2 * hidden:
+                put(k, 2 * hidden)
+        for k in HEAD_DIM_KEYS | {"rotary_dim"}:
+            v = get(k)
+            if is_int(v) and v > HEAD_WIDTH:
+                put(k, HEAD_WIDTH)
+        rope = get("rope_parameters")
+        if (isinstance(rope, dict) and rope.get("partial_rotary_factor") and is_int(get("qk_nope_head_dim"))
+                and is_int(get("qk_rope_head_dim")) and "qk_head_dim" in d):  # MLA whose rotary part is a fraction
+            put("qk_head_dim", get("qk_nope_head_dim") + get("qk_rope_head_dim"))
+            put("head_dim", get("qk_head_dim"))
+        if "head_dim" in d and get("head_dim") is None and heads:
+            put("head_dim", hidden // heads)
+        v = get("embedding_size")
+        if is_int(v) and v > 16:
+            put("embedding_size", hidden if v == old_hidden else 16)
+        for k in HEAD_LIST_KEYS:
+            v = get(k)
+            if isinstance(v, (list, tuple)) and v and all(is_int(i) for i in v):
+                put(k, [min(i, 2) for i in v])
+        for k in WIDTH_LIST_KEYS:
+            v = get(k)
+            if isinstance(v, (list, tuple)) and v and all(is_int(i) for i in v):
+                put(k, [_round(i / 16) for i in v])
+            elif is_int(v) and k in ("embed_dim", "stem_channels") and v > 16:
+                put(k, _round(v / 16))
+        if is_int(get("groups_width")):
+            put("groups_width", 8)
+        if is_int(get("num_groups")) and get("num_groups") > 8:
+            put("num_groups", 8)
+        for k in ("depth_multiplier", "width_multiplier", "width_coefficient", "width_factor"):
+            v = get(k)
+            if isinstance(v, float) and v > 0.25:
+                put(k, 0.25)
+        if is_int(get("num_latents")) and get("num_latents") > 8:
+            put("num_latents", 8)
+        for k in ("entity_vocab_size", "entity_emb_size"):
+            if is_int(get(k)) and get(k) > 16:
+                put(k, 16)
+    aliases = getattr(type(cfg), "attribute_map", {}) or {}
     for k in LAYER_KEYS:
         v = get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > depth:
+        if "stage" in aliases.get(k, ""):  # ConvNeXt's num_hidden_layers is its number of stages
+            continue
+        if is_int(v) and v > depth:
             put(k, depth)
     n_layers = get("num_hidden_layers")
-    if isinstance(n_layers, int):
+    if is_int(n_layers):
         for k in ("layer_types", "layers_block_type", "mlp_layer_types", "attn_type_list", "layer_type_list"):
             v = get(k)
             if isinstance(v, (list, tuple)) and len(v) > n_layers:
-                put(k, list(v[:n_layers]))
+                kinds = list(dict.fromkeys(v))  # every kind of layer at least once
+                keep = list(v[:n_layers]) if set(v[:n_layers]) == set(kinds) else kinds
+                put(k, keep)
+                if len(keep) > n_layers:
+                    put("num_hidden_layers", len(keep))
     for k in EXPERT_KEYS:
         v = get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 4:
+        if is_int(v) and v > 4:
             put(k, 4)
-    if isinstance(get("num_experts_per_tok"), int) and get("num_experts_per_tok") > 2:
+    if is_int(get("num_experts_per_tok")) and get("num_experts_per_tok") > 2:
         put("num_experts_per_tok", 2)
-    # per-stage lists (hierarchical vision models)
+    if "num_experts_per_tok" in d and get("num_experts_per_tok") is None:
+        put("num_experts_per_tok", 2)
+    for k in ("n_group", "topk_group"):
+        if is_int(get(k)) and get(k) > 1:
+            put(k, 1)
+    if isinstance(get("depth_coefficient"), float) and get("depth_coefficient") > 0.25:
+        put("depth_coefficient", 0.25)
     for k in DEPTH_LIST_KEYS:
         v = get(k)
-        if isinstance(v, (list, tuple)) and v and all(isinstance(i, int) for i in v):
+        if isinstance(v, (list, tuple)) and v and all(is_int(i) for i in v):
             put(k, [min(i, 2) for i in v])
-    for k in HEAD_LIST_KEYS:
-        v = get(k)
-        if isinstance(v, (list, tuple)) and v and all(isinstance(i, int) for i in v):
-            put(k, [min(i, 2) for i in v])
-    for k in WIDTH_LIST_KEYS:
-        v = get(k)
-        if isinstance(v, (list, tuple)) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-            put(k, [_round(i / 16) for i in v])
-        elif isinstance(v, int) and not isinstance(v, bool) and k in ("embed_dim", "stem_channels") and v > 16:
-            put(k, _round(v / 16))
-    for k in ("embedding_size", "hidden_size_per_stage", "conv_dim_out"):
-        v = get(k)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 16:
-            put(k, 16)
-    if isinstance(get("groups_width"), int):
-        put("groups_width", 8)
-    for k in ("depth_multiplier", "width_multiplier", "width_coefficient", "depth_coefficient", "width_factor"):
-        v = get(k)
-        if isinstance(v, float) and v > 0.25:
-            put(k, 0.25)
-    if isinstance(get("num_latents"), int) and get("num_latents") > 8:
-        put("num_latents", 8)
     # vocabulary and special tokens
     v = get("vocab_size")
-    if isinstance(v, int) and v > VOCAB:
+    if (is_int(v) and v > VOCAB) or ("vocab_size" in d and v is None):
         put("vocab_size", VOCAB)
-        used = set()
         for i, k in enumerate(TOKEN_KEYS):
             t = get(k)
-            if isinstance(t, int) and t >= VOCAB:
+            if is_int(t) and t >= VOCAB:
                 put(k, VOCAB - 1 - i)
             elif isinstance(t, (list, tuple)):
                 put(k, [x if x < VOCAB else VOCAB - 1 - i for x in t])
-            t = get(k)
-            if isinstance(t, int):
-                used.add(t)
     if "pad_token_id" in d and get("pad_token_id") is None:
         put("pad_token_id", 0)
-    for k in ("max_position_embeddings",):
-        v = get(k)
-        if isinstance(v, int) and v > 4096:
-            put(k, 4096)
-    # images
+    if get("is_encoder_decoder") and get("decoder_start_token_id") is None:
+        put("decoder_start_token_id", get("pad_token_id") or 0)
+    v = get("max_position_embeddings")
+    if is_int(v) and v > 4096:
+        put("max_position_embeddings", 4096)
     for k in ("image_size", "img_size"):
         v = get(k)
-        if isinstance(v, int):
+        if is_int(v):
             put(k, image_size)
         elif isinstance(v, (list, tuple)) and len(v) == 2:
             put(k, [image_size, image_size])
     put("num_labels", N_CLASSES)
-    # nested configs (vision_config, text_config, backbone_config, ...)
-    for k in list(d):
+    for k in list(d):  # nested configs (vision_config, text_config, encoder, decoder, ...)
         sub = get(k)
-        if sub is not None and hasattr(sub, "to_dict") and sub is not cfg and k.endswith("config"):
-            shrink_config(sub, image_size, depth)
+        if isinstance(sub, transformers.PretrainedConfig) and sub is not cfg:
+            shrink_config(sub, image_size, depth, widths)
     return cfg
 
 
@@ -455,90 +483,101 @@ def _hf_special(name: str, cfg):
     t = getattr(cfg, "model_type", "")
     if t == "jamba":
         cfg.attn_layer_period, cfg.attn_layer_offset, cfg.expert_layer_period, cfg.expert_layer_offset = 2, 1, 2, 1
-    if t in ("zamba", "zamba2"):
-        cfg.num_hidden_layers = 2
     if t == "funnel":
         cfg.block_sizes = [1, 1]
         cfg.block_repeats = [1, 1] if getattr(cfg, "block_repeats", None) else None
     if t == "reformer":
-        cfg.axial_pos_shape = [4, 4]
-        cfg.axial_pos_embds_dim = [16, 16]
+        cfg.axial_pos_shape = (4, 4)
+        cfg.axial_pos_embds_dim = (16, 16)
         cfg.attn_layers = ["local", "lsh"]
-    if t == "efficientnet":
-        cfg.hidden_dim = 64
-    if t == "perceiver":
-        cfg.d_model = 32
+    if t == "cvt":  # CvT indexes stage i's drop-path rates by i: stage i needs more than i blocks
+        cfg.depth = [1, 2, 3]
+    if t == "perceiver":  # the cross-attention reads the preprocessed inputs, of a width no head count divides
+        cfg.num_cross_attention_heads = 1
+    if t == "layoutlmv3" and cfg.hidden_size == 32:
+        cfg.coordinate_size, cfg.shape_size = 4, 8
     return cfg
 
 
+SPECIAL_INPUTS = {  # classes whose forward needs more than one input tensor
+    "ShieldGemma2ForImageClassification": "needs images and a text prompt (a policy template) together",
+    "Siglip2ForImageClassification": "takes images as flattened patches with pixel_attention_mask and spatial_shapes",
+    "LayoutLMv2ForSequenceClassification": "needs the detectron2 visual backbone and page images",
+}
+
+
 def build_hf(job):
+    """The class built from its reduced config (widths reduced; if that does not build or run, only
+    depths reduced), its input name, per-sample input shape and kind."""
+    errors = []
+    for widths in (True, False):
+        try:
+            return _build_hf(job, widths)
+        except Exception as exc:  # noqa: BLE001 - try the milder reduction, then give up
+            errors.append(exc)
+            if isinstance(exc, Unbuildable) and "special inputs" in str(exc):
+                break
+    raise errors[0]
+
+
+def _build_hf(job, widths: bool):
     import torch
     import transformers
 
-    cls = getattr(transformers, job["name"])
+    name = job["name"]
+    if name in SPECIAL_INPUTS:
+        raise Unbuildable(f"special inputs: {SPECIAL_INPUTS[name]}")
+    cls = getattr(transformers, name)
     config_cls = cls.config_class
     input_name = getattr(cls, "main_input_name", None) or ("pixel_values" if job.get("kind") == "image" else "input_ids")
+    image = "ImageClassification" in name and input_name in ("pixel_values", "inputs")
+    state = {}
 
-    def make_cfg(size):
+    def build(size):
         try:
             cfg = config_cls()
         except Exception as exc:  # noqa: BLE001
             raise Unbuildable(f"the config class {config_cls.__name__}() cannot be built with defaults: {one_line(exc)}")
-        if job["name"].startswith("TimmWrapper"):
+        if name.startswith("TimmWrapper"):
             cfg = config_cls(architecture="resnet18", num_labels=N_CLASSES)
-            return cfg
-        shrink_config(cfg, size)
-        return _hf_special(job["name"], cfg)
-
-    def count_params(cfg) -> int:
+        else:
+            shrink_config(cfg, size, widths=widths)
+            _hf_special(name, cfg)
         with torch.device("meta"):
-            m = cls(cfg)
-        return sum(p.numel() for p in m.parameters())
-
-    state = {}
-
-    def build(size):
-        cfg = make_cfg(size)
-        n = count_params(cfg)
+            n = sum(p.numel() for p in cls(cfg).parameters())
         if n > 50_000_000:
             raise Unbuildable(f"the reduced config still has {n / 1e6:.0f} M parameters")
         torch.manual_seed(0)
         m = cls(cfg)
+        if hasattr(m, "set_default_language"):  # X-MOD: one language adapter per forward
+            langs = list(getattr(cfg, "languages", None) or [])
+            m.set_default_language(langs[0] if langs else "en_XX")
         state["cfg"] = cfg
         return m
 
-    if input_name == "pixel_values":
-        channels = None
-
+    extra = {"reduced": "widths and depths" if widths else "depths only"}
+    if image:
         def make_input(size):
-            g = torch.Generator().manual_seed(size)
-            c = getattr(state["cfg"], "num_channels", None) or getattr(getattr(state["cfg"], "vision_config", None),
-                                                                        "num_channels", 3)
-            nonlocal channels
-            channels = int(c)
-            return torch.randn(2, channels, size, size, generator=g)
+            cfg = state["cfg"]
+            c = getattr(cfg, "num_channels", None) or getattr(getattr(cfg, "vision_config", None), "num_channels", 3)
+            return torch.randn(2, int(c), size, size, generator=torch.Generator().manual_seed(size))
 
         model, size, x = _smallest(build, [32, 64, 128, 224], make_input, input_name)
-        return model, input_name, tuple(x.shape[1:]), "float", {"config": _cfg_summary(state["cfg"])}
-    if input_name in ("input_values",):
-        model = build(32)
-        x = torch.randn(2, 4000, generator=torch.Generator().manual_seed(0))
-        _forward_ok(model.eval(), x, input_name)
-        return model, input_name, (4000,), "float", {"config": _cfg_summary(state["cfg"])}
-    if input_name == "input_features":
-        model = build(32)
-        feat = getattr(state["cfg"], "feature_size", 80) * getattr(state["cfg"], "stride", 1)
-        x = torch.randn(2, 64, feat, generator=torch.Generator().manual_seed(0))
-        _forward_ok(model.eval(), x, input_name)
-        return model, input_name, (64, feat), "float", {"config": _cfg_summary(state["cfg"])}
-    if input_name != "input_ids":
-        raise Unbuildable(f"{job['name']} takes '{input_name}', not images, token ids or audio")
-    model = build(32)
+        return model, input_name, tuple(x.shape[1:]), "float", {**extra, "config": _cfg_summary(state["cfg"])}
+    model = build(32).eval()
     cfg = state["cfg"]
-    length = 16
-    ids = token_ids(cfg, 2, length, 0)
-    _forward_ok(model.eval(), ids, input_name)
-    return model, input_name, (length,), "tokens", {"config": _cfg_summary(cfg)}
+    if input_name == "input_values":  # audio: 4,000 samples
+        shape, kind = (4000,), "float"
+    elif input_name == "input_features":  # audio features (T, feature dimension)
+        feat = getattr(cfg, "feature_projection_input_dim", None) or getattr(cfg, "feature_size", 80)
+        shape, kind = (64, int(feat)), "float"
+    elif input_name in ("input_ids", "inputs"):
+        shape, kind = (16,), "tokens"
+    else:
+        raise Unbuildable(f"special inputs: {name} takes '{input_name}', not images, token ids or audio")
+    x = token_ids(cfg, 2, shape[0], 0) if kind == "tokens" else torch.randn(2, *shape)
+    _forward_ok(model, x, input_name)
+    return model, input_name, shape, kind, {**extra, "config": _cfg_summary(cfg)}
 
 
 def token_ids(cfg, n: int, length: int, seed: int):
@@ -547,7 +586,10 @@ def token_ids(cfg, n: int, length: int, seed: int):
     import torch
 
     vocab = int(getattr(cfg, "vocab_size", VOCAB) or VOCAB)
-    special = {getattr(cfg, k, None) for k in TOKEN_KEYS}
+    special = set()
+    for k in TOKEN_KEYS:
+        v = getattr(cfg, k, None)
+        special |= set(v) if isinstance(v, (list, tuple)) else {v}
     allowed = torch.tensor([i for i in range(min(vocab, VOCAB)) if i not in special and i >= 5])
     g = torch.Generator().manual_seed(seed)
     ids = allowed[torch.randint(len(allowed), (n, length), generator=g)]
@@ -622,6 +664,8 @@ def run_model(job: dict, send) -> None:
     x_val, _ = make_data(model, input_name, kind, shape, cfg, 2)
     send(("info", {"params": int(n_params), "input_shape": list(shape), "input_name": input_name,
                    "build_options": extra}))
+    if job.get("build_only"):
+        return
 
     stage("nodata", lambda: modlens.partition(model, "weights/global", n_clusters=K, input_name=input_name))
     rec, adapter = stage("capture", lambda: NetworkAdapter(model, x_val, input_name=input_name))
@@ -931,6 +975,7 @@ def main(argv=None) -> None:
     ap.add_argument("--list", action="store_true", help="print the models that would run and stop")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the results file")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/coverage.md")
+    ap.add_argument("--build-only", action="store_true", help="only build and run each model (checks the zoo side)")
     args = ap.parse_args(argv)
     os.environ["ZOO_THREADS"] = str(args.threads)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -953,6 +998,8 @@ def main(argv=None) -> None:
                   + (f"  ({j['params'] / 1e6:.2f} M)" if j.get("params") else ""))
         print(f"{len(jobs)} models")
         return
+    for j in jobs:
+        j["build_only"] = args.build_only
     done = {(r["zoo"], r["name"]) for r in records}
     if args.resume:
         jobs = [j for j in jobs if (j["zoo"], j["name"]) not in done]
