@@ -667,16 +667,20 @@ def run_model(job: dict, send) -> None:
     if job.get("build_only"):
         return
 
-    stage("nodata", lambda: modlens.partition(model, "weights/global", n_clusters=K, input_name=input_name))
+    skip = set(job.get("skip") or ())
+    if "nodata" not in skip:
+        stage("nodata", lambda: modlens.partition(model, "weights/global", n_clusters=K, input_name=input_name))
     rec, adapter = stage("capture", lambda: NetworkAdapter(model, x_val, input_name=input_name))
     if not rec["ok"]:
         return
     send(("info", {"neurons": int(sum(adapter.layer_sizes)), "layers": len(adapter.layer_sizes),
                    "capture_method": adapter.capture_method, "transformer": bool(adapter.is_transformer),
                    "max_layer": int(max(adapter.layer_sizes))}))
-    stage("weights", lambda: modlens.partition(adapter, "weights/global", n_clusters=K, random_state=0))
-    stage("activations", lambda: modlens.partition(adapter, "activations/global", n_clusters=K, data=x_val,
-                                                   random_state=0))
+    if "weights" not in skip:
+        stage("weights", lambda: modlens.partition(adapter, "weights/global", n_clusters=K, random_state=0))
+    if "activations" not in skip:
+        stage("activations", lambda: modlens.partition(adapter, "activations/global", n_clusters=K, data=x_val,
+                                                       random_state=0))
     rng = np.random.default_rng(0)
     labels = [rng.permutation(np.arange(n) % (2 if n >= 4 else 1)) for n in adapter.layer_sizes]
 
@@ -709,6 +713,10 @@ def worker_main(conn, log_path: str) -> None:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
+    import modlens.experiments.partitioning  # noqa: F401 - imports are not part of the first model's time
+    import modlens.study.analyze  # noqa: F401
+
+    conn.send(("ready",))
     while True:
         try:
             job = conn.recv()
@@ -741,6 +749,8 @@ class Pool:
         self.proc.start()
         child.close()
         self.conn = parent
+        if not (parent.poll(300) and parent.recv() == ("ready",)):
+            raise RuntimeError(f"the worker did not start; see {self.log_path}")
 
     def stop(self):
         if self.proc is not None:
@@ -750,46 +760,58 @@ class Pool:
         self.proc = self.conn = None
 
     def run(self, job: dict, timeout: float) -> dict:
-        if self.proc is None or not self.proc.is_alive():
-            self._start()
+        """Run ``job``; when a stage that later stages do not need (``nodata``, ``weights``,
+        ``activations``) hangs or kills the worker, run the job again without it."""
         rec = {k: job.get(k) for k in ("zoo", "family", "name")}
         rec["stages"] = {}
         if job.get("params") is not None:
             rec["params"] = job["params"]
+        t0 = time.perf_counter()
+        skip: list[str] = []
+        while True:
+            failed = self._attempt({**job, "skip": skip}, timeout, rec)
+            if failed in ("nodata", "weights", "activations"):
+                skip.append(failed)
+                continue
+            break
+        rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
+        finish(rec)
+        return rec
+
+    def _attempt(self, job: dict, timeout: float, rec: dict) -> str | None:
+        """One try; returns the stage that timed out or crashed, if any."""
+        if self.proc is None or not self.proc.is_alive():
+            self._start()
         self.conn.send(job)
         current = None
         deadline = time.monotonic() + timeout
-        t0 = time.perf_counter()
         while True:
             left = deadline - time.monotonic()
             try:
                 ready = left > 0 and self.conn.poll(left)
                 msg = self.conn.recv() if ready else None
             except (EOFError, OSError):
-                code = self.proc.exitcode if self.proc is not None else None
                 self.proc.join(5)
                 code = self.proc.exitcode
                 rec["stages"][current or "harness"] = {"ok": False, "reason": f"worker died (exit code {code})",
                                                        "type": "Crash"}
                 self.stop()
-                break
+                return current or "harness"
             if msg is None:
                 rec["stages"][current or "harness"] = {"ok": False, "reason": f"timed out after {timeout:.0f} s",
                                                        "type": "Timeout", "seconds": round(timeout, 1)}
                 self.stop()
-                break
+                return current or "harness"
             if msg[0] == "start":
                 current = msg[1]
             elif msg[0] == "stage":
-                rec["stages"][msg[1]] = msg[2]
+                if msg[1] not in rec["stages"] or msg[1] == "build":
+                    rec["stages"][msg[1]] = msg[2]
                 current = None
             elif msg[0] == "info":
                 rec.update(msg[1])
             elif msg[0] == "done":
-                break
-        rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
-        finish(rec)
-        return rec
+                return None
 
 
 def finish(rec: dict) -> None:
