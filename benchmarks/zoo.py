@@ -23,8 +23,8 @@ Which models:
 
 Every model gets 10 classes (``num_classes``/``num_labels``) and the smallest input it accepts
 among a few candidate sizes (32 x 32 first; ``img_size=``/``image_size=`` where the model takes
-it, so ViT-like models keep their architecture with fewer patches). Data: 16 random test inputs
-(labels: the model's own predictions) and 16 held-out inputs, Gaussian images, random token ids
+it, so ViT-like models keep their architecture with fewer patches). Data: 8 random test inputs
+(labels: the model's own predictions) and 8 held-out inputs, Gaussian images, random token ids
 (no special tokens except an end-of-sequence token where an encoder-decoder classifier needs
 one) or random audio.
 
@@ -43,7 +43,8 @@ Stages, each timed and recorded with its one-line outcome (exception type and fi
 Verdict: ``unbuildable`` (the model cannot be built or run on its own), ``analyze-fails`` (any of
 stages 2-4 fails), ``partition-fails`` (2-4 run, 1 fails), ``ok``. Each model runs in a worker
 process with a time limit (``--timeout``); a worker that hangs or dies is replaced and the model
-recorded as failed in the stage it was in. Results are written after every model to
+recorded as failed in the stage it was in (each stage has ``--timeout`` seconds and each model
+``--budget``; a stage that later stages do not need is skipped in a second try). Results are written after every model to
 ``benchmarks/results/zoo.json`` (``--resume`` skips the models already there), and
 ``docs/coverage.md`` is generated from them.
 """
@@ -67,7 +68,7 @@ ZOOS = ("timm", "torchvision", "hf")
 ZOO_TITLES = {"timm": "timm", "torchvision": "torchvision", "hf": "Hugging Face transformers"}
 SIZES = (32, 28, 64, 56, 96, 112, 128, 160, 192, 224, 256, 299, 384)
 N_CLASSES = 10
-N_SAMPLES = 16
+N_SAMPLES = 8
 K = 4
 STAGES = ("build", "nodata", "capture", "weights", "activations", "lesions")
 DATA_STAGES = ("capture", "weights", "activations", "lesions")
@@ -759,32 +760,35 @@ class Pool:
             self.proc.join(5)
         self.proc = self.conn = None
 
-    def run(self, job: dict, timeout: float) -> dict:
-        """Run ``job``; when a stage that later stages do not need (``nodata``, ``weights``,
-        ``activations``) hangs or kills the worker, run the job again without it."""
+    def run(self, job: dict, timeout: float, budget: float) -> dict:
+        """Run ``job``, each stage within ``timeout`` seconds and the whole model within ``budget``.
+        When a stage that later stages do not need (``nodata``, ``weights``, ``activations``) runs
+        out of time or kills the worker, the job runs again without it and without the stages
+        already recorded."""
         rec = {k: job.get(k) for k in ("zoo", "family", "name")}
         rec["stages"] = {}
         if job.get("params") is not None:
             rec["params"] = job["params"]
         t0 = time.perf_counter()
-        skip: list[str] = []
         while True:
-            failed = self._attempt({**job, "skip": skip}, timeout, rec)
-            if failed in ("nodata", "weights", "activations"):
-                skip.append(failed)
+            skip = [s for s in ("nodata", "weights", "activations") if s in rec["stages"]]
+            left = budget - (time.perf_counter() - t0)
+            failed = self._attempt({**job, "skip": skip}, timeout, left, rec)
+            if failed in ("nodata", "weights", "activations") and budget - (time.perf_counter() - t0) > 30:
                 continue
             break
         rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
         finish(rec)
         return rec
 
-    def _attempt(self, job: dict, timeout: float, rec: dict) -> str | None:
-        """One try; returns the stage that timed out or crashed, if any."""
+    def _attempt(self, job: dict, timeout: float, budget: float, rec: dict) -> str | None:
+        """One try; returns the stage that ran out of time or crashed, if any."""
         if self.proc is None or not self.proc.is_alive():
             self._start()
         self.conn.send(job)
         current = None
-        deadline = time.monotonic() + timeout
+        end = time.monotonic() + budget
+        deadline = min(end, time.monotonic() + timeout)
         while True:
             left = deadline - time.monotonic()
             try:
@@ -798,12 +802,14 @@ class Pool:
                 self.stop()
                 return current or "harness"
             if msg is None:
-                rec["stages"][current or "harness"] = {"ok": False, "reason": f"timed out after {timeout:.0f} s",
-                                                       "type": "Timeout", "seconds": round(timeout, 1)}
+                limit = "the model's time budget ran out" if deadline >= end else f"timed out after {timeout:.0f} s"
+                rec["stages"][current or "harness"] = {"ok": False, "reason": limit, "type": "Timeout",
+                                                       "seconds": round(timeout, 1)}
                 self.stop()
                 return current or "harness"
             if msg[0] == "start":
                 current = msg[1]
+                deadline = min(end, time.monotonic() + timeout)  # each stage gets its own limit
             elif msg[0] == "stage":
                 if msg[1] not in rec["stages"] or msg[1] == "build":
                     rec["stages"][msg[1]] = msg[2]
@@ -908,7 +914,7 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
              "`benchmarks/results/zoo.json`.", "",
              f"Run: `{argv}` on {platform.machine()} CPU, {os.environ.get('ZOO_THREADS', '1')} torch thread(s), "
              + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "",
-             "Each model has random weights and 10 classes and sees 16 random test and 16 held-out inputs at the "
+             "Each model has random weights and 10 classes and sees 8 random test and 8 held-out inputs at the "
              "smallest input size it accepts (column *input*). **Without data**: "
              "`modlens.partition(model, \"weights/global\", n_clusters=4)`. **With data**: capture by "
              "`torch.export` at the data's shape, `weights/global` and `activations/global` partitions (k = 4) and "
@@ -988,7 +994,8 @@ def main(argv=None) -> None:
     ap.add_argument("--zoo", action="append", choices=ZOOS, help="zoo(s) to run (default: all three)")
     ap.add_argument("--only", action="append", default=[], help="a model name, class name or family (repeatable)")
     ap.add_argument("--limit", type=int, help="at most this many models per zoo")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per model (default 300)")
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per stage (default 240)")
+    ap.add_argument("--budget", type=float, default=720.0, help="seconds per model, all tries (default 720)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--doc", type=Path, default=DOC)
@@ -1025,13 +1032,13 @@ def main(argv=None) -> None:
     done = {(r["zoo"], r["name"]) for r in records}
     if args.resume:
         jobs = [j for j in jobs if (j["zoo"], j["name"]) not in done]
-    meta = {"command": command, "timeout": args.timeout, "threads": args.threads, "k": K, "n_samples": N_SAMPLES,
+    meta = {"command": command, "timeout": args.timeout, "budget": args.budget, "threads": args.threads, "k": K, "n_samples": N_SAMPLES,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     pool = Pool(args.log)
     t0 = time.perf_counter()
     try:
         for i, job in enumerate(jobs):
-            rec = pool.run(job, args.timeout)
+            rec = pool.run(job, args.timeout, args.budget)
             records = [r for r in records if (r["zoo"], r["name"]) != (rec["zoo"], rec["name"])] + [rec]
             meta["seconds"] = round(time.perf_counter() - t0, 1)
             save_results(args.results, records, meta)
