@@ -142,6 +142,23 @@ def timm_jobs(only_family=None) -> list[dict]:
     return jobs
 
 
+def timm_jobs_for(only: list[str]) -> list[dict]:
+    """Every family's representative, or with ``only``: the families named and the models named
+    (a model named explicitly runs instead of its family's smallest)."""
+    import timm
+
+    if not only:
+        return timm_jobs()
+    families = set(timm.list_modules())
+    wanted = {o.lower() for o in only}
+    jobs = timm_jobs(lambda f: f.lower() in wanted)
+    for name in only:
+        if name in timm.list_models():
+            fam = next(f for f in families if name in timm.list_models(module=f))
+            jobs.append({"zoo": "timm", "family": fam, "name": name})
+    return jobs
+
+
 def torchvision_jobs() -> list[dict]:
     import torchvision.models as tvm
 
@@ -187,25 +204,13 @@ def all_jobs(zoos, only: list[str], limit: int | None) -> list[dict]:
     jobs = []
     for zoo in zoos:
         if zoo == "timm":
-            import timm
-
-            # with --only, count parameters only for families that can match (a family, or one of its models)
-            fams = None
-            if only:
-                fams = {f for f in timm.list_modules()
-                        if match(f) or any(match(n) for n in timm.list_models(module=f))}
-            zj = timm_jobs(None if fams is None else (lambda f: f in fams))
+            zj = timm_jobs_for(only)
         elif zoo == "torchvision":
             zj = torchvision_jobs()
         else:
             zj = hf_jobs()
-        if only:
+        if only and zoo != "timm":
             zj = [j for j in zj if match(j["name"], j["family"])]
-            if zoo == "timm":  # --only a timm model name: that model, not the family's smallest
-                for j in zj:
-                    named = [o for o in only if o in timm.list_models(module=j["family"]) and o != j["family"]]
-                    if named:
-                        j["name"], j["params"] = named[0], None
         if limit is not None:
             zj = zj[:limit]
         jobs.extend(zj)
@@ -846,32 +851,41 @@ def finish(rec: dict) -> None:
 # =============================================================================================
 # the report
 # =============================================================================================
-CATEGORIES = [  # (category, regex on the one-line reason), first match wins
-    ("timed out", r"timed out after"),
-    ("worker crashed", r"worker died"),
-    ("model cannot be built here (config, inputs or optional dependency)", r"^Unbuildable|config class|no candidate input size|takes '"),
-    ("no data: torch.fx cannot trace the model", r"^(ModelTraceError|TraceError|TypeError|RuntimeError|NotImplementedError|AttributeError).*(symbolic|trac|Proxy|fx)|cannot trace|could not trace"),
-    ("no data: torch.fx cannot trace the model", r"^ModelTraceError"),
-    ("torch.export fails", r"torch\.export|export could not"),
-    ("hierarchical transformer: residual streams of several widths", r"residual stream of one width"),
-    ("transformer MLP not found", r"MLP|mlp"),
-    ("layer applied more than once (shared weights)", r"called more than once"),
-    ("opaque attention module (nn.MultiheadAttention)", r"attention module .* is opaque"),
-    ("F.linear / conv with a computed weight or bias", r"computed in forward, not a parameter|functional layer"),
-    ("unsupported layer type (recurrent, 3-D/transposed conv, embedding)", r"unsupported layer '"),
+CLEAN = ("UnsupportedModelError", "ModelTraceError")
+CATEGORIES = [  # (category, regex on the one-line reason); first match wins
+    ("time limit (stage or model budget)", r"timed out after|time budget ran out"),
+    ("worker process died", r"^worker died"),
+    ("fx cannot trace the model (data-dependent control flow, no data given)", r"^ModelTraceError: modlens could not trace"),
+    ("torch.export fails", r"torch\.export|^ModelTraceError: the exported"),
+    ("other capture refusal (ModelTraceError)", r"^ModelTraceError"),
+    ("shared layer: one module applied more than once", r"called more than once"),
+    ("opaque attention module (nn.MultiheadAttention, nn.TransformerEncoderLayer)", r"attention module .* is opaque"),
+    ("hierarchical transformer: MLPs on residual streams of several widths", r"residual stream of one width"),
+    ("attention found but no transformer MLP recognised", r"has attention but no transformer MLP"),
+    ("functional F.linear (computed bias, or timm's Linear subclass traced by fx)", r"functional layer operation 'linear"),
+    ("functional conv (F.conv with a computed or shared weight)", r"functional layer operation 'conv"),
+    ("matmul with a weight tensor (relative-position tables, matmul patch embedding)", r"functional layer operation '(matmul|bmm|einsum|baddbmm)"),
+    ("layer weight computed in forward (reparametrization, weight standardization)", r"computed in forward, not a parameter"),
+    ("model output is not one final layer (mean/sum of heads, pooling after the head)", r"model output is computed by|without passing through the output layer"),
+    ("lesion refused: a channel reaches a layer directly and through a function of itself (DenseNet-style cat)", r"through two paths|cannot lesion this layer"),
+    ("channel split or slice (split, chunk, slice, narrow, getitem)", r"operation '(split|split_with_sizes|chunk|slice|narrow|getitem|unbind|select|index)[.' ]"),
+    ("reshape of channels into groups or heads (channel shuffle, radix, token reshapes)", r"operation '(view|reshape|_unsafe_view|unflatten|expand)[.' ]"),
+    ("flatten of spatial dims into tokens", r"operation '(flatten)[.' ]"),
+    ("functional norm in the fx graph (F.batch_norm, F.layer_norm, F.group_norm of timm's norm layers)", r"operation '(batch_norm|layer_norm|group_norm|instance_norm|_native_batch_norm_legit_no_training)[.' ]"),
+    ("upsampling / interpolation", r"upsample|interpolate|Upsample"),
+    ("padding op", r"operation '(pad|constant_pad_nd|reflection_pad2d|replication_pad2d)[.' ]"),
+    ("per-sample norm written as ops (GRN, x / x.norm)", r"operation '(linalg_vector_norm|norm|rsqrt|sqrt|pow|var|std)[.' ]"),
+    ("softmax or other reduction across channels (gates, split attention)", r"operation '(softmax|_softmax|sum|amax|max|logsumexp|cumsum)[.' ]"),
+    ("transpose/permute or mean not followed", r"operation '(permute|transpose|mean)[.' ]|^UnsupportedModelError: mean "),
+    ("other elementwise/arith op not followed", r"operation '(add|sub|mul|div|where|exp|log|abs|neg|roll|clone|cat|stack|matmul|bmm|erf|sin|cos)[.' ]"),
+    ("unsupported layer type (recurrent, embedding, 3-D or transposed conv)", r"unsupported layer '"),
+    ("flattened value mixed or permuted, or channels-last flatten", r"mixes a flattened value|permutes a flattened|flattens a channels-last"),
+    ("layer reads another layer along a non-channel dimension", r"reads the spatial maps|reads a flattened, dense or channels-last|along two dimensions|as an argument other than"),
     ("concatenation not along channels", r"concatenation .* is not along the channel"),
-    ("lesion refused (a channel reaches a layer two ways)", r"cannot lesion|along two dimensions"),
-    ("output not computed by a final layer (head sum/mean, pooling after the head)", r"model output is computed by|without passing through the output layer"),
-    ("flattened value mixed or permuted (token flattening)", r"mixes a flattened value|permutes a flattened|flattens a channels-last"),
-    ("layout: layer reads a non-channel dimension", r"reads the spatial maps|reads a flattened, dense or channels-last"),
-    ("mean over a non-spatial dimension", r"^UnsupportedModelError: mean "),
-    ("value reaches an op as a non-input argument", r"as an argument other than its input tensor"),
-    ("unsupported operation (channel split, reshape into groups, norm op, ...)", r"unsupported operation"),
-    ("unsupported operation (channel split, reshape into groups, norm op, ...)", r"^UnsupportedModelError: unsupported "),
     ("n_clusters larger than a layer", r"n_clusters=\d+ is larger"),
-    ("other clean refusal (UnsupportedModelError)", r"^UnsupportedModelError"),
-    ("other clean refusal (ModelTraceError / ValueError)", r"^(ModelTraceError|ValueError)"),
-    ("internal error (not a clean refusal)", r"."),
+    ("other unsupported module or operation", r"^UnsupportedModelError: unsupported"),
+    ("other clean refusal", r"^(UnsupportedModelError|ModelTraceError)"),
+    ("internal error (an exception that is not a modlens refusal)", r"."),
 ]
 
 
@@ -885,11 +899,39 @@ def category(reason: str | None) -> str | None:
 
 
 def op_key(reason: str) -> str:
-    """The operation a refusal names (for grouping): 'operation 'X'' or the exception's opening words."""
-    m = re.search(r"operation '([^']+)'", reason)
+    """What a refusal names, for grouping: the operation (``'split_with_sizes'``), else the
+    exception type and its opening words."""
+    m = re.search(r"unsupported '[^']+' \((\w+)\)", reason)
     if m:
         return m.group(1)
-    return re.sub(r"'[^']*'", "'...'", reason)[:90]
+    m = re.search(r"(?:operation|unsupported) '([^']+)'", reason)
+    if m:
+        return m.group(1).split(".")[0]
+    m = re.search(r"computed by operation '([^']+)'", reason)
+    if m:
+        return m.group(1).split(".")[0]
+    return re.sub(r"'[^']*'", "'…'", reason.split(":", 1)[0])
+
+
+def is_clean(rec: dict, key: str) -> bool:
+    """Whether a failure was a modlens refusal (one line, a refusal type) rather than an internal error."""
+    stage = "nodata" if key == "nodata_reason" else rec.get("data_stage")
+    st = rec["stages"].get(stage or "", {})
+    return st.get("type") in CLEAN + ("Timeout", "Crash", "Unbuildable")
+
+
+BOILERPLATE = (": modlens follows channels", "; modlens needs", ": use nn.Linear", "; use nn.Linear", "; modlens takes",
+               ". Data-dependent Python", "; modlens analyses", "; modlens cannot lesion", ", not by a final")
+
+
+def short(reason: str | None) -> str | None:
+    """A reason without its advice (for the per-model tables; the results file keeps the whole line)."""
+    if not reason:
+        return reason
+    for b in BOILERPLATE:
+        if b in reason:
+            reason = reason.split(b, 1)[0]
+    return reason if len(reason) <= 220 else reason[:217] + "..."
 
 
 def _esc(s) -> str:
@@ -941,8 +983,12 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
         lines += ["Slowest captures (`torch.export` and modlens's graph analysis): "
                   + ", ".join(f"{r['name']} ({r['zoo']}) {r['capture_seconds']:.1f} s" for r in caps[:5]) + ".", ""]
     # refusal reasons
-    lines += ["## Refusal reasons", "", "With data: the first stage that fails (capture, weights, activations, "
-              "lesions). Without data: `partition` without data, on the models that build.", ""]
+    lines += ["## Refusal reasons", "",
+              "Each failure's one-line reason, sorted into categories by `CATEGORIES` in `benchmarks/zoo.py` (first "
+              "matching pattern). *With data*: the first stage that fails (capture, weights, activations, lesions). "
+              "*Without data*: `partition` without data, on every model that builds. *Operations*: what the refusals "
+              "name, with counts. *Internal errors* are exceptions that are not a modlens refusal "
+              "(`UnsupportedModelError`, `ModelTraceError`).", ""]
     for title, key in (("With data", "reason"), ("Without data", "nodata_reason")):
         groups: dict[str, list[dict]] = {}
         for r in records:
@@ -951,10 +997,34 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
             groups.setdefault(category(r[key]), []).append(r)
         if not groups:
             continue
-        lines += [f"### {title}", "", "| category | models | examples |", "|---|---:|---|"]
-        for cat, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-            ex = ", ".join(f"{r['name']} ({r['zoo']})" for r in rs[:4])
-            lines.append(f"| {_esc(cat)} | {len(rs)} | {_esc(ex)} |")
+        lines += [f"### {title}", "", "| category | models | timm | torchvision | HF | operations | examples |",
+                  "|---|---:|---:|---:|---:|---|---|"]
+        for cat, rs in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            ops: dict[str, int] = {}
+            for r in rs:
+                k = op_key(r[key])
+                ops[k] = ops.get(k, 0) + 1
+            op_text = ", ".join(f"`{k}` {n}" for k, n in sorted(ops.items(), key=lambda kv: -kv[1])[:6]
+                                if not k.endswith("Error"))
+            ex = ", ".join(f"{r['name']}" for r in rs[:4])
+            n = {z: sum(r["zoo"] == z for r in rs) for z in ZOOS}
+            lines.append(f"| {_esc(cat)} | {len(rs)} | {n['timm']} | {n['torchvision']} | {n['hf']} | {_esc(op_text)} | "
+                         f"{_esc(ex)} |")
+        lines.append("")
+    unclean = [(r, k) for r in records for k in ("reason", "nodata_reason")
+               if r["verdict"] != "unbuildable" and r.get(k) and not is_clean(r, k)]
+    if unclean:
+        lines += ["### Failures that are not a clean refusal", "",
+                  "| model | zoo | stage | exception | where |", "|---|---|---|---|---|"]
+        for r, k in unclean:
+            stage = "nodata" if k == "nodata_reason" else r.get("data_stage")
+            where = r["stages"].get(stage or "", {}).get("where", "")
+            lines.append(f"| {_esc(r['name'])} | {r['zoo']} | {stage} | {_esc(r[k][:200])} | {_esc(where)} |")
+        lines.append("")
+    unbuilt = [r for r in records if r["verdict"] == "unbuildable"]
+    if unbuilt:
+        lines += ["### Not built", "", "| model | zoo | why |", "|---|---|---|"]
+        lines += [f"| {_esc(r['name'])} | {r['zoo']} | {_esc(r.get('reason'))} |" for r in unbuilt]
         lines.append("")
     # tables per zoo
     for z, rs in by_zoo.items():
@@ -965,13 +1035,13 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
                   "reason (with data) | reason (without data) |", "|---|---|---|---:|---:|---:|---:|---:|---|---|---|"]
         for r in sorted(rs, key=lambda r: (r["family"].lower(), r["name"].lower())):
             shape = "x".join(map(str, r.get("input_shape") or []))
-            reason = r.get("reason")
+            reason = short(r.get("reason"))
             if reason and r.get("data_stage") not in (None, "build"):
                 reason = f"[{r['data_stage']}] {reason}"
             lines.append(
                 f"| {_esc(r['name'])} | {_esc(r['family'])} | {shape} | {_num(r.get('params') and r['params'] / 1e6, '{:.2f}')} | "
                 f"{_num(r.get('neurons'), '{:d}')} | {_num(r.get('layers'), '{:d}')} | {_num(r.get('capture_seconds'))} | "
-                f"{_num(r.get('analyze_seconds'))} | {r['verdict']} | {_esc(reason)} | {_esc(r.get('nodata_reason'))} |")
+                f"{_num(r.get('analyze_seconds'))} | {r['verdict']} | {_esc(reason)} | {_esc(short(r.get('nodata_reason')))} |")
         lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
