@@ -709,6 +709,11 @@ def worker_main(conn, log_path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     warnings.simplefilter("ignore")
+    gb = float(os.environ.get("ZOO_MEMORY_GB", "10"))
+    if gb > 0:  # a MemoryError in this process rather than the machine's OOM killer (the machine is shared)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (int(gb * 2**30), int(gb * 2**30)))
     import logging
 
     logging.disable(logging.WARNING)
@@ -855,6 +860,8 @@ CLEAN = ("UnsupportedModelError", "ModelTraceError")
 CATEGORIES = [  # (category, regex on the one-line reason); first match wins
     ("time limit (stage or model budget)", r"timed out after|time budget ran out"),
     ("worker process died", r"^worker died"),
+    ("out of memory (worker limited to --memory-gb of address space)",
+     r"MemoryError|Unable to allocate|can't allocate memory|not enough memory|std::bad_alloc"),
     ("fx cannot trace the model (data-dependent control flow, no data given)", r"^ModelTraceError: modlens could not trace"),
     ("torch.export fails", r"torch\.export|^ModelTraceError: the exported"),
     ("other capture refusal (ModelTraceError)", r"^ModelTraceError"),
@@ -1067,6 +1074,8 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per stage (default 240)")
     ap.add_argument("--budget", type=float, default=720.0, help="seconds per model, all tries (default 720)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    ap.add_argument("--memory-gb", type=float, default=10.0,
+                    help="address-space limit of the worker in GiB (default 10; 0: none)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--doc", type=Path, default=DOC)
     ap.add_argument("--log", default="/tmp/modlens-zoo-worker.log", help="the workers' stdout and stderr")
@@ -1077,6 +1086,7 @@ def main(argv=None) -> None:
     ap.add_argument("--build-only", action="store_true", help="only build and run each model (checks the zoo side)")
     args = ap.parse_args(argv)
     os.environ["ZOO_THREADS"] = str(args.threads)
+    os.environ["ZOO_MEMORY_GB"] = str(args.memory_gb)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     command = "python benchmarks/zoo.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
@@ -1102,7 +1112,7 @@ def main(argv=None) -> None:
     done = {(r["zoo"], r["name"]) for r in records}
     if args.resume:
         jobs = [j for j in jobs if (j["zoo"], j["name"]) not in done]
-    meta = {"command": command, "timeout": args.timeout, "budget": args.budget, "threads": args.threads, "k": K, "n_samples": N_SAMPLES,
+    meta = {"command": command, "timeout": args.timeout, "budget": args.budget, "memory_gb": args.memory_gb, "threads": args.threads, "k": K, "n_samples": N_SAMPLES,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     pool = Pool(args.log)
     t0 = time.perf_counter()
