@@ -75,10 +75,18 @@ DATA_STAGES = ("capture", "weights", "activations", "lesions")
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:
+    """``Type: first line``, at most ``limit`` characters; when capture fell back to torch.fx, the
+    reason torch.export failed first (the end of the message) is kept."""
     text = str(exc).strip()
     first = text.splitlines()[0].strip() if text else ""
     line = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+    if len(line) <= limit:
+        return line
+    m = re.search(r" \(torch\.export failed first: .*$", line)
+    if m:
+        tail = m.group(0)[:limit // 2]
+        return line[: limit - len(tail) - 3] + "..." + tail
+    return line[: limit - 3] + "..."
 
 
 def _where(exc: BaseException) -> str:
