@@ -201,3 +201,50 @@ def test_hugging_face_models_partition_without_data(family, shape, name):
     assert p0.layer_names == p1.layer_names
     for l0, l1 in zip(p0.labels, p1.labels):
         np.testing.assert_array_equal(l0, l1)
+
+
+class _MHABlock(nn.Module):
+    def __init__(self, d=16, h=2, f=24):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, h, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, f), nn.GELU(), nn.Linear(f, d))
+
+    def forward(self, x):
+        y = self.ln1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class MHAViT(nn.Module):
+    """torchvision's ViT in miniature: a patch conv, nn.MultiheadAttention blocks, an image_size attribute."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.image_size = 16
+        self.proj = nn.Conv2d(3, d, 8, 8)
+        self.blocks = nn.Sequential(_MHABlock(d), _MHABlock(d))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        return self.head(self.ln(self.blocks(x)).mean(1))
+
+
+def test_multihead_attention_as_export_decomposes_it():
+    from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
+
+    torch.manual_seed(0)
+    model = MHAViT().double().eval()
+    a = NetworkAdapter(model)
+    assert a.capture_method == "export" and a.input_shape == (3, 16, 16) and a.capture_input == "its image_size 16"
+    assert a.is_transformer and a.layer_names == ["blocks.0.mlp.0", "blocks.1.mlp.0"]
+    x = torch.randn(30, 3, 16, 16, dtype=torch.float64)
+    _same_capture(a, NetworkAdapter(model, x))
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[::3] = 0
+    ev = IncrementalLesions(a, x, y)
+    for layer in range(2):
+        sets = [[0], [1, 2, 3], list(range(12))]
+        np.testing.assert_array_equal(ev.correct_counts(layer, sets), correct_counts_plain(a, layer, sets, x, y))

@@ -10,7 +10,9 @@ Four methods (paper, section 3.1): {weights, activations} x {global, local}.
   held-out data that is never the lesion test set, streamed batch by batch.
 * global: one clustering of the whole graph into ``n_clusters``.
 * local: layer l is clustered on the graph of l and its adjacent layers, into as many
-  clusters as layer l received in the global clustering of the same graph. Adjacent layers
+  clusters as layer l received in the global clustering of the same graph (so never more than
+  its width: ``n_clusters`` may exceed the width of a layer, as in a squeeze-excitation
+  bottleneck of two channels). Adjacent layers
   are those joined to l by weights: l - 1 and l + 1 in a chain; in a residual network also
   every layer that writes to the residual stream l reads, or reads the stream l writes to.
 """
@@ -55,6 +57,11 @@ def make_adapter(model, data=None, *, input_name: str | None = None, output=None
     example = None if data is None else as_inputs(data, name=name)
     return NetworkAdapter(model, example, input_shape=None if example is not None else input_shape,
                           input_name=input_name, output=output, example_name=name, capture=capture)
+
+
+def _widths(adapter, limit: int = 6) -> str:
+    pairs = [f"'{n}': {w}" for n, w in zip(adapter.layer_names, adapter.layer_sizes)]
+    return ", ".join(pairs[:limit]) + (f", ... {len(pairs) - limit} more" if len(pairs) > limit else "")
 
 
 def check_method(method: str) -> tuple[str, str]:
@@ -107,12 +114,15 @@ class Partitioner:
         self._cache: dict[str, Partition] = {}
         if self.n_clusters < 2:
             raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
-        for name, width in zip(adapter.layer_names, adapter.layer_sizes):
-            if self.n_clusters > width:
-                raise ValueError(
-                    f"n_clusters={self.n_clusters} is larger than hidden layer '{name}' ({width} neurons); "
-                    f"choose n_clusters <= {min(adapter.layer_sizes)}"
-                )
+        # n_clusters may exceed a layer's width: global clustering does not split layers one by one, and
+        # local clustering gives each layer at most as many clusters as it got globally (at most its width)
+        n_hidden = int(sum(adapter.layer_sizes))
+        if self.n_clusters > n_hidden:
+            raise ValueError(
+                f"n_clusters={self.n_clusters} is larger than the {n_hidden} hidden neurons of the model's "
+                f"{len(adapter.layer_sizes)} layer(s) ({_widths(adapter)}); "
+                f"choose n_clusters <= {n_hidden}"
+            )
 
     def _weight_structure(self):
         """(node-layer sizes, weight blocks, hidden node layers, neighbours of each node layer)."""

@@ -47,6 +47,24 @@ class NeuronLayer:
     n_neurons: int
 
 
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+
+
+def _refuse_recurrent(model: nn.Module) -> None:
+    """One line for a model with recurrent layers, a real limit rather than a missing handler."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, _RECURRENT)]
+    if not found:
+        return
+    kinds = ", ".join(f"nn.{type(m).__name__} at '{name}'" for name, m in found[:3]) + \
+        (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: recurrent layers ({kinds}) are not supported: their units carry a state across time "
+        "steps through gates, which modlens's neurons (units of nn.Linear and channels of nn.Conv layers, lesioned by "
+        "zeroing what they send on) do not cover; analyse a model without recurrent layers, e.g. a 1-D conv or "
+        "attention model of the same sequences"
+    )
+
+
 def _no_shape(model: nn.Module, tried) -> str:
     """The one line asking for an input shape when capture has none."""
     what = f"the model does not run at the shapes from {'; '.join(tried)}" if tried else \
@@ -113,6 +131,7 @@ class NetworkAdapter:
         if example is not None and input_shape is not None:
             raise ValueError("pass either example (a batch of inputs) or input_shape (the shape of one input), not both")
         self.model = model
+        _refuse_recurrent(model)
         self._check_parameters()
         self.device, self.dtype = _fx.device_dtype(model)
         leaf_modules = tuple(leaf_modules)
