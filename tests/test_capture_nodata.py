@@ -189,7 +189,9 @@ def test_hugging_face_models_partition_without_data(family, shape, name):
     a = NetworkAdapter(model)
     assert a.capture_method == "export" and a.input_shape == shape and a.input_name == name
     assert "config" in a.capture_input
-    if family == "bert":
+    if family == "bert":  # input_shape of a token model: token ids below the vocabulary, as input_ids
+        b = NetworkAdapter(model, input_shape=(8,))
+        assert b.input_shape == (8,) and b.input_name == "input_ids" and b.layer_names == a.layer_names
         g = torch.Generator().manual_seed(3)
         x = torch.randint(5, 60, (4, 16), generator=g)
     else:
