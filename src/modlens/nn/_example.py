@@ -215,8 +215,10 @@ def example_input(model: nn.Module, runs, *, device=None, dtype=None, input_name
     """``(ExampleInput or None, tried)``: the first candidate shape (module docstring) on which
     ``runs(x, input_name)`` returns True, and the descriptions of the candidates tried."""
     tried = []
+    main = getattr(model, "main_input_name", None) if hasattr(getattr(model, "config", None), "to_dict") else None
     for c in _candidates(model):
-        name = input_name or c.input_name
+        # a Hugging Face model takes its main input by name (pixel_values, input_ids) whatever gave the shape
+        name = input_name or c.input_name or (main if main in ("pixel_values", "input_ids") else None)
         x = _make(model, c, device, dtype)
         if runs(x, name):
             return ExampleInput(x, name, c.source), tried
