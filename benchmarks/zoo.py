@@ -870,6 +870,8 @@ CATEGORIES = [  # (category, regex on the one-line reason); first match wins
     ("worker process died", r"^worker died"),
     ("out of memory (worker limited to --memory-gb of address space)",
      r"MemoryError|Unable to allocate|can't allocate memory|not enough memory|std::bad_alloc"),
+    ("no input shape known without data (the model gives none it runs on; pass input_shape=)",
+     r"no input shape to export it at"),
     ("fx cannot trace the model (data-dependent control flow, no data given)", r"^ModelTraceError: modlens could not trace"),
     ("torch.export fails", r"torch\.export|^ModelTraceError: the exported"),
     ("other capture refusal (ModelTraceError)", r"^ModelTraceError"),

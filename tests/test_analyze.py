@@ -106,8 +106,8 @@ def test_dataloader_and_tensors_give_the_same_result(planted):
 
 def test_bad_input_errors(planted):
     model, modules, (x, y), (xa, _) = planted
-    with pytest.raises(ValueError, match="larger than hidden layer"):
-        modlens.partition(model, "weights/global", n_clusters=49)
+    with pytest.raises(ValueError, match="larger than the 144 hidden neurons"):
+        modlens.partition(model, "weights/global", n_clusters=145)
     with pytest.raises(ValueError, match="unknown partitioning method"):
         modlens.partition(model, "weights/sideways")
     with pytest.raises(ValueError, match="activation data"):

@@ -198,6 +198,7 @@ def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = Non
                        for p in summary["partitioning"]]
     summary["n_unclustered"] = [int(sum((l < 0).sum() for r in results if p in r.partitions for l in r.partitions[p].labels))
                                 for p in summary["partitioning"]]
+    summary["no_subclusters"] = [_no_subclusters(results, p) for p in summary["partitioning"]]
     config = dict(results[0].config, networks=names, alpha=alpha, combine=rule)
     partitions = {f"{n}:{k}": v for n, r in zip(names, results) for k, v in r.partitions.items()}
     vis = [r.visualizations.assign(network=n) for n, r in zip(names, results) if r.visualizations is not None]
@@ -206,6 +207,22 @@ def combine(results: Sequence[AnalysisResult], names: Sequence[str] | None = Non
     add_diagnostics(summary, all_tables, vis, all_tests)
     # figures: those of the first network (every network's images stay in its own result)
     return AnalysisResult(summary, all_tables, all_tests, partitions, config, vis, results[0].vis_results, cl_table)
+
+
+def _no_subclusters(results, partitioning: str) -> str:
+    """The reason no subcluster qualifies in any network ("" where one network has some)."""
+    reasons = []
+    for r in results:
+        if partitioning not in r.partitions:
+            continue
+        mf = (r.config.get("options") or {}).get("max_fraction")
+        reason = r.partitions[partitioning].no_subclusters_reason(max_fraction=mf)
+        if reason is None:
+            return ""
+        reasons.append(reason)
+    if not reasons:
+        return ""
+    return reasons[0] if len(reasons) == 1 else f"in none of the {len(reasons)} networks; the first: {reasons[0]}"
 
 
 def _say(enabled: bool, message: str) -> None:

@@ -15,7 +15,7 @@ import math
 import pandas as pd
 
 from modlens.analysis.statistics import METRICS, bold_effect
-from modlens.analysis.text import PARTITION_LABELS, degenerate_notes
+from modlens.analysis.text import PARTITION_LABELS, degenerate_notes, empty_notes
 from modlens.core.html import Cell, Table, figure_html, fragment, kv_html, notes_html, table_html
 
 
@@ -129,7 +129,7 @@ def result_html(result, title: str = "modlens analysis") -> str:
              if cfg.get(k) is not None}
     if isinstance(cfg.get("networks"), list):
         facts["networks"] = ", ".join(map(str, cfg["networks"]))
-    notes = degenerate_notes(result.summary)
+    notes = degenerate_notes(result.summary) + empty_notes(result.summary)
     skipped = (cfg.get("feature_vis") or {}).get("skipped") if isinstance(cfg.get("feature_vis"), dict) else None
     if skipped:
         notes.append(f"Feature visualization skipped: {skipped}")

@@ -255,7 +255,7 @@ def assemble(partitions: dict[str, Partition], lesion_tables: Sequence[pd.DataFr
                         random_state=cfg.random_state)
     if clusterability is not None:
         summary = with_clusterability(summary, clusterability, list(partitions), cfg.alpha)
-    add_partition_facts(summary, partitions)
+    add_partition_facts(summary, partitions, max_fraction=cfg.max_fraction)
     add_diagnostics(summary, table, vis_table, tests)
     config = {
         "modlens_version": __version__, "options": cfg.to_dict(), "config_key": cfg.key(),
@@ -284,11 +284,14 @@ def with_clusterability(summary, cl_table, partitionings, alpha) -> pd.DataFrame
     return correct_by_family(out.reset_index(drop=True), alpha=alpha)
 
 
-def add_partition_facts(summary: pd.DataFrame, partitions: dict[str, Partition]) -> None:
+def add_partition_facts(summary: pd.DataFrame, partitions: dict[str, Partition], *, max_fraction=None) -> None:
     """n-cut and the number of neurons left unclustered (no edges) of each partitioning; for global
     weight partitions the share of squared weight inside clusters (``weight_share``) beside its
-    ``1/k`` baseline (``weight_share_uniform``) and its size-matched one (``weight_share_expected``)."""
+    ``1/k`` baseline (``weight_share_uniform``) and its size-matched one (``weight_share_expected``);
+    where no subcluster qualifies, why and what to try (``no_subclusters``, else "")."""
     summary["ncut"] = [partitions[p].ncut for p in summary["partitioning"]]
+    summary["no_subclusters"] = [partitions[p].no_subclusters_reason(max_fraction=max_fraction) or ""
+                                 for p in summary["partitioning"]]
     summary["n_unclustered"] = [int(sum((l < 0).sum() for l in partitions[p].labels)) for p in summary["partitioning"]]
     for column, key in (("weight_share", "share"), ("weight_share_uniform", "uniform"),
                         ("weight_share_expected", "expected")):

@@ -95,6 +95,7 @@ def format_summary(summary: pd.DataFrame) -> str:
     if "family" in summary.columns and summary["family"].nunique() > 1:
         lines.append("Benjamini-Hochberg corrects each family separately: " + ", ".join(dict.fromkeys(summary["family"])) + ".")
     lines += degenerate_notes(summary)
+    lines += empty_notes(summary)
     if "ncut" in summary.columns:
         facts = summary.drop_duplicates("partitioning")
         parts = [f"{r.partitioning} {r.ncut:.3f}" + (f" ({r.n_unclustered} unclustered)" if r.n_unclustered else "")
@@ -102,6 +103,19 @@ def format_summary(summary: pd.DataFrame) -> str:
         if parts:
             lines.append("n-cut of the hidden-neuron partition: " + "; ".join(parts) + ".")
     return "\n".join(lines)
+
+
+def empty_notes(summary: pd.DataFrame) -> list[str]:
+    """One line per partitioning with no subcluster to test (its p values are n/a): why, and what to try."""
+    out = []
+    for part, sub in summary.groupby("partitioning", sort=False):
+        if "n_subclusters" not in sub.columns or sub["n_subclusters"].fillna(0).max() > 0:
+            continue
+        reasons = [str(v) for v in sub.get("no_subclusters", pd.Series(dtype=str)) if isinstance(v, str) and v]
+        why = reasons[0] if reasons else "no subcluster qualifies (a subcluster is a cluster's part of one layer " \
+                                         "with at least two neurons that is not the whole layer)"
+        out.append(f"{part}: p values n/a, {why}.")
+    return out
 
 
 def degenerate_notes(summary: pd.DataFrame) -> list[str]:

@@ -134,6 +134,51 @@ class Partition:
                 out.append(Subcluster(layer, name, int(cluster), neurons))
         return out
 
+    def no_subclusters_reason(self, *, min_size: int = 2, max_fraction: float | None = None) -> str | None:
+        """Why :meth:`subclusters` is empty, in words with what to try (None when it is not).
+
+        Per layer: one cluster holds the whole layer, every piece of it has fewer than
+        ``min_size`` neurons, its pieces exceed ``max_fraction`` of it, or it has no clustered
+        neuron at all."""
+        if self.subclusters(min_size=min_size, max_fraction=max_fraction):
+            return None
+        kinds = {"whole": 0, "small": 0, "fraction": 0, "empty": 0}
+        for lab in self.labels:
+            clustered = lab[lab != UNCLUSTERED]
+            sizes = np.unique(clustered, return_counts=True)[1] if clustered.size else np.zeros(0, int)
+            if not clustered.size:
+                kinds["empty"] += 1
+            elif (sizes >= lab.size).any():
+                kinds["whole"] += 1
+            elif (sizes < min_size).all():
+                kinds["small"] += 1
+            else:
+                kinds["fraction"] += 1
+        n = len(self.labels)
+        if kinds["whole"] == n:
+            why = (f"every cluster spans whole layers (each of the {n} layers lies in one cluster)" if n > 1 else
+                   "the one layer lies in one cluster")
+        else:
+            words = {"whole": "lie whole in one cluster", "small": f"are split into pieces of fewer than {min_size} neurons",
+                     "fraction": f"are split only into pieces above max_fraction={max_fraction}",
+                     "empty": "have no clustered neuron (no edges)"}
+            why = "of the " + str(n) + " layers, " + ", ".join(f"{c} {words[k]}" for k, c in kinds.items() if c)
+        k = self.n_clusters
+        tries = []
+        if kinds["whole"]:
+            more = f"a larger n_clusters (k = {k} now" + (f", for {n} layers" if n > 1 else "") + ")" if k else \
+                "a larger n_clusters"
+            tries.append(f"{more}; a local partitioning gives each layer as many clusters as the global one of the "
+                         "same graph gave it, so it splits a layer only where the global one does")
+        if kinds["small"]:
+            tries.append("a local partitioning (each layer clustered with its neighbouring layers only) or a smaller "
+                         "n_clusters, for pieces of at least two neurons")
+        if kinds["fraction"]:
+            tries.append("max_fraction=None, the paper's rule")
+        if kinds["empty"]:
+            tries.append("checking the layers without edges (dead units, zero weights)")
+        return f"no subcluster qualifies: {why}; try " + "; or ".join(tries)
+
     def _repr_html_(self) -> str:
         """The notebook display: method, k and n-cut, then per layer its neurons, clusters,
         unclustered neurons and tested subclusters (:mod:`modlens.core.html`'s pieces)."""

@@ -10,7 +10,9 @@ Four methods (paper, section 3.1): {weights, activations} x {global, local}.
   held-out data that is never the lesion test set, streamed batch by batch.
 * global: one clustering of the whole graph into ``n_clusters``.
 * local: layer l is clustered on the graph of l and its adjacent layers, into as many
-  clusters as layer l received in the global clustering of the same graph. Adjacent layers
+  clusters as layer l received in the global clustering of the same graph (so never more than
+  its width: ``n_clusters`` may exceed the width of a layer, as in a squeeze-excitation
+  bottleneck of two channels). Adjacent layers
   are those joined to l by weights: l - 1 and l + 1 in a chain; in a residual network also
   every layer that writes to the residual stream l reads, or reads the stream l writes to.
 """
@@ -45,12 +47,21 @@ def check_graph_options(*, conv_edge: str = "l1", bn_fold: str = "paper", act_re
 
 
 def make_adapter(model, data=None, *, input_name: str | None = None, output=None,
-                 name: str = "data") -> NetworkAdapter:
-    """The model's adapter, captured at the shape of ``data`` (inputs or (inputs, labels)) when given."""
+                 name: str = "data", input_shape=None, capture: str = "auto") -> NetworkAdapter:
+    """The model's adapter, captured with ``torch.export`` at the shape of ``data`` (inputs or
+    (inputs, labels)) when given, else at ``input_shape`` or the shape the model gives (a Hugging Face
+    config, timm's ``pretrained_cfg``, its first layer; :class:`~modlens.nn.NetworkAdapter`).
+    ``capture="fx"`` chooses torch.fx symbolic tracing instead."""
     if isinstance(model, NetworkAdapter):
         return model
     example = None if data is None else as_inputs(data, name=name)
-    return NetworkAdapter(model, example, input_name=input_name, output=output, example_name=name)
+    return NetworkAdapter(model, example, input_shape=None if example is not None else input_shape,
+                          input_name=input_name, output=output, example_name=name, capture=capture)
+
+
+def _widths(adapter, limit: int = 6) -> str:
+    pairs = [f"'{n}': {w}" for n, w in zip(adapter.layer_names, adapter.layer_sizes)]
+    return ", ".join(pairs[:limit]) + (f", ... {len(pairs) - limit} more" if len(pairs) > limit else "")
 
 
 def check_method(method: str) -> tuple[str, str]:
@@ -103,12 +114,15 @@ class Partitioner:
         self._cache: dict[str, Partition] = {}
         if self.n_clusters < 2:
             raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
-        for name, width in zip(adapter.layer_names, adapter.layer_sizes):
-            if self.n_clusters > width:
-                raise ValueError(
-                    f"n_clusters={self.n_clusters} is larger than hidden layer '{name}' ({width} neurons); "
-                    f"choose n_clusters <= {min(adapter.layer_sizes)}"
-                )
+        # n_clusters may exceed a layer's width: global clustering does not split layers one by one, and
+        # local clustering gives each layer at most as many clusters as it got globally (at most its width)
+        n_hidden = int(sum(adapter.layer_sizes))
+        if self.n_clusters > n_hidden:
+            raise ValueError(
+                f"n_clusters={self.n_clusters} is larger than the {n_hidden} hidden neurons of the model's "
+                f"{len(adapter.layer_sizes)} layer(s) ({_widths(adapter)}); "
+                f"choose n_clusters <= {n_hidden}"
+            )
 
     def _weight_structure(self):
         """(node-layer sizes, weight blocks, hidden node layers, neighbours of each node layer)."""
@@ -287,15 +301,22 @@ def partition(model, method: str, *, n_clusters: int = 16, data=None, random_sta
               conv_edge: str = "l1", act_reduce: str = "l1", bn_fold: str = "paper",
               input_name: str | None = None, output=None, eigen_solver: str = "auto",
               n_init: int | str = "auto", task: str = "classification", act_tokens: str = "auto",
-              max_positions: int = 4096, vocab_nodes: str = "auto", token_groups=None) -> Partition:
+              max_positions: int = 4096, vocab_nodes: str = "auto", token_groups=None, example=None,
+              input_shape=None, capture: str = "auto") -> Partition:
     """Partition the hidden neurons of ``model`` (any ``torch.nn.Module`` modlens can capture:
     MLPs, CNNs, residual, grouped/depthwise and normalized networks; for CNNs the conv channels).
 
     ``method`` is one of ``"weights/global"``, ``"weights/local"``, ``"activations/global"``,
     ``"activations/local"``. Activation methods need ``data``: inputs (or an
     ``(inputs, labels)`` pair, or a DataLoader) of a held-out split; when given, the model is
-    captured with ``torch.export`` at the data's shape. ``input_name`` passes the input as a
-    keyword (``"pixel_values"`` for Hugging Face models), ``output`` selects the logits.
+    captured with ``torch.export`` at the data's shape. Weight methods need no data: the model is
+    exported at ``example`` (a batch of inputs) or ``input_shape`` (one input's shape, e.g.
+    ``(3, 224, 224)``) when given, else at the shape the model says it takes (a Hugging Face
+    config's ``image_size``/``num_channels`` or ``vocab_size``, an ``image_size``/``img_size``
+    attribute, timm's ``pretrained_cfg["input_size"]``, its first layer), else torch.fx is tried as
+    the last resort and its failure asks for ``input_shape=``; ``capture="fx"`` chooses torch.fx.
+    ``input_name`` passes the input as a keyword (``"pixel_values"`` for Hugging Face models; found
+    from the model when it gives the shape), ``output`` selects the logits.
     ``conv_edge``, ``act_reduce`` and ``bn_fold`` are rows 1-3 of the notes. Returns a
     :class:`~modlens.core.partition.Partition` with integer labels for every neuron of every
     hidden layer, in forward order (``-1`` for neurons with no edges).
@@ -315,8 +336,12 @@ def partition(model, method: str, *, n_clusters: int = 16, data=None, random_sta
         from modlens.nn.tokens import as_token_data
 
         data = as_token_data(data, name="activation data")
-    example = data.ids if isinstance(data, TokenData) else data
-    adapter = make_adapter(model, example, input_name=input_name, output=output, name="activation data")
+    if data is not None and example is not None:
+        raise ValueError("pass data (activation data, also used for capture) or example (inputs for capture only), not both")
+    name = "activation data" if example is None else "example"
+    example = data.ids if isinstance(data, TokenData) else data if example is None else example
+    adapter = make_adapter(model, example, input_name=input_name, output=output, name=name,
+                           input_shape=input_shape, capture=capture)
     return Partitioner(adapter, activation_data=data, n_clusters=n_clusters, random_state=random_state,
                        conv_edge=conv_edge, act_reduce=act_reduce, bn_fold=bn_fold,
                        eigen_solver=eigen_solver, n_init=n_init, task=task, act_tokens=act_tokens,

@@ -7,8 +7,9 @@ single tensor of a tuple/dict/ModelOutput), then:
 1. exports it with ``torch.export`` (non-strict) at the shape of the user's data, batch
    dimension dynamic; shape-dependent Python control flow (``if num_channels != ...``) is
    specialized away;
-2. falls back to ``torch.fx`` symbolic tracing when export fails (or when no example input
-   is given);
+2. falls back to ``torch.fx`` symbolic tracing when export fails or when no example input
+   is given (the adapter finds one from the model when the user gives none, so this is the last
+   resort, or the user's explicit ``method="fx"``);
 3. when both fail, raises :class:`ModelTraceError` naming the submodule, the source line and
    the workaround.
 
@@ -21,7 +22,10 @@ modified: export runs in eval mode, and training flags are restored afterwards.
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from modlens.nn._decoder_capture import rewrite
@@ -29,6 +33,7 @@ from modlens.nn._fx import ModelTraceError, eval_mode, trace
 
 aten = torch.ops.aten
 _PREFIX = "model."
+METHODS = ("auto", "export", "fx")
 
 
 class CaptureWrapper(nn.Module):
@@ -128,6 +133,30 @@ def _functionalize(graph: fx.Graph) -> None:
                 node.target = _INPLACE[node.target]
 
 
+_POOL_WITH_INDICES = {aten.adaptive_max_pool1d.default: F.adaptive_max_pool1d,
+                      aten.adaptive_max_pool2d.default: F.adaptive_max_pool2d}
+
+
+def _pool_values(graph: fx.Graph) -> None:
+    """``getitem(adaptive_max_pool(x), 0)`` (export returns values and indices) -> the pooling
+    function returning the values only, as torch.fx and the operation registry see it."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _POOL_WITH_INDICES:
+            continue
+        users = list(node.users)
+        if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in users):
+            continue      # the indices are used: left as it is (and refused where it matters)
+        with graph.inserting_before(node):
+            values = graph.call_function(_POOL_WITH_INDICES[node.target], tuple(node.args[:2]))
+        values.meta = dict(node.meta)
+        if isinstance(values.meta.get("val"), (tuple, list)):
+            values.meta["val"] = values.meta["val"][0]
+        for u in users:
+            u.replace_all_uses_with(values)
+            graph.erase_node(u)
+        graph.erase_node(node)
+
+
 class _Builder:
     """Copies an exported graph, turning parameters into attributes and layers into modules."""
 
@@ -183,6 +212,7 @@ class _Builder:
         name = type(self.wrapper.model).__name__
         gm = fx.GraphModule(self.root, self.graph, name)
         _functionalize(gm.graph)
+        _pool_values(gm.graph)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
@@ -309,9 +339,11 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, *, input_name
             output=None, forward_kwargs=None, leaf_modules=(), method: str = "auto") -> tuple[fx.GraphModule, str]:
     """(graph module, ``"export"`` or ``"fx"``) for ``model``; see the module docstring.
 
-    ``method``: ``"auto"`` (export when an example is given, fx otherwise or when export
-    fails), ``"export"`` or ``"fx"``."""
-    if method not in ("auto", "export", "fx"):
+    ``method``: ``"auto"`` (export when an example is given, fx only as the last resort: without
+    an example or when export fails; the export error is kept in ``gm.meta["export_error"]``),
+    ``"export"`` or ``"fx"``. Callers find an example when the user gives none
+    (:mod:`modlens.nn._example`)."""
+    if method not in METHODS:
         raise ValueError(f"capture method must be 'auto', 'export' or 'fx', got {method!r}")
     wrapper = CaptureWrapper(model, input_name, output, forward_kwargs)
     export_error = None
@@ -334,12 +366,20 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, *, input_name
                 raise ModelTraceError(f"torch.export could not capture {type(model).__name__}: "
                                       f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     try:
-        return _fx_capture(wrapper, leaf_modules), "fx"
+        gm = _fx_capture(wrapper, leaf_modules)
+        if export_error is not None:
+            gm.meta["export_error"] = _first_line(export_error)
+        return gm, "fx"
     except ModelTraceError as exc:
         if export_error is not None:
-            first = str(export_error).splitlines()[0] if str(export_error) else type(export_error).__name__
-            raise ModelTraceError(f"{exc} (torch.export failed first: {first[:300]})") from exc
+            raise ModelTraceError(f"{exc} (torch.export failed first: {_first_line(export_error)})") from exc
         raise
 
 
-__all__ = ["capture", "CaptureWrapper", "select_output", "where", "ModelTraceError"]
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first[:limit]
+
+
+__all__ = ["capture", "CaptureWrapper", "select_output", "where", "ModelTraceError", "METHODS"]

@@ -109,6 +109,9 @@ class LinearSkip:
                     return None
             elif n.op == "call_function" and n.target in (torch.relu, F.relu, torch.ops.aten.relu.default) and len(n.args) == 1 and not n.kwargs:
                 acts.append(torch.relu)
+            elif n.op == "call_function" and n.target is torch.ops.aten.leaky_relu.default and not n.kwargs \
+                    and 0.0 <= float(n.args[1] if len(n.args) > 1 else 0.01) <= 1.0:
+                acts.append(nn.LeakyReLU(float(n.args[1] if len(n.args) > 1 else 0.01)))   # an exported LeakyReLU
             elif n.op == "call_function" and n.target is torch.ops.aten.dropout.default and n.args[2] is False:
                 acts.append(nn.Identity())       # dropout of an exported graph in eval
             else:

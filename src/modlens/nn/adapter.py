@@ -1,7 +1,8 @@
 """Find the neuron layers of a model and give the rest of modlens what it needs from them.
 
 :class:`NetworkAdapter` captures the model once (:mod:`modlens.nn._capture`: ``torch.export``
-at the data's shape, ``torch.fx`` as a fallback) and shares that one graph between the weight
+at the data's shape, or without data at ``input_shape=`` or the shape the model gives
+(:mod:`modlens.nn._example`); ``torch.fx`` as the last resort or by choice) and shares that one graph between the weight
 graph, activation recording, lesions and feature visualization. Its layers are every
 ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` call (grouped and depthwise included); the last
 one, producing the class scores, is the output layer and the others hold neurons, one per unit
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from modlens.nn import _capture, _fx, _memory
+from modlens.nn import _capture, _example, _fx, _memory
 from modlens.nn.inputs import to_model
 from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS, REDUCERS, bn_row_scale, channels_first, edge_block
 from modlens.nn._fx import ModelTraceError
@@ -46,6 +47,33 @@ class NeuronLayer:
     n_neurons: int
 
 
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+
+
+def _refuse_recurrent(model: nn.Module) -> None:
+    """One line for a model with recurrent layers, a real limit rather than a missing handler."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, _RECURRENT)]
+    if not found:
+        return
+    kinds = ", ".join(f"nn.{type(m).__name__} at '{name}'" for name, m in found[:3]) + \
+        (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: recurrent layers ({kinds}) are not supported: their units carry a state across time "
+        "steps through gates, which modlens's neurons (units of nn.Linear and channels of nn.Conv layers, lesioned by "
+        "zeroing what they send on) do not cover; analyse a model without recurrent layers, e.g. a 1-D conv or "
+        "attention model of the same sequences"
+    )
+
+
+def _no_shape(model: nn.Module, tried) -> str:
+    """The one line asking for an input shape when capture has none."""
+    what = f"the model does not run at the shapes from {'; '.join(tried)}" if tried else \
+        "no Hugging Face config image_size or vocab_size, image_size/img_size attribute, timm pretrained_cfg " \
+        "input_size or first nn.Linear/nn.Conv/nn.Embedding layer says what it takes"
+    return (f"{type(model).__name__}: no input shape to export it at ({what}); pass input_shape= (one input "
+            "without the batch dimension, e.g. (3, 224, 224), or (128,) for token ids) or data")
+
+
 def _width(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
@@ -59,9 +87,17 @@ class NetworkAdapter:
         Any ``nn.Module`` that maps one input tensor to class scores from a final Linear (or
         conv) layer; its forward may return a tensor, a tuple, a dict or a ``ModelOutput``.
     example:
-        A batch of inputs of the shape the model will see (the user's data). With it the model
-        is captured by ``torch.export`` at that shape (falling back to torch.fx); without it by
-        torch.fx only. Inputs of another per-sample shape are refused at the boundary.
+        A batch of inputs of the shape the model will see (the user's data). The model is
+        captured by ``torch.export`` at that shape; inputs of another per-sample shape are
+        refused at the boundary.
+    input_shape:
+        Without ``example``: the shape of one input (no batch dimension), e.g. ``(3, 224, 224)``
+        or ``(128,)`` token ids; the model is exported at a random batch of it. Without either,
+        the shape comes from the model itself (:mod:`modlens.nn._example`: a Hugging Face
+        config, ``image_size``/``img_size``, timm's ``pretrained_cfg``, the first layer), and
+        data of another shape is taken only where the captured graph computes the model's
+        output exactly (checked on two inputs). When no shape is known, torch.fx is the last
+        resort, and when it fails too the error asks for ``input_shape=``.
     input_name:
         Pass the input as this keyword argument (``"pixel_values"`` for Hugging Face models).
     output:
@@ -76,36 +112,80 @@ class NetworkAdapter:
         Qualified names or classes of submodules to keep opaque (torch.fx capture only); they
         must act on each channel separately.
     capture:
-        ``"auto"``, ``"export"`` or ``"fx"``.
+        ``"auto"`` (torch.export, torch.fx only as the last resort), ``"export"`` or ``"fx"``
+        (the explicit choice of torch.fx symbolic tracing, needing no input).
+
+    After construction, ``capture_method`` is ``"export"`` or ``"fx"``, ``input_shape`` the
+    shape the model was exported at (None after torch.fx), ``input_name`` the keyword the input is
+    passed as and ``capture_input`` where the shape came from (``"data"``, ``"input_shape=..."``,
+    ``"the config's image_size 224 and num_channels 3"``, ...).
     """
 
-    def __init__(self, model: nn.Module, example=None, *, input_name: str | None = None, output=None,
-                 forward_kwargs: dict | None = None, include_dense: bool | None = None,
+    def __init__(self, model: nn.Module, example=None, *, input_shape=None, input_name: str | None = None,
+                 output=None, forward_kwargs: dict | None = None, include_dense: bool | None = None,
                  leaf_modules: Iterable = (), capture: str = "auto", example_name: str = "data"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        if capture not in _capture.METHODS:
+            raise ValueError(f"capture must be one of {', '.join(_capture.METHODS)}, got {capture!r}")
+        if example is not None and input_shape is not None:
+            raise ValueError("pass either example (a batch of inputs) or input_shape (the shape of one input), not both")
         self.model = model
+        _refuse_recurrent(model)
         self._check_parameters()
         self.device, self.dtype = _fx.device_dtype(model)
         leaf_modules = tuple(leaf_modules)
         self.input_shape = None
+        self.capture_input: str | None = None
+        self._guessed = False      # exported at a shape the model gave, not the user
         self._accepted: set = set()
+        self._fwd = (output, forward_kwargs)
+        tried: list[str] = []
         if example is not None:
             example = torch.as_tensor(example)
             self._check_accepts(example, input_name, output, forward_kwargs, example_name)
             example = to_model(example[:2], self.device, self.dtype)
             if example.shape[0] == 1:
                 example = torch.cat([example, example])
+            self.capture_input = example_name
+        elif input_shape is not None and capture != "fx":
+            ex = _example.explicit_input(model, input_shape, device=self.device, dtype=self.dtype,
+                                         input_name=input_name)
+            input_name = ex.input_name
+            self._check_accepts(ex.x, input_name, output, forward_kwargs, ex.source)
+            example, self.capture_input = ex.x, ex.source
+        elif capture != "fx" and not leaf_modules:
+            ex, tried = _example.example_input(model, self._runs, device=self.device, dtype=self.dtype,
+                                               input_name=input_name)
+            if ex is not None:
+                example, input_name, self.capture_input, self._guessed = ex.x, ex.input_name, ex.source, True
+        if example is None and capture == "export":
+            raise ModelTraceError(_no_shape(model, tried))
+        self.input_name = input_name
+        if example is not None and capture != "fx":
             self.input_shape = tuple(example.shape[1:])
-        self.gm, self.capture_method = _capture.capture(model, example, input_name=input_name, output=output,
-                                                        forward_kwargs=forward_kwargs, leaf_modules=leaf_modules,
-                                                        method=capture)
+        try:
+            self.gm, self.capture_method = _capture.capture(model, example, input_name=input_name, output=output,
+                                                            forward_kwargs=forward_kwargs, leaf_modules=leaf_modules,
+                                                            method=capture)
+        except ModelTraceError as exc:
+            if example is None and capture == "auto" and not leaf_modules:
+                raise ModelTraceError(f"{_no_shape(model, tried)} (torch.fx, the last resort, failed too: {exc})") from exc
+            raise
+        if self.capture_method == "fx":
+            self.input_shape, self._guessed = None, False
         self._input = _fx.single_input(self.gm)
         self._output = _fx.single_output(self.gm)
         shapes = None
         if example is not None and self.capture_method == "fx":
             shapes = {k: v for k, v in _fx.node_shapes(self.gm, example[:1]).items() if v is not None}
-        self.structure = s = Structure(self.gm, self._input, self._output, leaf_modules, shapes)
+        try:
+            self.structure = s = Structure(self.gm, self._input, self._output, leaf_modules, shapes)
+        except (UnsupportedModelError, ModelTraceError) as exc:
+            why = self._why_fx(capture, example, tried)
+            if why is None:
+                raise
+            raise type(exc)(f"{exc} ({why})") from exc
         self.is_transformer = s.transformer
         self.is_cnn = any(isinstance(s.module(n), CONV_TYPES) for n in s.all_nodes) and not s.transformer
         self.include_dense = (not self.is_cnn) if include_dense is None else bool(include_dense)
@@ -146,6 +226,45 @@ class NetworkAdapter:
                 return f"(batch, {m.in_channels}, {'L' if isinstance(m, nn.Conv1d) else 'H, W'})"
         return "another shape"
 
+    def _runs(self, x: torch.Tensor, input_name) -> bool:
+        """Whether the model runs on ``x`` (a candidate example input) and returns class scores."""
+        output, forward_kwargs = self._fwd
+        wrapper = _capture.CaptureWrapper(self.model, input_name, output, forward_kwargs)
+        try:
+            with torch.no_grad(), _fx.eval_mode(self.model):
+                out = wrapper(x)
+        except ModelTraceError:
+            raise                      # the output= selector does not fit: no shape will help
+        except Exception:              # noqa: BLE001 - any failure means: not this shape
+            return False
+        return isinstance(out, torch.Tensor) and out.dim() >= 1 and out.shape[0] == x.shape[0]
+
+    def _why_fx(self, capture: str, example, tried) -> str | None:
+        """Why the graph came from torch.fx, for an error found in it (None: the user chose fx)."""
+        if self.capture_method != "fx" or capture == "fx":
+            return None
+        failed = self.gm.meta.get("export_error")
+        if failed:
+            return f"captured with torch.fx because torch.export failed at {self.capture_input}: {failed}"
+        if example is None:
+            return "captured with torch.fx, the last resort: " + _no_shape(self.model, tried)
+        return None
+
+    def _same_as_model(self, x: torch.Tensor) -> bool:
+        """Whether the captured graph computes the model's own output on ``x`` (two inputs)."""
+        output, forward_kwargs = self._fwd
+        wrapper = _capture.CaptureWrapper(self.model, self.input_name, output, forward_kwargs)
+        x = to_model(x[:2], self.device, self.dtype)
+        try:
+            with torch.no_grad(), _fx.eval_mode(self.model):
+                want, got = wrapper(x), self.gm(x)
+        except Exception:              # noqa: BLE001 - the graph (or the model) does not run at this shape
+            return False
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            return False
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        return bool(torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
+
     def _check_accepts(self, example: torch.Tensor, input_name, output, forward_kwargs, name: str) -> None:
         wrapper = _capture.CaptureWrapper(self.model, input_name, output, forward_kwargs)
         try:
@@ -162,11 +281,22 @@ class NetworkAdapter:
         """One-line error when ``x`` has a per-sample shape the captured model does not take."""
         given = tuple(x.shape[1:])
         if self.input_shape is not None:
-            if given != self.input_shape:
+            if given == self.input_shape or given in self._accepted:
+                return
+            captured = f"(batch, {', '.join(map(str, self.input_shape))})"
+            if not self._guessed:
                 raise ValueError(
                     f"{name}: inputs of shape {tuple(x.shape)} do not match the shape the model was captured for, "
-                    f"(batch, {', '.join(map(str, self.input_shape))})"
+                    f"{captured}"
                 )
+            if not self._same_as_model(x):
+                raise ValueError(
+                    f"{name}: inputs of shape {tuple(x.shape)}: the model was captured without data at {captured} "
+                    f"(from {self.capture_input}), and that graph does not compute the model's output at this shape; "
+                    "build the adapter with this data (NetworkAdapter(model, x)) or pass input_shape="
+                    f"{tuple(given)}"
+                )
+            self._accepted.add(given)
             return
         if given in self._accepted:
             return

@@ -22,6 +22,7 @@ import pandas as pd
 from modlens._version import __version__
 from modlens.analysis.figures import slug
 from modlens.analysis.statistics import table_family
+from modlens.analysis.text import empty_notes
 from modlens.report import html as H
 from modlens.report.correlation import save_correlation_figure, saved_model_maps
 from modlens.report.paper import CITATION, agreement_counts, compare_with_paper, family_bh
@@ -216,6 +217,7 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
     fig_dir.mkdir(parents=True, exist_ok=True)  # the captions, for a notebook's display of the study
     (fig_dir / "captions.json").write_text(json.dumps({f.png.name: f.caption for f in figures if f.png.exists()},
                                                       indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    notes += _study_empty_notes(rows)
     sections = _sections(tables, ctable, counts, figures, notes + fig_notes, _study_meta(study))
     title = f"modlens study: {study.get('name', study_dir.name)}"
     report = study_dir / "report.html"
@@ -223,6 +225,19 @@ def write_study_outputs(study_dir: str | Path, *, alpha: float | None = None, bh
     return {"report": report, "tables": paths, "figures": [p for f in figures for p in dict.fromkeys((f.png, f.svg)) if p.exists()],
             "critical_p": {fam: v["critical_p"] for fam, v in info.items()}, "bh_scope": bh_scope, "agreement": counts,
             "notes": notes + fig_notes}
+
+
+def _study_empty_notes(rows: pd.DataFrame) -> list[str]:
+    """One line per (group, k, partitioning) with no subcluster to test in any replicate."""
+    if "n_subclusters" not in rows.columns:
+        return []
+    out = []
+    for (group, k, part), sub in rows.groupby(["group", "k", "partitioning"], sort=False):
+        if sub["n_subclusters"].fillna(0).max() > 0 or part == "clusterability":
+            continue
+        out.append(f"{group}, k = {k}, {part}: p values n/a, no subcluster qualifies in any replicate (usually every "
+                   "cluster spans whole layers: try a larger k; each network's summary says why).")
+    return out
 
 
 _RUN_KEYS = ("name", "description", "source", "executor", "executor_requested", "workers", "started", "finished",
@@ -336,6 +351,7 @@ def write_result_report(result_dir: str | Path, out: str | Path | None = None, *
                 ("Timings", H.kv_html({"analysis seconds": cfg.get("seconds")}))]
         notes.insert(0, "Benjamini-Hochberg here runs within each table family (lesion, visualization) as in the paper; "
                         "analyze's own summary.csv applies it across all its rows together, so q values may differ.")
+        notes[1:1] = empty_notes(net.summary)
         sections = _sections(tables, ctable, counts, figures, notes, meta)
         text = H.page(f"modlens analysis: {net.path.name}", sections, intro=_intro(rows, info, counts))
     out.parent.mkdir(parents=True, exist_ok=True)
