@@ -90,6 +90,7 @@ class IncrementalTokenLesions(_TokenEngine, IncrementalLesions):
                  memory_budget_bytes: int | None = None):
         self._setup(adapter, data)
         self.skip = False  # cross-entropy needs every logit: no pair's prediction is known without its tail
+        self.channels_last = False  # token ids: no 2-D conv layout to convert
         self.device, self.dtype = adapter.device, adapter.dtype
         self.targets = data.targets.to(self.device)
         self.cells = data.cells().to(self.device)
