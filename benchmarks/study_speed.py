@@ -105,6 +105,7 @@ def _stage_clock(log: dict):
     from modlens.experiments.partitioning import Partitioner
     from modlens.analysis import figures as figs
     from modlens.analysis import stages
+    from modlens.nn import io as model_io
     from modlens.study import commands as runs
 
     def timed(fn, stage):
@@ -117,7 +118,7 @@ def _stage_clock(log: dict):
                 log[stage] += time.perf_counter() - t0
         return wrapper
 
-    patches = [(runs, "load_model", "load"), (runs, "model_data", "load"), (Partitioner, "partition", "partition"),
+    patches = [(model_io, "load_model", "load"), (runs, "model_data", "load"), (Partitioner, "partition", "partition"),
                (stages, "lesion_test", "lesion"), (stages, "feature_vis_test", "vis"),
                (figs, "save_vis_grids", "figures")]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]

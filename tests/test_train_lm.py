@@ -87,7 +87,7 @@ def test_modlens_train_gpt_on_text_saves_a_language_model(text_root, tmp_path, c
     assert main(["analyze", str(out), "--out", str(res_dir), "--data-dir", str(text_root), "--partitionings",
                  "weights/global", "--n-clusters", "2", "--n-random", "1"]) == 0
     saved = json.loads((res_dir / "manifest.json").read_text())["config"]
-    assert saved["task"] == "next-token" and saved["n_test_positions"] == 16 * 127
+    assert saved["task"] == "next-token" and saved["n_test_positions"] == 16 * 128  # the corpus gives every context its next byte
     assert "Label range" in capsys.readouterr().out
     assert main(["train", "--arch", "mlp", "--dataset", "text", "--seed", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--arch gpt" in capsys.readouterr().err
