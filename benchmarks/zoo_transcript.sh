@@ -23,3 +23,7 @@ run modlens report "$W/results/timm"
 run modlens report "$W/results/hf"
 echo "\$ python -c 'import json; print(json.load(open(\"$W/results/timm/manifest.json\"))[\"models\"][0][\"source\"])'"
 "$PYTHON" -c "import json, pprint; pprint.pprint(json.load(open('$W/results/timm/manifest.json'))['models'][0]['source'], width=110)"
+for r in timm hf; do  # the test accuracy and the data options each run used
+  echo "\$ python -c 'import json; m = json.load(open(\"$W/results/$r/manifest.json\")); print(round(m[\"config\"][\"test_accuracy\"], 3), m[\"models\"][0][\"dataset\"][\"files\"][\"options\"])'"
+  "$PYTHON" -c "import json; m = json.load(open('$W/results/$r/manifest.json')); print(round(m['config']['test_accuracy'], 3), m['models'][0]['dataset']['files']['options'])"
+done

@@ -4,12 +4,25 @@ one line that leaves nothing behind."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
+
+def zoo_import(name: str):
+    """Import a zoo library (timm, torchvision) for a test marked ``zoo``: skipped where it is not
+    installed, but an error where ``MODLENS_REQUIRE_ZOO`` is set (CI's zoo step), so that a broken
+    zoo environment cannot pass by skipping every zoo test."""
+    import pytest
+
+    if os.environ.get("MODLENS_REQUIRE_ZOO"):
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"{name} is not installed (the zoo extra; CI runs these in .venv-zoo)")
+
 
 FACTORY = '''
 from torch import nn

@@ -235,3 +235,35 @@ def test_hf_errors(hf_model, tmp_path, capsys):
     (bin_only / "pytorch_model.bin").write_bytes(b"pickle")
     code = main(["analyze", f"hf:{bin_only}", "--test-data", str(images), "--out", str(tmp_path / "r")])
     assert_one_line_error(code, capsys.readouterr().err, tmp_path / "r", contains="never unpickles")
+
+
+def test_hf_language_model_folder_with_the_next_token_task_from_token_files(tmp_path, capsys):
+    """A causal language model by name, analysed on the next-token task from .npz files of token ids
+    (no labels: every position is scored against the next token), through analyze and a study."""
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    folder = tmp_path / "gpt"
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz", input_ids=rng.integers(0, 32, size=(24, 10)))
+    np.savez(tmp_path / "act.npz", input_ids=rng.integers(0, 32, size=(16, 10)))
+    out = tmp_path / "res"
+    code = main(["analyze", f"hf:{folder}", "--task", "next-token", "--test-data", str(tmp_path / "test.npz"),
+                 "--activation-data", str(tmp_path / "act.npz"), "--out", str(out), *FAST])
+    seen = capsys.readouterr()
+    assert code == 0, seen.err
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert "ce_increase" in set(summary["metric"])
+    assert json.loads((out / "manifest.json").read_text())["config"]["task"] == "next-token"
+    spec = tmp_path / "lm.toml"
+    spec.write_text(f'name = "lm"\n[analysis]\ntask = "next-token"\nn_clusters = [3]\nn_random = 2\n'
+                    f'partitionings = ["weights/global", "activations/global"]\n[[networks]]\ngroup = "gpt"\n'
+                    f'models = ["hf:{folder}"]\ntest_data = "{tmp_path / "test.npz"}"\n'
+                    f'activation_data = "{tmp_path / "act.npz"}"\n')
+    study = run_study(load_spec(spec), tmp_path / "study", executor="inline", progress=False)
+    rows = pd.read_parquet(study / "study_rows.parquet")
+    assert "ce_increase" in set(rows["metric"]) and set(rows["partitioning"]) == {"weights/global", "activations/global"}

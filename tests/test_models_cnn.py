@@ -206,9 +206,11 @@ def test_torchvision_plumbing_with_a_stand_in(monkeypatch):
     assert torch.equal(a[0].weight, b[0].weight) and not a[1].inplace
 
 
+@pytest.mark.zoo
 def test_real_torchvision_resnet18():
-    models = pytest.importorskip("torchvision.models", reason="torchvision is an optional extra, not installed here")
-    del models
+    from model_helpers import zoo_import
+
+    zoo_import("torchvision.models")
     model = build_model({"type": "torchvision", "name": "resnet18", "num_classes": 10}, generator=_gen()).eval()
     assert all(not m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
     x = torch.rand(1, 3, 32, 32)

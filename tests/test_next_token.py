@@ -130,6 +130,9 @@ def test_a_next_token_result_saves_and_reports(tiny_result, tmp_path):
     res.save(tmp_path / "r")
     html = write_report(tmp_path / "r").read_text()
     assert "CE increase" in html and "Top-position KL" in html and "Label range" in html
+    shown = res._repr_html_()  # the notebook display of a next-token result
+    assert "CE increase" in shown and "Top-position KL" in shown and "next-token" in shown
+    assert shown.count('src="data:image/png;base64,') == 1  # the percentile figure; top positions draw no grid
 
 
 def test_the_next_token_task_needs_a_language_model():

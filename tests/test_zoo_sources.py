@@ -17,10 +17,10 @@ from modlens.nn.io import sha256_file
 from modlens.study.runner import run_study
 from modlens.study.spec import load_spec
 
-from model_helpers import assert_one_line_error, image_folder, save_weights
+from model_helpers import assert_one_line_error, image_folder, save_weights, zoo_import
 
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
+timm = zoo_import("timm")
+torchvision = zoo_import("torchvision")
 pytestmark = [pytest.mark.zoo, pytest.mark.filterwarnings("ignore:Graph is not fully connected")]
 
 FAST = ["--n-clusters", "2", "--n-random", "1", "--partitionings", "weights/global"]

@@ -125,8 +125,8 @@ def result_figures(result) -> list[tuple[bytes, str]]:
 def result_html(result, title: str = "modlens analysis") -> str:
     """The notebook display of an :class:`~modlens.analysis.AnalysisResult`."""
     cfg = result.config or {}
-    facts = {k: cfg[k] for k in ("n_test", "test_accuracy", "n_clusters", "n_random", "combine", "capture", "config_key")
-             if cfg.get(k) is not None}
+    facts = {k: cfg[k] for k in ("task", "n_test", "n_test_positions", "test_accuracy", "test_cross_entropy", "n_clusters",
+                                 "n_random", "combine", "capture", "config_key") if cfg.get(k) is not None}
     if isinstance(cfg.get("networks"), list):
         facts["networks"] = ", ".join(map(str, cfg["networks"]))
     notes = degenerate_notes(result.summary) + empty_notes(result.summary)

@@ -154,10 +154,11 @@ def _images_record(index: ImageFolderIndex, opts: dict, part: str) -> dict:
             "files": folder_digest(index.root)}
 
 
-def load_data_files(test, activation=None, *, data_dir=None, **options):
+def load_data_files(test, activation=None, *, data_dir=None, require_labels: bool = True, **options):
     """``((x_test, y_test), x_activation or None, record)`` from data sources (see the module
     docstring); ``options`` are :data:`IMAGE_OPTIONS` for image folders. The record says what was
-    read (paths, splits, numbers of images, a digest of the files) and with which options."""
+    read (paths, splits, numbers of images, a digest of the files) and with which options.
+    ``require_labels=False`` (token ids for the next-token task) lets ``y_test`` be None."""
     unknown = sorted(set(options) - set(IMAGE_OPTIONS))
     if unknown:
         raise ValueError(f"unknown data option(s) {unknown}; known: {', '.join(IMAGE_OPTIONS)}")
@@ -195,7 +196,7 @@ def load_data_files(test, activation=None, *, data_dir=None, **options):
         else:
             x, y, record[role] = _dataset(source, role, data_dir, seed)
             record[role]["n"] = int(len(x))
-        if role == "test" and y is None:
+        if role == "test" and y is None and require_labels:
             raise ValueError(f"test data {source} has no labels; the lesion test needs them "
                              f"(an array named one of {', '.join(LABEL_KEYS)}, or class folders)")
         out.append((x, y))

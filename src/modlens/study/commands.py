@@ -180,19 +180,21 @@ def analyze_saved(
     results, names, records, loaded = [], network_names(sources), [], {}
     for i, (source, data) in enumerate(zip(sources, descriptions)):
         model = source.build()
-        key = json.dumps(data, sort_keys=True)
-        if key not in loaded:
-            loaded.clear()  # one data set in memory at a time
-            loaded[key] = model_data({"dataset": data}, data_dir=data_dir) if "files" not in data else \
-                load_files(data, data_dir=data_dir)
-        test, act = loaded[key]
         record = source.record()
         run_cfg = cfg if cfg.input_name is not None or not record.get("input_name") else \
             dataclasses.replace(cfg, input_name=record["input_name"])
         if (source.facts.get("manifest") or {}).get("task") == "next-token":
             if "task" not in options and (config is None or config.task != "next-token"):
                 run_cfg = AnalysisConfig.build(run_cfg, task="next-token")   # a language model: the next-token task
-            test = test[0]
+        next_token = run_cfg.task == "next-token"
+        key = json.dumps([data, next_token], sort_keys=True)
+        if key not in loaded:
+            loaded.clear()  # one data set in memory at a time
+            loaded[key] = model_data({"dataset": data}, data_dir=data_dir) if "files" not in data else \
+                load_files(data, data_dir=data_dir, require_labels=not next_token)
+        test, act = loaded[key]
+        if next_token:
+            test = test[0]  # token ids: every position is scored against the next token (labels are not read)
         if act is None and any(p.startswith("activations/") for p in run_cfg.partitionings):
             raise ValueError(f"{source.name}: the activation partitionings need activation data (--activation-data "
                              "SOURCE, held out from the test set), or keep to --partitionings weights/global weights/local")

@@ -189,13 +189,15 @@ def data_identity(data: dict) -> dict:
     return {"files": data_files_identity(f["test"], f["activation"], **f["options"])}
 
 
-def load_files(data: dict, data_dir=None):
+def load_files(data: dict, data_dir=None, *, require_labels: bool = True):
     """``((x_test, y_test), x_activation or None)`` as torch tensors for a ``{"files": ...}`` data
-    description (a dataset record is read by :func:`modlens.study.commands.model_data`)."""
+    description (a dataset record is read by :func:`modlens.study.commands.model_data`);
+    ``require_labels=False`` (the next-token task reads token ids only) lets ``y_test`` be None."""
     import torch
 
     f = data["files"]
-    (x, y), act, _ = load_data_files(f["test"], f["activation"], data_dir=data_dir, **f["options"])
+    (x, y), act, _ = load_data_files(f["test"], f["activation"], data_dir=data_dir, require_labels=require_labels,
+                                     **f["options"])
     as_t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return (as_t(x), as_t(y)), as_t(act)
 

@@ -30,14 +30,14 @@ def _device(context: dict) -> str:
     return want
 
 
-def network_data(data: dict, data_dir=None):
+def network_data(data: dict, data_dir=None, *, require_labels: bool = True):
     """``((x_test, y_test), x_activation)`` tensors for a network's data description: a model
     manifest's ``dataset`` entry, or ``{"files": ...}`` (:mod:`modlens.study.inputs`). Kept for the
-    next task of the process."""
-    key = canonical([data, str(data_dir)])
+    next task of the process. ``require_labels=False``: token ids of the next-token task, no labels."""
+    key = canonical([data, str(data_dir), require_labels])
     if key not in _DATA_CACHE:
         if "files" in data:
-            value = load_files(data, data_dir=data_dir)
+            value = load_files(data, data_dir=data_dir, require_labels=require_labels)
         else:
             from modlens.study.commands import model_data
 
@@ -51,7 +51,8 @@ def _data(params: dict, inputs: dict, context: dict):
     """The task's data: named files travel in ``inputs["data"]`` (their digest is in the key, their
     paths are not), a dataset record in ``params["data"]``."""
     data = inputs["data"]["description"] if "data" in inputs else params["data"]
-    return network_data(data, context.get("data_dir"))
+    task = (params.get("config") or {}).get("task")
+    return network_data(data, context.get("data_dir"), require_labels=task != "next-token")
 
 
 def _load(inputs: dict, context: dict, x, cfg):
