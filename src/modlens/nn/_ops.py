@@ -22,6 +22,10 @@ class Route:
     channels-first values, the last for channels-last ones). After a flatten of a value with
     ``channels`` channels, channel-major (PyTorch's order), it owns the ``P`` consecutive
     features ``(offset + c) * P ... (offset + c + 1) * P - 1`` with ``P = width / channels``.
+
+    After a channel split, slice or narrow (weight walks only) a value carries some of the
+    layer's channels: ``sources = (lo, hi)`` says that channels ``lo <= c < hi`` reach it (the
+    others are not in it), ``None`` that all do.
     """
 
     offset: int = 0
@@ -29,6 +33,7 @@ class Route:
     flat: bool = False
     ndim: int = 2  # number of dimensions of the value (4 for conv2d maps, 2 for (batch, features))
     dim: int = 1   # the dimension holding the channels
+    sources: tuple | None = None  # (lo, hi): the layer channels this value carries (None: all)
 
     @property
     def spatial(self) -> bool:
@@ -38,9 +43,28 @@ class Route:
     def channels_last(self) -> bool:
         return self.ndim > 2 and self.dim == self.ndim - 1
 
-    def indices(self, neurons: np.ndarray, width: int, where: str = "") -> np.ndarray:
-        """Indices along the channel dimension, in a value of ``width`` entries there, of the given channels."""
+    def carried(self, neurons: np.ndarray) -> np.ndarray:
+        """Boolean mask: which of ``neurons`` this value carries (all but those a split cut off)."""
         neurons = np.asarray(neurons, dtype=np.int64)
+        if self.sources is None:
+            return np.ones(neurons.shape, dtype=bool)
+        return (neurons >= self.sources[0]) & (neurons < self.sources[1])
+
+    def sliced(self, start: int, stop: int) -> "Route | None":
+        """The route in the part ``start:stop`` of the channel dimension (None: no channel of the layer is in it)."""
+        lo, hi = start - self.offset, stop - self.offset
+        if self.sources is not None:
+            lo, hi = max(lo, self.sources[0]), min(hi, self.sources[1])
+        if hi <= lo:
+            return None
+        return Route(self.offset - start, self.channels, self.flat, self.ndim, self.dim, (lo, hi))
+
+    def indices(self, neurons: np.ndarray, width: int, where: str = "") -> np.ndarray:
+        """Indices along the channel dimension, in a value of ``width`` entries there, of the given
+        channels (those this value carries: see ``sources``)."""
+        neurons = np.asarray(neurons, dtype=np.int64)
+        if self.sources is not None:
+            neurons = neurons[self.carried(neurons)]
         if not self.flat:
             return self.offset + neurons
         if not self.channels or width % self.channels:

@@ -17,6 +17,10 @@ kind              how a layer's channels flow               weight edges        
 ``join``          summed with other branches (residual)      followed through           recomputed
 ``gate``          ``x * g(x)`` (squeeze-excitation)          followed through           recomputed
 ``cat``           offset along the channel dimension         followed                   carried through
+``split``         a part of the channel dimension (split,    followed: each part        recomputed from the
+                  chunk, narrow, slice; the inverse of       carries the channels in    split on
+                  ``cat``); along other dimensions (a        its window, at their
+                  spatial crop) unchanged                    offsets
 ``flatten``       channel-major features                     followed                   carried through
 ``permute``       channel dimension moves                    followed                   carried through
 ``mean``          spatial dims averaged                      followed                   carried through
@@ -114,6 +118,12 @@ ARITHMETIC = Handler(  # refined in classify: scalar/parameter -> unary or scale
     methods={"add", "add_", "sub", "sub_", "mul", "div", "mul_", "div_"},
 )
 CONCAT = Handler("cat", functions={torch.cat, torch.concat, torch.concatenate} | _ops("cat"))
+SPLIT = Handler(  # the inverse of cat: channel windows (x[:, a:b] is getitem in an fx graph)
+    "split",
+    functions={torch.split, torch.chunk, torch.narrow, operator.getitem}
+    | _ops("split.Tensor", "split_with_sizes", "chunk", "narrow", "slice.Tensor"),
+    methods={"split", "chunk", "narrow", "split_with_sizes"},
+)
 FLATTEN = Handler("flatten", modules=(nn.Flatten,), functions={torch.flatten, torch.reshape}
                   | _ops("flatten.using_ints", "view", "reshape", "_unsafe_view"), methods={"flatten", "view", "reshape"})
 PERMUTE = Handler("permute", functions={torch.permute, torch.transpose} | _ops("permute", "transpose.int"),
@@ -131,7 +141,7 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
 CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise functions (gelu_new)
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
-HANDLERS = [ACTIVATIONS, PASSING, POOLING, BATCH_NORM, NORMALIZATION, ARITHMETIC, CONCAT, FLATTEN, PERMUTE, MEAN,
+HANDLERS = [ACTIVATIONS, PASSING, POOLING, BATCH_NORM, NORMALIZATION, ARITHMETIC, CONCAT, SPLIT, FLATTEN, PERMUTE, MEAN,
             FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
 SHAPE_FUNCTIONS = {getattr} | _ops("sym_size.int", "sym_numel")

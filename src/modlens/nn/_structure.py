@@ -19,6 +19,8 @@ a conv that reads the residual stream is joined to every layer that writes to it
 
 from __future__ import annotations
 
+import operator
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -260,6 +262,15 @@ class Structure:
                     stack.append((user, nxt, scales))
                 elif kind == "cat":
                     stack.extend((user, r, scales) for r in self._cat_routes(start, node, user, route))
+                elif kind == "split":
+                    if self.tensor_inputs(user) != [node] or user.args[0] is not node:
+                        raise self._arg_error(start, user)
+                    parts = self._split_parts(start, user, route)
+                    if mode == "lesion" and parts is not None:
+                        sinks.append(Sink("mask", node, user, route))   # recomputed from the split on
+                    else:
+                        stack.extend((v, r, scales) for v, r in (parts or self._split_outputs(start, user, route))
+                                     if r is not None)
                 elif kind in _MIXING:
                     if route.flat:
                         raise UnsupportedModelError(
@@ -269,7 +280,7 @@ class Structure:
                     if kind == "norm" and user.args[0] is not node:
                         raise self._arg_error(start, user)
                     if mode == "weights":
-                        nxt = Route(route.offset, route.channels, False, self.ndim(user) or route.ndim, route.dim)
+                        nxt = replace(route, flat=False, ndim=self.ndim(user) or route.ndim)
                         stack.append((user, nxt, scales + (((user, route),) if kind == "norm" else ())))
                     else:
                         sinks.append(Sink("mask", node, user, route))
@@ -310,7 +321,7 @@ class Structure:
         out, offset = [], 0
         for a in _cat_inputs(user):
             if a is node:
-                out.append(Route(route.offset + offset, None, False, nd, route.dim))
+                out.append(replace(route, offset=route.offset + offset, channels=None, flat=False, ndim=nd))
             c = self.channels(a, route.dim)
             if c is None:
                 raise UnsupportedModelError(
@@ -319,6 +330,93 @@ class Structure:
                 )
             offset += c
         return out
+
+    def _split_outputs(self, start, user, route: Route) -> list[tuple]:
+        """(value, route) of each output of a split node, the route unchanged (a split along another dimension)."""
+        if "split" not in _name(user.target) and "chunk" not in _name(user.target):
+            return [(user, route)]
+        return [(g, route) for g in self._split_items(start, user)]
+
+    def _split_items(self, start, user) -> list[fx.Node]:
+        items = [u for u in user.users if u in self.live]
+        if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                   for u in items):
+            raise UnsupportedModelError(
+                f"the parts of {self.describe(user)} after layer '{start.target}' are used other than one by one "
+                "(x.split(...)[i]); modlens follows channel splits whose parts are taken by index")
+        return items
+
+    def _split_parts(self, start, user, route: Route) -> list[tuple] | None:
+        """(value, route) per part of a split/chunk/narrow/slice of the channel dimension, the route
+        None for a part without any of the layer's channels; None when the split is along another dimension."""
+        args, kw, name = list(user.args), user.kwargs, _name(user.target)
+
+        def arg(i, key, default):
+            return kw.get(key, args[i] if len(args) > i else default)
+
+        if user.target is operator.getitem:           # x[:, a:b] in an fx graph
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            axes = [(d, sl) for d, sl in enumerate(index) if sl != slice(None)]
+            if not all(isinstance(sl, slice) for sl in index) or len(axes) > 1:
+                raise UnsupportedModelError(
+                    f"{self.describe(user)} indexes the output of layer '{start.target}' with {args[1]!r}; modlens "
+                    "follows slices of one dimension (x[:, a:b]); use narrow or split for anything else")
+            if not axes:
+                return None
+            dim, sl = axes[0]
+            bounds, step = [(sl.start, sl.stop)], sl.step
+        elif "narrow" in name:
+            dim, begin, length = arg(1, "dim", 0), arg(2, "start", 0), arg(3, "length", 0)
+            bounds, step = [(begin, None, length)], 1
+        elif "slice" in name:
+            dim = arg(1, "dim", 0)
+            bounds, step = [(arg(2, "start", None), arg(3, "end", None))], arg(4, "step", 1)
+        else:                                          # split, split_with_sizes, chunk
+            dim = arg(2, "dim", 0)
+            bounds, step = None, 1
+        nd = route.ndim
+        if not isinstance(dim, int):
+            raise UnsupportedModelError(f"cannot tell along which dimension {self.describe(user)} splits the "
+                                        f"output of layer '{start.target}'")
+        dim %= nd
+        width = self.channels(user.args[0], dim) if dim else None
+        if dim != route.dim:
+            whole_batch = dim == 0 and bounds is not None and len(bounds[0]) == 2 and bounds[0][0] in (None, 0)
+            if dim == 0 and not whole_batch:
+                raise UnsupportedModelError(f"{self.describe(user)} splits the batch after layer '{start.target}'")
+            if route.flat and not whole_batch:
+                raise UnsupportedModelError(f"{self.describe(user)} slices a flattened value after layer "
+                                            f"'{start.target}'; modlens follows splits of unflattened channels")
+            return None
+        if route.flat:
+            raise UnsupportedModelError(f"{self.describe(user)} slices a flattened value after layer '{start.target}'; "
+                                        "modlens follows splits of unflattened channels")
+        if width is None:
+            raise UnsupportedModelError(f"cannot tell how many channels {self.describe(user)} splits after layer "
+                                        f"'{start.target}'")
+        if step not in (None, 1):
+            raise UnsupportedModelError(f"{self.describe(user)} takes every {step}th channel of layer "
+                                        f"'{start.target}'; modlens follows contiguous channel slices only")
+        if bounds is not None:
+            b = bounds[0]
+            if any(isinstance(v, fx.Node) for v in b):
+                raise UnsupportedModelError(f"{self.describe(user)} slices the channels of layer '{start.target}' at "
+                                            "a computed position; modlens follows slices at fixed channel offsets")
+            lo = 0 if b[0] is None else (b[0] + width if b[0] < 0 else b[0])
+            hi = (lo + b[2]) if len(b) == 3 else width if b[1] is None else (b[1] + width if b[1] < 0 else b[1])
+            return [(user, route.sliced(max(lo, 0), min(hi, width)))]
+        sizes = kw.get("split_size", kw.get("split_sizes", kw.get("split_size_or_sections", args[1] if len(args) > 1
+                                                                  else None)))
+        if "chunk" in name:
+            n = arg(1, "chunks", 1)
+            size = -(-width // n)
+            sizes = [min(size, width - i) for i in range(0, width, size)]
+        elif isinstance(sizes, int):
+            sizes = [min(sizes, width - i) for i in range(0, width, sizes)]
+        edges = [0]
+        for sz in sizes:
+            edges.append(edges[-1] + int(sz))
+        return [(g, route.sliced(edges[g.args[1]], edges[g.args[1] + 1])) for g in self._split_items(start, user)]
 
     def _through(self, start, user, kind, route: Route) -> Route:
         nd_out = self.ndim(user)
@@ -330,7 +428,8 @@ class Structure:
                     f"{self.describe(user)} flattens a channels-last value after layer '{start.target}'; modlens "
                     "follows channel-major flattening only (permute to channels-first before flattening)"
                 )
-            return Route(route.offset, self.channels((self.tensor_inputs(user) or [user.args[0]])[0]), True, 2, 1)
+            return replace(route, channels=self.channels((self.tensor_inputs(user) or [user.args[0]])[0]), flat=True,
+                           ndim=2, dim=1)
         if kind == "permute":
             if route.flat:
                 raise UnsupportedModelError(f"{self.describe(user)} permutes a flattened value after layer "
@@ -338,10 +437,10 @@ class Structure:
             if "permute" in str(user.target):
                 perm = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
                 perm = [p % route.ndim for p in perm]
-                return Route(route.offset, route.channels, False, route.ndim, perm.index(route.dim))
+                return replace(route, dim=perm.index(route.dim))
             d0, d1 = (a % route.ndim for a in user.args[1:3])
             new = d1 if route.dim == d0 else d0 if route.dim == d1 else route.dim
-            return Route(route.offset, route.channels, False, route.ndim, new)
+            return replace(route, dim=new)
         if kind == "mean":
             dims = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
             dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
@@ -354,10 +453,9 @@ class Structure:
                 )
             if keep:
                 return route
-            return Route(route.offset, route.channels, False, route.ndim - len(norm),
-                         route.dim - sum(d < route.dim for d in norm))
+            return replace(route, ndim=route.ndim - len(norm), dim=route.dim - sum(d < route.dim for d in norm))
         if nd_out is not None and not route.flat and nd_out != route.ndim:
-            return Route(route.offset, route.channels, False, nd_out, route.dim)
+            return replace(route, ndim=nd_out)
         return route
 
     def _check_layout(self, start, user, route: Route) -> None:
@@ -455,6 +553,10 @@ def _ancestors_of(node) -> set[fx.Node]:
         seen.add(n)
         todo.extend(n.all_input_nodes)
     return seen
+
+
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _cat_inputs(node: fx.Node) -> list:

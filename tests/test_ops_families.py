@@ -1,0 +1,198 @@
+"""Issue 20: operation families of library models (timm, torchvision, Hugging Face): channel
+splits. Each family: capture, the weight graph it gives, and lesions of every layer, the
+incremental engine equal to the plain oracle in float64; planted modules where the family has
+neurons of its own."""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import adjusted_rand_score
+from torch import nn
+
+import modlens
+from modlens.nn.adapter import NetworkAdapter, UnsupportedModelError
+from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
+from test_capture_ops import _train
+from planted import block_masks
+from test_cnn_models import planted_images
+
+pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
+
+
+# ----- small models of each family ----------------------------------------------------------------
+class ChannelSplitNet(nn.Module):
+    """split, split_with_sizes, narrow, slice and chunk of conv channels (CSPNet, Res2Net, GhostNet style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.a = nn.Conv2d(6, 6, 3, padding=1)
+        self.b = nn.Conv2d(4, 6, 1)
+        self.c = nn.Conv2d(5, 4, 3, padding=1)
+        self.mix = nn.Conv2d(6 + 6 + 4 + 2, 8, 1)
+        self.fc = nn.Linear(8 + 3, 4)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.stem(x)))
+        xs, xb = h.split(6, dim=1)                    # CSP: one half passes by, the other is transformed
+        p, _, r = torch.split(h, [4, 5, 3], dim=1)
+        a = F.relu(self.a(xb))
+        b = F.relu(self.b(p))
+        c = self.c(h.narrow(1, 3, 5))
+        m = F.relu(self.mix(torch.cat([a, b, c, xs[:, 1:3]], 1)))
+        m1, m2 = m.chunk(2, dim=1)
+        return self.fc(torch.cat([m1.mean((2, 3)), m2.mean((2, 3)), r.mean((2, 3))], 1))
+
+
+FAMILIES = {
+    "channel-split": (ChannelSplitNet, (3, 8, 8)),
+}
+
+
+def _randomize(model):
+    """Random batch-norm statistics, weights scaled up so that random inputs get varied predictions."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            m.weight.mul_(2.5)
+            if m.bias is not None:
+                m.bias.zero_()
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+def _oracle_check(model, shape, capture="auto"):
+    torch.manual_seed(0)
+    model = model.double().eval()
+    with torch.no_grad():
+        _randomize(model)
+    x = torch.randn(48, *shape, dtype=torch.float64)
+    a = NetworkAdapter(model, x[:2], capture=capture)
+    with torch.no_grad():  # centre the logits so that random inputs get varied predictions
+        a.output_module.bias -= model(x).mean(0)
+        y = model(x).argmax(-1)
+    assert len(y.unique()) > 1
+    ev = IncrementalLesions(a, x, y)
+    rng = np.random.default_rng(0)
+    changed = 0
+    for layer, width in enumerate(a.layer_sizes):
+        sets = [rng.choice(width, size=k, replace=False) for k in (1, max(1, width // 3), max(1, width // 2))]
+        fast = ev.correct_counts(layer, sets)
+        np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y), err_msg=a.layer_names[layer])
+        changed += int((fast != ev.baseline).any())
+    assert changed >= 1
+    return a
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_incremental_equals_plain_oracle(family):
+    make, shape = FAMILIES[family]
+    torch.manual_seed(0)
+    a = _oracle_check(make(), shape)
+    assert a.capture_method == "export"
+
+
+# ----- channel splits --------------------------------------------------------------------------------
+def _l1(conv):
+    return conv.weight.detach().abs().double().sum((2, 3)).numpy()
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_channel_splits_carry_each_part_at_its_offset(capture):
+    torch.manual_seed(0)
+    m = ChannelSplitNet().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8), capture=capture)
+    assert a.capture_method == capture and a.layer_names == ["stem", "a", "b", "c", "mix"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    assert set(blocks) == {("stem", "a"), ("stem", "b"), ("stem", "c"), ("stem", "mix"), ("a", "mix"),
+                           ("b", "mix"), ("c", "mix")}
+    expected = np.zeros((6, 12))
+    expected[:, 6:] = _l1(m.a)                       # xb = h[:, 6:12]
+    np.testing.assert_allclose(blocks[("stem", "a")], expected)
+    expected = np.zeros((6, 12))
+    expected[:, :4] = _l1(m.b)                       # p = h[:, 0:4]
+    np.testing.assert_allclose(blocks[("stem", "b")], expected)
+    expected = np.zeros((4, 12))
+    expected[:, 3:8] = _l1(m.c)                      # narrow(1, 3, 5)
+    np.testing.assert_allclose(blocks[("stem", "c")], expected)
+    expected = np.zeros((8, 12))
+    expected[:, 1:3] = _l1(m.mix)[:, 16:18]          # xs[:, 1:3] = h[:, 1:3] at offset 16 of the cat
+    np.testing.assert_allclose(blocks[("stem", "mix")], expected)
+    np.testing.assert_allclose(blocks[("c", "mix")], _l1(m.mix)[:, 12:16])
+    # lesions: the stem's channels are zeroed where they enter the splits, and everything after is recomputed
+    sinks = a.structure.sinks[a.layer_node(0)]
+    assert {s.kind for s in sinks} == {"mask"} and len({s.value for s in sinks}) == 1
+
+
+def test_channel_split_lesions_match_the_oracle_in_an_fx_graph():
+    _oracle_check(ChannelSplitNet(), (3, 8, 8), capture="fx")
+
+
+def test_strided_channel_slice_is_refused_in_one_line():
+    class Strided(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.c(x)[:, ::2].mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        NetworkAdapter(Strided(), torch.randn(2, 3, 4, 4))
+    msg = str(info.value)
+    assert "every 2th channel" in msg and "'c'" in msg and "\n" not in msg
+
+
+class PlantedSplitCNN(nn.Module):
+    """CSP-style: a grouped stem (one group per module), its channels split in two halves that two
+    grouped convs transform (modules 0-1 and 2-3), concatenated and mixed by a grouped conv."""
+
+    def __init__(self, n_modules=4, width=16):
+        super().__init__()
+        half = width // 2
+        self.stem, self.bn = nn.Conv2d(n_modules, width, 3, padding=1, groups=n_modules), nn.BatchNorm2d(width)
+        self.a = nn.Conv2d(half, half, 3, padding=1, groups=n_modules // 2)
+        self.b = nn.Conv2d(half, half, 3, padding=1, groups=n_modules // 2)
+        self.mix = nn.Conv2d(width, width, 3, padding=1, groups=n_modules)
+        self.drop, self.half = nn.Dropout2d(0.2), half
+        self.out = nn.Linear(width, 2 * n_modules)
+
+    def forward(self, x):
+        h = self.drop(F.relu(self.bn(self.stem(x))))
+        first, _ = h.split(self.half, dim=1)
+        h = torch.cat([F.relu(self.a(first)), F.relu(self.b(h[:, self.half:]))], 1)
+        h = self.drop(F.max_pool2d(h, 2))
+        h = F.relu(self.mix(h))
+        return self.out(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def planted_split_cnn(n_modules=4, width=16, epochs=12, seed=0):
+    torch.manual_seed(seed)
+    model = PlantedSplitCNN(n_modules, width)
+    x, y = planted_images(2000, n_modules=n_modules, seed=seed)
+    _train(model, x, y, epochs, seed, [(model.out, block_masks([width, 2 * n_modules], n_modules)[0])])
+    per = width // n_modules
+    whole = np.repeat(np.arange(n_modules), per)
+    return model, (whole, whole[: width // 2], whole[width // 2:], whole)
+
+
+def test_planted_modules_through_a_channel_split_are_recovered_and_detected():
+    model, groups = planted_split_cnn()
+    test, held = planted_images(600, seed=1), planted_images(300, seed=2)[0]
+    with torch.no_grad():
+        assert (model(test[0]).argmax(-1) == test[1]).float().mean() > 0.9
+    part = modlens.partition(model, "weights/global", n_clusters=4, data=held, random_state=0)
+    assert len(part.labels) == 4
+    for labels, truth in zip(part.labels, groups):
+        assert adjusted_rand_score(truth, labels) == 1.0
+    res = modlens.analyze(model, test, activation_data=held, n_clusters=4, random_state=0,
+                          partitionings=["weights/global"])
+    row = res.summary.set_index(["partitioning", "metric"]).loc[("weights/global", "acc_drop")]
+    assert row["n_subclusters"] == 12
+    assert row["p_value"] < 1e-4 and row["significant"]
+
