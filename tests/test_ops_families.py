@@ -1,5 +1,5 @@
 """Issue 20: operation families of library models (timm, torchvision, Hugging Face): channel
-splits. Each family: capture, the weight graph it gives, and lesions of every layer, the
+splits, ... Each family: capture, the weight graph it gives, and lesions of every layer, the
 incremental engine equal to the plain oracle in float64; planted modules where the family has
 neurons of its own."""
 
@@ -47,8 +47,39 @@ class ChannelSplitNet(nn.Module):
         return self.fc(torch.cat([m1.mean((2, 3)), m2.mean((2, 3)), r.mean((2, 3))], 1))
 
 
+class ComputedBiasViT(nn.Module):
+    """BEiT/EVA attention: ``F.linear(x, self.qkv.weight, cat(q_bias, zeros, v_bias))``, the key bias
+    computed in forward; an MLP per block, a residual stream of tokens (B, T, C)."""
+
+    def __init__(self, d=8, hidden=16, heads=2, depth=2, n_classes=4):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(5, d)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            blk = nn.Module()
+            blk.norm1, blk.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            blk.qkv, blk.proj = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d)
+            blk.q_bias, blk.v_bias = nn.Parameter(torch.randn(d) * 0.5), nn.Parameter(torch.randn(d) * 0.5)
+            blk.fc1, blk.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+            self.blocks.append(blk)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, n_classes)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, t, d = x.shape
+        for blk in self.blocks:
+            bias = torch.cat((blk.q_bias, torch.zeros_like(blk.v_bias), blk.v_bias))
+            qkv = F.linear(blk.norm1(x), blk.qkv.weight, bias).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, t, d)
+            x = x + blk.proj(h)
+            x = x + blk.fc2(F.gelu(blk.fc1(blk.norm2(x))))
+        return self.head(self.norm(x).mean(1))
+
+
 FAMILIES = {
     "channel-split": (ChannelSplitNet, (3, 8, 8)),
+    "computed-bias-attention": (ComputedBiasViT, (6, 5)),
 }
 
 
@@ -196,3 +227,14 @@ def test_planted_modules_through_a_channel_split_are_recovered_and_detected():
     assert row["n_subclusters"] == 12
     assert row["p_value"] < 1e-4 and row["significant"]
 
+
+# ----- a layer whose weight is a parameter and whose bias is computed -----------------------------------
+def test_linear_with_a_computed_bias_is_a_layer_plus_the_bias():
+    torch.manual_seed(0)
+    m = ComputedBiasViT().eval()
+    x = torch.randn(3, 6, 5)
+    a = NetworkAdapter(m, x)
+    assert a.layer_names == ["blocks.0.fc1", "blocks.1.fc1"]
+    qkv = a.gm.get_submodule("blocks.0.qkv")
+    assert isinstance(qkv, nn.Linear) and qkv.bias is None and qkv.weight is m.blocks[0].qkv.weight
+    torch.testing.assert_close(a.values([], logits=True)(x), m(x))
