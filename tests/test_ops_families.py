@@ -51,9 +51,10 @@ class ComputedBiasViT(nn.Module):
     """BEiT/EVA attention: ``F.linear(x, self.qkv.weight, cat(q_bias, zeros, v_bias))``, the key bias
     computed in forward; an MLP per block, a residual stream of tokens (B, T, C)."""
 
-    def __init__(self, d=8, hidden=16, heads=2, depth=2, n_classes=4):
+    def __init__(self, d=8, hidden=16, heads=2, depth=2, n_classes=4, distilled=False):
         super().__init__()
         self.heads = heads
+        self.head_dist = nn.Linear(d, n_classes) if distilled else None
         self.embed = nn.Linear(5, d)
         self.blocks = nn.ModuleList()
         for _ in range(depth):
@@ -74,12 +75,36 @@ class ComputedBiasViT(nn.Module):
             h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, t, d)
             x = x + blk.proj(h)
             x = x + blk.fc2(F.gelu(blk.fc1(blk.norm2(x))))
+        if self.head_dist is not None:  # DeiT-distilled: the mean of the class and distillation heads
+            return (self.head(self.norm(x)[:, 0]) + self.head_dist(self.norm(x)[:, 1])) / 2
         return self.head(self.norm(x).mean(1))
 
 
+class DistilledCNN(nn.Module):
+    """LeViT / EfficientFormer / DeiT-distilled: the scores are the mean of a class head and a
+    distillation head; ``stacked`` sums the heads as EfficientViM does (``torch.stack(hs).sum(0)``)."""
+
+    def __init__(self, stacked=False):
+        super().__init__()
+        self.stacked = stacked
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head, self.head_dist = nn.Linear(8, 4), nn.Linear(8, 4)
+        self.pre = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.bn(self.c1(x))))).mean((2, 3))
+        if self.stacked:
+            return torch.stack([self.head(h), self.head_dist(F.relu(self.pre(h)))]).sum(0)
+        return (self.head(h) + self.head_dist(F.relu(self.pre(h)))) / 2
+
+
 FAMILIES = {
+    "heads-mean": (DistilledCNN, (3, 8, 8)),
+    "heads-stack-sum": (lambda: DistilledCNN(stacked=True), (3, 8, 8)),
     "channel-split": (ChannelSplitNet, (3, 8, 8)),
     "computed-bias-attention": (ComputedBiasViT, (6, 5)),
+    "distilled-transformer": (lambda: ComputedBiasViT(distilled=True), (6, 5)),
 }
 
 
@@ -104,7 +129,8 @@ def _oracle_check(model, shape, capture="auto"):
     x = torch.randn(48, *shape, dtype=torch.float64)
     a = NetworkAdapter(model, x[:2], capture=capture)
     with torch.no_grad():  # centre the logits so that random inputs get varied predictions
-        a.output_module.bias -= model(x).mean(0)
+        for _ in range(4):   # (a head whose scores are averaged with others moves them by a fraction)
+            a.output_module.bias -= model(x).mean(0)
         y = model(x).argmax(-1)
     assert len(y.unique()) > 1
     ev = IncrementalLesions(a, x, y)
@@ -238,3 +264,49 @@ def test_linear_with_a_computed_bias_is_a_layer_plus_the_bias():
     qkv = a.gm.get_submodule("blocks.0.qkv")
     assert isinstance(qkv, nn.Linear) and qkv.bias is None and qkv.weight is m.blocks[0].qkv.weight
     torch.testing.assert_close(a.values([], logits=True)(x), m(x))
+
+
+# ----- several heads -------------------------------------------------------------------------------
+@pytest.mark.parametrize("stacked", [False, True])
+def test_heads_whose_scores_are_averaged_are_output_layers(stacked):
+    torch.manual_seed(0)
+    m = DistilledCNN(stacked).eval()
+    x = torch.randn(3, 3, 8, 8)
+    a = NetworkAdapter(m, x)
+    assert a.layer_names == ["c1", "c2"] and a.n_classes == 4      # a CNN's dense layers are left out by default
+    assert [n.target for n in a.structure.output_layers] == ["head", "head_dist"]
+    torch.testing.assert_close(a.values([], logits=True)(x), m(x))
+    b = NetworkAdapter(m, x, include_dense=True)
+    assert b.layer_names == ["c1", "c2", "pre"]
+    part = modlens.partition(b, "weights/global", n_clusters=2, random_state=0)
+    assert len(part.labels) == 3
+
+
+def test_mlp_with_two_heads_sums_their_edges_in_the_weight_graph():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 6)
+            self.head, self.head_dist = nn.Linear(6, 3), nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = F.relu(self.fc2(F.relu(self.fc1(x))))
+            return (self.head(h) + self.head_dist(h)) / 2
+
+    m = TwoHeads()
+    a = NetworkAdapter(m, torch.randn(2, 5))
+    blocks = {(i, j): b for i, j, b in a.weight_blocks()}
+    expected = (m.head.weight.abs() + m.head_dist.weight.abs()).detach().double().numpy()
+    np.testing.assert_allclose(blocks[(2, 3)], expected)
+
+
+def test_distilled_transformer_head_is_the_sum_of_both_heads_in_the_residual_graph():
+    torch.manual_seed(0)
+    m = ComputedBiasViT(distilled=True).eval()
+    x = torch.randn(3, 6, 5)
+    a = NetworkAdapter(m, x)
+    assert a.layer_names == ["blocks.0.fc1", "blocks.1.fc1"]
+    head = a.residual_parts()["head"]
+    np.testing.assert_allclose(head, (m.head.weight + m.head_dist.weight).detach().double().numpy())
+    torch.testing.assert_close(a.values([], logits=True)(x), m(x))
+    assert len(modlens.partition(a, "weights/global", n_clusters=2, random_state=0).labels) == 2

@@ -25,6 +25,9 @@ kind              how a layer's channels flow               weight edges        
 ``permute``       channel dimension moves                    followed                   carried through
 ``mean``          spatial dims averaged                      followed                   carried through
 ``final``         softmax after the output layer             --                         --
+``sum``,          several output layers (heads) combined:    --                         --
+``stack``         ``torch.stack(heads).sum(0)`` (and
+                  ``head(x) + head_dist(x)``, a ``join``)
 ``attention``     mixed across tokens (a product of two      not a neuron layer;        recomputed
                   activations: the model is a transformer)   residual paths only
 ``take_tokens``   one position per sequence read after the   --                         recomputed
@@ -129,6 +132,8 @@ FLATTEN = Handler("flatten", modules=(nn.Flatten,), functions={torch.flatten, to
 PERMUTE = Handler("permute", functions={torch.permute, torch.transpose} | _ops("permute", "transpose.int"),
                   methods={"permute", "transpose"})
 MEAN = Handler("mean", functions={torch.mean} | _ops("mean.dim"), methods={"mean"})
+SUM = Handler("sum", functions={torch.sum} | _ops("sum.dim_IntList"), methods={"sum"})  # of stacked heads only
+STACK = Handler("stack", functions={torch.stack} | _ops("stack"))  # of the output heads only
 FINAL = Handler("final", modules=(nn.Softmax, nn.LogSoftmax),
                 functions={F.softmax, F.log_softmax, torch.softmax, torch.log_softmax} | _ops("softmax.int", "_softmax",
                                                                                                "log_softmax.int"),
@@ -142,7 +147,7 @@ CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
 HANDLERS = [ACTIVATIONS, PASSING, POOLING, BATCH_NORM, NORMALIZATION, ARITHMETIC, CONCAT, SPLIT, FLATTEN, PERMUTE, MEAN,
-            FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
+            SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
 SHAPE_FUNCTIONS = {getattr} | _ops("sym_size.int", "sym_numel")
 SIZE_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv}

@@ -60,7 +60,8 @@ class Structure:
                 f"{type(gm).__name__} has no nn.Linear or nn.Conv1d/Conv2d layer whose output reaches the model "
                 "output; modlens needs at least one hidden layer to find neurons to cluster"
             )
-        self.output_layer = self._find_output_layer()
+        self.output_layers, self.logits_node = self._find_output_layers()
+        self.output_layer = self.output_layers[0]
         self.all_nodes = nodes
         self.mlps = []
         if self.transformer:  # attention: the neurons are the blocks' MLP units (nn/_transformer.py)
@@ -68,7 +69,7 @@ class Structure:
             self.layer_nodes = [m.node for m in self.mlps]
             self.sinks = {m.node: [mlp_sink(self, m)] for m in self.mlps}
             return
-        self.layer_nodes = [n for n in nodes if n is not self.output_layer]
+        self.layer_nodes = [n for n in nodes if n not in self.output_layers]
         self.sinks = {n: self.walk(n) for n in self.layer_nodes}
 
     # ----- classification ----------------------------------------------------------------
@@ -474,22 +475,65 @@ class Structure:
                 f"conv layer '{user.target}' reads a flattened, dense or channels-last value from layer '{start.target}'"
             )
 
-    def _find_output_layer(self) -> fx.Node:
-        node = self.output
-        while self.kind(node) != "layer":
-            kind = self.kind(node)
-            if kind == "take_tokens":  # one position per sequence, read after a per-position output layer
-                node = node.args[0]
-                continue
-            ins = self.tensor_inputs(node)
-            if kind not in ("unary", "final", "flatten", "bn", "scale") or len(ins) != 1:
-                raise UnsupportedModelError(
-                    f"the model output is computed by {self.describe(node)}, not by a final nn.Linear or nn.Conv "
-                    "layer followed only by element-wise operations or a softmax; modlens takes the last layer's "
-                    "outputs as the class scores (pass output= to select the logits)"
-                )
-            node = ins[0]
-        return node
+    def _find_output_layers(self) -> tuple[list[fx.Node], fx.Node]:
+        """The layers whose outputs are the class scores, and the node holding the scores.
+
+        Usually one final Linear/Conv followed only by element-wise operations or a softmax; a model
+        may also average or add several heads (a distilled model's class and distillation heads:
+        ``(head(x) + head_dist(x)) / 2``, ``torch.stack(heads).sum(0)``). Then every head is an output
+        layer (not a neuron layer), and the scores are the combined value."""
+        heads: list[fx.Node] = []
+        combined = None
+        todo = [self.output]
+        while todo:
+            node = todo.pop()
+            while self.kind(node) != "layer":
+                kind = self.kind(node)
+                if kind == "take_tokens":  # one position per sequence, read after a per-position output layer
+                    node = node.args[0]
+                    continue
+                ins = self.tensor_inputs(node)
+                parts = self._head_parts(node, kind, ins)
+                if parts is not None:
+                    combined = combined or node
+                    todo.extend(parts)
+                    break
+                if kind not in ("unary", "final", "flatten", "bn", "scale") or len(ins) != 1:
+                    raise UnsupportedModelError(
+                        f"the model output is computed by {self.describe(node)}, not by a final nn.Linear or nn.Conv "
+                        "layer (or a sum or mean of several) followed only by element-wise operations or a softmax; "
+                        "modlens takes the last layer's outputs as the class scores (pass output= to select the logits)"
+                    )
+                node = ins[0]
+            else:
+                if node not in heads:
+                    heads.append(node)
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        heads.sort(key=order.__getitem__)
+        if combined is None:
+            return heads, heads[0]
+        # the scores: the combination, after the element-wise operations that follow it but before a softmax
+        logits = combined
+        while logits is not self.output:
+            users = [u for u in logits.users if u in self.live and self.kind(u) != "shape"]
+            if len(users) != 1 or self.kind(users[0]) not in ("unary", "scale"):
+                break
+            logits = users[0]
+        return heads, logits
+
+    def _head_parts(self, node: fx.Node, kind: str, ins: list) -> list | None:
+        """The heads a node adds (``a + b``) or sums/averages over a stack (``stack(hs).sum(0)``), or None."""
+        if kind == "join" and "add" in _name(node.target) and len(ins) == 2:
+            return ins
+        if kind in ("sum", "mean") and len(ins) == 1 and self.kind(ins[0]) == "stack":
+            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            stack = ins[0]
+            stack_dim = stack.kwargs.get("dim", stack.args[1] if len(stack.args) > 1 else 0)
+            if dims == (0,) and stack_dim == 0 and not keep:
+                return list(stack.args[0])
+        return None
 
     def bn_chain(self, node: fx.Node) -> list[nn.Module]:
         """Batch norms that normalize ``node``'s channels before any branch or join (row 3)."""
