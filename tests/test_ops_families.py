@@ -99,7 +99,27 @@ class DistilledCNN(nn.Module):
         return (self.head(h) + self.head_dist(F.relu(self.pre(h)))) / 2
 
 
+class PaddedNet(nn.Module):
+    """Spatial paddings (F.pad reflect, nn.ZeroPad2d, a negative pad that crops) and the CIFAR ResNet
+    "option A" shortcut that pads the channel dimension: ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 8, 3, stride=2)
+        self.zero = nn.ZeroPad2d((1, 0, 1, 0))
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c1(F.pad(x, (1, 1, 1, 1), mode="reflect")))
+        short = F.pad(h[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2))
+        h = F.relu(self.c2(self.zero(h)) + short)
+        h = F.pad(F.relu(self.c3(h)), (-1, -1, -1, -1))
+        return self.fc(h.mean((2, 3)))
+
+
 FAMILIES = {
+    "padding": (PaddedNet, (3, 8, 8)),
     "heads-mean": (DistilledCNN, (3, 8, 8)),
     "heads-stack-sum": (lambda: DistilledCNN(stacked=True), (3, 8, 8)),
     "channel-split": (ChannelSplitNet, (3, 8, 8)),
@@ -310,3 +330,17 @@ def test_distilled_transformer_head_is_the_sum_of_both_heads_in_the_residual_gra
     np.testing.assert_allclose(head, (m.head.weight + m.head_dist.weight).detach().double().numpy())
     torch.testing.assert_close(a.values([], logits=True)(x), m(x))
     assert len(modlens.partition(a, "weights/global", n_clusters=2, random_state=0).labels) == 2
+
+
+# ----- padding --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_channel_padding_is_an_offset_and_spatial_padding_passes_channels(capture):
+    torch.manual_seed(0)
+    m = PaddedNet().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8), capture=capture)
+    assert a.layer_names == ["c1", "c2", "c3"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks()}
+    c3 = m.c3.weight.detach().abs().double().sum((2, 3)).numpy()
+    np.testing.assert_allclose(blocks[("c1", "c3")], c3[:, 2:6])     # c1's 4 channels at offset 2 of the sum
+    np.testing.assert_allclose(blocks[("c2", "c3")], c3)
+    np.testing.assert_allclose(blocks[("c1", "c2")], m.c2.weight.detach().abs().double().sum((2, 3)).numpy())

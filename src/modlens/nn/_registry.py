@@ -9,7 +9,10 @@ kind              how a layer's channels flow               weight edges        
 ``layer``         end here (Linear, Conv, grouped Conv)      the layer's weights        correction or
                                                                                         recompute
 ``unary``         unchanged (activation, dropout, pool,      --                         carried through
-                  pad, scalar/parameter arithmetic)
+                  scalar/parameter arithmetic)
+``pad``           unchanged (spatial padding); padding of    followed                   carried through;
+                  the channel dimension: an offset, as                                  recomputed from a
+                  ``cat`` with zeros                                                    channel pad on
 ``bn``            unchanged                                  ``gamma/sqrt(var+eps)``    carried through
 ``scale``         unchanged (layer scale: ``p * x``)         ``|p_c|``                  carried through
 ``norm``          mixed per sample (LayerNorm, GroupNorm,    ``|gamma_c|``              recomputed from
@@ -104,11 +107,18 @@ PASSING = Handler(  # identity in eval: dropout, stochastic depth, copies and ca
 POOLING = Handler(  # per channel over space (and spatial padding)
     "unary",
     modules=(nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d, nn.ZeroPad2d, nn.ConstantPad2d),
+             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d),
     functions={F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d}
-    | _ops("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-           "pad", "constant_pad_nd"),
+    | _ops("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d"),
+)
+PAD = Handler(  # spatial padding is per channel; padding of the channel dimension moves channels (an offset)
+    "pad",
+    modules=(nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+             nn.ReplicationPad1d, nn.ReplicationPad2d, nn.CircularPad1d, nn.CircularPad2d),
+    functions={F.pad, torch.constant_pad_nd}
+    | _ops("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
+           "replication_pad2d", "_pad_circular"),
 )
 BATCH_NORM = Handler("bn", modules=BATCH_NORMS)
 NORMALIZATION = Handler("norm", modules=NORMS)
@@ -146,7 +156,7 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
 CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise functions (gelu_new)
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
-HANDLERS = [ACTIVATIONS, PASSING, POOLING, BATCH_NORM, NORMALIZATION, ARITHMETIC, CONCAT, SPLIT, FLATTEN, PERMUTE, MEAN,
+HANDLERS = [ACTIVATIONS, PASSING, POOLING, PAD, BATCH_NORM, NORMALIZATION, ARITHMETIC, CONCAT, SPLIT, FLATTEN, PERMUTE, MEAN,
             SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
 SHAPE_FUNCTIONS = {getattr} | _ops("sym_size.int", "sym_numel")

@@ -213,7 +213,7 @@ class Structure:
         if kind == "layer":
             m = self.module(node)
             return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        if kind in ("unary", "bn", "scale", "final", "mean", "norm") and node.args:
+        if kind in ("unary", "bn", "scale", "final", "mean", "norm", "pad") and node.args:
             return self.channels(self.tensor_inputs(node)[0] if self.tensor_inputs(node) else node.args[0])
         if kind in ("join", "gate"):
             return next((c for c in map(self.channels, node.args) if c is not None), None)
@@ -263,6 +263,14 @@ class Structure:
                     stack.append((user, nxt, scales))
                 elif kind == "cat":
                     stack.extend((user, r, scales) for r in self._cat_routes(start, node, user, route))
+                elif kind == "pad":
+                    if self.tensor_inputs(user) != [node] or user.args[0] is not node:
+                        raise self._arg_error(start, user)
+                    moved, nxt = self._pad_route(start, user, route)
+                    if moved and mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))   # channels move: recomputed from here
+                    elif nxt is not None:
+                        stack.append((user, nxt, scales))
                 elif kind == "split":
                     if self.tensor_inputs(user) != [node] or user.args[0] is not node:
                         raise self._arg_error(start, user)
@@ -332,6 +340,33 @@ class Structure:
             offset += c
         return out
 
+    def _pad_route(self, start, user, route: Route) -> tuple[bool, Route | None]:
+        """(whether the padding pads or crops the channel dimension, the route after it: None when no
+        channel of the layer is left)."""
+        if user.op == "call_module":
+            pad = self.module(user).padding
+            pad = list(pad) if isinstance(pad, (tuple, list)) else [pad] * 2
+        else:
+            pad = user.kwargs.get("pad", user.args[1] if len(user.args) > 1 else ())
+            pad = list(pad)
+        nd = route.ndim
+        if any(isinstance(p, fx.Node) for p in pad):
+            raise UnsupportedModelError(f"{self.describe(user)} pads the output of layer '{start.target}' by a "
+                                        "computed amount; modlens follows paddings of fixed size")
+        # pad[2i], pad[2i + 1]: before and after dimension nd - 1 - i
+        before = {nd - 1 - i: (pad[2 * i], pad[2 * i + 1]) for i in range(len(pad) // 2)}
+        if not any(before.get(route.dim, (0, 0))):
+            return False, route
+        if route.flat or route.dim == 0:
+            raise UnsupportedModelError(f"{self.describe(user)} pads the channels of a flattened value after layer "
+                                        f"'{start.target}'")
+        front, back = before[route.dim]
+        width = self.channels(user.args[0], route.dim)
+        if width is None:
+            raise UnsupportedModelError(f"cannot tell how many channels {self.describe(user)} pads after layer "
+                                        f"'{start.target}'")
+        return True, route.sliced(-front, width + back)
+
     def _split_outputs(self, start, user, route: Route) -> list[tuple]:
         """(value, route) of each output of a split node, the route unchanged (a split along another dimension)."""
         if "split" not in _name(user.target) and "chunk" not in _name(user.target):
@@ -357,15 +392,17 @@ class Structure:
 
         if user.target is operator.getitem:           # x[:, a:b] in an fx graph
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
-            axes = [(d, sl) for d, sl in enumerate(index) if sl != slice(None)]
-            if not all(isinstance(sl, slice) for sl in index) or len(axes) > 1:
+            if not all(isinstance(sl, slice) for sl in index) or (index and index[0] != slice(None)):
                 raise UnsupportedModelError(
                     f"{self.describe(user)} indexes the output of layer '{start.target}' with {args[1]!r}; modlens "
-                    "follows slices of one dimension (x[:, a:b]); use narrow or split for anything else")
-            if not axes:
+                    "follows slices (x[:, a:b], x[:, :, ::2]) of all samples; use narrow or split for anything else")
+            sl = index[route.dim] if route.dim < len(index) else slice(None)
+            if sl == slice(None):
+                if route.flat and any(i != slice(None) for i in index):
+                    raise UnsupportedModelError(f"{self.describe(user)} slices a flattened value after layer "
+                                                f"'{start.target}'; modlens follows splits of unflattened channels")
                 return None
-            dim, sl = axes[0]
-            bounds, step = [(sl.start, sl.stop)], sl.step
+            dim, bounds, step = route.dim, [(sl.start, sl.stop)], sl.step
         elif "narrow" in name:
             dim, begin, length = arg(1, "dim", 0), arg(2, "start", 0), arg(3, "length", 0)
             bounds, step = [(begin, None, length)], 1
@@ -498,7 +535,7 @@ class Structure:
                     combined = combined or node
                     todo.extend(parts)
                     break
-                if kind not in ("unary", "final", "flatten", "bn", "scale") or len(ins) != 1:
+                if kind not in ("unary", "final", "flatten", "bn", "scale", "pad") or len(ins) != 1:
                     raise UnsupportedModelError(
                         f"the model output is computed by {self.describe(node)}, not by a final nn.Linear or nn.Conv "
                         "layer (or a sum or mean of several) followed only by element-wise operations or a softmax; "
@@ -540,7 +577,7 @@ class Structure:
         bns = []
         while True:
             users = [u for u in node.users if u in self.live and self.kind(u) != "shape"]
-            if len(users) != 1 or self.kind(users[0]) not in ("unary", "bn"):
+            if len(users) != 1 or self.kind(users[0]) not in ("unary", "bn", "pad"):
                 return bns
             node = users[0]
             if node.op == "call_module" and is_bn(self.module(node)):
