@@ -118,7 +118,49 @@ class PaddedNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class GRN(nn.Module):
+    """ConvNeXt-V2's global response normalization, channels-first (timm) or channels-last (the paper's code)."""
+
+    def __init__(self, dim, channels_last=False):
+        super().__init__()
+        self.channels_last = channels_last
+        shape = (1, 1, 1, dim) if channels_last else (1, dim, 1, 1)
+        self.gamma, self.beta = nn.Parameter(torch.rand(shape) + 0.5), nn.Parameter(torch.randn(shape) * 0.1)
+
+    def forward(self, x):
+        if self.channels_last:
+            gx = torch.norm(x, p=2, dim=(1, 2), keepdim=True)
+            nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+            return self.gamma * (x * nx) + self.beta + x
+        gx = torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True)
+        nx = gx / (gx.mean(dim=1, keepdim=True) + 1e-6)
+        return x + torch.addcmul(self.beta, self.gamma, x * nx)
+
+
+class GRNNet(nn.Module):
+    """A ConvNeXt-V2 block in each layout (GRN between the MLP's two maps), then ``x / ||x||`` across
+    channels and F.normalize."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.fc1, self.grn1, self.fc2 = nn.Conv2d(8, 16, 1), GRN(16), nn.Conv2d(16, 8, 1)
+        self.pw1, self.grn2, self.pw2 = nn.Linear(8, 16), GRN(16, channels_last=True), nn.Linear(16, 8)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.fc2(self.grn1(F.gelu(self.fc1(x))))
+        h = x.permute(0, 2, 3, 1)
+        x = x + self.pw2(self.grn2(F.gelu(self.pw1(h)))).permute(0, 3, 1, 2)
+        h = self.c(x)
+        h = h / (h.norm(dim=1, keepdim=True) + 1e-6)
+        return self.fc(F.normalize(h.mean((2, 3)), dim=1) * 3)
+
+
 FAMILIES = {
+    "grn-norms": (GRNNet, (3, 8, 8)),
     "padding": (PaddedNet, (3, 8, 8)),
     "heads-mean": (DistilledCNN, (3, 8, 8)),
     "heads-stack-sum": (lambda: DistilledCNN(stacked=True), (3, 8, 8)),
@@ -344,3 +386,22 @@ def test_channel_padding_is_an_offset_and_spatial_padding_passes_channels(captur
     np.testing.assert_allclose(blocks[("c1", "c3")], c3[:, 2:6])     # c1's 4 channels at offset 2 of the sum
     np.testing.assert_allclose(blocks[("c2", "c3")], c3)
     np.testing.assert_allclose(blocks[("c1", "c2")], m.c2.weight.detach().abs().double().sum((2, 3)).numpy())
+
+
+# ----- per-sample norms written as operations --------------------------------------------------------
+def test_grn_folds_gamma_and_has_no_edges_through_the_statistic():
+    torch.manual_seed(0)
+    m = GRNNet().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8))
+    assert a.layer_names == ["stem", "fc1", "fc2", "pw1", "pw2", "c"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks()}
+    fc2 = m.fc2.weight.detach().abs().double().sum((2, 3)).numpy()
+    gamma = m.grn1.gamma.detach().abs().double().reshape(-1).numpy()
+    # x + gamma * (x * N(x)) + beta: two paths into fc2, the identity and the gated one scaled by |gamma|
+    np.testing.assert_allclose(blocks[("fc1", "fc2")], fc2 * gamma[None, :] + fc2)
+    pw2 = m.pw2.weight.detach().abs().double().numpy()
+    gamma2 = m.grn2.gamma.detach().abs().double().reshape(-1).numpy()
+    np.testing.assert_allclose(blocks[("pw1", "pw2")], pw2 * gamma2[None, :] + pw2)
+    sinks = a.structure.sinks[a.layer_node(1)]
+    assert {str(s.user.target) for s in sinks} == {"aten.linalg_vector_norm.default", "aten.mul.Tensor",
+                                                   "aten.add.Tensor"}

@@ -82,7 +82,8 @@ def _per_source(route: Route, n_source: int, values: np.ndarray) -> np.ndarray:
 def _param_scale(node: fx.Node, structure, route: Route, n_source: int) -> np.ndarray | None:
     """|p| per source channel for ``p * x`` (a layer scale or a constant), or None."""
     values = []
-    for a in node.args:
+    args = node.args[1:3] if "addcmul" in str(node.target) else node.args   # addcmul(b, w, x): the scale is w
+    for a in args:
         if isinstance(a, fx.Node) and a.op == "get_attr":
             values.append(_attr(structure.gm, a.target))
         elif isinstance(a, fx.Node) and a not in structure.dynamic and not structure.is_shape(a):

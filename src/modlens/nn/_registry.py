@@ -18,7 +18,10 @@ kind              how a layer's channels flow               weight edges        
 ``norm``          mixed per sample (LayerNorm, GroupNorm,    ``|gamma_c|``              recomputed from
                   RMSNorm)                                                              the norm on
 ``join``          summed with other branches (residual)      followed through           recomputed
-``gate``          ``x * g(x)`` (squeeze-excitation)          followed through           recomputed
+``gate``          ``x * g(x)`` (squeeze-excitation),         followed through           recomputed
+                  ``x / s(x)``
+``stat``          a per-sample norm ``||x||`` over some      not followed: a statistic  recomputed from
+                  dimensions (GRN, ``x / x.norm(dim=1)``)    that rescales, no edge     the norm on
 ``cat``           offset along the channel dimension         followed                   carried through
 ``split``         a part of the channel dimension (split,    followed: each part        recomputed from the
                   chunk, narrow, slice; the inverse of       carries the channels in    split on
@@ -121,14 +124,20 @@ PAD = Handler(  # spatial padding is per channel; padding of the channel dimensi
            "replication_pad2d", "_pad_circular"),
 )
 BATCH_NORM = Handler("bn", modules=BATCH_NORMS)
-NORMALIZATION = Handler("norm", modules=NORMS)
+NORMALIZATION = Handler("norm", modules=NORMS, functions={F.normalize})
+STATISTIC = Handler(  # a per-sample norm of a value (GRN's ||x|| over space, x / x.norm(dim=1)): its users rescale
+    "stat",
+    functions={torch.norm, torch.linalg.vector_norm}
+    | _ops("linalg_vector_norm", "norm.ScalarOpt_dim", "norm.Scalar", "norm.ScalarOpt_dim_dtype"),
+    methods={"norm"},
+)
 ARITHMETIC = Handler(  # refined in classify: scalar/parameter -> unary or scale; two activations -> join/gate
     "arith",
     functions={operator.mul, operator.truediv, operator.add, operator.sub, operator.iadd, operator.isub,
-               operator.imul, operator.neg, torch.mul, torch.add, torch.sub, torch.div}
+               operator.imul, operator.neg, torch.mul, torch.add, torch.sub, torch.div, torch.addcmul}
     | _ops("add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor", "mul.Scalar", "div.Tensor",
-           "div.Scalar", "neg"),
-    methods={"add", "add_", "sub", "sub_", "mul", "div", "mul_", "div_"},
+           "div.Scalar", "neg", "addcmul"),
+    methods={"add", "add_", "sub", "sub_", "mul", "div", "mul_", "div_", "addcmul"},
 )
 CONCAT = Handler("cat", functions={torch.cat, torch.concat, torch.concatenate} | _ops("cat"))
 SPLIT = Handler(  # the inverse of cat: channel windows (x[:, a:b] is getitem in an fx graph)
@@ -156,9 +165,14 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
 CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise functions (gelu_new)
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
-HANDLERS = [ACTIVATIONS, PASSING, POOLING, PAD, BATCH_NORM, NORMALIZATION, ARITHMETIC, CONCAT, SPLIT, FLATTEN, PERMUTE, MEAN,
-            SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
+HANDLERS = [ACTIVATIONS, PASSING, POOLING, PAD, BATCH_NORM, NORMALIZATION, STATISTIC, ARITHMETIC, CONCAT, SPLIT,
+            FLATTEN, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
+# operations that read only the shape of an argument: (target, index of that argument)
+SHAPE_ONLY = ({(f, 0) for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)}
+              | {(f, 0) for f in _ops("zeros_like", "ones_like", "empty_like", "full_like")}
+              | {(f, 1) for f in _ops("expand_as")} | {("expand_as", 1), ("zeros_like", 0), ("new_zeros", 0),
+                                                        ("new_ones", 0), ("new_empty", 0), ("new_full", 0)})
 SHAPE_FUNCTIONS = {getattr} | _ops("sym_size.int", "sym_numel")
 SIZE_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv}
 
@@ -186,15 +200,19 @@ def handler_kind(node: fx.Node, module: nn.Module | None) -> str:
 
 def refine_arith(node: fx.Node, n_tensors: int) -> str:
     """Arithmetic with one activation operand is channel-wise (a parameter operand is a
-    learned per-channel scale or shift); with two, ``+``/``-`` are residual joins and ``*`` a gate."""
+    learned per-channel scale or shift; ``addcmul(b, w, x)`` is ``w * x + b``); with two, ``+``/``-``
+    are residual joins, ``*`` a gate and ``/`` a gate too (a value divided by a per-sample statistic:
+    GRN, ``x / x.norm(dim=1)``)."""
     if "alpha" in node.kwargs:
         return "?"
     name = _name(node.target)
+    if "addcmul" in name:
+        return "scale" if n_tensors == 1 and "value" not in node.kwargs else "?"
     if n_tensors <= 1:
         return "scale" if "mul" in name else "unary"
     if n_tensors == 2 and ("add" in name or "sub" in name):
         return "join"
-    if n_tensors == 2 and "mul" in name:
+    if n_tensors == 2 and ("mul" in name or "div" in name):
         return "gate"
     return "?"
 

@@ -30,7 +30,7 @@ from modlens.nn._ops import Route, Sink, UnsupportedModelError
 from modlens.nn._transformer import find_mlps, mlp_sink
 from modlens.nn._registry import (
     ATTENTION_MODULES, BATCH_NORMS, CONV_TYPES, LAYER_TYPES, OTHER_WEIGHT_LAYERS, PASSING, SHAPE_FUNCTIONS,
-    SHAPE_METHODS, SIZE_ARITHMETIC, handler_kind, is_bn, refine_arith,
+    SHAPE_METHODS, SHAPE_ONLY, SIZE_ARITHMETIC, handler_kind, is_bn, refine_arith,
 )
 
 _FOLLOW = ("unary", "bn", "scale", "flatten", "permute", "mean")
@@ -247,7 +247,7 @@ class Structure:
                 if user not in self.live:
                     continue
                 kind = self.kind(user)
-                if kind == "shape":
+                if kind == "shape" or self._shape_only(user, node):
                     continue
                 if kind == "layer":
                     if user.args[0] is not node:
@@ -271,6 +271,9 @@ class Structure:
                         sinks.append(Sink("mask", node, user, route))   # channels move: recomputed from here
                     elif nxt is not None:
                         stack.append((user, nxt, scales))
+                elif kind == "stat":   # a per-sample norm: no weight edge; lesions recompute it
+                    if mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))
                 elif kind == "split":
                     if self.tensor_inputs(user) != [node] or user.args[0] is not node:
                         raise self._arg_error(start, user)
@@ -312,6 +315,14 @@ class Structure:
         if mode == "weights":
             sinks = [s for s in sinks if s.kind == "layer"]
         return _dedupe(sinks)
+
+    @staticmethod
+    def _shape_only(user: fx.Node, node: fx.Node) -> bool:
+        """Whether ``user`` reads only the shape of ``node`` (zeros_like(x), y.expand_as(x))."""
+        if user.op not in ("call_function", "call_method"):
+            return False
+        return any(i < len(user.args) and user.args[i] is node and node not in user.args[:i] + user.args[i + 1:]
+                   for t, i in SHAPE_ONLY if t == user.target)
 
     def _arg_error(self, start: fx.Node, user: fx.Node) -> UnsupportedModelError:
         return UnsupportedModelError(
