@@ -159,7 +159,56 @@ class GRNNet(nn.Module):
         return self.fc(F.normalize(h.mean((2, 3)), dim=1) * 3)
 
 
+class TinyMixer(nn.Module):
+    """MLP-Mixer: a patch embedding flattened into tokens (``flatten(2).transpose(1, 2)``), per block a
+    token-mixing MLP over ``norm(x).transpose(1, 2)`` and a channel MLP; ``resmlp`` replaces the token
+    MLP by one Linear over tokens after an affine scale (ResMLP)."""
+
+    def __init__(self, d=8, tokens=4, hidden=12, depth=2, resmlp=False):
+        super().__init__()
+        self.resmlp = resmlp
+        self.stem = nn.Conv2d(3, d, 4, stride=4)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            blk = nn.Module()
+            blk.norm1, blk.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+            if resmlp:
+                blk.alpha = nn.Parameter(torch.rand(d) + 0.5)
+                blk.tok = nn.Linear(tokens, tokens)
+            else:
+                blk.tok1, blk.tok2 = nn.Linear(tokens, 6), nn.Linear(6, tokens)
+            blk.fc1, blk.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+            self.blocks.append(blk)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)           # (B, T, C)
+        for blk in self.blocks:
+            if self.resmlp:
+                x = x + blk.tok((blk.alpha * x).transpose(1, 2)).transpose(1, 2)
+            else:
+                x = x + blk.tok2(F.gelu(blk.tok1(blk.norm1(x).transpose(1, 2)))).transpose(1, 2)
+            x = x + blk.fc2(F.gelu(blk.fc1(blk.norm2(x))))
+        return self.head(self.norm(x).mean(1))
+
+
+class TokensCNN(nn.Module):
+    """A conv map flattened into tokens (``flatten(2).transpose(1, 2)``) read by a per-position Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        t = F.relu(self.c(x)).flatten(2).transpose(1, 2)
+        return self.head(F.relu(self.fc(t)).mean(1))
+
+
 FAMILIES = {
+    "mixer": (TinyMixer, (3, 8, 8)),
+    "resmlp": (lambda: TinyMixer(resmlp=True), (3, 8, 8)),
+    "tokens-from-conv": (TokensCNN, (3, 8, 8)),
     "grn-norms": (GRNNet, (3, 8, 8)),
     "padding": (PaddedNet, (3, 8, 8)),
     "heads-mean": (DistilledCNN, (3, 8, 8)),
@@ -405,3 +454,34 @@ def test_grn_folds_gamma_and_has_no_edges_through_the_statistic():
     sinks = a.structure.sinks[a.layer_node(1)]
     assert {str(s.user.target) for s in sinks} == {"aten.linalg_vector_norm.default", "aten.mul.Tensor",
                                                    "aten.add.Tensor"}
+
+
+# ----- token flattening and token-mixing MLPs -------------------------------------------------------
+@pytest.mark.parametrize("resmlp", [False, True])
+def test_token_mixing_maps_are_not_neuron_layers(resmlp):
+    torch.manual_seed(0)
+    m = TinyMixer(resmlp=resmlp).eval()
+    x = torch.randn(3, 3, 8, 8)
+    a = NetworkAdapter(m, x)
+    assert a.is_transformer and a.layer_names == ["blocks.0.fc1", "blocks.1.fc1"]
+    mixers = sorted(n.target for n in a.structure.token_mixers)
+    assert mixers == (["blocks.0.tok", "blocks.1.tok"] if resmlp else
+                      ["blocks.0.tok1", "blocks.0.tok2", "blocks.1.tok1", "blocks.1.tok2"])
+    parts = a.residual_parts()
+    assert parts["embedding"].shape == (8, 3 * 4 * 4) and parts["head"].shape == (4, 8)
+    assert len(modlens.partition(a, "weights/global", n_clusters=2, random_state=0).labels) == 2
+
+
+def test_flattened_patch_tokens_keep_their_channels():
+    torch.manual_seed(0)
+    m = TokensCNN().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8), include_dense=True)
+    assert a.layer_names == ["c", "fc"] and not a.is_transformer
+    (i, j, block), = a.weight_blocks()
+    np.testing.assert_allclose(block, m.fc.weight.detach().abs().double().numpy())
+
+
+def test_a_linear_over_the_width_of_a_conv_map_is_still_refused():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(UnsupportedModelError, match="without a flatten"):
+        NetworkAdapter(model, torch.randn(2, 2, 6, 6))

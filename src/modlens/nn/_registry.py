@@ -36,6 +36,11 @@ kind              how a layer's channels flow               weight edges        
                   ``head(x) + head_dist(x)``, a ``join``)
 ``attention``     mixed across tokens (a product of two      not a neuron layer;        recomputed
                   activations: the model is a transformer)   residual paths only
+``token_mix``     mixed across tokens: a Linear over the     not a neuron layer;        recomputed
+                  token dimension (Mixer's token MLPs; the   residual paths only
+                  model is a transformer)
+``merge``         ``x.flatten(2)``: dimensions after the     followed                   carried through
+                  channels merged (patch maps into tokens)
 ``take_tokens``   one position per sequence read after the   --                         recomputed
                   output layer (last-token heads)
 ================  ========================================  =========================  ==================

@@ -33,7 +33,7 @@ from modlens.nn._registry import (
     SHAPE_METHODS, SHAPE_ONLY, SIZE_ARITHMETIC, handler_kind, is_bn, refine_arith,
 )
 
-_FOLLOW = ("unary", "bn", "scale", "flatten", "permute", "mean")
+_FOLLOW = ("unary", "bn", "scale", "flatten", "permute", "mean", "merge")
 _MATRIX_PRODUCTS = {torch.ops.aten.addmm.default, torch.ops.aten.mm.default}
 _MIXING = ("join", "gate", "norm")
 
@@ -53,6 +53,7 @@ class Structure:
         self.dynamic = _descendants_of(input_node)   # values that depend on the input (not constants)
         self._kind: dict[fx.Node, str] = {}
         self._shape: dict[fx.Node, bool] = {}
+        self.token_mixers = self._find_token_mixers()
         self._check_weight_layers()
         nodes = [n for n in gm.graph.nodes if n in self.live and self.kind(n) == "layer"]
         if not nodes:
@@ -123,12 +124,87 @@ class Structure:
         module = self.module(node) if node.op == "call_module" else None
         if self._is_leaf(node):
             return "unary"
+        if node in self.token_mixers:
+            return "token_mix"
         kind = handler_kind(node, module)
         if kind == "arith":
             kind = refine_arith(node, len(self.tensor_inputs(node)))
         if kind == "flatten" and not self._flattens(node, module):
-            return "?"
+            return "merge" if self._merged_dims(node, module) is not None else "?"
         return kind
+
+    def _merged_dims(self, node: fx.Node, module) -> tuple[int, int] | None:
+        """(start, end) of a flatten that merges dimensions after the batch but is not a full flatten
+        (``x.flatten(2)``: the spatial maps of a patch embedding into tokens), or None."""
+        nd = self.ndim(node.args[0]) if node.args else None
+        if nd is None:
+            return None
+        if isinstance(module, nn.Flatten):
+            start, end = module.start_dim, module.end_dim
+        elif "flatten" in str(node.target):
+            start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+            end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+        else:
+            return None
+        if not isinstance(start, int) or not isinstance(end, int):
+            return None
+        start, end = start % nd, end % nd
+        return (start, end) if 1 <= start < end else None
+
+    def _find_token_mixers(self) -> set[fx.Node]:
+        """Linear layers applied along a dimension that is not the channel dimension of their input
+        (MLP-Mixer's, ResMLP's and gMLP's token-mixing maps, over ``x.transpose(1, 2)``): they mix tokens,
+        as attention does, and are not neuron layers (docs/transformers.md).
+
+        The channel dimension is followed forward from every layer's output: dim 1 after a conv, the
+        last after a Linear, moved by permutes and transposes, kept by channel-wise operations."""
+        cd: dict[fx.Node, int | None] = {}
+        moved: set[fx.Node] = set()     # values whose channel dimension a permute/transpose moved
+        mixers: set[fx.Node] = set()
+        for node in self.gm.graph.nodes:
+            nd = self.ndim(node)
+            if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            ins = [a for a in node.all_input_nodes if cd.get(a) is not None]
+            first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            src = cd.get(first) if first is not None else None
+            if nd is None:      # a tuple of parts (split, chunk): each part keeps the channel dimension
+                cd[node] = src
+                if first in moved:
+                    moved.add(node)
+                continue
+            mod = self.module(node) if node.op == "call_module" else None
+            name = str(node.target)
+            if first in moved and ("permute" in name or "transpose" in name or not isinstance(mod, CONV_TYPES)):
+                moved.add(node)
+            if isinstance(mod, nn.Linear):
+                if src is not None and nd == 3 and src == 1 and first in moved:
+                    mixers.add(node)
+                    cd[node] = src
+                else:
+                    cd[node] = nd - 1
+            elif isinstance(mod, CONV_TYPES):
+                cd[node] = 1
+            elif src is None:
+                cd[node] = next((cd[a] for a in ins if self.ndim(a) == nd), None)
+            elif "permute" in name:
+                perm = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+                cd[node] = [p % nd for p in perm].index(src) if all(isinstance(p, int) for p in perm) else None
+                moved.add(node)
+            elif "transpose" in name and len(node.args) >= 3 and all(isinstance(a, int) for a in node.args[1:3]):
+                d0, d1 = (a % nd for a in node.args[1:3])
+                cd[node] = d1 if src == d0 else d0 if src == d1 else src
+                moved.add(node)
+            elif "flatten" in name or isinstance(mod, nn.Flatten):
+                merged = self._merged_dims(node, mod)
+                cd[node] = (None if merged is None or merged[0] <= src <= merged[1] else
+                            src if src < merged[0] else src - (merged[1] - merged[0]))
+            elif self.ndim(first) in (nd, None) and not any(k in name for k in ("view", "reshape", "mean", "sum",
+                                                                               "select")):
+                cd[node] = src
+            else:
+                cd[node] = None
+        return mixers
 
     def _flattens(self, node: fx.Node, module) -> bool:
         """Whether a flatten/view/reshape keeps the batch and flattens everything else."""
@@ -165,6 +241,9 @@ class Structure:
                     f"attention module {self.describe(node)} is opaque to modlens: write attention with nn.Linear "
                     "projections and scaled_dot_product_attention (or matmul), as Hugging Face models do"
                 )
+            if self.kind(node) == "token_mix":
+                self.transformer = True  # token-mixing MLPs (Mixer): mixing across tokens, like attention
+                continue
             if self.kind(node) == "attention" and len(self.tensor_inputs(node)) >= 2:
                 self.transformer = True  # mixing across tokens: followed by recomputation, not a neuron layer
                 continue
@@ -490,6 +569,15 @@ class Structure:
             d0, d1 = (a % route.ndim for a in user.args[1:3])
             new = d1 if route.dim == d0 else d0 if route.dim == d1 else route.dim
             return replace(route, dim=new)
+        if kind == "merge":
+            start_dim, end_dim = self._merged_dims(user, self.module(user) if user.op == "call_module" else None)
+            if route.flat or start_dim <= route.dim <= end_dim:
+                raise UnsupportedModelError(
+                    f"{self.describe(user)} flattens the channels of layer '{start.target}' together with other "
+                    "dimensions; modlens follows channel-major flattening (torch.flatten(x, 1)) or flattening of the "
+                    "dimensions after the channels (x.flatten(2))")
+            shift = end_dim - start_dim if route.dim > end_dim else 0
+            return replace(route, ndim=route.ndim - (end_dim - start_dim), dim=route.dim - shift)
         if kind == "mean":
             dims = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
             dims = (dims,) if isinstance(dims, int) else tuple(dims or ())

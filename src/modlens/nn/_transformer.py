@@ -141,9 +141,13 @@ def find_mlps(s) -> list[MLPNeurons]:
             continue
         out.append(MLPNeurons(layer, up, down, value))
     if not out:
+        mixing, note = "attention", ""
+        if s.token_mixers:
+            mixing = f"token-mixing layers ({', '.join(sorted(n.target for n in s.token_mixers)[:2])}, ...)"
+            note = " (a gMLP's spatial gating unit, u * proj(v^T)^T, is not one yet)"
         raise UnsupportedModelError(
-            "the model has attention but no transformer MLP (Linear -> activation -> Linear over tokens, or a "
-            "gated GLU/SwiGLU MLP); modlens analyses the MLP neurons of transformer blocks"
+            f"the model has {mixing} but no transformer MLP (Linear -> activation -> Linear over tokens, or a "
+            f"gated GLU/SwiGLU MLP); modlens analyses the MLP neurons of transformer blocks{note}"
         )
     return out
 
