@@ -205,7 +205,32 @@ class TokensCNN(nn.Module):
         return self.head(F.relu(self.fc(t)).mean(1))
 
 
+def channel_shuffle(x, groups):
+    b, c, h, w = x.size()
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+
+
+class ShuffleNetV2Like(nn.Module):
+    """ShuffleNet-V2 units: chunk the channels, transform one half, concatenate, shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pw1, self.dw, self.pw2 = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1)
+        self.b1, self.b2 = nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 3, padding=1)
+        self.post = nn.Conv2d(12, 12, 1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x1, x2 = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat((x1, F.relu(self.pw2(self.dw(F.relu(self.pw1(x2)))))), 1), 2)
+        x = channel_shuffle(torch.cat((F.relu(self.b1(x)), F.relu(self.b2(x))), 1), 3)
+        return self.fc(F.relu(self.post(x)).mean((2, 3)))
+
+
 FAMILIES = {
+    "channel-shuffle": (ShuffleNetV2Like, (3, 8, 8)),
     "mixer": (TinyMixer, (3, 8, 8)),
     "resmlp": (lambda: TinyMixer(resmlp=True), (3, 8, 8)),
     "tokens-from-conv": (TokensCNN, (3, 8, 8)),
@@ -485,3 +510,42 @@ def test_a_linear_over_the_width_of_a_conv_map_is_still_refused():
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(UnsupportedModelError, match="without a flatten"):
         NetworkAdapter(model, torch.randn(2, 2, 6, 6))
+
+
+# ----- channel shuffle ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_channel_shuffle_permutes_the_edges(capture):
+    torch.manual_seed(0)
+    m = ShuffleNetV2Like().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8), capture=capture)
+    assert a.layer_names == ["stem", "pw1", "dw", "pw2", "b1", "b2", "post"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    l1 = lambda conv: conv.weight.detach().abs().double().sum((2, 3)).numpy()  # noqa: E731
+    # cat(x1, y) has 8 channels j; the shuffle by 2 puts j at (j % 4) * 2 + j // 4
+    shuffled = [(j % 4) * 2 + j // 4 for j in range(8)]
+    np.testing.assert_allclose(blocks[("stem", "b1")], np.hstack([l1(m.b1)[:, shuffled[:4]], np.zeros((6, 4))]))
+    np.testing.assert_allclose(blocks[("pw2", "b1")], l1(m.b1)[:, shuffled[4:]])
+    # cat(b1, b2) has 12 channels; the shuffle by 3 puts j at (j % 4) * 3 + j // 4
+    post = l1(m.post)
+    np.testing.assert_allclose(blocks[("b2", "post")], post[:, [((j + 6) % 4) * 3 + (j + 6) // 4 for j in range(6)]])
+
+
+class RadixSum(nn.Module):
+    """ResNeSt's radix groups: the channels reshaped into (radix, C / radix) and summed (not supported yet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.c(x)
+        b, c, hh, ww = h.shape
+        return self.fc(h.reshape(b, 2, c // 2, hh, ww).sum(1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_other_reshapes_of_the_channels_are_refused_in_one_line(capture):
+    with pytest.raises(UnsupportedModelError) as info:
+        NetworkAdapter(RadixSum(), torch.randn(2, 3, 4, 4), capture=capture)
+    msg = str(info.value)
+    assert "reshape of the channel dimension" in msg and "after layer 'c'" in msg and "\n" not in msg

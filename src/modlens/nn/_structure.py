@@ -130,7 +130,7 @@ class Structure:
         if kind == "arith":
             kind = refine_arith(node, len(self.tensor_inputs(node)))
         if kind == "flatten" and not self._flattens(node, module):
-            return "merge" if self._merged_dims(node, module) is not None else "?"
+            return "merge" if self._merged_dims(node, module) is not None else "reshape"
         return kind
 
     def _merged_dims(self, node: fx.Node, module) -> tuple[int, int] | None:
@@ -350,6 +350,12 @@ class Structure:
                         sinks.append(Sink("mask", node, user, route))   # channels move: recomputed from here
                     elif nxt is not None:
                         stack.append((user, nxt, scales))
+                elif kind == "reshape":   # a channel shuffle (view into groups, transpose, view back)
+                    end, fn = self._shuffle(start, user, route)
+                    if mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))
+                    else:
+                        stack.append((end, route.explicit(self.layer_route(start).channels).moved(fn), scales))
                 elif kind == "stat":   # a per-sample norm: no weight edge; lesions recompute it
                     if mode == "lesion":
                         sinks.append(Sink("mask", node, user, route))
@@ -395,6 +401,46 @@ class Structure:
             sinks = [s for s in sinks if s.kind == "layer"]
         return _dedupe(sinks)
 
+    def _shuffle(self, start, user, route: Route):
+        """(the view back, the channel map j -> new index) of a channel shuffle starting at the reshape
+        ``user``: ``x.view(B, g, C // g, ...).transpose(1, 2).reshape(B, C, ...)`` (ShuffleNet); any other
+        reshape of the channels is refused in one line."""
+        def refuse():
+            return UnsupportedModelError(
+                f"unsupported {self.describe(user)} after layer '{start.target}': a reshape of the channel "
+                "dimension; modlens follows channel shuffles (view into groups, transpose(1, 2), view back) and "
+                "flattening, not other reshapes of the channels (radix split attention is not supported yet)")
+
+        def next_user(n):
+            users = [u for u in n.users if u in self.live and self.kind(u) != "shape"]
+            while len(users) == 1 and self.kind(users[0]) == "unary" and len(self.tensor_inputs(users[0])) == 1:
+                n = users[0]         # contiguous, clone
+                users = [u for u in n.users if u in self.live and self.kind(u) != "shape"]
+            return users[0] if len(users) == 1 else None
+
+        shape_in, shape_mid = self.shapes.get(user.args[0]), self.shapes.get(user)
+        if route.flat or route.dim != 1 or shape_in is None or shape_mid is None:
+            raise refuse()
+        if len(shape_mid) != len(shape_in) + 1 or tuple(shape_mid[2:]) != tuple(shape_in[1:]) or \
+                shape_mid[0] * shape_mid[1] != shape_in[0]:
+            raise refuse()
+        g, cpg = int(shape_mid[0]), int(shape_mid[1])
+        t = next_user(user)
+        if t is None or self.kind(t) != "permute":
+            raise refuse()
+        if "transpose" in str(t.target):
+            swapped = {a % (len(shape_mid) + 1) for a in t.args[1:3]}
+        else:
+            perm = t.args[1] if len(t.args) == 2 and isinstance(t.args[1], (list, tuple)) else t.args[1:]
+            swapped = {i for i, p in enumerate(perm) if i != p}
+            if perm[1] != 2 or perm[2] != 1:
+                raise refuse()
+        back = next_user(t)
+        if swapped != {1, 2} or back is None or self.kind(back) != "reshape" or \
+                tuple(self.shapes.get(back) or ()) != tuple(shape_in):
+            raise refuse()
+        return back, lambda j: (j % cpg) * g + j // cpg
+
     @staticmethod
     def _shape_only(user: fx.Node, node: fx.Node) -> bool:
         """Whether ``user`` reads only the shape of ``node`` (zeros_like(x), y.expand_as(x))."""
@@ -420,7 +466,7 @@ class Structure:
         out, offset = [], 0
         for a in _cat_inputs(user):
             if a is node:
-                out.append(replace(route, offset=route.offset + offset, channels=None, flat=False, ndim=nd))
+                out.append(replace(route.shifted(offset), channels=None, flat=False, ndim=nd))
             c = self.channels(a, route.dim)
             if c is None:
                 raise UnsupportedModelError(
