@@ -229,7 +229,24 @@ class ShuffleNetV2Like(nn.Module):
         return self.fc(F.relu(self.post(x)).mean((2, 3)))
 
 
+class ReshapeNet(nn.Module):
+    """Reshapes of the dimensions other than the channels: ``view(B, C, -1)`` and (B, T, C) back to (B, H, W, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc, self.c2, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 8), nn.Conv2d(8, 4, 1), \
+            nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        b, c, hh, ww = h.shape
+        t = F.relu(self.fc(h.view(b, c, -1).transpose(1, 2)))        # (B, H * W, 8)
+        h = t.reshape(b, hh, ww, 8).permute(0, 3, 1, 2)
+        return self.head(F.relu(self.c2(h)).mean((2, 3)))
+
+
 FAMILIES = {
+    "reshape-other-dims": (ReshapeNet, (3, 4, 4)),
     "channel-shuffle": (ShuffleNetV2Like, (3, 8, 8)),
     "mixer": (TinyMixer, (3, 8, 8)),
     "resmlp": (lambda: TinyMixer(resmlp=True), (3, 8, 8)),

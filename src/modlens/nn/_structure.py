@@ -350,7 +350,13 @@ class Structure:
                         sinks.append(Sink("mask", node, user, route))   # channels move: recomputed from here
                     elif nxt is not None:
                         stack.append((user, nxt, scales))
-                elif kind == "reshape":   # a channel shuffle (view into groups, transpose, view back)
+                elif kind == "reshape":   # of other dimensions, or a channel shuffle (groups, transpose, back)
+                    if self.tensor_inputs(user) != [node] or user.args[0] is not node:
+                        raise self._arg_error(start, user)
+                    kept = self._reshape_keeping_channels(user, route)
+                    if kept is not None:
+                        stack.append((user, kept, scales))
+                        continue
                     end, fn = self._shuffle(start, user, route)
                     if mode == "lesion":
                         sinks.append(Sink("mask", node, user, route))
@@ -401,6 +407,20 @@ class Structure:
             sinks = [s for s in sinks if s.kind == "layer"]
         return _dedupe(sinks)
 
+    def _reshape_keeping_channels(self, user, route: Route) -> Route | None:
+        """The route after a reshape of the other dimensions only (``x.view(B, C, -1)``, ``(B, H, W, C)`` to
+        ``(B, H * W, C)``), or None when the reshape touches the channel dimension."""
+        shape_in, shape_out = self.shapes.get(user.args[0]), self.shapes.get(user)
+        if route.flat or shape_in is None or shape_out is None:
+            return None
+        shape_in, shape_out, d = tuple(shape_in), tuple(shape_out), route.dim   # per-sample shapes: dim d at d - 1
+        if shape_in[:d] == shape_out[:d]:
+            return replace(route, ndim=len(shape_out) + 1)
+        tail = len(shape_in) - d + 1
+        if shape_in[d - 1:] == shape_out[len(shape_out) - tail:]:
+            return replace(route, ndim=len(shape_out) + 1, dim=len(shape_out) + 1 - tail)
+        return None
+
     def _shuffle(self, start, user, route: Route):
         """(the view back, the channel map j -> new index) of a channel shuffle starting at the reshape
         ``user``: ``x.view(B, g, C // g, ...).transpose(1, 2).reshape(B, C, ...)`` (ShuffleNet); any other
@@ -419,7 +439,11 @@ class Structure:
             return users[0] if len(users) == 1 else None
 
         shape_in, shape_mid = self.shapes.get(user.args[0]), self.shapes.get(user)
-        if route.flat or route.dim != 1 or shape_in is None or shape_mid is None:
+        if shape_in is None or shape_mid is None:
+            raise UnsupportedModelError(
+                f"cannot tell what {self.describe(user)} does to the channels of layer '{start.target}': the "
+                "captured graph has no shapes (capture the model at an example input: pass data)")
+        if route.flat or route.dim != 1:
             raise refuse()
         if len(shape_mid) != len(shape_in) + 1 or tuple(shape_mid[2:]) != tuple(shape_in[1:]) or \
                 shape_mid[0] * shape_mid[1] != shape_in[0]:
