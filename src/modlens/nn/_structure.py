@@ -33,7 +33,7 @@ from modlens.nn._registry import (
     SHAPE_METHODS, SHAPE_ONLY, SIZE_ARITHMETIC, handler_kind, is_bn, refine_arith,
 )
 
-_FOLLOW = ("unary", "bn", "scale", "flatten", "permute", "mean", "merge")
+_FOLLOW = ("unary", "bn", "scale", "flatten", "permute", "mean", "sum", "merge")
 _MATRIX_PRODUCTS = {torch.ops.aten.addmm.default, torch.ops.aten.mm.default}
 _MIXING = ("join", "gate", "norm")
 
@@ -358,10 +358,29 @@ class Structure:
                         stack.append((user, kept, scales))
                         continue
                     end, fn = self._shuffle(start, user, route)
+                    n_source = self.layer_route(start).channels
+                    if mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))
+                    elif end is None:      # (B, G * C', ...) -> (B, G, C', ...): channel p at (p // C', p % C')
+                        grouped = route.explicit(n_source).moved(lambda p, c=fn: p % c)
+                        stack.append((user, replace(grouped, dim=2, ndim=route.ndim + 1), scales))
+                    else:
+                        stack.append((end, route.explicit(n_source).moved(fn), scales))
+                elif kind == "stack":   # branches stacked into groups (selective kernels): (B, G, C, ...)
+                    dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0) % (route.ndim + 1)
+                    if route.flat or dim == 0 or dim > route.dim:
+                        raise UnsupportedModelError(
+                            f"{self.describe(user)} stacks the output of layer '{start.target}' along dimension "
+                            f"{dim}; modlens follows stacks of branches in front of the channels (dim=1)")
                     if mode == "lesion":
                         sinks.append(Sink("mask", node, user, route))
                     else:
-                        stack.append((end, route.explicit(self.layer_route(start).channels).moved(fn), scales))
+                        stack.append((user, replace(route, dim=route.dim + 1, ndim=route.ndim + 1), scales))
+                elif kind == "final" and self._across_groups(user, route):   # softmax across groups: a gate
+                    if mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))
+                    else:
+                        stack.append((user, route, scales))
                 elif kind == "stat":   # a per-sample norm: no weight edge; lesions recompute it
                     if mode == "lesion":
                         sinks.append(Sink("mask", node, user, route))
@@ -407,6 +426,12 @@ class Structure:
             sinks = [s for s in sinks if s.kind == "layer"]
         return _dedupe(sinks)
 
+    @staticmethod
+    def _across_groups(user: fx.Node, route: Route) -> bool:
+        """Whether a softmax normalizes across a dimension in front of the channels (radix or kernel groups)."""
+        dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        return isinstance(dim, int) and not route.flat and 0 < dim % route.ndim < route.dim
+
     def _reshape_keeping_channels(self, user, route: Route) -> Route | None:
         """The route after a reshape of the other dimensions only (``x.view(B, C, -1)``, ``(B, H, W, C)`` to
         ``(B, H * W, C)``), or None when the reshape touches the channel dimension."""
@@ -428,8 +453,8 @@ class Structure:
         def refuse():
             return UnsupportedModelError(
                 f"unsupported {self.describe(user)} after layer '{start.target}': a reshape of the channel "
-                "dimension; modlens follows channel shuffles (view into groups, transpose(1, 2), view back) and "
-                "flattening, not other reshapes of the channels (radix split attention is not supported yet)")
+                "dimension; modlens follows channels split into groups ((B, G * C, ...) to (B, G, C, ...)), channel "
+                "shuffles (into groups, transpose(1, 2), back), flattening and reshapes of the other dimensions")
 
         def next_user(n):
             users = [u for u in n.users if u in self.live and self.kind(u) != "shape"]
@@ -451,7 +476,7 @@ class Structure:
         g, cpg = int(shape_mid[0]), int(shape_mid[1])
         t = next_user(user)
         if t is None or self.kind(t) != "permute":
-            raise refuse()
+            return None, cpg      # channels in groups, not a shuffle (radix / selective-kernel groups)
         if "transpose" in str(t.target):
             swapped = {a % (len(shape_mid) + 1) for a in t.args[1:3]}
         else:
@@ -648,7 +673,7 @@ class Structure:
                     "dimensions after the channels (x.flatten(2))")
             shift = end_dim - start_dim if route.dim > end_dim else 0
             return replace(route, ndim=route.ndim - (end_dim - start_dim), dim=route.dim - shift)
-        if kind == "mean":
+        if kind in ("mean", "sum"):   # over space, or over the groups in front of the channels
             dims = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
             dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
             keep = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
