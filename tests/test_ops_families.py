@@ -612,3 +612,22 @@ def test_other_reshapes_of_the_channels_are_refused_in_one_line(capture):
         NetworkAdapter(ThreeFactors(), torch.randn(2, 3, 4, 4), capture=capture)
     msg = str(info.value)
     assert ("reshape of the channel" in msg or "cannot tell what" in msg) and "layer 'c'" in msg and "\n" not in msg
+
+
+def test_a_slice_of_a_concatenation_carries_only_the_branch_inside_it():
+    class DualPath(nn.Module):   # DPN: cat of two branches, then a slice holding one of them, batch-normalized
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+            self.bn, self.c, self.d = nn.BatchNorm2d(4), nn.Conv2d(4, 5, 1), nn.Conv2d(8, 5, 1)
+            self.fc = nn.Linear(10, 3)
+
+        def forward(self, x):
+            h = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+            y = torch.cat([self.c(self.bn(h[:, 4:8])), self.d(h)], 1)
+            return self.fc(y.mean((2, 3)))
+
+    m = DualPath().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 4, 4))
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks()}
+    assert set(blocks) == {("a", "d"), ("b", "c"), ("b", "d")}

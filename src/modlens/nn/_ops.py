@@ -73,12 +73,15 @@ class Route:
             return self.moved(lambda p: p + k)
         return replace(self, offset=self.offset + k)
 
-    def sliced(self, start: int, stop: int) -> "Route | None":
-        """The route in the part ``start:stop`` of the channel dimension (None: no channel of the layer is in it)."""
+    def sliced(self, start: int, stop: int, n_source: int | None = None) -> "Route | None":
+        """The route in the part ``start:stop`` of the channel dimension (None: no channel of the
+        layer, of ``n_source`` channels, is in it)."""
         if self.positions is not None:
             pos = tuple(p - start if start <= p < stop else -1 for p in self.positions)
             return replace(self, positions=pos) if any(p >= 0 for p in pos) else None
-        lo, hi = start - self.offset, stop - self.offset
+        lo, hi = max(start - self.offset, 0), stop - self.offset
+        if n_source is not None:
+            hi = min(hi, n_source)
         if self.sources is not None:
             lo, hi = max(lo, self.sources[0]), min(hi, self.sources[1])
         if hi <= lo:

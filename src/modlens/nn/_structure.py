@@ -550,7 +550,7 @@ class Structure:
         if width is None:
             raise UnsupportedModelError(f"cannot tell how many channels {self.describe(user)} pads after layer "
                                         f"'{start.target}'")
-        return True, route.sliced(-front, width + back)
+        return True, route.sliced(-front, width + back, self.layer_route(start).channels)
 
     def _split_outputs(self, start, user, route: Route) -> list[tuple]:
         """(value, route) of each output of a split node, the route unchanged (a split along another dimension)."""
@@ -627,7 +627,7 @@ class Structure:
                                             "a computed position; modlens follows slices at fixed channel offsets")
             lo = 0 if b[0] is None else (b[0] + width if b[0] < 0 else b[0])
             hi = (lo + b[2]) if len(b) == 3 else width if b[1] is None else (b[1] + width if b[1] < 0 else b[1])
-            return [(user, route.sliced(max(lo, 0), min(hi, width)))]
+            return [(user, route.sliced(max(lo, 0), min(hi, width), self.layer_route(start).channels))]
         sizes = kw.get("split_size", kw.get("split_sizes", kw.get("split_size_or_sections", args[1] if len(args) > 1
                                                                   else None)))
         if "chunk" in name:
@@ -639,7 +639,9 @@ class Structure:
         edges = [0]
         for sz in sizes:
             edges.append(edges[-1] + int(sz))
-        return [(g, route.sliced(edges[g.args[1]], edges[g.args[1] + 1])) for g in self._split_items(start, user)]
+        n_source = self.layer_route(start).channels
+        return [(g, route.sliced(edges[g.args[1]], edges[g.args[1] + 1], n_source))
+                for g in self._split_items(start, user)]
 
     def _through(self, start, user, kind, route: Route) -> Route:
         nd_out = self.ndim(user)
