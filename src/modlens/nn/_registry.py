@@ -29,8 +29,16 @@ kind              how a layer's channels flow               weight edges        
                   spatial crop) unchanged                    offsets
 ``flatten``       channel-major features                     followed                   carried through
 ``permute``       channel dimension moves                    followed                   carried through
-``mean``          spatial dims averaged                      followed                   carried through
-``final``         softmax after the output layer             --                         --
+``mean``, ``sum`` spatial dims (or the groups in front of    followed                   carried through
+                  the channels) averaged or summed
+``reshape``       other dims reshaped: unchanged; a channel  followed (shuffle: new     carried through;
+                  shuffle (groups, transpose, back): a       places; groups: place      recomputed from a
+                  permutation; (B, G * C, ...) viewed as     ``p % C``)                 shuffle or group
+                  (B, G, C, ...): groups (radix attention)                              view on
+``stack``         branches stacked in front of the           followed                   recomputed
+                  channels (selective kernels)
+``final``         softmax after the output layer; across     -- (across groups: a       -- (recomputed)
+                  groups in front of the channels, a gate    gate, followed)
 ``sum``,          several output layers (heads) combined:    --                         --
 ``stack``         ``torch.stack(heads).sum(0)`` (and
                   ``head(x) + head_dist(x)``, a ``join``)
