@@ -733,7 +733,7 @@ def worker_main(conn, log_path: str) -> None:
     except RuntimeError:
         pass
     import modlens.experiments.partitioning  # noqa: F401 - imports are not part of the first model's time
-    import modlens.study.analyze  # noqa: F401
+    import modlens.analysis.analyze  # noqa: F401
 
     conn.send(("ready",))
     while True:

@@ -168,6 +168,7 @@ class _Builder:
         self.env: dict[fx.Node, fx.Node] = {}
         self.tensors: dict[fx.Node, str] = {}   # placeholder -> parameter/buffer path
         self.calls: dict[str, int] = {}
+        self.dynamic: set[fx.Node] = set()      # nodes of the exported graph that depend on the input
 
     def tensor_of(self, node) -> torch.Tensor | None:
         if not isinstance(node, fx.Node) or node not in self.tensors:
@@ -185,6 +186,7 @@ class _Builder:
                 spec = specs[node.name]
                 kind = spec.kind.name
                 if kind == "USER_INPUT":
+                    self.dynamic.add(node)
                     self.env[node] = self.graph.placeholder("x")
                     self.env[node].meta = dict(node.meta)
                     continue
@@ -204,6 +206,8 @@ class _Builder:
                                           "mutations in eval mode?); modlens needs a forward without side effects")
                 self.graph.output(self.env[node.args[0][0]])
             else:
+                if any(a in self.dynamic for a in node.all_input_nodes):
+                    self.dynamic.add(node)
                 new = self._layer(node)
                 if new is None:
                     new = self.graph.node_copy(node, lambda a: self.env[a])
@@ -242,9 +246,15 @@ class _Builder:
         t = node.target
         args = list(node.args) + [None] * 10
         x = self.env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        computed_bias = None
         if t is aten.linear.default:
             w = self._param(args[1], "weight", node)
-            b = self._param(args[2], "bias", node, required=False)
+            if isinstance(args[2], fx.Node) and args[2] not in self.tensors and args[2] not in self.dynamic:
+                # a bias computed from parameters (BEiT's cat(q_bias, zeros, v_bias)): a Linear without
+                # bias, then the computed bias added (a per-channel shift, recomputed in lesions)
+                computed_bias, b = self.env[args[2]], None
+            else:
+                b = self._param(args[2], "bias", node, required=False)
             m = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
             _share(m, weight=w, bias=b)
         elif t in (aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding, aten.conv2d.padding):
@@ -289,7 +299,11 @@ class _Builder:
         name = self._name(node, node.args[1] if t not in (aten.layer_norm.default, aten.group_norm.default,
                                                           aten.rms_norm.default) else node.args[2] if len(node.args) > 2 else None)
         self.root[name] = m
-        return self.graph.call_module(name, (x,))
+        out = self.graph.call_module(name, (x,))
+        if computed_bias is None:
+            return out
+        out.meta = dict(node.meta)
+        return self.graph.call_function(aten.add.Tensor, (out, computed_bias))
 
 
 def _ndim(node: fx.Node) -> int:

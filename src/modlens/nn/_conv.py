@@ -50,22 +50,40 @@ def consumer_edges(consumer: nn.Module, route: Route, n_source: int, norm: str, 
         raise ValueError(f"conv_edge must be one of {CONV_EDGE_NORMS}, got {norm!r}")
     w = consumer.weight.detach().cpu().double().numpy()
     source = np.arange(n_source)
+    carried = route.carried(source)           # a split leaves some channels out: their edges are 0
     if isinstance(consumer, nn.Linear):
         idx = route.indices(source, consumer.in_features, f"layer '{name}'")
-        return np.abs(w[:, idx]).reshape(w.shape[0], n_source, -1).sum(axis=2)
-    idx = route.indices(source, consumer.in_channels)
-    slices = kernel_slice_norms(w, norm)                       # (out, in / groups)
-    per_group_in = consumer.in_channels // consumer.groups
-    per_group_out = consumer.out_channels // consumer.groups
-    local, group = idx % per_group_in, idx // per_group_in
-    same = (np.arange(consumer.out_channels)[:, None] // per_group_out) == group[None, :]
-    return slices[:, local] * same
+        part = np.abs(w[:, idx]).reshape(w.shape[0], int(carried.sum()), -1).sum(axis=2)
+    else:
+        idx = route.indices(source, consumer.in_channels)
+        slices = kernel_slice_norms(w, norm)                       # (out, in / groups)
+        per_group_in = consumer.in_channels // consumer.groups
+        per_group_out = consumer.out_channels // consumer.groups
+        local, group = idx % per_group_in, idx // per_group_in
+        same = (np.arange(consumer.out_channels)[:, None] // per_group_out) == group[None, :]
+        part = slices[:, local] * same
+    if carried.all():
+        return part
+    out = np.zeros((part.shape[0], n_source))
+    out[:, carried] = part
+    return out
+
+
+def _per_source(route: Route, n_source: int, values: np.ndarray) -> np.ndarray:
+    """Per-channel values of the channels ``route`` carries, as one entry per source channel (1 elsewhere)."""
+    carried = route.carried(np.arange(n_source))
+    if carried.all():
+        return values
+    out = np.ones(n_source)
+    out[carried] = values
+    return out
 
 
 def _param_scale(node: fx.Node, structure, route: Route, n_source: int) -> np.ndarray | None:
     """|p| per source channel for ``p * x`` (a layer scale or a constant), or None."""
     values = []
-    for a in node.args:
+    args = node.args[1:3] if "addcmul" in str(node.target) else node.args   # addcmul(b, w, x): the scale is w
+    for a in args:
         if isinstance(a, fx.Node) and a.op == "get_attr":
             values.append(_attr(structure.gm, a.target))
         elif isinstance(a, fx.Node) and a not in structure.dynamic and not structure.is_shape(a):
@@ -84,7 +102,7 @@ def _param_scale(node: fx.Node, structure, route: Route, n_source: int) -> np.nd
     shape = list(p.shape)
     if shape[axis] != p.numel():
         return None
-    return p.abs().reshape(-1).numpy()[route.indices(np.arange(n_source), p.numel())]
+    return _per_source(route, n_source, p.abs().reshape(-1).numpy()[route.indices(np.arange(n_source), p.numel())])
 
 
 def _attr(gm, target: str):
@@ -115,7 +133,8 @@ def channel_scale(node: fx.Node, route: Route, n_source: int, structure, bn_fold
     else:
         return None
     idx = route.indices(np.arange(n_source), vec.shape[0])
-    return vec[idx].reshape(n_source, -1).mean(axis=1)
+    n = int(route.carried(np.arange(n_source)).sum())
+    return _per_source(route, n_source, vec[idx].reshape(n, -1).mean(axis=1))
 
 
 def edge_block(consumer_node: fx.Node, sinks: list, n_source: int, structure, *, norm: str = "l1",

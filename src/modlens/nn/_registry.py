@@ -9,20 +9,46 @@ kind              how a layer's channels flow               weight edges        
 ``layer``         end here (Linear, Conv, grouped Conv)      the layer's weights        correction or
                                                                                         recompute
 ``unary``         unchanged (activation, dropout, pool,      --                         carried through
-                  pad, scalar/parameter arithmetic)
+                  scalar/parameter arithmetic)
+``pad``           unchanged (spatial padding); padding of    followed                   carried through;
+                  the channel dimension: an offset, as                                  recomputed from a
+                  ``cat`` with zeros                                                    channel pad on
 ``bn``            unchanged                                  ``gamma/sqrt(var+eps)``    carried through
 ``scale``         unchanged (layer scale: ``p * x``)         ``|p_c|``                  carried through
 ``norm``          mixed per sample (LayerNorm, GroupNorm,    ``|gamma_c|``              recomputed from
                   RMSNorm)                                                              the norm on
 ``join``          summed with other branches (residual)      followed through           recomputed
-``gate``          ``x * g(x)`` (squeeze-excitation)          followed through           recomputed
+``gate``          ``x * g(x)`` (squeeze-excitation),         followed through           recomputed
+                  ``x / s(x)``
+``stat``          a per-sample norm ``||x||`` over some      not followed: a statistic  recomputed from
+                  dimensions (GRN, ``x / x.norm(dim=1)``)    that rescales, no edge     the norm on
 ``cat``           offset along the channel dimension         followed                   carried through
+``split``         a part of the channel dimension (split,    followed: each part        recomputed from the
+                  chunk, narrow, slice; the inverse of       carries the channels in    split on
+                  ``cat``); along other dimensions (a        its window, at their
+                  spatial crop) unchanged                    offsets
 ``flatten``       channel-major features                     followed                   carried through
 ``permute``       channel dimension moves                    followed                   carried through
-``mean``          spatial dims averaged                      followed                   carried through
-``final``         softmax after the output layer             --                         --
+``mean``, ``sum`` spatial dims (or the groups in front of    followed                   carried through
+                  the channels) averaged or summed
+``reshape``       other dims reshaped: unchanged; a channel  followed (shuffle: new     carried through;
+                  shuffle (groups, transpose, back): a       places; groups: place      recomputed from a
+                  permutation; (B, G * C, ...) viewed as     ``p % C``)                 shuffle or group
+                  (B, G, C, ...): groups (radix attention)                              view on
+``stack``         branches stacked in front of the           followed                   recomputed
+                  channels (selective kernels)
+``final``         softmax after the output layer; across     -- (across groups: a       -- (recomputed)
+                  groups in front of the channels, a gate    gate, followed)
+``sum``,          several output layers (heads) combined:    --                         --
+``stack``         ``torch.stack(heads).sum(0)`` (and
+                  ``head(x) + head_dist(x)``, a ``join``)
 ``attention``     mixed across tokens (a product of two      not a neuron layer;        recomputed
                   activations: the model is a transformer)   residual paths only
+``token_mix``     mixed across tokens: a Linear over the     not a neuron layer;        recomputed
+                  token dimension (Mixer's token MLPs; the   residual paths only
+                  model is a transformer)
+``merge``         ``x.flatten(2)``: dimensions after the     followed                   carried through
+                  channels merged (patch maps into tokens)
 ``take_tokens``   one position per sequence read after the   --                         recomputed
                   output layer (last-token heads)
 ================  ========================================  =========================  ==================
@@ -97,28 +123,49 @@ PASSING = Handler(  # identity in eval: dropout, stochastic depth, copies and ca
 POOLING = Handler(  # per channel over space (and spatial padding)
     "unary",
     modules=(nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d, nn.ZeroPad2d, nn.ConstantPad2d),
+             nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.LPPool1d, nn.LPPool2d),
     functions={F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
                F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d}
-    | _ops("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-           "pad", "constant_pad_nd"),
+    | _ops("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d"),
+)
+PAD = Handler(  # spatial padding is per channel; padding of the channel dimension moves channels (an offset)
+    "pad",
+    modules=(nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
+             nn.ReplicationPad1d, nn.ReplicationPad2d, nn.CircularPad1d, nn.CircularPad2d),
+    functions={F.pad, torch.constant_pad_nd}
+    | _ops("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
+           "replication_pad2d", "_pad_circular"),
 )
 BATCH_NORM = Handler("bn", modules=BATCH_NORMS)
-NORMALIZATION = Handler("norm", modules=NORMS)
+NORMALIZATION = Handler("norm", modules=NORMS, functions={F.normalize})
+STATISTIC = Handler(  # a per-sample norm of a value (GRN's ||x|| over space, x / x.norm(dim=1)): its users rescale
+    "stat",
+    functions={torch.norm, torch.linalg.vector_norm}
+    | _ops("linalg_vector_norm", "norm.ScalarOpt_dim", "norm.Scalar", "norm.ScalarOpt_dim_dtype"),
+    methods={"norm"},
+)
 ARITHMETIC = Handler(  # refined in classify: scalar/parameter -> unary or scale; two activations -> join/gate
     "arith",
     functions={operator.mul, operator.truediv, operator.add, operator.sub, operator.iadd, operator.isub,
-               operator.imul, operator.neg, torch.mul, torch.add, torch.sub, torch.div}
+               operator.imul, operator.neg, torch.mul, torch.add, torch.sub, torch.div, torch.addcmul}
     | _ops("add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor", "mul.Scalar", "div.Tensor",
-           "div.Scalar", "neg"),
-    methods={"add", "add_", "sub", "sub_", "mul", "div", "mul_", "div_"},
+           "div.Scalar", "neg", "addcmul"),
+    methods={"add", "add_", "sub", "sub_", "mul", "div", "mul_", "div_", "addcmul"},
 )
 CONCAT = Handler("cat", functions={torch.cat, torch.concat, torch.concatenate} | _ops("cat"))
+SPLIT = Handler(  # the inverse of cat: channel windows (x[:, a:b] is getitem in an fx graph)
+    "split",
+    functions={torch.split, torch.chunk, torch.narrow, operator.getitem}
+    | _ops("split.Tensor", "split_with_sizes", "chunk", "narrow", "slice.Tensor"),
+    methods={"split", "chunk", "narrow", "split_with_sizes"},
+)
 FLATTEN = Handler("flatten", modules=(nn.Flatten,), functions={torch.flatten, torch.reshape}
                   | _ops("flatten.using_ints", "view", "reshape", "_unsafe_view"), methods={"flatten", "view", "reshape"})
 PERMUTE = Handler("permute", functions={torch.permute, torch.transpose} | _ops("permute", "transpose.int"),
                   methods={"permute", "transpose"})
 MEAN = Handler("mean", functions={torch.mean} | _ops("mean.dim"), methods={"mean"})
+SUM = Handler("sum", functions={torch.sum} | _ops("sum.dim_IntList"), methods={"sum"})  # of stacked heads only
+STACK = Handler("stack", functions={torch.stack} | _ops("stack"))  # of the output heads only
 FINAL = Handler("final", modules=(nn.Softmax, nn.LogSoftmax),
                 functions={F.softmax, F.log_softmax, torch.softmax, torch.log_softmax} | _ops("softmax.int", "_softmax",
                                                                                                "log_softmax.int"),
@@ -131,9 +178,14 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
 CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise functions (gelu_new)
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
-HANDLERS = [ACTIVATIONS, PASSING, POOLING, BATCH_NORM, NORMALIZATION, ARITHMETIC, CONCAT, FLATTEN, PERMUTE, MEAN,
-            FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
+HANDLERS = [ACTIVATIONS, PASSING, POOLING, PAD, BATCH_NORM, NORMALIZATION, STATISTIC, ARITHMETIC, CONCAT, SPLIT,
+            FLATTEN, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
+# operations that read only the shape of an argument: (target, index of that argument)
+SHAPE_ONLY = ({(f, 0) for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)}
+              | {(f, 0) for f in _ops("zeros_like", "ones_like", "empty_like", "full_like")}
+              | {(f, 1) for f in _ops("expand_as")} | {("expand_as", 1), ("zeros_like", 0), ("new_zeros", 0),
+                                                        ("new_ones", 0), ("new_empty", 0), ("new_full", 0)})
 SHAPE_FUNCTIONS = {getattr} | _ops("sym_size.int", "sym_numel")
 SIZE_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv}
 
@@ -161,15 +213,19 @@ def handler_kind(node: fx.Node, module: nn.Module | None) -> str:
 
 def refine_arith(node: fx.Node, n_tensors: int) -> str:
     """Arithmetic with one activation operand is channel-wise (a parameter operand is a
-    learned per-channel scale or shift); with two, ``+``/``-`` are residual joins and ``*`` a gate."""
+    learned per-channel scale or shift; ``addcmul(b, w, x)`` is ``w * x + b``); with two, ``+``/``-``
+    are residual joins, ``*`` a gate and ``/`` a gate too (a value divided by a per-sample statistic:
+    GRN, ``x / x.norm(dim=1)``)."""
     if "alpha" in node.kwargs:
         return "?"
     name = _name(node.target)
+    if "addcmul" in name:
+        return "scale" if n_tensors == 1 and "value" not in node.kwargs else "?"
     if n_tensors <= 1:
         return "scale" if "mul" in name else "unary"
     if n_tensors == 2 and ("add" in name or "sub" in name):
         return "join"
-    if n_tensors == 2 and "mul" in name:
+    if n_tensors == 2 and ("mul" in name or "div" in name):
         return "gate"
     return "?"
 

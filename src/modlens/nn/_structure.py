@@ -19,6 +19,8 @@ a conv that reads the residual stream is joined to every layer that writes to it
 
 from __future__ import annotations
 
+import operator
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -28,10 +30,10 @@ from modlens.nn._ops import Route, Sink, UnsupportedModelError
 from modlens.nn._transformer import find_mlps, mlp_sink
 from modlens.nn._registry import (
     ATTENTION_MODULES, BATCH_NORMS, CONV_TYPES, LAYER_TYPES, OTHER_WEIGHT_LAYERS, PASSING, SHAPE_FUNCTIONS,
-    SHAPE_METHODS, SIZE_ARITHMETIC, handler_kind, is_bn, refine_arith,
+    SHAPE_METHODS, SHAPE_ONLY, SIZE_ARITHMETIC, handler_kind, is_bn, refine_arith,
 )
 
-_FOLLOW = ("unary", "bn", "scale", "flatten", "permute", "mean")
+_FOLLOW = ("unary", "bn", "scale", "flatten", "permute", "mean", "sum", "merge")
 _MATRIX_PRODUCTS = {torch.ops.aten.addmm.default, torch.ops.aten.mm.default}
 _MIXING = ("join", "gate", "norm")
 
@@ -51,6 +53,7 @@ class Structure:
         self.dynamic = _descendants_of(input_node)   # values that depend on the input (not constants)
         self._kind: dict[fx.Node, str] = {}
         self._shape: dict[fx.Node, bool] = {}
+        self.token_mixers = self._find_token_mixers()
         self._check_weight_layers()
         nodes = [n for n in gm.graph.nodes if n in self.live and self.kind(n) == "layer"]
         if not nodes:
@@ -58,7 +61,8 @@ class Structure:
                 f"{type(gm).__name__} has no nn.Linear or nn.Conv1d/Conv2d layer whose output reaches the model "
                 "output; modlens needs at least one hidden layer to find neurons to cluster"
             )
-        self.output_layer = self._find_output_layer()
+        self.output_layers, self.logits_node = self._find_output_layers()
+        self.output_layer = self.output_layers[0]
         self.all_nodes = nodes
         self.mlps = []
         if self.transformer:  # attention: the neurons are the blocks' MLP units (nn/_transformer.py)
@@ -66,7 +70,7 @@ class Structure:
             self.layer_nodes = [m.node for m in self.mlps]
             self.sinks = {m.node: [mlp_sink(self, m)] for m in self.mlps}
             return
-        self.layer_nodes = [n for n in nodes if n is not self.output_layer]
+        self.layer_nodes = [n for n in nodes if n not in self.output_layers]
         self.sinks = {n: self.walk(n) for n in self.layer_nodes}
 
     # ----- classification ----------------------------------------------------------------
@@ -120,12 +124,87 @@ class Structure:
         module = self.module(node) if node.op == "call_module" else None
         if self._is_leaf(node):
             return "unary"
+        if node in self.token_mixers:
+            return "token_mix"
         kind = handler_kind(node, module)
         if kind == "arith":
             kind = refine_arith(node, len(self.tensor_inputs(node)))
         if kind == "flatten" and not self._flattens(node, module):
-            return "?"
+            return "merge" if self._merged_dims(node, module) is not None else "reshape"
         return kind
+
+    def _merged_dims(self, node: fx.Node, module) -> tuple[int, int] | None:
+        """(start, end) of a flatten that merges dimensions after the batch but is not a full flatten
+        (``x.flatten(2)``: the spatial maps of a patch embedding into tokens), or None."""
+        nd = self.ndim(node.args[0]) if node.args else None
+        if nd is None:
+            return None
+        if isinstance(module, nn.Flatten):
+            start, end = module.start_dim, module.end_dim
+        elif "flatten" in str(node.target):
+            start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+            end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+        else:
+            return None
+        if not isinstance(start, int) or not isinstance(end, int):
+            return None
+        start, end = start % nd, end % nd
+        return (start, end) if 1 <= start < end else None
+
+    def _find_token_mixers(self) -> set[fx.Node]:
+        """Linear layers applied along a dimension that is not the channel dimension of their input
+        (MLP-Mixer's, ResMLP's and gMLP's token-mixing maps, over ``x.transpose(1, 2)``): they mix tokens,
+        as attention does, and are not neuron layers (docs/transformers.md).
+
+        The channel dimension is followed forward from every layer's output: dim 1 after a conv, the
+        last after a Linear, moved by permutes and transposes, kept by channel-wise operations."""
+        cd: dict[fx.Node, int | None] = {}
+        moved: set[fx.Node] = set()     # values whose channel dimension a permute/transpose moved
+        mixers: set[fx.Node] = set()
+        for node in self.gm.graph.nodes:
+            nd = self.ndim(node)
+            if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            ins = [a for a in node.all_input_nodes if cd.get(a) is not None]
+            first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            src = cd.get(first) if first is not None else None
+            if nd is None:      # a tuple of parts (split, chunk): each part keeps the channel dimension
+                cd[node] = src
+                if first in moved:
+                    moved.add(node)
+                continue
+            mod = self.module(node) if node.op == "call_module" else None
+            name = str(node.target)
+            if first in moved and ("permute" in name or "transpose" in name or not isinstance(mod, CONV_TYPES)):
+                moved.add(node)
+            if isinstance(mod, nn.Linear):
+                if src is not None and nd == 3 and src == 1 and first in moved:
+                    mixers.add(node)
+                    cd[node] = src
+                else:
+                    cd[node] = nd - 1
+            elif isinstance(mod, CONV_TYPES):
+                cd[node] = 1
+            elif src is None:
+                cd[node] = next((cd[a] for a in ins if self.ndim(a) == nd), None)
+            elif "permute" in name:
+                perm = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+                cd[node] = [p % nd for p in perm].index(src) if all(isinstance(p, int) for p in perm) else None
+                moved.add(node)
+            elif "transpose" in name and len(node.args) >= 3 and all(isinstance(a, int) for a in node.args[1:3]):
+                d0, d1 = (a % nd for a in node.args[1:3])
+                cd[node] = d1 if src == d0 else d0 if src == d1 else src
+                moved.add(node)
+            elif "flatten" in name or isinstance(mod, nn.Flatten):
+                merged = self._merged_dims(node, mod)
+                cd[node] = (None if merged is None or merged[0] <= src <= merged[1] else
+                            src if src < merged[0] else src - (merged[1] - merged[0]))
+            elif self.ndim(first) in (nd, None) and not any(k in name for k in ("view", "reshape", "mean", "sum",
+                                                                               "select")):
+                cd[node] = src
+            else:
+                cd[node] = None
+        return mixers
 
     def _flattens(self, node: fx.Node, module) -> bool:
         """Whether a flatten/view/reshape keeps the batch and flattens everything else."""
@@ -162,6 +241,9 @@ class Structure:
                     f"attention module {self.describe(node)} is opaque to modlens: write attention with nn.Linear "
                     "projections and scaled_dot_product_attention (or matmul), as Hugging Face models do"
                 )
+            if self.kind(node) == "token_mix":
+                self.transformer = True  # token-mixing MLPs (Mixer): mixing across tokens, like attention
+                continue
             if self.kind(node) == "attention" and len(self.tensor_inputs(node)) >= 2:
                 self.transformer = True  # mixing across tokens: followed by recomputation, not a neuron layer
                 continue
@@ -210,7 +292,7 @@ class Structure:
         if kind == "layer":
             m = self.module(node)
             return m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        if kind in ("unary", "bn", "scale", "final", "mean", "norm") and node.args:
+        if kind in ("unary", "bn", "scale", "final", "mean", "norm", "pad") and node.args:
             return self.channels(self.tensor_inputs(node)[0] if self.tensor_inputs(node) else node.args[0])
         if kind in ("join", "gate"):
             return next((c for c in map(self.channels, node.args) if c is not None), None)
@@ -244,7 +326,7 @@ class Structure:
                 if user not in self.live:
                     continue
                 kind = self.kind(user)
-                if kind == "shape":
+                if kind == "shape" or self._shape_only(user, node):
                     continue
                 if kind == "layer":
                     if user.args[0] is not node:
@@ -260,6 +342,57 @@ class Structure:
                     stack.append((user, nxt, scales))
                 elif kind == "cat":
                     stack.extend((user, r, scales) for r in self._cat_routes(start, node, user, route))
+                elif kind == "pad":
+                    if self.tensor_inputs(user) != [node] or user.args[0] is not node:
+                        raise self._arg_error(start, user)
+                    moved, nxt = self._pad_route(start, user, route)
+                    if moved and mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))   # channels move: recomputed from here
+                    elif nxt is not None:
+                        stack.append((user, nxt, scales))
+                elif kind == "reshape":   # of other dimensions, or a channel shuffle (groups, transpose, back)
+                    if self.tensor_inputs(user) != [node] or user.args[0] is not node:
+                        raise self._arg_error(start, user)
+                    kept = self._reshape_keeping_channels(user, route)
+                    if kept is not None:
+                        stack.append((user, kept, scales))
+                        continue
+                    end, fn = self._shuffle(start, user, route)
+                    n_source = self.layer_route(start).channels
+                    if mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))
+                    elif end is None:      # (B, G * C', ...) -> (B, G, C', ...): channel p at (p // C', p % C')
+                        grouped = route.explicit(n_source).moved(lambda p, c=fn: p % c)
+                        stack.append((user, replace(grouped, dim=2, ndim=route.ndim + 1), scales))
+                    else:
+                        stack.append((end, route.explicit(n_source).moved(fn), scales))
+                elif kind == "stack":   # branches stacked into groups (selective kernels): (B, G, C, ...)
+                    dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0) % (route.ndim + 1)
+                    if route.flat or dim == 0 or dim > route.dim:
+                        raise UnsupportedModelError(
+                            f"{self.describe(user)} stacks the output of layer '{start.target}' along dimension "
+                            f"{dim}; modlens follows stacks of branches in front of the channels (dim=1)")
+                    if mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))
+                    else:
+                        stack.append((user, replace(route, dim=route.dim + 1, ndim=route.ndim + 1), scales))
+                elif kind == "final" and self._across_groups(user, route):   # softmax across groups: a gate
+                    if mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))
+                    else:
+                        stack.append((user, route, scales))
+                elif kind == "stat":   # a per-sample norm: no weight edge; lesions recompute it
+                    if mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))
+                elif kind == "split":
+                    if self.tensor_inputs(user) != [node] or user.args[0] is not node:
+                        raise self._arg_error(start, user)
+                    parts = self._split_parts(start, user, route)
+                    if mode == "lesion" and parts is not None:
+                        sinks.append(Sink("mask", node, user, route))   # recomputed from the split on
+                    else:
+                        stack.extend((v, r, scales) for v, r in (parts or self._split_outputs(start, user, route))
+                                     if r is not None)
                 elif kind in _MIXING:
                     if route.flat:
                         raise UnsupportedModelError(
@@ -269,7 +402,7 @@ class Structure:
                     if kind == "norm" and user.args[0] is not node:
                         raise self._arg_error(start, user)
                     if mode == "weights":
-                        nxt = Route(route.offset, route.channels, False, self.ndim(user) or route.ndim, route.dim)
+                        nxt = replace(route, flat=False, ndim=self.ndim(user) or route.ndim)
                         stack.append((user, nxt, scales + (((user, route),) if kind == "norm" else ())))
                     else:
                         sinks.append(Sink("mask", node, user, route))
@@ -293,6 +426,78 @@ class Structure:
             sinks = [s for s in sinks if s.kind == "layer"]
         return _dedupe(sinks)
 
+    @staticmethod
+    def _across_groups(user: fx.Node, route: Route) -> bool:
+        """Whether a softmax normalizes across a dimension in front of the channels (radix or kernel groups)."""
+        dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        return isinstance(dim, int) and not route.flat and 0 < dim % route.ndim < route.dim
+
+    def _reshape_keeping_channels(self, user, route: Route) -> Route | None:
+        """The route after a reshape of the other dimensions only (``x.view(B, C, -1)``, ``(B, H, W, C)`` to
+        ``(B, H * W, C)``), or None when the reshape touches the channel dimension."""
+        shape_in, shape_out = self.shapes.get(user.args[0]), self.shapes.get(user)
+        if route.flat or shape_in is None or shape_out is None:
+            return None
+        shape_in, shape_out, d = tuple(shape_in), tuple(shape_out), route.dim   # per-sample shapes: dim d at d - 1
+        if shape_in[:d] == shape_out[:d]:
+            return replace(route, ndim=len(shape_out) + 1)
+        tail = len(shape_in) - d + 1
+        if shape_in[d - 1:] == shape_out[len(shape_out) - tail:]:
+            return replace(route, ndim=len(shape_out) + 1, dim=len(shape_out) + 1 - tail)
+        return None
+
+    def _shuffle(self, start, user, route: Route):
+        """(the view back, the channel map j -> new index) of a channel shuffle starting at the reshape
+        ``user``: ``x.view(B, g, C // g, ...).transpose(1, 2).reshape(B, C, ...)`` (ShuffleNet); any other
+        reshape of the channels is refused in one line."""
+        def refuse():
+            return UnsupportedModelError(
+                f"unsupported {self.describe(user)} after layer '{start.target}': a reshape of the channel "
+                "dimension; modlens follows channels split into groups ((B, G * C, ...) to (B, G, C, ...)), channel "
+                "shuffles (into groups, transpose(1, 2), back), flattening and reshapes of the other dimensions")
+
+        def next_user(n):
+            users = [u for u in n.users if u in self.live and self.kind(u) != "shape"]
+            while len(users) == 1 and self.kind(users[0]) == "unary" and len(self.tensor_inputs(users[0])) == 1:
+                n = users[0]         # contiguous, clone
+                users = [u for u in n.users if u in self.live and self.kind(u) != "shape"]
+            return users[0] if len(users) == 1 else None
+
+        shape_in, shape_mid = self.shapes.get(user.args[0]), self.shapes.get(user)
+        if shape_in is None or shape_mid is None:
+            raise UnsupportedModelError(
+                f"cannot tell what {self.describe(user)} does to the channels of layer '{start.target}': the "
+                "captured graph has no shapes (capture the model at an example input: pass data)")
+        if route.flat or route.dim != 1:
+            raise refuse()
+        if len(shape_mid) != len(shape_in) + 1 or tuple(shape_mid[2:]) != tuple(shape_in[1:]) or \
+                shape_mid[0] * shape_mid[1] != shape_in[0]:
+            raise refuse()
+        g, cpg = int(shape_mid[0]), int(shape_mid[1])
+        t = next_user(user)
+        if t is None or self.kind(t) != "permute":
+            return None, cpg      # channels in groups, not a shuffle (radix / selective-kernel groups)
+        if "transpose" in str(t.target):
+            swapped = {a % (len(shape_mid) + 1) for a in t.args[1:3]}
+        else:
+            perm = t.args[1] if len(t.args) == 2 and isinstance(t.args[1], (list, tuple)) else t.args[1:]
+            swapped = {i for i, p in enumerate(perm) if i != p}
+            if perm[1] != 2 or perm[2] != 1:
+                raise refuse()
+        back = next_user(t)
+        if swapped != {1, 2} or back is None or self.kind(back) != "reshape" or \
+                tuple(self.shapes.get(back) or ()) != tuple(shape_in):
+            raise refuse()
+        return back, lambda j: (j % cpg) * g + j // cpg
+
+    @staticmethod
+    def _shape_only(user: fx.Node, node: fx.Node) -> bool:
+        """Whether ``user`` reads only the shape of ``node`` (zeros_like(x), y.expand_as(x))."""
+        if user.op not in ("call_function", "call_method"):
+            return False
+        return any(i < len(user.args) and user.args[i] is node and node not in user.args[:i] + user.args[i + 1:]
+                   for t, i in SHAPE_ONLY if t == user.target)
+
     def _arg_error(self, start: fx.Node, user: fx.Node) -> UnsupportedModelError:
         return UnsupportedModelError(
             f"the output of layer '{start.target}' reaches {self.describe(user)} as an argument other than its "
@@ -310,7 +515,7 @@ class Structure:
         out, offset = [], 0
         for a in _cat_inputs(user):
             if a is node:
-                out.append(Route(route.offset + offset, None, False, nd, route.dim))
+                out.append(replace(route.shifted(offset), channels=None, flat=False, ndim=nd))
             c = self.channels(a, route.dim)
             if c is None:
                 raise UnsupportedModelError(
@@ -319,6 +524,124 @@ class Structure:
                 )
             offset += c
         return out
+
+    def _pad_route(self, start, user, route: Route) -> tuple[bool, Route | None]:
+        """(whether the padding pads or crops the channel dimension, the route after it: None when no
+        channel of the layer is left)."""
+        if user.op == "call_module":
+            pad = self.module(user).padding
+            pad = list(pad) if isinstance(pad, (tuple, list)) else [pad] * 2
+        else:
+            pad = user.kwargs.get("pad", user.args[1] if len(user.args) > 1 else ())
+            pad = list(pad)
+        nd = route.ndim
+        if any(isinstance(p, fx.Node) for p in pad):
+            raise UnsupportedModelError(f"{self.describe(user)} pads the output of layer '{start.target}' by a "
+                                        "computed amount; modlens follows paddings of fixed size")
+        # pad[2i], pad[2i + 1]: before and after dimension nd - 1 - i
+        before = {nd - 1 - i: (pad[2 * i], pad[2 * i + 1]) for i in range(len(pad) // 2)}
+        if not any(before.get(route.dim, (0, 0))):
+            return False, route
+        if route.flat or route.dim == 0:
+            raise UnsupportedModelError(f"{self.describe(user)} pads the channels of a flattened value after layer "
+                                        f"'{start.target}'")
+        front, back = before[route.dim]
+        width = self.channels(user.args[0], route.dim)
+        if width is None:
+            raise UnsupportedModelError(f"cannot tell how many channels {self.describe(user)} pads after layer "
+                                        f"'{start.target}'")
+        return True, route.sliced(-front, width + back, self.layer_route(start).channels)
+
+    def _split_outputs(self, start, user, route: Route) -> list[tuple]:
+        """(value, route) of each output of a split node, the route unchanged (a split along another dimension)."""
+        if "split" not in _name(user.target) and "chunk" not in _name(user.target):
+            return [(user, route)]
+        return [(g, route) for g in self._split_items(start, user)]
+
+    def _split_items(self, start, user) -> list[fx.Node]:
+        items = [u for u in user.users if u in self.live]
+        if not all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                   for u in items):
+            raise UnsupportedModelError(
+                f"the parts of {self.describe(user)} after layer '{start.target}' are used other than one by one "
+                "(x.split(...)[i]); modlens follows channel splits whose parts are taken by index")
+        return items
+
+    def _split_parts(self, start, user, route: Route) -> list[tuple] | None:
+        """(value, route) per part of a split/chunk/narrow/slice of the channel dimension, the route
+        None for a part without any of the layer's channels; None when the split is along another dimension."""
+        args, kw, name = list(user.args), user.kwargs, _name(user.target)
+
+        def arg(i, key, default):
+            return kw.get(key, args[i] if len(args) > i else default)
+
+        if user.target is operator.getitem:           # x[:, a:b] in an fx graph
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if not all(isinstance(sl, slice) for sl in index) or (index and index[0] != slice(None)):
+                raise UnsupportedModelError(
+                    f"{self.describe(user)} indexes the output of layer '{start.target}' with {args[1]!r}; modlens "
+                    "follows slices (x[:, a:b], x[:, :, ::2]) of all samples; use narrow or split for anything else")
+            sl = index[route.dim] if route.dim < len(index) else slice(None)
+            if sl == slice(None):
+                if route.flat and any(i != slice(None) for i in index):
+                    raise UnsupportedModelError(f"{self.describe(user)} slices a flattened value after layer "
+                                                f"'{start.target}'; modlens follows splits of unflattened channels")
+                return None
+            dim, bounds, step = route.dim, [(sl.start, sl.stop)], sl.step
+        elif "narrow" in name:
+            dim, begin, length = arg(1, "dim", 0), arg(2, "start", 0), arg(3, "length", 0)
+            bounds, step = [(begin, None, length)], 1
+        elif "slice" in name:
+            dim = arg(1, "dim", 0)
+            bounds, step = [(arg(2, "start", None), arg(3, "end", None))], arg(4, "step", 1)
+        else:                                          # split, split_with_sizes, chunk
+            dim = arg(2, "dim", 0)
+            bounds, step = None, 1
+        nd = route.ndim
+        if not isinstance(dim, int):
+            raise UnsupportedModelError(f"cannot tell along which dimension {self.describe(user)} splits the "
+                                        f"output of layer '{start.target}'")
+        dim %= nd
+        width = self.channels(user.args[0], dim) if dim else None
+        if dim != route.dim:
+            whole_batch = dim == 0 and bounds is not None and len(bounds[0]) == 2 and bounds[0][0] in (None, 0)
+            if dim == 0 and not whole_batch:
+                raise UnsupportedModelError(f"{self.describe(user)} splits the batch after layer '{start.target}'")
+            if route.flat and not whole_batch:
+                raise UnsupportedModelError(f"{self.describe(user)} slices a flattened value after layer "
+                                            f"'{start.target}'; modlens follows splits of unflattened channels")
+            return None
+        if route.flat:
+            raise UnsupportedModelError(f"{self.describe(user)} slices a flattened value after layer '{start.target}'; "
+                                        "modlens follows splits of unflattened channels")
+        if width is None:
+            raise UnsupportedModelError(f"cannot tell how many channels {self.describe(user)} splits after layer "
+                                        f"'{start.target}'")
+        if step not in (None, 1):
+            raise UnsupportedModelError(f"{self.describe(user)} takes every {step}th channel of layer "
+                                        f"'{start.target}'; modlens follows contiguous channel slices only")
+        if bounds is not None:
+            b = bounds[0]
+            if any(isinstance(v, fx.Node) for v in b):
+                raise UnsupportedModelError(f"{self.describe(user)} slices the channels of layer '{start.target}' at "
+                                            "a computed position; modlens follows slices at fixed channel offsets")
+            lo = 0 if b[0] is None else (b[0] + width if b[0] < 0 else b[0])
+            hi = (lo + b[2]) if len(b) == 3 else width if b[1] is None else (b[1] + width if b[1] < 0 else b[1])
+            return [(user, route.sliced(max(lo, 0), min(hi, width), self.layer_route(start).channels))]
+        sizes = kw.get("split_size", kw.get("split_sizes", kw.get("split_size_or_sections", args[1] if len(args) > 1
+                                                                  else None)))
+        if "chunk" in name:
+            n = arg(1, "chunks", 1)
+            size = -(-width // n)
+            sizes = [min(size, width - i) for i in range(0, width, size)]
+        elif isinstance(sizes, int):
+            sizes = [min(sizes, width - i) for i in range(0, width, sizes)]
+        edges = [0]
+        for sz in sizes:
+            edges.append(edges[-1] + int(sz))
+        n_source = self.layer_route(start).channels
+        return [(g, route.sliced(edges[g.args[1]], edges[g.args[1] + 1], n_source))
+                for g in self._split_items(start, user)]
 
     def _through(self, start, user, kind, route: Route) -> Route:
         nd_out = self.ndim(user)
@@ -330,7 +653,8 @@ class Structure:
                     f"{self.describe(user)} flattens a channels-last value after layer '{start.target}'; modlens "
                     "follows channel-major flattening only (permute to channels-first before flattening)"
                 )
-            return Route(route.offset, self.channels((self.tensor_inputs(user) or [user.args[0]])[0]), True, 2, 1)
+            return replace(route, channels=self.channels((self.tensor_inputs(user) or [user.args[0]])[0]), flat=True,
+                           ndim=2, dim=1)
         if kind == "permute":
             if route.flat:
                 raise UnsupportedModelError(f"{self.describe(user)} permutes a flattened value after layer "
@@ -338,11 +662,20 @@ class Structure:
             if "permute" in str(user.target):
                 perm = user.args[1] if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) else user.args[1:]
                 perm = [p % route.ndim for p in perm]
-                return Route(route.offset, route.channels, False, route.ndim, perm.index(route.dim))
+                return replace(route, dim=perm.index(route.dim))
             d0, d1 = (a % route.ndim for a in user.args[1:3])
             new = d1 if route.dim == d0 else d0 if route.dim == d1 else route.dim
-            return Route(route.offset, route.channels, False, route.ndim, new)
-        if kind == "mean":
+            return replace(route, dim=new)
+        if kind == "merge":
+            start_dim, end_dim = self._merged_dims(user, self.module(user) if user.op == "call_module" else None)
+            if route.flat or start_dim <= route.dim <= end_dim:
+                raise UnsupportedModelError(
+                    f"{self.describe(user)} flattens the channels of layer '{start.target}' together with other "
+                    "dimensions; modlens follows channel-major flattening (torch.flatten(x, 1)) or flattening of the "
+                    "dimensions after the channels (x.flatten(2))")
+            shift = end_dim - start_dim if route.dim > end_dim else 0
+            return replace(route, ndim=route.ndim - (end_dim - start_dim), dim=route.dim - shift)
+        if kind in ("mean", "sum"):   # over space, or over the groups in front of the channels
             dims = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
             dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
             keep = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
@@ -354,10 +687,9 @@ class Structure:
                 )
             if keep:
                 return route
-            return Route(route.offset, route.channels, False, route.ndim - len(norm),
-                         route.dim - sum(d < route.dim for d in norm))
+            return replace(route, ndim=route.ndim - len(norm), dim=route.dim - sum(d < route.dim for d in norm))
         if nd_out is not None and not route.flat and nd_out != route.ndim:
-            return Route(route.offset, route.channels, False, nd_out, route.dim)
+            return replace(route, ndim=nd_out)
         return route
 
     def _check_layout(self, start, user, route: Route) -> None:
@@ -376,29 +708,72 @@ class Structure:
                 f"conv layer '{user.target}' reads a flattened, dense or channels-last value from layer '{start.target}'"
             )
 
-    def _find_output_layer(self) -> fx.Node:
-        node = self.output
-        while self.kind(node) != "layer":
-            kind = self.kind(node)
-            if kind == "take_tokens":  # one position per sequence, read after a per-position output layer
-                node = node.args[0]
-                continue
-            ins = self.tensor_inputs(node)
-            if kind not in ("unary", "final", "flatten", "bn", "scale") or len(ins) != 1:
-                raise UnsupportedModelError(
-                    f"the model output is computed by {self.describe(node)}, not by a final nn.Linear or nn.Conv "
-                    "layer followed only by element-wise operations or a softmax; modlens takes the last layer's "
-                    "outputs as the class scores (pass output= to select the logits)"
-                )
-            node = ins[0]
-        return node
+    def _find_output_layers(self) -> tuple[list[fx.Node], fx.Node]:
+        """The layers whose outputs are the class scores, and the node holding the scores.
+
+        Usually one final Linear/Conv followed only by element-wise operations or a softmax; a model
+        may also average or add several heads (a distilled model's class and distillation heads:
+        ``(head(x) + head_dist(x)) / 2``, ``torch.stack(heads).sum(0)``). Then every head is an output
+        layer (not a neuron layer), and the scores are the combined value."""
+        heads: list[fx.Node] = []
+        combined = None
+        todo = [self.output]
+        while todo:
+            node = todo.pop()
+            while self.kind(node) != "layer":
+                kind = self.kind(node)
+                if kind == "take_tokens":  # one position per sequence, read after a per-position output layer
+                    node = node.args[0]
+                    continue
+                ins = self.tensor_inputs(node)
+                parts = self._head_parts(node, kind, ins)
+                if parts is not None:
+                    combined = combined or node
+                    todo.extend(parts)
+                    break
+                if kind not in ("unary", "final", "flatten", "bn", "scale", "pad") or len(ins) != 1:
+                    raise UnsupportedModelError(
+                        f"the model output is computed by {self.describe(node)}, not by a final nn.Linear or nn.Conv "
+                        "layer (or a sum or mean of several) followed only by element-wise operations or a softmax; "
+                        "modlens takes the last layer's outputs as the class scores (pass output= to select the logits)"
+                    )
+                node = ins[0]
+            else:
+                if node not in heads:
+                    heads.append(node)
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        heads.sort(key=order.__getitem__)
+        if combined is None:
+            return heads, heads[0]
+        # the scores: the combination, after the element-wise operations that follow it but before a softmax
+        logits = combined
+        while logits is not self.output:
+            users = [u for u in logits.users if u in self.live and self.kind(u) != "shape"]
+            if len(users) != 1 or self.kind(users[0]) not in ("unary", "scale"):
+                break
+            logits = users[0]
+        return heads, logits
+
+    def _head_parts(self, node: fx.Node, kind: str, ins: list) -> list | None:
+        """The heads a node adds (``a + b``) or sums/averages over a stack (``stack(hs).sum(0)``), or None."""
+        if kind == "join" and "add" in _name(node.target) and len(ins) == 2:
+            return ins
+        if kind in ("sum", "mean") and len(ins) == 1 and self.kind(ins[0]) == "stack":
+            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            stack = ins[0]
+            stack_dim = stack.kwargs.get("dim", stack.args[1] if len(stack.args) > 1 else 0)
+            if dims == (0,) and stack_dim == 0 and not keep:
+                return list(stack.args[0])
+        return None
 
     def bn_chain(self, node: fx.Node) -> list[nn.Module]:
         """Batch norms that normalize ``node``'s channels before any branch or join (row 3)."""
         bns = []
         while True:
             users = [u for u in node.users if u in self.live and self.kind(u) != "shape"]
-            if len(users) != 1 or self.kind(users[0]) not in ("unary", "bn"):
+            if len(users) != 1 or self.kind(users[0]) not in ("unary", "bn", "pad"):
                 return bns
             node = users[0]
             if node.op == "call_module" and is_bn(self.module(node)):
@@ -455,6 +830,10 @@ def _ancestors_of(node) -> set[fx.Node]:
         seen.add(n)
         todo.extend(n.all_input_nodes)
     return seen
+
+
+def _name(target) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _cat_inputs(node: fx.Node) -> list:

@@ -117,13 +117,13 @@ def find_mlps(s) -> list[MLPNeurons]:
     """The MLP neuron layers of a captured model with attention, in forward order."""
     out = []
     for layer in s.all_nodes:
-        if layer is s.output_layer or not isinstance(s.module(layer), nn.Linear) or (s.ndim(layer) or 2) < 3:
+        if layer in s.output_layers or not isinstance(s.module(layer), nn.Linear) or (s.ndim(layer) or 2) < 3:
             continue
         hit = _forward(s, layer)
         if hit is None:
             continue
         value, down, acted, product = hit
-        if down is s.output_layer or not isinstance(s.module(down), nn.Linear):
+        if down in s.output_layers or not isinstance(s.module(down), nn.Linear):
             continue
         up = None
         if product is not None:
@@ -141,9 +141,13 @@ def find_mlps(s) -> list[MLPNeurons]:
             continue
         out.append(MLPNeurons(layer, up, down, value))
     if not out:
+        mixing, note = "attention", ""
+        if s.token_mixers:
+            mixing = f"token-mixing layers ({', '.join(sorted(n.target for n in s.token_mixers)[:2])}, ...)"
+            note = " (a gMLP's spatial gating unit, u * proj(v^T)^T, is not one yet)"
         raise UnsupportedModelError(
-            "the model has attention but no transformer MLP (Linear -> activation -> Linear over tokens, or a "
-            "gated GLU/SwiGLU MLP); modlens analyses the MLP neurons of transformer blocks"
+            f"the model has {mixing} but no transformer MLP (Linear -> activation -> Linear over tokens, or a "
+            f"gated GLU/SwiGLU MLP); modlens analyses the MLP neurons of transformer blocks{note}"
         )
     return out
 
@@ -179,7 +183,7 @@ def _gamma(norm, d_model: int):
 
 
 def _embedding(s, d_model: int):
-    first = [n for n in s.first_layers() if n not in (s.output_layer,)]
+    first = [n for n in s.first_layers() if n not in s.output_layers]
     mods = [s.module(n) for n in first]
     if len(first) == 1 and isinstance(mods[0], nn.Linear) and mods[0].out_features == d_model:
         return _np(mods[0].weight)
@@ -232,12 +236,23 @@ def _lookup_scale(s, lookup: fx.Node) -> float:
 
 
 def _head(s, d_model: int):
-    """(head matrix n_classes x d_model, final gamma) or (None, None)."""
-    out = s.module(s.output_layer)
+    """(head matrix n_classes x d_model, final gamma) or (None, None); several heads whose scores are
+    added or averaged (a distilled model's class and distillation heads) are summed."""
+    total, gamma = None, None
+    for layer in s.output_layers:
+        h, g = _one_head(s, layer, d_model)
+        if h is None or (total is not None and h.shape != total.shape):
+            return None, None
+        total, gamma = (h, g) if total is None else (total + h, gamma)
+    return total, gamma
+
+
+def _one_head(s, layer, d_model: int):
+    out = s.module(layer)
     if not isinstance(out, nn.Linear):
         return None, None
     h = _np(out.weight)
-    node = s.output_layer.args[0]
+    node = layer.args[0]
     while True:
         norm, stop = _back_to_norm(s, node)
         if norm is not None or s.kind(stop) != "layer" or not isinstance(s.module(stop), nn.Linear):

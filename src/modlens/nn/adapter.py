@@ -368,7 +368,7 @@ class NetworkAdapter:
         s = self.structure
         index = {n: i + (1 if self._mlp_graph else 0) for i, n in enumerate(self._layer_nodes)}
         if self._mlp_graph:
-            index[s.output_layer] = len(self.layers) + 1
+            index.update({head: len(self.layers) + 1 for head in s.output_layers})
         blocks = []
         if self._mlp_graph:
             first = [n for n in s.first_layers() if n in index]
@@ -388,6 +388,11 @@ class NetworkAdapter:
             for consumer, sinks in by_consumer.items():
                 block = edge_block(consumer, sinks, _width(s.module(src)), s, norm=conv_edge, bn_fold=bn_fold)
                 blocks.append((index[src], index[consumer], block))
+        if len(s.output_layers) > 1:  # heads whose scores are added: one output layer, their edges summed
+            merged: dict[tuple, np.ndarray] = {}
+            for i, j, block in blocks:
+                merged[(i, j)] = merged[(i, j)] + block if (i, j) in merged else block
+            blocks = [(i, j, b) for (i, j), b in merged.items()]
         return blocks
 
     def layer_node(self, layer: int) -> fx.Node:
@@ -441,7 +446,8 @@ class NetworkAdapter:
         * with ``reduce`` (``"l1"``, or ``"matrix_1_norm"``: row 2 of the notes), one (B, C)
           summary per layer instead: dense units as they are, each conv channel's (or each
           token's) map reduced the moment it is computed;
-        * with ``logits=True``, the output layer's class scores last.
+        * with ``logits=True``, the output layer's class scores last (the combined scores where the model
+          adds or averages several heads).
 
         A single output is returned as a tensor, several as a tuple."""
         if reduce is not None and reduce not in ACT_REDUCTIONS:
@@ -450,7 +456,7 @@ class NetworkAdapter:
         nodes = [self.structure.preactivation_node(self._layer_nodes[i]) for i in idx]
         posts = [self._post(i, reduce) for i in idx]
         if logits:
-            nodes.append(self.structure.output_layer)
+            nodes.append(self.structure.logits_node)
             posts.append(None)
         if not nodes:
             raise ValueError("values: name at least one layer, or pass logits=True")
