@@ -32,8 +32,9 @@ Stages:
 * ``activations``: ``modlens.partition(model, "activations/global", data=ids)``;
 * ``analyze``: ``modlens.analyze(model, (ids, y), ...)`` for seqcls (``y`` = the model's own
   predictions), ``modlens.analyze(model, ids, task="next-token", ...)`` for causal; one
-  partitioning, 3 random sets (the survey before issue 18 passed ``(N, T)`` targets, and recorded
-  in ``analyze_flat`` where ``(N,)`` labels broke);
+  partitioning, 3 random sets, activation data a held-out batch of other random ids (the survey
+  before issue 18 passed ``(N, T)`` targets and the test ids as activation data, and recorded in
+  ``analyze_flat`` where ``(N,)`` labels broke);
 * ``exact`` (when capture succeeded): the incremental lesion engine against the plain oracle on
   two lesion sets per layer (seqcls: correct counts equal; causal: the next-token engines, counts
   per cell equal and cross-entropy sums within 1e-4 relative in float32).
@@ -350,7 +351,11 @@ def survey_one(family: str, head: str, probe: str = "", patches: tuple = (), sel
                                                                      **kw, **task).labels])
     row["activations"] = _run(lambda: [len(l) for l in modlens.partition(model, "activations/global", n_clusters=3,
                                                                          data=ids, **kw, **task).labels])
-    common = dict(activation_data=ids, n_clusters=3, n_random=3, partitionings=["weights/global"], random_state=0, **kw)
+    # activation data: a held-out batch of other random ids (analyze refuses the test set as
+    # activation data; the survey before issue 18 passed the test ids themselves)
+    held_out = torch.randint(1, V, (N, T), generator=torch.Generator().manual_seed(3))
+    common = dict(activation_data=held_out, n_clusters=3, n_random=3, partitionings=["weights/global"], random_state=0,
+                  **kw)
     if head == "causal":  # the next-token task (issue 18): ids alone, each position against the next token
         row["analyze"] = _run(lambda: modlens.analyze(model, ids, task="next-token", **common).summary.shape[0])
     else:

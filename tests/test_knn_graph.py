@@ -104,6 +104,48 @@ def test_top_k_accumulator_equals_one_shot():
     np.testing.assert_allclose(top.to_graph().toarray(), knn_sparsify(a, 6).toarray(), atol=1e-15)
 
 
+@pytest.mark.parametrize("symmetrize", ["max", "mean"])
+@pytest.mark.parametrize("chunk_bytes", [1, 20_000, 10**9])
+def test_half_blocks_equal_the_full_blocks(symmetrize, chunk_bytes):
+    """The optimized path (each chunk correlated with itself and the later units only, both ends
+    of an edge served from one block) gives the plain path's graph: every row's full block."""
+    rng = np.random.default_rng(6)
+    layers = [rng.normal(size=(300, 70)), np.exp(rng.normal(size=(300, 50))), rng.normal(size=(300, 40)) ** 3]
+    layers[1][:, 5] = 2.0  # a constant unit: no edges either way
+    plain = knn_activation_graph(layers, 9, symmetrize=symmetrize, chunk_bytes=chunk_bytes, half=False)
+    fast = knn_activation_graph(layers, 9, symmetrize=symmetrize, chunk_bytes=chunk_bytes)
+    np.testing.assert_array_equal(fast.toarray() != 0, plain.toarray() != 0)  # same edges
+    np.testing.assert_allclose(fast.toarray(), plain.toarray(), rtol=1e-12, atol=0)  # same weights
+    assert (abs(fast - fast.T)).max() == 0
+    # float32 ranks (the next-token activation path): same graph up to float32 rounding
+    plain32 = knn_activation_graph(layers, 9, symmetrize=symmetrize, chunk_bytes=chunk_bytes, half=False,
+                                   dtype=np.float32)
+    fast32 = knn_activation_graph(layers, 9, symmetrize=symmetrize, chunk_bytes=chunk_bytes, dtype=np.float32)
+    np.testing.assert_array_equal(fast32.toarray() != 0, plain32.toarray() != 0)
+    np.testing.assert_allclose(fast32.toarray(), plain32.toarray(), rtol=0, atol=1e-6)
+
+
+def test_top_k_prereduction_equals_full_merge():
+    """TopK.update keeps a row's k best new candidates before merging: the same top k as merging
+    every candidate, for candidate pieces wider and narrower than k, row subsets and float32."""
+    rng = np.random.default_rng(7)
+    a = np.abs(rng.normal(size=(40, 40)))
+    a = (a + a.T) / 2
+    np.fill_diagonal(a, 0)
+    top = TopK(40, 5)
+    for lo, hi in [(0, 3), (3, 25), (25, 29), (29, 40)]:
+        top.update(np.arange(20), np.arange(lo, hi), a[:20, lo:hi])
+        top.update(np.arange(20, 40), np.arange(lo, hi), a[20:, lo:hi].astype(np.float32))
+    reference = np.zeros_like(a)
+    for u in range(40):
+        best = np.argsort(-a[u], kind="stable")[:5]
+        reference[u, best] = a[u, best]
+    got = top.to_graph().toarray()
+    expected = np.where((reference != 0) | (reference.T != 0), a, 0.0)
+    np.testing.assert_array_equal(got != 0, expected != 0)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)  # rows 20..39 went through float32
+
+
 def test_choose_graph_mode_and_build():
     assert choose_graph_mode(100) == "dense"
     assert choose_graph_mode(10**6) == "knn"

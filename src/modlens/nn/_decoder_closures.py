@@ -27,7 +27,8 @@ def _scalar(v) -> bool:
 
 
 def _norm_at(g: _Graph, r: fx.Node):
-    """(source, end, scale node or None, eps) of an RMS normalization whose rsqrt is ``r``, or None."""
+    """(source, end, scale node or None, eps, read) of an RMS normalization whose rsqrt is ``r``, or
+    None; ``read`` is the node the squares are taken of (``source`` or a cast of it)."""
     a = r.args[0]
     if not (isinstance(a, fx.Node) and a.target in (aten.add.Tensor, aten.add.Scalar)):
         return None
@@ -69,7 +70,7 @@ def _norm_at(g: _Graph, r: fx.Node):
                     end, scale = u, other[0]
                     continue
         break
-    return _through_casts_back(g, xc), end, scale, float(eps[0])
+    return _through_casts_back(g, xc), end, scale, float(eps[0]), xc
 
 
 def _region(g: _Graph, source: fx.Node, end: fx.Node) -> list[fx.Node] | None:
@@ -99,9 +100,14 @@ def written_norms(g: _Graph) -> None:
         found = _norm_at(g, r)
         if found is None:
             continue
-        source, end, scale, eps = found
+        source, end, scale, eps, read = found
         if _region(g, source, end) is None:
-            continue
+            # a cast to the dtype a value already has (``x.to(torch.float32)`` in a float32 model)
+            # returns the value itself, and the trace routes the residual stream on through the
+            # cast node; the normalization then starts at that node (the same value)
+            if read is source or _region(g, read, end) is None:
+                continue
+            source = read
         body = extract(g.gm, [source], [end])
         scale_body = None if scale is None else extract(g.gm, [], [scale])
         weight = next((a.target for a in _param_ancestors(scale)), "") if scale is not None else ""
