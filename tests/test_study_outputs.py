@@ -209,7 +209,7 @@ def test_cli_report_on_a_saved_analyze_result(tiny_study, tmp_path, capsys):
     assert "Table 4: lesion experiments" in html and "figure7" in html and "feature_vis_" in html
     assert not (net / "report.html").exists()
     assert main(["report", str(tmp_path / "nothing")]) == 2
-    assert "not a saved analyze result" in capsys.readouterr().err
+    assert "not a saved analysis result" in capsys.readouterr().err
 
 
 def test_correlation_figures_for_halves_groups(tiny_study, tmp_path):

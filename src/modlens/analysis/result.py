@@ -96,19 +96,26 @@ def save_result(result: AnalysisResult, directory, *, overwrite: bool = False, e
     return target
 
 
+def read_result_manifest(directory: str | os.PathLike, who: str = "") -> dict:
+    """The manifest of a saved result folder, checked to be one (``who``: a prefix for errors)."""
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{who}{directory} is not a saved analysis result (no manifest.json); give the "
+                                "folder written by `modlens analyze --out` or AnalysisResult.save")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "modlens-analysis":
+        raise ValueError(f"{who}{path} has format {manifest.get('format')!r}, expected 'modlens-analysis'")
+    return manifest
+
+
 def load_result(directory: str | os.PathLike) -> AnalysisResult:
     """A saved result (``modlens analyze --out``, :meth:`AnalysisResult.save`, a study's
     ``networks/<id>/``) read back: its tables, partitions, config and visualizations."""
     from modlens.experiments.feature_vis import VisResult
 
     directory = Path(directory)
-    path = directory / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a saved analysis result (no manifest.json); give the folder "
-                                "written by `modlens analyze --out` or AnalysisResult.save")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "modlens-analysis":
-        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected 'modlens-analysis'")
+    manifest = read_result_manifest(directory)
     frames = {name: pd.read_parquet(directory / f"{name}.parquet") if (directory / f"{name}.parquet").is_file() else None
               for name in TABLES}
     parts = json.loads((directory / "partitions.json").read_text())
@@ -148,4 +155,4 @@ def partition_digest(p: Partition) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-__all__ = ["AnalysisResult", "save_result", "load_result", "TABLES", "partition_to_dict", "partition_from_dict", "partition_digest"]
+__all__ = ["AnalysisResult", "save_result", "load_result", "read_result_manifest", "TABLES", "partition_to_dict", "partition_from_dict", "partition_digest"]

@@ -89,13 +89,19 @@ def lesion_metrics(
         acc, base_acc = per_class.mean(1), base_class.mean()
     else:
         acc, base_acc = counts.sum(1) / class_sizes.sum(), baseline.sum() / class_sizes.sum()
-    drops = base_class[None, :] - per_class
-    rng = drops.max(1) - drops.min(1)
+    return {"accuracy": acc, "acc_drop": base_acc - acc,
+            "class_range": drop_range(base_class[None, :] - per_class, class_range)}
+
+
+def drop_range(drops: np.ndarray, class_range: str = "range") -> np.ndarray:
+    """Per row of ``drops`` (lesions x classes of class-wise accuracy drops): their range, or with
+    ``class_range="normalized"`` the range over |mean change| (0/0 gives 0, x/0 inf)."""
+    out = drops.max(1) - drops.min(1)
     if class_range == "normalized":
         mean_change = np.abs(drops.mean(1))
         with np.errstate(divide="ignore", invalid="ignore"):
-            rng = np.where(rng == 0, 0.0, rng / mean_change)
-    return {"accuracy": acc, "acc_drop": base_acc - acc, "class_range": rng}
+            out = np.where(out == 0, 0.0, out / mean_change)
+    return out
 
 
 def lesion_test(

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from modlens.core.partition import Partition
-from modlens.experiments.lesion_test import ACCURACY_MODES, CLASS_RANGE_MODES, COLUMNS, subcluster_sets
+from modlens.experiments.lesion_test import ACCURACY_MODES, CLASS_RANGE_MODES, COLUMNS, drop_range, subcluster_sets
 
 #: Classes with fewer scored test positions are left out of the class and label ranges.
 MIN_POSITIONS = 50
@@ -35,13 +35,7 @@ TOKEN_COLUMNS = COLUMNS[:8] + ["accuracy", "acc_drop", "cross_entropy", "ce_incr
 
 
 def _range(rates: np.ndarray, base: np.ndarray, class_range: str) -> np.ndarray:
-    drops = base[None, :] - rates
-    out = drops.max(1) - drops.min(1)
-    if class_range == "normalized":
-        mean_change = np.abs(drops.mean(1))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out = np.where(out == 0, 0.0, out / mean_change)
-    return out
+    return drop_range(base[None, :] - rates, class_range)
 
 
 def token_lesion_metrics(correct: np.ndarray, ce: np.ndarray, base_correct: np.ndarray, base_ce: np.ndarray,

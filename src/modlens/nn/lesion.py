@@ -237,15 +237,40 @@ class IncrementalLesions:
         samples = max(1, min(n_chunk, pairs))
         return max(1, min(n_sets, max_sets, pairs // samples)), samples
 
+    def _indices(self, plan, sets: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The correction and mask indices of ``sets`` (one row per set) on the engine's device."""
+        corr_idx, mask_idx = plan.indices(sets, self.shapes)
+        return ([torch.as_tensor(i, device=self.device) for i in corr_idx],
+                [torch.as_tensor(i, device=self.device) for i in mask_idx])
+
+    def _blocks(self, plan, corr_idx, mask_idx, n_sets: int, set_size: int, start: int, stop: int):
+        """The blocks of ``n_sets`` equally sized sets on the cached samples ``start:stop``, as
+        ``(b0, b1, s0, s1, ci, mi)``: sets ``b0:b1`` (their indices ``ci``/``mi``) on cached rows
+        ``s0:s1``; each block is counted in ``last_stats`` once its caller is done with it."""
+        stats = self.last_stats
+        n_block_sets, n_block_samples = self._block_shape(plan, n_sets, set_size, stop - start)
+        stats.update(sets_per_block=n_block_sets, samples_per_block=n_block_samples)
+        for b0, b1 in _chunks(n_sets, n_block_sets):
+            ci = [i[b0:b1] for i in corr_idx]
+            mi = [i[b0:b1] for i in mask_idx]
+            for s0, s1 in _chunks(stop - start, n_block_samples):
+                yield b0, b1, s0, s1, ci, mi
+                stats["blocks"] += 1
+
+    @staticmethod
+    def _tail(plan, cached: dict, b0: int, b1: int, s0: int, s1: int, ci, mi) -> torch.Tensor:
+        """The lesioned outputs of sets ``b0:b1`` on cached rows ``s0:s1``, shaped ``(sets, samples, ...)``."""
+        part = {node: v[s0:s1] for node, v in cached.items()}
+        out = plan.tail(*plan.tail_inputs(part, ci, mi))
+        return out.reshape(b1 - b0, s1 - s0, *out.shape[1:])
+
     @torch.inference_mode()
     def _counts(self, layer: int, groups: list, progress) -> list[np.ndarray]:
         """Counts for groups of equally sized sets; each cache chunk serves every group."""
         plan = self.adapter.lesion_plan(layer)
         prepared = []
         for _, sets in groups:
-            corr_idx, mask_idx = plan.indices(sets, self.shapes)
-            prepared.append(([torch.as_tensor(i, device=self.device) for i in corr_idx],
-                             [torch.as_tensor(i, device=self.device) for i in mask_idx],
+            prepared.append((*self._indices(plan, sets),
                              torch.zeros(len(sets), self.n_classes, dtype=self.count_dtype, device=self.device),
                              sets.shape[1]))
         stats = self.last_stats
@@ -258,21 +283,13 @@ class IncrementalLesions:
                 base = None if skip is None else skip.baseline(cached[plan.corrections[0].consumer], self.batch_size)
                 for corr_idx, mask_idx, counts, set_size in prepared:
                     n_sets = counts.shape[0]
-                    n_block_sets, n_block_samples = self._block_shape(plan, n_sets, set_size, stop - start)
-                    stats.update(sets_per_block=n_block_sets, samples_per_block=n_block_samples)
-                    for b0, b1 in _chunks(n_sets, n_block_sets):
-                        ci = [i[b0:b1] for i in corr_idx]
-                        mi = [i[b0:b1] for i in mask_idx]
-                        for s0, s1 in _chunks(stop - start, n_block_samples):
-                            lo, hi = start + s0, start + s1
-                            if skip is not None:
-                                pred = skip.predictions(cached, base, s0, s1, ci[0], stats)
-                            else:
-                                part = {node: v[s0:s1] for node, v in cached.items()}
-                                scores = plan.tail(*plan.tail_inputs(part, ci, mi)).reshape(b1 - b0, s1 - s0, -1)
-                                pred = scores.argmax(-1)
-                            counts[b0:b1] += _class_counts(pred, self.y[lo:hi], self.onehot[lo:hi])
-                            stats["blocks"] += 1
+                    for b0, b1, s0, s1, ci, mi in self._blocks(plan, corr_idx, mask_idx, n_sets, set_size, start, stop):
+                        lo, hi = start + s0, start + s1
+                        if skip is not None:
+                            pred = skip.predictions(cached, base, s0, s1, ci[0], stats)
+                        else:
+                            pred = self._tail(plan, cached, b0, b1, s0, s1, ci, mi).flatten(2).argmax(-1)
+                        counts[b0:b1] += _class_counts(pred, self.y[lo:hi], self.onehot[lo:hi])
                     if last and progress is not None:
                         progress(n_sets)
         return [c.round().to(torch.int64).cpu().numpy() for _, _, c, _ in prepared]
@@ -316,6 +333,23 @@ def _mask_nodes(gm: fx.GraphModule, sinks, shapes: dict, device, dtype) -> list[
     return keeps
 
 
+def lesioned_copy(adapter: NetworkAdapter, layer: int, neurons: np.ndarray, shapes: dict) -> nn.Module:
+    """A deep copy of the captured model with ``neurons`` of layer ``layer`` removed by weight
+    surgery (their columns of every consumer zeroed; a channel mask where they enter an operation
+    without weights), for the plain oracles (:func:`correct_counts_plain` and the next-token one)."""
+    sinks = adapter.structure.sinks[adapter.layer_node(layer)]
+    model = copy.deepcopy(adapter.gm)
+    for sink in sinks:
+        if sink.kind == "layer":
+            m = model.get_submodule(sink.user.target)
+            width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+            _zero_inputs(m, torch.as_tensor(sink.route.indices(neurons, width, f"layer '{sink.user.target}'")))
+    masks = [sk for sk in sinks if sk.kind == "mask"]
+    for keep, route in _mask_nodes(model, masks, shapes, adapter.device, adapter.dtype):
+        keep[torch.as_tensor(route.indices(neurons, keep.shape[0]))] = 0
+    return model.eval()
+
+
 @torch.inference_mode()
 def correct_counts_plain(
     adapter: NetworkAdapter,
@@ -337,7 +371,6 @@ def correct_counts_plain(
     sets = _as_index_sets(neuron_sets, info.n_neurons, info.name)
     check_labels(y, adapter.n_classes, name="test data")
     adapter.check_input(x, "test data")
-    sinks = adapter.structure.sinks[adapter.layer_node(layer)]
     shapes = adapter.node_shapes(x[:1])
     device, dtype = adapter.device, adapter.dtype
     budget = int(memory_budget_bytes or _memory.default_budget(device))
@@ -347,16 +380,7 @@ def correct_counts_plain(
     onehot = torch.nn.functional.one_hot(y_dev, adapter.n_classes).to(count_dtype)
     out = np.zeros((len(sets), adapter.n_classes), dtype=np.int64)
     for i, s in enumerate(sets):
-        model = copy.deepcopy(adapter.gm)
-        for sink in sinks:
-            if sink.kind == "layer":
-                m = model.get_submodule(sink.user.target)
-                width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-                _zero_inputs(m, torch.as_tensor(sink.route.indices(s, width, f"layer '{sink.user.target}'")))
-        masks = [sk for sk in sinks if sk.kind == "mask"]
-        for keep, route in _mask_nodes(model, masks, shapes, device, dtype):
-            keep[torch.as_tensor(route.indices(s, keep.shape[0]))] = 0
-        model.eval()
+        model = lesioned_copy(adapter, layer, s, shapes)
         total = torch.zeros(adapter.n_classes, dtype=count_dtype, device=device)
         for start in range(0, x.shape[0], batch):
             xb = to_model(x[start:start + batch], device, dtype)

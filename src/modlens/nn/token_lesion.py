@@ -19,18 +19,16 @@ Both give the same counts (and cross-entropy sums equal to rounding) in float64.
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from modlens.nn import _fx, _memory
 from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.inputs import to_model
-from modlens.nn.lesion import IncrementalLesions, _as_index_sets, _chunks, _mask_nodes, _zero_inputs
+from modlens.nn.lesion import IncrementalLesions, _as_index_sets, lesioned_copy
 from modlens.nn.tokens import IGNORE, TokenData, check_vocabulary
 
 
@@ -159,10 +157,8 @@ class IncrementalTokenLesions(_TokenEngine, IncrementalLesions):
         plan = self.adapter.lesion_plan(layer)
         prepared = []
         for _, sets in groups:
-            corr_idx, mask_idx = plan.indices(sets, self.shapes)
             n = len(sets)
-            prepared.append(([torch.as_tensor(i, device=self.device) for i in corr_idx],
-                             [torch.as_tensor(i, device=self.device) for i in mask_idx],
+            prepared.append((*self._indices(plan, sets),
                              torch.zeros(n, self.n_cells, dtype=torch.float64, device=self.device),
                              torch.zeros(n, self.n_cells, dtype=torch.float64, device=self.device), sets.shape[1]))
         stats = self.last_stats
@@ -173,41 +169,16 @@ class IncrementalTokenLesions(_TokenEngine, IncrementalLesions):
                 last = stop == len(self.x)
                 for corr_idx, mask_idx, correct, ce, set_size in prepared:
                     n_sets = correct.shape[0]
-                    n_block_sets, n_block_samples = self._block_shape(plan, n_sets, set_size, stop - start)
-                    stats.update(sets_per_block=n_block_sets, samples_per_block=n_block_samples)
-                    for b0, b1 in _chunks(n_sets, n_block_sets):
-                        ci = [i[b0:b1] for i in corr_idx]
-                        mi = [i[b0:b1] for i in mask_idx]
-                        for s0, s1 in _chunks(stop - start, n_block_samples):
-                            lo, hi = start + s0, start + s1
-                            part = {node: v[s0:s1] for node, v in cached.items()}
-                            logits = plan.tail(*plan.tail_inputs(part, ci, mi))
-                            logits = logits.reshape(b1 - b0, s1 - s0, *logits.shape[1:])
-                            c, e = token_scores(logits, self.targets[lo:hi], self.cells[lo:hi], self.n_cells)
-                            del logits
-                            correct[b0:b1] += c
-                            ce[b0:b1] += e
-                            stats["blocks"] += 1
+                    for b0, b1, s0, s1, ci, mi in self._blocks(plan, corr_idx, mask_idx, n_sets, set_size, start, stop):
+                        lo, hi = start + s0, start + s1
+                        logits = self._tail(plan, cached, b0, b1, s0, s1, ci, mi)
+                        c, e = token_scores(logits, self.targets[lo:hi], self.cells[lo:hi], self.n_cells)
+                        del logits
+                        correct[b0:b1] += c
+                        ce[b0:b1] += e
                     if last and progress is not None:
                         progress(n_sets)
         return [(c.round().to(torch.int64).cpu().numpy(), e.cpu().numpy()) for _, _, c, e, _ in prepared]
-
-
-def lesioned_copy(adapter: NetworkAdapter, layer: int, neurons: np.ndarray, shapes: dict) -> nn.Module:
-    """A deep copy of the captured model with ``neurons`` of layer ``layer`` removed by weight
-    surgery (their columns of every consumer zeroed; a channel mask where they enter an operation
-    without weights), as :func:`modlens.nn.lesion.correct_counts_plain` makes it."""
-    sinks = adapter.structure.sinks[adapter.layer_node(layer)]
-    model = copy.deepcopy(adapter.gm)
-    for sink in sinks:
-        if sink.kind == "layer":
-            m = model.get_submodule(sink.user.target)
-            width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-            _zero_inputs(m, torch.as_tensor(sink.route.indices(neurons, width, f"layer '{sink.user.target}'")))
-    masks = [sk for sk in sinks if sk.kind == "mask"]
-    for keep, route in _mask_nodes(model, masks, shapes, adapter.device, adapter.dtype):
-        keep[torch.as_tensor(route.indices(neurons, keep.shape[0]))] = 0
-    return model.eval()
 
 
 @torch.inference_mode()
@@ -269,4 +240,4 @@ def token_lesion_engine(name: str, adapter: NetworkAdapter, data: TokenData, **o
 
 
 __all__ = ["IncrementalTokenLesions", "PlainTokenLesions", "TOKEN_ENGINES", "token_lesion_engine",
-           "token_counts_plain", "token_scores", "lesioned_copy"]
+           "token_counts_plain", "token_scores"]

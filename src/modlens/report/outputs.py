@@ -21,6 +21,7 @@ import pandas as pd
 
 from modlens._version import __version__
 from modlens.analysis.figures import slug
+from modlens.analysis.result import read_result_manifest
 from modlens.analysis.statistics import table_family
 from modlens.analysis.text import empty_notes
 from modlens.report import html as H
@@ -45,13 +46,7 @@ class NetworkResult:
 
 def load_network(path: str | Path) -> NetworkResult:
     path = Path(path)
-    mpath = path / "manifest.json"
-    if not mpath.is_file():
-        raise FileNotFoundError(f"report: {path} is not a saved analyze result (no manifest.json); "
-                                "give the folder written by `modlens analyze --out` or AnalysisResult.save")
-    manifest = json.loads(mpath.read_text())
-    if manifest.get("format") != "modlens-analysis":
-        raise ValueError(f"report: {mpath} has format {manifest.get('format')!r}, expected 'modlens-analysis'")
+    manifest = read_result_manifest(path, who="report: ")
     summary = pd.read_parquet(path / "summary.parquet")
     tests = pd.read_parquet(path / "tests.parquet")
     vis = pd.read_parquet(path / "visualizations.parquet") if (path / "visualizations.parquet").is_file() else None
