@@ -631,3 +631,38 @@ def test_a_slice_of_a_concatenation_carries_only_the_branch_inside_it():
     a = NetworkAdapter(m, torch.randn(2, 3, 4, 4))
     blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks()}
     assert set(blocks) == {("a", "d"), ("b", "c"), ("b", "d")}
+
+
+# ----- upsampling (FPN- and U-Net-style paths) -----------------------------------------------------
+class UpsampledNet(nn.Module):
+    """A coarse path upsampled back to the fine one and added to it (an FPN/U-Net-style merge)."""
+
+    def __init__(self, mode="nearest", module=False):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, 3, padding=1, stride=2)
+        self.c3 = nn.Conv2d(8, 6, 1)
+        self.c4 = nn.Conv2d(6, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 4)
+        self.mode = mode
+        self.up = nn.Upsample(scale_factor=2, mode=mode) if module else None
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        lateral = self.c3(F.relu(self.c2(a)))
+        u = self.up(lateral) if self.up is not None else F.interpolate(lateral, size=a.shape[-2:], mode=self.mode)
+        return self.fc(F.relu(self.c4(F.relu(a + u))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+@pytest.mark.parametrize("mode,module", [("nearest", False), ("bilinear", False), ("nearest", True),
+                                         ("bilinear", True)])
+def test_upsampling_passes_channels_and_lesions_equal_the_oracle(mode, module, capture):
+    torch.manual_seed(0)
+    m = UpsampledNet(mode, module).eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8), capture=capture)
+    assert a.layer_names == ["c1", "c2", "c3", "c4"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks()}
+    np.testing.assert_allclose(blocks[("c3", "c4")], _l1(m.c4))   # through the upsampling, channel for channel
+    np.testing.assert_allclose(blocks[("c1", "c4")], _l1(m.c4))   # and the skip path
+    _oracle_check(UpsampledNet(mode, module), (3, 8, 8), capture=capture)

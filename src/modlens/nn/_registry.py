@@ -9,7 +9,8 @@ kind              how a layer's channels flow               weight edges        
 ``layer``         end here (Linear, Conv, grouped Conv)      the layer's weights        correction or
                                                                                         recompute
 ``unary``         unchanged (activation, dropout, pool,      --                         carried through
-                  scalar/parameter arithmetic)
+                  upsampling, scalar/parameter
+                  arithmetic)
 ``pad``           unchanged (spatial padding); padding of    followed                   carried through;
                   the channel dimension: an offset, as                                  recomputed from a
                   ``cat`` with zeros                                                    channel pad on
@@ -128,6 +129,15 @@ POOLING = Handler(  # per channel over space (and spatial padding)
                F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d}
     | _ops("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d"),
 )
+UPSAMPLING = Handler(  # per channel over space: F.interpolate, nn.Upsample (FPN- and U-Net-style paths)
+    "unary",
+    modules=(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
+    functions={F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
+    | _ops(*(f"{op}.{overload}" for op in ("upsample_nearest1d", "upsample_nearest2d", "_upsample_nearest_exact1d",
+                                          "_upsample_nearest_exact2d", "upsample_linear1d", "upsample_bilinear2d",
+                                          "_upsample_bilinear2d_aa", "upsample_bicubic2d", "_upsample_bicubic2d_aa")
+             for overload in ("default", "vec"))),
+)
 PAD = Handler(  # spatial padding is per channel; padding of the channel dimension moves channels (an offset)
     "pad",
     modules=(nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ReflectionPad1d, nn.ReflectionPad2d,
@@ -178,7 +188,7 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
 CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise functions (gelu_new)
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
-HANDLERS = [ACTIVATIONS, PASSING, POOLING, PAD, BATCH_NORM, NORMALIZATION, STATISTIC, ARITHMETIC, CONCAT, SPLIT,
+HANDLERS = [ACTIVATIONS, PASSING, POOLING, UPSAMPLING, PAD, BATCH_NORM, NORMALIZATION, STATISTIC, ARITHMETIC, CONCAT, SPLIT,
             FLATTEN, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
 # operations that read only the shape of an argument: (target, index of that argument)
