@@ -158,3 +158,51 @@ def test_vit_mlp_units_are_the_neuron_layers():  # (transformers: tests/test_tra
     model = t.ViTForImageClassification(cfg).eval()
     a = NetworkAdapter(model, torch.randn(2, 3, 16, 16), input_name="pixel_values")
     assert a.is_transformer and a.layer_names == ["vit.layers.0.mlp.fc1"] and a.layer_sizes == [16]
+
+
+def test_shared_layers_are_one_neuron_layer_per_application_lesioned_per_call():
+    """ALBERT applies one layer at every depth: each application is its own neuron layer (tied
+    weight edges), and a lesion removes the neurons of that application only. The fast engine, the
+    plain oracle (a mask on that call's input: zeroing the shared weights would lesion every call)
+    and a forward pre-hook on the shared module's n-th call agree in float64."""
+    torch.manual_seed(1)
+    cfg = transformers.AlbertConfig(vocab_size=64, embedding_size=8, hidden_size=16, num_hidden_layers=3,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                    max_position_embeddings=16)
+    model = transformers.AlbertForSequenceClassification(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # larger weights: lesions flip predictions
+    x = torch.randint(3, 64, (64, 8))
+    a = NetworkAdapter(model, x, input_name="input_ids")
+    assert len(a.layer_names) == 3 and a.layer_sizes == [32, 32, 32]
+    with torch.no_grad():
+        y = model(input_ids=x).logits.argmax(-1)
+    shared = model.albert.encoder.albert_layer_groups[0].albert_layers[0].ffn_output
+
+    def direct(call, neurons):
+        seen = {"n": 0}
+
+        def pre(module, args):
+            seen["n"] += 1
+            if seen["n"] == call + 1:
+                h = args[0].clone()
+                h[..., neurons] = 0
+                return (h,)
+        handle = shared.register_forward_pre_hook(pre)
+        try:
+            with torch.no_grad():
+                return int((model(input_ids=x).logits.argmax(-1) == y).sum())
+        finally:
+            handle.remove()
+
+    ev = IncrementalLesions(a, x, y)
+    rng = np.random.default_rng(0)
+    changed = 0
+    for layer in range(3):
+        sets = [rng.choice(32, size=k, replace=False) for k in (16, 28, 31)]
+        fast = ev.correct_counts(layer, sets)
+        np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y))
+        assert fast.sum(1).tolist() == [direct(layer, s) for s in sets]
+        changed += int((fast.sum(1) != len(y)).any())
+    assert changed >= 2

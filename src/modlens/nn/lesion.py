@@ -336,15 +336,26 @@ def _mask_nodes(gm: fx.GraphModule, sinks, shapes: dict, device, dtype) -> list[
 def lesioned_copy(adapter: NetworkAdapter, layer: int, neurons: np.ndarray, shapes: dict) -> nn.Module:
     """A deep copy of the captured model with ``neurons`` of layer ``layer`` removed by weight
     surgery (their columns of every consumer zeroed; a channel mask where they enter an operation
-    without weights), for the plain oracles (:func:`correct_counts_plain` and the next-token one)."""
+    without weights, or a layer whose weight is applied more than once), for the plain oracles (:func:`correct_counts_plain` and the next-token one)."""
     sinks = adapter.structure.sinks[adapter.layer_node(layer)]
     model = copy.deepcopy(adapter.gm)
+    calls: dict = {}  # applications of each weight (a shared layer is captured as one module per call)
+    for node in model.graph.nodes:
+        weight = getattr(model.get_submodule(node.target), "weight", None) if node.op == "call_module" else None
+        if isinstance(weight, torch.Tensor):
+            calls[weight.data_ptr()] = calls.get(weight.data_ptr(), 0) + 1
+
+    def shared(sink) -> bool:
+        return calls.get(model.get_submodule(sink.user.target).weight.data_ptr(), 0) > 1
+
     for sink in sinks:
-        if sink.kind == "layer":
+        if sink.kind == "layer" and not shared(sink):
             m = model.get_submodule(sink.user.target)
             width = m.in_features if isinstance(m, nn.Linear) else m.in_channels
             _zero_inputs(m, torch.as_tensor(sink.route.indices(neurons, width, f"layer '{sink.user.target}'")))
-    masks = [sk for sk in sinks if sk.kind == "mask"]
+    # a layer applied more than once (shared weights, as ALBERT's) is lesioned in this application
+    # only: its input is masked on this edge instead of its weights being zeroed for every call
+    masks = [sk for sk in sinks if sk.kind == "mask" or sk.kind == "layer" and shared(sk)]
     for keep, route in _mask_nodes(model, masks, shapes, adapter.device, adapter.dtype):
         keep[torch.as_tensor(route.indices(neurons, keep.shape[0]))] = 0
     return model.eval()
