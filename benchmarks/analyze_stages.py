@@ -1,6 +1,6 @@
 """Per-stage time of one ``analyze`` of a saved model (the ``modlens analyze`` path), profiled.
 
-    python benchmarks/analyze_stages.py MODEL_DIR [--data-dir /work/shared/data] [--no-feature-vis]
+    python benchmarks/analyze_stages.py MODEL_DIR [--data-dir ../shared/data] [--no-feature-vis]
         [--n-random 19] [--n-clusters 16] [--threads T] [--top 0]
 
 Runs loading (``load_model`` + ``model_data``) and ``analyze`` (all four partitionings, lesions,

@@ -1,6 +1,6 @@
 """Training speed of the paper's small CNN on MNIST: each layout/compilation path against the plain one.
 
-    python benchmarks/cnn_train_speed.py [--data-dir /work/shared/data] [--threads 2] [--steps 40] [--rounds 5]
+    python benchmarks/cnn_train_speed.py [--data-dir ../shared/data] [--threads 2] [--steps 40] [--rounds 5]
         [--paths plain,channels_last,compiled] [--check-steps 20] [--epoch] [--profile]
 
 The recipe (conv64-conv64-maxpool-conv64-maxpool-dense128-dense10, Adam lr 1e-3, eps 1e-7, batch 64,
@@ -46,6 +46,9 @@ from modlens.nn.models import build_model
 
 PATHS = ("plain", "channels_last", "compiled")
 
+
+#: ../shared/data relative to the project root (the shared data folder of a checkout)
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def step_macs(model: nn.Module, input_shape=(1, 28, 28)) -> dict[str, int]:
     """Multiply-adds per sample of one training step, by layer: forward, input gradient (not for
@@ -117,7 +120,8 @@ class Path_:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default=os.environ.get("MODLENS_DATA", "/work/shared/data"))
+    ap.add_argument("--data-dir", default=os.environ.get("MODLENS_DATA") or str(SHARED_DATA),
+                    help="MNIST folder root (default: $MODLENS_DATA, else ../shared/data beside the project)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--paths", default="plain,channels_last", help=f"comma-separated, from {','.join(PATHS)}")
     ap.add_argument("--steps", type=int, default=40, help="steps per path and round")

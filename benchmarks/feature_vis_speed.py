@@ -6,7 +6,7 @@ path optimizes every objective in one optimization; the one-at-a-time path (the 
 code's way, notes "other facts") is timed on a subset and extrapolated per objective.
 
     .venv/bin/python benchmarks/feature_vis_speed.py [--single 40] [--steps 100] [--threads N]
-        [--repeats 3] [--mnist-epochs E --data-dir /work/shared/data]
+        [--repeats 3] [--mnist-epochs E --data-dir ../shared/data]
 
 Both paths are timed ``--repeats`` times, interleaved, and the minimum and median are printed
 (other jobs on a shared machine inflate single timings; the minimum is the least disturbed).

@@ -33,6 +33,7 @@ import argparse
 import copy
 import functools
 import os
+from pathlib import Path
 import resource
 import sys
 import time
@@ -50,6 +51,9 @@ from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 
 VGG_CONVS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
+
+#: ../shared/data relative to the project root (the shared data folder of a checkout)
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def cifar_vgg(n_classes: int = 10, convs=VGG_CONVS, dense: int = 512) -> nn.Sequential:
     """conv -> ReLU -> [maxpool] -> BN per block (notes, "Other facts"), then dense 512
@@ -117,7 +121,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     g = ap.add_argument_group("mnist-cnn (a trained small CNN)")
     g.add_argument("--model", help="the model folder (modlens train --arch cnn --dataset mnist)")
-    g.add_argument("--data-dir", default=os.environ.get("MODLENS_DATA", "/work/shared/data"))
+    g.add_argument("--data-dir", default=os.environ.get("MODLENS_DATA") or str(SHARED_DATA),
+                    help="MNIST folder root (default: $MODLENS_DATA, else ../shared/data beside the project)")
     g.add_argument("--methods", default="all", help="partitionings, comma-separated (default: all four)")
     g.add_argument("--paths", default="channels_last,no-reorder,contiguous,plain",
                    help="lesion paths to time ('' for none), the first is the reference of the ratios: channels_last "

@@ -1,7 +1,7 @@
 """The MLP-MNIST row of ``paper-small`` end to end: the study runner against the per-network sequence.
 
     python benchmarks/study_speed.py [--replicates 5] [--epochs 20] [--n-test 10000] [--executor inline]
-        [--workers N] [--data-dir /work/shared/data] [--threads T] [--out DIR] [--order study-first]
+        [--workers N] [--data-dir ../shared/data] [--threads T] [--out DIR] [--order study-first]
 
 Both paths run in the same process, on the same networks (seeds 0..N-1, the MLP recipe with
 ``--epochs``), with the same analysis (k = 16, 19 random sets, all four partitionings, lesions and

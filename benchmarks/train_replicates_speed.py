@@ -1,7 +1,7 @@
 """Replicates trained together vs one by one, in the same run: time, ratio and equality.
 
     python benchmarks/train_replicates_speed.py [--arch mlp|cnn] [--seeds 0,1,2,3,4] [--epochs 2]
-        [--data-dir /work/shared/data] [--n-train N] [--device cpu|cuda] [--threads T]
+        [--data-dir ../shared/data] [--n-train N] [--device cpu|cuda] [--threads T]
 
 Trains the replicates of the paper's recipe (MLP 784-256x4-10: batch 128; small CNN: batch 64) on
 MNIST (5,000 training examples held out per seed, as ``modlens train``) twice: together

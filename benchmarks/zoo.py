@@ -56,6 +56,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -1088,7 +1089,8 @@ def main(argv=None) -> None:
                     help="address-space limit of the worker in GiB (default 10; 0: none)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--doc", type=Path, default=DOC)
-    ap.add_argument("--log", default="/tmp/modlens-zoo-worker.log", help="the workers' stdout and stderr")
+    ap.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "modlens-zoo-worker.log"),
+                    help="the workers' stdout and stderr (default: in the temporary folder)")
     ap.add_argument("--resume", action="store_true", help="skip models already in the results file")
     ap.add_argument("--list", action="store_true", help="print the models that would run and stop")
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the results file")

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
 import modlens
 from modlens.nn.adapter import NetworkAdapter, UnsupportedModelError
 from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
-from test_capture_ops import _train
+from test_capture_ops import _train, check_planted
 from planted import block_masks
 from test_cnn_models import planted_images
 
@@ -424,17 +423,7 @@ def planted_split_cnn(n_modules=4, width=16, epochs=12, seed=0):
 def test_planted_modules_through_a_channel_split_are_recovered_and_detected():
     model, groups = planted_split_cnn()
     test, held = planted_images(600, seed=1), planted_images(300, seed=2)[0]
-    with torch.no_grad():
-        assert (model(test[0]).argmax(-1) == test[1]).float().mean() > 0.9
-    part = modlens.partition(model, "weights/global", n_clusters=4, data=held, random_state=0)
-    assert len(part.labels) == 4
-    for labels, truth in zip(part.labels, groups):
-        assert adjusted_rand_score(truth, labels) == 1.0
-    res = modlens.analyze(model, test, activation_data=held, n_clusters=4, random_state=0,
-                          partitionings=["weights/global"])
-    row = res.summary.set_index(["partitioning", "metric"]).loc[("weights/global", "acc_drop")]
-    assert row["n_subclusters"] == 12
-    assert row["p_value"] < 1e-4 and row["significant"]
+    check_planted(model, groups, test, held, n_layers=4)
 
 
 # ----- a layer whose weight is a parameter and whose bias is computed -----------------------------------
