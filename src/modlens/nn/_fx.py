@@ -126,6 +126,7 @@ def extract(
     *,
     clone_outputs: bool = False,
     post: Callable | None = None,
+    edges: Sequence[tuple[fx.Node, Sequence[fx.Node], Callable, tuple]] = (),
 ) -> fx.GraphModule:
     """A module computing ``outputs`` of ``gm``'s graph from the values of ``inputs``.
 
@@ -135,6 +136,10 @@ def extract(
     With ``clone_outputs`` (or a ``post`` function, e.g. a spatial reduction) every output is
     cloned (or reduced) right after it is computed, before any later, possibly in-place,
     operation can modify it. Returns a tuple when several outputs are asked for.
+
+    ``edges`` are ``(value, users, fn, args)``: the module gets one more input per edge, after
+    those of ``inputs``, and each of ``users`` reads ``fn(value, that input, *args)`` in place
+    of ``value`` (a mask on the edges from a recomputed value into the operations that read it).
     """
     posts = list(post) if isinstance(post, (list, tuple)) else [post] * len(outputs)
     post_of = {o: p for o, p in zip(outputs, posts)}
@@ -142,6 +147,12 @@ def extract(
     env: dict[fx.Node, fx.Node] = {}
     for i, node in enumerate(inputs):
         env[node] = graph.placeholder(f"cut_{i}_{node.name}")
+    edge_inputs = [graph.placeholder(f"edge_{i}_{value.name}") for i, (value, *_) in enumerate(edges)]
+    edge_of: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
+    for i, (value, users, *_) in enumerate(edges):
+        for user in users:
+            edge_of.setdefault(user, []).append((value, i))
+    edited: dict[int, fx.Node] = {}
     needed = ancestors(outputs, set(inputs))
     finals: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
@@ -154,7 +165,12 @@ def extract(
                 f"{', '.join(users)} without passing through the cut inputs "
                 f"({', '.join(n.name for n in inputs)}); this cut needs more cached inputs"
             )
-        env[node] = graph.node_copy(node, lambda a: env[a])
+        swap = {}
+        for value, i in edge_of.get(node, ()):
+            if i not in edited:
+                edited[i] = graph.call_function(edges[i][2], (env[value], edge_inputs[i], *edges[i][3]))
+            swap[value] = edited[i]
+        env[node] = graph.node_copy(node, lambda a: swap.get(a, env[a]))
         if node in outputs:
             if post_of.get(node) is not None:
                 finals[node] = graph.call_function(post_of[node], (env[node],))

@@ -11,7 +11,11 @@ cuts the model's graph there:
   normalization, a gate, a grouped conv, a per-position Linear): the cached value with the
   channels zeroed;
 * the *frontier*: cached values the rest of the network needs that the lesion does not
-  change (the skip branch of a residual block).
+  change (the skip branch of a residual block);
+* an *inner mask* for every sink whose value the lesion also changes through another sink (a
+  concatenation of ``x`` with ``f(x)``, as in DenseNet, DLA or Inception: ``x`` reaches a later
+  layer directly and through ``f``). That value cannot come from the cache, so the tail
+  recomputes it and zeroes the lesioned channels on its edges into the sink's users.
 
 The *probe* computes all of these from the input; the *tail* computes the output from them,
 re-running only the operations that depend on the lesion.
@@ -111,8 +115,17 @@ class LesionPlan:
         self.structure = structure
         corrections: dict[fx.Node, Correction] = {}
         masks: dict[fx.Node, Mask] = {}
-        for sink in structure.sinks[layer]:
-            if sink.kind == "layer" and incremental(structure.module(sink.user), sink.route):
+        inner: dict[fx.Node, Mask] = {}
+        sinks = structure.sinks[layer]
+        users = {sink.user for sink in sinks}
+        for sink in sinks:
+            if _fx.ancestors([sink.value], set()) & users:   # reached through another sink too
+                m = inner.setdefault(sink.value, Mask(sink.value, []))
+                if sink.route not in m.routes:
+                    m.routes.append(sink.route)
+                if sink.user not in m.joins:
+                    m.joins.append(sink.user)
+            elif sink.kind == "layer" and incremental(structure.module(sink.user), sink.route):
                 c = corrections.setdefault(sink.user, Correction(sink.user, structure.module(sink.user), sink.value, []))
                 if sink.route not in c.routes:
                     c.routes.append(sink.route)
@@ -124,10 +137,10 @@ class LesionPlan:
                     m.joins.append(sink.user)
         self.corrections = list(corrections.values())
         self.masks = list(masks.values())
-        for m in self.masks:
+        self.inner = list(inner.values())
+        for m in self.masks + self.inner:
             if len({r.dim for r in m.routes}) != 1:
                 raise UnsupportedModelError(f"layer '{layer.target}' reaches '{m.value.name}' along two dimensions")
-        self._check_independent(structure, layer)
         self.cuts = [c.consumer for c in self.corrections] + [m.value for m in self.masks]
         output = structure.output
         self.frontier, self.tail_nodes = self._frontier(output)
@@ -137,20 +150,9 @@ class LesionPlan:
                 probe_outputs.append(n)
         self.probe_outputs = probe_outputs
         self.probe = _fx.extract(gm, [structure.input], probe_outputs, clone_outputs=True)
-        self.tail = _fx.extract(gm, self.cuts + self.frontier, [output])
+        edges = [(m.value, m.joins, _edge_mask, (m.routes[0].dim,)) for m in self.inner]
+        self.tail = _fx.extract(gm, self.cuts + self.frontier, [output], edges=edges)
         pool_before_relu(self.tail)
-
-    def _check_independent(self, structure: Structure, layer: fx.Node) -> None:
-        """Each cut value must depend on the lesion only through the layer's own channel-wise
-        chain; a value reached also through another sink (e.g. a concatenation of x with f(x))
-        cannot be patched from the cache."""
-        entries = {c.consumer for c in self.corrections} | {j for m in self.masks for j in m.joins}
-        for value in [c.value for c in self.corrections] + [m.value for m in self.masks]:
-            if _fx.ancestors([value], set()) & entries:
-                raise UnsupportedModelError(
-                    f"lesions of layer '{layer.target}' reach '{value.name}' through two paths (a concatenation "
-                    "of a value with a function of itself); modlens cannot lesion this layer yet"
-                )
 
     def _frontier(self, output: fx.Node) -> tuple[list[fx.Node], set[fx.Node]]:
         """Unchanged values the tail needs, and the nodes the tail recomputes."""
@@ -180,12 +182,15 @@ class LesionPlan:
         """Per correction and per mask, (n_sets, k) index arrays of the lesioned entries."""
         corr = [c.indices(sets) for c in self.corrections]
         mask = [_indices(m.routes, sets, shapes[m.value][m.routes[0].dim - 1], f"'{m.joins[0].name}'")
-                for m in self.masks]
+                for m in self.masks + self.inner]
         return corr, mask
 
     def tail_inputs(self, cached: dict, corr_idx: list[torch.Tensor], mask_idx: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Inputs of the tail for B sets at once, each (B * c, ...): sets are stacked in the batch."""
+        """Inputs of the tail for B sets at once, each (B * c, ...): sets are stacked in the batch;
+        then the (B, k) lesioned indices of each inner mask."""
         n_sets = (corr_idx or mask_idx)[0].shape[0]
+        inner_idx = mask_idx[len(self.masks):]
+        mask_idx = mask_idx[:len(self.masks)]
         inputs = []
         for c, idx in zip(self.corrections, corr_idx):
             z = cached[c.consumer]
@@ -203,7 +208,7 @@ class LesionPlan:
         for f in self.frontier:  # always a copy: the tail may modify its inputs in place
             v = cached[f]
             inputs.append(_stacked(v, n_sets).copy_(v.unsqueeze(0).expand(n_sets, *v.shape)).reshape(-1, *v.shape[1:]))
-        return inputs
+        return inputs + list(inner_idx)
 
     # ----- sizes and costs (per sample) -------------------------------------------------------------
     def cache_elements(self, shapes: dict) -> int:
@@ -279,6 +284,16 @@ def pool_before_relu(gm: fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+def _edge_mask(value: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """``value`` (B * N, ...), B lesion sets stacked in the batch, with the entries ``idx[b]``
+    (B, k) of dimension ``dim`` zeroed for set ``b``."""
+    n_sets = idx.shape[0]
+    keep = torch.ones(n_sets, value.shape[dim], dtype=value.dtype, device=value.device).scatter_(1, idx, 0.0)
+    shape = [n_sets] + [1] * value.dim()
+    shape[1 + dim] = value.shape[dim]
+    return (value.unflatten(0, (n_sets, -1)) * keep.view(shape)).flatten(0, 1)
 
 
 def _stacked(v: torch.Tensor, n_sets: int) -> torch.Tensor:
