@@ -747,3 +747,48 @@ def test_concatenation_lesions_in_channels_last_equal_contiguous(family):
         sets = [rng.choice(width, size=max(1, width // 2), replace=False) for _ in range(5)]
         np.testing.assert_array_equal(last.correct_counts(layer, sets), first.correct_counts(layer, sets),
                                       err_msg=a.layer_names[layer])
+
+
+class TokenMaxHeadViT(ComputedBiasViT):
+    """VOLO's token-labelling head: the class token's scores plus half the best token's scores of
+    an auxiliary head over the other tokens, ``head(x[:, 0]) + 0.5 * aux(x[:, 1:]).max(1)[0]``."""
+
+    def __init__(self, amax=False):
+        super().__init__()
+        self.aux, self.amax = nn.Linear(8, 4), amax
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, t, d = x.shape
+        for blk in self.blocks:
+            qkv = blk.qkv(blk.norm1(x)).reshape(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b, t, d)
+            x = x + blk.proj(h)
+            x = x + blk.fc2(F.gelu(blk.fc1(blk.norm2(x))))
+        x = self.norm(x)
+        aux = self.aux(x[:, 1:])
+        best = aux.amax(1) if self.amax else aux.max(1)[0]
+        return self.head(x[:, 0]) + 0.5 * best
+
+
+@pytest.mark.parametrize("amax", [False, True])
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_best_token_head_is_an_output_layer(capture, amax):
+    torch.manual_seed(0)
+    a = _oracle_check(TokenMaxHeadViT(amax), (6, 5), capture=capture)
+    assert a.layer_names == ["blocks.0.fc1", "blocks.1.fc1"]
+    assert {h.target for h in a.structure.output_layers} == {"head", "aux"}
+
+
+def test_max_over_classes_after_the_output_layer_is_refused():
+    class MaxOverClasses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(5, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc2(F.relu(self.fc1(x))).amax(-1, keepdim=True)
+
+    with pytest.raises(UnsupportedModelError) as info:
+        NetworkAdapter(MaxOverClasses(), torch.randn(2, 5))
+    assert "amax" in str(info.value) and "\n" not in str(info.value)

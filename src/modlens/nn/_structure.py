@@ -725,6 +725,10 @@ class Structure:
                 if kind == "take_tokens":  # one position per sequence, read after a per-position output layer
                     node = node.args[0]
                     continue
+                best = self._max_over_positions(node)
+                if best is not None:
+                    node = best
+                    continue
                 ins = self.tensor_inputs(node)
                 parts = self._head_parts(node, kind, ins)
                 if parts is not None:
@@ -753,6 +757,26 @@ class Structure:
                 break
             logits = users[0]
         return heads, logits
+
+    def _max_over_positions(self, node: fx.Node) -> fx.Node | None:
+        """The input of ``h.max(dim)[0]`` or ``h.amax(dim)`` over a dimension before the last (the
+        class scores of the best position: VOLO's token-labelling head), or None."""
+        if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+            node = node.args[0]
+            names = ("max", "max.dim")
+        else:
+            names = ("amax", "amax.default")
+        if node.op not in ("call_function", "call_method") or _name(node.target) not in names:
+            return None
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if isinstance(dim, (list, tuple)) and len(dim) == 1:
+            dim = dim[0]
+        src = node.args[0] if node.args else None
+        nd = self.ndim(src) if isinstance(src, fx.Node) else None
+        if not isinstance(dim, int) or nd is None or dim % nd in (0, nd - 1) \
+                or node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False):
+            return None
+        return src
 
     def _head_parts(self, node: fx.Node, kind: str, ins: list) -> list | None:
         """The heads a node adds (``a + b``) or sums/averages over a stack (``stack(hs).sum(0)``), or None."""
