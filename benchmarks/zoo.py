@@ -762,22 +762,42 @@ class Pool:
         self.log_path = log_path
         self.proc = None
         self.conn = None
+        self.spare = None
+
+    def _spawn(self):
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=worker_main, args=(child, self.log_path), daemon=True)
+        proc.start()
+        child.close()
+        return proc, parent
 
     def _start(self):
-        parent, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=worker_main, args=(child, self.log_path), daemon=True)
-        self.proc.start()
-        child.close()
-        self.conn = parent
-        if not (parent.poll(300) and parent.recv() == ("ready",)):
+        """A fresh worker for each model (a model that ran out of memory can leave oneDNN unable to
+        create primitives for every later model in the same process); the next one is spawned
+        while this one works, so its imports are not on the clock."""
+        self.proc, self.conn = self.spare or self._spawn()
+        self.spare = None
+        if not (self.conn.poll(300) and self.conn.recv() == ("ready",)):
             raise RuntimeError(f"the worker did not start; see {self.log_path}")
+        self.spare = self._spawn()
+
+    @staticmethod
+    def _kill(proc):
+        if proc.is_alive():
+            proc.kill()  # our own worker, by its handle
+        proc.join(5)
+
+    def retire(self):
+        """End the current worker (the next model gets the spare)."""
+        if self.proc is not None:
+            self._kill(self.proc)
+        self.proc = self.conn = None
 
     def stop(self):
-        if self.proc is not None:
-            if self.proc.is_alive():
-                self.proc.kill()  # our own worker, by its handle
-            self.proc.join(5)
-        self.proc = self.conn = None
+        self.retire()
+        if self.spare is not None:
+            self._kill(self.spare[0])
+        self.spare = None
 
     def run(self, job: dict, timeout: float, budget: float) -> dict:
         """Run ``job``, each stage within ``timeout`` seconds and the whole model within ``budget``.
@@ -796,6 +816,7 @@ class Pool:
             if failed in ("nodata", "weights", "activations") and budget - (time.perf_counter() - t0) > 30:
                 continue
             break
+        self.retire()
         rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
         finish(rec)
         return rec
@@ -818,13 +839,13 @@ class Pool:
                 code = self.proc.exitcode
                 rec["stages"][current or "harness"] = {"ok": False, "reason": f"worker died (exit code {code})",
                                                        "type": "Crash"}
-                self.stop()
+                self.retire()
                 return current or "harness"
             if msg is None:
                 limit = "the model's time budget ran out" if deadline >= end else f"timed out after {timeout:.0f} s"
                 rec["stages"][current or "harness"] = {"ok": False, "reason": limit, "type": "Timeout",
                                                        "seconds": round(timeout, 1)}
-                self.stop()
+                self.retire()
                 return current or "harness"
             if msg[0] == "start":
                 current = msg[1]
