@@ -59,6 +59,32 @@ def test_weight_graph_skip_block_and_sparse_input():
     assert dense.sum() == 6.0
 
 
+def test_weight_graph_equals_a_dense_reference_on_random_blocks_in_both_directions():
+    """Blocks in either direction (i < j and i > j), skips, sparse blocks with duplicate entries
+    (summed) and explicit zeros (dropped): equal to the dense matrix built block by block."""
+    rng = np.random.default_rng(3)
+    sizes = [7, 5, 9, 3, 6]
+    off = layer_offsets(sizes)
+    expected = np.zeros((off[-1], off[-1]))
+    blocks = []
+    for i, j in [(0, 1), (2, 1), (1, 3), (4, 0), (2, 4), (3, 2)]:
+        a = np.abs(rng.standard_normal((sizes[j], sizes[i]))) * (rng.random((sizes[j], sizes[i])) < 0.6)
+        if (i + j) % 2:
+            r, c = np.nonzero(np.ones_like(a))
+            split = rng.random(r.size)      # each entry as the sum of two duplicates, one of them zero
+            vals = np.concatenate([a[r, c] * split, a[r, c] * (1 - split), np.zeros(3)])
+            rr, cc = np.concatenate([r, r, r[:3]]), np.concatenate([c, c, c[:3]])
+            blocks.append((i, j, sp.coo_array((vals, (rr, cc)), shape=a.shape)))
+        else:
+            blocks.append((i, j, a))
+        expected[off[j]:off[j + 1], off[i]:off[i + 1]] += a
+    expected += expected.T
+    adj = weight_graph(sizes, blocks)
+    np.testing.assert_allclose(adj.toarray(), expected, rtol=1e-15, atol=0)
+    assert adj.nnz == np.count_nonzero(expected) and adj.indices.dtype == np.int32
+    assert adj.has_canonical_format
+
+
 def test_weight_graph_errors():
     good = np.ones((3, 2))
     with pytest.raises(ValueError, match=r"block 1.*\(2, 2\).*\(1, 3\)"):

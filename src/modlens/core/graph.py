@@ -66,6 +66,7 @@ def weight_graph(layer_sizes: Sequence[int], blocks) -> sp.csr_array:
     offsets = layer_offsets(layer_sizes)
     n_layers, n = offsets.size - 1, int(offsets[-1])
     rows, cols, vals = [], [], []
+    index = np.int32 if n < np.iinfo(np.int32).max else np.int64
     seen: dict[frozenset, int] = {}
     for b, block in enumerate(blocks):
         try:
@@ -104,16 +105,21 @@ def weight_graph(layer_sizes: Sequence[int], blocks) -> sp.csr_array:
                 "edge weights must be non-negative, e.g. the absolute value of the layer's weights"
             )
         keep = v != 0
-        r, c, v = r[keep] + offsets[j], c[keep] + offsets[i], v[keep]
-        rows += [r, c]
-        cols += [c, r]
-        vals += [v, v]
-    if rows:
-        row, col, val = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-    else:
-        row = col = np.zeros(0, dtype=np.int64)
-        val = np.zeros(0, dtype=np.float64)
-    adj = sp.csr_array((val, (row, col)), shape=(n, n), dtype=np.float64)
+        # one direction only, with the narrowest index type: a deep residual network's graph can
+        # have 10^8 edges, and the other direction is added once, as a transpose, at the end
+        rows.append((r[keep] + offsets[j]).astype(index, copy=False))
+        cols.append((c[keep] + offsets[i]).astype(index, copy=False))
+        vals.append(v[keep])
+        del r, c, v, keep
+    row = np.concatenate(rows) if rows else np.zeros(0, dtype=index)
+    col = np.concatenate(cols) if cols else np.zeros(0, dtype=index)
+    val = np.concatenate(vals) if vals else np.zeros(0, dtype=np.float64)
+    del rows, cols, vals
+    half = sp.coo_array((val, (row, col)), shape=(n, n)).tocsr()
+    del row, col, val
+    half.sum_duplicates()
+    adj = (half + half.T).tocsr()   # no entry is in both: each pair of layers comes once, i != j
+    del half
     adj.sum_duplicates()
     adj.eliminate_zeros()
     return _int32_indices(adj)
