@@ -792,3 +792,38 @@ def test_max_over_classes_after_the_output_layer_is_refused():
     with pytest.raises(UnsupportedModelError) as info:
         NetworkAdapter(MaxOverClasses(), torch.randn(2, 5))
     assert "amax" in str(info.value) and "\n" not in str(info.value)
+
+
+# ----- modes set around a region (torch.autocast disabled, torch.set_grad_enabled) ---------------------
+class ModeRegionsNet(nn.Module):
+    """EfficientViT computes its attention under ``torch.autocast(enabled=False)``: export wraps the
+    region in a higher-order op whose body is a subgraph; here with layers inside both kinds."""
+
+    def __init__(self, autocast_enabled=False):
+        super().__init__()
+        self.enabled = autocast_enabled
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 1), nn.Conv2d(6, 5, 1)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.enabled):
+            g = F.relu(self.b(h)) + h
+        with torch.set_grad_enabled(False):
+            g = F.relu(self.c(g))
+        return self.fc(g.mean((2, 3)))
+
+
+def test_layers_inside_mode_regions_are_captured_and_lesioned():
+    torch.manual_seed(0)
+    a = _oracle_check(ModeRegionsNet(), (3, 6, 6), capture="export")
+    assert a.capture_method == "export" and a.layer_names == ["a", "b", "c"]
+    blocks = {(a.layer_names[i], a.layer_names[j]) for i, j, _ in a.weight_blocks()}
+    assert blocks == {("a", "b"), ("a", "c"), ("b", "c")}
+
+
+def test_autocast_to_another_precision_is_refused_in_one_line():
+    with pytest.raises(Exception) as info:
+        NetworkAdapter(ModeRegionsNet(autocast_enabled=True).eval(), torch.randn(2, 3, 6, 6), capture="export")
+    msg = str(info.value)
+    assert "autocast" in msg and "enabled=True" in msg and "\n" not in msg

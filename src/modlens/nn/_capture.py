@@ -157,6 +157,12 @@ def _pool_values(graph: fx.Graph) -> None:
         graph.erase_node(node)
 
 
+_AUTOCAST = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+_GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+# higher-order ops that wrap their body in a mode, and the index of the body among their arguments
+_MODE_WRAPPERS = {op: at for op, at in ((_AUTOCAST, 4), (_GRAD, 1)) if op is not None}
+
+
 class _Builder:
     """Copies an exported graph, turning parameters into attributes and layers into modules."""
 
@@ -169,6 +175,7 @@ class _Builder:
         self.tensors: dict[fx.Node, str] = {}   # placeholder -> parameter/buffer path
         self.calls: dict[str, int] = {}
         self.dynamic: set[fx.Node] = set()      # nodes of the exported graph that depend on the input
+        self.inlined: dict[fx.Node, list] = {}  # higher-order op -> its body's output nodes
 
     def tensor_of(self, node) -> torch.Tensor | None:
         if not isinstance(node, fx.Node) or node not in self.tensors:
@@ -206,13 +213,7 @@ class _Builder:
                                           "mutations in eval mode?); modlens needs a forward without side effects")
                 self.graph.output(self.env[node.args[0][0]])
             else:
-                if any(a in self.dynamic for a in node.all_input_nodes):
-                    self.dynamic.add(node)
-                new = self._layer(node)
-                if new is None:
-                    new = self.graph.node_copy(node, lambda a: self.env[a])
-                new.meta = dict(node.meta)
-                self.env[node] = new
+                self._copy(node)
         name = type(self.wrapper.model).__name__
         gm = fx.GraphModule(self.root, self.graph, name)
         _functionalize(gm.graph)
@@ -222,6 +223,52 @@ class _Builder:
         used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
         # decoder patterns (addmm linear maps, written-out norms and activations, merged rows, last-token reads)
         return rewrite(fx.GraphModule({k: v for k, v in self.root.items() if k in used}, gm.graph, name))
+
+    def _copy(self, node: fx.Node) -> None:
+        if node.op == "get_attr" and isinstance(getattr(self.ep.graph_module, node.target, None), fx.GraphModule):
+            return   # the body of a higher-order op, inlined where the op is called
+        if node.target in _MODE_WRAPPERS:
+            self._inline(node)
+            return
+        if node.target is operator.getitem and node.args[0] in self.inlined:
+            inner = self.inlined[node.args[0]][node.args[1]]
+            self.env[node] = self.env[inner]
+            if inner in self.dynamic:
+                self.dynamic.add(node)
+            return
+        if any(a in self.dynamic for a in node.all_input_nodes):
+            self.dynamic.add(node)
+        new = self._layer(node)
+        if new is None:
+            new = self.graph.node_copy(node, lambda a: self.env[a])
+        new.meta = dict(node.meta)
+        self.env[node] = new
+
+    def _inline(self, node: fx.Node) -> None:
+        """Copy the body of a higher-order op that only sets a mode around it (``torch.autocast``
+        disabled, ``torch.set_grad_enabled``) in its place: the operations in it are followed like
+        any other (EfficientViT computes its attention under ``autocast(enabled=False)``)."""
+        at = _MODE_WRAPPERS[node.target]
+        if node.target is _AUTOCAST and node.args[2]:
+            raise ModelTraceError(
+                f"{where(node)} runs under torch.autocast(dtype={node.args[1]}, enabled=True); modlens analyses a "
+                "model in one precision: disable autocast in forward or convert the model to that dtype"
+            )
+        body = getattr(self.ep.graph_module, node.args[at].target)
+        placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
+        for inner, outer in zip(placeholders, node.args[at + 1:], strict=True):
+            self.env[inner] = self.env[outer]
+            if outer in self.tensors:
+                self.tensors[inner] = self.tensors[outer]
+            if outer in self.dynamic:
+                self.dynamic.add(inner)
+        outs = ()
+        for inner in body.graph.nodes:
+            if inner.op == "output":
+                outs = inner.args[0] if isinstance(inner.args[0], (tuple, list)) else (inner.args[0],)
+            elif inner.op != "placeholder":
+                self._copy(inner)
+        self.inlined[node] = list(outs)
 
     # ----- weight layers and normalizations as modules ---------------------------------------------------
     def _name(self, node: fx.Node, weight) -> str:
