@@ -827,3 +827,40 @@ def test_autocast_to_another_precision_is_refused_in_one_line():
         NetworkAdapter(ModeRegionsNet(autocast_enabled=True).eval(), torch.randn(2, 3, 6, 6), capture="export")
     msg = str(info.value)
     assert "autocast" in msg and "enabled=True" in msg and "\n" not in msg
+
+
+# ----- powers with a constant exponent (StarReLU: s * relu(x) ** 2 + b, MetaFormer-V2) ------------------
+class StarReLUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 1), nn.Conv2d(6, 5, 1)
+        self.scale, self.bias = nn.Parameter(torch.tensor(0.8)), nn.Parameter(torch.tensor(-0.1))
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = self.scale * F.relu(self.a(x)) ** 2 + self.bias
+        h = torch.pow(torch.tanh(self.b(h)), 3) + torch.square(h) * 0.1
+        return self.fc(F.relu(self.c(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_powers_with_a_constant_exponent_are_element_wise(capture):
+    torch.manual_seed(0)
+    a = _oracle_check(StarReLUNet(), (3, 6, 6), capture=capture)
+    assert a.layer_names == ["a", "b", "c"]
+    blocks = {(a.layer_names[i], a.layer_names[j]) for i, j, _ in a.weight_blocks()}
+    assert blocks == {("a", "b"), ("a", "c"), ("b", "c")}
+
+
+def test_a_power_of_one_activation_by_another_is_refused():
+    class PowNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc((torch.sigmoid(self.a(x)) ** torch.sigmoid(self.b(x))).mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        NetworkAdapter(PowNet(), torch.randn(2, 3, 4, 4))
+    assert "pow" in str(info.value) and "\n" not in str(info.value)

@@ -157,10 +157,11 @@ STATISTIC = Handler(  # a per-sample norm of a value (GRN's ||x|| over space, x 
 ARITHMETIC = Handler(  # refined in classify: scalar/parameter -> unary or scale; two activations -> join/gate
     "arith",
     functions={operator.mul, operator.truediv, operator.add, operator.sub, operator.iadd, operator.isub,
-               operator.imul, operator.neg, torch.mul, torch.add, torch.sub, torch.div, torch.addcmul}
+               operator.imul, operator.neg, operator.pow, torch.mul, torch.add, torch.sub, torch.div, torch.addcmul,
+               torch.pow, torch.square}
     | _ops("add.Tensor", "add.Scalar", "sub.Tensor", "sub.Scalar", "mul.Tensor", "mul.Scalar", "div.Tensor",
-           "div.Scalar", "neg", "addcmul"),
-    methods={"add", "add_", "sub", "sub_", "mul", "div", "mul_", "div_", "addcmul"},
+           "div.Scalar", "neg", "addcmul", "pow.Tensor_Scalar", "pow.Scalar", "square"),
+    methods={"add", "add_", "sub", "sub_", "mul", "div", "mul_", "div_", "addcmul", "pow", "square"},
 )
 CONCAT = Handler("cat", functions={torch.cat, torch.concat, torch.concatenate} | _ops("cat"))
 SPLIT = Handler(  # the inverse of cat: channel windows (x[:, a:b] is getitem in an fx graph)
@@ -223,9 +224,10 @@ def handler_kind(node: fx.Node, module: nn.Module | None) -> str:
 
 def refine_arith(node: fx.Node, n_tensors: int) -> str:
     """Arithmetic with one activation operand is channel-wise (a parameter operand is a
-    learned per-channel scale or shift; ``addcmul(b, w, x)`` is ``w * x + b``); with two, ``+``/``-``
+    learned per-channel scale or shift; ``addcmul(b, w, x)`` is ``w * x + b``; a power with a constant
+    exponent, as in StarReLU's ``relu(x) ** 2``, is element-wise); with two, ``+``/``-``
     are residual joins, ``*`` a gate and ``/`` a gate too (a value divided by a per-sample statistic:
-    GRN, ``x / x.norm(dim=1)``)."""
+    GRN, ``x / x.norm(dim=1)``); a power of one activation by another is refused."""
     if "alpha" in node.kwargs:
         return "?"
     name = _name(node.target)
