@@ -1,4 +1,4 @@
-"""timm's hierarchical vision transformers (Swin, Swin-V2, PVT-v2) built tiny with random weights
+"""timm's hierarchical vision transformers (Swin, Swin-V2, PVT-v2, CoaT-Lite) built tiny with random weights
 (the zoo environment; run with ``pytest -m zoo``): the MLP units of every stage are the neuron
 layers, the stage boundaries are read from timm's patch merging and overlapping patch embeddings,
 and the incremental lesion engine equals the plain oracle on every layer (float64)."""
@@ -24,6 +24,9 @@ def make(name):
         return timm.create_model("swin_tiny_patch4_window7_224", **SWIN)
     if name == "swinv2":
         return timm.create_model("swinv2_tiny_window8_256", **SWIN)
+    if name == "coat_lite":   # conv position encodings and a class token per stage; strided conv patch embeddings
+        return timm.create_model("coat_lite_tiny", pretrained=False, img_size=32, serial_depths=(1, 1, 1, 1),
+                                 embed_dims=(32, 32, 64, 64), num_classes=3)
     if name == "pvt_v2":
         return timm.create_model("pvt_v2_b0", pretrained=False, embed_dims=(8, 16), depths=(1, 2), num_heads=(1, 2),
                                  mlp_ratios=(2, 2), sr_ratios=(2, 1), num_classes=3)
@@ -34,7 +37,7 @@ def _np(t):
     return t.detach().double().numpy()
 
 
-@pytest.mark.parametrize("name", ["swin", "swinv2", "pvt_v2"])
+@pytest.mark.parametrize("name", ["swin", "swinv2", "pvt_v2", "coat_lite"])
 def test_timm_hierarchical_lesions_equal_the_oracle_on_every_stage(name):
     model = make(name).double().eval()
     x = torch.randn(24, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -50,7 +53,7 @@ def test_timm_hierarchical_lesions_equal_the_oracle_on_every_stage(name):
     assert len(y.unique()) > 1
     a = NetworkAdapter(model, x[:2])
     stages = [b.stage for b in a.residual_parts()["blocks"]]
-    assert stages == ([0, 1, 1] if name == "pvt_v2" else [0, 1, 1, 2])
+    assert stages == {"pvt_v2": [0, 1, 1], "coat_lite": [0, 1, 2, 3]}.get(name, [0, 1, 1, 2])
     ev = IncrementalLesions(a, x, y)
     rng = np.random.default_rng(0)
     changed = 0
