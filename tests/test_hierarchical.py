@@ -278,3 +278,24 @@ def test_a_stage_boundary_that_is_not_one_downsampling_layer_is_refused_in_one_l
     with pytest.raises(UnsupportedModelError, match="between the MLPs 'fc1a' .* through no single layer .*reaches down1 first") as err:
         a.residual_parts()
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["swin", "pvt_v2"])
+def test_analyze_runs_every_method_and_leaves_the_model_as_it_was(family):
+    from modlens.experiments.partitioning import METHODS
+    from test_capture_hf import _assert_unchanged, _snapshot
+
+    model = make(family).eval()
+    x0, _ = _data(model, 24, 3)
+    with torch.no_grad():
+        model.classifier.bias -= model(pixel_values=x0).logits.mean(0)
+    test, (held, _) = _data(model, 24, 1), _data(model, 24, 2)
+    model.train()
+    snap = _snapshot(model)
+    res = modlens.analyze(model, test, activation_data=held, input_name="pixel_values", n_clusters=2, n_random=2,
+                          partitionings=list(METHODS), feature_vis=True, vis_options={"steps": 2}, random_state=0)
+    assert set(res.summary["partitioning"]) == set(METHODS)
+    assert {"acc_drop", "vis_score"} <= set(res.summary["metric"])
+    assert len(res.config["layers"]) == len(NetworkAdapter(model.eval(), held[:2], input_name="pixel_values").layers)
+    model.train()
+    _assert_unchanged(model, snap)
