@@ -171,12 +171,32 @@ def find_mlps(s) -> list[MLPNeurons]:
         if s.token_mixers:
             mixing = f"token-mixing layers ({', '.join(sorted(n.target for n in s.token_mixers)[:2])}, ...)"
             note = " (a gMLP's spatial gating unit, u * proj(v^T)^T, is not one yet)"
+        else:
+            normed = [n for n in s.all_nodes if _batch_normed(s, n)]
+            if normed:
+                note = (f" (here the layers are followed by batch norms, e.g. '{normed[0].target}': MLPs written as "
+                        "Linear or 1x1 conv + BatchNorm, as in LeViT and EfficientFormer-V2, are not read as "
+                        "transformer MLPs yet)")
         raise UnsupportedModelError(
             f"the model has {mixing} but no transformer MLP (Linear -> activation -> Linear over tokens, a "
             f"gated GLU/SwiGLU MLP, or a Mix-FFN Linear -> depthwise conv -> activation -> Linear); modlens "
             f"analyses the MLP neurons of transformer blocks{note}"
         )
     return out
+
+
+def _batch_normed(s, layer: fx.Node) -> bool:
+    """Whether a batch norm follows ``layer`` (through reshapes: LeViT normalizes ``x.flatten(0, 1)``)."""
+    node = layer
+    while True:
+        users = _users(s, node)
+        if len(users) != 1:
+            return False
+        node = users[0]
+        if s.kind(node) == "bn":
+            return True
+        if s.kind(node) not in _MOVES:
+            return False
 
 
 def mlp_sink(s, m: MLPNeurons) -> Sink:
