@@ -33,6 +33,10 @@ def make(family: str):
         cfg = t.Swinv2Config(patch_size=2, embed_dim=8, depths=[1, 2], num_heads=[1, 2], window_size=4,
                              mlp_ratio=2.0, **common)
         return t.Swinv2ForImageClassification(cfg)
+    if family == "pvt":   # PVT (v1): plain MLPs, non-overlapping strided conv patch embeddings, a class token at the end
+        cfg = t.PvtConfig(num_encoder_blocks=2, depths=[1, 2], hidden_sizes=[8, 16], sequence_reduction_ratios=[2, 1],
+                          num_attention_heads=[1, 2], mlp_ratios=[2, 2], patch_sizes=[4, 2], strides=[4, 2], **common)
+        return t.PvtForImageClassification(cfg)
     kw = dict(num_encoder_blocks=2, depths=[1, 2], hidden_sizes=[8, 16], sr_ratios=[2, 1],
               num_attention_heads=[1, 2], mlp_ratios=[2, 2], patch_sizes=[3, 3], strides=[2, 2], **common)
     if family == "pvt_v2":
@@ -42,7 +46,7 @@ def make(family: str):
     raise AssertionError(family)
 
 
-FAMILIES = ["swin", "swinv2", "pvt_v2", "segformer"]
+FAMILIES = ["swin", "swinv2", "pvt", "pvt_v2", "segformer"]
 
 
 def _np(t):
@@ -324,3 +328,16 @@ def test_batch_norm_mlps_are_refused_in_one_line_that_names_them():
                        ) as err:
         NetworkAdapter(BatchNormMLPBlock().eval(), torch.randn(2, 6, 5))
     assert "\n" not in str(err.value)
+
+
+def test_pvt_v1_patch_embedding_conv_is_the_transition():
+    model = make("pvt").eval()
+    a = NetworkAdapter(model, _data(model, 2, 0)[0], input_name="pixel_values")
+    assert a.layer_names == ["pvt.encoder.block.0.0.mlp.dense1", "pvt.encoder.block.1.0.mlp.dense1",
+                             "pvt.encoder.block.1.1.mlp.dense1"]
+    parts = a.residual_parts()
+    assert [b.stage for b in parts["blocks"]] == [0, 1, 1]
+    embed = model.pvt.encoder.patch_embeddings[1]   # no norm closes stage 0; the embedding's norm scales the rows
+    (t,) = parts["transitions"]
+    np.testing.assert_allclose(t.kernel, _np(embed.projection.weight) * _np(embed.layer_norm.weight)[:, None, None, None])
+    assert t.stride == (2, 2)
