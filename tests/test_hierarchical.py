@@ -341,3 +341,57 @@ def test_pvt_v1_patch_embedding_conv_is_the_transition():
     (t,) = parts["transitions"]
     np.testing.assert_allclose(t.kernel, _np(embed.projection.weight) * _np(embed.layer_norm.weight)[:, None, None, None])
     assert t.stride == (2, 2)
+
+
+class PooledStages(nn.Module):
+    """Two stages of a (B, T, C) stream on a 4x4 then 2x2 grid, joined by a 2x2 average pool and a 1x1 conv
+    (MaxViT's shortcut); attention biased by a table computed from parameters with einsum (a constant)."""
+
+    def __init__(self, d0=4, d1=8, hidden=8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, d0, 2, stride=2)
+        self.q0, self.q1 = nn.Linear(d0, d0), nn.Linear(d1, d1)
+        self.bias_a, self.bias_b = nn.Parameter(torch.randn(16, 3)), nn.Parameter(torch.randn(3, 16))
+        self.n0, self.fc1a, self.fc2a = nn.LayerNorm(d0), nn.Linear(d0, hidden), nn.Linear(hidden, d0)
+        self.pool, self.expand = nn.AvgPool2d(2), nn.Conv2d(d0, d1, 1)
+        self.n1, self.fc1b, self.fc2b = nn.LayerNorm(d1), nn.Linear(d1, hidden), nn.Linear(hidden, d1)
+        self.head = nn.Linear(d1, 3)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)                            # (B, 16, d0)
+        bias = torch.einsum("ik,kj->ij", self.bias_a, self.bias_b)
+        x = x + F.scaled_dot_product_attention(self.q0(x), x, x, attn_mask=bias)
+        x = x + self.fc2a(F.gelu(self.fc1a(self.n0(x))))
+        b, t, d = x.shape
+        x = self.expand(self.pool(x.transpose(1, 2).reshape(b, d, 4, 4))).flatten(2).transpose(1, 2)
+        x = x + F.scaled_dot_product_attention(self.q1(x), x, x)
+        x = x + self.fc2b(F.gelu(self.fc1b(self.n1(x))))
+        return self.head(x.mean(1))
+
+
+def test_an_average_pool_before_a_1x1_conv_is_one_strided_kernel_and_lesions_equal_the_oracle():
+    torch.manual_seed(0)
+    model = PooledStages().double().eval()
+    x = torch.randn(48, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        model.head.bias -= model(x).mean(0)
+        y = model(x).argmax(-1)
+    a = NetworkAdapter(model, x[:2])
+    assert a.layer_names == ["fc1a", "fc1b"]
+    parts = a.residual_parts()
+    (t,) = parts["transitions"]
+    np.testing.assert_allclose(t.kernel, np.tile(_np(model.expand.weight), (1, 1, 2, 2)) / 4)
+    assert t.stride == (2, 2)
+    got = {(i, j): blk for i, j, blk in a.weight_blocks()}
+    read = _np(model.fc1b.weight) * _np(model.n1.weight)[None, :]
+    w = _np(model.expand.weight)[:, :, 0, 0] / 4
+    np.testing.assert_allclose(got[(1, 2)], 4 * np.abs(read @ w @ _np(model.fc2a.weight)))
+    ev = IncrementalLesions(a, x, y)
+    rng = np.random.default_rng(0)
+    changed = 0
+    for layer, width in enumerate(a.layer_sizes):
+        sets = [rng.choice(width, size=k, replace=False) for k in (1, width // 2, width)]
+        fast = ev.correct_counts(layer, sets)
+        np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y))
+        changed += int((fast != ev.baseline).any())
+    assert changed >= 1

@@ -1,4 +1,4 @@
-"""timm's hierarchical vision transformers (Swin, Swin-V2, PVT-v2, CoaT-Lite) built tiny with random weights
+"""timm's hierarchical vision transformers (Swin, Swin-V2, PVT-v2, CoaT-Lite, MaxViT) built tiny with random weights
 (the zoo environment; run with ``pytest -m zoo``): the MLP units of every stage are the neuron
 layers, the stage boundaries are read from timm's patch merging and overlapping patch embeddings,
 and the incremental lesion engine equals the plain oracle on every layer (float64)."""
@@ -24,6 +24,9 @@ def make(name):
         return timm.create_model("swin_tiny_patch4_window7_224", **SWIN)
     if name == "swinv2":
         return timm.create_model("swinv2_tiny_window8_256", **SWIN)
+    if name == "maxvit":      # MBConv + block and grid attention per block; the MBConv branch mixes like attention
+        return timm.create_model("maxvit_tiny_tf_224", pretrained=False, img_size=32, embed_dim=(32, 64), depths=(1, 1),
+                                 stem_width=16, num_classes=3)
     if name == "coat_lite":   # conv position encodings and a class token per stage; strided conv patch embeddings
         return timm.create_model("coat_lite_tiny", pretrained=False, img_size=32, serial_depths=(1, 1, 1, 1),
                                  embed_dims=(32, 32, 64, 64), num_classes=3)
@@ -37,7 +40,7 @@ def _np(t):
     return t.detach().double().numpy()
 
 
-@pytest.mark.parametrize("name", ["swin", "swinv2", "pvt_v2", "coat_lite"])
+@pytest.mark.parametrize("name", ["swin", "swinv2", "pvt_v2", "coat_lite", "maxvit"])
 def test_timm_hierarchical_lesions_equal_the_oracle_on_every_stage(name):
     model = make(name).double().eval()
     x = torch.randn(24, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -53,7 +56,7 @@ def test_timm_hierarchical_lesions_equal_the_oracle_on_every_stage(name):
     assert len(y.unique()) > 1
     a = NetworkAdapter(model, x[:2])
     stages = [b.stage for b in a.residual_parts()["blocks"]]
-    assert stages == {"pvt_v2": [0, 1, 1], "coat_lite": [0, 1, 2, 3]}.get(name, [0, 1, 1, 2])
+    assert stages == {"pvt_v2": [0, 1, 1], "coat_lite": [0, 1, 2, 3], "maxvit": [0, 0, 1, 1]}.get(name, [0, 1, 1, 2])
     ev = IncrementalLesions(a, x, y)
     rng = np.random.default_rng(0)
     changed = 0
@@ -100,3 +103,15 @@ def test_timm_pvt_v2_overlapping_patch_embedding_is_the_transition():
     blk = model.stages[0].blocks[0].mlp
     l1 = np.abs(_np(blk.dwconv.weight)).reshape(16, -1).sum(1)
     np.testing.assert_allclose(parts["blocks"][0].w_in, _np(blk.fc1.weight) * l1[:, None])
+
+
+def test_timm_maxvit_shortcut_pool_and_conv_are_the_transition():
+    model = make("maxvit").eval()
+    a = NetworkAdapter(model, torch.randn(2, 3, 32, 32))
+    assert a.layer_names == ["stages.0.blocks.0.attn_block.mlp.fc1", "stages.0.blocks.0.attn_grid.mlp.fc1",
+                             "stages.1.blocks.0.attn_block.mlp.fc1", "stages.1.blocks.0.attn_grid.mlp.fc1"]
+    (t,) = a.residual_parts()["transitions"]
+    # the stream path into stage 1: a 2x2 average pool, then a 1x1 conv: one 2x2 kernel of stride 2, taps W / 4
+    w = _np(model.stages[1].blocks[0].conv.shortcut.expand.weight)
+    np.testing.assert_allclose(t.kernel, np.tile(w, (1, 1, 2, 2)) / 4)
+    assert t.stride == (2, 2)

@@ -346,9 +346,6 @@ def _stream_layers(s, start: fx.Node) -> set:
     return layers
 
 
-_DATA_MOVES = _MOVES + ("split", "cat", "pad", "unary")
-
-
 def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int) -> StageMap:
     """The map from the stream that ``before`` writes (width ``d_in``) into the stream that ``after``
     reads (width ``d_out``): one downsampling layer between them (docs/transformers.md)."""
@@ -371,14 +368,16 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     # the data movements between the stream and the downsampling layer, and the norm among them
     region = _ancestors_until(s, down.args[0], before.down)
     norms = [n for n in region if n.op == "call_module" and isinstance(s.module(n), _NORMS)]
-    bad = [n for n in region if n not in norms and s.kind(n) not in _DATA_MOVES + ("join",)
-           or (s.kind(n) == "unary" and _is_activation(s, n))]
-    if bad or len(norms) > 1:
+    pools = [n for n in region if _avg_pool(s, n) is not None]
+    bad = [n for n in region if n not in norms + pools and (s.kind(n) not in _MOVES + ("split", "cat", "pad")
+                                                             and not _passing(s, n))]
+    if bad or len(norms) > 1 or len(pools) > 1:
         raise UnsupportedModelError(
             f"{names} the downsampling layer '{down.target}' reads the stream through "
-            f"{s.describe((bad or norms)[0])}; modlens follows reshapes, permutes, slices, concatenations, padding "
-            "and one norm there"
+            f"{s.describe((bad or norms[1:] or pools[1:])[0])}; modlens follows reshapes, permutes, slices, "
+            "concatenations, padding, one norm and one non-overlapping average pool there"
         )
+    pool = _avg_pool(s, pools[0]) if pools else None
     width_in = mod.in_features if isinstance(mod, nn.Linear) else getattr(mod, "in_channels", None)
     norm_width = s.shapes.get(norms[0], (None,))[-1] if norms else None
     gamma_in = np.ones(width_in or 1) if not norms else _gamma(s.module(norms[0]), norm_width)
@@ -388,7 +387,18 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
                 f"{names} the downsampling conv '{down.target}' maps {mod.in_channels} to {mod.out_channels} channels "
                 f"in {mod.groups} groups (norm width {norm_width}); modlens needs a dense conv from {d_in} to {d_out}")
         kernel = _np(mod.weight) * gamma_in[None, :, None, None] * gamma_out[:, None, None, None]
-        return StageMap(kernel, tuple(int(v) for v in mod.stride))
+        stride = tuple(int(v) for v in mod.stride)
+        if pool is not None:  # pool(k) then a 1x1 conv (MaxViT's shortcut): one k x k kernel of stride k, taps / k^2
+            if kernel.shape[2:] != (1, 1) or stride != (1, 1):
+                raise UnsupportedModelError(f"{names} an average pool comes before the conv '{down.target}' "
+                                            f"(kernel {kernel.shape[2:]}, stride {stride}); modlens follows a pool "
+                                            "before a 1x1 conv of stride 1 only")
+            kernel = np.tile(kernel, (1, 1, *pool)) / (pool[0] * pool[1])
+            stride = pool
+        return StageMap(kernel, stride)
+    if pool is not None:
+        raise UnsupportedModelError(f"{names} an average pool comes before '{down.target}' ({type(mod).__name__}); "
+                                    "modlens follows a pool before a 1x1 conv only")
     if isinstance(mod, nn.Linear) and mod.out_features == d_out and mod.in_features % d_in == 0:
         n = mod.in_features // d_in
         _check_channel_blocks(s, region, before.down, d_in, names, down)
@@ -406,6 +416,34 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
         f"Linear from {d_in} * k to {d_out} features (patch merging over k neighbours) or a Conv2d from {d_in} to "
         f"{d_out} channels"
     )
+
+
+def _passing(s, node: fx.Node) -> bool:
+    """Identity in eval: dropout, copies, contiguous (registry's PASSING)."""
+    from modlens.nn._registry import PASSING
+
+    if node.op == "call_module":
+        return isinstance(s.module(node), PASSING.modules)
+    if node.op == "call_method":
+        return node.target in PASSING.methods
+    return node.target in PASSING.functions
+
+
+def _avg_pool(s, node: fx.Node):
+    """(kh, kw) of a non-overlapping, unpadded 2-D average pool, else None."""
+    if node.op == "call_module" and isinstance(s.module(node), nn.AvgPool2d):
+        m = s.module(node)
+        k, st, pad = m.kernel_size, m.stride, m.padding
+    elif node.op == "call_function" and node.target in (torch.ops.aten.avg_pool2d.default, nn.functional.avg_pool2d):
+        args = list(node.args) + [None] * 4
+        k = node.kwargs.get("kernel_size", args[1])
+        st = node.kwargs.get("stride", args[2]) or k
+        pad = node.kwargs.get("padding", args[3] if args[3] is not None else 0)
+    else:
+        return None
+    pair = lambda v: (tuple(v) * 2)[:2] if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
+    k, st, pad = pair(k), pair(st), pair(pad)
+    return tuple(int(v) for v in k) if k == st and pad == (0, 0) else None
 
 
 def _ancestors_until(s, node: fx.Node, stop: fx.Node) -> list:
