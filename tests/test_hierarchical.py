@@ -257,7 +257,7 @@ def test_stage_inputs_are_checked():
 class TwoMapsBetweenStages(nn.Module):
     """Two stages whose streams are joined by two Linear maps in a row: not one downsampling layer."""
 
-    def __init__(self, d0=4, d1=6):
+    def __init__(self, d0=4, d1=6):  # down1 reads pairs of tokens: 2 * d0 features
         super().__init__()
         self.embed = nn.Linear(5, d0)
         self.n0, self.fc1a, self.fc2a = nn.LayerNorm(d0), nn.Linear(d0, 8), nn.Linear(8, d0)
@@ -395,3 +395,11 @@ def test_an_average_pool_before_a_1x1_conv_is_one_strided_kernel_and_lesions_equ
         np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y))
         changed += int((fast != ev.baseline).any())
     assert changed >= 1
+
+
+def test_streams_of_one_width_without_a_single_downsampling_layer_stay_one_stream():
+    # as before stages existed (an encoder's stream and a decoder's): no transition, one stage
+    a = NetworkAdapter(TwoMapsBetweenStages(d0=4, d1=4).eval(), torch.randn(2, 8, 5))
+    parts = a.residual_parts()
+    assert [b.stage for b in parts["blocks"]] == [0, 0]
+    assert parts["transitions"] == []

@@ -505,9 +505,16 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
     for k, m in enumerate(mlps):
         down = s.module(m.down)
         d_model = down.out_features
-        if k and (d_model != blocks[-1].w_out.shape[0] or m.node not in _stream_layers(s, mlps[k - 1].down)):
-            transitions.append(_transition(s, mlps[k - 1], m, blocks[-1].w_out.shape[0], d_model))
-            stage += 1
+        d_prev = blocks[-1].w_out.shape[0] if k else d_model
+        if k and (d_model != d_prev or m.node not in _stream_layers(s, mlps[k - 1].down)):
+            try:
+                transitions.append(_transition(s, mlps[k - 1], m, d_prev, d_model))
+                stage += 1
+            except UnsupportedModelError:
+                # streams of one width with no single downsampling layer between them (an encoder's and a
+                # decoder's) stay one stream, as before stages existed; a change of width must be explained
+                if d_model != d_prev:
+                    raise
         norm, _ = _back_to_norm(s, m.node.args[0])
         first = s.module(m.node)
         w_out = _np(down.weight)
@@ -522,10 +529,12 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
         else:
             blocks.append(MLPBlockWeights(_np(s.module(m.up).weight), w_out, _gamma(norm, d_model),
                                           w_gate=_np(first.weight), stage=stage))
-    for b in blocks:
+    for m, b in zip(mlps, blocks):
         if b.w_in.shape[1] != b.w_out.shape[0]:
-            raise UnsupportedModelError(f"an MLP reads a stream of width {b.w_in.shape[1]} but writes width "
-                                        f"{b.w_out.shape[0]}; modlens needs each block to read and write one stream")
+            raise UnsupportedModelError(
+                f"the MLP '{m.node.target}' reads a stream of width {b.w_in.shape[1]} but its second map "
+                f"'{m.down.target}' writes width {b.w_out.shape[0]}; modlens needs each block's MLP to read and write "
+                "one residual stream (put a width change between blocks, as a downsampling layer)")
     d_first, d_last = blocks[0].w_out.shape[0], blocks[-1].w_out.shape[0]
     head, final_gamma = _head(s, d_last)
     return {"blocks": blocks, "embedding": _embedding(s, d_first), "head": head, "final_gamma": final_gamma,
