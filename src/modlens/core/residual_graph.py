@@ -29,6 +29,21 @@ norm (scale ``gamma_f``), and neuron ``a`` of block ``i`` joins class ``c`` with
 output to the head, so by default every block gets these edges (``input_edges="all"``,
 ``output_edges="all"``); ``"first"`` / ``"last"`` keep only the first / last block's.
 
+**Stages** (hierarchical transformers: Swin, PVT-v2, SegFormer; docs/transformers.md). Blocks
+carry a ``stage`` (0, 1, ...; non-decreasing); stage ``s`` is a residual stream of width ``d_s``
+and ``transitions[s]`` (a :class:`StageMap`) is the map from stage ``s``'s stream into stage
+``s + 1``'s: a kernel ``K`` of shape ``(d_{s+1}, d_s, kh, kw)`` applied with a stride, like a
+convolution over the token grid (a patch merging Linear over 4 concatenated neighbours is a
+2x2 kernel of stride 2, its 4 column blocks the 4 taps; a strided conv downsample is its own
+kernel), with the norms' scales around it folded in. Maps through several boundaries compose
+as convolutions do (tap ``q`` of the later map after tap ``o`` of the earlier one lands at
+``q * stride + o``; taps landing on the same offset add). The edge from neuron ``a`` of block
+``i`` (stage ``s``) to neuron ``b`` of block ``j`` (stage ``t >= s``) is the L1 norm over the
+taps ``o`` of the composed map, ``sum_o |(W_in_j G_j P_o W_out_i)[b, a]|``, as a conv edge is
+the L1 norm over its kernel's spatial taps; within one stage ``P`` is the identity, one tap, and
+the edge is the single-width edge above. The embedding writes into stage 0 and the head reads the
+last stage, through the same composed maps.
+
 Node layers, in order: the inputs (when ``embedding`` is given), one layer per block, the
 outputs (when ``head`` is given).
 
@@ -91,10 +106,76 @@ class MLPBlockWeights:
     w_out: np.ndarray
     gamma: np.ndarray | None = None
     w_gate: np.ndarray | None = None
+    stage: int = 0
 
     @property
     def width(self) -> int:
         return int(np.shape(self.w_in)[0])
+
+
+@dataclass(frozen=True)
+class StageMap:
+    """The map from one stage's residual stream into the next (module docstring, Stages).
+
+    ``kernel``: ``(d_next, d_prev, kh, kw)``, the weight of every path from a stream channel of the
+    earlier stage at one of ``kh * kw`` neighbouring token positions (the taps) into a stream channel of
+    the later stage, norm scales folded in; ``stride``: ``(sh, sw)``, how far the taps move per token of the
+    later stage (equal to ``(kh, kw)`` for non-overlapping patch merging)."""
+
+    kernel: np.ndarray
+    stride: tuple[int, int] = (1, 1)
+
+
+def _stage_widths(blocks: Sequence[MLPBlockWeights], transitions: Sequence[StageMap]) -> list[int]:
+    """The stream width of every stage (checked: stages numbered 0, 1, ... in order, one map between
+    consecutive stages, shapes agreeing)."""
+    stages = [int(b.stage) for b in blocks]
+    if stages[0] != 0 or any(b - a not in (0, 1) for a, b in zip(stages, stages[1:])):
+        raise ValueError(f"core.residual_graph: block stages must start at 0 and increase by at most 1 from one "
+                         f"block to the next, got {stages}")
+    n_stages = stages[-1] + 1
+    if len(transitions) != n_stages - 1:
+        raise ValueError(f"core.residual_graph: {n_stages} stages need {n_stages - 1} transitions (one StageMap "
+                         f"between consecutive stages), got {len(transitions)}")
+    widths = [0] * n_stages
+    for i, b in enumerate(blocks):
+        d = int(np.shape(b.w_out)[0])
+        if widths[b.stage] and widths[b.stage] != d:
+            raise ValueError(f"core.residual_graph: block {i} writes a stream of width {d} but stage {b.stage}'s "
+                             f"earlier blocks write width {widths[b.stage]}")
+        widths[b.stage] = d
+    for s, t in enumerate(transitions):
+        k = np.asarray(t.kernel)
+        if k.ndim != 4 or k.shape[:2] != (widths[s + 1], widths[s]):
+            raise ValueError(f"core.residual_graph: transition {s} has kernel shape {k.shape}; expected "
+                             f"({widths[s + 1]}, {widths[s]}, kh, kw) (stage {s + 1} width, stage {s} width, taps)")
+        if len(t.stride) != 2 or min(t.stride) < 1:
+            raise ValueError(f"core.residual_graph: transition {s} has stride {t.stride}; expected two ints >= 1")
+        if not np.all(np.isfinite(k)):
+            raise ValueError(f"core.residual_graph: transition {s} contains NaN or infinite values")
+    return widths
+
+
+def _paths(transitions: Sequence[StageMap], n_stages: int, dtype) -> dict:
+    """``{(s, t): [P_o]}`` for ``s < t``: the taps of the composed map from stage ``s``'s stream into
+    stage ``t``'s (``d_t x d_s`` each), composed as convolutions (module docstring)."""
+    out = {}
+    for s in range(n_stages - 1):
+        taps = {(0, 0): None}   # None: the identity of stage s
+        stride = (1, 1)
+        for t in range(s, n_stages - 1):
+            k = np.asarray(transitions[t].kernel, dtype=dtype)
+            nxt: dict = {}
+            for (oy, ox), p in taps.items():
+                for qy in range(k.shape[2]):
+                    for qx in range(k.shape[3]):
+                        key = (qy * stride[0] + oy, qx * stride[1] + ox)
+                        m = k[:, :, qy, qx] if p is None else k[:, :, qy, qx] @ p
+                        nxt[key] = m if key not in nxt else nxt[key] + m
+            taps = nxt
+            stride = (stride[0] * transitions[t].stride[0], stride[1] * transitions[t].stride[1])
+            out[(s, t + 1)] = list(taps.values())
+    return out
 
 
 def _reads(block: MLPBlockWeights, dtype) -> list[np.ndarray]:
@@ -109,11 +190,13 @@ def _reads(block: MLPBlockWeights, dtype) -> list[np.ndarray]:
     return out
 
 
-def _check(blocks: Sequence[MLPBlockWeights], embedding, head, final_gamma) -> int:
+def _check(blocks: Sequence[MLPBlockWeights], embedding, head, final_gamma, transitions=()) -> list[int]:
+    """The stream width of every stage, after checking every shape."""
     if not blocks:
         raise ValueError("core.residual_graph: need at least one MLP block")
-    d_model = int(np.shape(blocks[0].w_out)[0])
+    widths = _stage_widths(blocks, transitions)
     for i, b in enumerate(blocks):
+        d_model = widths[b.stage]
         d_mlp = b.width
         shapes = {"w_in": (d_mlp, d_model), "w_out": (d_model, d_mlp)}
         if b.w_gate is not None:
@@ -123,7 +206,7 @@ def _check(blocks: Sequence[MLPBlockWeights], embedding, head, final_gamma) -> i
             if got != expected:
                 raise ValueError(
                     f"core.residual_graph: block {i} {name} has shape {got}; expected {expected} "
-                    f"(d_mlp={d_mlp}, d_model={d_model} from block 0's w_out)"
+                    f"(d_mlp={d_mlp}, d_model={d_model}, the stream width of stage {b.stage})"
                 )
         if b.gamma is not None and tuple(np.shape(b.gamma)) != (d_model,):
             raise ValueError(f"core.residual_graph: block {i} gamma has shape {np.shape(b.gamma)}; expected ({d_model},)")
@@ -131,15 +214,18 @@ def _check(blocks: Sequence[MLPBlockWeights], embedding, head, final_gamma) -> i
             v = getattr(b, name)
             if v is not None and not np.all(np.isfinite(v)):
                 raise ValueError(f"core.residual_graph: block {i} {name} contains NaN or infinite values")
+    d_model = widths[0]
     if embedding is not None and (np.ndim(embedding) != 2 or np.shape(embedding)[0] != d_model):
         raise ValueError(
             f"core.residual_graph: embedding has shape {np.shape(embedding)}; expected (d_model={d_model}, n_inputs)"
         )
+    d_model = widths[-1]
     if head is not None and (np.ndim(head) != 2 or np.shape(head)[1] != d_model):
-        raise ValueError(f"core.residual_graph: head has shape {np.shape(head)}; expected (n_classes, d_model={d_model})")
+        raise ValueError(f"core.residual_graph: head has shape {np.shape(head)}; expected (n_classes, d_model={d_model}, "
+                         "the width of the last stage's stream)")
     if final_gamma is not None and tuple(np.shape(final_gamma)) != (d_model,):
         raise ValueError(f"core.residual_graph: final_gamma has shape {np.shape(final_gamma)}; expected ({d_model},)")
-    return d_model
+    return widths
 
 
 def residual_edge_blocks(
@@ -154,26 +240,43 @@ def residual_edge_blocks(
     input_groups=None,
     output_groups=None,
     neurons_only: bool = False,
+    transitions: Sequence[StageMap] = (),
 ):
     """Yield ``(i, j, A)`` node-layer triples of edge weights (``A[b, a]`` joins node ``a`` of
     layer ``i`` to node ``b`` of layer ``j``), one block pair at a time, in the node-layer
     numbering of :func:`residual_weight_graph`. Each ``A`` is ``(size_j, size_i)``, non-negative.
     ``input_groups`` / ``output_groups`` contract the embedding's inputs / the head's outputs to
-    token groups (module docstring); ``neurons_only`` yields the block pairs between neurons only."""
+    token groups (module docstring); ``neurons_only`` yields the block pairs between neurons only;
+    ``transitions`` are the maps between the stages of a hierarchical model (module docstring, Stages)."""
     if input_edges not in ("all", "first") or output_edges not in ("all", "last"):
         raise ValueError(
             f"core.residual_graph: input_edges must be 'all' or 'first' and output_edges 'all' or 'last', "
             f"got {input_edges!r}, {output_edges!r}"
         )
-    _check(blocks, embedding, head, final_gamma)
+    widths = _check(blocks, embedding, head, final_gamma, transitions)
     first = 1 if embedding is not None else 0
     reads = [_reads(b, dtype) for b in blocks]
     writes = [np.asarray(b.w_out, dtype=dtype) for b in blocks]
+    paths = _paths(transitions, len(widths), dtype)
+    composed: dict = {}   # (reader key, source stage) -> reads times each tap of the path
 
-    def through(read_list, write):
-        total = np.abs(read_list[0] @ write)
-        for r in read_list[1:]:
-            total += np.abs(r @ write)
+    def through(read_list, write, src=0, dst=0, key=None):
+        """The edge block from ``write`` (stage ``src``) to ``read_list`` (stage ``dst``)."""
+        if src == dst:
+            total = np.abs(read_list[0] @ write)
+            for r in read_list[1:]:
+                total += np.abs(r @ write)
+            return total
+        if key is None or (key, src) not in composed:
+            ready = [r @ p for r in read_list for p in paths[(src, dst)]]
+            if key is None:
+                return sum(np.abs(r @ write) for r in ready)
+            composed.clear()     # readers come one at a time: keep the latest only
+            composed[(key, src)] = ready
+        total = None
+        for r in composed[(key, src)]:
+            a = np.abs(r @ write)
+            total = a if total is None else total + a
         return total
 
     if embedding is not None and not neurons_only:
@@ -185,16 +288,16 @@ def residual_edge_blocks(
         targets = range(len(blocks)) if input_edges == "all" else [0]
         for j in targets:
             if onehot is None:
-                yield 0, first + j, through(reads[j], emb)
+                yield 0, first + j, through(reads[j], emb, 0, blocks[j].stage, ("block", j))
                 continue
             acc = np.zeros((blocks[j].width, onehot.shape[1]))
             for c0 in range(0, emb.shape[1], VOCAB_CHUNK):
-                part = through(reads[j], emb[:, c0:c0 + VOCAB_CHUNK])           # (d_mlp, chunk)
+                part = through(reads[j], emb[:, c0:c0 + VOCAB_CHUNK], 0, blocks[j].stage, ("block", j))
                 acc += (onehot[c0:c0 + VOCAB_CHUNK].T @ part.T).T
             yield 0, first + j, acc
     for j in range(len(blocks)):
         for i in range(j):
-            yield first + i, first + j, through(reads[j], writes[i])
+            yield first + i, first + j, through(reads[j], writes[i], blocks[i].stage, blocks[j].stage, ("block", j))
     if head is not None and not neurons_only:
         h = np.asarray(head, dtype=dtype)
         if final_gamma is not None:
@@ -207,11 +310,12 @@ def residual_edge_blocks(
         sources = range(len(blocks)) if output_edges == "all" else [len(blocks) - 1]
         for i in sources:
             if onehot is None:
-                yield first + i, out_layer, np.abs(h @ writes[i])
+                yield first + i, out_layer, through([h], writes[i], blocks[i].stage, len(widths) - 1, "head")
                 continue
             acc = np.zeros((onehot.shape[1], blocks[i].width))
             for c0 in range(0, h.shape[0], VOCAB_CHUNK):
-                acc += onehot[c0:c0 + VOCAB_CHUNK].T @ np.abs(h[c0:c0 + VOCAB_CHUNK] @ writes[i])
+                acc += onehot[c0:c0 + VOCAB_CHUNK].T @ through([h[c0:c0 + VOCAB_CHUNK]], writes[i], blocks[i].stage,
+                                                               len(widths) - 1)
             yield first + i, out_layer, acc
 
 
@@ -244,6 +348,7 @@ def residual_weight_graph(
     dtype=np.float64,
     input_groups=None,
     output_groups=None,
+    transitions: Sequence[StageMap] = (),
 ):
     """Residual-stream weight graph of a transformer's MLP neurons (module docstring).
 
@@ -260,7 +365,7 @@ def residual_weight_graph(
     triples = residual_edge_blocks(
         blocks, embedding=embedding, head=head, final_gamma=final_gamma,
         input_edges=input_edges, output_edges=output_edges, dtype=dtype,
-        input_groups=input_groups, output_groups=output_groups,
+        input_groups=input_groups, output_groups=output_groups, transitions=transitions,
     )
     if choose_graph_mode(sum(sizes), mode, dense_max_nodes=dense_max_nodes) == "dense":
         return weight_graph(sizes, list(triples)), sizes

@@ -78,7 +78,8 @@ def residual_weight_share(parts: dict, labels) -> dict:
     (float32 products above the dense-graph size)."""
     n = sum(b.width for b in parts["blocks"])
     dtype = np.float32 if n > DENSE_MAX_NODES else np.float64
-    triples = residual_edge_blocks(parts["blocks"], dtype=dtype, neurons_only=True)
+    triples = residual_edge_blocks(parts["blocks"], dtype=dtype, neurons_only=True,
+                                   transitions=parts.get("transitions", ()))
     return weight_share(triples, labels, list(range(len(parts["blocks"]))))
 
 

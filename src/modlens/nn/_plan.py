@@ -169,13 +169,26 @@ class LesionPlan:
             for a in node.all_input_nodes:
                 if a in pull or a in stop or a in frontier:
                     continue
-                if a.op == "get_attr" or self.structure.is_shape(a) or a not in self.structure.dynamic:
+                if (a.op == "get_attr" or self.structure.is_shape(a) or a not in self.structure.dynamic
+                        or self._sized_only(a)):
                     pull.add(a)          # parameters and sizes are recomputed by the tail
                     todo.append(a)
                 else:
                     frontier.add(a)
         order = {n: i for i, n in enumerate(output.graph.nodes)}
         return sorted(frontier, key=order.__getitem__), pull
+
+    def _sized_only(self, node: fx.Node) -> bool:
+        """A value computed from the input's sizes only, not its data, whose first dimension is not the
+        batch (Swin's shifted-window attention mask, expanded to batch x windows): the tail recomputes it
+        for its stacked batch, as it recomputes sizes, instead of caching it per sample."""
+        s = self.structure
+        if node in s.data_dependent:
+            return False
+        val, first = node.meta.get("val"), s.input.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not isinstance(first, torch.Tensor) or val.dim() == 0:
+            return False
+        return str(val.shape[0]) != str(first.shape[0])
 
     # ----- evaluation ----------------------------------------------------------------------------
     def indices(self, sets: np.ndarray, shapes: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:

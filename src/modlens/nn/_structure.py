@@ -65,13 +65,28 @@ class Structure:
         self.output_layer = self.output_layers[0]
         self.all_nodes = nodes
         self.mlps = []
+        self._pre: dict[fx.Node, fx.Node] = {}
         if self.transformer:  # attention: the neurons are the blocks' MLP units (nn/_transformer.py)
             self.mlps = find_mlps(self)
+            self._pre = {m.node: m.pre for m in self.mlps if m.pre is not None}  # Mix-FFN: the activation's input
             self.layer_nodes = [m.node for m in self.mlps]
             self.sinks = {m.node: [mlp_sink(self, m)] for m in self.mlps}
             return
         self.layer_nodes = [n for n in nodes if n not in self.output_layers]
         self.sinks = {n: self.walk(n) for n in self.layer_nodes}
+
+    @property
+    def data_dependent(self) -> set[fx.Node]:
+        """Values computed from the input's data, not only from its sizes (``dynamic`` holds both)."""
+        if getattr(self, "_data", None) is None:
+            seen, todo = {self.input}, [self.input]
+            while todo:
+                for u in todo.pop().users:
+                    if u not in seen and not self.is_shape(u):
+                        seen.add(u)
+                        todo.append(u)
+            self._data = seen
+        return self._data
 
     # ----- classification ----------------------------------------------------------------
     def module(self, node: fx.Node) -> nn.Module:
@@ -247,6 +262,8 @@ class Structure:
             if self.kind(node) == "attention" and len(self.tensor_inputs(node)) >= 2:
                 self.transformer = True  # mixing across tokens: followed by recomputation, not a neuron layer
                 continue
+            if self.kind(node) == "attention" and node not in self.dynamic:
+                continue  # a product of parameters and buffers only (MaxViT's relative position tables): a constant
             if self.kind(node) == "attention":
                 raise UnsupportedModelError(
                     f"unsupported functional layer {self.describe(node)}: a matrix product with a weight tensor; use "
@@ -805,7 +822,10 @@ class Structure:
 
     def preactivation_node(self, node: fx.Node) -> fx.Node:
         """The value the layer's activation function receives: its output after any batch norm,
-        dropout or identity that directly follows it (the paper's "pre-ReLU" activations)."""
+        dropout or identity that directly follows it (the paper's "pre-ReLU" activations); for a
+        Mix-FFN's units the activation's input, after the depthwise conv (docs/transformers.md)."""
+        if node in self._pre:
+            return self._pre[node]
         while True:
             users = [u for u in node.users if u in self.live and self.kind(u) != "shape"]
             if len(users) != 1:
