@@ -279,3 +279,30 @@ def test_study_network_equals_analyze_with_non_default_options(tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(folder / "summary.parquet"), ref.summary)
     for name, frame in (("tests", ref.tests), ("subclusters", ref.subclusters)):
         pd.testing.assert_frame_equal(pd.read_parquet(folder / f"{name}.parquet"), frame.assign(network=net["id"]))
+
+
+def test_a_resumed_run_takes_every_cached_task_before_it_waits_for_a_worker(reference, tmp_path, monkeypatch):
+    """Tasks an earlier run finished need no worker: a resumed run marks them done (``run.json``,
+    ``study status``) as soon as their inputs are, not when a worker comes free."""
+    from modlens.study import status as status_module
+
+    _, ref = reference
+    copy = tmp_path / "copy"
+    shutil.copytree(ref, copy)
+    first = [t for t in _tasks(ref) if t["kind"] == "lesion"][0]   # one task to run again
+    shutil.rmtree(copy / "tasks" / "lesion" / first["key"])
+    events = []
+    original = status_module.RunLog.set
+
+    def record(self, task_id, state, *args, **kw):
+        events.append((task_id, state))
+        return original(self, task_id, state, *args, **kw)
+
+    monkeypatch.setattr(status_module.RunLog, "set", record)
+    spec_path, _ = reference
+    run_study(load_spec(spec_path), copy, executor="processes", workers=1, progress=False)
+    done_at = events.index((first["task"], "done"))
+    cached_before = {t for t, s in events[:done_at] if s == "cached"}
+    independent = {t["task"] for t in _tasks(ref) if t["kind"] != "stats"} - {first["task"]}
+    assert independent <= cached_before, sorted(independent - cached_before)
+    assert [t for t, s in events if s == "done"][0] == first["task"]

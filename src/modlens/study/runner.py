@@ -247,31 +247,40 @@ def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers
     timings: list[dict] = []
     pending = list(nodes)
     running: dict = {}
+    ready: dict[str, tuple] = {}   # task -> (params, inputs, key) once its inputs exist and it is not cached
     completed = False
     try:
         while pending or running:
-            submitted = True
-            while submitted and len(running) < pool.capacity:
-                submitted = False
-                for node in pending:
-                    if all(d in done for d in node.deps):
-                        pending.remove(node)
+            # Tasks done by an earlier run are taken as soon as their inputs are, whether or not a worker
+            # is free (they need none); the others start while workers are free, in the graph's order.
+            progressed = True
+            while progressed:
+                progressed = False
+                for node in list(pending):
+                    if not all(d in done for d in node.deps):
+                        continue
+                    if node.id not in ready:
                         params, inputs = node.make(done)
                         key = task_key(node.kind, params, _digests(inputs))
                         cached = read_done(study_dir, node.kind, key)
                         if cached is not None:
+                            pending.remove(node)
                             done[node.id] = dict(cached, dir=str(task_dir(study_dir, node.kind, key)))
                             timings.append({"task": node.id, "kind": node.kind, "key": key, "seconds": cached["seconds"],
                                             "cached": True})
                             bar.finished(node.id, cached=True)
                             log.set(node.id, "cached", cached["seconds"])
-                        else:
-                            bar.started(node.id)
-                            log.set(node.id, "running")
-                            args = (str(study_dir), node.kind, key, params, inputs, context)
-                            running[pool.submit(node.id, args)] = (node, key)
-                        submitted = True
-                        break
+                            progressed = True
+                            continue
+                        ready[node.id] = (params, inputs, key)
+                    if len(running) < pool.capacity:
+                        pending.remove(node)
+                        params, inputs, key = ready.pop(node.id)
+                        bar.started(node.id)
+                        log.set(node.id, "running")
+                        args = (str(study_dir), node.kind, key, params, inputs, context)
+                        running[pool.submit(node.id, args)] = (node, key)
+                        progressed = True
             if not running:
                 if pending:
                     raise StudyError(f"tasks {[n.id for n in pending]} wait on tasks that never run")
