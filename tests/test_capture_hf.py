@@ -206,3 +206,42 @@ def test_shared_layers_are_one_neuron_layer_per_application_lesioned_per_call():
         assert fast.sum(1).tolist() == [direct(layer, s) for s in sets]
         changed += int((fast.sum(1) != len(y)).any())
     assert changed >= 2
+
+
+def test_bart_classifier_reading_end_tokens_runs_without_data_and_at_any_batch():
+    """BART's head reads the state at each sequence's end token (``hidden[input_ids == eos]``): the
+    example modlens makes without data ends its sequences with that token; per-sample shapes are
+    taken at two samples (the exported graph asserts, on the count of end tokens, that the batch has
+    at least two); and the decoder's input, written in place (``shifted[:, 1:] = ids[:, :-1]``,
+    ``copy_`` into a slice), is kept in every cut of the graph. Weights without data, activations,
+    and lesions equal to the oracle in float64."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+                                  decoder_ffn_dim=24, max_position_embeddings=32, num_labels=3)
+    model = transformers.BartForSequenceClassification(cfg).double().eval()
+    part = modlens.partition(model, "weights/global", n_clusters=2, input_name="input_ids", random_state=0)
+    assert [len(l) for l in part.labels] == [24, 24]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(4, 64, (33, 10), generator=g)
+    x[:, -1] = cfg.eos_token_id
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)   # larger weights: lesions flip predictions
+        head = model.classification_head.out_proj
+        head.bias -= model(input_ids=x).logits.mean(0)
+        y = model(input_ids=x).logits.argmax(-1)
+    assert len(y.unique()) > 1
+    a = NetworkAdapter(model, x[:2], input_name="input_ids")
+    assert a.layer_sizes == [24, 24]
+    acts = modlens.partition(a, "activations/global", n_clusters=2, data=x, random_state=0)
+    assert [len(l) for l in acts.labels] == [24, 24]
+    ev = IncrementalLesions(a, x, y)
+    rng = np.random.default_rng(0)
+    changed = 0
+    for layer in range(2):
+        sets = [rng.choice(24, size=k, replace=False) for k in (1, 12, 20)]
+        fast = ev.correct_counts(layer, sets)
+        np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y), err_msg=a.layer_names[layer])
+        changed += int((fast != ev.baseline).any())
+    assert changed >= 1

@@ -272,7 +272,40 @@ class SelectiveKernelNet(nn.Module):
         return self.fc(F.relu(self.post(x)).mean((2, 3)))
 
 
+class RadixSplitAttention(nn.Module):
+    """ResNeSt (timm's SplitAttn): a conv's channels reshaped into radix groups, the attention
+    vector's channels put in (cardinality, radix) order by ``view(B, cardinality, radix, -1)``,
+    transposed to (radix, cardinality), a softmax across the radix groups, flattened back and viewed
+    as (B, radix, C, 1, 1) to gate the groups."""
+
+    def __init__(self, radix=2, cardinality=2, width=8):
+        super().__init__()
+        self.radix, self.cardinality = radix, cardinality
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, width * radix, 3, padding=1, groups=cardinality * radix)
+        self.bn0 = nn.BatchNorm2d(width * radix)
+        self.reduce = nn.Conv2d(width, 4, 1, groups=cardinality)
+        self.select = nn.Conv2d(4, width * radix, 1, groups=cardinality)
+        self.post, self.fc = nn.Conv2d(width, 8, 1), nn.Linear(8, 4)
+
+    def rsoftmax(self, a):
+        b = a.size(0)
+        a = a.view(b, self.cardinality, self.radix, -1).transpose(1, 2)
+        return F.softmax(a, dim=1).reshape(b, -1)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.conv(F.relu(self.stem(x)))))
+        b, rc, h, w = x.shape
+        x = x.reshape(b, self.radix, rc // self.radix, h, w)
+        a = self.select(F.relu(self.reduce(x.sum(dim=1).mean((2, 3), keepdim=True))))
+        a = self.rsoftmax(a).view(b, -1, 1, 1)
+        x = (x * a.reshape(b, self.radix, rc // self.radix, 1, 1)).sum(dim=1)
+        return self.fc(F.relu(self.post(x.contiguous())).mean((2, 3)))
+
+
 FAMILIES = {
+    "radix-softmax": (RadixSplitAttention, (3, 6, 6)),
+    "radix-softmax-cardinality-1": (lambda: RadixSplitAttention(radix=2, cardinality=1), (3, 6, 6)),
     "selective-kernel": (SelectiveKernelNet, (3, 6, 6)),
     "radix-split-attention": (lambda: SelectiveKernelNet(radix=True), (3, 6, 6)),
     "reshape-other-dims": (ReshapeNet, (3, 4, 4)),
@@ -864,3 +897,37 @@ def test_a_power_of_one_activation_by_another_is_refused():
     with pytest.raises(UnsupportedModelError) as info:
         NetworkAdapter(PowNet(), torch.randn(2, 3, 4, 4))
     assert "pow" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+@pytest.mark.parametrize("cardinality", [1, 2])
+def test_radix_softmax_permutes_the_attention_channels_into_their_groups(capture, cardinality):
+    torch.manual_seed(0)
+    m = RadixSplitAttention(radix=2, cardinality=cardinality).eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 6, 6), capture=capture)
+    assert a.capture_method == capture and a.layer_names == ["stem", "conv", "reduce", "select", "post"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    # select's channel s = (k, r, j) in (cardinality, radix, width / cardinality) order moves to
+    # (r, k, j), and sits at k * per + j once the radix groups are summed
+    per = 8 // cardinality
+    place = [(s // (2 * per)) * per + s % per for s in range(16)]
+    np.testing.assert_allclose(blocks[("select", "post")], _l1(m.post)[:, place])
+    np.testing.assert_allclose(blocks[("conv", "post")], _l1(m.post)[:, [p % 8 for p in range(16)]])
+    assert {str(s.user.target) for s in a.structure.sinks[a.layer_node(3)]} <= {"aten.view.default", "view"}
+    _oracle_check(RadixSplitAttention(radix=2, cardinality=cardinality), (3, 6, 6), capture=capture)
+
+
+def test_other_rearrangements_of_an_attention_vector_are_refused_in_one_line():
+    class Scrambled(nn.Module):   # a (B, 8, 1, 1) vector viewed as (B, 2, 4) and summed over a part
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            a = self.c(x.mean((2, 3), keepdim=True))
+            return self.fc(a.view(a.size(0), 2, 4).sum(1))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        NetworkAdapter(Scrambled(), torch.randn(2, 3, 4, 4))
+    msg = str(info.value)
+    assert "reshape of the channel" in msg and "'c'" in msg and "\n" not in msg

@@ -86,6 +86,10 @@ def _make(model: nn.Module, c: _Candidate, device, dtype) -> torch.Tensor:
     special = sorted(i for i in _special_ids(model) if 0 <= i < c.tokens)
     allowed = torch.tensor([i for i in range(min(c.tokens, 4096)) if i not in special] or [0])
     ids = allowed[torch.randint(len(allowed), (_BATCH, *c.shape), generator=g)]
+    config = getattr(model, "config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if getattr(config, "is_encoder_decoder", False) and isinstance(eos, int) and 0 <= eos < c.tokens and ids.dim() == 2:
+        ids[:, -1] = eos    # BART/T5-style classifiers read the state at each sequence's (last) end token
     return ids.to(device=device)
 
 

@@ -9,6 +9,7 @@ so a lesion restarts the forward pass where it first changes something.
 
 from __future__ import annotations
 
+import operator
 import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -93,8 +94,30 @@ def trace(model: nn.Module, leaf_modules: Iterable = (), name: str | None = None
     return fx.GraphModule(tracer.root, graph, name or type(model).__name__)
 
 
+def mutates(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` writes into the value of ``node`` in place (``copy_``, ``masked_fill_``,
+    ``x[i] = v``): an exported graph keeps such writes (BART's ``shift_tokens_right``), and a later
+    reader of ``node`` sees them although it does not depend on ``user`` in the graph."""
+    if user.op == "call_method":
+        return isinstance(user.target, str) and user.target.endswith("_") and bool(user.args) and user.args[0] is node
+    if user.op != "call_function":
+        return False
+    if user.target is operator.setitem:
+        return bool(user.args) and user.args[0] is node
+    schema = getattr(user.target, "_schema", None)
+    if schema is None:
+        return False
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+            if value is node:
+                return True
+    return False
+
+
 def ancestors(outputs: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
-    """All nodes that ``outputs`` depend on, walking back but not past nodes in ``stop``."""
+    """All nodes that ``outputs`` depend on, walking back but not past nodes in ``stop``; with every
+    in-place write into one of them (and what that write depends on)."""
     seen: set[fx.Node] = set()
     todo = [n for n in outputs if n not in stop]
     while todo:
@@ -103,7 +126,31 @@ def ancestors(outputs: Iterable[fx.Node], stop: set[fx.Node]) -> set[fx.Node]:
             continue
         seen.add(node)
         todo.extend(a for a in node.all_input_nodes if a not in stop and a not in seen)
+        todo.extend(u for u in _writes_into(node) if u not in stop and u not in seen)
     return seen
+
+
+def _is_view(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` returns a view of ``node`` (``slice``, ``select``, ``view``: writes into it write into ``node``)."""
+    schema = getattr(user.target, "_schema", None) if user.op == "call_function" else None
+    if schema is None or not user.args or user.args[0] is not node or not schema.returns:
+        return False
+    alias = schema.returns[0].alias_info
+    return alias is not None and not alias.is_write
+
+
+def _writes_into(node: fx.Node) -> list[fx.Node]:
+    """In-place writes into ``node``'s value, directly or through views of it (``x[:, 1:] = y`` is
+    ``copy_(slice(x), y)``), with the views they write through."""
+    out = []
+    for user in node.users:
+        if mutates(user, node):
+            out.append(user)
+        elif _is_view(user, node):
+            inner = _writes_into(user)
+            if inner:
+                out.extend([user, *inner])
+    return out
 
 
 def descendants(sources: Iterable[fx.Node], within: set[fx.Node] | None = None) -> set[fx.Node]:

@@ -19,6 +19,7 @@ a conv that reads the residual stream is joined to every layer that writes to it
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import replace
 from typing import Iterable
@@ -382,7 +383,8 @@ class Structure:
                         grouped = route.explicit(n_source).moved(lambda p, c=fn: p % c)
                         stack.append((user, replace(grouped, dim=2, ndim=route.ndim + 1), scales))
                     else:
-                        stack.append((end, route.explicit(n_source).moved(fn), scales))
+                        moved = route.explicit(n_source).moved(fn)
+                        stack.append((end, replace(moved, ndim=self.ndim(end) or route.ndim), scales))
                 elif kind == "stack":   # branches stacked into groups (selective kernels): (B, G, C, ...)
                     dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0) % (route.ndim + 1)
                     if route.flat or dim == 0 or dim > route.dim:
@@ -489,7 +491,10 @@ class Structure:
             raise refuse()
         if len(shape_mid) != len(shape_in) + 1 or tuple(shape_mid[2:]) != tuple(shape_in[1:]) or \
                 shape_mid[0] * shape_mid[1] != shape_in[0]:
-            raise refuse()
+            regrouped = self._regrouped_vector(user, shape_in, next_user)
+            if regrouped is None:
+                raise refuse()
+            return regrouped
         g, cpg = int(shape_mid[0]), int(shape_mid[1])
         t = next_user(user)
         if t is None or self.kind(t) != "permute":
@@ -506,6 +511,43 @@ class Structure:
                 tuple(self.shapes.get(back) or ()) != tuple(shape_in):
             raise refuse()
         return back, lambda j: (j % cpg) * g + j // cpg
+
+    def _regrouped_vector(self, user, shape_in, next_user):
+        """A per-sample vector of channels (a 1x1 map, or no spatial dimensions) rearranged and put
+        back: ResNeSt's radix softmax ``x.view(B, cardinality, radix, -1).transpose(1, 2)``, a softmax
+        across the radix groups, ``reshape(B, -1)``. Follows the reshapes, transposes and element-wise
+        operations from ``user`` on an index tensor until the channels stand alone in dimension 1 again;
+        returns (that node, the channel map j -> new index), or None when the chain is something else."""
+        if any(int(s) != 1 for s in shape_in[1:]):
+            return None
+        c = int(shape_in[0])
+        idx = torch.arange(c).reshape(1, *(int(s) for s in shape_in))
+        node = user
+        for _ in range(16):
+            shape = self.shapes.get(node)
+            if shape is None or not node.args or self.tensor_inputs(node) != [node.args[0]]:
+                return None
+            shape, kind, name = tuple(int(s) for s in shape), self.kind(node), str(node.target)
+            if kind in ("reshape", "flatten", "merge"):
+                if math.prod(shape) != c:
+                    return None
+                idx = idx.reshape(1, *shape)
+            elif kind == "permute" and "transpose" in name:
+                idx = idx.transpose(*node.args[1:3])
+            elif kind == "permute":
+                perm = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+                idx = idx.permute(*perm)
+            elif kind not in ("unary", "final"):   # element-wise, or the softmax across the radix groups
+                return None
+            if tuple(idx.shape[1:]) != shape:
+                return None
+            if node is not user and shape[0] == c and all(s == 1 for s in shape[1:]):
+                where = {int(j): q for q, j in enumerate(idx.reshape(-1).tolist())}
+                return node, where.__getitem__
+            node = next_user(node)
+            if node is None:
+                return None
+        return None
 
     @staticmethod
     def _shape_only(user: fx.Node, node: fx.Node) -> bool:

@@ -178,7 +178,7 @@ class NetworkAdapter:
         self._output = _fx.single_output(self.gm)
         shapes = None
         if example is not None and self.capture_method == "fx":
-            shapes = {k: v for k, v in _fx.node_shapes(self.gm, example[:1]).items() if v is not None}
+            shapes = {k: v for k, v in _fx.node_shapes(self.gm, example[:2]).items() if v is not None}
         try:
             self.structure = s = Structure(self.gm, self._input, self._output, leaf_modules, shapes)
         except (UnsupportedModelError, ModelTraceError) as exc:
@@ -409,7 +409,9 @@ class NetworkAdapter:
         key = tuple(example.shape[1:])
         if key not in self._shapes:
             self.check_input(example, "data")
-            self._shapes[key] = _fx.node_shapes(self.gm, to_model(example[:1], self.device, self.dtype))
+            # two samples where there are: an exported graph may assert what export assumed of its batch
+            # dimension (at least 2), e.g. on a count of end tokens that grows with the batch (BART's head)
+            self._shapes[key] = _fx.node_shapes(self.gm, to_model(example[:2], self.device, self.dtype))
         return self._shapes[key]
 
     # ----- computation ------------------------------------------------------------------

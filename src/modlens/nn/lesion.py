@@ -128,7 +128,7 @@ class IncrementalLesions:
         self.class_sizes = np.bincount(y.cpu().numpy(), minlength=self.n_classes)
         self.budget = int(memory_budget_bytes or _memory.default_budget(self.device))
         self.itemsize = _memory.itemsize(self.dtype)
-        self.shapes = adapter.node_shapes(x[:1])
+        self.shapes = adapter.node_shapes(x[:2])
         self.batch_size = _memory.batch_for(self.shapes, self.dtype, batch_size,
                                             _memory.block_bytes(self.device, self.budget // 4))
         self._caches: OrderedDict[int, dict] = OrderedDict()
@@ -382,7 +382,7 @@ def correct_counts_plain(
     sets = _as_index_sets(neuron_sets, info.n_neurons, info.name)
     check_labels(y, adapter.n_classes, name="test data")
     adapter.check_input(x, "test data")
-    shapes = adapter.node_shapes(x[:1])
+    shapes = adapter.node_shapes(x[:2])
     device, dtype = adapter.device, adapter.dtype
     budget = int(memory_budget_bytes or _memory.default_budget(device))
     batch = _memory.batch_for(shapes, dtype, batch_size, _memory.block_bytes(device, budget))

@@ -94,7 +94,7 @@ class IncrementalTokenLesions(_TokenEngine, IncrementalLesions):
         self.cells = data.cells().to(self.device)
         self.budget = int(memory_budget_bytes or _memory.default_budget(self.device))
         self.itemsize = _memory.itemsize(self.dtype)
-        self.shapes = adapter.node_shapes(self.x[:1])
+        self.shapes = adapter.node_shapes(self.x[:2])
         t = int(self.x.shape[1])
         #: per (set, sequence): the log-softmax of the logits and its temporaries, beyond the tail's values
         self.extra_elements = 2 * t * int(adapter.n_classes)
@@ -189,7 +189,7 @@ def token_counts_plain(adapter: NetworkAdapter, layer: int, neuron_sets, data: T
     info = adapter.layers[layer]
     sets = _as_index_sets(neuron_sets, info.n_neurons, info.name)
     check_vocabulary(data, adapter.n_classes, name="test data")
-    shapes = adapter.node_shapes(data.ids[:1])
+    shapes = adapter.node_shapes(data.ids[:2])
     device, dtype = adapter.device, adapter.dtype
     budget = int(memory_budget_bytes or _memory.default_budget(device))
     extra = 2 * int(data.ids.shape[1]) * int(adapter.n_classes)
