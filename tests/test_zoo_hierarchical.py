@@ -115,3 +115,18 @@ def test_timm_maxvit_shortcut_pool_and_conv_are_the_transition():
     w = _np(model.stages[1].blocks[0].conv.shortcut.expand.weight)
     np.testing.assert_allclose(t.kernel, np.tile(w, (1, 1, 2, 2)) / 4)
     assert t.stride == (2, 2)
+
+
+def test_gcvit_global_query_repeated_per_window_is_cached_with_its_windows():
+    """GCViT repeats each image's global query for every window (windows folded into the batch
+    dimension): the lesion cache keeps those rows with their sample, and lesions equal the oracle."""
+    from timm.models.gcvit import GlobalContextVit
+    from test_ops_families import _oracle_check
+
+    torch.manual_seed(0)
+    model = GlobalContextVit(num_classes=4, depths=(2, 2, 1, 1), num_heads=(2, 2, 2, 2), embed_dim=16, img_size=64)
+    a = _oracle_check(model, (3, 64, 64))     # fast engine == plain oracle on every layer, float64
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+    ev = IncrementalLesions(a, x, torch.zeros(3, dtype=torch.long))
+    cached = ev._fill(a.lesion_plan(0), 0, 3)
+    assert max(cached.rows.values()) > 1 and all(v.shape[0] == 3 * cached.rows[n] for n, v in cached.items())

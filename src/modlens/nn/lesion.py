@@ -38,6 +38,7 @@ from torch import fx, nn
 
 from modlens.nn import _fx, _layout, _memory
 from modlens.nn._skip import LinearSkip
+from modlens.nn._ops import UnsupportedModelError
 from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.inputs import check_labels, to_model
 
@@ -182,19 +183,27 @@ class IncrementalLesions:
     # ----- caching ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def _fill(self, plan, start: int, stop: int) -> dict:
-        """Probe outputs for samples ``start:stop``, written into preallocated tensors."""
-        cached: dict = {}
+        """Probe outputs for samples ``start:stop``, written into preallocated tensors. A value whose
+        first dimension holds ``m`` rows per sample (windows or heads folded into the batch: GCViT's
+        global query repeated per window) keeps them: ``cached.rows[node] = m``."""
+        cached = _Cache()
         pos = 0
         with self._mode():
             for xb in self._batches(start, stop):
                 out = plan.probe(xb)
                 out = out if isinstance(out, tuple) else (out,)
                 for node, v in zip(plan.probe_outputs, out):
+                    m = v.shape[0] // xb.shape[0]
+                    if m < 1 or v.shape[0] != m * xb.shape[0] or cached.rows.get(node, m) != m:
+                        raise UnsupportedModelError(
+                            f"the value '{node.name}' has {v.shape[0]} rows for a batch of {xb.shape[0]} samples: "
+                            "modlens caches values whose first dimension is the batch (or a fixed multiple of it)")
                     if node not in cached:
                         fmt = torch.channels_last if self.channels_last and v.dim() == 4 else torch.contiguous_format
-                        cached[node] = torch.empty((stop - start, *v.shape[1:]), dtype=v.dtype, device=v.device,
+                        cached[node] = torch.empty(((stop - start) * m, *v.shape[1:]), dtype=v.dtype, device=v.device,
                                                    memory_format=fmt)
-                    cached[node][pos:pos + v.shape[0]] = v
+                        cached.rows[node] = m
+                    cached[node][pos * m:(pos + xb.shape[0]) * m] = v
                 pos += xb.shape[0]
         return cached
 
@@ -260,7 +269,8 @@ class IncrementalLesions:
     @staticmethod
     def _tail(plan, cached: dict, b0: int, b1: int, s0: int, s1: int, ci, mi) -> torch.Tensor:
         """The lesioned outputs of sets ``b0:b1`` on cached rows ``s0:s1``, shaped ``(sets, samples, ...)``."""
-        part = {node: v[s0:s1] for node, v in cached.items()}
+        rows = getattr(cached, "rows", {})
+        part = {node: v[s0 * rows.get(node, 1):s1 * rows.get(node, 1)] for node, v in cached.items()}
         out = plan.tail(*plan.tail_inputs(part, ci, mi))
         return out.reshape(b1 - b0, s1 - s0, *out.shape[1:])
 
@@ -293,6 +303,15 @@ class IncrementalLesions:
                     if last and progress is not None:
                         progress(n_sets)
         return [c.round().to(torch.int64).cpu().numpy() for _, _, c, _ in prepared]
+
+
+class _Cache(dict):
+    """Cached probe outputs by node; ``rows[node]``: rows of the value per sample (1 but where windows
+    or heads are folded into the batch dimension)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict = {}
 
 
 def _mask(value: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
