@@ -118,8 +118,9 @@ class LesionPlan:
         inner: dict[fx.Node, Mask] = {}
         sinks = structure.sinks[layer]
         users = {sink.user for sink in sinks}
+        reached_twice = {v: bool(_fx.ancestors([v], set()) & users) for v in {sink.value for sink in sinks}}
         for sink in sinks:
-            if _fx.ancestors([sink.value], set()) & users:   # reached through another sink too
+            if reached_twice[sink.value]:   # the lesion changes this value through another sink too
                 m = inner.setdefault(sink.value, Mask(sink.value, []))
                 if sink.route not in m.routes:
                     m.routes.append(sink.route)
@@ -211,12 +212,7 @@ class LesionPlan:
             inputs.append(z_new.reshape(-1, *z.shape[1:]))
         for m, idx in zip(self.masks, mask_idx):
             v = cached[m.value]
-            dim = m.routes[0].dim
-            keep = torch.ones(n_sets, v.shape[dim], dtype=v.dtype, device=v.device)
-            keep.scatter_(1, idx, 0.0)
-            shape = [n_sets] + [1] * v.dim()
-            shape[1 + dim] = v.shape[dim]
-            masked = torch.mul(v.unsqueeze(0), keep.view(shape), out=_stacked(v, n_sets))
+            masked = torch.mul(v.unsqueeze(0), _keep(v, idx, m.routes[0].dim), out=_stacked(v, n_sets))
             inputs.append(masked.reshape(-1, *v.shape[1:]))
         for f in self.frontier:  # always a copy: the tail may modify its inputs in place
             v = cached[f]
@@ -302,11 +298,17 @@ def pool_before_relu(gm: fx.GraphModule) -> int:
 def _edge_mask(value: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     """``value`` (B * N, ...), B lesion sets stacked in the batch, with the entries ``idx[b]``
     (B, k) of dimension ``dim`` zeroed for set ``b``."""
-    n_sets = idx.shape[0]
-    keep = torch.ones(n_sets, value.shape[dim], dtype=value.dtype, device=value.device).scatter_(1, idx, 0.0)
+    return (value.unflatten(0, (idx.shape[0], -1)) * _keep(value, idx, dim)).flatten(0, 1)
+
+
+def _keep(value: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, 1, ..., c, ..., 1): per set, ones over dimension ``dim`` of ``value`` (c entries) but zeros
+    at that set's ``idx`` row (B, k); broadcasts against ``value`` with the sets in front."""
+    n_sets, width = idx.shape[0], value.shape[dim]
+    keep = torch.ones(n_sets, width, dtype=value.dtype, device=value.device).scatter_(1, idx, 0.0)
     shape = [n_sets] + [1] * value.dim()
-    shape[1 + dim] = value.shape[dim]
-    return (value.unflatten(0, (n_sets, -1)) * keep.view(shape)).flatten(0, 1)
+    shape[1 + dim] = width
+    return keep.view(shape)
 
 
 def _stacked(v: torch.Tensor, n_sets: int) -> torch.Tensor:
