@@ -1006,6 +1006,12 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
              "runs, without data it fails), **analyze-fails** (with data it fails; the stage is named), "
              "**unbuildable** (the model itself cannot be built or run here). Seconds are wall time on a shared "
              "2-core machine.", ""]
+    commits: dict[str, int] = {}
+    for r in records:
+        c = r.get("commit", "unrecorded")
+        commits[c] = commits.get(c, 0) + 1
+    lines += ["Code under test (commit: models run there): "
+              + ", ".join(f"`{c}`: {n}" for c, n in sorted(commits.items(), key=lambda kv: -kv[1])) + ".", ""]
     lines += ["## Totals", "", "| zoo | models | ok | partition-fails | analyze-fails | unbuildable | runs with data |"
               " runs with and without data |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     by_zoo = {z: [r for r in records if r["zoo"] == z] for z in ZOOS}
@@ -1089,6 +1095,17 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
 
 
 # =============================================================================================
+def source_commit() -> str:
+    """The commit of the code under test (``-dirty`` when the work tree has changes), recorded per model."""
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "src", "benchmarks") else "")
+
+
 def load_results(path: Path) -> list[dict]:
     return json.loads(path.read_text())["models"] if path.exists() else []
 
@@ -1149,11 +1166,13 @@ def main(argv=None) -> None:
         jobs = [j for j in jobs if (j["zoo"], j["name"]) not in done]
     meta = {"command": command, "timeout": args.timeout, "budget": args.budget, "memory_gb": args.memory_gb, "threads": args.threads, "k": K, "n_samples": N_SAMPLES,
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    commit = source_commit()
     pool = Pool(args.log)
     t0 = time.perf_counter()
     try:
         for i, job in enumerate(jobs):
             rec = pool.run(job, args.timeout, args.budget)
+            rec["commit"] = commit
             records = [r for r in records if (r["zoo"], r["name"]) != (rec["zoo"], rec["name"])] + [rec]
             meta["seconds"] = round(time.perf_counter() - t0, 1)
             save_results(args.results, records, meta)
