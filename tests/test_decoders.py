@@ -24,7 +24,7 @@ from tiny_decoders import C, D, FAMILIES, MLP, V, decoder, logits, token_ids
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-GATED = {"llama", "qwen2", "mistral", "gemma"}
+GATED = {"llama", "qwen2", "mistral", "gemma", "phi3", "glm"}
 
 
 @pytest.mark.parametrize("head", ["seqcls", "causal"])

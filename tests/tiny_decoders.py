@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 V, T, D, L, H, KV, MLP, C = 64, 8, 16, 2, 4, 2, 32, 3
-HF_FAMILIES = ["gpt2", "gpt-neox", "opt", "llama", "qwen2", "mistral", "gemma", "phi"]
+HF_FAMILIES = ["gpt2", "gpt-neox", "opt", "llama", "qwen2", "mistral", "gemma", "phi", "phi3", "glm"]
 FAMILIES = HF_FAMILIES + ["plain"]
 
 _CLASSES = {
@@ -23,6 +23,8 @@ _CLASSES = {
     "mistral": ("MistralForSequenceClassification", "MistralForCausalLM"),
     "gemma": ("GemmaForSequenceClassification", "GemmaForCausalLM"),
     "phi": ("PhiForSequenceClassification", "PhiForCausalLM"),
+    "phi3": ("Phi3ForSequenceClassification", "Phi3ForCausalLM"),     # fused gate/up map
+    "glm": ("GlmForSequenceClassification", "GlmForCausalLM"),        # fused gate/up map
 }
 
 
@@ -50,6 +52,10 @@ def _config(family: str):
         return t.GemmaConfig(head_dim=D // H, **gqa)
     if family == "phi":
         return t.PhiConfig(**gqa)
+    if family == "phi3":
+        return t.Phi3Config(**gqa)
+    if family == "glm":
+        return t.GlmConfig(head_dim=D // H, **gqa)
     raise ValueError(family)
 
 

@@ -69,7 +69,8 @@ class Structure:
         self._pre: dict[fx.Node, fx.Node] = {}
         if self.transformer:  # attention: the neurons are the blocks' MLP units (nn/_transformer.py)
             self.mlps = find_mlps(self)
-            self._pre = {m.node: m.pre for m in self.mlps if m.pre is not None}  # Mix-FFN: the activation's input
+            # Mix-FFN and fused gated MLPs: the activation's input
+            self._pre = {m.node: m.pre for m in self.mlps if m.pre is not None}
             self.layer_nodes = [m.node for m in self.mlps]
             self.sinks = {m.node: [mlp_sink(self, m)] for m in self.mlps}
             return
@@ -318,6 +319,14 @@ class Structure:
             parts = [self.channels(a) for a in _cat_inputs(node)]
             return None if any(p is None for p in parts) else sum(parts)
         return None
+
+    def layer_width(self, node: fx.Node) -> int:
+        """The number of neurons of a neuron layer: its output width, half of it for a fused gated MLP."""
+        m = next((m for m in self.mlps if m.node is node), None)
+        if m is not None:
+            return m.n_units(self)
+        mod = self.module(node)
+        return mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
 
     def layer_route(self, node: fx.Node) -> Route:
         """Route of a layer's own output: channels in dim 1, or last for a per-position Linear."""
@@ -636,6 +645,9 @@ class Structure:
 
         if user.target is operator.getitem:           # x[:, a:b] in an fx graph
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if index.count(Ellipsis) == 1:          # x[..., a:b]: the ellipsis stands for full slices
+                at = index.index(Ellipsis)
+                index = index[:at] + (slice(None),) * (route.ndim - len(index) + 1) + index[at + 1:]
             if not all(isinstance(sl, slice) for sl in index) or (index and index[0] != slice(None)):
                 raise UnsupportedModelError(
                     f"{self.describe(user)} indexes the output of layer '{start.target}' with {args[1]!r}; modlens "

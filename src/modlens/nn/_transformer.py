@@ -8,7 +8,11 @@ block's MLP only, the units between its two linear maps:
   input of ``act``), read by ``down``;
 * gated MLP (GLU, SwiGLU): ``down(act(gate(x)) * up(x))``: gate unit ``b`` and value unit ``b``
   are one neuron; the layer is named after the gate map (the branch through the activation
-  function), its pre-activation is the gate's output, and a lesion zeroes the product.
+  function), its pre-activation is the gate's output, and a lesion zeroes the product;
+* fused gated MLP (Phi-3, GLM, ModernBERT): one map computes both halves,
+  ``g, v = fused(x).chunk(2, -1)``, then ``down(act(g) * v)``: unit ``b`` of the half that goes
+  through the activation and unit ``b`` of the other half are one neuron, as in a GLU; the layer is
+  named after the fused map and has half its output width.
 
 Queries, keys, values, attention output projections, the patch/token embedding and a pooler
 are not neuron layers: they mix tokens or write the residual stream. A lesion of an MLP
@@ -38,6 +42,7 @@ from modlens.nn._ops import Route, Sink, UnsupportedModelError
 
 aten = torch.ops.aten
 _NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm)
+_TOP_K = (aten.topk.default, torch.topk, "topk")   # a router's choice of experts
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,9 @@ class MLPNeurons:
     """One block's MLP: ``node`` (first or gate map), ``up`` (value map of a GLU, else None),
     ``down`` (second map) and ``value`` (what ``down`` reads); for a Mix-FFN (PVT-v2, SegFormer),
     ``dwconv`` (the depthwise conv over the token grid between ``node`` and the activation) and ``pre``
-    (the activation's input, the units' pre-activation), else None."""
+    (the activation's input, the units' pre-activation), else None. For a fused gated MLP ``node``
+    computes both halves: ``halves`` = (first row of the gate half, first row of the value half) of its
+    weight, ``width`` the number of neurons, and ``pre`` the gate half's activation input."""
 
     node: fx.Node
     up: fx.Node | None
@@ -53,6 +60,11 @@ class MLPNeurons:
     value: fx.Node
     dwconv: fx.Node | None = None
     pre: fx.Node | None = None
+    halves: tuple[int, int] | None = None
+    width: int | None = None
+
+    def n_units(self, s) -> int:
+        return self.width if self.width is not None else s.module(self.node).out_features
 
 
 def _users(s, node: fx.Node) -> list[fx.Node]:
@@ -136,11 +148,73 @@ def _chain_to(s, node: fx.Node) -> set:
     return seen
 
 
+def _to_product(s, node: fx.Node):
+    """(product, activation input or None) where ``node`` reaches a two-operand gate product through
+    single-use one-input element-wise ops; None otherwise."""
+    pre = None
+    while True:
+        users = _users(s, node)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if s.kind(u) == "gate" and len(s.tensor_inputs(u)) == 2:
+            return u, pre
+        if s.kind(u) != "unary" or s.tensor_inputs(u) != [node]:
+            return None
+        if _is_activation(s, u):
+            if pre is not None:
+                return None
+            pre = node
+        node = u
+
+
+def _fused_glu(s, layer: fx.Node) -> MLPNeurons | None:
+    """A fused gated MLP at ``layer``: its output split into two equal halves along the last dimension,
+    one half through an activation, multiplied together and read by one Linear (``down``)."""
+    users = _users(s, layer)
+    width = s.module(layer).out_features
+    if not users or any(s.kind(u) != "split" for u in users) or width % 2:
+        return None
+    parts = []
+    try:
+        for u in users:   # one chunk/split, or one slice per half
+            parts += s._split_parts(layer, u, s.layer_route(layer)) or [(None, None)]
+    except UnsupportedModelError:
+        return None
+    half = width // 2
+    if len(parts) != 2 or any(r is None for _, r in parts) or {r.sources for _, r in parts} != {(0, half), (half, width)}:
+        return None
+    ends = [(_to_product(s, v), r.sources[0]) for v, r in parts]
+    if any(e is None for e, _ in ends) or ends[0][0][0] is not ends[1][0][0]:
+        return None
+    acted = [(pre, lo) for (_, pre), lo in ends if pre is not None]
+    if len(acted) != 1:
+        return None                               # both or neither half through an activation: not a GLU
+    (pre, gate_lo), value_lo = acted[0], next(lo for (_, p), lo in ends if p is None)
+    node = ends[0][0][0]
+    while True:                                   # the product through dropout and the like into ``down``
+        users = _users(s, node)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if s.kind(u) == "layer":
+            ok = isinstance(s.module(u), nn.Linear) and u not in s.output_layers and u.args[0] is node \
+                and s.module(u).in_features == half
+            return MLPNeurons(layer, None, u, node, None, pre, (gate_lo, value_lo), half) if ok else None
+        if s.kind(u) != "unary" or s.tensor_inputs(u) != [node] or _is_activation(s, u):
+            return None
+        node = u
+
+
 def find_mlps(s) -> list[MLPNeurons]:
     """The MLP neuron layers of a captured model with attention, in forward order."""
     out = []
     for layer in s.all_nodes:
         if layer in s.output_layers or not isinstance(s.module(layer), nn.Linear) or (s.ndim(layer) or 2) < 3:
+            continue
+        fused = _fused_glu(s, layer)
+        if fused is not None:
+            out.append(fused)
             continue
         hit = _forward(s, layer)
         if hit is None:
@@ -166,6 +240,12 @@ def find_mlps(s) -> list[MLPNeurons]:
         elif not acted:
             continue
         out.append(MLPNeurons(layer, up, down, value, dw, pre if dw is not None else None))
+    routers = [n for n in s.gm.graph.nodes if n in s.live and n.target in _TOP_K]
+    if routers and not out:
+        raise UnsupportedModelError(
+            f"the model routes tokens to experts ({s.describe(routers[0])}: a top-k choice of experts per token) and "
+            "has no MLP over (batch, tokens, channels) beside them: mixture-of-experts MLPs are not supported; "
+            "modlens analyses the units of dense transformer MLPs")
     if not out:
         mixing, note = "attention", ""
         if s.token_mixers:
@@ -202,7 +282,7 @@ def _batch_normed(s, layer: fx.Node) -> bool:
 def mlp_sink(s, m: MLPNeurons) -> Sink:
     """The lesion sink of an MLP layer: its ``down`` map's input, at every token position."""
     nd = s.ndim(m.node) or 3
-    return Sink("layer", m.value, m.down, Route(0, s.module(m.node).out_features, False, nd, nd - 1))
+    return Sink("layer", m.value, m.down, Route(0, m.n_units(s), False, nd, nd - 1))
 
 
 # ----- residual-stream weights -------------------------------------------------------------------
@@ -524,7 +604,11 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
         rows = 1.0
         if m.dwconv is not None:  # Mix-FFN: each unit reads its neighbourhood through its own spatial filter
             rows = np.abs(_np(s.module(m.dwconv).weight)).reshape(first.out_features, -1).sum(1)[:, None]
-        if m.up is None:
+        if m.halves is not None:  # a fused gated MLP: the two halves of one weight
+            (g, v), w = m.halves, _np(first.weight)
+            blocks.append(MLPBlockWeights(w[v:v + m.width], w_out, _gamma(norm, d_model), w_gate=w[g:g + m.width],
+                                          stage=stage))
+        elif m.up is None:
             blocks.append(MLPBlockWeights(_np(first.weight) * rows, w_out, _gamma(norm, d_model), stage=stage))
         else:
             blocks.append(MLPBlockWeights(_np(s.module(m.up).weight), w_out, _gamma(norm, d_model),

@@ -197,7 +197,7 @@ class NetworkAdapter:
                 "needs at least one hidden layer (a layer whose output feeds another layer) to find neurons to cluster"
             )
         self._layer_nodes = nodes
-        self.layers = [NeuronLayer(i, n.target, s.module(n), _width(s.module(n))) for i, n in enumerate(nodes)]
+        self.layers = [NeuronLayer(i, n.target, s.module(n), s.layer_width(n)) for i, n in enumerate(nodes)]
         self.output_module = s.module(s.output_layer)
         self.n_classes = _width(self.output_module)
         first = s.first_layers()
@@ -274,7 +274,8 @@ class NetworkAdapter:
             if isinstance(exc, ModelTraceError):
                 raise
             raise ValueError(
-                f"{name}: the model does not accept inputs of shape {tuple(example.shape)}; it expects {self._expected()}"
+                f"{name}: the model does not accept inputs of shape {tuple(example.shape)}; it expects {self._expected()} "
+                f"(running it raised {type(exc).__name__}: {_capture._first_line(exc, 200)})"
             ) from exc
 
     def check_input(self, x: torch.Tensor, name: str = "data") -> None:
@@ -305,7 +306,8 @@ class NetworkAdapter:
                 self.gm(to_model(x[:1], self.device, self.dtype))
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ValueError(
-                f"{name}: the model does not accept inputs of shape {tuple(x.shape)}; it expects {self._expected()}"
+                f"{name}: the model does not accept inputs of shape {tuple(x.shape)}; it expects {self._expected()} "
+                f"(running it raised {type(exc).__name__}: {_capture._first_line(exc, 200)})"
             ) from exc
         self._accepted.add(given)
 
