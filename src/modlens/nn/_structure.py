@@ -793,8 +793,8 @@ class Structure:
             node = todo.pop()
             while self.kind(node) != "layer":
                 kind = self.kind(node)
-                if kind == "take_tokens":  # one position per sequence, read after a per-position output layer
-                    node = node.args[0]
+                if kind == "take_tokens" or self._one_position(node) or self._whole_slice(node):
+                    node = node.args[0]   # one position per sequence, read after a per-position output layer
                     continue
                 best = self._max_over_positions(node)
                 if best is not None:
@@ -828,6 +828,49 @@ class Structure:
                 break
             logits = users[0]
         return heads, logits
+
+    def _one_position(self, node: fx.Node) -> bool:
+        """Whether ``node`` reads one fixed position of every sample, along a dimension between the batch
+        and the last (class) one: ``h.select(1, 0)`` or ``h[:, 0]`` after a per-position output layer
+        (Perceiver's decoder writes scores for one query and reads ``logits[:, 0, :]``), or averages
+        (sums) the scores over such dimensions (EuroBERT's late pooling: ``logits.mean(dim=1)``)."""
+        if node.op not in ("call_function", "call_method") or not node.args or not isinstance(node.args[0], fx.Node):
+            return False
+        nd = self.ndim(node.args[0])
+        if nd is None or nd < 3:
+            return False
+        if _name(node.target) in ("mean", "mean.dim", "sum", "sum.dim_IntList"):   # late pooling: mean of scores
+            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dims = [dims] if isinstance(dims, int) else dims
+            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            return (isinstance(dims, (list, tuple)) and bool(dims) and not keep
+                    and all(isinstance(d, int) and 1 <= d % nd < nd - 1 for d in dims))
+        if _name(node.target) in ("select", "select.int"):
+            dim, index = node.args[1:3] if len(node.args) >= 3 else (None, None)
+        elif node.target is operator.getitem and isinstance(node.args[1], tuple):
+            ints = [(d, i) for d, i in enumerate(node.args[1]) if isinstance(i, int)]
+            rest = [i for i in node.args[1] if not isinstance(i, int)]
+            if len(ints) != 1 or any(i != slice(None) for i in rest):
+                return False
+            dim, index = ints[0]
+        else:
+            return False
+        return isinstance(dim, int) and isinstance(index, int) and 1 <= dim % nd < nd - 1
+
+    def _whole_slice(self, node: fx.Node) -> bool:
+        """Whether ``node`` is ``x[:]`` along one dimension (``slice.Tensor`` of all of it: what export writes
+        for the ``:`` of ``h[:, 0, :]``)."""
+        if node.op != "call_function" or _name(node.target) not in ("slice", "slice.Tensor") or not node.args:
+            return False
+        a = list(node.args) + [None] * (5 - len(node.args))
+        dim, start, end, step = (a[1] or 0), a[2], a[3], (a[4] or 1)
+        nd = self.ndim(node.args[0])
+        if not isinstance(dim, int) or nd is None or step != 1 or start not in (None, 0):
+            return False
+        if end is None or (isinstance(end, int) and end >= 2 ** 62):   # export writes ``:`` as [0, INT64_MAX)
+            return True
+        size = self.channels(node.args[0], dim % nd) if dim % nd else None
+        return size is not None and isinstance(end, int) and end >= size
 
     def _max_over_positions(self, node: fx.Node) -> fx.Node | None:
         """The input of ``h.max(dim)[0]`` or ``h.amax(dim)`` over a dimension before the last (the
