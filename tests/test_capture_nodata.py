@@ -205,6 +205,25 @@ def test_hugging_face_models_partition_without_data(family, shape, name):
         np.testing.assert_array_equal(l0, l1)
 
 
+def test_speech_model_gets_raw_audio_of_the_length_its_feature_extractor_needs():
+    """A Hugging Face speech model (``input_values``: raw samples) is exported at the shortest length its
+    strided convolutions turn into 16 frames: (16 - 1) * 2 + 3 = 33, then (33 - 1) * 5 + 10 = 170."""
+    t = pytest.importorskip("transformers")
+    cfg = t.Data2VecAudioConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=4,
+                                num_conv_pos_embedding_groups=2, num_labels=3)
+    torch.manual_seed(0)
+    model = t.Data2VecAudioForSequenceClassification(cfg).eval()
+    a = NetworkAdapter(model)
+    assert a.capture_method == "export" and a.input_shape == (170,) and a.input_name == "input_values"
+    assert "conv_kernel" in a.capture_input and a.layer_sizes == [32, 32]
+    with torch.no_grad():
+        frames = model.data2vec_audio.feature_extractor(torch.randn(1, 170))
+    assert frames.shape[-1] == 16
+    x = torch.randn(4, 170)
+    _same_capture(a, NetworkAdapter(model, x, input_name="input_values"))
+
+
 class _MHABlock(nn.Module):
     def __init__(self, d=16, h=2, f=24):
         super().__init__()

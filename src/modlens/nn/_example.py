@@ -9,7 +9,9 @@ needs a shape. :func:`example_input` takes it, in this order, from
    * a Hugging Face model's config: ``(num_channels, image_size, image_size)`` for an image model
      (``main_input_name == "pixel_values"``), ``(T,)`` token ids below ``config.vocab_size`` for a
      token model (``main_input_name == "input_ids"``, ``T`` = :data:`TOKEN_LENGTH` or the
-     position limit), passed as that keyword;
+     position limit), passed as that keyword; ``(L,)`` raw audio samples for a speech model
+     (``main_input_name == "input_values"``), ``L`` the shortest length that its feature
+     extractor's convolutions (``conv_kernel``, ``conv_stride``) turn into :data:`AUDIO_FRAMES` frames;
    * the image size the model was built for: an ``image_size`` or ``img_size`` attribute of the
      model or of its patch embedding (torchvision's ViT, timm's ``PatchEmbed``);
    * timm's ``pretrained_cfg["input_size"]`` (or ``default_cfg``);
@@ -33,6 +35,7 @@ from torch import nn
 TOKEN_LENGTH = 16
 PROBE_SIZES = (32, 28, 64, 224, 16)
 SEQUENCE_LENGTHS = (64, 128, 256, 32, 16)
+AUDIO_FRAMES = 16
 _BATCH = 2
 
 
@@ -139,7 +142,24 @@ def _config_candidates(model: nn.Module) -> list[_Candidate]:
         if isinstance(vocab, int) and vocab > 0:
             n = _token_length(config)
             out.append(_Candidate((n,), vocab, main, f"the config's vocab_size {vocab}, {n} tokens"))
+    elif main == "input_values":
+        n = _audio_length(getattr(config, "conv_kernel", None), getattr(config, "conv_stride", None))
+        if n is not None:
+            out.append(_Candidate((n,), None, main, f"the config's conv_kernel and conv_stride, {n} audio samples "
+                                  f"({AUDIO_FRAMES} frames)"))
     return out
+
+
+def _audio_length(kernels, strides, frames: int = AUDIO_FRAMES) -> int | None:
+    """The shortest input length that convolutions with these kernels and strides (no padding) turn into
+    ``frames`` outputs: each layer's input length is ``(out - 1) * stride + kernel``."""
+    if not isinstance(kernels, (list, tuple)) or not isinstance(strides, (list, tuple)) or \
+            len(kernels) != len(strides) or not kernels:
+        return None
+    n = frames
+    for k, st in zip(reversed(kernels), reversed(strides)):
+        n = (n - 1) * int(st) + int(k)
+    return n
 
 
 def _size_candidates(model: nn.Module) -> list[_Candidate]:
