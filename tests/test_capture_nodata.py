@@ -269,3 +269,19 @@ def test_multihead_attention_as_export_decomposes_it():
     for layer in range(2):
         sets = [[0], [1, 2, 3], list(range(12))]
         np.testing.assert_array_equal(ev.correct_counts(layer, sets), correct_counts_plain(a, layer, sets, x, y))
+
+
+def test_vision_language_model_gets_token_ids_from_its_text_config():
+    """Gemma-3's config keeps the vocabulary in ``text_config``; without data the model is exported at token ids."""
+    t = pytest.importorskip("transformers")
+    tc = t.Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=32,
+                            sliding_window=8)
+    vc = t.SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8)
+    cfg = t.Gemma3Config(text_config=tc.to_dict(), vision_config=vc.to_dict(), mm_tokens_per_image=4, num_labels=3)
+    torch.manual_seed(0)
+    model = t.Gemma3ForSequenceClassification(cfg).eval()
+    a = NetworkAdapter(model)
+    assert a.capture_method == "export" and a.input_shape == (16,) and a.input_name == "input_ids"
+    assert "vocab_size 64" in a.capture_input and a.layer_sizes == [24, 24]

@@ -9,7 +9,7 @@ needs a shape. :func:`example_input` takes it, in this order, from
    * a Hugging Face model's config: ``(num_channels, image_size, image_size)`` for an image model
      (``main_input_name == "pixel_values"``), ``(T,)`` token ids below ``config.vocab_size`` for a
      token model (``main_input_name == "input_ids"``, ``T`` = :data:`TOKEN_LENGTH` or the
-     position limit), passed as that keyword; ``(L,)`` raw audio samples for a speech model
+     position limit; a vision-language model's text config), passed as that keyword; ``(L,)`` raw audio samples for a speech model
      (``main_input_name == "input_values"``), ``L`` the shortest length that its feature
      extractor's convolutions (``conv_kernel``, ``conv_stride``) turn into :data:`AUDIO_FRAMES` frames;
    * the image size the model was built for: an ``image_size`` or ``img_size`` attribute of the
@@ -139,6 +139,9 @@ def _config_candidates(model: nn.Module) -> list[_Candidate]:
                                   f"{'' if size[0] == size[1] else 'x' + str(size[1])} and num_channels {c}"))
     elif main == "input_ids":
         vocab = getattr(config, "vocab_size", None)
+        if vocab is None and callable(getattr(config, "get_text_config", None)):   # a vision-language model
+            config = config.get_text_config()
+            vocab = getattr(config, "vocab_size", None)
         if isinstance(vocab, int) and vocab > 0:
             n = _token_length(config)
             out.append(_Candidate((n,), vocab, main, f"the config's vocab_size {vocab}, {n} tokens"))
