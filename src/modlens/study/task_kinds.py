@@ -10,6 +10,7 @@ named data files travel as ``inputs["data"]``; ``context`` holds what does not c
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,44 @@ def _test(x, y, cfg):
     return test_data(x if cfg.task == "next-token" else (x, y), cfg)
 
 
+class SavedCounts:
+    """A lesion engine that evaluates a layer's sets in batches of at most ``batch`` and keeps each batch's
+    class counts in ``folder``, named by the layer and a hash of the sets: a lesion task killed after some
+    batches (a long CNN task, a session that ends) recomputes only the others when it runs again. The
+    counts of a set do not depend on the other sets evaluated with it, so the table is the same."""
+
+    def __init__(self, engine, folder: Path, batch: int = 128):
+        self.engine, self.folder, self.batch = engine, Path(folder), int(batch)
+        self.computed = self.loaded = 0     # batches, for the tests
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def correct_counts(self, layer: int, neuron_sets, *, progress=None) -> np.ndarray:
+        import hashlib
+
+        sets = [np.asarray(s, dtype=np.int64) for s in neuron_sets]
+        parts = []
+        for i in range(0, len(sets), self.batch):
+            chunk = sets[i:i + self.batch]
+            h = hashlib.sha256(repr([s.tolist() for s in chunk]).encode()).hexdigest()[:24]
+            path = self.folder / f"layer{layer}-{h}.npy"
+            if path.is_file():
+                counts = np.load(path)
+                self.loaded += 1
+                if progress is not None:
+                    progress(len(chunk))
+            else:
+                counts = np.asarray(self.engine.correct_counts(layer, chunk, progress=progress))
+                self.folder.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.stem}-{os.getpid()}.npy")
+                np.save(tmp, counts)
+                os.replace(tmp, path)          # a batch file exists only when complete
+                self.computed += 1
+            parts.append(counts)
+        return np.concatenate(parts) if parts else np.asarray(self.engine.correct_counts(layer, [], progress=progress))
+
+
 def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
     from modlens.analysis.stages import lesion_one, make_engine, stage_config
 
@@ -141,6 +180,8 @@ def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
     part = _read_partition(inputs)
     say("total", len(part.subclusters(max_fraction=cfg.max_fraction)) * (cfg.n_random + 1))
     engine = make_engine(adapter, _test(x, y, cfg), cfg, engine=context.get("engine", cfg.engine))
+    if context.get("partial_dir"):
+        engine = SavedCounts(engine, Path(context["partial_dir"]))
     table = lesion_one(engine, part, cfg, name=params["method"], progress=lambda n: say("advance", n))
     table.to_parquet(out / "lesions.parquet", index=False)
     return None, {"rows": len(table)}

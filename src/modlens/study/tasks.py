@@ -6,7 +6,10 @@ digests of its inputs (a model's digest is the SHA-256 of its weights, a partiti
 labels), so the key changes exactly when something the task depends on changes. A task writes into
 ``<study>/tasks/<kind>/.tmp-<key>-<pid>/`` and renames that folder to ``<study>/tasks/<kind>/<key>/``
 when it is complete: a finished task is a folder that exists, a killed one leaves only a temporary
-folder that the next run removes.
+folder that the next run removes. A long task may keep finished parts of its work in
+``<study>/tasks/<kind>/.partial-<key>/`` (lesion tasks keep the class counts of each batch of lesion
+sets there): a killed run leaves that folder, the next run of the same task reads it instead of
+recomputing those parts, and the folder is removed when the task is complete.
 
 Every task runs with one CPU thread (torch and the BLAS libraries): results of floating-point
 reductions depend on the number of threads, and a study's tables must not depend on how many
@@ -102,6 +105,8 @@ def execute(study_dir: str, kind: str, key: str, params: dict, inputs: dict, con
         shutil.rmtree(tmp)
     tmp.mkdir()
     say = progress or (lambda what, n: None)
+    partial = final.parent / f".partial-{key[:16]}"   # parts of the work a killed run finished (same key)
+    context = {**context, "partial_dir": str(partial)}
     started = time.perf_counter()
     try:
         with single_thread():
@@ -115,6 +120,7 @@ def execute(study_dir: str, kind: str, key: str, params: dict, inputs: dict, con
             if read_done(study_dir, kind, key) is None:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
