@@ -14,6 +14,7 @@ from torch import nn
 
 import modlens
 from modlens.nn._bn import bn_scale
+from modlens.nn._fx import ModelTraceError
 from modlens.nn.adapter import NetworkAdapter, UnsupportedModelError
 from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 from planted import block_masks, planted_data
@@ -443,3 +444,24 @@ def test_graph_options_reach_the_adapter_from_partition_analyze_and_cli(monkeypa
                                       "matrix_1_norm", "--act-reduce", "matrix_1_norm"])
     kw = _analysis_kwargs(args)
     assert (kw["bn_fold"], kw["conv_edge"], kw["act_reduce"]) == ("original", "matrix_1_norm", "matrix_1_norm")
+
+
+class _LoopOverSamples(nn.Module):
+    """A Python loop over the batch (Reformer's position lookup does one): export keeps the batch
+    dimension symbolic but unrolls the loop, so the graph computes the model only at the capture batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.pos = nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        h = self.a(x) + torch.stack([self.pos[i % 5] for i in range(x.shape[0])])
+        return self.b(torch.relu(h))
+
+
+def test_a_graph_that_unrolled_the_batch_size_is_refused_in_one_line():
+    with pytest.raises(ModelTraceError, match=r"_LoopOverSamples: torch.export built a graph that computes the "
+                                              r"model's output on batches of 2 but not of 3") as e:
+        NetworkAdapter(_LoopOverSamples(), torch.randn(6, 4))
+    assert "\n" not in str(e.value)

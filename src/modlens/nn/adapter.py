@@ -20,6 +20,7 @@ runs only as far as the named layers), and :meth:`NetworkAdapter.record` streams
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -72,6 +73,14 @@ def _no_shape(model: nn.Module, tried) -> str:
         "input_size or first nn.Linear/nn.Conv/nn.Embedding layer says what it takes"
     return (f"{type(model).__name__}: no input shape to export it at ({what}); pass input_shape= (one input "
             "without the batch dimension, e.g. (3, 224, 224), or (128,) for token ids) or data")
+
+
+def _cause(exc: BaseException) -> str:
+    """The model's own error, for one that is not about shapes (a dtype the model takes no other of)."""
+    line = _capture._first_line(exc, 200)
+    if re.search(r"shape|size|dimension|mat1|mat2|index", line, re.IGNORECASE):
+        return ""
+    return f" (running it raised {type(exc).__name__}: {line})"
 
 
 def _width(m: nn.Module) -> int:
@@ -174,6 +183,8 @@ class NetworkAdapter:
             raise
         if self.capture_method == "fx":
             self.input_shape, self._guessed = None, False
+        elif example is not None:
+            self._check_any_batch(example)
         self._input = _fx.single_input(self.gm)
         self._output = _fx.single_output(self.gm)
         shapes = None
@@ -250,6 +261,33 @@ class NetworkAdapter:
             return "captured with torch.fx, the last resort: " + _no_shape(self.model, tried)
         return None
 
+    def _check_any_batch(self, example: torch.Tensor) -> None:
+        """One line when the exported graph (captured at a batch of ``len(example)``) does not compute the
+        model's output on a batch of another size: export kept the batch dimension symbolic, but the
+        model's Python code unrolled a loop over the samples into the graph."""
+        n = len(example)
+        bigger = torch.cat([example, example[:1]])
+        output, forward_kwargs = self._fwd
+        wrapper = _capture.CaptureWrapper(self.model, self.input_name, output, forward_kwargs)
+        try:
+            with torch.no_grad(), _fx.eval_mode(self.model):
+                want = wrapper(bigger)
+        except Exception:              # noqa: BLE001 - the model itself takes no other batch: nothing to check
+            return
+        try:
+            with torch.no_grad():
+                got = self.gm(bigger)
+            same = isinstance(got, torch.Tensor) and got.shape == want.shape and bool(torch.allclose(
+                got, want, rtol=1e-4, atol=1e-5 * max(float(want.abs().max()) if want.numel() else 0.0, 1.0)))
+        except Exception:              # noqa: BLE001 - the graph fails at this batch size
+            same = False
+        if not same:
+            raise ModelTraceError(
+                f"{type(self.model).__name__}: torch.export built a graph that computes the model's output on "
+                f"batches of {n} but not of {n + 1}: the model's forward unrolls the batch size into the graph "
+                "(a Python loop over the samples, or a tensor made with the batch size as a number); modlens runs "
+                "the graph on batches of every size (write the loop as a batched operation)")
+
     def _same_as_model(self, x: torch.Tensor) -> bool:
         """Whether the captured graph computes the model's own output on ``x`` (two inputs)."""
         output, forward_kwargs = self._fwd
@@ -274,8 +312,8 @@ class NetworkAdapter:
             if isinstance(exc, ModelTraceError):
                 raise
             raise ValueError(
-                f"{name}: the model does not accept inputs of shape {tuple(example.shape)}; it expects {self._expected()} "
-                f"(running it raised {type(exc).__name__}: {_capture._first_line(exc, 200)})"
+                f"{name}: the model does not accept inputs of shape {tuple(example.shape)}; it expects {self._expected()}"
+                + _cause(exc)
             ) from exc
 
     def check_input(self, x: torch.Tensor, name: str = "data") -> None:
@@ -306,8 +344,8 @@ class NetworkAdapter:
                 self.gm(to_model(x[:1], self.device, self.dtype))
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ValueError(
-                f"{name}: the model does not accept inputs of shape {tuple(x.shape)}; it expects {self._expected()} "
-                f"(running it raised {type(exc).__name__}: {_capture._first_line(exc, 200)})"
+                f"{name}: the model does not accept inputs of shape {tuple(x.shape)}; it expects {self._expected()}"
+                + _cause(exc)
             ) from exc
         self._accepted.add(given)
 
