@@ -5,6 +5,7 @@
     PYTHONPATH=src python benchmarks/zoo.py --only resnet18 --only ViTForImageClassification
     PYTHONPATH=src python benchmarks/zoo.py --list --zoo hf          # what would run, nothing run
     PYTHONPATH=src python benchmarks/zoo.py --report-only            # rewrite docs/coverage.md from the results
+    PYTHONPATH=src python benchmarks/zoo.py --merge a.json --merge b.json  # join runs of several sittings
 
 Needs ``timm``, ``torchvision`` and ``transformers`` (torch 2.14.1 with torchvision 0.29.1: torch
 2.13.0's CPU build cannot load torchvision 0.28's operators). Nothing is downloaded: every model has
@@ -1136,6 +1137,9 @@ def main(argv=None) -> None:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from the results file")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite docs/coverage.md")
     ap.add_argument("--build-only", action="store_true", help="only build and run each model (checks the zoo side)")
+    ap.add_argument("--merge", action="append", type=Path, default=[],
+                    help="results files of other runs (repeatable) joined into --results, a later file's record of a "
+                         "model replacing an earlier one's; nothing is run")
     args = ap.parse_args(argv)
     os.environ["ZOO_THREADS"] = str(args.threads)
     os.environ["ZOO_MEMORY_GB"] = str(args.memory_gb)
@@ -1144,6 +1148,20 @@ def main(argv=None) -> None:
     command = "python benchmarks/zoo.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
 
     records = load_results(args.results)
+    if args.merge:
+        by = {(r["zoo"], r["name"]): r for r in records}
+        for path in args.merge:
+            by.update({(r["zoo"], r["name"]): r for r in load_results(path)})
+        records = list(by.values())
+        meta = {"command": "python benchmarks/zoo.py --merge " + " --merge ".join(p.name for p in args.merge),
+                "merged": [str(p) for p in args.merge], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        save_results(args.results, records, meta)
+        print(f"merged {len(args.merge)} file(s) into {args.results} ({len(records)} models)")
+        if args.no_doc:
+            return
+        write_report(records, args.doc, meta["command"])
+        print(f"wrote {args.doc}")
+        return
     if args.report_only:
         meta = json.loads(args.results.read_text()).get("meta", {}) if args.results.exists() else {}
         write_report(records, args.doc, meta.get("command", command))
