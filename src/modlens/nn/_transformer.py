@@ -471,31 +471,60 @@ def _closure(node: fx.Node, step) -> set:
 
 def _check_channel_blocks(s, region, stop, d_in: int, names: str, down) -> None:
     """A patch merging Linear must read whole copies of the stream's channels, in their order, side by
-    side on the last dimension: every value between the stream and the Linear keeps the channels
-    innermost (its last dimension a multiple of ``d_in``, permutes keeping the last dimension last,
-    concatenations along it)."""
+    side on the last dimension. The walk follows where the channels are: a permute or transpose may move
+    them to another dimension and back (a stage run in the (B, C, H, W) layout between blocks that read
+    (B, H, W, C), as in Swin-V2-CR), and while they are elsewhere only permutes, transposes and
+    element-wise ops may touch the value. Every other op needs them innermost (the last dimension a
+    multiple of ``d_in``), concatenations along it, splits along another dimension."""
+    inside = set(region)
+    axis: dict = {}   # the channel dimension of each value of the region (batch included)
+
+    def refuse(n, shape):
+        raise UnsupportedModelError(
+            f"{names} {s.describe(n)} (shape {shape}) moves the stream's channels before the patch merging "
+            f"Linear '{down.target}'; modlens needs the {d_in} channels kept innermost (x.reshape(B, H/2, 2, W/2, "
+            "2, C).permute(0, 1, 3, 4, 2, 5).flatten(3), or a concatenation of strided slices on the last dim), "
+            "or moved by permutes only"
+        )
+
     for n in region:
-        shape = s.shapes.get(n)
-        nd = s.ndim(n)
-        ok = shape is not None and isinstance(shape[-1], int) and shape[-1] % d_in == 0
+        shape, nd = s.shapes.get(n), s.ndim(n)
+        ins = s.tensor_inputs(n)
+        src = next((a for a in ins if a in inside), ins[0] if ins else None)
+        nd_in = s.ndim(src) if src is not None else None
+        if shape is None or nd_in is None:
+            refuse(n, shape)
+        a_in = axis.get(src, nd_in - 1)   # a value from outside the region is the stream: channels last
         name = str(n.target)
-        if ok and "permute" in name:
+        last_in = a_in == nd_in - 1
+        if "permute" in name:
             perm = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
-            ok = all(isinstance(p, int) for p in perm) and perm[-1] % nd == nd - 1
-        elif ok and "transpose" in name:
-            ok = all(isinstance(a, int) for a in n.args[1:3]) and nd - 1 not in {a % nd for a in n.args[1:3]}
-        elif ok and s.kind(n) == "cat":
-            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-            ok = isinstance(dim, int) and dim % nd == nd - 1
-        elif ok and s.kind(n) == "split":
-            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-            ok = isinstance(dim, int) and dim % nd != nd - 1
-        if not ok:
-            raise UnsupportedModelError(
-                f"{names} {s.describe(n)} (shape {shape}) moves the stream's channels before the patch merging "
-                f"Linear '{down.target}'; modlens needs the {d_in} channels kept innermost (x.reshape(B, H/2, 2, W/2, "
-                "2, C).permute(0, 1, 3, 4, 2, 5).flatten(3), or a concatenation of strided slices on the last dim)"
-            )
+            if not all(isinstance(p, int) for p in perm):
+                refuse(n, shape)
+            axis[n] = [p % nd for p in perm].index(a_in)
+        elif "transpose" in name:
+            if not all(isinstance(a, int) for a in n.args[1:3]):
+                refuse(n, shape)
+            i, j = (a % nd for a in n.args[1:3])
+            axis[n] = {i: j, j: i}.get(a_in, a_in)
+        elif not last_in:
+            if s.kind(n) != "unary" and not _passing(s, n):
+                refuse(n, shape)
+            axis[n] = a_in
+        else:
+            ok = isinstance(shape[-1], int) and shape[-1] % d_in == 0
+            if ok and s.kind(n) == "cat":
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+                ok = isinstance(dim, int) and dim % nd == nd - 1
+            elif ok and s.kind(n) == "split":
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+                ok = isinstance(dim, int) and dim % nd != nd - 1
+            if not ok:
+                refuse(n, shape)
+            axis[n] = nd - 1
+    last = down.args[0]
+    if last in axis and axis[last] != (s.ndim(last) or 1) - 1:
+        refuse(last, s.shapes.get(last))
 
 
 def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
