@@ -114,3 +114,158 @@ def test_a_stream_permuted_to_channels_first_between_stages_is_followed_to_the_p
                        "'reduction'") as err:
         a.residual_parts()
     assert "\n" not in str(err.value)
+
+
+def _bn(c):
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+    return bn
+
+
+def _bn_scale(bn):
+    return _np(bn.weight) / np.sqrt(_np(bn.running_var) + bn.eps)
+
+
+class LocalConvBlock(nn.Module):
+    """TinyViT's block: attention, then a 3x3 depthwise conv + BatchNorm that the whole stream passes
+    through, then the MLP (its norm inside)."""
+
+    def __init__(self, d, hidden=8):
+        super().__init__()
+        self.q = nn.Linear(d, d)
+        self.local, self.local_bn = nn.Conv2d(d, d, 3, padding=1, groups=d, bias=False), _bn(d)
+        self.n, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x, h, w):
+        b, t, c = x.shape
+        x = x + F.scaled_dot_product_attention(self.q(x), x, x)
+        x = self.local_bn(self.local(x.transpose(1, 2).reshape(b, c, h, w))).flatten(2).transpose(1, 2)
+        return x + self.fc2(F.gelu(self.fc1(self.n(x))))
+
+
+class ConvChainStages(nn.Module):
+    """TinyViT's stages: local convs in every block and a downsampling made of three convs with batch
+    norms and activations between them (1x1, 3x3 depthwise of stride 2, 1x1)."""
+
+    def __init__(self, d0=4, d1=6, channels=3):
+        super().__init__()
+        self.embed = nn.Conv2d(channels, d0, 2, stride=2)
+        self.b0, self.b1, self.b2 = LocalConvBlock(d0), LocalConvBlock(d0), LocalConvBlock(d1)
+        self.conv1, self.bn1 = nn.Conv2d(d0, d1, 1, bias=False), _bn(d1)
+        self.conv2, self.bn2 = nn.Conv2d(d1, d1, 3, stride=2, padding=1, groups=d1, bias=False), _bn(d1)
+        self.conv3, self.bn3 = nn.Conv2d(d1, d1, 1, bias=False), _bn(d1)
+        self.head = nn.Linear(d1, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        x = self.b1(self.b0(x.flatten(2).transpose(1, 2), h, w), h, w)
+        x = x.transpose(1, 2).reshape(b, c, h, w)
+        x = self.bn3(self.conv3(F.gelu(self.bn2(self.conv2(F.gelu(self.bn1(self.conv1(x))))))))
+        x = self.b2(x.flatten(2).transpose(1, 2), h // 2, w // 2)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_local_convs_and_a_chain_of_convs_are_stream_maps(capture):
+    torch.manual_seed(0)
+    model = ConvChainStages().double().eval()
+    a = _lesions_equal_the_oracle(model, (3, 8, 8), capture)
+    assert a.layer_names == ["b0.fc1", "b1.fc1", "b2.fc1"]
+    parts = a.residual_parts()
+    assert [b.stage for b in parts["blocks"]] == [0, 1, 2]
+
+    def gain(blk):   # a stride-1 depthwise conv: its per-channel L1 gain, the BatchNorm's scale folded in
+        return np.abs(_np(blk.local.weight)).reshape(-1, 9).sum(1) * np.abs(_bn_scale(blk.local_bn))
+
+    local, down = parts["transitions"]
+    np.testing.assert_allclose(local.kernel[:, :, 0, 0], np.diag(gain(model.b1)))
+    assert local.stride == (1, 1)
+    w1 = _np(model.conv1.weight)[:, :, 0, 0] * _bn_scale(model.bn1)[:, None]
+    dw = _np(model.conv2.weight)[:, 0] * _bn_scale(model.bn2)[:, None, None]
+    w3 = _np(model.conv3.weight)[:, :, 0, 0] * _bn_scale(model.bn3)[:, None]
+    want = np.einsum("om,myx,mi->oiyx", gain(model.b2)[:, None] * w3, dw, w1)
+    np.testing.assert_allclose(down.kernel, want)
+    assert down.stride == (2, 2)
+
+
+class BranchConvBlock(nn.Module):
+    """EdgeNeXt's conv block on a (B, C, H, W) stream: x + permute(mlp(norm(permute(dwconv(x))))): the
+    depthwise conv is on the branch, the shortcut bypasses it."""
+
+    def __init__(self, d, hidden=8):
+        super().__init__()
+        self.dw = nn.Conv2d(d, d, 3, padding=1, groups=d)
+        self.n, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        return x + self.fc2(F.gelu(self.fc1(self.n(y)))).permute(0, 3, 1, 2)
+
+
+class BranchConvStages(nn.Module):
+    """Two EdgeNeXt-style stages (conv blocks, then attention over the tokens), joined by a channels-first
+    LayerNorm and a 2x2 conv of stride 2."""
+
+    def __init__(self, d0=4, d1=6):
+        super().__init__()
+        self.embed = nn.Conv2d(3, d0, 2, stride=2)
+        self.c0, self.c1, self.c2 = BranchConvBlock(d0), BranchConvBlock(d0), BranchConvBlock(d1)
+        self.q = nn.Linear(d1, d1)
+        self.down_norm, self.down = nn.LayerNorm(d0), nn.Conv2d(d0, d1, 2, stride=2)
+        self.head = nn.Linear(d1, 3)
+
+    def forward(self, x):
+        x = self.c1(self.c0(self.embed(x)))
+        x = self.down(self.down_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        x = self.c2(x)
+        t = x.flatten(2).transpose(1, 2)
+        t = t + F.scaled_dot_product_attention(self.q(t), t, t)
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_a_depthwise_conv_on_the_mlp_branch_scales_what_the_mlp_reads(capture):
+    torch.manual_seed(0)
+    model = BranchConvStages().double().eval()
+    a = _lesions_equal_the_oracle(model, (3, 8, 8), capture)
+    assert a.layer_names == ["c0.fc1", "c1.fc1", "c2.fc1"]
+    parts = a.residual_parts()
+    assert [b.stage for b in parts["blocks"]] == [0, 0, 1]     # the branch conv is no stream map
+    for blk, b in zip([model.c0, model.c1, model.c2], parts["blocks"]):
+        gain = np.abs(_np(blk.dw.weight)).reshape(-1, 9).sum(1)
+        np.testing.assert_allclose(b.gamma, _np(blk.n.weight) * gain)
+        np.testing.assert_allclose(b.w_in, _np(blk.fc1.weight))
+    (t,) = parts["transitions"]
+    np.testing.assert_allclose(t.kernel, _np(model.down.weight) * _np(model.down_norm.weight)[None, :, None, None])
+
+
+def test_planted_modules_are_followed_through_a_chain_of_convs_between_stages():
+    """Two modules planted in the weights of the TinyViT-style model: each reads its own input channel,
+    owns half of every stream and MLP and writes its own classes; the downsampling chain sends module m's
+    stage-0 channels to the stage-1 channels at the other end. The weight partition must find the two
+    modules across both stages: with the chain read wrongly, the stage-1 units would pair with the wrong
+    stage-0 units."""
+    import modlens
+    from sklearn.metrics import adjusted_rand_score
+
+    torch.manual_seed(0)
+    model = ConvChainStages(channels=2).double().eval()
+    s0, s1, hid = np.repeat([0, 1], 2), np.repeat([1, 0], 3), np.repeat([0, 1], 4)   # module of each unit
+    same = lambda a, b: torch.tensor(a[:, None] == b[None, :], dtype=torch.float64)  # noqa: E731
+    with torch.no_grad():
+        model.embed.weight.mul_(same(s0, np.arange(2))[:, :, None, None])
+        for blk, d in ((model.b0, s0), (model.b1, s0), (model.b2, s1)):
+            blk.fc1.weight.mul_(same(hid, d))
+            blk.fc2.weight.mul_(same(d, hid))
+        model.conv1.weight.mul_(same(s1, s0)[:, :, None, None])
+        model.conv3.weight.mul_(same(s1, s1)[:, :, None, None])
+        model.head.weight.mul_(same(np.array([0, 1, 1]), s1))
+    a = NetworkAdapter(model, torch.randn(2, 2, 8, 8, dtype=torch.float64))
+    part = modlens.partition(a, "weights/global", n_clusters=2, random_state=0)
+    labels = np.concatenate(part.labels)
+    assert adjusted_rand_score(np.concatenate([hid, hid, hid]), labels) == 1.0

@@ -20,10 +20,18 @@ def make(name):
     if name == "swinv2_cr":   # the stream is (B, C, H, W) between stages, (B, H, W, C) in the blocks and the merging
         return timm.create_model("swinv2_cr_tiny_224", pretrained=False, img_size=32, patch_size=2, embed_dim=8,
                                  depths=(1, 2), num_heads=(1, 2), window_size=4, mlp_ratio=2.0, num_classes=3)
+    if name == "tiny_vit":    # a conv stage, then local convs in every block and 3-conv downsamplings
+        return timm.create_model("tiny_vit_5m_224", pretrained=False, embed_dims=(8, 16, 24),
+                                 depths=(1, 2, 1), num_heads=(1, 2, 2), window_sizes=(4, 4, 2), mlp_ratio=2.0,
+                                 num_classes=3)
+    if name == "edgenext":    # conv blocks (a depthwise conv on the MLP branch), then split-transpose attention blocks
+        return timm.create_model("edgenext_xx_small", pretrained=False, depths=(1, 1, 2, 1), dims=(8, 16, 24, 32),
+                                 heads=(1, 1, 2, 2), num_classes=3)
     raise AssertionError(name)
 
 
-STAGES = {"swinv2_cr": [0, 1, 1]}
+STAGES = {"swinv2_cr": [0, 1, 1], "tiny_vit": [0, 1, 2], "edgenext": [0, 1, 2, 2, 3]}
+SIZE = {"tiny_vit": 64, "edgenext": 64}
 
 
 def _np(t):
@@ -32,11 +40,14 @@ def _np(t):
 
 def _scaled(name):
     model = make(name).double().eval()
-    x = torch.randn(24, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    size = SIZE.get(name, 32)
+    x = torch.randn(24, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        for p in model.parameters():   # timm's initialization is small: scale it so that lesions matter
+        for n, p in model.named_parameters():   # timm's initialization is small: scale it so that lesions matter
             if p.dim() > 1:
                 p.mul_(3)
+            elif n.split(".")[-1].startswith("gamma"):   # layer scales start at 1e-6 (EdgeNeXt)
+                p.fill_(1.0)
         for m in model.modules():      # post-norms may start at zero scale (no MLP output)
             if isinstance(m, torch.nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))

@@ -35,6 +35,7 @@ from torch import fx, nn
 from modlens.core.residual_graph import MLPBlockWeights, StageMap
 from modlens.nn._decoder_ops import WrittenNorm
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
+from modlens.nn._stage_chain import compose, depthwise_stride1, find_chain, l1_gain, layer_map
 
 aten = torch.ops.aten
 _NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm)
@@ -329,9 +330,43 @@ def _norm_after(s, node: fx.Node, width: int):
             return None
 
 
+def branch_conv(s, conv: fx.Node) -> bool:
+    """Whether ``conv`` is a stride-1 depthwise conv on a block's branch: its input (through reshapes)
+    is also read by something else, the shortcut (EdgeNeXt's ``x + mlp(norm(dwconv(x)))``), unlike a
+    conv that the whole stream passes through (TinyViT's local conv)."""
+    if conv.op != "call_module" or not depthwise_stride1(s.module(conv)):
+        return False
+    node = conv
+    while True:
+        ins = s.tensor_inputs(node)
+        if len(ins) != 1:
+            return False
+        node = ins[0]
+        if len(_users(s, node)) > 1:
+            return True
+        if s.kind(node) not in _MOVES and not _passing(s, node):
+            return False
+
+
+def _branch_gain(s, norm_node: fx.Node):
+    """The per-channel gain of a branch depthwise conv that an MLP reads the stream through (before its
+    norm), else None."""
+    node = norm_node
+    while True:
+        ins = s.tensor_inputs(node)
+        if len(ins) != 1:
+            return None
+        node = ins[0]
+        if s.kind(node) == "layer":
+            return l1_gain(s, node) if branch_conv(s, node) else None
+        if s.kind(node) not in _MOVES + ("bn",) and not _passing(s, node):
+            return None
+
+
 def _stream_layers(s, start: fx.Node) -> set:
     """The layers that read ``start``'s output through the residual stream: a forward walk through
-    everything but layers and attention products (joins, norms, reshapes, token permutations...)."""
+    everything but layers and attention products (joins, norms, reshapes, token permutations...);
+    a depthwise conv on a block's branch is walked through (:func:`branch_conv`)."""
     seen, todo, layers = {start}, [start], set()
     while todo:
         for u in _users(s, todo.pop()):
@@ -339,7 +374,9 @@ def _stream_layers(s, start: fx.Node) -> set:
                 continue
             seen.add(u)
             kind = s.kind(u)
-            if kind == "layer":
+            if kind == "layer" and branch_conv(s, u):
+                todo.append(u)   # a depthwise conv on a block's branch (EdgeNeXt): part of the block's read
+            elif kind == "layer":
                 layers.add(u)
             elif kind not in ("attention", "token_mix", "output"):
                 todo.append(u)
@@ -352,6 +389,9 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     names = f"between the MLPs '{before.node.target}' (stream width {d_in}) and '{after.node.target}' ({d_out})"
     reached = _stream_layers(s, before.down)
     found = [l for l in reached if after.node in _stream_layers(s, l)]
+    chain = [] if len(found) > 1 else find_chain(s, before.down, after.node, _stream_layers) or []
+    if len(chain) > 1 or (len(chain) == 1 and getattr(s.module(chain[0]), "groups", 1) != 1):
+        return _chain_transition(s, before, chain, d_in, d_out, names)
     if len(found) != 1:
         what = (f"{len(found)} layers that both reach it ({', '.join(sorted(str(l.target) for l in found))})" if found
                 else f"no single layer (it reaches {', '.join(sorted(str(l.target) for l in reached)) or 'no layer'} "
@@ -416,6 +456,29 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
         f"Linear from {d_in} * k to {d_out} features (patch merging over k neighbours) or a Conv2d from {d_in} to "
         f"{d_out} channels"
     )
+
+
+def _chain_transition(s, before: MLPNeurons, chain: list, d_in: int, d_out: int, names: str) -> StageMap:
+    """The composed map of a chain of layers between two MLPs (:mod:`modlens.nn._stage_chain`): between
+    the links only reshapes, element-wise ops and batch norms."""
+    maps, prev = [], before.down
+    for link in chain:
+        bad = [n for n in _ancestors_until(s, link.args[0], prev)
+               if s.kind(n) not in _MOVES + ("unary", "bn", "pad") and not _passing(s, n)]
+        if bad:
+            raise UnsupportedModelError(
+                f"{names} the stream reaches '{link.target}' through {s.describe(bad[0])}; between the layers of a "
+                "stage boundary modlens follows reshapes, element-wise activations and batch norms only")
+        maps.append(layer_map(s, link, names))
+        prev = link
+    m = compose(maps)
+    if m.kernel.shape[:2] != (d_out, d_in):
+        raise UnsupportedModelError(
+            f"{names} the stream passes through the layers {', '.join(str(l.target) for l in chain)} in a row, which "
+            f"map {m.kernel.shape[1]} to {m.kernel.shape[0]} channels; modlens composes a chain of convs (or Linears "
+            f"over the channels) from the stream's {d_in} to {d_out} channels, or takes one patch merging Linear")
+    gamma_out = _norm_after(s, chain[-1], d_out)
+    return m if gamma_out is None else StageMap(m.kernel * gamma_out[:, None, None, None], m.stride)
 
 
 def _passing(s, node: fx.Node) -> bool:
@@ -544,7 +607,11 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
                 # decoder's) stay one stream, as before stages existed; a change of width must be explained
                 if d_model != d_prev:
                     raise
-        norm, _ = _back_to_norm(s, m.node.args[0])
+        norm, at = _back_to_norm(s, m.node.args[0])
+        gamma = _gamma(norm, d_model)
+        gain = _branch_gain(s, at) if norm is not None else (l1_gain(s, at) if branch_conv(s, at) else None)
+        if gain is not None:  # the MLP reads the stream through a depthwise conv on its branch (EdgeNeXt)
+            gamma = (np.ones(d_model) if gamma is None else gamma) * gain
         first = s.module(m.node)
         w_out = _np(down.weight)
         post = _norm_after(s, m.down, d_model)   # a post-norm block (Swin-V2) scales what it writes
@@ -554,10 +621,10 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
         if m.dwconv is not None:  # Mix-FFN: each unit reads its neighbourhood through its own spatial filter
             rows = np.abs(_np(s.module(m.dwconv).weight)).reshape(first.out_features, -1).sum(1)[:, None]
         if m.up is None:
-            blocks.append(MLPBlockWeights(_np(first.weight) * rows, w_out, _gamma(norm, d_model), stage=stage))
+            blocks.append(MLPBlockWeights(_np(first.weight) * rows, w_out, gamma, stage=stage))
         else:
-            blocks.append(MLPBlockWeights(_np(s.module(m.up).weight), w_out, _gamma(norm, d_model),
-                                          w_gate=_np(first.weight), stage=stage))
+            blocks.append(MLPBlockWeights(_np(s.module(m.up).weight), w_out, gamma, w_gate=_np(first.weight),
+                                          stage=stage))
     for m, b in zip(mlps, blocks):
         if b.w_in.shape[1] != b.w_out.shape[0]:
             raise UnsupportedModelError(
