@@ -269,3 +269,49 @@ def test_planted_modules_are_followed_through_a_chain_of_convs_between_stages():
     part = modlens.partition(a, "weights/global", n_clusters=2, random_state=0)
     labels = np.concatenate(part.labels)
     assert adjusted_rand_score(np.concatenate([hid, hid, hid]), labels) == 1.0
+
+
+class GridAndTokenStages(nn.Module):
+    """PiT's stages: a class token beside the grid's tokens; between stages the grid goes through a
+    grouped conv of stride 2 (each channel to 2 channels) and the class token through a Linear."""
+
+    def __init__(self, d0=4, d1=8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, d0, 2, stride=2)
+        self.cls = nn.Parameter(torch.randn(1, 1, d0))
+        self.b0, self.b1 = Block(d0), Block(d1)
+        self.conv = nn.Conv2d(d0, d1, 3, stride=2, padding=1, groups=d0)
+        self.fc = nn.Linear(d0, d1)
+        self.norm, self.head = nn.LayerNorm(d1), nn.Linear(d1, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, c, h, w = x.shape
+        t = self.b0(torch.cat([self.cls.expand(b, -1, -1), x.flatten(2).transpose(1, 2)], 1))
+        cls, grid = self.fc(t[:, :1]), self.conv(t[:, 1:].transpose(1, 2).reshape(b, c, h, w))
+        t = self.b1(torch.cat([cls, grid.flatten(2).transpose(1, 2)], 1))
+        return self.head(self.norm(t[:, 0]))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_a_grid_conv_beside_a_class_token_linear_is_one_stage_map_with_a_token_path(capture):
+    torch.manual_seed(0)
+    model = GridAndTokenStages().double().eval()
+    a = _lesions_equal_the_oracle(model, (3, 8, 8), capture)
+    assert a.layer_names == ["b0.fc1", "b1.fc1"]
+    parts = a.residual_parts()
+    assert [b.stage for b in parts["blocks"]] == [0, 1]
+    (t,) = parts["transitions"]
+    w = _np(model.conv.weight)                     # (8, 1, 3, 3): out channel o reads in channel o // 2
+    dense = np.zeros((8, 4, 3, 3))
+    for o in range(8):
+        dense[o, o // 2] = w[o, 0]
+    np.testing.assert_allclose(t.kernel, dense)
+    assert t.stride == (2, 2)
+    np.testing.assert_allclose(t.token_map, _np(model.fc.weight))
+    # the edge: the 9 grid taps and the class token's path, each |.| summed
+    got = {(i, j): blk for i, j, blk in a.weight_blocks()}
+    b0, b1 = parts["blocks"]
+    read = b1.w_in * b1.gamma[None, :]
+    want = sum(np.abs(read @ dense[:, :, p, q] @ b0.w_out) for p in range(3) for q in range(3))
+    np.testing.assert_allclose(got[(1, 2)], want + np.abs(read @ _np(model.fc.weight) @ b0.w_out))

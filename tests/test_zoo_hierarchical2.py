@@ -27,10 +27,13 @@ def make(name):
     if name == "edgenext":    # conv blocks (a depthwise conv on the MLP branch), then split-transpose attention blocks
         return timm.create_model("edgenext_xx_small", pretrained=False, depths=(1, 1, 2, 1), dims=(8, 16, 24, 32),
                                  heads=(1, 1, 2, 2), num_classes=3)
+    if name == "pit":         # a class token; the grid pooled by a grouped strided conv, the class token by a Linear
+        return timm.create_model("pit_ti_224", pretrained=False, img_size=32, patch_size=4, stride=2,
+                                 base_dims=[4, 4], depth=[1, 2], heads=[1, 2], mlp_ratio=2, num_classes=3)
     raise AssertionError(name)
 
 
-STAGES = {"swinv2_cr": [0, 1, 1], "tiny_vit": [0, 1, 2], "edgenext": [0, 1, 2, 2, 3]}
+STAGES = {"swinv2_cr": [0, 1, 1], "tiny_vit": [0, 1, 2], "edgenext": [0, 1, 2, 2, 3], "pit": [0, 1, 1]}
 SIZE = {"tiny_vit": 64, "edgenext": 64}
 
 
@@ -80,3 +83,17 @@ def test_timm_swinv2_cr_patch_merging_reads_the_channels_first_stream():
     ds = model.stages[1].downsample     # norm(4C), then reduction, over the stream permuted back to (B, H, W, C)
     w = _np(ds.reduction.weight) * _np(ds.norm.weight)[None, :]
     np.testing.assert_allclose(t.kernel[:, :, 0, :], w.reshape(16, 4, 8).transpose(0, 2, 1))
+
+
+def test_timm_pit_pooling_is_a_grid_kernel_and_a_class_token_map():
+    model = make("pit").eval()
+    a = NetworkAdapter(model, torch.randn(2, 3, 32, 32))
+    (t,) = a.residual_parts()["transitions"]
+    pool = model.transformers[1].pool
+    w = _np(pool.conv.weight)
+    per = pool.conv.out_channels // pool.conv.groups
+    for o in range(pool.conv.out_channels):   # grouped conv written out dense: out channel o reads channel o // per
+        np.testing.assert_allclose(t.kernel[o, o // per], w[o, 0])
+        assert not np.delete(t.kernel[o], o // per, axis=0).any()
+    np.testing.assert_allclose(t.token_map, _np(pool.fc.weight))
+    assert t.stride == tuple(pool.conv.stride)

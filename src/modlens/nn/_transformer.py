@@ -389,6 +389,10 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     names = f"between the MLPs '{before.node.target}' (stream width {d_in}) and '{after.node.target}' ({d_out})"
     reached = _stream_layers(s, before.down)
     found = [l for l in reached if after.node in _stream_layers(s, l)]
+    if len(found) == 2:
+        pair = _grid_and_token_maps(s, before, found, d_in, d_out, names)
+        if pair is not None:
+            return pair
     chain = [] if len(found) > 1 else find_chain(s, before.down, after.node, _stream_layers) or []
     if len(chain) > 1 or (len(chain) == 1 and getattr(s.module(chain[0]), "groups", 1) != 1):
         return _chain_transition(s, before, chain, d_in, d_out, names)
@@ -456,6 +460,32 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
         f"Linear from {d_in} * k to {d_out} features (patch merging over k neighbours) or a Conv2d from {d_in} to "
         f"{d_out} channels"
     )
+
+
+def _grid_and_token_maps(s, before: MLPNeurons, found: list, d_in: int, d_out: int, names: str):
+    """PiT's pooling: the grid's tokens through a (grouped) conv and the class token through a Linear, in
+    parallel. One stage map: the conv's kernel, and the Linear as the class tokens' own map. None when the
+    two layers are not such a pair."""
+    convs = [l for l in found if isinstance(s.module(l), nn.Conv2d)]
+    lins = [l for l in found if isinstance(s.module(l), nn.Linear)]
+    if len(convs) != 1 or len(lins) != 1:
+        return None
+    conv, lin = s.module(convs[0]), s.module(lins[0])
+    if (conv.in_channels, conv.out_channels) != (d_in, d_out) or (lin.in_features, lin.out_features) != (d_in, d_out):
+        return None
+    for layer in (convs[0], lins[0]):
+        bad = [n for n in _ancestors_until(s, layer.args[0], before.down)
+               if s.kind(n) not in _MOVES + ("split",) and not _passing(s, n)]
+        if bad:
+            raise UnsupportedModelError(
+                f"{names} the stream reaches '{layer.target}' through {s.describe(bad[0])}; for a conv over the "
+                "grid beside a Linear for the class token, modlens follows reshapes and slices only")
+    grid = layer_map(s, convs[0], names)
+    gamma_out = _norm_after(s, convs[0], d_out)
+    if gamma_out is not None:
+        raise UnsupportedModelError(f"{names} a norm follows the grid's conv '{convs[0].target}' alone; modlens needs "
+                                    "the conv and the class token's Linear to write the stream directly")
+    return StageMap(grid.kernel, grid.stride, token_map=_np(lin.weight))
 
 
 def _chain_transition(s, before: MLPNeurons, chain: list, d_in: int, d_out: int, names: str) -> StageMap:
