@@ -315,3 +315,26 @@ def test_a_grid_conv_beside_a_class_token_linear_is_one_stage_map_with_a_token_p
     read = b1.w_in * b1.gamma[None, :]
     want = sum(np.abs(read @ dense[:, :, p, q] @ b0.w_out) for p in range(3) for q in range(3))
     np.testing.assert_allclose(got[(1, 2)], want + np.abs(read @ _np(model.fc.weight) @ b0.w_out))
+
+
+class ParallelStreams(nn.Module):
+    """CrossViT's shape: two branches of different widths side by side, joined only at the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed_a, self.embed_b = nn.Linear(5, 4), nn.Linear(5, 6)
+        self.a, self.b = Block(4), Block(6)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(self.embed_a(x)).mean(1), self.b(self.embed_b(x)).mean(1)], -1))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_parallel_streams_of_different_widths_are_refused_in_one_line(capture):
+    a = NetworkAdapter(ParallelStreams().eval(), torch.randn(2, 8, 5), capture=capture)
+    assert a.layer_names == ["a.fc1", "b.fc1"]
+    with pytest.raises(UnsupportedModelError, match=r"the MLP 'b.fc1' \(stream width 6\) runs beside 'a.fc1' "
+                       r"\(width 4\).* parallel residual streams") as err:
+        a.residual_parts()
+    assert "\n" not in str(err.value)

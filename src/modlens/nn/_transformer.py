@@ -628,6 +628,13 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
         down = s.module(m.down)
         d_model = down.out_features
         d_prev = blocks[-1].w_out.shape[0] if k else d_model
+        if k and d_model != d_prev and m.node not in _closure(mlps[k - 1].down, lambda n: n.users):
+            raise UnsupportedModelError(
+                f"the MLP '{m.node.target}' (stream width {d_model}) runs beside '{mlps[k - 1].node.target}' "
+                f"(width {d_prev}): nothing that the earlier one writes reaches it, so the model has parallel "
+                "residual streams of different widths (TNT's inner and outer transformers, CrossViT's branches); "
+                "modlens's weight graph follows one stream through stages in sequence and cannot join parallel "
+                "streams: analyse one branch as a model of its own where the model allows it")
         if k and (d_model != d_prev or m.node not in _stream_layers(s, mlps[k - 1].down)):
             try:
                 transitions.append(_transition(s, mlps[k - 1], m, d_prev, d_model))
