@@ -338,3 +338,58 @@ def test_parallel_streams_of_different_widths_are_refused_in_one_line(capture):
                        r"\(width 4\).* parallel residual streams") as err:
         a.residual_parts()
     assert "\n" not in str(err.value)
+
+
+class FusedStages(nn.Module):
+    """MobileViT's stages: a transformer over the grid's tokens ends with a norm, a 1x1 conv projects it
+    back, a 3x3 conv fuses it with the block's input (a concatenation), and convs (a strided depthwise
+    conv, a 1x1 conv) lead into the next transformer."""
+
+    def __init__(self, c=4, d0=6, d1=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.into0 = nn.Conv2d(c, d0, 1)
+        self.b0, self.b1 = Block(d0), Block(d1)
+        self.norm0 = nn.LayerNorm(d0)
+        self.proj, self.proj_bn = nn.Conv2d(d0, c, 1, bias=False), _bn(c)
+        self.fusion, self.fusion_bn = nn.Conv2d(2 * c, c, 3, padding=1, bias=False), _bn(c)
+        self.dw = nn.Conv2d(c, c, 3, stride=2, padding=1, groups=c)
+        self.into1 = nn.Conv2d(c, d1, 1)
+        self.head = nn.Linear(d1, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        t = self.norm0(self.b0(self.into0(x).flatten(2).transpose(1, 2)))
+        y = self.proj_bn(self.proj(t.transpose(1, 2).reshape(b, -1, h, w)))
+        y = F.silu(self.fusion_bn(self.fusion(torch.cat([x, y], 1))))
+        y = self.into1(F.silu(self.dw(y)))
+        return self.head(self.b1(y.flatten(2).transpose(1, 2)).mean(1))
+
+
+def _composed(convs, strides):
+    """The kernel of convs applied in a row (no padding), read off by pushing one-hot inputs through them."""
+    span = 1
+    for k, st in zip(convs[::-1], strides[::-1]):
+        span = (span - 1) * st + k.shape[2]
+    d = convs[0].shape[1]
+    v = torch.eye(d * span * span, dtype=torch.float64).reshape(-1, d, span, span)
+    for k, st in zip(convs, strides):
+        v = F.conv2d(v, torch.from_numpy(k), stride=st)
+    return v.reshape(d, span, span, -1).permute(3, 0, 1, 2).numpy()
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_a_chain_through_a_concatenation_reads_its_channels_at_their_offset(capture):
+    torch.manual_seed(0)
+    model = FusedStages().double().eval()
+    a = _lesions_equal_the_oracle(model, (3, 8, 8), capture)
+    assert a.layer_names == ["b0.fc1", "b1.fc1"]
+    (t,) = a.residual_parts()["transitions"]
+    proj = _np(model.proj.weight) * _bn_scale(model.proj_bn)[:, None, None, None] * _np(model.norm0.weight)[None, :, None, None]
+    fusion = _np(model.fusion.weight)[:, 4:] * _bn_scale(model.fusion_bn)[:, None, None, None]   # the chain's half
+    dw = np.zeros((4, 4, 3, 3))
+    dw[range(4), range(4)] = _np(model.dw.weight)[:, 0]
+    want = _composed([proj, fusion, dw, _np(model.into1.weight)], [1, 1, 2, 1])
+    np.testing.assert_allclose(t.kernel, want)
+    assert t.stride == (2, 2)

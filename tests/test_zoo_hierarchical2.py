@@ -30,11 +30,14 @@ def make(name):
     if name == "pit":         # a class token; the grid pooled by a grouped strided conv, the class token by a Linear
         return timm.create_model("pit_ti_224", pretrained=False, img_size=32, patch_size=4, stride=2,
                                  base_dims=[4, 4], depth=[1, 2], heads=[1, 2], mlp_ratio=2, num_classes=3)
+    if name == "mobilevit":   # transformers over unfolded patches, joined by conv chains with a concatenation
+        return timm.create_model("mobilevit_xxs", pretrained=False, num_classes=3)
     raise AssertionError(name)
 
 
-STAGES = {"swinv2_cr": [0, 1, 1], "tiny_vit": [0, 1, 2], "edgenext": [0, 1, 2, 2, 3], "pit": [0, 1, 1]}
-SIZE = {"tiny_vit": 64, "edgenext": 64}
+STAGES = {"mobilevit": [0, 0, 1, 1, 1, 1, 2, 2, 2], "swinv2_cr": [0, 1, 1], "tiny_vit": [0, 1, 2], "edgenext": [0, 1, 2, 2, 3], "pit": [0, 1, 1]}
+SIZE = {"tiny_vit": 64, "edgenext": 64, "mobilevit": 64}
+SCALE = {"mobilevit": 1.0}   # its convs and batch norms already give activations of order 1
 
 
 def _np(t):
@@ -48,7 +51,7 @@ def _scaled(name):
     with torch.no_grad():
         for n, p in model.named_parameters():   # timm's initialization is small: scale it so that lesions matter
             if p.dim() > 1:
-                p.mul_(3)
+                p.mul_(SCALE.get(name, 3.0))
             elif n.split(".")[-1].startswith("gamma"):   # layer scales start at 1e-6 (EdgeNeXt)
                 p.fill_(1.0)
         for m in model.modules():      # post-norms may start at zero scale (no MLP output)

@@ -21,7 +21,7 @@ from modlens.core.residual_graph import StageMap
 from modlens.nn._ops import UnsupportedModelError
 
 _MOVES = ("permute", "reshape", "merge", "flatten")
-MAX_LINKS = 5
+MAX_LINKS = 8
 
 
 def _np(t) -> np.ndarray:

@@ -490,16 +490,32 @@ def _grid_and_token_maps(s, before: MLPNeurons, found: list, d_in: int, d_out: i
 
 def _chain_transition(s, before: MLPNeurons, chain: list, d_in: int, d_out: int, names: str) -> StageMap:
     """The composed map of a chain of layers between two MLPs (:mod:`modlens.nn._stage_chain`): between
-    the links only reshapes, element-wise ops and batch norms."""
+    the links only reshapes, element-wise ops, batch norms and a concatenation with other values (the
+    link then reads the chain at the concatenation's offset); before the first link, also one norm over
+    the stream (its scale folded into the first map's columns)."""
     maps, prev = [], before.down
-    for link in chain:
-        bad = [n for n in _ancestors_until(s, link.args[0], prev)
-               if s.kind(n) not in _MOVES + ("unary", "bn", "pad") and not _passing(s, n)]
-        if bad:
+    for k, link in enumerate(chain):
+        region = _ancestors_until(s, link.args[0], prev)
+        norms = [n for n in region if n.op == "call_module" and isinstance(s.module(n), _NORMS)]
+        cats = [n for n in region if s.kind(n) == "cat"]
+        bad = [n for n in region if n not in norms + cats
+               and s.kind(n) not in _MOVES + ("unary", "bn", "pad") and not _passing(s, n)]
+        if bad or len(cats) > 1 or (norms and (k or len(norms) > 1)):
             raise UnsupportedModelError(
-                f"{names} the stream reaches '{link.target}' through {s.describe(bad[0])}; between the layers of a "
-                "stage boundary modlens follows reshapes, element-wise activations and batch norms only")
-        maps.append(layer_map(s, link, names))
+                f"{names} the stream reaches '{link.target}' through {s.describe((bad or cats[1:] or norms)[0])}; "
+                "between the layers of a stage boundary modlens follows reshapes, element-wise activations, batch "
+                "norms and one concatenation, and one norm before the first layer")
+        m = layer_map(s, link, names)
+        width = maps[-1].kernel.shape[0] if maps else d_in
+        if cats:
+            m = StageMap(m.kernel[:, _cat_offset(s, cats[0], prev, region, link, names):][:, :width], m.stride)
+        if norms:
+            gamma = _gamma(s.module(norms[0]), d_in)
+            if s.shapes.get(norms[0], (None,))[-1] != d_in:
+                raise UnsupportedModelError(f"{names} the norm {s.describe(norms[0])} before '{link.target}' is not "
+                                            f"over the stream's {d_in} channels")
+            m = StageMap(m.kernel * gamma[None, :, None, None], m.stride)
+        maps.append(m)
         prev = link
     m = compose(maps)
     if m.kernel.shape[:2] != (d_out, d_in):
@@ -509,6 +525,23 @@ def _chain_transition(s, before: MLPNeurons, chain: list, d_in: int, d_out: int,
             f"over the channels) from the stream's {d_in} to {d_out} channels, or takes one patch merging Linear")
     gamma_out = _norm_after(s, chain[-1], d_out)
     return m if gamma_out is None else StageMap(m.kernel * gamma_out[:, None, None, None], m.stride)
+
+
+def _cat_offset(s, cat: fx.Node, prev: fx.Node, region: list, link: fx.Node, names: str) -> int:
+    """Where the chain's value starts among the channels that ``link`` reads from the concatenation ``cat``
+    (MobileViT's fusion conv reads ``cat(block input, chain)``)."""
+    parts = cat.args[0]
+    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    nd = s.ndim(cat) or 0
+    channel = 1 if isinstance(s.module(link), nn.Conv2d) else nd - 1
+    on_path = set(region) | {prev}
+    hits = [i for i, p in enumerate(parts) if p in on_path]
+    shapes = [s.shapes.get(p) for p in parts]
+    if (not isinstance(dim, int) or dim % max(nd, 1) != channel or len(hits) != 1 or any(sh is None for sh in shapes)
+            or len(shapes[0]) < channel):
+        raise UnsupportedModelError(f"{names} '{link.target}' reads the stream through {s.describe(cat)}, which "
+                                    "modlens follows only when it joins values along the channels")
+    return int(sum(sh[channel - 1] for sh in shapes[:hits[0]]))
 
 
 def _passing(s, node: fx.Node) -> bool:
