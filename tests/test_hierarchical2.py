@@ -393,3 +393,32 @@ def test_a_chain_through_a_concatenation_reads_its_channels_at_their_offset(capt
     want = _composed([proj, fusion, dw, _np(model.into1.weight)], [1, 1, 2, 1])
     np.testing.assert_allclose(t.kernel, want)
     assert t.stride == (2, 2)
+
+
+class GatingStream(nn.Module):
+    """CSATv2's spatial attention: a transformer block on a 1-channel map (the channel mean) whose output
+    gates the main stream; its MLP's stream is no stage of the main one."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.embed = nn.Linear(5, d)
+        self.main = Block(d)
+        self.gate_block = Block(1, hidden=4)
+        self.after = Block(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        x = self.main(self.embed(x))
+        g = self.gate_block(x.mean(-1, keepdim=True))
+        return self.head(self.after(x * torch.sigmoid(g)).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_an_mlp_whose_stream_only_gates_the_main_one_is_refused_in_one_line(capture):
+    a = NetworkAdapter(GatingStream().eval(), torch.randn(2, 8, 5), capture=capture)
+    assert a.layer_names == ["main.fc1", "gate_block.fc1", "after.fc1"]
+    with pytest.raises(UnsupportedModelError, match=r"the MLP 'main.fc1' writes a stream of width 6 that reaches the "
+                       r"MLP 'gate_block.fc1' \(width 1\) through no layer, by operation 'mean.*: a reduction, "
+                       r"broadcast or gate between streams") as err:
+        a.residual_parts()
+    assert "\n" not in str(err.value)

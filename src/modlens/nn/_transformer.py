@@ -363,6 +363,21 @@ def _branch_gain(s, norm_node: fx.Node):
             return None
 
 
+def _width_change(s, start: fx.Node):
+    """The first op on the stream after ``start`` (through no layer) whose output's last dimension differs from
+    an input's, other than a reshape or permute (a reduction over the channels, a broadcast product), or None."""
+    order = {n: i for i, n in enumerate(s.gm.graph.nodes)}
+    walk = _closure(start, lambda n: [u for u in _users(s, n) if s.kind(u) not in ("layer", "attention")])
+
+    def last(n):
+        shape = s.shapes.get(n)
+        return shape[-1] if shape else None
+
+    hits = [n for n in walk - {start} if s.kind(n) not in _MOVES
+            and any(a in walk and last(a) != last(n) for a in s.tensor_inputs(n))]
+    return min(hits, key=order.__getitem__) if hits else None
+
+
 def _stream_layers(s, start: fx.Node) -> set:
     """The layers that read ``start``'s output through the residual stream: a forward walk through
     everything but layers and attention products (joins, norms, reshapes, token permutations...);
@@ -668,6 +683,15 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
                 "residual streams of different widths (TNT's inner and outer transformers, CrossViT's branches); "
                 "modlens's weight graph follows one stream through stages in sequence and cannot join parallel "
                 "streams: analyse one branch as a model of its own where the model allows it")
+        if k and d_model != d_prev and m.node in _stream_layers(s, mlps[k - 1].down):
+            via = _width_change(s, mlps[k - 1].down)
+            raise UnsupportedModelError(
+                f"the MLP '{mlps[k - 1].node.target}' writes a stream of width {d_prev} that reaches the MLP "
+                f"'{m.node.target}' (width {d_model}) through no layer"
+                f"{f', by {s.describe(via)}' if via is not None else ''}: a reduction, broadcast or gate between streams "
+                "(a transformer inside a gate: "
+                "CSATv2's spatial attention runs one on a 1-channel map); modlens reads the MLPs of the main residual "
+                "stream and has no weight graph for an MLP whose stream only gates another one yet")
         if k and (d_model != d_prev or m.node not in _stream_layers(s, mlps[k - 1].down)):
             try:
                 transitions.append(_transition(s, mlps[k - 1], m, d_prev, d_model))
