@@ -386,7 +386,8 @@ def test_a_chain_through_a_concatenation_reads_its_channels_at_their_offset(capt
     a = _lesions_equal_the_oracle(model, (3, 8, 8), capture)
     assert a.layer_names == ["b0.fc1", "b1.fc1"]
     (t,) = a.residual_parts()["transitions"]
-    proj = _np(model.proj.weight) * _bn_scale(model.proj_bn)[:, None, None, None] * _np(model.norm0.weight)[None, :, None, None]
+    proj = (_np(model.proj.weight) * _bn_scale(model.proj_bn)[:, None, None, None]
+            * _np(model.norm0.weight)[None, :, None, None])
     fusion = _np(model.fusion.weight)[:, 4:] * _bn_scale(model.fusion_bn)[:, None, None, None]   # the chain's half
     dw = np.zeros((4, 4, 3, 3))
     dw[range(4), range(4)] = _np(model.dw.weight)[:, 0]

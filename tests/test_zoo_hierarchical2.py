@@ -35,7 +35,8 @@ def make(name):
     raise AssertionError(name)
 
 
-STAGES = {"mobilevit": [0, 0, 1, 1, 1, 1, 2, 2, 2], "swinv2_cr": [0, 1, 1], "tiny_vit": [0, 1, 2], "edgenext": [0, 1, 2, 2, 3], "pit": [0, 1, 1]}
+STAGES = {"mobilevit": [0, 0, 1, 1, 1, 1, 2, 2, 2], "swinv2_cr": [0, 1, 1], "tiny_vit": [0, 1, 2],
+          "edgenext": [0, 1, 2, 2, 3], "pit": [0, 1, 1]}
 SIZE = {"tiny_vit": 64, "edgenext": 64, "mobilevit": 64}
 SCALE = {"mobilevit": 1.0}   # its convs and batch norms already give activations of order 1
 

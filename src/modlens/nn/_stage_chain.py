@@ -19,13 +19,9 @@ from torch import fx, nn
 
 from modlens.core.residual_graph import StageMap
 from modlens.nn._ops import UnsupportedModelError
+from modlens.nn._stream import _MOVES, _np, _users
 
-_MOVES = ("permute", "reshape", "merge", "flatten")
 MAX_LINKS = 8
-
-
-def _np(t) -> np.ndarray:
-    return t.detach().cpu().double().numpy()
 
 
 def depthwise_stride1(mod) -> bool:
@@ -37,7 +33,7 @@ def bn_after(s, node: fx.Node):
     """``gamma / sqrt(var + eps)`` of a BatchNorm that ``node``'s output passes through alone (through
     reshapes), else None."""
     while True:
-        users = [u for u in node.users if u in s.live and s.kind(u) != "shape"]
+        users = _users(s, node)
         if len(users) != 1:
             return None
         node = users[0]
