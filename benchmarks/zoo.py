@@ -900,8 +900,10 @@ CATEGORIES = [  # (category, regex on the one-line reason); first match wins
     ("other capture refusal (ModelTraceError)", r"^ModelTraceError"),
     ("shared layer: one module applied more than once", r"called more than once"),
     ("opaque attention module (nn.MultiheadAttention, nn.TransformerEncoderLayer)", r"attention module .* is opaque"),
+    ("parallel or gating residual streams of different widths (TNT, CrossViT, CSATv2's gate transformer)",
+     r"runs beside .* parallel residual streams|through no layer.*between streams"),
     ("hierarchical transformer: a stage boundary that is not one downsampling layer",
-     r"residual stream of one width|between the MLPs .* (passes through|downsampling|patch merging|the stream passes)"
+     r"residual stream of one width|between the MLPs .* (passes through|downsampling|patch merging|the stream passes|the stream reaches)"
      r"|reads a stream of width"),
     ("attention found but no transformer MLP recognised", r"has attention but no transformer MLP"),
     ("functional F.linear (computed bias, or timm's Linear subclass traced by fx)", r"functional layer operation 'linear"),

@@ -120,10 +120,14 @@ class StageMap:
     ``kernel``: ``(d_next, d_prev, kh, kw)``, the weight of every path from a stream channel of the
     earlier stage at one of ``kh * kw`` neighbouring token positions (the taps) into a stream channel of
     the later stage, norm scales folded in; ``stride``: ``(sh, sw)``, how far the taps move per token of the
-    later stage (equal to ``(kh, kw)`` for non-overlapping patch merging)."""
+    later stage (equal to ``(kh, kw)`` for non-overlapping patch merging); ``token_map``: ``(d_next, d_prev)``,
+    the separate map of the class tokens when they do not go through the kernel (PiT's pooling: a conv for
+    the grid, a Linear for the class token), else None. Class-token maps compose only with each other, one
+    more tap of the composed map when every boundary on the way has one."""
 
     kernel: np.ndarray
     stride: tuple[int, int] = (1, 1)
+    token_map: np.ndarray | None = None
 
 
 def _stage_widths(blocks: Sequence[MLPBlockWeights], transitions: Sequence[StageMap]) -> list[int]:
@@ -153,6 +157,9 @@ def _stage_widths(blocks: Sequence[MLPBlockWeights], transitions: Sequence[Stage
             raise ValueError(f"core.residual_graph: transition {s} has stride {t.stride}; expected two ints >= 1")
         if not np.all(np.isfinite(k)):
             raise ValueError(f"core.residual_graph: transition {s} contains NaN or infinite values")
+        if t.token_map is not None and np.shape(t.token_map) != k.shape[:2]:
+            raise ValueError(f"core.residual_graph: transition {s} has a class-token map of shape "
+                             f"{np.shape(t.token_map)}; expected {k.shape[:2]}")
     return widths
 
 
@@ -163,8 +170,15 @@ def _paths(transitions: Sequence[StageMap], n_stages: int, dtype) -> dict:
     for s in range(n_stages - 1):
         taps = {(0, 0): None}   # None: the identity of stage s
         stride = (1, 1)
+        token = None            # the class tokens' own composed map, None when there is none
         for t in range(s, n_stages - 1):
             k = np.asarray(transitions[t].kernel, dtype=dtype)
+            tm = transitions[t].token_map
+            if tm is None or (t > s and token is None):
+                token = None
+            else:
+                tm = np.asarray(tm, dtype=dtype)
+                token = tm if t == s else tm @ token
             nxt: dict = {}
             for (oy, ox), p in taps.items():
                 for qy in range(k.shape[2]):
@@ -174,7 +188,7 @@ def _paths(transitions: Sequence[StageMap], n_stages: int, dtype) -> dict:
                         nxt[key] = m if key not in nxt else nxt[key] + m
             taps = nxt
             stride = (stride[0] * transitions[t].stride[0], stride[1] * transitions[t].stride[1])
-            out[(s, t + 1)] = list(taps.values())
+            out[(s, t + 1)] = list(taps.values()) + ([] if token is None else [token])
     return out
 
 

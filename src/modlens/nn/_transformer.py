@@ -30,56 +30,19 @@ nonlinearity left out) with the final norm's scale.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import fx, nn
 
-from modlens.core.residual_graph import MLPBlockWeights, StageMap
-from modlens.nn._decoder_ops import WrittenNorm
+from modlens.core.residual_graph import MLPBlockWeights
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
+from modlens.nn._stage_chain import l1_gain
+from modlens.nn._stage_maps import _branch_gain, _stream_layers, _transition, _width_change, branch_conv
+from modlens.nn._stream import (_MOVES, _NORMS, MLPNeurons, _closure, _gamma, _is_activation, _norm_after, _np,
+                                _users)
 
 aten = torch.ops.aten
-_NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm)
 _TOP_K = (aten.topk.default, torch.topk, "topk")   # a router's choice of experts
-
-
-@dataclass(frozen=True)
-class MLPNeurons:
-    """One block's MLP: ``node`` (first or gate map), ``up`` (value map of a GLU, else None),
-    ``down`` (second map) and ``value`` (what ``down`` reads); for a Mix-FFN (PVT-v2, SegFormer),
-    ``dwconv`` (the depthwise conv over the token grid between ``node`` and the activation) and ``pre``
-    (the activation's input, the units' pre-activation), else None. For a fused gated MLP ``node``
-    computes both halves: ``halves`` = (first row of the gate half, first row of the value half) of its
-    weight, ``width`` the number of neurons, and ``pre`` the gate half's activation input."""
-
-    node: fx.Node
-    up: fx.Node | None
-    down: fx.Node
-    value: fx.Node
-    dwconv: fx.Node | None = None
-    pre: fx.Node | None = None
-    halves: tuple[int, int] | None = None
-    width: int | None = None
-
-    def n_units(self, s) -> int:
-        return self.width if self.width is not None else s.module(self.node).out_features
-
-
-def _users(s, node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u in s.live and s.kind(u) != "shape"]
-
-
-def _is_activation(s, node: fx.Node) -> bool:
-    from modlens.nn._registry import ACTIVATIONS, is_activation_module
-
-    if node.op == "call_module":
-        return is_activation_module(s.module(node))
-    return node.target in ACTIVATIONS.functions or node.target in ACTIVATIONS.methods
-
-
-_MOVES = ("permute", "reshape", "merge", "flatten")
 
 
 def _depthwise(s, node: fx.Node, width: int) -> bool:
@@ -286,8 +249,6 @@ def mlp_sink(s, m: MLPNeurons) -> Sink:
 
 
 # ----- residual-stream weights -------------------------------------------------------------------
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy()
 
 
 def _back_to_norm(s, node: fx.Node):
@@ -299,14 +260,6 @@ def _back_to_norm(s, node: fx.Node):
         if s.kind(node) in ("layer", "input") or len(ins) != 1:
             return None, node
         node = ins[0]
-
-
-def _gamma(norm, d_model: int):
-    if norm is None:
-        return None
-    if getattr(norm, "weight", None) is None:
-        return np.ones(d_model)
-    return _np(norm.weight)
 
 
 def _embedding(s, d_model: int):
@@ -394,190 +347,6 @@ def _one_head(s, layer, d_model: int):
     return h, _gamma(norm, d_model)
 
 
-def _norm_after(s, node: fx.Node, width: int):
-    """The scale of a norm that ``node``'s output passes through alone (one user at every step, no
-    join) before anything else reads it: a patch embedding's or a downsample's norm, a post-norm
-    block's norm on its MLP output (Swin-V2); None when there is none."""
-    while True:
-        users = _users(s, node)
-        if len(users) != 1:
-            return None
-        node = users[0]
-        if node.op == "call_module" and isinstance(s.module(node), _NORMS):
-            return _gamma(s.module(node), width) if s.shapes.get(node, (None,))[-1] == width else None
-        if s.kind(node) not in _MOVES + ("unary",) or len(s.tensor_inputs(node)) != 1 or _is_activation(s, node):
-            return None
-
-
-def _stream_layers(s, start: fx.Node) -> set:
-    """The layers that read ``start``'s output through the residual stream: a forward walk through
-    everything but layers and attention products (joins, norms, reshapes, token permutations...)."""
-    seen, todo, layers = {start}, [start], set()
-    while todo:
-        for u in _users(s, todo.pop()):
-            if u in seen:
-                continue
-            seen.add(u)
-            kind = s.kind(u)
-            if kind == "layer":
-                layers.add(u)
-            elif kind not in ("attention", "token_mix", "output"):
-                todo.append(u)
-    return layers
-
-
-def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int) -> StageMap:
-    """The map from the stream that ``before`` writes (width ``d_in``) into the stream that ``after``
-    reads (width ``d_out``): one downsampling layer between them (docs/transformers.md)."""
-    names = f"between the MLPs '{before.node.target}' (stream width {d_in}) and '{after.node.target}' ({d_out})"
-    reached = _stream_layers(s, before.down)
-    found = [l for l in reached if after.node in _stream_layers(s, l)]
-    if len(found) != 1:
-        what = (f"{len(found)} layers that both reach it ({', '.join(sorted(str(l.target) for l in found))})" if found
-                else f"no single layer (it reaches {', '.join(sorted(str(l.target) for l in reached)) or 'no layer'} "
-                     f"first, and '{after.node.target}' only further on)")
-        raise UnsupportedModelError(
-            f"{names} the residual stream passes through {what}; modlens joins the stages of a hierarchical "
-            "transformer through one downsampling layer (a patch merging Linear or a strided conv), with only "
-            "reshapes, permutes, slices and norms around it"
-        )
-    (down,) = found
-    mod = s.module(down)
-    gamma_out = _norm_after(s, down, d_out)
-    gamma_out = np.ones(d_out) if gamma_out is None else gamma_out
-    # the data movements between the stream and the downsampling layer, and the norm among them
-    region = _ancestors_until(s, down.args[0], before.down)
-    norms = [n for n in region if n.op == "call_module" and isinstance(s.module(n), _NORMS)]
-    pools = [n for n in region if _avg_pool(s, n) is not None]
-    bad = [n for n in region if n not in norms + pools and (s.kind(n) not in _MOVES + ("split", "cat", "pad")
-                                                             and not _passing(s, n))]
-    if bad or len(norms) > 1 or len(pools) > 1:
-        raise UnsupportedModelError(
-            f"{names} the downsampling layer '{down.target}' reads the stream through "
-            f"{s.describe((bad or norms[1:] or pools[1:])[0])}; modlens follows reshapes, permutes, slices, "
-            "concatenations, padding, one norm and one non-overlapping average pool there"
-        )
-    pool = _avg_pool(s, pools[0]) if pools else None
-    width_in = mod.in_features if isinstance(mod, nn.Linear) else getattr(mod, "in_channels", None)
-    norm_width = s.shapes.get(norms[0], (None,))[-1] if norms else None
-    gamma_in = np.ones(width_in or 1) if not norms else _gamma(s.module(norms[0]), norm_width)
-    if isinstance(mod, nn.Conv2d):
-        if mod.groups != 1 or mod.in_channels != d_in or mod.out_channels != d_out or norm_width not in (None, d_in):
-            raise UnsupportedModelError(
-                f"{names} the downsampling conv '{down.target}' maps {mod.in_channels} to {mod.out_channels} channels "
-                f"in {mod.groups} groups (norm width {norm_width}); modlens needs a dense conv from {d_in} to {d_out}")
-        kernel = _np(mod.weight) * gamma_in[None, :, None, None] * gamma_out[:, None, None, None]
-        stride = tuple(int(v) for v in mod.stride)
-        if pool is not None:  # pool(k) then a 1x1 conv (MaxViT's shortcut): one k x k kernel of stride k, taps / k^2
-            if kernel.shape[2:] != (1, 1) or stride != (1, 1):
-                raise UnsupportedModelError(f"{names} an average pool comes before the conv '{down.target}' "
-                                            f"(kernel {kernel.shape[2:]}, stride {stride}); modlens follows a pool "
-                                            "before a 1x1 conv of stride 1 only")
-            kernel = np.tile(kernel, (1, 1, *pool)) / (pool[0] * pool[1])
-            stride = pool
-        return StageMap(kernel, stride)
-    if pool is not None:
-        raise UnsupportedModelError(f"{names} an average pool comes before '{down.target}' ({type(mod).__name__}); "
-                                    "modlens follows a pool before a 1x1 conv only")
-    if isinstance(mod, nn.Linear) and mod.out_features == d_out and mod.in_features % d_in == 0:
-        n = mod.in_features // d_in
-        _check_channel_blocks(s, region, before.down, d_in, names, down)
-        if norm_width == d_in:
-            gamma_in = np.tile(gamma_in, n)
-        elif norm_width not in (None, mod.in_features):
-            raise UnsupportedModelError(f"{names} the norm {s.describe(norms[0])} before '{down.target}' has width "
-                                        f"{norm_width}; expected {d_in} or {mod.in_features}")
-        w = _np(mod.weight) * gamma_in[None, :] * gamma_out[:, None]
-        # the column blocks are the taps: stream channel c of neighbour k reaches the Linear as column k * d_in + c
-        kernel = w.reshape(d_out, n, d_in).transpose(0, 2, 1)[:, :, None, :]
-        return StageMap(kernel, (1, n))
-    raise UnsupportedModelError(
-        f"{names} the stream passes through '{down.target}' ({type(mod).__name__}); modlens joins stages through a "
-        f"Linear from {d_in} * k to {d_out} features (patch merging over k neighbours) or a Conv2d from {d_in} to "
-        f"{d_out} channels"
-    )
-
-
-def _passing(s, node: fx.Node) -> bool:
-    """Identity in eval: dropout, copies, contiguous (registry's PASSING)."""
-    from modlens.nn._registry import PASSING
-
-    if node.op == "call_module":
-        return isinstance(s.module(node), PASSING.modules)
-    if node.op == "call_method":
-        return node.target in PASSING.methods
-    return node.target in PASSING.functions
-
-
-def _avg_pool(s, node: fx.Node):
-    """(kh, kw) of a non-overlapping, unpadded 2-D average pool, else None."""
-    if node.op == "call_module" and isinstance(s.module(node), nn.AvgPool2d):
-        m = s.module(node)
-        k, st, pad = m.kernel_size, m.stride, m.padding
-    elif node.op == "call_function" and node.target in (torch.ops.aten.avg_pool2d.default, nn.functional.avg_pool2d):
-        args = list(node.args) + [None] * 4
-        k = node.kwargs.get("kernel_size", args[1])
-        st = node.kwargs.get("stride", args[2]) or k
-        pad = node.kwargs.get("padding", args[3] if args[3] is not None else 0)
-    else:
-        return None
-    pair = lambda v: (tuple(v) * 2)[:2] if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
-    k, st, pad = pair(k), pair(st), pair(pad)
-    return tuple(int(v) for v in k) if k == st and pad == (0, 0) else None
-
-
-def _ancestors_until(s, node: fx.Node, stop: fx.Node) -> list:
-    """The nodes between ``stop`` (excluded) and ``node`` (included) on paths from one to the other,
-    after the last join (the residual addition that ends the stage's stream)."""
-    between = _closure(node, lambda n: n.all_input_nodes) & _closure(stop, lambda n: n.users)
-    between.discard(stop)
-    joins = [n for n in between if s.kind(n) == "join"]
-    order = {n: i for i, n in enumerate(s.gm.graph.nodes)}
-    if joins:
-        last = max(joins, key=order.__getitem__)
-        between = (_closure(last, lambda n: n.users) & between) - {last}
-    return sorted(between, key=order.__getitem__)
-
-
-def _closure(node: fx.Node, step) -> set:
-    seen, todo = {node}, [node]
-    while todo:
-        for n in step(todo.pop()):
-            if n not in seen:
-                seen.add(n)
-                todo.append(n)
-    return seen
-
-
-def _check_channel_blocks(s, region, stop, d_in: int, names: str, down) -> None:
-    """A patch merging Linear must read whole copies of the stream's channels, in their order, side by
-    side on the last dimension: every value between the stream and the Linear keeps the channels
-    innermost (its last dimension a multiple of ``d_in``, permutes keeping the last dimension last,
-    concatenations along it)."""
-    for n in region:
-        shape = s.shapes.get(n)
-        nd = s.ndim(n)
-        ok = shape is not None and isinstance(shape[-1], int) and shape[-1] % d_in == 0
-        name = str(n.target)
-        if ok and "permute" in name:
-            perm = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
-            ok = all(isinstance(p, int) for p in perm) and perm[-1] % nd == nd - 1
-        elif ok and "transpose" in name:
-            ok = all(isinstance(a, int) for a in n.args[1:3]) and nd - 1 not in {a % nd for a in n.args[1:3]}
-        elif ok and s.kind(n) == "cat":
-            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-            ok = isinstance(dim, int) and dim % nd == nd - 1
-        elif ok and s.kind(n) == "split":
-            dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-            ok = isinstance(dim, int) and dim % nd != nd - 1
-        if not ok:
-            raise UnsupportedModelError(
-                f"{names} {s.describe(n)} (shape {shape}) moves the stream's channels before the patch merging "
-                f"Linear '{down.target}'; modlens needs the {d_in} channels kept innermost (x.reshape(B, H/2, 2, W/2, "
-                "2, C).permute(0, 1, 3, 4, 2, 5).flatten(3), or a concatenation of strided slices on the last dim)"
-            )
-
-
 def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
     """Keyword arguments of :func:`~modlens.core.residual_graph.residual_weight_graph`; a hierarchical
     model's blocks carry their stage and ``transitions`` the maps between stages."""
@@ -586,6 +355,22 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
         down = s.module(m.down)
         d_model = down.out_features
         d_prev = blocks[-1].w_out.shape[0] if k else d_model
+        if k and d_model != d_prev and m.node not in _closure(mlps[k - 1].down, lambda n: n.users):
+            raise UnsupportedModelError(
+                f"the MLP '{m.node.target}' (stream width {d_model}) runs beside '{mlps[k - 1].node.target}' "
+                f"(width {d_prev}): nothing that the earlier one writes reaches it, so the model has parallel "
+                "residual streams of different widths (TNT's inner and outer transformers, CrossViT's branches); "
+                "modlens's weight graph follows one stream through stages in sequence and cannot join parallel "
+                "streams: analyse one branch as a model of its own where the model allows it")
+        if k and d_model != d_prev and m.node in _stream_layers(s, mlps[k - 1].down):
+            via = _width_change(s, mlps[k - 1].down)
+            raise UnsupportedModelError(
+                f"the MLP '{mlps[k - 1].node.target}' writes a stream of width {d_prev} that reaches the MLP "
+                f"'{m.node.target}' (width {d_model}) through no layer"
+                f"{f', by {s.describe(via)}' if via is not None else ''}: a reduction, broadcast or gate between "
+                "streams (a transformer inside a gate: CSATv2's spatial attention runs one on a 1-channel map); "
+                "modlens reads the MLPs of the main residual stream and has no weight graph for an MLP whose stream "
+                "only gates another one yet")
         if k and (d_model != d_prev or m.node not in _stream_layers(s, mlps[k - 1].down)):
             try:
                 transitions.append(_transition(s, mlps[k - 1], m, d_prev, d_model))
@@ -595,7 +380,11 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
                 # decoder's) stay one stream, as before stages existed; a change of width must be explained
                 if d_model != d_prev:
                     raise
-        norm, _ = _back_to_norm(s, m.node.args[0])
+        norm, at = _back_to_norm(s, m.node.args[0])
+        gamma = _gamma(norm, d_model)
+        gain = _branch_gain(s, at) if norm is not None else (l1_gain(s, at) if branch_conv(s, at) else None)
+        if gain is not None:  # the MLP reads the stream through a depthwise conv on its branch (EdgeNeXt)
+            gamma = (np.ones(d_model) if gamma is None else gamma) * gain
         first = s.module(m.node)
         w_out = _np(down.weight)
         post = _norm_after(s, m.down, d_model)   # a post-norm block (Swin-V2) scales what it writes
@@ -606,13 +395,12 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
             rows = np.abs(_np(s.module(m.dwconv).weight)).reshape(first.out_features, -1).sum(1)[:, None]
         if m.halves is not None:  # a fused gated MLP: the two halves of one weight
             (g, v), w = m.halves, _np(first.weight)
-            blocks.append(MLPBlockWeights(w[v:v + m.width], w_out, _gamma(norm, d_model), w_gate=w[g:g + m.width],
-                                          stage=stage))
+            blocks.append(MLPBlockWeights(w[v:v + m.width], w_out, gamma, w_gate=w[g:g + m.width], stage=stage))
         elif m.up is None:
-            blocks.append(MLPBlockWeights(_np(first.weight) * rows, w_out, _gamma(norm, d_model), stage=stage))
+            blocks.append(MLPBlockWeights(_np(first.weight) * rows, w_out, gamma, stage=stage))
         else:
-            blocks.append(MLPBlockWeights(_np(s.module(m.up).weight), w_out, _gamma(norm, d_model),
-                                          w_gate=_np(first.weight), stage=stage))
+            blocks.append(MLPBlockWeights(_np(s.module(m.up).weight), w_out, gamma, w_gate=_np(first.weight),
+                                          stage=stage))
     for m, b in zip(mlps, blocks):
         if b.w_in.shape[1] != b.w_out.shape[0]:
             raise UnsupportedModelError(

@@ -1,0 +1,331 @@
+"""The maps between the stages of a hierarchical transformer (docs/transformers.md, "Hierarchical
+transformers: stages"): which layers join the residual stream that one MLP writes to the stream that
+the next one reads, read as a :class:`~modlens.core.residual_graph.StageMap` (one downsampling layer,
+a chain of layers, PiT's conv beside a class-token Linear), and the checks around them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from modlens.core.residual_graph import StageMap
+from modlens.nn._ops import UnsupportedModelError
+from modlens.nn._stage_chain import compose, depthwise_stride1, find_chain, l1_gain, layer_map
+from modlens.nn._stream import _MOVES, _NORMS, MLPNeurons, _closure, _gamma, _norm_after, _np, _passing, _users
+
+def branch_conv(s, conv: fx.Node) -> bool:
+    """Whether ``conv`` is a stride-1 depthwise conv on a block's branch: its input (through reshapes)
+    is also read by something else, the shortcut (EdgeNeXt's ``x + mlp(norm(dwconv(x)))``), unlike a
+    conv that the whole stream passes through (TinyViT's local conv)."""
+    if conv.op != "call_module" or not depthwise_stride1(s.module(conv)):
+        return False
+    node = conv
+    while True:
+        ins = s.tensor_inputs(node)
+        if len(ins) != 1:
+            return False
+        node = ins[0]
+        if len(_users(s, node)) > 1:
+            return True
+        if s.kind(node) not in _MOVES and not _passing(s, node):
+            return False
+
+
+def _branch_gain(s, norm_node: fx.Node):
+    """The per-channel gain of a branch depthwise conv that an MLP reads the stream through (before its
+    norm), else None."""
+    node = norm_node
+    while True:
+        ins = s.tensor_inputs(node)
+        if len(ins) != 1:
+            return None
+        node = ins[0]
+        if s.kind(node) == "layer":
+            return l1_gain(s, node) if branch_conv(s, node) else None
+        if s.kind(node) not in _MOVES + ("bn",) and not _passing(s, node):
+            return None
+
+
+def _width_change(s, start: fx.Node):
+    """The first op on the stream after ``start`` (through no layer) whose output's last dimension differs from
+    an input's, other than a reshape or permute (a reduction over the channels, a broadcast product), or None."""
+    order = {n: i for i, n in enumerate(s.gm.graph.nodes)}
+    walk = _closure(start, lambda n: [u for u in _users(s, n) if s.kind(u) not in ("layer", "attention")])
+
+    def last(n):
+        shape = s.shapes.get(n)
+        return shape[-1] if shape else None
+
+    hits = [n for n in walk - {start} if s.kind(n) not in _MOVES
+            and any(a in walk and last(a) != last(n) for a in s.tensor_inputs(n))]
+    return min(hits, key=order.__getitem__) if hits else None
+
+
+def _stream_layers(s, start: fx.Node) -> set:
+    """The layers that read ``start``'s output through the residual stream: a forward walk through
+    everything but layers and attention products (joins, norms, reshapes, token permutations...);
+    a depthwise conv on a block's branch is walked through (:func:`branch_conv`)."""
+    seen, todo, layers = {start}, [start], set()
+    while todo:
+        for u in _users(s, todo.pop()):
+            if u in seen:
+                continue
+            seen.add(u)
+            kind = s.kind(u)
+            if kind == "layer" and branch_conv(s, u):
+                todo.append(u)   # a depthwise conv on a block's branch (EdgeNeXt): part of the block's read
+            elif kind == "layer":
+                layers.add(u)
+            elif kind not in ("attention", "token_mix", "output"):
+                todo.append(u)
+    return layers
+
+
+def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int) -> StageMap:
+    """The map from the stream that ``before`` writes (width ``d_in``) into the stream that ``after``
+    reads (width ``d_out``): one downsampling layer between them (docs/transformers.md)."""
+    names = f"between the MLPs '{before.node.target}' (stream width {d_in}) and '{after.node.target}' ({d_out})"
+    reached = _stream_layers(s, before.down)
+    found = [l for l in reached if after.node in _stream_layers(s, l)]
+    if len(found) == 2:
+        pair = _grid_and_token_maps(s, before, found, d_in, d_out, names)
+        if pair is not None:
+            return pair
+    chain = [] if len(found) > 1 else find_chain(s, before.down, after.node, _stream_layers) or []
+    if len(chain) > 1 or (len(chain) == 1 and getattr(s.module(chain[0]), "groups", 1) != 1):
+        return _chain_transition(s, before, chain, d_in, d_out, names)
+    if len(found) != 1:
+        what = (f"{len(found)} layers that both reach it ({', '.join(sorted(str(l.target) for l in found))})" if found
+                else f"no single layer (it reaches {', '.join(sorted(str(l.target) for l in reached)) or 'no layer'} "
+                     f"first, and '{after.node.target}' only further on)")
+        raise UnsupportedModelError(
+            f"{names} the residual stream passes through {what}; modlens joins the stages of a hierarchical "
+            "transformer through one downsampling layer (a patch merging Linear or a strided conv), with only "
+            "reshapes, permutes, slices and norms around it"
+        )
+    (down,) = found
+    mod = s.module(down)
+    gamma_out = _norm_after(s, down, d_out)
+    gamma_out = np.ones(d_out) if gamma_out is None else gamma_out
+    # the data movements between the stream and the downsampling layer, and the norm among them
+    region = _ancestors_until(s, down.args[0], before.down)
+    norms = [n for n in region if n.op == "call_module" and isinstance(s.module(n), _NORMS)]
+    pools = [n for n in region if _avg_pool(s, n) is not None]
+    bad = [n for n in region if n not in norms + pools and (s.kind(n) not in _MOVES + ("split", "cat", "pad")
+                                                             and not _passing(s, n))]
+    if bad or len(norms) > 1 or len(pools) > 1:
+        raise UnsupportedModelError(
+            f"{names} the downsampling layer '{down.target}' reads the stream through "
+            f"{s.describe((bad or norms[1:] or pools[1:])[0])}; modlens follows reshapes, permutes, slices, "
+            "concatenations, padding, one norm and one non-overlapping average pool there"
+        )
+    pool = _avg_pool(s, pools[0]) if pools else None
+    width_in = mod.in_features if isinstance(mod, nn.Linear) else getattr(mod, "in_channels", None)
+    norm_width = s.shapes.get(norms[0], (None,))[-1] if norms else None
+    gamma_in = np.ones(width_in or 1) if not norms else _gamma(s.module(norms[0]), norm_width)
+    if isinstance(mod, nn.Conv2d):
+        if mod.groups != 1 or mod.in_channels != d_in or mod.out_channels != d_out or norm_width not in (None, d_in):
+            raise UnsupportedModelError(
+                f"{names} the downsampling conv '{down.target}' maps {mod.in_channels} to {mod.out_channels} channels "
+                f"in {mod.groups} groups (norm width {norm_width}); modlens needs a dense conv from {d_in} to {d_out}")
+        kernel = _np(mod.weight) * gamma_in[None, :, None, None] * gamma_out[:, None, None, None]
+        stride = tuple(int(v) for v in mod.stride)
+        if pool is not None:  # pool(k) then a 1x1 conv (MaxViT's shortcut): one k x k kernel of stride k, taps / k^2
+            if kernel.shape[2:] != (1, 1) or stride != (1, 1):
+                raise UnsupportedModelError(f"{names} an average pool comes before the conv '{down.target}' "
+                                            f"(kernel {kernel.shape[2:]}, stride {stride}); modlens follows a pool "
+                                            "before a 1x1 conv of stride 1 only")
+            kernel = np.tile(kernel, (1, 1, *pool)) / (pool[0] * pool[1])
+            stride = pool
+        return StageMap(kernel, stride)
+    if pool is not None:
+        raise UnsupportedModelError(f"{names} an average pool comes before '{down.target}' ({type(mod).__name__}); "
+                                    "modlens follows a pool before a 1x1 conv only")
+    if isinstance(mod, nn.Linear) and mod.out_features == d_out and mod.in_features % d_in == 0:
+        n = mod.in_features // d_in
+        _check_channel_blocks(s, region, before.down, d_in, names, down)
+        if norm_width == d_in:
+            gamma_in = np.tile(gamma_in, n)
+        elif norm_width not in (None, mod.in_features):
+            raise UnsupportedModelError(f"{names} the norm {s.describe(norms[0])} before '{down.target}' has width "
+                                        f"{norm_width}; expected {d_in} or {mod.in_features}")
+        w = _np(mod.weight) * gamma_in[None, :] * gamma_out[:, None]
+        # the column blocks are the taps: stream channel c of neighbour k reaches the Linear as column k * d_in + c
+        kernel = w.reshape(d_out, n, d_in).transpose(0, 2, 1)[:, :, None, :]
+        return StageMap(kernel, (1, n))
+    raise UnsupportedModelError(
+        f"{names} the stream passes through '{down.target}' ({type(mod).__name__}); modlens joins stages through a "
+        f"Linear from {d_in} * k to {d_out} features (patch merging over k neighbours) or a Conv2d from {d_in} to "
+        f"{d_out} channels"
+    )
+
+
+def _grid_and_token_maps(s, before: MLPNeurons, found: list, d_in: int, d_out: int, names: str):
+    """PiT's pooling: the grid's tokens through a (grouped) conv and the class token through a Linear, in
+    parallel. One stage map: the conv's kernel, and the Linear as the class tokens' own map. None when the
+    two layers are not such a pair."""
+    convs = [l for l in found if isinstance(s.module(l), nn.Conv2d)]
+    lins = [l for l in found if isinstance(s.module(l), nn.Linear)]
+    if len(convs) != 1 or len(lins) != 1:
+        return None
+    conv, lin = s.module(convs[0]), s.module(lins[0])
+    if (conv.in_channels, conv.out_channels) != (d_in, d_out) or (lin.in_features, lin.out_features) != (d_in, d_out):
+        return None
+    for layer in (convs[0], lins[0]):
+        bad = [n for n in _ancestors_until(s, layer.args[0], before.down)
+               if s.kind(n) not in _MOVES + ("split",) and not _passing(s, n)]
+        if bad:
+            raise UnsupportedModelError(
+                f"{names} the stream reaches '{layer.target}' through {s.describe(bad[0])}; for a conv over the "
+                "grid beside a Linear for the class token, modlens follows reshapes and slices only")
+    grid = layer_map(s, convs[0], names)
+    gamma_out = _norm_after(s, convs[0], d_out)
+    if gamma_out is not None:
+        raise UnsupportedModelError(f"{names} a norm follows the grid's conv '{convs[0].target}' alone; modlens needs "
+                                    "the conv and the class token's Linear to write the stream directly")
+    return StageMap(grid.kernel, grid.stride, token_map=_np(lin.weight))
+
+
+def _chain_transition(s, before: MLPNeurons, chain: list, d_in: int, d_out: int, names: str) -> StageMap:
+    """The composed map of a chain of layers between two MLPs (:mod:`modlens.nn._stage_chain`): between
+    the links only reshapes, element-wise ops, batch norms and a concatenation with other values (the
+    link then reads the chain at the concatenation's offset); before the first link, also one norm over
+    the stream (its scale folded into the first map's columns)."""
+    maps, prev = [], before.down
+    for k, link in enumerate(chain):
+        region = _ancestors_until(s, link.args[0], prev)
+        norms = [n for n in region if n.op == "call_module" and isinstance(s.module(n), _NORMS)]
+        cats = [n for n in region if s.kind(n) == "cat"]
+        bad = [n for n in region if n not in norms + cats
+               and s.kind(n) not in _MOVES + ("unary", "bn", "pad") and not _passing(s, n)]
+        if bad or len(cats) > 1 or (norms and (k or len(norms) > 1)):
+            raise UnsupportedModelError(
+                f"{names} the stream reaches '{link.target}' through {s.describe((bad or cats[1:] or norms)[0])}; "
+                "between the layers of a stage boundary modlens follows reshapes, element-wise activations, batch "
+                "norms and one concatenation, and one norm before the first layer")
+        m = layer_map(s, link, names)
+        width = maps[-1].kernel.shape[0] if maps else d_in
+        if cats:
+            m = StageMap(m.kernel[:, _cat_offset(s, cats[0], prev, region, link, names):][:, :width], m.stride)
+        if norms:
+            gamma = _gamma(s.module(norms[0]), d_in)
+            if s.shapes.get(norms[0], (None,))[-1] != d_in:
+                raise UnsupportedModelError(f"{names} the norm {s.describe(norms[0])} before '{link.target}' is not "
+                                            f"over the stream's {d_in} channels")
+            m = StageMap(m.kernel * gamma[None, :, None, None], m.stride)
+        maps.append(m)
+        prev = link
+    m = compose(maps)
+    if m.kernel.shape[:2] != (d_out, d_in):
+        raise UnsupportedModelError(
+            f"{names} the stream passes through the layers {', '.join(str(l.target) for l in chain)} in a row, which "
+            f"map {m.kernel.shape[1]} to {m.kernel.shape[0]} channels; modlens composes a chain of convs (or Linears "
+            f"over the channels) from the stream's {d_in} to {d_out} channels, or takes one patch merging Linear")
+    gamma_out = _norm_after(s, chain[-1], d_out)
+    return m if gamma_out is None else StageMap(m.kernel * gamma_out[:, None, None, None], m.stride)
+
+
+def _cat_offset(s, cat: fx.Node, prev: fx.Node, region: list, link: fx.Node, names: str) -> int:
+    """Where the chain's value starts among the channels that ``link`` reads from the concatenation ``cat``
+    (MobileViT's fusion conv reads ``cat(block input, chain)``)."""
+    parts = cat.args[0]
+    dim = cat.kwargs.get("dim", cat.args[1] if len(cat.args) > 1 else 0)
+    nd = s.ndim(cat) or 0
+    channel = 1 if isinstance(s.module(link), nn.Conv2d) else nd - 1
+    on_path = set(region) | {prev}
+    hits = [i for i, p in enumerate(parts) if p in on_path]
+    shapes = [s.shapes.get(p) for p in parts]
+    if (not isinstance(dim, int) or dim % max(nd, 1) != channel or len(hits) != 1 or any(sh is None for sh in shapes)
+            or len(shapes[0]) < channel):
+        raise UnsupportedModelError(f"{names} '{link.target}' reads the stream through {s.describe(cat)}, which "
+                                    "modlens follows only when it joins values along the channels")
+    return int(sum(sh[channel - 1] for sh in shapes[:hits[0]]))
+
+
+def _avg_pool(s, node: fx.Node):
+    """(kh, kw) of a non-overlapping, unpadded 2-D average pool, else None."""
+    if node.op == "call_module" and isinstance(s.module(node), nn.AvgPool2d):
+        m = s.module(node)
+        k, st, pad = m.kernel_size, m.stride, m.padding
+    elif node.op == "call_function" and node.target in (torch.ops.aten.avg_pool2d.default, nn.functional.avg_pool2d):
+        args = list(node.args) + [None] * 4
+        k = node.kwargs.get("kernel_size", args[1])
+        st = node.kwargs.get("stride", args[2]) or k
+        pad = node.kwargs.get("padding", args[3] if args[3] is not None else 0)
+    else:
+        return None
+    pair = lambda v: (tuple(v) * 2)[:2] if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
+    k, st, pad = pair(k), pair(st), pair(pad)
+    return tuple(int(v) for v in k) if k == st and pad == (0, 0) else None
+
+
+def _ancestors_until(s, node: fx.Node, stop: fx.Node) -> list:
+    """The nodes between ``stop`` (excluded) and ``node`` (included) on paths from one to the other,
+    after the last join (the residual addition that ends the stage's stream)."""
+    between = _closure(node, lambda n: n.all_input_nodes) & _closure(stop, lambda n: n.users)
+    between.discard(stop)
+    joins = [n for n in between if s.kind(n) == "join"]
+    order = {n: i for i, n in enumerate(s.gm.graph.nodes)}
+    if joins:
+        last = max(joins, key=order.__getitem__)
+        between = (_closure(last, lambda n: n.users) & between) - {last}
+    return sorted(between, key=order.__getitem__)
+
+
+def _check_channel_blocks(s, region, stop, d_in: int, names: str, down) -> None:
+    """A patch merging Linear must read whole copies of the stream's channels, in their order, side by
+    side on the last dimension. The walk follows where the channels are: a permute or transpose may move
+    them to another dimension and back (a stage run in the (B, C, H, W) layout between blocks that read
+    (B, H, W, C), as in Swin-V2-CR), and while they are elsewhere only permutes, transposes and
+    element-wise ops may touch the value. Every other op needs them innermost (the last dimension a
+    multiple of ``d_in``), concatenations along it, splits along another dimension."""
+    inside = set(region)
+    axis: dict = {}   # the channel dimension of each value of the region (batch included)
+
+    def refuse(n, shape):
+        raise UnsupportedModelError(
+            f"{names} {s.describe(n)} (shape {shape}) moves the stream's channels before the patch merging "
+            f"Linear '{down.target}'; modlens needs the {d_in} channels kept innermost (x.reshape(B, H/2, 2, W/2, "
+            "2, C).permute(0, 1, 3, 4, 2, 5).flatten(3), or a concatenation of strided slices on the last dim), "
+            "or moved by permutes only"
+        )
+
+    for n in region:
+        shape, nd = s.shapes.get(n), s.ndim(n)
+        ins = s.tensor_inputs(n)
+        src = next((a for a in ins if a in inside), ins[0] if ins else None)
+        nd_in = s.ndim(src) if src is not None else None
+        if shape is None or nd_in is None:
+            refuse(n, shape)
+        a_in = axis.get(src, nd_in - 1)   # a value from outside the region is the stream: channels last
+        name = str(n.target)
+        last_in = a_in == nd_in - 1
+        if "permute" in name:
+            perm = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+            if not all(isinstance(p, int) for p in perm):
+                refuse(n, shape)
+            axis[n] = [p % nd for p in perm].index(a_in)
+        elif "transpose" in name:
+            if not all(isinstance(a, int) for a in n.args[1:3]):
+                refuse(n, shape)
+            i, j = (a % nd for a in n.args[1:3])
+            axis[n] = {i: j, j: i}.get(a_in, a_in)
+        elif not last_in:
+            if s.kind(n) != "unary" and not _passing(s, n):
+                refuse(n, shape)
+            axis[n] = a_in
+        else:
+            ok = isinstance(shape[-1], int) and shape[-1] % d_in == 0
+            if ok and s.kind(n) == "cat":
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+                ok = isinstance(dim, int) and dim % nd == nd - 1
+            elif ok and s.kind(n) == "split":
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+                ok = isinstance(dim, int) and dim % nd != nd - 1
+            if not ok:
+                refuse(n, shape)
+            axis[n] = nd - 1
+    last = down.args[0]
+    if last in axis and axis[last] != (s.ndim(last) or 1) - 1:
+        refuse(last, s.shapes.get(last))

@@ -1,0 +1,100 @@
+"""Walking a transformer's residual stream in a captured graph: the helpers that the MLP finder
+(:mod:`modlens.nn._transformer`) and the stage maps (:mod:`modlens.nn._stage_maps`) share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from modlens.nn._decoder_ops import WrittenNorm
+
+
+@dataclass(frozen=True)
+class MLPNeurons:
+    """One block's MLP: ``node`` (first or gate map), ``up`` (value map of a GLU, else None),
+    ``down`` (second map) and ``value`` (what ``down`` reads); for a Mix-FFN (PVT-v2, SegFormer),
+    ``dwconv`` (the depthwise conv over the token grid between ``node`` and the activation) and ``pre``
+    (the activation's input, the units' pre-activation), else None. For a fused gated MLP ``node``
+    computes both halves: ``halves`` = (first row of the gate half, first row of the value half) of its
+    weight, ``width`` the number of neurons, and ``pre`` the gate half's activation input."""
+
+    node: fx.Node
+    up: fx.Node | None
+    down: fx.Node
+    value: fx.Node
+    dwconv: fx.Node | None = None
+    pre: fx.Node | None = None
+    halves: tuple[int, int] | None = None
+    width: int | None = None
+
+    def n_units(self, s) -> int:
+        return self.width if self.width is not None else s.module(self.node).out_features
+
+
+_NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm)
+
+
+def _users(s, node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u in s.live and s.kind(u) != "shape"]
+
+
+def _is_activation(s, node: fx.Node) -> bool:
+    from modlens.nn._registry import ACTIVATIONS, is_activation_module
+
+    if node.op == "call_module":
+        return is_activation_module(s.module(node))
+    return node.target in ACTIVATIONS.functions or node.target in ACTIVATIONS.methods
+
+
+_MOVES = ("permute", "reshape", "merge", "flatten")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def _gamma(norm, d_model: int):
+    if norm is None:
+        return None
+    if getattr(norm, "weight", None) is None:
+        return np.ones(d_model)
+    return _np(norm.weight)
+
+
+def _norm_after(s, node: fx.Node, width: int):
+    """The scale of a norm that ``node``'s output passes through alone (one user at every step, no
+    join) before anything else reads it: a patch embedding's or a downsample's norm, a post-norm
+    block's norm on its MLP output (Swin-V2); None when there is none."""
+    while True:
+        users = _users(s, node)
+        if len(users) != 1:
+            return None
+        node = users[0]
+        if node.op == "call_module" and isinstance(s.module(node), _NORMS):
+            return _gamma(s.module(node), width) if s.shapes.get(node, (None,))[-1] == width else None
+        if s.kind(node) not in _MOVES + ("unary",) or len(s.tensor_inputs(node)) != 1 or _is_activation(s, node):
+            return None
+
+
+def _passing(s, node: fx.Node) -> bool:
+    """Identity in eval: dropout, copies, contiguous (registry's PASSING)."""
+    from modlens.nn._registry import PASSING
+
+    if node.op == "call_module":
+        return isinstance(s.module(node), PASSING.modules)
+    if node.op == "call_method":
+        return node.target in PASSING.methods
+    return node.target in PASSING.functions
+
+
+def _closure(node: fx.Node, step) -> set:
+    seen, todo = {node}, [node]
+    while todo:
+        for n in step(todo.pop()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
