@@ -111,7 +111,9 @@ def test_matrix_products_with_parameters_are_linear_layers(capture):
     torch.manual_seed(0)
     m = ProductMLP().double().eval()
     a = _oracle_check(m, torch.randn(64, 6, dtype=torch.float64), capture)
-    assert a.layer_sizes == [16, 12]
+    assert a.layer_names == ["w1", "w2"] and a.layer_sizes == [16, 12]
+    # a parameter used as the weight is shared (a view of W.T), not copied
+    assert a.gm.get_submodule("w1").weight.data_ptr() == m.w1.data_ptr()
     blocks = {(i, j): b for i, j, b in a.weight_blocks()}
     np.testing.assert_allclose(blocks[(0, 1)], m.w1.detach().abs().numpy().T)  # 0: the input
     np.testing.assert_allclose(blocks[(1, 2)], m.w2.detach().abs().numpy().T)

@@ -110,15 +110,18 @@ class _Constants:
 
 def _base_name(node: fx.Node, weight: fx.Node) -> str:
     """The module path of the parameter the weight is computed from (``stem.conv1`` for
-    ``stem.conv1.weight``), else the module the operation runs in, else the node's name."""
-    for a in sorted(_ancestors(weight), key=lambda n: n.name):
-        if a.op == "get_attr" and a.target.endswith(".weight"):
-            return a.target[: -len(".weight")]
+    ``stem.conv1.weight``), else the path of its only parameter (``attn.w_g``), else the module the
+    operation runs in, else the node's name."""
+    attrs = sorted(a.target for a in _ancestors(weight) if a.op == "get_attr")
+    for t in attrs:
+        if t.endswith(".weight"):
+            return t[: -len(".weight")]
+    if len(attrs) == 1:
+        return attrs[0]
     stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        path = list(stack.values())[-1][0]
-        return path[len("model."):] if path.startswith("model.") else path
-    return node.name
+    path = list(stack.values())[-1][0] if stack else ""
+    path = path[len("model."):] if path.startswith("model.") else "" if path == "model" else path
+    return path or node.name
 
 
 def _place(m: nn.Module, name: str, t: torch.Tensor | None) -> None:
@@ -164,7 +167,8 @@ def _module(node: fx.Node, c: _Constants) -> nn.Module | None:
         w = c.value(w_node)
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             return None
-        w, b = w.detach().t().clone().contiguous(), None  # x @ W = linear(x, W.T)
+        with torch.no_grad():   # x @ W = linear(x, W.T): a view of a parameter (shared), a copy of a computed W
+            w, b = (w.t() if w_node.op == "get_attr" else w.detach().t().clone().contiguous()), None
         m = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     else:
         return None
