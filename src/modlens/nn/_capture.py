@@ -31,6 +31,7 @@ from torch import fx, nn
 from modlens.nn._computed import computed_layers
 from modlens.nn._decoder_capture import rewrite
 from modlens.nn._fx import ModelTraceError, eval_mode, trace
+from modlens.nn._split_linear import split_linears
 
 aten = torch.ops.aten
 _PREFIX = "model."
@@ -426,7 +427,7 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, *, input_name
             if isinstance(batch, int):
                 raise ModelTraceError("torch.export specialized the batch dimension; the graph would accept "
                                       f"only batches of {batch}")
-            return computed_layers(_Builder(ep, wrapper).build()), "export"
+            return split_linears(computed_layers(_Builder(ep, wrapper).build())), "export"
         except ModelTraceError as exc:
             export_error = exc
             if method == "export":
@@ -437,7 +438,7 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, *, input_name
                 raise ModelTraceError(f"torch.export could not capture {type(model).__name__}: "
                                       f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     try:
-        gm = computed_layers(_fx_capture(wrapper, leaf_modules))
+        gm = split_linears(computed_layers(_fx_capture(wrapper, leaf_modules)))
         if export_error is not None:
             gm.meta["export_error"] = _first_line(export_error)
         return gm, "fx"

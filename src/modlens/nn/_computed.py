@@ -167,8 +167,8 @@ def _module(node: fx.Node, c: _Constants) -> nn.Module | None:
         w = c.value(w_node)
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             return None
-        with torch.no_grad():   # x @ W = linear(x, W.T): a view of a parameter (shared), a copy of a computed W
-            w, b = (w.t() if w_node.op == "get_attr" else w.detach().t().clone().contiguous()), None
+        # x @ W = linear(x, W.T): a view of a parameter (shared), a copy of a computed W
+        w, b = (w.detach().t() if w_node.op == "get_attr" else w.detach().t().clone().contiguous()), None
         m = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     else:
         return None
@@ -190,7 +190,7 @@ def computed_layers(gm: fx.GraphModule) -> fx.GraphModule:
         if m is None:
             continue
         base = _base_name(node, _arg(node, 1, "weight"))
-        tmp = f"_modlens_computed_{len(made)}"
+        tmp = f"_modlens_new_{len(made)}"
         gm.add_submodule(tmp, m)   # the user's model is not touched: gm is the captured graph's own root
         with gm.graph.inserting_before(node):
             layer = gm.graph.call_module(tmp, (node.args[0],))
@@ -200,10 +200,19 @@ def computed_layers(gm: fx.GraphModule) -> fx.GraphModule:
         made.append((layer, base, m))
     if not made:
         return gm
+    return rebuild(gm, [(layer, base, m) for layer, base, m in made])
+
+
+def rebuild(gm: fx.GraphModule, made: list[tuple[fx.Node, str, nn.Module]]) -> fx.GraphModule:
+    """A new graph module for ``gm``'s graph, dead code removed, in which each ``(node, base, module)``
+    of ``made`` (a ``call_module`` node registered under a temporary name) gets ``module`` under
+    ``base`` (or ``base_call2``, ... where another attribute is there). The modules of ``gm`` are
+    shared, never changed: the user's model is not touched."""
     gm.graph.eliminate_dead_code()
+    temps = {layer.target for layer, _, _ in made}
     root: dict[str, object] = {}
     for n in gm.graph.nodes:
-        if n.op == "call_module" and not n.target.startswith("_modlens_computed_"):
+        if n.op == "call_module" and n.target not in temps:
             root[n.target] = gm.get_submodule(n.target)
         elif n.op == "get_attr":
             root[n.target] = _get_attr(gm, n.target)
