@@ -1,6 +1,7 @@
 """Layers with computed weights and matrix products with parameters (issue 20, modlens.nn._computed)
 on timm models with random weights at a small size: NFNet's weight-standardized convs
-(``ScaledStdConv2d``) and SwiftFormer's ``query @ w_g``. ``partition`` without data succeeds, and
+(``ScaledStdConv2d``) and SwiftFormer's ``query @ w_g``; and gMLP's gated units (one ``fc1`` cut in
+two halves, modlens.nn._split_linear). ``partition`` without data succeeds, and
 lesions of every neuron layer by the fast incremental engine equal the plain oracle in float64.
 Run with ``pytest -m zoo`` in the zoo environment."""
 
@@ -25,9 +26,17 @@ def _swiftformer():
     return SwiftFormer(layers=[1, 1, 1, 1], embed_dims=[16, 16, 32, 32], num_classes=5)
 
 
+def _gmlp():   # gmlp_ti16_224's blocks (SpatialGatingBlock, GatedMlp), two of them, narrow
+    from timm.layers import GatedMlp
+    from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
+    return MlpMixer(num_classes=5, img_size=32, patch_size=8, num_blocks=2, embed_dim=16, mlp_ratio=3,
+                    block_layer=SpatialGatingBlock, mlp_layer=GatedMlp)
+
+
 MODELS = {
     "standardized convs (test_nfnet)": (lambda: timm.create_model("test_nfnet", num_classes=5), 32, True),
     "x @ w_g (swiftformer)": (_swiftformer, 32, False),
+    "spatial gating unit (gmlp)": (_gmlp, 32, False),
 }
 
 
@@ -41,6 +50,8 @@ def test_zoo_computed_weights_partition_and_lesions_equal_the_oracle(family):
     assert a.layer_sizes and all(w > 0 for w in a.layer_sizes)
     if has_std_convs:   # the stem's weight is computed from its parameter: a layer named by that module
         assert "stem.conv1" in a.layer_names
+    if "gmlp" in family:   # the gated units: the half of fc1 through the spatial gating unit is the value
+        assert a.layer_names == ["blocks.0.mlp_channels.fc1_part1", "blocks.1.mlp_channels.fc1_part1"]
     part = modlens.partition(a, "weights/global", n_clusters=2, random_state=0)
     assert len(part.labels) == len(a.layer_sizes)
     out = a.output_module
