@@ -157,3 +157,19 @@ def test_planted_gmlp_modules_are_recovered_and_detected():
     row = res.summary.set_index(["partitioning", "metric"]).loc[("weights/global", "acc_drop")]
     assert row["n_subclusters"] == 8
     assert row["p_value"] < 1e-4 and row["significant"]
+
+
+def test_halves_used_apart_stay_one_layer():
+    """A cut whose halves are not multiplied together is a channel split of one layer, as before."""
+    class Halves(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.head = nn.Linear(5, 8), nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            a, b = self.fc1(x).chunk(2, dim=-1)
+            return self.head(F.relu(self.fc2(F.relu(a) + F.relu(b))))
+
+    torch.manual_seed(0)
+    a = NetworkAdapter(Halves(), torch.randn(2, 5))
+    assert a.layer_names == ["fc1", "fc2"] and a.layer_sizes == [8, 6]

@@ -5,7 +5,8 @@ the spatial gating unit multiplies ``u`` by ``proj(norm(v)^T)^T``. Fused GLU MLP
 cut (``x1, x2 = fc1(x).chunk(2, -1)``; ``x1 * act(x2)``). After the cut, each half is a map of its
 own from the same input, so :func:`split_linears` replaces ``fc1`` by ``fc1_part1`` (rows ``:h``)
 and ``fc1_part2`` (rows ``h:``), each followed by its own copy of the element-wise operations
-between ``fc1`` and the cut. The two modules share views of ``fc1``'s weight and bias (never
+between ``fc1`` and the cut, where the two halves meet again in a product (a cut whose halves are
+used apart stays a channel split of one layer). The two modules share views of ``fc1``'s weight and bias (never
 copies), and compute the same numbers. The transformer MLP reading (:mod:`modlens.nn._transformer`)
 then sees the two halves as the gate and value maps of one gated MLP.
 """
@@ -72,6 +73,26 @@ def _halves(cut: fx.Node, src: fx.Node, width: int) -> list[fx.Node] | None:
     return sorted(users, key=lambda u: u.args[1])
 
 
+_MUL = {operator.mul, torch.mul, aten.mul.Tensor, "mul"}
+
+
+def _path(node: fx.Node, steps: int = 16) -> list[fx.Node]:
+    """The nodes after ``node`` while each value has one user (at most ``steps``)."""
+    out = []
+    while len(node.users) == 1 and len(out) < steps:
+        node = next(iter(node.users))
+        out.append(node)
+    return out
+
+
+def _gated(halves: list[fx.Node]) -> bool:
+    """Whether the two halves meet again in a product (a GLU, gMLP's ``u * gate(v)``): only then is
+    the cut a pair of maps; halves used apart stay parts of one layer (a channel split)."""
+    first = _path(halves[0])
+    meet = next((n for n in _path(halves[1]) if n in first), None)
+    return meet is not None and meet.target in _MUL
+
+
 def _part(lin: nn.Linear, i: int) -> nn.Linear:
     h = lin.out_features // 2
     rows = slice(i * h, (i + 1) * h)
@@ -102,7 +123,7 @@ def split_linears(gm: fx.GraphModule) -> fx.GraphModule:
                 break
             chain.append(u)
             cur = u
-        if halves is None:
+        if halves is None or not _gated(halves):
             continue
         for i, item in enumerate(halves):
             tmp = f"_modlens_new_{id(node)}_{i}"
