@@ -152,3 +152,33 @@ def test_planted_modules_in_standardized_convs_are_recovered_and_detected():
     model, groups = planted_std_cnn()
     test, held = planted_images(600, seed=1), planted_images(300, seed=2)[0]
     check_planted(model, groups, test, held, n_layers=3)
+
+
+# ----- a product whose operands depend on the input's sizes only -------------------------------------
+class OneHotPositions(nn.Module):
+    """Position embeddings read as ``one_hot(grid) @ table`` with the grid expanded over the batch
+    (Gemma-4's ViT): the product depends on the input's sizes, not on its data, so it is no layer; the
+    MLP units are the neurons."""
+
+    def __init__(self, d_in=6, d=8, n_positions=10):
+        super().__init__()
+        from tiny_transformers import Block
+        self.n_positions = n_positions
+        self.embed = nn.Linear(d_in, d)
+        self.table = nn.Parameter(torch.randn(n_positions, d) * 0.3)
+        self.blocks = nn.Sequential(Block(d, 12), Block(d, 12))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 4)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)   # per sample, as Gemma-4's grid
+        one_hot = F.one_hot(positions, self.n_positions).to(self.table.dtype)
+        h = self.blocks(self.embed(x) + one_hot @ self.table)
+        return self.head(self.norm(h).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_a_product_of_size_only_values_and_a_table_is_a_position_embedding(capture):
+    from test_ops_families import _oracle_check as family_oracle_check
+    torch.manual_seed(0)
+    a = family_oracle_check(OneHotPositions(), (5, 6), capture=capture)
+    assert a.is_transformer and a.layer_names == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
