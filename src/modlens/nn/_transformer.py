@@ -143,6 +143,13 @@ def _spatial_branch(s, product: fx.Node, other_than: fx.Node):
     return None if node is None or not mixed else (node, acted)
 
 
+def _elementwise_source(s, node: fx.Node) -> fx.Node:
+    """``node`` followed back through element-wise operations of one value (clamps, casts)."""
+    while s.kind(node) == "unary" and len(s.tensor_inputs(node)) == 1:
+        node = s.tensor_inputs(node)[0]
+    return node
+
+
 def _branch_input(s, product: fx.Node, layer: fx.Node) -> fx.Node:
     """The operand of ``product`` that comes from ``layer``."""
     return next(a for a in s.tensor_inputs(product) if layer in _chain_to(s, a))
@@ -176,8 +183,8 @@ def find_mlps(s) -> list[MLPNeurons]:
             other = _backward_branch(s, product, _branch_input(s, product, layer))
             if other is None:
                 other = _spatial_branch(s, product, _branch_input(s, product, layer))
-            if other is None or other[0].args[0] is not layer.args[0]:
-                continue
+            if other is None or _elementwise_source(s, other[0].args[0]) is not _elementwise_source(s, layer.args[0]):
+                continue   # gate and value read the same value (each through its own clamp: Gemma-4's clipped Linears)
             up, up_acted = other
             if up_acted and not acted:
                 continue  # this is the value map; the gate map (through the activation) names the neuron
