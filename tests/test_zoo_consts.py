@@ -1,7 +1,8 @@
 """Layers with computed weights and matrix products with parameters (issue 20, modlens.nn._computed)
 on timm models with random weights at a small size: NFNet's weight-standardized convs
 (``ScaledStdConv2d``) and SwiftFormer's ``query @ w_g``; and gMLP's gated units (one ``fc1`` cut in
-two halves, modlens.nn._split_linear). ``partition`` without data succeeds, and
+two halves, modlens.nn._split_linear); and Gemma-4's ViT (a position table read by a one-hot
+product of the patch grid, clamped GLU maps). ``partition`` without data succeeds, and
 lesions of every neuron layer by the fast incremental engine equal the plain oracle in float64.
 Run with ``pytest -m zoo`` in the zoo environment."""
 
@@ -33,10 +34,16 @@ def _gmlp():   # gmlp_ti16_224's blocks (SpatialGatingBlock, GatedMlp), two of t
                     block_layer=SpatialGatingBlock, mlp_layer=GatedMlp)
 
 
+def _gemma4_vit():   # gemma4_vit_167m's blocks (clipped Linears, one-hot position table), two of them, narrow
+    return timm.create_model("gemma4_vit_167m", num_classes=5, depth=2, embed_dim=32, num_heads=2, head_dim=16,
+                             intermediate_size=48, img_size=32, patch_size=16, position_embedding_size=64)
+
+
 MODELS = {
     "standardized convs (test_nfnet)": (lambda: timm.create_model("test_nfnet", num_classes=5), 32, True),
     "x @ w_g (swiftformer)": (_swiftformer, 32, False),
     "spatial gating unit (gmlp)": (_gmlp, 32, False),
+    "one-hot position table, clipped GLU (gemma4_vit)": (_gemma4_vit, 32, False),
 }
 
 
