@@ -1,8 +1,7 @@
 """gMLP's channel MLP (issue 20; docs/transformers.md, "Token-mixing MLPs"): ``fc1`` (d -> 2h), an
 activation, ``u, v = x.chunk(2, -1)``, the spatial gating unit ``u * proj(norm(v)^T)^T`` and ``fc2``.
 Its neurons are the h gated units: unit j pairs ``fc1`` rows j (u) and h + j (v), like a GLU's
-gate and value, and is lesioned where ``fc2`` reads it. A fused GLU (``x1 * silu(x2)`` of one
-``fc1`` cut in two) is read the same way."""
+gate and value, and is lesioned where ``fc2`` reads it."""
 
 from __future__ import annotations
 
@@ -22,66 +21,53 @@ from test_ops_families import _oracle_check
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, d, h, tokens, fused_glu=False, dropout=0.0):
+    def __init__(self, d, h, tokens, dropout=0.0):
         super().__init__()
-        self.fused_glu = fused_glu
         self.fc1, self.fc2 = nn.Linear(d, 2 * h), nn.Linear(h, d)
         self.drop = nn.Dropout(dropout)   # on the gated units (planted modules: each unit dispensable)
-        if not fused_glu:
-            self.norm, self.proj = nn.LayerNorm(h), nn.Linear(tokens, tokens)
-            with torch.no_grad():   # gMLP's initialization: the gate starts near 1
-                self.proj.weight.normal_(0, 0.1)
-                self.proj.bias.fill_(1.0)
+        self.norm, self.proj = nn.LayerNorm(h), nn.Linear(tokens, tokens)
+        with torch.no_grad():   # gMLP's initialization: the gate starts near 1
+            self.proj.weight.normal_(0, 0.1)
+            self.proj.bias.fill_(1.0)
 
     def forward(self, x):
-        if self.fused_glu:
-            x1, x2 = self.fc1(x).chunk(2, dim=-1)
-            return self.fc2(self.drop(x1 * F.silu(x2)))
         u, v = F.gelu(self.fc1(x)).chunk(2, dim=-1)
         v = self.proj(self.norm(v).transpose(-1, -2)).transpose(-1, -2)
         return self.fc2(self.drop(u * v))
 
 
 class TinyGMLP(nn.Module):
-    """(B, T, d_in) tokens -> Linear embedding -> blocks ``x + mlp(norm(x))`` -> norm -> mean -> head; with
-    ``fused_glu``, each block first mixes tokens by a Linear over them (as ResMLP), so that the model is
-    read as a transformer."""
+    """(B, T, d_in) tokens -> Linear embedding -> blocks ``x + mlp(norm(x))`` -> norm -> mean -> head."""
 
-    def __init__(self, d_in=6, d=8, h=6, tokens=4, n_blocks=2, n_classes=4, fused_glu=False, dropout=0.0):
+    def __init__(self, d_in=6, d=8, h=6, tokens=4, n_blocks=2, n_classes=4, dropout=0.0):
         super().__init__()
         self.embed = nn.Linear(d_in, d)
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(n_blocks))
-        self.mlps = nn.ModuleList(GatedMLP(d, h, tokens, fused_glu, dropout) for _ in range(n_blocks))
-        self.toks = nn.ModuleList(nn.Linear(tokens, tokens) for _ in range(n_blocks if fused_glu else 0))
+        self.mlps = nn.ModuleList(GatedMLP(d, h, tokens, dropout) for _ in range(n_blocks))
         self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, n_classes)
 
     def forward(self, x):
         x = self.embed(x)
-        for i, (norm, mlp) in enumerate(zip(self.norms, self.mlps)):
-            if self.toks:
-                x = x + self.toks[i](x.transpose(1, 2)).transpose(1, 2)
+        for norm, mlp in zip(self.norms, self.mlps):
             x = x + mlp(norm(x))
         return self.head(self.norm(x).mean(1))
 
 
 @pytest.mark.parametrize("capture", ["export", "fx"])
-@pytest.mark.parametrize("fused_glu", [False, True])
-def test_gated_units_are_the_neurons(capture, fused_glu):
+def test_gated_units_are_the_neurons(capture):
     torch.manual_seed(0)
-    m = TinyGMLP(fused_glu=fused_glu).eval()
+    m = TinyGMLP().eval()
     x = torch.randn(5, 4, 6)
     a = NetworkAdapter(m, x[:2], capture=capture)
     assert a.capture_method == capture and a.is_transformer
-    # the half through the activation names the neuron (the GLU rule): u in gMLP (gelu before the cut),
-    # x2 in x1 * silu(x2)
-    gate, value = ("part2", "part1") if fused_glu else ("part1", "part2")
+    # the half that meets the product directly names the neuron (u); the other goes through the gating unit
+    gate, value = "part1", "part2"
     assert a.layer_names == [f"mlps.0.fc1_{gate}", f"mlps.1.fc1_{gate}"] and a.layer_sizes == [6, 6]
     with torch.no_grad():
         torch.testing.assert_close(a.gm(x), m(x))
     mlp = a.structure.mlps[0]
     assert (mlp.up.target, mlp.down.target) == (f"mlps.0.fc1_{value}", "mlps.0.fc2")
-    mixers = ["toks.0", "toks.1"] if fused_glu else ["mlps.0.proj", "mlps.1.proj"]
-    assert sorted(n.target for n in a.structure.token_mixers) == mixers
+    assert sorted(n.target for n in a.structure.token_mixers) == ["mlps.0.proj", "mlps.1.proj"]
     # the halves share fc1's parameters (views of rows :h and h:), never copies
     assert a.gm.get_submodule("mlps.0.fc1_part2").weight.data_ptr() == m.mlps[0].fc1.weight[6:].data_ptr()
     # the residual graph reads unit j through rows j and h + j of fc1, as a GLU's gate and value
@@ -94,10 +80,9 @@ def test_gated_units_are_the_neurons(capture, fused_glu):
 
 
 @pytest.mark.parametrize("capture", ["export", "fx"])
-@pytest.mark.parametrize("fused_glu", [False, True])
-def test_incremental_lesions_equal_the_plain_oracle(capture, fused_glu):
+def test_incremental_lesions_equal_the_plain_oracle(capture):
     torch.manual_seed(0)
-    _oracle_check(TinyGMLP(fused_glu=fused_glu), (4, 6), capture=capture)
+    _oracle_check(TinyGMLP(), (4, 6), capture=capture)
 
 
 # ----- planted modules --------------------------------------------------------------------------------
@@ -160,7 +145,7 @@ def test_planted_gmlp_modules_are_recovered_and_detected():
 
 
 def test_halves_used_apart_stay_one_layer():
-    """A cut whose halves are not multiplied together is a channel split of one layer, as before."""
+    """A cut whose halves are not multiplied together after a map is a channel split of one layer."""
     class Halves(nn.Module):
         def __init__(self):
             super().__init__()

@@ -1,14 +1,15 @@
-"""A Linear whose output is cut in two halves along its features becomes two Linears (issue 20).
+"""A Linear whose output is cut in two halves that a spatial gating unit joins becomes two Linears (issue 20).
 
 gMLP's channel MLP computes ``fc1`` (d -> 2h), an activation, then ``u, v = x.chunk(2, dim=-1)``:
-the spatial gating unit multiplies ``u`` by ``proj(norm(v)^T)^T``. Fused GLU MLPs write the same
-cut (``x1, x2 = fc1(x).chunk(2, -1)``; ``x1 * act(x2)``). After the cut, each half is a map of its
-own from the same input, so :func:`split_linears` replaces ``fc1`` by ``fc1_part1`` (rows ``:h``)
-and ``fc1_part2`` (rows ``h:``), each followed by its own copy of the element-wise operations
-between ``fc1`` and the cut, where the two halves meet again in a product (a cut whose halves are
-used apart stays a channel split of one layer). The two modules share views of ``fc1``'s weight and bias (never
-copies), and compute the same numbers. The transformer MLP reading (:mod:`modlens.nn._transformer`)
-then sees the two halves as the gate and value maps of one gated MLP.
+the spatial gating unit multiplies ``u`` by ``proj(norm(v)^T)^T``, ``proj`` a Linear over tokens.
+After the cut, each half is a map of its own from the same input, so :func:`split_linears` replaces
+``fc1`` by ``fc1_part1`` (rows ``:h``) and ``fc1_part2`` (rows ``h:``), each followed by its own copy
+of the element-wise operations between ``fc1`` and the cut, where the two halves meet again in a
+product after one of them went through a Linear. A cut whose halves are used apart stays a channel
+split of one layer, and a fused GLU (``x1 * act(x2)``) is left to the transformer MLP reading. The
+two modules share views of ``fc1``'s weight and bias (never copies) and compute the same numbers;
+the transformer MLP reading (:mod:`modlens.nn._transformer`) sees them as the two maps of one gated
+MLP whose gate branch runs through the spatial gating unit.
 """
 
 from __future__ import annotations
@@ -85,12 +86,17 @@ def _path(node: fx.Node, steps: int = 16) -> list[fx.Node]:
     return out
 
 
-def _gated(halves: list[fx.Node]) -> bool:
-    """Whether the two halves meet again in a product (a GLU, gMLP's ``u * gate(v)``): only then is
-    the cut a pair of maps; halves used apart stay parts of one layer (a channel split)."""
-    first = _path(halves[0])
-    meet = next((n for n in _path(halves[1]) if n in first), None)
-    return meet is not None and meet.target in _MUL
+def _spatially_gated(halves: list[fx.Node], gm: fx.GraphModule) -> bool:
+    """Whether the two halves meet again in a product after one of them went through a Linear (gMLP's
+    ``u * proj(norm(v)^T)^T``). Halves used apart stay parts of one layer (a channel split), and a
+    fused GLU (``x1 * act(x2)``, no map between the cut and the product) is read by the transformer
+    MLP reading as it is."""
+    paths = [_path(h) for h in halves]
+    meet = next((n for n in paths[1] if n in paths[0]), None)
+    if meet is None or meet.target not in _MUL:
+        return False
+    before = [n for p in paths for n in p[:p.index(meet)]]
+    return any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear) for n in before)
 
 
 def _part(lin: nn.Linear, i: int) -> nn.Linear:
@@ -123,7 +129,7 @@ def split_linears(gm: fx.GraphModule) -> fx.GraphModule:
                 break
             chain.append(u)
             cur = u
-        if halves is None or not _gated(halves):
+        if halves is None or not _spatially_gated(halves, gm):
             continue
         for i, item in enumerate(halves):
             tmp = f"_modlens_new_{id(node)}_{i}"
