@@ -269,3 +269,27 @@ def test_amg_solver_recovers_blocks():
     adj, truth = block_graph(n_blocks=6, size=20, noise=0.05, seed=1)
     labels = spectral_labels(sp.csr_array(adj), 6, eigen_solver="amg")
     assert adjusted_rand_score(truth, labels) == 1.0
+
+
+def test_symmetry_of_a_large_sparse_adjacency_is_checked_without_copying_it(monkeypatch):
+    """Above PROBED_SYMMETRY_NNZ entries, symmetry is checked with products (A x against A.T x):
+    no copy of the graph (forming A - A.T took another graph's worth of memory), and an asymmetric
+    entry is still found."""
+    import tracemalloc
+
+    from modlens.core import clustering
+
+    monkeypatch.setattr(clustering, "PROBED_SYMMETRY_NNZ", 1000)
+    a = sp.random(600, 600, density=0.05, random_state=0, format="csr")
+    a = (a + a.T).tocsr()
+    tracemalloc.start()
+    try:
+        clustering._as_adjacency(a)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * (a.data.nbytes + a.indices.nbytes)
+    b = a.tolil()
+    b[3, 7] = b[3, 7] + 0.5
+    with pytest.raises(ValueError, match="not symmetric"):
+        clustering._as_adjacency(b.tocsr())

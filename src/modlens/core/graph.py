@@ -65,64 +65,90 @@ def weight_graph(layer_sizes: Sequence[int], blocks) -> sp.csr_array:
     """
     offsets = layer_offsets(layer_sizes)
     n_layers, n = offsets.size - 1, int(offsets[-1])
-    rows, cols, vals = [], [], []
-    index = np.int32 if n < np.iinfo(np.int32).max else np.int64
     seen: dict[frozenset, int] = {}
+    checked = []
+    counts = np.zeros(n, dtype=np.int64)   # stored entries per row, both directions
     for b, block in enumerate(blocks):
-        try:
-            i, j, a = block
-        except (TypeError, ValueError):
-            raise ValueError(f"block {b} must be a triple (i, j, A), got {type(block).__name__}") from None
-        if not (isinstance(i, (int, np.integer)) and isinstance(j, (int, np.integer))):
-            raise TypeError(f"block {b}: layer indices must be ints, got ({i!r}, {j!r})")
-        i, j = int(i), int(j)
-        if not (0 <= i < n_layers and 0 <= j < n_layers):
-            raise ValueError(f"block {b}: layer indices ({i}, {j}) out of range for {n_layers} node layers")
-        if i == j:
-            raise ValueError(f"block {b}: edges within one layer ({i}) are not part of the weight graph")
-        pair = frozenset((i, j))
-        if pair in seen:
-            raise ValueError(f"block {b} joins layers {i} and {j}, which block {seen[pair]} already joins")
-        seen[pair] = b
-        a = sp.coo_array(a) if sp.issparse(a) else np.asarray(a)
-        expected = (int(offsets[j + 1] - offsets[j]), int(offsets[i + 1] - offsets[i]))
-        if a.ndim != 2 or tuple(a.shape) != expected:
-            raise ValueError(
-                f"block {b} ({i} -> {j}) has shape {tuple(a.shape)}; expected {expected} "
-                f"= (layer_sizes[{j}], layer_sizes[{i}])"
-            )
-        if sp.issparse(a):
-            r, c, v = a.row, a.col, np.asarray(a.data, dtype=np.float64)
-        else:
-            dense = np.asarray(a, dtype=np.float64)
-            r, c = np.nonzero(dense)
-            v = dense[r, c]  # NaN and inf are non-zero, so they are in v
-        if not np.all(np.isfinite(v)):
-            raise ValueError(f"block {b} ({i} -> {j}) contains NaN or infinite weights")
-        if np.any(v < 0):
-            raise ValueError(
-                f"block {b} ({i} -> {j}) has negative weights (min {float(v.min()):.3g}); "
-                "edge weights must be non-negative, e.g. the absolute value of the layer's weights"
-            )
-        keep = v != 0
-        # one direction only, with the narrowest index type: a deep residual network's graph can
-        # have 10^8 edges, and the other direction is added once, as a transpose, at the end
-        rows.append((r[keep] + offsets[j]).astype(index, copy=False))
-        cols.append((c[keep] + offsets[i]).astype(index, copy=False))
-        vals.append(v[keep])
-        del r, c, v, keep
-    row = np.concatenate(rows) if rows else np.zeros(0, dtype=index)
-    col = np.concatenate(cols) if cols else np.zeros(0, dtype=index)
-    val = np.concatenate(vals) if vals else np.zeros(0, dtype=np.float64)
-    del rows, cols, vals
-    half = sp.coo_array((val, (row, col)), shape=(n, n)).tocsr()
-    del row, col, val
-    half.sum_duplicates()
-    adj = (half + half.T).tocsr()   # no entry is in both: each pair of layers comes once, i != j
-    del half
-    adj.sum_duplicates()
-    adj.eliminate_zeros()
+        i, j, a = _checked_block(b, block, offsets, n_layers, seen)
+        nonzero = (a != 0) if not sp.issparse(a) else None
+        per_row = nonzero.sum(1) if nonzero is not None else np.diff(a.indptr)
+        per_col = nonzero.sum(0) if nonzero is not None else np.bincount(a.indices, minlength=a.shape[1])
+        del nonzero
+        counts[offsets[j]:offsets[j + 1]] += per_row
+        counts[offsets[i]:offsets[i + 1]] += per_col
+        checked.append((i, j, a))
+    # the symmetric CSR arrays are allocated once, at their final size, and each block writes its
+    # entries (both directions) into them: no list of triples, no concatenation, no COO copy (a deep
+    # residual network's graph can have 10^8 edges)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    nnz = int(indptr[-1])
+    index = np.int32 if max(n, nnz) < np.iinfo(np.int32).max else np.int64
+    indices = np.empty(nnz, dtype=index)
+    data = np.empty(nnz, dtype=np.float64)
+    cursor = indptr[:-1].copy()
+    for i, j, a in checked:
+        _write(a, offsets[j], offsets[i], indices, data, cursor)                      # rows of j, columns of i
+        _write(a.T if not sp.issparse(a) else a.T.tocsr(), offsets[i], offsets[j], indices, data, cursor)
+    del checked, cursor
+    adj = sp.csr_array((data, indices, indptr.astype(index, copy=False)), shape=(n, n))
+    adj.has_canonical_format = False
+    adj.sum_duplicates()   # sorts each row in place; there are no duplicates: each pair of layers comes once
     return _int32_indices(adj)
+
+
+def _checked_block(b: int, block, offsets: np.ndarray, n_layers: int, seen: dict):
+    """``(i, j, A)`` of block ``b`` checked: ``A`` dense float64, or a CSR array without zeros."""
+    try:
+        i, j, a = block
+    except (TypeError, ValueError):
+        raise ValueError(f"block {b} must be a triple (i, j, A), got {type(block).__name__}") from None
+    if not (isinstance(i, (int, np.integer)) and isinstance(j, (int, np.integer))):
+        raise TypeError(f"block {b}: layer indices must be ints, got ({i!r}, {j!r})")
+    i, j = int(i), int(j)
+    if not (0 <= i < n_layers and 0 <= j < n_layers):
+        raise ValueError(f"block {b}: layer indices ({i}, {j}) out of range for {n_layers} node layers")
+    if i == j:
+        raise ValueError(f"block {b}: edges within one layer ({i}) are not part of the weight graph")
+    pair = frozenset((i, j))
+    if pair in seen:
+        raise ValueError(f"block {b} joins layers {i} and {j}, which block {seen[pair]} already joins")
+    seen[pair] = b
+    a = sp.csr_array(a) if sp.issparse(a) else np.asarray(a)
+    expected = (int(offsets[j + 1] - offsets[j]), int(offsets[i + 1] - offsets[i]))
+    if a.ndim != 2 or tuple(a.shape) != expected:
+        raise ValueError(
+            f"block {b} ({i} -> {j}) has shape {tuple(a.shape)}; expected {expected} "
+            f"= (layer_sizes[{j}], layer_sizes[{i}])"
+        )
+    if sp.issparse(a):
+        a = a.astype(np.float64)
+        a.sum_duplicates()
+    else:
+        a = np.asarray(a, dtype=np.float64)
+    v = a.data if sp.issparse(a) else a
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"block {b} ({i} -> {j}) contains NaN or infinite weights")
+    if np.any(v < 0):
+        raise ValueError(
+            f"block {b} ({i} -> {j}) has negative weights (min {float(v.min()):.3g}); "
+            "edge weights must be non-negative, e.g. the absolute value of the layer's weights"
+        )
+    if sp.issparse(a):
+        a.eliminate_zeros()
+    return i, j, a
+
+
+def _write(a, row0: int, col0: int, indices: np.ndarray, data: np.ndarray, cursor: np.ndarray) -> None:
+    """Write the non-zero entries of block ``a`` (rows from ``row0``, columns from ``col0``) into the
+    CSR arrays at each row's ``cursor``, and move the cursors past them."""
+    csr = a if sp.issparse(a) else sp.csr_array(a)
+    lengths = np.diff(csr.indptr)
+    rows = np.repeat(np.arange(csr.shape[0]), lengths)
+    pos = cursor[row0 + rows] + (np.arange(csr.nnz) - csr.indptr[:-1][rows])
+    indices[pos] = csr.indices + col0
+    data[pos] = csr.data
+    cursor[row0:row0 + csr.shape[0]] += lengths
 
 
 CONV_EDGE_NORMS = ("l1", "matrix_1_norm")

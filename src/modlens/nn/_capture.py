@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from modlens.nn._computed import computed_layers
 from modlens.nn._decoder_capture import rewrite
 from modlens.nn._fx import ModelTraceError, eval_mode, trace
+from modlens.nn._split_linear import split_linears
 
 aten = torch.ops.aten
 _PREFIX = "model."
@@ -157,6 +159,8 @@ def _pool_values(graph: fx.Graph) -> None:
         graph.erase_node(node)
 
 
+_WEIGHT_OPS = (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding,
+               aten.conv2d.padding)
 _AUTOCAST = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
 _GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
 # higher-order ops that wrap their body in a mode, and the index of the body among their arguments
@@ -289,11 +293,18 @@ class _Builder:
                 "from parameters (remove weight normalization or parametrizations before analysing)")
         return t
 
+    def _computed(self, node) -> bool:
+        """A value computed from parameters, buffers and constants only (not the input)."""
+        return isinstance(node, fx.Node) and node not in self.tensors and node not in self.dynamic
+
     def _layer(self, node: fx.Node) -> fx.Node | None:
         t = node.target
         args = list(node.args) + [None] * 10
         x = self.env.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         computed_bias = None
+        if t in _WEIGHT_OPS and (self._computed(args[1]) or self._computed(args[2])) and (
+                t is not aten.linear.default or self._computed(args[1])):
+            return None   # a weight computed from parameters: a layer with that weight (modlens.nn._computed)
         if t is aten.linear.default:
             w = self._param(args[1], "weight", node)
             if isinstance(args[2], fx.Node) and args[2] not in self.tensors and args[2] not in self.dynamic:
@@ -416,7 +427,7 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, *, input_name
             if isinstance(batch, int):
                 raise ModelTraceError("torch.export specialized the batch dimension; the graph would accept "
                                       f"only batches of {batch}")
-            return _Builder(ep, wrapper).build(), "export"
+            return split_linears(computed_layers(_Builder(ep, wrapper).build())), "export"
         except ModelTraceError as exc:
             export_error = exc
             if method == "export":
@@ -427,7 +438,7 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, *, input_name
                 raise ModelTraceError(f"torch.export could not capture {type(model).__name__}: "
                                       f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     try:
-        gm = _fx_capture(wrapper, leaf_modules)
+        gm = split_linears(computed_layers(_fx_capture(wrapper, leaf_modules)))
         if export_error is not None:
             gm.meta["export_error"] = _first_line(export_error)
         return gm, "fx"

@@ -58,6 +58,11 @@ Decoder language models write some operations out; capture replaces those patter
 each (:mod:`modlens.nn._decoder_capture`): an element-wise closure (``gelu_new``) is ``unary``, a
 written-out RMS normalization is a ``norm`` and a last-token read is ``take_tokens``.
 
+Capture also turns a functional ``conv1d``/``conv2d``/``linear`` or an ``x @ W`` whose weight is a
+parameter or computed from parameters only (weight standardization) into a ``layer`` module with
+that effective weight (:mod:`modlens.nn._computed`), and a Linear whose output is cut into two
+halves that gMLP's spatial gating unit joins into one Linear per half (:mod:`modlens.nn._split_linear`).
+
 Adding an operation means adding (or extending) one handler here and a test. A model with
 attention is analysed through its blocks' MLP neurons (:mod:`modlens.nn._transformer`).
 """

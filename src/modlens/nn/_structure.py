@@ -264,8 +264,9 @@ class Structure:
             if self.kind(node) == "attention" and len(self.tensor_inputs(node)) >= 2:
                 self.transformer = True  # mixing across tokens: followed by recomputation, not a neuron layer
                 continue
-            if self.kind(node) == "attention" and node not in self.dynamic:
-                continue  # a product of parameters and buffers only (MaxViT's relative position tables): a constant
+            if self.kind(node) == "attention" and node not in self.data_dependent:
+                continue  # a product of parameters, buffers and values of the input's sizes only (MaxViT's relative
+                # position tables, Gemma-4 ViT's one_hot(grid positions) @ table): no data flows through it
             if self.kind(node) == "attention":
                 raise UnsupportedModelError(
                     f"unsupported functional layer {self.describe(node)}: a matrix product with a weight tensor; use "

@@ -98,6 +98,33 @@ def _backward_branch(s, product: fx.Node, other_than: fx.Node):
     return None if node is None else (node, acted)
 
 
+def _spatial_branch(s, product: fx.Node, other_than: fx.Node):
+    """(layer, activation seen) feeding the other operand of a gate product through a gMLP spatial
+    gating unit: element-wise operations, a norm over the half's channels, and a token-mixing map
+    between transposes (``proj(norm(v)^T)^T``); None when there is no token-mixing map on the way."""
+    ins = s.tensor_inputs(product)
+    if len(ins) != 2:
+        return None
+    node = next((a for a in ins if a is not other_than), None)
+    acted = mixed = False
+    while node is not None and (s.kind(node) != "layer" or node in s.token_mixers):
+        kind = s.kind(node)
+        if kind not in ("unary", "norm", "permute", "token_mix") or len(s.tensor_inputs(node)) != 1 \
+                or len(_users(s, node)) != 1:
+            return None
+        mixed = mixed or kind == "token_mix"
+        acted = acted or (kind == "unary" and _is_activation(s, node))
+        node = s.tensor_inputs(node)[0]
+    return None if node is None or not mixed else (node, acted)
+
+
+def _elementwise_source(s, node: fx.Node) -> fx.Node:
+    """``node`` followed back through element-wise operations of one value (clamps, casts)."""
+    while s.kind(node) == "unary" and len(s.tensor_inputs(node)) == 1:
+        node = s.tensor_inputs(node)[0]
+    return node
+
+
 def _branch_input(s, product: fx.Node, layer: fx.Node) -> fx.Node:
     """The operand of ``product`` that comes from ``layer``."""
     return next(a for a in s.tensor_inputs(product) if layer in _chain_to(s, a))
@@ -191,8 +218,10 @@ def find_mlps(s) -> list[MLPNeurons]:
         up = None
         if product is not None:
             other = _backward_branch(s, product, _branch_input(s, product, layer))
-            if other is None or other[0].args[0] is not layer.args[0]:
-                continue
+            if other is None:
+                other = _spatial_branch(s, product, _branch_input(s, product, layer))
+            if other is None or _elementwise_source(s, other[0].args[0]) is not _elementwise_source(s, layer.args[0]):
+                continue   # gate and value read the same value (each through its own clamp: Gemma-4's clipped Linears)
             up, up_acted = other
             if up_acted and not acted:
                 continue  # this is the value map; the gate map (through the activation) names the neuron
@@ -213,7 +242,7 @@ def find_mlps(s) -> list[MLPNeurons]:
         mixing, note = "attention", ""
         if s.token_mixers:
             mixing = f"token-mixing layers ({', '.join(sorted(n.target for n in s.token_mixers)[:2])}, ...)"
-            note = " (a gMLP's spatial gating unit, u * proj(v^T)^T, is not one yet)"
+            note = ""
         else:
             normed = [n for n in s.all_nodes if _batch_normed(s, n)]
             if normed:
