@@ -35,17 +35,20 @@ from torch import fx, nn
 from modlens.core.residual_graph import MLPBlockWeights, StageMap
 from modlens.nn._decoder_ops import WrittenNorm
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
+from modlens.nn._pointwise import BATCH_NORMS, depthwise_rows, is_map, matrix, norm_scale, norm_width, width_out
 
 aten = torch.ops.aten
-_NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm)
+_NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm) + BATCH_NORMS
 
 
 @dataclass(frozen=True)
 class MLPNeurons:
     """One block's MLP: ``node`` (first or gate map), ``up`` (value map of a GLU, else None),
     ``down`` (second map) and ``value`` (what ``down`` reads); for a Mix-FFN (PVT-v2, SegFormer),
-    ``dwconv`` (the depthwise conv over the token grid between ``node`` and the activation) and ``pre``
-    (the activation's input, the units' pre-activation), else None."""
+    ``dwconv`` (the depthwise conv over the token grid between ``node`` and the activation, or after it
+    in a conv MLP) and ``pre`` (the first activation's input, the units' pre-activation, when a depthwise
+    conv or a batch norm read through reshapes comes first), else None. ``node`` and ``down`` are
+    Linears over tokens or 1x1 convs over a (B, C, H, W) map (:mod:`modlens.nn._pointwise`)."""
 
     node: fx.Node
     up: fx.Node | None
@@ -80,21 +83,25 @@ def _forward(s, layer: fx.Node):
     """(value entering the next layer, that layer, activation seen, gate product or None, depthwise conv
     or None, activation input or None), or None when ``layer``'s output does not go through element-wise
     ops (and at most one product) into exactly one layer. A Mix-FFN's depthwise conv over the token grid
-    (with the reshapes and transposes around it) may come before the activation."""
-    node, acted, gate, dw, pre, moved = layer, False, None, None, None, False
-    width = getattr(s.module(layer), "out_features", None)
+    (with the reshapes and transposes around it) may come before the activation; a conv MLP's depthwise
+    conv may come after it. Batch norms pass (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``: reshapes
+    around a batch norm that end in the layer's own layout)."""
+    node, acted, gate, dw, pre, moved, normed = layer, False, None, None, None, False, False
+    width = width_out(s.module(layer))
     while True:
         users = _users(s, node)
         if len(users) != 1:
             return None
         u = users[0]
         kind = s.kind(u)
-        if kind == "layer" and dw is None and not acted and gate is None and _depthwise(s, u, width):
+        if kind == "layer" and dw is None and gate is None and _depthwise(s, u, width):
             dw = u
         elif kind == "layer":
-            if moved and dw is None:
+            if moved and dw is None and not (normed and s.shapes.get(node) == s.shapes.get(layer)):
                 return None
             return (node, u, acted, gate, dw, pre) if u.args[0] is node else None
+        elif kind == "bn" and gate is None:
+            normed = True
         elif kind == "unary" and s.tensor_inputs(u) == [node]:
             if _is_activation(s, u) and not acted:
                 pre = node
@@ -140,17 +147,17 @@ def find_mlps(s) -> list[MLPNeurons]:
     """The MLP neuron layers of a captured model with attention, in forward order."""
     out = []
     for layer in s.all_nodes:
-        if layer in s.output_layers or not isinstance(s.module(layer), nn.Linear) or (s.ndim(layer) or 2) < 3:
+        if layer in s.output_layers or not is_map(s.module(layer)) or (s.ndim(layer) or 2) < 3:
             continue
         hit = _forward(s, layer)
         if hit is None:
             continue
         value, down, acted, product, dw, pre = hit
-        if down in s.output_layers or not isinstance(s.module(down), nn.Linear):
+        if down in s.output_layers or not is_map(s.module(down)) or type(s.module(down)) is not type(s.module(layer)):
             continue
         if dw is not None and (product is not None or not acted or s.ndim(pre) != s.ndim(layer)
                                or s.shapes.get(pre) != s.shapes.get(layer)):
-            continue  # a Mix-FFN: the activation reads the conv's output back in the tokens' layout
+            continue  # the activation reads the units back in the layer's layout (Mix-FFN, conv MLP)
         up = None
         if product is not None:
             other = _backward_branch(s, product, _branch_input(s, product, layer))
@@ -161,48 +168,43 @@ def find_mlps(s) -> list[MLPNeurons]:
                 continue  # this is the value map; the gate map (through the activation) names the neuron
             if up_acted == acted and s.all_nodes.index(up) < s.all_nodes.index(layer):
                 continue  # symmetric gate: the earlier map names the pair
-            if s.module(up).out_features != s.module(layer).out_features:
+            if width_out(s.module(up)) != width_out(s.module(layer)):
                 continue
         elif not acted:
             continue
-        out.append(MLPNeurons(layer, up, down, value, dw, pre if dw is not None else None))
+        keep_pre = dw is not None or (pre is not None and s.preactivation_node(layer) is not pre)
+        out.append(MLPNeurons(layer, up, down, value, dw, pre if keep_pre else None))
     if not out:
         mixing, note = "attention", ""
         if s.token_mixers:
             mixing = f"token-mixing layers ({', '.join(sorted(n.target for n in s.token_mixers)[:2])}, ...)"
             note = " (a gMLP's spatial gating unit, u * proj(v^T)^T, is not one yet)"
-        else:
-            normed = [n for n in s.all_nodes if _batch_normed(s, n)]
-            if normed:
-                note = (f" (here the layers are followed by batch norms, e.g. '{normed[0].target}': MLPs written as "
-                        "Linear or 1x1 conv + BatchNorm, as in LeViT and EfficientFormer-V2, are not read as "
-                        "transformer MLPs yet)")
         raise UnsupportedModelError(
-            f"the model has {mixing} but no transformer MLP (Linear -> activation -> Linear over tokens, a "
-            f"gated GLU/SwiGLU MLP, or a Mix-FFN Linear -> depthwise conv -> activation -> Linear); modlens "
-            f"analyses the MLP neurons of transformer blocks{note}"
+            f"the model has {mixing} but no transformer MLP (Linear or 1x1 conv -> activation -> Linear or 1x1 "
+            f"conv, batch norms allowed after each map, a gated GLU/SwiGLU MLP, or one with a depthwise conv "
+            f"between its maps as in a Mix-FFN); modlens analyses the MLP neurons of transformer blocks{note}"
         )
     return out
 
 
-def _batch_normed(s, layer: fx.Node) -> bool:
-    """Whether a batch norm follows ``layer`` (through reshapes: LeViT normalizes ``x.flatten(0, 1)``)."""
+def bn_after(s, layer: fx.Node):
+    """The weight-graph scale of a batch norm that directly follows ``layer`` (through reshapes: LeViT
+    normalizes ``x.flatten(0, 1)``), else None."""
     node = layer
     while True:
         users = _users(s, node)
         if len(users) != 1:
-            return False
+            return None
         node = users[0]
         if s.kind(node) == "bn":
-            return True
-        if s.kind(node) not in _MOVES:
-            return False
+            return norm_scale(s.module(node), norm_width(s, node))
+        if s.kind(node) not in _MOVES and not _passing(s, node):
+            return None
 
 
 def mlp_sink(s, m: MLPNeurons) -> Sink:
     """The lesion sink of an MLP layer: its ``down`` map's input, at every token position."""
-    nd = s.ndim(m.node) or 3
-    return Sink("layer", m.value, m.down, Route(0, s.module(m.node).out_features, False, nd, nd - 1))
+    return Sink("layer", m.value, m.down, s.layer_route(m.node))
 
 
 # ----- residual-stream weights -------------------------------------------------------------------
@@ -222,11 +224,7 @@ def _back_to_norm(s, node: fx.Node):
 
 
 def _gamma(norm, d_model: int):
-    if norm is None:
-        return None
-    if getattr(norm, "weight", None) is None:
-        return np.ones(d_model)
-    return _np(norm.weight)
+    return None if norm is None else norm_scale(norm, d_model)
 
 
 def _embedding(s, d_model: int):
@@ -324,7 +322,7 @@ def _norm_after(s, node: fx.Node, width: int):
             return None
         node = users[0]
         if node.op == "call_module" and isinstance(s.module(node), _NORMS):
-            return _gamma(s.module(node), width) if s.shapes.get(node, (None,))[-1] == width else None
+            return _gamma(s.module(node), width) if norm_width(s, node) == width else None
         if s.kind(node) not in _MOVES + ("unary",) or len(s.tensor_inputs(node)) != 1 or _is_activation(s, node):
             return None
 
@@ -379,13 +377,13 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
         )
     pool = _avg_pool(s, pools[0]) if pools else None
     width_in = mod.in_features if isinstance(mod, nn.Linear) else getattr(mod, "in_channels", None)
-    norm_width = s.shapes.get(norms[0], (None,))[-1] if norms else None
-    gamma_in = np.ones(width_in or 1) if not norms else _gamma(s.module(norms[0]), norm_width)
+    n_width = norm_width(s, norms[0]) if norms else None
+    gamma_in = np.ones(width_in or 1) if not norms else _gamma(s.module(norms[0]), n_width)
     if isinstance(mod, nn.Conv2d):
-        if mod.groups != 1 or mod.in_channels != d_in or mod.out_channels != d_out or norm_width not in (None, d_in):
+        if mod.groups != 1 or mod.in_channels != d_in or mod.out_channels != d_out or n_width not in (None, d_in):
             raise UnsupportedModelError(
                 f"{names} the downsampling conv '{down.target}' maps {mod.in_channels} to {mod.out_channels} channels "
-                f"in {mod.groups} groups (norm width {norm_width}); modlens needs a dense conv from {d_in} to {d_out}")
+                f"in {mod.groups} groups (norm width {n_width}); modlens needs a dense conv from {d_in} to {d_out}")
         kernel = _np(mod.weight) * gamma_in[None, :, None, None] * gamma_out[:, None, None, None]
         stride = tuple(int(v) for v in mod.stride)
         if pool is not None:  # pool(k) then a 1x1 conv (MaxViT's shortcut): one k x k kernel of stride k, taps / k^2
@@ -402,11 +400,11 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     if isinstance(mod, nn.Linear) and mod.out_features == d_out and mod.in_features % d_in == 0:
         n = mod.in_features // d_in
         _check_channel_blocks(s, region, before.down, d_in, names, down)
-        if norm_width == d_in:
+        if n_width == d_in:
             gamma_in = np.tile(gamma_in, n)
-        elif norm_width not in (None, mod.in_features):
+        elif n_width not in (None, mod.in_features):
             raise UnsupportedModelError(f"{names} the norm {s.describe(norms[0])} before '{down.target}' has width "
-                                        f"{norm_width}; expected {d_in} or {mod.in_features}")
+                                        f"{n_width}; expected {d_in} or {mod.in_features}")
         w = _np(mod.weight) * gamma_in[None, :] * gamma_out[:, None]
         # the column blocks are the taps: stream channel c of neighbour k reaches the Linear as column k * d_in + c
         kernel = w.reshape(d_out, n, d_in).transpose(0, 2, 1)[:, :, None, :]
@@ -504,7 +502,7 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
     blocks, transitions, stage = [], [], 0
     for k, m in enumerate(mlps):
         down = s.module(m.down)
-        d_model = down.out_features
+        d_model = width_out(down)
         d_prev = blocks[-1].w_out.shape[0] if k else d_model
         if k and (d_model != d_prev or m.node not in _stream_layers(s, mlps[k - 1].down)):
             try:
@@ -517,18 +515,23 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
                     raise
         norm, _ = _back_to_norm(s, m.node.args[0])
         first = s.module(m.node)
-        w_out = _np(down.weight)
-        post = _norm_after(s, m.down, d_model)   # a post-norm block (Swin-V2) scales what it writes
+        w_out = matrix(down)
+        post = _norm_after(s, m.down, d_model)   # a post-norm block (Swin-V2), a ConvNorm's BN: scales what it writes
         if post is not None:
             w_out = w_out * post[:, None]
-        rows = 1.0
-        if m.dwconv is not None:  # Mix-FFN: each unit reads its neighbourhood through its own spatial filter
-            rows = np.abs(_np(s.module(m.dwconv).weight)).reshape(first.out_features, -1).sum(1)[:, None]
+        rows = np.ones(width_out(first))
+        hidden_bn = bn_after(s, m.node)   # ConvNorm / LinearNorm: the batch norm on the units
+        if hidden_bn is not None:
+            rows = rows * hidden_bn
+        if m.dwconv is not None:  # Mix-FFN, conv MLP: each unit reads its neighbourhood through its own filter
+            rows = rows * depthwise_rows(s.module(m.dwconv), width_out(first), bn_after(s, m.dwconv))
         if m.up is None:
-            blocks.append(MLPBlockWeights(_np(first.weight) * rows, w_out, _gamma(norm, d_model), stage=stage))
+            blocks.append(MLPBlockWeights(matrix(first) * rows[:, None], w_out, _gamma(norm, d_model), stage=stage))
         else:
-            blocks.append(MLPBlockWeights(_np(s.module(m.up).weight), w_out, _gamma(norm, d_model),
-                                          w_gate=_np(first.weight), stage=stage))
+            up_bn = bn_after(s, m.up)
+            w_up = matrix(s.module(m.up)) * (1.0 if up_bn is None else up_bn[:, None])
+            blocks.append(MLPBlockWeights(w_up, w_out, _gamma(norm, d_model),
+                                          w_gate=matrix(first) * rows[:, None], stage=stage))
     for m, b in zip(mlps, blocks):
         if b.w_in.shape[1] != b.w_out.shape[0]:
             raise UnsupportedModelError(
