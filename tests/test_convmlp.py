@@ -103,7 +103,8 @@ class LinearNormMlpNet(nn.Module):
         x = self.embed(x).flatten(2).transpose(1, 2)
         for q, fc1, bn1, fc2, bn2 in zip(self.q, self.fc1, self.bn1, self.fc2, self.bn2):
             x = x + F.scaled_dot_product_attention(q(x), x, x)
-            h = F.hardswish(bn1(fc1(x).flatten(0, 1)).reshape(x.shape[0], x.shape[1], -1))
+            h = fc1(x)
+            h = F.hardswish(bn1(h.flatten(0, 1)).reshape_as(h))   # timm's LinearNorm
             x = x + bn2(fc2(h).flatten(0, 1)).reshape_as(x)
         return self.head(self.head_bn(x.mean(1)))
 

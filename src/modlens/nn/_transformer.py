@@ -59,7 +59,8 @@ class MLPNeurons:
 
 
 def _users(s, node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u in s.live and s.kind(u) != "shape"]
+    """The users that read ``node``'s values (not only its shape: ``y.reshape_as(node)``)."""
+    return [u for u in node.users if u in s.live and s.kind(u) != "shape" and not s._shape_only(u, node)]
 
 
 def _is_activation(s, node: fx.Node) -> bool:
@@ -76,7 +77,8 @@ _MOVES = ("permute", "reshape", "merge", "flatten")
 def _depthwise(s, node: fx.Node, width: int) -> bool:
     """Whether ``node`` is a depthwise conv over ``width`` channels (one filter per channel)."""
     mod = s.module(node) if node.op == "call_module" else None
-    return (isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == mod.in_channels == mod.out_channels == width)
+    return (isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == mod.in_channels == mod.out_channels == width
+            and all(v == 1 for v in mod.stride))
 
 
 def _forward(s, layer: fx.Node):
@@ -155,6 +157,8 @@ def find_mlps(s) -> list[MLPNeurons]:
         value, down, acted, product, dw, pre = hit
         if down in s.output_layers or not is_map(s.module(down)) or type(s.module(down)) is not type(s.module(layer)):
             continue
+        if _gates(s, down):
+            continue  # a squeeze-excitation's maps: they compute a per-channel gate, not a block's output
         if dw is not None and (product is not None or not acted or s.ndim(pre) != s.ndim(layer)
                                or s.shapes.get(pre) != s.shapes.get(layer)):
             continue  # the activation reads the units back in the layer's layout (Mix-FFN, conv MLP)
@@ -185,6 +189,20 @@ def find_mlps(s) -> list[MLPNeurons]:
             f"between its maps as in a Mix-FFN); modlens analyses the MLP neurons of transformer blocks{note}"
         )
     return out
+
+
+def _gates(s, down: fx.Node) -> bool:
+    """Whether ``down``'s output, through element-wise ops, multiplies another value (a gate)."""
+    node = down
+    while True:
+        users = _users(s, node)
+        if len(users) != 1:
+            return False
+        node = users[0]
+        if s.kind(node) == "gate":
+            return True
+        if s.kind(node) not in ("unary", "bn") + _MOVES:
+            return False
 
 
 def bn_after(s, layer: fx.Node):
@@ -350,6 +368,18 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     names = f"between the MLPs '{before.node.target}' (stream width {d_in}) and '{after.node.target}' ({d_out})"
     reached = _stream_layers(s, before.down)
     found = [l for l in reached if after.node in _stream_layers(s, l)]
+    try:
+        return _one_layer_transition(s, before, after, d_in, d_out, names, reached, found)
+    except UnsupportedModelError:
+        if not (_channels_first(s, before.down) and _channels_first(s, after.node)):
+            raise
+    from modlens.nn._stage_paths import paths_map   # several layers: every conv path between the streams
+
+    kernel, stride = paths_map(s, before.down, after.node.args[0], d_in, names)
+    return StageMap(kernel, stride)
+
+
+def _one_layer_transition(s, before, after, d_in, d_out, names, reached, found) -> StageMap:
     if len(found) != 1:
         what = (f"{len(found)} layers that both reach it ({', '.join(sorted(str(l.target) for l in found))})" if found
                 else f"no single layer (it reaches {', '.join(sorted(str(l.target) for l in reached)) or 'no layer'} "
@@ -414,6 +444,11 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
         f"Linear from {d_in} * k to {d_out} features (patch merging over k neighbours) or a Conv2d from {d_in} to "
         f"{d_out} channels"
     )
+
+
+def _channels_first(s, layer: fx.Node) -> bool:
+    """Whether a layer's output is a (B, C, H, W) map (a conv), not tokens."""
+    return isinstance(s.module(layer), nn.Conv2d) and s.ndim(layer) == 4
 
 
 def _passing(s, node: fx.Node) -> bool:
