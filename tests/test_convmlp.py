@@ -109,6 +109,37 @@ class LinearNormMlpNet(nn.Module):
         return self.head(self.head_bn(x.mean(1)))
 
 
+class SqueezeExcite(nn.Module):
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, r, 1), nn.Conv2d(r, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
+class ConvBoundaryNet(nn.Module):
+    """Two stages joined by several conv layers (EfficientViT-MSRA's and SHViT's downsampling): an inverted
+    residual (1x1 ConvNorm, strided depthwise ConvNorm, squeeze-excitation, 1x1 ConvNorm) and then a
+    residual depthwise ConvNorm, before the next stage's first block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(ConvNorm(3, 8, 3, 2), nn.ReLU())
+        self.stage0 = Block(8, 16)
+        self.expand, self.dw, self.se, self.project = ConvNorm(8, 16), ConvNorm(16, 16, 3, 2, 16), SqueezeExcite(16), \
+            ConvNorm(16, 12)
+        self.res = ConvNorm(12, 12, 3, groups=12)
+        self.stage1 = Block(12, 24)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.stage0(self.stem(x))
+        x = self.project(self.se(F.relu(self.dw(F.relu(self.expand(x))))))
+        x = x + self.res(x)
+        return self.head(self.stage1(x).mean((2, 3)))
+
+
 def _randomize(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -125,12 +156,12 @@ def _randomize(model, seed=0):
 
 def make(name):
     torch.manual_seed(0)
-    return _randomize(ConvMlpNet() if name == "conv" else LinearNormMlpNet())
+    return _randomize({"conv": ConvMlpNet, "linear": LinearNormMlpNet, "boundary": ConvBoundaryNet}[name]())
 
 
 NAMES = {"conv": ["stage0.0.mlp.fc1.0", "stage0.1.mlp.fc1.0", "stage1.0.mlp.fc1.0"],
-         "linear": ["fc1.0", "fc1.1"]}
-SIZES = {"conv": [16, 16, 24], "linear": [16, 16]}
+         "linear": ["fc1.0", "fc1.1"], "boundary": ["stage0.mlp.fc1.0", "stage1.mlp.fc1.0"]}
+SIZES = {"conv": [16, 16, 24], "linear": [16, 16], "boundary": [16, 24]}
 
 
 @pytest.mark.parametrize("capture", ["export", "fx"])
@@ -196,7 +227,7 @@ def test_linear_norm_mlp_weights_fold_the_batch_norms():
 
 
 @pytest.mark.parametrize("capture", ["export", "fx"])
-@pytest.mark.parametrize("name", ["conv", "linear"])
+@pytest.mark.parametrize("name", ["conv", "linear", "boundary"])
 def test_incremental_lesions_equal_the_plain_oracle(name, capture):
     model = make(name).double()
     x = torch.randn(40, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -214,3 +245,37 @@ def test_incremental_lesions_equal_the_plain_oracle(name, capture):
         np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y), err_msg=a.layer_names[layer])
         changed += int((fast != ev.baseline).any())
     assert changed >= 2
+
+
+def test_a_boundary_of_several_conv_layers_is_the_sum_over_paths_of_the_composed_absolute_kernels():
+    model = make("boundary")
+    a = NetworkAdapter(model, torch.randn(2, 3, 16, 16))
+    assert a.layer_names == NAMES["boundary"]
+    parts = a.residual_parts()
+    assert [b.stage for b in parts["blocks"]] == [0, 1]
+    (t,) = parts["transitions"]
+    assert t.kernel.shape == (12, 8, 7, 7) and t.stride == (2, 2)   # 3x3 stride 2, then 3x3 at stride 2
+
+    def absolute(cn, z, stride=1, groups=1):   # a ConvNorm with |kernel| and its BN's weight-graph scale
+        conv, bn = cn
+        z = F.conv2d(z, conv.weight.detach().double().abs(), stride=stride, padding=conv.padding, groups=groups)
+        return z * torch.from_numpy(_bn(bn))[None, :, None, None]
+
+    # the same paths as a linear network of absolute kernels (activations and the SE gate pass, the SE's
+    # pooled branch carries no path), probed with one impulse per input channel and position
+    n = 12
+    z = torch.zeros(8 * n * n, 8, n, n, dtype=torch.float64)
+    idx = torch.arange(8 * n * n)
+    z[idx, idx // (n * n), (idx // n) % n, idx % n] = 1.0
+    with torch.no_grad():
+        h = absolute(model.project, absolute(model.dw, absolute(model.expand, z), 2, 16))
+        h = h + absolute(model.res, h, groups=12)
+    resp = h[:, :, 3, 3].reshape(8, n, n, 12).permute(3, 0, 1, 2).numpy()   # (out, in, row, col) at output (3, 3)
+    # output p reads input rows 2 p - 3 + u (the paddings: 1 at stride 1, then 1 at stride 2)
+    np.testing.assert_allclose(t.kernel, resp[:, :, 3:10, 3:10])
+    np.testing.assert_allclose(t.kernel.sum(), resp.sum())   # no path reaches outside the 7 x 7 taps
+    got = {(i, j): w for i, j, w in a.weight_blocks()}
+    b0, b1 = parts["blocks"]
+    want = sum(np.abs(b1.w_in @ t.kernel[:, :, p, q] @ b0.w_out) for p in range(7) for q in range(7))
+    first = 0 if parts["embedding"] is None else 1
+    np.testing.assert_allclose(got[(first, first + 1)], want)

@@ -110,6 +110,12 @@ def paths_map(s, start: fx.Node, end: fx.Node, d_in: int, names: str):
     region = _closure(start, lambda n: n.users) & _closure(end, lambda n: n.all_input_nodes)
     order = [n for n in s.gm.graph.nodes if n in region]
     maps: dict = {start: _Map(np.eye(d_in)[:, :, None, None], (1, 1), (0, 0))}
+    # what the MLP's second map writes before it joins the stream (its own batch norm, a layer scale) is in
+    # its W_out already: those steps pass the identity on
+    node, written = start, set()
+    while len(users := [u for u in node.users if u in region]) == 1 and s.kind(users[0]) != "join":
+        node = users[0]
+        written.add(node)
 
     def refuse(node, why):
         return UnsupportedModelError(
@@ -126,6 +132,9 @@ def paths_map(s, start: fx.Node, end: fx.Node, d_in: int, names: str):
         kind = s.kind(node)
         shape = s.shapes.get(node)
         mod = s.module(node) if node.op == "call_module" else None
+        if node in written and len(got) == 1:
+            maps[node] = got[0]
+            continue
         if any(g is _MOVED for g in got):
             if kind in _TOKEN_MIXING:
                 maps[node] = None
