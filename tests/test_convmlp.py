@@ -279,3 +279,40 @@ def test_a_boundary_of_several_conv_layers_is_the_sum_over_paths_of_the_composed
     want = sum(np.abs(b1.w_in @ t.kernel[:, :, p, q] @ b0.w_out) for p in range(7) for q in range(7))
     first = 0 if parts["embedding"] is None else 1
     np.testing.assert_allclose(got[(first, first + 1)], want)
+
+
+class PlantedConvMlpNet(nn.Module):
+    """A conv-MLP transformer whose embedding, MLP maps and head are block-masked: module m reads input
+    channels 2m, 2m + 1, owns stream channels 4m..4m + 3 and hidden channels 8m..8m + 7 of every MLP, and
+    writes classes 2m, 2m + 1. Attention (dense, unmasked) is not in the weight graph."""
+
+    def __init__(self, n_blocks=2):
+        super().__init__()
+        self.embed = nn.Conv2d(8, 16, 1)
+        self.blocks = nn.Sequential(*[Block(16, 32) for _ in range(n_blocks)])
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x)).mean((2, 3)))
+
+
+def test_planted_conv_mlp_modules_are_recovered_by_the_weight_graph():
+    from sklearn.metrics import adjusted_rand_score
+
+    import modlens
+    from planted import block_masks
+
+    model = _randomize(PlantedConvMlpNet(), seed=3)
+    mask = lambda out, inp: block_masks([inp, out], 4)[0]  # noqa: E731
+    with torch.no_grad():
+        model.embed.weight.mul_(mask(16, 8)[:, :, None, None])
+        model.head.weight.mul_(mask(8, 16))
+        for b in model.blocks:
+            b.mlp.fc1[0].weight.mul_(mask(32, 16)[:, :, None, None])
+            b.mlp.fc2[0].weight.mul_(mask(16, 32)[:, :, None, None])
+    x = torch.randn(16, 8, 4, 4)
+    part = modlens.partition(model, "weights/global", n_clusters=4, data=x, random_state=0)
+    truth = np.repeat(np.arange(4), 8)
+    assert len(part.labels) == 2
+    for labels in part.labels:
+        assert adjusted_rand_score(truth, labels) == 1.0
