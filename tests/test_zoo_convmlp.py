@@ -47,9 +47,13 @@ def test_timm_conv_mlp_transformers_have_mlp_neurons_stages_and_exact_lesions(na
         for m in model.modules():      # timm zeroes some batch norms' scale (the last map of a block)
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(2))
-        heads = model.get_classifier()
-        for h in heads if isinstance(heads, tuple) else (heads,):   # distilled models have two heads
-            h.bias -= model(x).mean(0) / (len(heads) if isinstance(heads, tuple) else 1)
+        heads = model.get_classifier()   # centre the scores (distilled models have two heads, some wrap a Linear)
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        linears = [[m for m in h.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None] for h in heads]
+        shift = model(x).mean(0) / len(heads)
+        for lin in linears:
+            if lin:
+                lin[-1].bias -= shift
         y = model(x).argmax(-1)
     first, n_layers, n_stages = MODELS[name]
     a = NetworkAdapter(model, x[:2])

@@ -69,6 +69,16 @@ def _add(maps: list) -> _Map | None:
     return _Map(out, maps[0].stride, tuple(lo))
 
 
+def _closure(node: fx.Node, step) -> set:
+    seen, todo = {node}, [node]
+    while todo:
+        for n in step(todo.pop()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
 _Refuse = object()
 _MOVED = object()   # channels moved out of dim 1 (into tokens, toward attention): followed until attention drops them
 _TOKEN_MIXING = ("attention", "token_mix")
@@ -105,8 +115,6 @@ def _cat(parts: list, widths: list) -> _Map | None:
 def paths_map(s, start: fx.Node, end: fx.Node, d_in: int, names: str):
     """(kernel ``(c_end, d_in, kh, kw)``, stride) of every layer path from ``start``'s output (the earlier
     stream, channels first) to ``end`` (the value the later stage's first MLP reads)."""
-    from modlens.nn._transformer import _closure
-
     region = _closure(start, lambda n: n.users) & _closure(end, lambda n: n.all_input_nodes)
     order = [n for n in s.gm.graph.nodes if n in region]
     maps: dict = {start: _Map(np.eye(d_in)[:, :, None, None], (1, 1), (0, 0))}

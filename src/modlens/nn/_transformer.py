@@ -34,8 +34,9 @@ from torch import fx, nn
 
 from modlens.core.residual_graph import MLPBlockWeights, StageMap
 from modlens.nn._decoder_ops import WrittenNorm
-from modlens.nn._ops import Route, Sink, UnsupportedModelError
+from modlens.nn._ops import Sink, UnsupportedModelError
 from modlens.nn._pointwise import BATCH_NORMS, depthwise_rows, is_map, matrix, norm_scale, norm_width, width_out
+from modlens.nn._stage_paths import paths_map
 
 aten = torch.ops.aten
 _NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm) + BATCH_NORMS
@@ -373,8 +374,7 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     except UnsupportedModelError:
         if not (_channels_first(s, before.down) and _channels_first(s, after.node)):
             raise
-    from modlens.nn._stage_paths import paths_map   # several layers: every conv path between the streams
-
+    # several layers: every conv path between the streams
     kernel, stride = paths_map(s, before.down, after.node.args[0], d_in, names)
     return StageMap(kernel, stride)
 
