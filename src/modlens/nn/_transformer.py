@@ -372,7 +372,9 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     try:
         return _one_layer_transition(s, before, after, d_in, d_out, names, reached, found)
     except UnsupportedModelError:
-        if not (_channels_first(s, before.down) and _channels_first(s, after.node)):
+        # a change of width between channels-first streams: the layer paths between them (a stream of one
+        # width with conv mixers inside stays one stream, as below)
+        if d_in == d_out or not (_channels_first(s, before.down) and _channels_first(s, after.node)):
             raise
     # several layers: every conv path between the streams
     kernel, stride = paths_map(s, before.down, after.node.args[0], d_in, names)
