@@ -316,3 +316,27 @@ def test_planted_conv_mlp_modules_are_recovered_by_the_weight_graph():
     assert len(part.labels) == 2
     for labels in part.labels:
         assert adjusted_rand_score(truth, labels) == 1.0
+
+
+class UpsamplingBoundaryNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stage0 = ConvNorm(3, 8, 3, 2), Block(8, 16)
+        self.a, self.b = ConvNorm(8, 12), ConvNorm(12, 12, 3)
+        self.stage1, self.head = Block(12, 24), nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = self.stage0(self.stem(x))
+        x = self.b(F.interpolate(F.relu(self.a(x)), scale_factor=2.0))
+        return self.head(self.stage1(x).mean((2, 3)))
+
+
+def test_a_boundary_the_layer_paths_cannot_follow_is_refused_in_one_line():
+    from modlens.nn.adapter import UnsupportedModelError
+
+    model = _randomize(UpsamplingBoundaryNet())
+    a = NetworkAdapter(model, torch.randn(2, 3, 16, 16))
+    with pytest.raises(UnsupportedModelError, match="between the MLPs 'stage0.mlp.fc1.0' .* several layers, and "
+                       r"operation 'upsample.*changes the map's size from \(8, 8\) to \(16, 16\)") as err:
+        a.residual_parts()
+    assert "\n" not in str(err.value)
