@@ -176,7 +176,8 @@ SPLIT = Handler(  # the inverse of cat: channel windows (x[:, a:b] is getitem in
     methods={"split", "chunk", "narrow", "split_with_sizes"},
 )
 FLATTEN = Handler("flatten", modules=(nn.Flatten,), functions={torch.flatten, torch.reshape}
-                  | _ops("flatten.using_ints", "view", "reshape", "_unsafe_view"), methods={"flatten", "view", "reshape"})
+                  | _ops("flatten.using_ints", "view", "reshape", "_unsafe_view", "reshape_as", "view_as"),
+                  methods={"flatten", "view", "reshape", "reshape_as", "view_as"})
 PERMUTE = Handler("permute", functions={torch.permute, torch.transpose} | _ops("permute", "transpose.int"),
                   methods={"permute", "transpose"})
 MEAN = Handler("mean", functions={torch.mean} | _ops("mean.dim"), methods={"mean"})
@@ -200,7 +201,8 @@ SHAPE_METHODS = {"size", "dim"}
 # operations that read only the shape of an argument: (target, index of that argument)
 SHAPE_ONLY = ({(f, 0) for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)}
               | {(f, 0) for f in _ops("zeros_like", "ones_like", "empty_like", "full_like")}
-              | {(f, 1) for f in _ops("expand_as")} | {("expand_as", 1), ("zeros_like", 0), ("new_zeros", 0),
+              | {(f, 1) for f in _ops("expand_as", "reshape_as", "view_as")}
+              | {("expand_as", 1), ("reshape_as", 1), ("view_as", 1), ("zeros_like", 0), ("new_zeros", 0),
                                                         ("new_ones", 0), ("new_empty", 0), ("new_full", 0)})
 SHAPE_FUNCTIONS = {getattr} | _ops("sym_size.int", "sym_numel")
 SIZE_ARITHMETIC = {operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub, operator.truediv}

@@ -11,6 +11,8 @@ from torch import fx, nn
 
 from modlens.core.residual_graph import StageMap
 from modlens.nn._ops import UnsupportedModelError
+from modlens.nn._pointwise import norm_width
+from modlens.nn._stage_paths import paths_map
 from modlens.nn._stage_chain import compose, depthwise_stride1, find_chain, l1_gain, layer_map
 from modlens.nn._stream import _MOVES, _NORMS, MLPNeurons, _closure, _gamma, _norm_after, _np, _passing, _users
 
@@ -95,6 +97,24 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     chain = [] if len(found) > 1 else find_chain(s, before.down, after.node, _stream_layers) or []
     if len(chain) > 1 or (len(chain) == 1 and getattr(s.module(chain[0]), "groups", 1) != 1):
         return _chain_transition(s, before, chain, d_in, d_out, names)
+    try:
+        return _one_layer_transition(s, before, after, d_in, d_out, names, reached, found)
+    except UnsupportedModelError:
+        # a change of width between channels-first streams: the layer paths between them (a stream of one
+        # width with conv mixers inside stays one stream)
+        if d_in == d_out or not (_channels_first(s, before.down) and _channels_first(s, after.node)):
+            raise
+    # several layers on several paths (conv stems with squeeze-excitation, residual depthwise convs)
+    kernel, stride = paths_map(s, before.down, after.node.args[0], d_in, names)
+    return StageMap(kernel, stride)
+
+
+def _channels_first(s, layer: fx.Node) -> bool:
+    """Whether a layer's output is a (B, C, H, W) map (a conv), not tokens."""
+    return isinstance(s.module(layer), nn.Conv2d) and s.ndim(layer) == 4
+
+
+def _one_layer_transition(s, before, after, d_in, d_out, names, reached, found) -> StageMap:
     if len(found) != 1:
         what = (f"{len(found)} layers that both reach it ({', '.join(sorted(str(l.target) for l in found))})" if found
                 else f"no single layer (it reaches {', '.join(sorted(str(l.target) for l in reached)) or 'no layer'} "
@@ -122,13 +142,13 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
         )
     pool = _avg_pool(s, pools[0]) if pools else None
     width_in = mod.in_features if isinstance(mod, nn.Linear) else getattr(mod, "in_channels", None)
-    norm_width = s.shapes.get(norms[0], (None,))[-1] if norms else None
-    gamma_in = np.ones(width_in or 1) if not norms else _gamma(s.module(norms[0]), norm_width)
+    n_width = norm_width(s, norms[0]) if norms else None
+    gamma_in = np.ones(width_in or 1) if not norms else _gamma(s.module(norms[0]), n_width)
     if isinstance(mod, nn.Conv2d):
-        if mod.groups != 1 or mod.in_channels != d_in or mod.out_channels != d_out or norm_width not in (None, d_in):
+        if mod.groups != 1 or mod.in_channels != d_in or mod.out_channels != d_out or n_width not in (None, d_in):
             raise UnsupportedModelError(
                 f"{names} the downsampling conv '{down.target}' maps {mod.in_channels} to {mod.out_channels} channels "
-                f"in {mod.groups} groups (norm width {norm_width}); modlens needs a dense conv from {d_in} to {d_out}")
+                f"in {mod.groups} groups (norm width {n_width}); modlens needs a dense conv from {d_in} to {d_out}")
         kernel = _np(mod.weight) * gamma_in[None, :, None, None] * gamma_out[:, None, None, None]
         stride = tuple(int(v) for v in mod.stride)
         if pool is not None:  # pool(k) then a 1x1 conv (MaxViT's shortcut): one k x k kernel of stride k, taps / k^2
@@ -145,11 +165,11 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     if isinstance(mod, nn.Linear) and mod.out_features == d_out and mod.in_features % d_in == 0:
         n = mod.in_features // d_in
         _check_channel_blocks(s, region, before.down, d_in, names, down)
-        if norm_width == d_in:
+        if n_width == d_in:
             gamma_in = np.tile(gamma_in, n)
-        elif norm_width not in (None, mod.in_features):
+        elif n_width not in (None, mod.in_features):
             raise UnsupportedModelError(f"{names} the norm {s.describe(norms[0])} before '{down.target}' has width "
-                                        f"{norm_width}; expected {d_in} or {mod.in_features}")
+                                        f"{n_width}; expected {d_in} or {mod.in_features}")
         w = _np(mod.weight) * gamma_in[None, :] * gamma_out[:, None]
         # the column blocks are the taps: stream channel c of neighbour k reaches the Linear as column k * d_in + c
         kernel = w.reshape(d_out, n, d_in).transpose(0, 2, 1)[:, :, None, :]

@@ -10,14 +10,18 @@ import torch
 from torch import fx, nn
 
 from modlens.nn._decoder_ops import WrittenNorm
+from modlens.nn._pointwise import BATCH_NORMS, norm_scale, norm_width, width_out
 
 
 @dataclass(frozen=True)
 class MLPNeurons:
     """One block's MLP: ``node`` (first or gate map), ``up`` (value map of a GLU, else None),
     ``down`` (second map) and ``value`` (what ``down`` reads); for a Mix-FFN (PVT-v2, SegFormer),
-    ``dwconv`` (the depthwise conv over the token grid between ``node`` and the activation) and ``pre``
-    (the activation's input, the units' pre-activation), else None. For a fused gated MLP ``node``
+    ``dwconv`` (the depthwise conv over the token grid between ``node`` and the activation, or after it
+    in a conv MLP) and ``pre`` (the first activation's input, the units' pre-activation, when a depthwise
+    conv or a batch norm read through reshapes comes first), else None. ``node`` and ``down`` are
+    Linears over tokens or 1x1 convs over a (B, C, H, W) map (:mod:`modlens.nn._pointwise`). For a fused
+    gated MLP ``node``
     computes both halves: ``halves`` = (first row of the gate half, first row of the value half) of its
     weight, ``width`` the number of neurons, and ``pre`` the gate half's activation input."""
 
@@ -31,14 +35,15 @@ class MLPNeurons:
     width: int | None = None
 
     def n_units(self, s) -> int:
-        return self.width if self.width is not None else s.module(self.node).out_features
+        return self.width if self.width is not None else width_out(s.module(self.node))
 
 
-_NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm)
+_NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm) + BATCH_NORMS
 
 
 def _users(s, node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if u in s.live and s.kind(u) != "shape"]
+    """The users that read ``node``'s values (not only its shape: ``y.reshape_as(node)``)."""
+    return [u for u in node.users if u in s.live and s.kind(u) != "shape" and not s._shape_only(u, node)]
 
 
 def _is_activation(s, node: fx.Node) -> bool:
@@ -57,11 +62,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def _gamma(norm, d_model: int):
-    if norm is None:
-        return None
-    if getattr(norm, "weight", None) is None:
-        return np.ones(d_model)
-    return _np(norm.weight)
+    return None if norm is None else norm_scale(norm, d_model)
 
 
 def _norm_after(s, node: fx.Node, width: int):
@@ -74,7 +75,7 @@ def _norm_after(s, node: fx.Node, width: int):
             return None
         node = users[0]
         if node.op == "call_module" and isinstance(s.module(node), _NORMS):
-            return _gamma(s.module(node), width) if s.shapes.get(node, (None,))[-1] == width else None
+            return _gamma(s.module(node), width) if norm_width(s, node) == width else None
         if s.kind(node) not in _MOVES + ("unary",) or len(s.tensor_inputs(node)) != 1 or _is_activation(s, node):
             return None
 

@@ -30,16 +30,19 @@ nonlinearity left out) with the final norm's scale.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import fx, nn
 
 from modlens.core.residual_graph import MLPBlockWeights
-from modlens.nn._ops import Route, Sink, UnsupportedModelError
+from modlens.nn._ops import Sink, UnsupportedModelError
+from modlens.nn._pointwise import depthwise_rows, is_map, matrix, norm_scale, norm_width, width_out
 from modlens.nn._stage_chain import l1_gain
 from modlens.nn._stage_maps import _branch_gain, _stream_layers, _transition, _width_change, branch_conv
 from modlens.nn._stream import (_MOVES, _NORMS, MLPNeurons, _closure, _gamma, _is_activation, _norm_after, _np,
-                                _users)
+                                _passing, _users)
 
 aten = torch.ops.aten
 _TOP_K = (aten.topk.default, torch.topk, "topk")   # a router's choice of experts
@@ -48,28 +51,33 @@ _TOP_K = (aten.topk.default, torch.topk, "topk")   # a router's choice of expert
 def _depthwise(s, node: fx.Node, width: int) -> bool:
     """Whether ``node`` is a depthwise conv over ``width`` channels (one filter per channel)."""
     mod = s.module(node) if node.op == "call_module" else None
-    return (isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == mod.in_channels == mod.out_channels == width)
+    return (isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == mod.in_channels == mod.out_channels == width
+            and all(v == 1 for v in mod.stride))
 
 
 def _forward(s, layer: fx.Node):
     """(value entering the next layer, that layer, activation seen, gate product or None, depthwise conv
     or None, activation input or None), or None when ``layer``'s output does not go through element-wise
     ops (and at most one product) into exactly one layer. A Mix-FFN's depthwise conv over the token grid
-    (with the reshapes and transposes around it) may come before the activation."""
-    node, acted, gate, dw, pre, moved = layer, False, None, None, None, False
-    width = getattr(s.module(layer), "out_features", None)
+    (with the reshapes and transposes around it) may come before the activation; a conv MLP's depthwise
+    conv may come after it. Batch norms pass (LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``: reshapes
+    around a batch norm that end in the layer's own layout)."""
+    node, acted, gate, dw, pre, moved, normed = layer, False, None, None, None, False, False
+    width = width_out(s.module(layer))
     while True:
         users = _users(s, node)
         if len(users) != 1:
             return None
         u = users[0]
         kind = s.kind(u)
-        if kind == "layer" and dw is None and not acted and gate is None and _depthwise(s, u, width):
+        if kind == "layer" and dw is None and gate is None and _depthwise(s, u, width):
             dw = u
         elif kind == "layer":
-            if moved and dw is None:
+            if moved and dw is None and not (normed and s.shapes.get(node) == s.shapes.get(layer)):
                 return None
             return (node, u, acted, gate, dw, pre) if u.args[0] is node else None
+        elif kind == "bn" and gate is None:
+            normed = True
         elif kind == "unary" and s.tensor_inputs(u) == [node]:
             if _is_activation(s, u) and not acted:
                 pre = node
@@ -200,9 +208,9 @@ def find_mlps(s) -> list[MLPNeurons]:
     """The MLP neuron layers of a captured model with attention, in forward order."""
     out = []
     for layer in s.all_nodes:
-        if layer in s.output_layers or not isinstance(s.module(layer), nn.Linear) or (s.ndim(layer) or 2) < 3:
+        if layer in s.output_layers or not is_map(s.module(layer)) or (s.ndim(layer) or 2) < 3:
             continue
-        fused = _fused_glu(s, layer)
+        fused = _fused_glu(s, layer) if isinstance(s.module(layer), nn.Linear) else None
         if fused is not None:
             out.append(fused)
             continue
@@ -210,11 +218,13 @@ def find_mlps(s) -> list[MLPNeurons]:
         if hit is None:
             continue
         value, down, acted, product, dw, pre = hit
-        if down in s.output_layers or not isinstance(s.module(down), nn.Linear):
+        if down in s.output_layers or not is_map(s.module(down)) or type(s.module(down)) is not type(s.module(layer)):
             continue
+        if _gates(s, down):
+            continue  # a squeeze-excitation's maps: they compute a per-channel gate, not a block's output
         if dw is not None and (product is not None or not acted or s.ndim(pre) != s.ndim(layer)
                                or s.shapes.get(pre) != s.shapes.get(layer)):
-            continue  # a Mix-FFN: the activation reads the conv's output back in the tokens' layout
+            continue  # the activation reads the units back in the layer's layout (Mix-FFN, conv MLP)
         up = None
         if product is not None:
             other = _backward_branch(s, product, _branch_input(s, product, layer))
@@ -227,11 +237,12 @@ def find_mlps(s) -> list[MLPNeurons]:
                 continue  # this is the value map; the gate map (through the activation) names the neuron
             if up_acted == acted and s.all_nodes.index(up) < s.all_nodes.index(layer):
                 continue  # symmetric gate: the earlier map names the pair
-            if s.module(up).out_features != s.module(layer).out_features:
+            if width_out(s.module(up)) != width_out(s.module(layer)):
                 continue
         elif not acted:
             continue
-        out.append(MLPNeurons(layer, up, down, value, dw, pre if dw is not None else None))
+        keep_pre = dw is not None or (pre is not None and s.preactivation_node(layer) is not pre)
+        out.append(MLPNeurons(layer, up, down, value, dw, pre if keep_pre else None))
     routers = [n for n in s.gm.graph.nodes if n in s.live and n.target in _TOP_K]
     if routers and not out:
         raise UnsupportedModelError(
@@ -243,38 +254,48 @@ def find_mlps(s) -> list[MLPNeurons]:
         if s.token_mixers:
             mixing = f"token-mixing layers ({', '.join(sorted(n.target for n in s.token_mixers)[:2])}, ...)"
             note = ""
-        else:
-            normed = [n for n in s.all_nodes if _batch_normed(s, n)]
-            if normed:
-                note = (f" (here the layers are followed by batch norms, e.g. '{normed[0].target}': MLPs written as "
-                        "Linear or 1x1 conv + BatchNorm, as in LeViT and EfficientFormer-V2, are not read as "
-                        "transformer MLPs yet)")
         raise UnsupportedModelError(
-            f"the model has {mixing} but no transformer MLP (Linear -> activation -> Linear over tokens, a "
-            f"gated GLU/SwiGLU MLP, or a Mix-FFN Linear -> depthwise conv -> activation -> Linear); modlens "
-            f"analyses the MLP neurons of transformer blocks{note}"
+            f"the model has {mixing} but no transformer MLP (Linear or 1x1 conv -> activation -> Linear or 1x1 "
+            f"conv, batch norms allowed after each map, a gated GLU/SwiGLU MLP, or one with a depthwise conv "
+            f"between its maps as in a Mix-FFN); modlens analyses the MLP neurons of transformer blocks{note}"
         )
     return out
 
 
-def _batch_normed(s, layer: fx.Node) -> bool:
-    """Whether a batch norm follows ``layer`` (through reshapes: LeViT normalizes ``x.flatten(0, 1)``)."""
-    node = layer
+def _gates(s, down: fx.Node) -> bool:
+    """Whether ``down``'s output, through element-wise ops, multiplies another value (a gate)."""
+    node = down
     while True:
         users = _users(s, node)
         if len(users) != 1:
             return False
         node = users[0]
-        if s.kind(node) == "bn":
+        if s.kind(node) == "gate":
             return True
-        if s.kind(node) not in _MOVES:
+        if s.kind(node) not in ("unary", "bn") + _MOVES:
             return False
 
 
+def bn_after(s, layer: fx.Node):
+    """The weight-graph scale of a batch norm that directly follows ``layer`` (through reshapes: LeViT
+    normalizes ``x.flatten(0, 1)``), else None."""
+    node = layer
+    while True:
+        users = _users(s, node)
+        if len(users) != 1:
+            return None
+        node = users[0]
+        if s.kind(node) == "bn":
+            return norm_scale(s.module(node), norm_width(s, node))
+        if s.kind(node) not in _MOVES and not _passing(s, node):
+            return None
+
+
 def mlp_sink(s, m: MLPNeurons) -> Sink:
-    """The lesion sink of an MLP layer: its ``down`` map's input, at every token position."""
-    nd = s.ndim(m.node) or 3
-    return Sink("layer", m.value, m.down, Route(0, m.n_units(s), False, nd, nd - 1))
+    """The lesion sink of an MLP layer: its ``down`` map's input, at every token position (a fused gated
+    MLP: half the fused map's width)."""
+    route = s.layer_route(m.node)
+    return Sink("layer", m.value, m.down, route if m.width is None else replace(route, channels=m.width))
 
 
 # ----- residual-stream weights -------------------------------------------------------------------
@@ -382,7 +403,7 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
     blocks, transitions, stage = [], [], 0
     for k, m in enumerate(mlps):
         down = s.module(m.down)
-        d_model = down.out_features
+        d_model = width_out(down)
         d_prev = blocks[-1].w_out.shape[0] if k else d_model
         if k and d_model != d_prev and m.node not in _closure(mlps[k - 1].down, lambda n: n.users):
             raise UnsupportedModelError(
@@ -415,21 +436,25 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
         if gain is not None:  # the MLP reads the stream through a depthwise conv on its branch (EdgeNeXt)
             gamma = (np.ones(d_model) if gamma is None else gamma) * gain
         first = s.module(m.node)
-        w_out = _np(down.weight)
-        post = _norm_after(s, m.down, d_model)   # a post-norm block (Swin-V2) scales what it writes
+        w_out = matrix(down)
+        post = _norm_after(s, m.down, d_model)   # a post-norm block (Swin-V2), a ConvNorm's BN: scales what it writes
         if post is not None:
             w_out = w_out * post[:, None]
-        rows = 1.0
-        if m.dwconv is not None:  # Mix-FFN: each unit reads its neighbourhood through its own spatial filter
-            rows = np.abs(_np(s.module(m.dwconv).weight)).reshape(first.out_features, -1).sum(1)[:, None]
+        rows = np.ones(width_out(first))
+        hidden_bn = bn_after(s, m.node)   # ConvNorm / LinearNorm: the batch norm on the units
+        if hidden_bn is not None:
+            rows = rows * hidden_bn
+        if m.dwconv is not None:  # Mix-FFN, conv MLP: each unit reads its neighbourhood through its own filter
+            rows = rows * depthwise_rows(s.module(m.dwconv), width_out(first), bn_after(s, m.dwconv))
         if m.halves is not None:  # a fused gated MLP: the two halves of one weight
-            (g, v), w = m.halves, _np(first.weight)
+            (g, v), w = m.halves, matrix(first) * rows[:, None]
             blocks.append(MLPBlockWeights(w[v:v + m.width], w_out, gamma, w_gate=w[g:g + m.width], stage=stage))
         elif m.up is None:
-            blocks.append(MLPBlockWeights(_np(first.weight) * rows, w_out, gamma, stage=stage))
+            blocks.append(MLPBlockWeights(matrix(first) * rows[:, None], w_out, gamma, stage=stage))
         else:
-            blocks.append(MLPBlockWeights(_np(s.module(m.up).weight), w_out, gamma, w_gate=_np(first.weight),
-                                          stage=stage))
+            up_bn = bn_after(s, m.up)
+            w_up = matrix(s.module(m.up)) * (1.0 if up_bn is None else up_bn[:, None])
+            blocks.append(MLPBlockWeights(w_up, w_out, gamma, w_gate=matrix(first) * rows[:, None], stage=stage))
     for m, b in zip(mlps, blocks):
         if b.w_in.shape[1] != b.w_out.shape[0]:
             raise UnsupportedModelError(
