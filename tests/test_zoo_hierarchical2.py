@@ -35,7 +35,10 @@ def make(name):
     raise AssertionError(name)
 
 
-STAGES = {"mobilevit": [0, 0, 1, 1, 1, 1, 2, 2, 2], "swinv2_cr": [0, 1, 1], "tiny_vit": [0, 1, 2],
+# MobileViT's and TinyViT's inverted residuals (1x1 conv -> act -> depthwise conv -> act -> 1x1 conv, no
+# squeeze-excitation) are conv MLPs too (docs/transformers.md, "MLPs written with 1x1 convolutions"): their
+# hidden channels are neuron layers with stages of their own
+STAGES = {"mobilevit": [0, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4], "swinv2_cr": [0, 1, 1], "tiny_vit": [0, 1, 2, 3],
           "edgenext": [0, 1, 2, 2, 3], "pit": [0, 1, 1]}
 SIZE = {"tiny_vit": 64, "edgenext": 64, "mobilevit": 64}
 SCALE = {"mobilevit": 1.0}   # its convs and batch norms already give activations of order 1

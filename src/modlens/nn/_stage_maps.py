@@ -14,7 +14,8 @@ from modlens.nn._ops import UnsupportedModelError
 from modlens.nn._pointwise import norm_width
 from modlens.nn._stage_paths import paths_map
 from modlens.nn._stage_chain import compose, depthwise_stride1, find_chain, l1_gain, layer_map
-from modlens.nn._stream import _MOVES, _NORMS, MLPNeurons, _closure, _gamma, _norm_after, _np, _passing, _users
+from modlens.nn._stream import (_LAYER_NORMS, _MOVES, _NORMS, MLPNeurons, _closure, _gamma, _norm_after, _np, _passing,
+                                _users)
 
 def branch_conv(s, conv: fx.Node) -> bool:
     """Whether ``conv`` is a stride-1 depthwise conv on a block's branch: its input (through reshapes)
@@ -95,9 +96,9 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
         if pair is not None:
             return pair
     chain = [] if len(found) > 1 else find_chain(s, before.down, after.node, _stream_layers) or []
-    if len(chain) > 1 or (len(chain) == 1 and getattr(s.module(chain[0]), "groups", 1) != 1):
-        return _chain_transition(s, before, chain, d_in, d_out, names)
     try:
+        if len(chain) > 1 or (len(chain) == 1 and getattr(s.module(chain[0]), "groups", 1) != 1):
+            return _chain_transition(s, before, chain, d_in, d_out, names)
         return _one_layer_transition(s, before, after, d_in, d_out, names, reached, found)
     except UnsupportedModelError:
         # a change of width between channels-first streams: the layer paths between them (a stream of one
@@ -130,7 +131,7 @@ def _one_layer_transition(s, before, after, d_in, d_out, names, reached, found) 
     gamma_out = np.ones(d_out) if gamma_out is None else gamma_out
     # the data movements between the stream and the downsampling layer, and the norm among them
     region = _ancestors_until(s, down.args[0], before.down)
-    norms = [n for n in region if n.op == "call_module" and isinstance(s.module(n), _NORMS)]
+    norms = [n for n in region if n.op == "call_module" and isinstance(s.module(n), _LAYER_NORMS)]
     pools = [n for n in region if _avg_pool(s, n) is not None]
     bad = [n for n in region if n not in norms + pools and (s.kind(n) not in _MOVES + ("split", "cat", "pad")
                                                              and not _passing(s, n))]
@@ -207,6 +208,14 @@ def _grid_and_token_maps(s, before: MLPNeurons, found: list, d_in: int, d_out: i
     return StageMap(grid.kernel, grid.stride, token_map=_np(lin.weight))
 
 
+def _resizes(s, node: fx.Node) -> bool:
+    """Whether a one-input op changes the spatial size of a (B, C, H, W) value (pooling, upsampling): the
+    chain's kernels would not compose through it."""
+    ins = s.tensor_inputs(node)
+    a, b = (s.shapes.get(ins[0]) if len(ins) == 1 else None), s.shapes.get(node)
+    return s.kind(node) == "unary" and a is not None and b is not None and len(a) == len(b) == 3 and a[1:] != b[1:]
+
+
 def _chain_transition(s, before: MLPNeurons, chain: list, d_in: int, d_out: int, names: str) -> StageMap:
     """The composed map of a chain of layers between two MLPs (:mod:`modlens.nn._stage_chain`): between
     the links only reshapes, element-wise ops, batch norms and a concatenation with other values (the
@@ -215,10 +224,11 @@ def _chain_transition(s, before: MLPNeurons, chain: list, d_in: int, d_out: int,
     maps, prev = [], before.down
     for k, link in enumerate(chain):
         region = _ancestors_until(s, link.args[0], prev)
-        norms = [n for n in region if n.op == "call_module" and isinstance(s.module(n), _NORMS)]
+        # batch norms between a chain's layers are folded into them; only a per-sample norm is a norm here
+        norms = [n for n in region if n.op == "call_module" and isinstance(s.module(n), _LAYER_NORMS)]
         cats = [n for n in region if s.kind(n) == "cat"]
         bad = [n for n in region if n not in norms + cats
-               and s.kind(n) not in _MOVES + ("unary", "bn", "pad") and not _passing(s, n)]
+               and (s.kind(n) not in _MOVES + ("unary", "bn", "pad") and not _passing(s, n) or _resizes(s, n))]
         if bad or len(cats) > 1 or (norms and (k or len(norms) > 1)):
             raise UnsupportedModelError(
                 f"{names} the stream reaches '{link.target}' through {s.describe((bad or cats[1:] or norms)[0])}; "
@@ -242,7 +252,7 @@ def _chain_transition(s, before: MLPNeurons, chain: list, d_in: int, d_out: int,
             f"{names} the stream passes through the layers {', '.join(str(l.target) for l in chain)} in a row, which "
             f"map {m.kernel.shape[1]} to {m.kernel.shape[0]} channels; modlens composes a chain of convs (or Linears "
             f"over the channels) from the stream's {d_in} to {d_out} channels, or takes one patch merging Linear")
-    gamma_out = _norm_after(s, chain[-1], d_out)
+    gamma_out = _norm_after(s, chain[-1], d_out, _LAYER_NORMS)   # a batch norm after the chain is in it
     return m if gamma_out is None else StageMap(m.kernel * gamma_out[:, None, None, None], m.stride)
 
 

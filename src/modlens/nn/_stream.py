@@ -38,7 +38,8 @@ class MLPNeurons:
         return self.width if self.width is not None else width_out(s.module(self.node))
 
 
-_NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm) + BATCH_NORMS
+_LAYER_NORMS = (nn.LayerNorm, nn.RMSNorm, WrittenNorm)   # per-sample norms
+_NORMS = _LAYER_NORMS + BATCH_NORMS                        # and batch norms (a ConvNorm MLP's, a stage's)
 
 
 def _users(s, node: fx.Node) -> list[fx.Node]:
@@ -65,16 +66,16 @@ def _gamma(norm, d_model: int):
     return None if norm is None else norm_scale(norm, d_model)
 
 
-def _norm_after(s, node: fx.Node, width: int):
-    """The scale of a norm that ``node``'s output passes through alone (one user at every step, no
-    join) before anything else reads it: a patch embedding's or a downsample's norm, a post-norm
-    block's norm on its MLP output (Swin-V2); None when there is none."""
+def _norm_after(s, node: fx.Node, width: int, norms: tuple = _NORMS):
+    """The scale of a norm (one of ``norms``) that ``node``'s output passes through alone (one user at
+    every step, no join) before anything else reads it: a patch embedding's or a downsample's norm, a
+    post-norm block's norm on its MLP output (Swin-V2), a ConvNorm's batch norm; None when there is none."""
     while True:
         users = _users(s, node)
         if len(users) != 1:
             return None
         node = users[0]
-        if node.op == "call_module" and isinstance(s.module(node), _NORMS):
+        if node.op == "call_module" and isinstance(s.module(node), norms):
             return _gamma(s.module(node), width) if norm_width(s, node) == width else None
         if s.kind(node) not in _MOVES + ("unary",) or len(s.tensor_inputs(node)) != 1 or _is_activation(s, node):
             return None

@@ -412,22 +412,22 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
                 "residual streams of different widths (TNT's inner and outer transformers, CrossViT's branches); "
                 "modlens's weight graph follows one stream through stages in sequence and cannot join parallel "
                 "streams: analyse one branch as a model of its own where the model allows it")
-        if k and d_model != d_prev and m.node in _stream_layers(s, mlps[k - 1].down):
-            via = _width_change(s, mlps[k - 1].down)
-            raise UnsupportedModelError(
-                f"the MLP '{mlps[k - 1].node.target}' writes a stream of width {d_prev} that reaches the MLP "
-                f"'{m.node.target}' (width {d_model}) through no layer"
-                f"{f', by {s.describe(via)}' if via is not None else ''}: a reduction, broadcast or gate between "
-                "streams (a transformer inside a gate: CSATv2's spatial attention runs one on a 1-channel map); "
-                "modlens reads the MLPs of the main residual stream and has no weight graph for an MLP whose stream "
-                "only gates another one yet")
         if k and (d_model != d_prev or m.node not in _stream_layers(s, mlps[k - 1].down)):
             try:
                 transitions.append(_transition(s, mlps[k - 1], m, d_prev, d_model))
                 stage += 1
-            except UnsupportedModelError:
+            except UnsupportedModelError as exc:
                 # streams of one width with no single downsampling layer between them (an encoder's and a
                 # decoder's) stay one stream, as before stages existed; a change of width must be explained
+                if d_model != d_prev and m.node in _stream_layers(s, mlps[k - 1].down):
+                    via = _width_change(s, mlps[k - 1].down)
+                    raise UnsupportedModelError(
+                        f"the MLP '{mlps[k - 1].node.target}' writes a stream of width {d_prev} that reaches the MLP "
+                        f"'{m.node.target}' (width {d_model}) through no layer"
+                        f"{f', by {s.describe(via)}' if via is not None else ''}: a reduction, broadcast or gate "
+                        "between streams (a transformer inside a gate: CSATv2's spatial attention runs one on a "
+                        "1-channel map); modlens reads the MLPs of the main residual stream and has no weight graph "
+                        "for an MLP whose stream only gates another one yet") from exc
                 if d_model != d_prev:
                     raise
         norm, at = _back_to_norm(s, m.node.args[0])
