@@ -1014,7 +1014,10 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
         c = r.get("commit", "unrecorded")
         commits[c] = commits.get(c, 0) + 1
     lines += ["Code under test (commit: models run there): "
-              + ", ".join(f"`{c}`: {n}" for c, n in sorted(commits.items(), key=lambda kv: -kv[1])) + ".", ""]
+              + ", ".join(f"`{c}`: {n}" for c, n in sorted(commits.items(), key=lambda kv: -kv[1])) + "."
+              + (" These results were joined from runs at several commits (`--merge`): each model's verdict is "
+                 "that of the code at its own commit (`unrecorded`: runs made before the commit was recorded), "
+                 "not of one commit." if len(commits) > 1 else ""), ""]
     lines += ["## Totals", "", "| zoo | models | ok | partition-fails | analyze-fails | unbuildable | runs with data |"
               " runs with and without data |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     by_zoo = {z: [r for r in records if r["zoo"] == z] for z in ZOOS}
@@ -1082,7 +1085,8 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
             continue
         lines += [f"## {ZOO_TITLES[z]}", "",
                   "| model | family | input | params (M) | neurons | layers | capture s | analyze s | verdict | "
-                  "reason (with data) | reason (without data) |", "|---|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+                  "reason (with data) | reason (without data) | commit |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---|---|---|---|"]
         for r in sorted(rs, key=lambda r: (r["family"].lower(), r["name"].lower())):
             shape = "x".join(map(str, r.get("input_shape") or []))
             reason = short(r.get("reason"))
@@ -1091,7 +1095,8 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
             lines.append(
                 f"| {_esc(r['name'])} | {_esc(r['family'])} | {shape} | {_num(r.get('params') and r['params'] / 1e6, '{:.2f}')} | "
                 f"{_num(r.get('neurons'), '{:d}')} | {_num(r.get('layers'), '{:d}')} | {_num(r.get('capture_seconds'))} | "
-                f"{_num(r.get('analyze_seconds'))} | {r['verdict']} | {_esc(reason)} | {_esc(short(r.get('nodata_reason')))} |")
+                f"{_num(r.get('analyze_seconds'))} | {r['verdict']} | {_esc(reason)} | {_esc(short(r.get('nodata_reason')))} | "
+                f"{r.get('commit', '')} |")
         lines.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -1155,7 +1160,8 @@ def main(argv=None) -> None:
         for path in args.merge:
             by.update({(r["zoo"], r["name"]): r for r in load_results(path)})
         records = list(by.values())
-        meta = {"command": "python benchmarks/zoo.py --merge " + " --merge ".join(p.name for p in args.merge),
+        meta = {"command": f"python benchmarks/zoo.py --merge ... ({len(args.merge)} results files, listed in the "
+                           "meta of the results file)",
                 "merged": [str(p) for p in args.merge], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         save_results(args.results, records, meta)
         print(f"merged {len(args.merge)} file(s) into {args.results} ({len(records)} models)")
