@@ -80,3 +80,24 @@ def test_execute_keeps_the_partial_folder_of_a_killed_task_and_removes_it_when_t
     np.testing.assert_array_equal(np.load(tasks.task_dir(tmp_path, "lesion", "k" * 64) / "counts.npy"),
                                   Engine().correct_counts(0, sets))
     assert not partial[0].exists()
+
+
+def test_run_log_writes_a_change_that_the_throttle_held_back(tmp_path):
+    """A resumed run marks its cached tasks and starts the next ones within the throttle's interval; the
+    last of those changes must reach run.json without waiting for another change (hours, for a CNN lesion
+    task), so that `modlens study status` is right while the run goes on."""
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from modlens.study.status import RunLog
+
+    nodes = [SimpleNamespace(id=f"t{i}", kind="lesion") for i in range(3)]
+    log = RunLog(tmp_path, "s", nodes, executor="processes", workers=2, interval=0.3)
+    log.set("t0", "cached")
+    log.set("t1", "running")             # within the interval of the first write
+    time.sleep(0.6)
+    states = {k: v["state"] for k, v in json.loads((tmp_path / "run.json").read_text())["tasks"].items()}
+    assert states == {"t0": "cached", "t1": "running", "t2": "pending"}
+    log.close(finished=True)
+    assert json.loads((tmp_path / "run.json").read_text())["finished"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -28,30 +29,46 @@ class RunLog:
         self.path = Path(study_dir) / STATUS_FILE
         self.interval = interval
         self._last = 0.0
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None   # the write a throttled change is waiting for
         self.record = {"format": "modlens-study-run", "name": name, "pid": os.getpid(), "executor": executor,
                        "workers": workers, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        "finished": None, "tasks": {n.id: {"kind": n.kind, "state": "pending"} for n in nodes}}
         self._write(force=True)
 
     def set(self, task_id: str, state: str, seconds: float | None = None, error: str | None = None) -> None:
-        entry = self.record["tasks"][task_id]
-        entry["state"] = state
-        if seconds is not None:
-            entry["seconds"] = round(float(seconds), 3)
-        if error is not None:
-            entry["error"] = error
+        with self._lock:
+            entry = self.record["tasks"][task_id]
+            entry["state"] = state
+            if seconds is not None:
+                entry["seconds"] = round(float(seconds), 3)
+            if error is not None:
+                entry["error"] = error
         self._write(force=state == "failed")
 
     def close(self, *, finished: bool) -> None:
-        if finished:
-            self.record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self._lock:
+            if finished:
+                self.record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._write(force=True)
 
     def _write(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self._last >= self.interval:
+        """Write now if forced or if the last write is ``interval`` old; otherwise once that much time has
+        passed (a change is never left unwritten: the tasks that start right after a burst of cached ones
+        may run for hours)."""
+        with self._lock:
+            wait = self.interval - (time.monotonic() - self._last)
+            if not force and wait > 0:
+                if self._timer is None:
+                    self._timer = threading.Timer(wait, self._write, kwargs={"force": True})
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             atomic_write_text(self.path, pretty(self.record))
-            self._last = now
+            self._last = time.monotonic()
 
 
 def _run_active(study_dir: Path) -> bool:
