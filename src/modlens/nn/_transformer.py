@@ -250,14 +250,13 @@ def find_mlps(s) -> list[MLPNeurons]:
             "has no MLP over (batch, tokens, channels) beside them: mixture-of-experts MLPs are not supported; "
             "modlens analyses the units of dense transformer MLPs")
     if not out:
-        mixing, note = "attention", ""
+        mixing = "attention"
         if s.token_mixers:
             mixing = f"token-mixing layers ({', '.join(sorted(n.target for n in s.token_mixers)[:2])}, ...)"
-            note = ""
         raise UnsupportedModelError(
             f"the model has {mixing} but no transformer MLP (Linear or 1x1 conv -> activation -> Linear or 1x1 "
-            f"conv, batch norms allowed after each map, a gated GLU/SwiGLU MLP, or one with a depthwise conv "
-            f"between its maps as in a Mix-FFN); modlens analyses the MLP neurons of transformer blocks{note}"
+            "conv, batch norms allowed after each map, a gated GLU/SwiGLU MLP, or one with a depthwise conv "
+            "between its maps as in a Mix-FFN); modlens analyses the MLP neurons of transformer blocks"
         )
     return out
 
