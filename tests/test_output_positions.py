@@ -81,3 +81,26 @@ def test_perceiver_sequence_classifier_reads_its_one_query():
     for layer in range(len(a.layer_sizes)):
         sets = [np.arange(k) for k in (1, a.layer_sizes[layer] // 2)]
         np.testing.assert_array_equal(ev.correct_counts(layer, sets), correct_counts_plain(a, layer, sets, ids, y))
+
+
+class WidenedPooler(TokenClassifier):
+    """A pooler Linear whose output is widened (repeated twice) before the head: the head's columns are
+    not the pooler's rows, so there is no head map to compose (before: a matmul error)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.pool = torch.nn.Linear(8, 4)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.pool(self.norm(self.blocks(self.embed(x) + self.pos)).mean(1))
+        return self.head(h.repeat(1, 2))
+
+
+def test_a_head_read_through_a_width_change_is_not_composed_with_the_pooler():
+    torch.manual_seed(0)
+    m = WidenedPooler(n_blocks=2).double().eval()
+    a = NetworkAdapter(m, torch.randn(8, 5, 6, dtype=torch.float64))
+    parts = a.residual_parts()
+    assert parts["head"] is None and len(parts["blocks"]) == 2
+    assert {(i, j) for i, j, _ in a.weight_blocks()} >= {(0, 1), (1, 2)}

@@ -389,6 +389,8 @@ def _one_head(s, layer, d_model: int):
         norm, stop = _back_to_norm(s, node)
         if norm is not None or s.kind(stop) != "layer" or not isinstance(s.module(stop), nn.Linear):
             break
+        if s.module(stop).out_features != h.shape[1]:   # something between them changes the width: no head map
+            return None, None
         h = h @ _np(s.module(stop).weight)  # a dense map between the stream and the head (pooler)
         node = stop.args[0]
     if h.shape[1] != d_model:
