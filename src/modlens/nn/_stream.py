@@ -66,19 +66,30 @@ def _gamma(norm, d_model: int):
     return None if norm is None else norm_scale(norm, d_model)
 
 
-def _norm_after(s, node: fx.Node, width: int, norms: tuple = _NORMS):
-    """The scale of a norm (one of ``norms``) that ``node``'s output passes through alone (one user at
-    every step, no join) before anything else reads it: a patch embedding's or a downsample's norm, a
-    post-norm block's norm on its MLP output (Swin-V2), a ConvNorm's batch norm; None when there is none."""
+def _first_after(s, node: fx.Node, found, passes):
+    """The first node after ``node``, following single users, for which ``found`` holds, while every node
+    before it ``passes``; None when the walk branches or meets anything else."""
     while True:
         users = _users(s, node)
         if len(users) != 1:
             return None
         node = users[0]
-        if node.op == "call_module" and isinstance(s.module(node), norms):
-            return _gamma(s.module(node), width) if norm_width(s, node) == width else None
-        if s.kind(node) not in _MOVES + ("unary",) or len(s.tensor_inputs(node)) != 1 or _is_activation(s, node):
+        if found(node):
+            return node
+        if not passes(node):
             return None
+
+
+def _norm_after(s, node: fx.Node, width: int, norms: tuple = _NORMS):
+    """The scale of a norm (one of ``norms``) that ``node``'s output passes through alone (one user at
+    every step, no join) before anything else reads it: a patch embedding's or a downsample's norm, a
+    post-norm block's norm on its MLP output (Swin-V2), a ConvNorm's batch norm; None when there is none."""
+    norm = _first_after(s, node, lambda n: n.op == "call_module" and isinstance(s.module(n), norms),
+                        lambda n: s.kind(n) in _MOVES + ("unary",) and len(s.tensor_inputs(n)) == 1
+                        and not _is_activation(s, n))
+    if norm is None or norm_width(s, norm) != width:
+        return None
+    return _gamma(s.module(norm), width)
 
 
 def _passing(s, node: fx.Node) -> bool:

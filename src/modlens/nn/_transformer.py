@@ -41,8 +41,8 @@ from modlens.nn._ops import Sink, UnsupportedModelError
 from modlens.nn._pointwise import depthwise_rows, is_map, matrix, norm_scale, norm_width, width_out
 from modlens.nn._stage_chain import l1_gain
 from modlens.nn._stage_maps import _branch_gain, _stream_layers, _transition, _width_change, branch_conv
-from modlens.nn._stream import (_MOVES, _NORMS, MLPNeurons, _closure, _gamma, _is_activation, _norm_after, _np,
-                                _passing, _users)
+from modlens.nn._stream import (_MOVES, _NORMS, MLPNeurons, _closure, _first_after, _gamma, _is_activation,
+                                _norm_after, _np, _passing, _users)
 
 aten = torch.ops.aten
 _TOP_K = (aten.topk.default, torch.topk, "topk")   # a router's choice of experts
@@ -263,31 +263,15 @@ def find_mlps(s) -> list[MLPNeurons]:
 
 def _gates(s, down: fx.Node) -> bool:
     """Whether ``down``'s output, through element-wise ops, multiplies another value (a gate)."""
-    node = down
-    while True:
-        users = _users(s, node)
-        if len(users) != 1:
-            return False
-        node = users[0]
-        if s.kind(node) == "gate":
-            return True
-        if s.kind(node) not in ("unary", "bn") + _MOVES:
-            return False
+    return _first_after(s, down, lambda n: s.kind(n) == "gate",
+                        lambda n: s.kind(n) in ("unary", "bn") + _MOVES) is not None
 
 
 def bn_after(s, layer: fx.Node):
     """The weight-graph scale of a batch norm that directly follows ``layer`` (through reshapes: LeViT
     normalizes ``x.flatten(0, 1)``), else None."""
-    node = layer
-    while True:
-        users = _users(s, node)
-        if len(users) != 1:
-            return None
-        node = users[0]
-        if s.kind(node) == "bn":
-            return norm_scale(s.module(node), norm_width(s, node))
-        if s.kind(node) not in _MOVES and not _passing(s, node):
-            return None
+    bn = _first_after(s, layer, lambda n: s.kind(n) == "bn", lambda n: s.kind(n) in _MOVES or _passing(s, n))
+    return None if bn is None else norm_scale(s.module(bn), norm_width(s, bn))
 
 
 def mlp_sink(s, m: MLPNeurons) -> Sink:
