@@ -177,8 +177,26 @@ class Partitioner:
                 neighbours = [[position[m] for m in neighbours[h] if m in position] for h in hidden]
                 sizes = self.adapter.layer_sizes
                 hidden = list(range(len(sizes)))
+            if kind == "weights" and not _has_edges(adj):
+                raise ValueError(self._no_edges_message(blocks))
             self._graphs[kind] = (adj, sizes, hidden, neighbours)
         return self._graphs[kind]
+
+    def _no_edges_message(self, blocks) -> str:
+        """Why a weight graph has no edge at all: the maps that join the layers are zero."""
+        names = self.adapter.layer_names
+        if blocks is None:  # transformer: each MLP's edges pass through its output map
+            zero = [names[k] for k, b in enumerate(self._graphs["parts"]["blocks"]) if not np.any(b.w_out)]
+            what = f"the output maps of {len(zero)} of the {len(names)} MLPs"
+        else:
+            hidden = self._weight_structure()[2]
+            zero = [names[hidden.index(j)] for j in sorted({j for _, j, a in blocks if not np.any(a)}) if j in hidden]
+            what = f"the weights into {len(zero)} of the {len(names)} layers"
+        shown = ", ".join(f"'{z}'" for z in zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+        return (f"the weight graph has no edges: every weight that joins two analysed neurons is zero ({what} are "
+                f"zero{f': {shown}' if zero else ''}). Models that start their residual branches at zero (a norm "
+                "scale or last layer initialised to 0, as EfficientViT-M and SHViT do) look like this before "
+                "training; partition a trained model, or an activations/ method with data")
 
     def _position_rows(self, data, x, batch_size: int) -> list[np.ndarray]:
         """Per-position activation rows (sequence x token) of the activation data."""
@@ -244,6 +262,15 @@ def cluster_graph(adj, sizes, hidden, neighbours, scope: str, n_clusters: int, *
         full_ncut = None
     ncut = _hidden_ncut(adj, sizes, hidden, hidden_labels, distinct_per_layer=(scope == "local"))
     return hidden_labels, ncut, full_ncut
+
+
+def _has_edges(adj) -> bool:
+    """Whether the graph has an edge between two different nodes."""
+    if sparse.issparse(adj):
+        adj = sparse.csr_array(adj)
+        return bool(np.any(adj.data != 0) and (adj - sparse.diags_array(adj.diagonal())).count_nonzero())
+    a = np.asarray(adj)
+    return bool(np.count_nonzero(a) - np.count_nonzero(np.diagonal(a)))
 
 
 def _is_chain(neighbours, targets) -> bool:
