@@ -22,6 +22,11 @@ Which models:
   of ``transformers``, built from its config class with reduced sizes (2 layers, 4 heads of
   width 8, stage widths divided by 16, 256-token vocabulary, ...; see :func:`shrink_config`).
 
+Normalization scales that a model initialises to exactly zero (zero-initialised residual branches)
+are set to one before the stages, as training would move them off zero; otherwise the weight graph
+of an untrained EfficientViT-M or SHViT has no edge at all. Each record counts them
+(``zero_scales``).
+
 Every model gets 10 classes (``num_classes``/``num_labels``) and the smallest input it accepts
 among a few candidate sizes (32 x 32 first; ``img_size=``/``image_size=`` where the model takes
 it, so ViT-like models keep their architecture with fewer patches). Data: 8 random test inputs
@@ -645,6 +650,24 @@ def make_data(model, input_name, kind, shape, cfg, seed):
     return x, y
 
 
+def unzero_norm_scales(model) -> int:
+    """Set to one every normalization scale that the model initialises to exactly zero, and return how
+    many there were. Zero-initialised residual branches (timm ResNets' last batch norm, EfficientViT-M,
+    SHViT) make the weight graph of an untrained model lose those paths, or every edge; training moves
+    the scales off zero, and the census asks whether modlens runs the architecture."""
+    import torch
+
+    n = 0
+    with torch.no_grad():
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if "Norm" in type(m).__name__ and isinstance(w, torch.nn.Parameter) and w.dim() == 1 \
+                    and w.numel() and not torch.any(w):
+                w.fill_(1.0)
+                n += 1
+    return n
+
+
 def run_model(job: dict, send) -> None:
     """Run the stages of one model, sending ("start", stage) and ("stage", stage, record) messages."""
     import numpy as np
@@ -674,12 +697,13 @@ def run_model(job: dict, send) -> None:
         return
     model, input_name, shape, kind, extra = built
     model.eval()
+    zero_scales = unzero_norm_scales(model)
     n_params = sum(p.numel() for p in model.parameters())
     cfg = getattr(model, "config", None)
     x, y = make_data(model, input_name, kind, shape, cfg, 1)
     x_val, _ = make_data(model, input_name, kind, shape, cfg, 2)
     send(("info", {"params": int(n_params), "input_shape": list(shape), "input_name": input_name,
-                   "build_options": extra}))
+                   "build_options": extra, "zero_scales": zero_scales}))
     if job.get("build_only"):
         return
 
