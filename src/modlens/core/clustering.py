@@ -34,6 +34,15 @@ EIGEN_SOLVERS = ("auto", "arpack", "lobpcg", "lanczos", "amg")
 #: super-linearly on sparse graphs, while LOBPCG's cost grows about linearly with the edges.
 ARPACK_MAX_NODES = 5000
 
+#: A sparse graph that stores at least this share of all ``n^2`` entries (a dense weight graph held
+#: as CSR, as a transformer's residual-stream graph is below its kNN size) is solved as a dense
+#: array: a dense product costs less than the sparse one with its indices, and the dense array is no
+#: larger than the CSR one (8 bytes per entry against 12). ``benchmarks/dense_spectral.py``
+#: measures it; the labels are those of the sparse path (tests/test_clustering_dense.py).
+DENSE_SHARE = 2 / 3
+#: ... on graphs of at most this many connected nodes (the dense array of 16,384 nodes is 2 GiB).
+DENSE_MAX_NODES = 16384
+
 #: k-means initializations of ``n_init="auto"`` (the original code's rule): 25, or 100 on
 #: graphs with more than :data:`N_INIT_LARGE_ABOVE` nodes.
 N_INIT_SMALL, N_INIT_LARGE, N_INIT_LARGE_ABOVE = 25, 100, 2000
@@ -220,7 +229,14 @@ def spectral_labels(
     if n_clusters == 1:
         labels[active] = 0
         return labels
-    sub = adj[active][:, active]
+    if sp.issparse(adj) and eigen_solver in ("arpack", "lobpcg") and _dense_enough(adj, active.size):
+        adj = adj.toarray()   # the same graph, cheaper to solve (DENSE_SHARE)
+    if active.size == n:
+        sub = adj.copy()
+    elif sp.issparse(adj):
+        sub = adj[active][:, active]
+    else:
+        sub = adj[np.ix_(active, active)]
     if sp.issparse(sub):
         sub = sp.csr_array(sub)
         sub.setdiag(0)  # self-loops do not change the cut; keep the graph loop-free
@@ -229,8 +245,7 @@ def spectral_labels(
             sub.indices = sub.indices.astype(np.int32)
             sub.indptr = sub.indptr.astype(np.int32)
     else:
-        sub = sub.copy()
-        np.fill_diagonal(sub, 0.0)
+        np.fill_diagonal(sub, 0.0)   # sub is a copy in every branch above
 
     found = None
     if eigen_solver in spectral_large.LARGE_SOLVERS:
@@ -257,6 +272,11 @@ def spectral_labels(
         found = _fit(sub, n_clusters, "arpack", seed, n_init)
     labels[active] = relabel(found)
     return labels
+
+
+def _dense_enough(adj, n_active: int) -> bool:
+    """Whether a sparse graph is dense enough to be solved as a dense array (:data:`DENSE_SHARE`)."""
+    return n_active <= DENSE_MAX_NODES and adj.nnz >= DENSE_SHARE * float(adj.shape[0]) ** 2
 
 
 def _split(labels: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
