@@ -178,10 +178,15 @@ def _hf(family: str):
         cfg = t.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=24, max_position_embeddings=32, num_labels=3)
         return t.BertForSequenceClassification(cfg).eval()
+    if family == "perceiver":   # an image classifier whose input is called 'inputs', not 'pixel_values'
+        cfg = t.PerceiverConfig(num_latents=4, d_latents=16, d_model=16, num_blocks=1, num_self_attends_per_block=1,
+                                num_self_attention_heads=2, num_cross_attention_heads=1, image_size=8, num_labels=3)
+        return t.PerceiverForImageClassificationFourier(cfg).eval()
     raise AssertionError(family)
 
 
 @pytest.mark.parametrize("family, shape, name", [("vit", (3, 16, 16), "pixel_values"),
+                                                 ("perceiver", (3, 8, 8), "inputs"),
                                                  ("convnext", (3, 32, 32), "pixel_values"),
                                                  ("bert", (16,), "input_ids")])
 def test_hugging_face_models_partition_without_data(family, shape, name):

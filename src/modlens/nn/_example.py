@@ -130,7 +130,8 @@ def _config_candidates(model: nn.Module) -> list[_Candidate]:
         return []
     main = getattr(model, "main_input_name", None)
     out = []
-    if main == "pixel_values":
+    # an image model's input is pixel_values, or has another name in an image classifier (Perceiver's inputs)
+    if main == "pixel_values" or (main not in ("input_ids", "input_values") and "Image" in type(model).__name__):
         size = _pair(getattr(config, "image_size", None))
         channels = getattr(config, "num_channels", None)
         if size is not None:
