@@ -188,7 +188,7 @@ FINAL = Handler("final", modules=(nn.Softmax, nn.LogSoftmax),
                                                                                                "log_softmax.int"),
                 methods={"softmax", "log_softmax"})
 ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
-                    functions={F.scaled_dot_product_attention, torch.matmul, torch.bmm}
+                    functions={F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
                     | _ops("scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"),
                     methods={"matmul", "bmm"})
 
