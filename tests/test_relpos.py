@@ -135,3 +135,50 @@ def test_a_weight_product_into_the_stream_is_still_refused(capture):
     msg = str(e.value)
     assert "\n" not in msg and "einsum" in msg and "in module 'blocks.0'" in msg and "nn.Linear" in msg
     assert "not only attention scores" in msg and "blocks.0.ln2" in msg
+
+
+# ----- Hugging Face models with position terms, nothing downloaded ---------------------------------------
+def _tiny_funnel():
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = t.FunnelConfig(vocab_size=40, block_sizes=[1, 1], d_model=16, n_head=2, d_head=8, d_inner=24, num_labels=3,
+                         num_decoder_layers=1, max_position_embeddings=32)
+    return t.FunnelForSequenceClassification(cfg), torch.randint(5, 40, (60, 8)), "ffn.linear_1"
+
+
+def _tiny_conformer():
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = t.Wav2Vec2ConformerConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+        conv_depthwise_kernel_size=3, position_embeddings_type="relative", num_labels=3, classifier_proj_size=8,
+        max_source_positions=64)
+    return (t.Wav2Vec2ConformerForSequenceClassification(cfg), torch.randn(60, 200, dtype=torch.float64),
+            "intermediate_dense")
+
+
+@pytest.mark.parametrize("build", [_tiny_funnel, _tiny_conformer], ids=["funnel", "wav2vec2-conformer"])
+def test_hugging_face_relative_attention_lesions_equal_the_plain_oracle(build):
+    """Funnel (einsums of the queries with a projected position embedding and a segment embedding) and
+    the Wav2Vec2 Conformer (a matmul of the queries plus a bias vector with a projected position
+    embedding): MLP neurons only, and lesions of every MLP layer equal the plain oracle."""
+    m, x, unit = build()
+    m = m.double().eval()
+    with torch.no_grad():   # MLPs strong enough that lesions change predictions of the random model
+        for name, p in m.named_parameters():
+            if "ffn" in name and p.dim() == 2:
+                p.mul_(8)
+    y = m(x).logits.argmax(-1)
+    a = NetworkAdapter(m, x)
+    assert a.is_transformer and a.layer_names and all(name.endswith(unit) for name in a.layer_names)
+    assert a.layer_sizes == [24] * len(a.layer_names)
+    ev = IncrementalLesions(a, x, y)
+    rng = np.random.default_rng(0)
+    changed = 0
+    for layer in range(len(a.layer_names)):
+        sets = [rng.choice(24, k, replace=False) for k in (1, 8, 24)]
+        fast = ev.correct_counts(layer, sets)
+        np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y))
+        changed += int((fast != ev.baseline).any())
+    assert changed >= 2

@@ -201,6 +201,7 @@ SHAPE_METHODS = {"size", "dim"}
 # operations that read only the shape of an argument: (target, index of that argument)
 SHAPE_ONLY = ({(f, 0) for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)}
               | {(f, 0) for f in _ops("zeros_like", "ones_like", "empty_like", "full_like")}
+              | {(f, 0) for f in _ops("new_zeros", "new_ones", "new_empty", "new_full")}
               | {(f, 1) for f in _ops("expand_as", "reshape_as", "view_as")}
               | {("expand_as", 1), ("reshape_as", 1), ("view_as", 1), ("zeros_like", 0), ("new_zeros", 0),
                                                         ("new_ones", 0), ("new_empty", 0), ("new_full", 0)})

@@ -84,8 +84,9 @@ class Structure:
         if getattr(self, "_data", None) is None:
             seen, todo = {self.input}, [self.input]
             while todo:
-                for u in todo.pop().users:
-                    if u not in seen and not self.is_shape(u):
+                node = todo.pop()
+                for u in node.users:
+                    if u not in seen and not self.is_shape(u) and not self._shape_only(u, node):
                         seen.add(u)
                         todo.append(u)
             self._data = seen
