@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
-from modlens.nn._scores import leaves_scores
+from modlens.nn._scores import outside_attention
 from modlens.nn._transformer import find_mlps, mlp_sink
 from modlens.nn._registry import (
     ATTENTION_MODULES, BATCH_NORMS, CONV_TYPES, LAYER_TYPES, OTHER_WEIGHT_LAYERS, PASSING, SHAPE_FUNCTIONS,
@@ -270,12 +270,12 @@ class Structure:
                 continue  # a product of parameters, buffers and values of the input's sizes only (MaxViT's relative
                 # position tables, Gemma-4 ViT's one_hot(grid positions) @ table): no data flows through it
             if self.kind(node) == "attention":
-                end = leaves_scores(self, node)
+                end = outside_attention(self, node)
                 if end is None:
-                    continue  # a position term of attention scores (nn/_scores.py): no layer, no weight edge
+                    continue  # a position term or a projection of attention (nn/_scores.py): no layer, no weight edge
                 raise UnsupportedModelError(
                     f"unsupported functional layer {self.describe(node)}: a matrix product with a weight tensor "
-                    f"whose result reaches {self.describe(end)}, not only attention scores; use nn.Linear so that "
+                    f"whose result reaches {self.describe(end)} outside attention; use nn.Linear so that "
                     "modlens can find the layer's weights"
                 )
             if isinstance(mod, OTHER_WEIGHT_LAYERS):
