@@ -197,22 +197,33 @@ def _tiny_conformer():
             "intermediate_dense")
 
 
-@pytest.mark.parametrize("build", [_tiny_funnel, _tiny_conformer], ids=["funnel", "wav2vec2-conformer"])
-def test_hugging_face_relative_attention_lesions_equal_the_plain_oracle(build):
-    """Funnel (einsums of the queries with a projected position embedding and a segment embedding) and
+def _tiny_xlnet():
+    t = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = t.XLNetConfig(vocab_size=40, d_model=16, n_layer=2, n_head=2, d_inner=24, num_labels=3)
+    return t.XLNetForSequenceClassification(cfg), torch.randint(5, 40, (60, 8)), "ff.layer_1"
+
+
+@pytest.mark.parametrize("build,budget", [(_tiny_funnel, None), (_tiny_conformer, None), (_tiny_xlnet, None),
+                                          (_tiny_xlnet, 60_000)],
+                         ids=["funnel", "wav2vec2-conformer", "xlnet", "xlnet-chunked"])
+def test_hugging_face_relative_attention_lesions_equal_the_plain_oracle(build, budget):
+    """Funnel (einsums of the queries with a projected position embedding and a segment embedding),
     the Wav2Vec2 Conformer (a matmul of the queries plus a bias vector with a projected position
-    embedding): MLP neurons only, and lesions of every MLP layer equal the plain oracle."""
+    embedding) and XLNet (every projection an einsum with a parameter, and a time-major (T, B, C)
+    stream, cached batch first; with a small memory budget, in chunks and blocks): MLP neurons only,
+    and lesions of every MLP layer equal the plain oracle."""
     m, x, unit = build()
     m = m.double().eval()
     with torch.no_grad():   # MLPs strong enough that lesions change predictions of the random model
         for name, p in m.named_parameters():
-            if "ffn" in name and p.dim() == 2:
+            if ("ffn" in name or ".ff." in name) and p.dim() == 2:
                 p.mul_(8)
     y = m(x).logits.argmax(-1)
     a = NetworkAdapter(m, x)
     assert a.is_transformer and a.layer_names and all(name.endswith(unit) for name in a.layer_names)
     assert a.layer_sizes == [24] * len(a.layer_names)
-    ev = IncrementalLesions(a, x, y)
+    ev = IncrementalLesions(a, x, y, batch_size=16, memory_budget_bytes=budget)
     rng = np.random.default_rng(0)
     changed = 0
     for layer in range(len(a.layer_names)):
@@ -220,4 +231,6 @@ def test_hugging_face_relative_attention_lesions_equal_the_plain_oracle(build):
         fast = ev.correct_counts(layer, sets)
         np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y))
         changed += int((fast != ev.baseline).any())
+        if budget is not None:
+            assert ev.last_stats["cache_chunks"] > 1
     assert changed >= 2
