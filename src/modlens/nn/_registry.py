@@ -64,7 +64,9 @@ that effective weight (:mod:`modlens.nn._computed`), and a Linear whose output i
 halves that gMLP's spatial gating unit joins into one Linear per half (:mod:`modlens.nn._split_linear`).
 
 Adding an operation means adding (or extending) one handler here and a test. A model with
-attention is analysed through its blocks' MLP neurons (:mod:`modlens.nn._transformer`).
+attention is analysed through its blocks' MLP neurons (:mod:`modlens.nn._transformer`). An
+``attention`` product of one activation with a weight is part of attention when it is a position
+term of the scores or a projection written as an einsum (:mod:`modlens.nn._scores`), else refused.
 """
 
 from __future__ import annotations
