@@ -18,7 +18,9 @@ cuts the model's graph there:
   recomputes it and zeroes the lesioned channels on its edges into the sink's users.
 
 The *probe* computes all of these from the input; the *tail* computes the output from them,
-re-running only the operations that depend on the lesion.
+re-running only the operations that depend on the lesion. A value whose batch is not its first
+dimension (a time-major ``(T, B, C)`` stream: XLNet) is cached batch first and moved back for the tail
+(:func:`time_major`).
 """
 
 from __future__ import annotations
