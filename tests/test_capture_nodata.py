@@ -161,6 +161,27 @@ def test_token_model_with_an_embedding_gets_token_ids():
     assert b.input_shape == (5,) and a.layer_names == b.layer_names == ["fc"]
 
 
+
+def test_model_reading_a_sequence_of_vectors_gets_one_at_its_first_linear_width():
+    """A first Linear over the last dimension of (T, d) inputs (Wav2Vec2-BERT's audio features): after
+    (d,) fails, the model is exported at 16 positions of d features."""
+    class Frames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(10, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            if x.dim() != 3:
+                raise ValueError("frames (B, T, 10) only")
+            return self.out(torch.relu(self.fc(x)).mean(1))
+
+    model = Frames().eval()
+    a = NetworkAdapter(model)
+    assert a.capture_method == "export" and a.input_shape == (16, 10) and "16 positions" in a.capture_input
+    assert a.layer_names == ["fc"]
+    _same_capture(a, NetworkAdapter(model, torch.randn(4, 7, 10)))
+
+
 transformers = pytest.importorskip("transformers")
 
 

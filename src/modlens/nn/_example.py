@@ -15,7 +15,8 @@ needs a shape. :func:`example_input` takes it, in this order, from
    * the image size the model was built for: an ``image_size`` or ``img_size`` attribute of the
      model or of its patch embedding (torchvision's ViT, timm's ``PatchEmbed``);
    * timm's ``pretrained_cfg["input_size"]`` (or ``default_cfg``);
-   * its first layer: ``(in_features,)`` for an ``nn.Linear``, ``(in_channels, S, S)`` for an
+   * its first layer: ``(in_features,)``, else ``(T, in_features)`` (a sequence of vectors: Wav2Vec2-BERT's
+     audio features) for an ``nn.Linear``, ``(in_channels, S, S)`` for an
      ``nn.Conv2d`` and ``(in_channels, L)`` for an ``nn.Conv1d`` at the first of a few sizes it
      accepts (:data:`PROBE_SIZES`), token ids for an ``nn.Embedding``.
 
@@ -192,8 +193,10 @@ def _layer_candidates(model: nn.Module) -> list[_Candidate]:
         return []
     name, m = first
     what = f"its first layer '{name}' ({type(m).__name__}"
-    if isinstance(m, nn.Linear):
-        return [_Candidate((m.in_features,), None, None, f"{what}, {m.in_features} inputs)")]
+    if isinstance(m, nn.Linear):   # one vector, or a sequence of them (frames of audio features, tokens)
+        basis = f"{what}, {m.in_features} inputs)"
+        return [_Candidate((m.in_features,), None, None, basis),
+                _Candidate((TOKEN_LENGTH, m.in_features), None, None, f"{basis} at {TOKEN_LENGTH} positions", basis)]
     if isinstance(m, nn.Conv2d):
         basis = f"{what}, {m.in_channels} channels)"
         return [_Candidate((m.in_channels, s, s), None, None, f"{basis} at {s}x{s}", basis) for s in PROBE_SIZES]

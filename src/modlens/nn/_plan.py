@@ -18,7 +18,9 @@ cuts the model's graph there:
   recomputes it and zeroes the lesioned channels on its edges into the sink's users.
 
 The *probe* computes all of these from the input; the *tail* computes the output from them,
-re-running only the operations that depend on the lesion.
+re-running only the operations that depend on the lesion. A value whose batch is not its first
+dimension (a time-major ``(T, B, C)`` stream: XLNet) is cached batch first and moved back for the tail
+(:func:`time_major`).
 """
 
 from __future__ import annotations
@@ -150,6 +152,7 @@ class LesionPlan:
             if n not in probe_outputs:
                 probe_outputs.append(n)
         self.probe_outputs = probe_outputs
+        self.batch_dims = time_major(structure, layer, probe_outputs, self.corrections, self.inner)
         self.probe = _fx.extract(gm, [structure.input], probe_outputs, clone_outputs=True)
         edges = [(m.value, m.joins, _edge_mask, (m.routes[0].dim,)) for m in self.inner]
         self.tail = _fx.extract(gm, self.cuts + self.frontier, [output], edges=edges)
@@ -212,23 +215,36 @@ class LesionPlan:
             inputs.append(z_new.reshape(-1, *z.shape[1:]))
         for m, idx in zip(self.masks, mask_idx):
             v = cached[m.value]
-            masked = torch.mul(v.unsqueeze(0), _keep(v, idx, m.routes[0].dim), out=_stacked(v, n_sets))
+            dim = m.routes[0].dim + int(m.routes[0].dim < self.batch_dims.get(m.value, 0))   # cached batch first
+            masked = torch.mul(v.unsqueeze(0), _keep(v, idx, dim), out=_stacked(v, n_sets))
             inputs.append(masked.reshape(-1, *v.shape[1:]))
         for f in self.frontier:  # always a copy: the tail may modify its inputs in place
             v = cached[f]
             inputs.append(_stacked(v, n_sets).copy_(v.unsqueeze(0).expand(n_sets, *v.shape)).reshape(-1, *v.shape[1:]))
+        if self.batch_dims:   # time-major values go back to their own layout, the stacked sets in their batch
+            inputs = [v.movedim(0, self.batch_dims[n]).contiguous() if n in self.batch_dims else v
+                      for n, v in zip(self.cuts + self.frontier, inputs)]
         return inputs + list(inner_idx)
 
     # ----- sizes and costs (per sample) -------------------------------------------------------------
+    def _numel(self, shapes: dict, node: fx.Node) -> int:
+        """Elements per sample (``shapes`` drops the first dimension; a time-major value drops its batch)."""
+        if self.batch_dims:
+            d = _batch_dim(self.structure, node)
+            shape = node.meta["val"].shape if d else ()
+            if d and all(isinstance(x, int) for i, x in enumerate(shape) if i != d):
+                return math.prod(x for i, x in enumerate(shape) if i != d)
+        return _numel(shapes, node)
+
     def cache_elements(self, shapes: dict) -> int:
-        return sum(_numel(shapes, n) for n in self.probe_outputs)
+        return sum(self._numel(shapes, n) for n in self.probe_outputs)
 
     def work_elements(self, shapes: dict) -> int:
         """Elements held per (set, sample) while a block runs: tail inputs, the gathered
         consumer inputs, and the two largest values the tail computes."""
-        sizes = sorted((_numel(shapes, n) for n in self.tail_nodes), reverse=True)[:2]
-        gathered = sum(_numel(shapes, c.value) for c in self.corrections)
-        return sum(_numel(shapes, n) for n in self.cuts + self.frontier) + gathered + sum(sizes)
+        sizes = sorted((self._numel(shapes, n) for n in self.tail_nodes), reverse=True)[:2]
+        gathered = sum(self._numel(shapes, c.value) for c in self.corrections)
+        return sum(self._numel(shapes, n) for n in self.cuts + self.frontier) + gathered + sum(sizes)
 
     def weight_elements(self, set_size: int) -> int:
         """Consumer weights gathered per lesion set (the columns or kernel slices it removes)."""
@@ -293,6 +309,33 @@ def pool_before_relu(gm: fx.GraphModule) -> int:
     if count:
         gm.recompile()
     return count
+
+
+def _batch_dim(s, node: fx.Node) -> int | None:
+    """The dimension of ``node``'s value that is the batch in the exported graph (its symbolic size is
+    the input's first one), when exactly one is; None otherwise (no recorded value, or a batch folded
+    with windows or heads)."""
+    val, first = node.meta.get("val"), s.input.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not isinstance(first, torch.Tensor) or first.dim() == 0:
+        return None
+    dims = [i for i, size in enumerate(val.shape) if str(size) == str(first.shape[0])]
+    return dims[0] if len(dims) == 1 else None
+
+
+def time_major(s, layer: fx.Node, probe_outputs: list, corrections: list, inner: list) -> dict:
+    """Probe outputs whose batch is not their first dimension (a time-major ``(T, B, C)`` stream, as
+    in XLNet), by node: their batch dimension. The cache holds them batch first and the tail gets them
+    back in their own layout; refused where a correction, an inner mask or the output would need it."""
+    dims = {n: d for n in probe_outputs if (d := _batch_dim(s, n))}
+    special = [c.value for c in corrections] + [c.consumer for c in corrections] + [m.value for m in inner]
+    bad = next((n for n in special if n in dims), None)
+    if dims and (bad is not None or _batch_dim(s, s.output) not in (0, None)):
+        where = f"'{bad.name}'" if bad is not None else "the model output"
+        raise UnsupportedModelError(
+            f"lesions of layer '{layer.target}': {where} keeps the batch in another dimension than the first "
+            "(a time-major value) where modlens subtracts or masks a lesion incrementally; modlens recomputes "
+            "time-major values only through masks of per-position layers and residual additions")
+    return dims
 
 
 def _edge_mask(value: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:

@@ -64,7 +64,9 @@ that effective weight (:mod:`modlens.nn._computed`), and a Linear whose output i
 halves that gMLP's spatial gating unit joins into one Linear per half (:mod:`modlens.nn._split_linear`).
 
 Adding an operation means adding (or extending) one handler here and a test. A model with
-attention is analysed through its blocks' MLP neurons (:mod:`modlens.nn._transformer`).
+attention is analysed through its blocks' MLP neurons (:mod:`modlens.nn._transformer`). An
+``attention`` product of one activation with a weight is part of attention when it is a position
+term of the scores or a projection written as an einsum (:mod:`modlens.nn._scores`), else refused.
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ FINAL = Handler("final", modules=(nn.Softmax, nn.LogSoftmax),
                                                                                                "log_softmax.int"),
                 methods={"softmax", "log_softmax"})
 ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
-                    functions={F.scaled_dot_product_attention, torch.matmul, torch.bmm}
+                    functions={F.scaled_dot_product_attention, torch.matmul, operator.matmul, torch.bmm, torch.einsum}
                     | _ops("scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"),
                     methods={"matmul", "bmm"})
 
@@ -201,6 +203,7 @@ SHAPE_METHODS = {"size", "dim"}
 # operations that read only the shape of an argument: (target, index of that argument)
 SHAPE_ONLY = ({(f, 0) for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)}
               | {(f, 0) for f in _ops("zeros_like", "ones_like", "empty_like", "full_like")}
+              | {(f, 0) for f in _ops("new_zeros", "new_ones", "new_empty", "new_full")}
               | {(f, 1) for f in _ops("expand_as", "reshape_as", "view_as")}
               | {("expand_as", 1), ("reshape_as", 1), ("view_as", 1), ("zeros_like", 0), ("new_zeros", 0),
                                                         ("new_ones", 0), ("new_empty", 0), ("new_full", 0)})

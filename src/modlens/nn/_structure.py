@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
+from modlens.nn._scores import outside_attention
 from modlens.nn._transformer import find_mlps, mlp_sink
 from modlens.nn._registry import (
     ATTENTION_MODULES, BATCH_NORMS, CONV_TYPES, LAYER_TYPES, OTHER_WEIGHT_LAYERS, PASSING, SHAPE_FUNCTIONS,
@@ -83,8 +84,9 @@ class Structure:
         if getattr(self, "_data", None) is None:
             seen, todo = {self.input}, [self.input]
             while todo:
-                for u in todo.pop().users:
-                    if u not in seen and not self.is_shape(u):
+                node = todo.pop()
+                for u in node.users:
+                    if u not in seen and not self.is_shape(u) and not self._shape_only(u, node):
                         seen.add(u)
                         todo.append(u)
             self._data = seen
@@ -268,9 +270,13 @@ class Structure:
                 continue  # a product of parameters, buffers and values of the input's sizes only (MaxViT's relative
                 # position tables, Gemma-4 ViT's one_hot(grid positions) @ table): no data flows through it
             if self.kind(node) == "attention":
+                end = outside_attention(self, node)
+                if end is None:
+                    continue  # a position term or a projection of attention (nn/_scores.py): no layer, no weight edge
                 raise UnsupportedModelError(
-                    f"unsupported functional layer {self.describe(node)}: a matrix product with a weight tensor; use "
-                    "nn.Linear so that modlens can find the layer's weights"
+                    f"unsupported functional layer {self.describe(node)}: a matrix product with a weight tensor "
+                    f"whose result reaches {self.describe(end)} outside attention; use nn.Linear so that "
+                    "modlens can find the layer's weights"
                 )
             if isinstance(mod, OTHER_WEIGHT_LAYERS):
                 raise UnsupportedModelError(

@@ -193,6 +193,8 @@ class IncrementalLesions:
                 out = plan.probe(xb)
                 out = out if isinstance(out, tuple) else (out,)
                 for node, v in zip(plan.probe_outputs, out):
+                    if node in plan.batch_dims:   # time-major: cached batch first (the tail moves it back)
+                        v = v.movedim(plan.batch_dims[node], 0)
                     m = v.shape[0] // xb.shape[0]
                     if m < 1 or v.shape[0] != m * xb.shape[0] or cached.rows.get(node, m) != m:
                         raise UnsupportedModelError(
