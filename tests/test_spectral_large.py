@@ -86,3 +86,50 @@ def test_lanczos_falls_back_to_amg_when_arpack_does_not_converge(monkeypatch):
     with pytest.warns(RuntimeWarning, match="did not converge"):
         fallback = spectral_labels(adj, 4, eigen_solver="lanczos", random_state=1)
     np.testing.assert_array_equal(fallback, amg)
+
+
+def test_lanczos_through_the_operator_equals_the_explicit_normalized_adjacency():
+    """The Lanczos path reads D^{-1/2} A D^{-1/2} through an operator on the graph; the same ARPACK run
+    on the explicit matrix I - L (the path before) gives the same eigenpairs and embedding."""
+    from scipy.sparse.linalg import eigsh
+
+    adj, _ = planted_graph(6, 200, 0.05, 0.005, seed=3)
+    emb, values = large_embedding(adj, 6, solver="lanczos", random_state=4)
+    lap, dd = laplacian(adj, normed=True, return_diag=True)
+    norm_adj = sp.csr_array(sp.identity(adj.shape[0], format="csr") - lap)
+    v0 = np.random.default_rng(4).uniform(-1.0, 1.0, adj.shape[0])
+    ref_values, ref_vectors = eigsh(norm_adj, k=6, which="LA", tol=0, v0=v0)
+    order = np.argsort(1.0 - ref_values)
+    np.testing.assert_allclose(values, (1.0 - ref_values)[order], atol=1e-12)
+    ref = ref_vectors[:, order] / dd[:, None]
+    ref = ref * np.sign(ref[np.argmax(np.abs(ref), axis=0), np.arange(6)])
+    np.testing.assert_allclose(emb, ref, atol=1e-8)
+
+
+def test_a_large_loop_free_graph_is_clustered_without_a_copy(monkeypatch):
+    """Peak memory of spectral_labels on a loop-free graph with 32-bit indices stays below half the
+    graph's own size: neither the graph nor I - L is copied (the path before held about three copies).
+    Symmetry is checked by probes, as on graphs of more than PROBED_SYMMETRY_NNZ entries."""
+    import tracemalloc
+
+    from modlens.core import clustering
+
+    monkeypatch.setattr(clustering, "PROBED_SYMMETRY_NNZ", 0)
+
+    rng = np.random.default_rng(0)
+    n, per_row = 20_000, 100
+    rows = np.repeat(np.arange(n), per_row)
+    cols = (rows + rng.integers(1, n, rows.size)) % n    # never the diagonal
+    upper = sp.coo_array((rng.uniform(0.5, 1.5, rows.size), (rows, cols)), shape=(n, n)).tocsr()
+    adj = sp.csr_array(upper + upper.T)
+    adj.sum_duplicates()
+    adj = sp.csr_array((adj.data, adj.indices.astype(np.int32), adj.indptr.astype(np.int32)), shape=adj.shape)
+    graph_bytes = adj.data.nbytes + adj.indices.nbytes + adj.indptr.nbytes
+    tracemalloc.start()
+    try:
+        labels = spectral_labels(adj, 4, random_state=0, eigen_solver="lanczos", n_init=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (labels >= 0).all() and len(np.unique(labels)) == 4
+    assert peak < 0.5 * graph_bytes, (peak / 2**20, graph_bytes / 2**20)

@@ -229,23 +229,14 @@ def spectral_labels(
     if n_clusters == 1:
         labels[active] = 0
         return labels
+    owned = False
     if sp.issparse(adj) and eigen_solver in ("arpack", "lobpcg") and _dense_enough(adj, active.size):
-        adj = adj.toarray()   # the same graph, cheaper to solve (DENSE_SHARE)
-    if active.size == n:
-        sub = adj.copy()
-    elif sp.issparse(adj):
-        sub = adj[active][:, active]
+        adj, owned = adj.toarray(), True   # the same graph, cheaper to solve (DENSE_SHARE)
+    if sp.issparse(adj):
+        sub = _loop_free(adj if active.size == n else adj[active][:, active], shared=active.size == n)
     else:
-        sub = adj[np.ix_(active, active)]
-    if sp.issparse(sub):
-        sub = sp.csr_array(sub)
-        sub.setdiag(0)  # self-loops do not change the cut; keep the graph loop-free
-        sub.eliminate_zeros()
-        if sub.nnz < np.iinfo(np.int32).max:  # scikit-learn's ARPACK path wants 32-bit indices
-            sub.indices = sub.indices.astype(np.int32)
-            sub.indptr = sub.indptr.astype(np.int32)
-    else:
-        np.fill_diagonal(sub, 0.0)   # sub is a copy in every branch above
+        sub = (adj if owned else adj.copy()) if active.size == n else adj[np.ix_(active, active)]
+        np.fill_diagonal(sub, 0.0)   # self-loops do not change the cut; keep the graph loop-free
 
     found = None
     if eigen_solver in spectral_large.LARGE_SOLVERS:
@@ -272,6 +263,21 @@ def spectral_labels(
         found = _fit(sub, n_clusters, "arpack", seed, n_init)
     labels[active] = relabel(found)
     return labels
+
+
+def _loop_free(sub, *, shared: bool) -> sp.csr_array:
+    """``sub`` without self-loops or stored zeros, with 32-bit indices (scikit-learn's ARPACK path wants
+    them). A ``shared`` graph (the caller's) is copied only when it has self-loops or stored zeros:
+    a large CNN's weight graph has 10^8 entries, and a copy of it is what ran out of memory."""
+    sub = sp.csr_array(sub)
+    if np.any(sub.diagonal()) or np.count_nonzero(sub.data) != sub.data.size:
+        sub = sub.copy() if shared else sub
+        sub.setdiag(0)
+        sub.eliminate_zeros()
+    if sub.nnz < np.iinfo(np.int32).max:
+        sub = sp.csr_array((sub.data, sub.indices.astype(np.int32, copy=False), sub.indptr.astype(np.int32, copy=False)),
+                           shape=sub.shape)
+    return sub
 
 
 def _dense_enough(adj, n_active: int) -> bool:

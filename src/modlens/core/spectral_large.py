@@ -29,9 +29,10 @@ Entry point: ``spectral_labels(..., eigen_solver="lanczos" | "amg")`` in
 default. :func:`large_embedding` and :func:`cluster_active` take a graph that has already been
 validated, has no self-loops and no zero-degree node.
 
-Memory: the graph, ``L`` and ``I - L`` (~12 bytes per stored entry each), ARPACK's ``n x 2k+1``
-Lanczos basis (or LOBPCG's ~6 blocks of ``n x (k + 4)``, plus the AMG hierarchy, about the size
-of ``L``), all float64.
+Memory: the graph (~12 bytes per stored entry), which Lanczos reads through an operator
+``D^{-1/2} A D^{-1/2}`` without a copy, and ARPACK's ``n x 2k+1`` Lanczos basis; the AMG path
+also builds ``L`` (one more copy of the graph), LOBPCG's ~6 blocks of ``n x (k + 4)`` and the AMG
+hierarchy (about the size of ``L``), all float64.
 
 This module is layer 0: numpy, scipy, scikit-learn and pyamg only.
 """
@@ -44,7 +45,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.csgraph import laplacian as csgraph_laplacian
-from scipy.sparse.linalg import ArpackNoConvergence, eigsh, lobpcg
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, lobpcg
 
 #: Sparse graphs with more than this many connected nodes are clustered here (Lanczos) under the
 #: default LOBPCG setting of :func:`modlens.core.clustering.spectral_labels`; the same size as
@@ -79,16 +80,28 @@ def _sign_flip(vectors: np.ndarray) -> np.ndarray:
     return vectors * signs
 
 
-def _residual(lap, vectors, values) -> float:
-    res = np.linalg.norm(lap @ vectors - vectors * values, axis=0) / np.linalg.norm(vectors, axis=0)
+def _residual(norm_adj, vectors, values) -> float:
+    """Largest relative residual ``|L x - lambda x| / |x|``, with ``L x = x - norm_adj x``."""
+    res = np.linalg.norm(vectors - norm_adj @ vectors - vectors * values, axis=0) / np.linalg.norm(vectors, axis=0)
     return float(res.max())
 
 
-def _lanczos_eigs(lap, sqrt_deg, n_components, rng):
-    """Smallest eigenpairs of ``L`` as the largest algebraic ones of ``I - L``."""
-    n = lap.shape[0]
-    norm_adj = sp.csr_array(sp.identity(n, format="csr") - lap)
-    v0 = rng.uniform(-1.0, 1.0, n)  # a random start (as scikit-learn's ARPACK path): seeded
+def _normalized_adjacency(adj, sqrt_deg) -> LinearOperator:
+    """``x -> D^{-1/2} A D^{-1/2} x`` as an operator on the graph itself: no copy of the graph (a
+    large CNN's weight graph has 10^8 entries; ``I - L`` as a matrix was one more copy)."""
+    inv = 1.0 / sqrt_deg
+
+    def product(x):
+        x = np.asarray(x, dtype=np.float64)
+        scale = inv if x.ndim == 1 else inv[:, None]
+        return scale * (adj @ (scale * x))
+
+    return LinearOperator(adj.shape, matvec=product, matmat=product, dtype=np.float64)
+
+
+def _lanczos_eigs(norm_adj, n_components, rng):
+    """Smallest eigenpairs of ``L`` as the largest algebraic ones of ``I - L`` (``norm_adj``)."""
+    v0 = rng.uniform(-1.0, 1.0, norm_adj.shape[0])  # a random start (as scikit-learn's ARPACK path): seeded
     values, vectors = eigsh(norm_adj, k=n_components, which="LA", tol=0, v0=v0)
     return 1.0 - values, vectors
 
@@ -113,7 +126,8 @@ def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", ra
         raise ValueError(f"core.spectral_large: solver must be one of {LARGE_SOLVERS}, got {solver!r}")
     adj = sp.csr_array(adjacency, dtype=np.float64)
     n = adj.shape[0]
-    n_comp = connected_components(adj, directed=False, return_labels=False)
+    # strong components of the symmetric graph are its components; the undirected call copies the graph
+    n_comp = connected_components(adj, directed=True, connection="strong", return_labels=False)
     if n_comp > 1:
         warnings.warn(
             f"core.spectral_large: the graph is not fully connected ({n_comp} components); "
@@ -121,16 +135,16 @@ def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", ra
             UserWarning,
             stacklevel=2,
         )
-    lap, sqrt_deg = csgraph_laplacian(adj, normed=True, return_diag=True)
-    lap = sp.csr_array(lap)
+    sqrt_deg = np.sqrt(np.asarray(adj.sum(axis=1), dtype=np.float64).ravel())
+    norm_adj = _normalized_adjacency(adj, sqrt_deg)
     rng = np.random.default_rng(random_state)
     if n <= 5 * (n_components + max(int(extra), 0)) + 1:  # tiny: solve densely
-        values, vectors = np.linalg.eigh(lap.toarray())
+        values, vectors = np.linalg.eigh(np.eye(n) - norm_adj @ np.eye(n))
     else:
         values = vectors = None
         if solver == "lanczos":
             try:
-                values, vectors = _lanczos_eigs(lap, sqrt_deg, n_components, rng)
+                values, vectors = _lanczos_eigs(norm_adj, n_components, rng)
             except ArpackNoConvergence:
                 warnings.warn(
                     f"core.spectral_large: ARPACK Lanczos did not converge on a {n}-node graph; "
@@ -138,11 +152,13 @@ def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", ra
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        if values is None:
+        if values is None:   # the Laplacian as a matrix: the AMG hierarchy is built on it
+            lap = sp.csr_array(csgraph_laplacian(adj, normed=True))
             values, vectors = _amg_eigs(lap, sqrt_deg, n_components, rng, tol, maxiter, extra)
+            del lap
     order = np.argsort(values)[:n_components]
     values, vectors = values[order], vectors[:, order]
-    worst = _residual(lap, vectors, values)
+    worst = _residual(norm_adj, vectors, values)
     if worst > max(100 * tol, 1e-4):
         warnings.warn(
             f"core.spectral_large: the {solver} eigensolver did not converge on a {n}-node graph "
