@@ -152,6 +152,19 @@ def test_mixture_of_experts_is_refused_in_one_line_naming_the_router(cls, config
     assert "\n" not in str(e.value)
 
 
+def test_experts_chosen_without_topk_are_named_by_their_grouped_product():
+    """Phi-MoE's sparsemixer picks experts with max and masks, not topk: the experts' grouped matrix
+    product names the mixture of experts (before: "no transformer MLP")."""
+    model = _moe("PhimoeForSequenceClassification", "PhimoeConfig", torch.float32, num_local_experts=4,
+                 num_experts_per_tok=2)
+    ids = torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Exception, match=r"routes tokens to experts \(operation '.*grouped_mm.*' in module "
+                                        r"'model\.layers\.0\.mlp\.experts': a grouped matrix product over the "
+                                        r"experts' weights\).*mixture-of-experts MLPs are not supported") as e:
+        NetworkAdapter(model, ids, input_name="input_ids")
+    assert "\n" not in str(e.value)
+
+
 def test_a_model_that_fails_at_the_data_says_what_it_raised():
     """Mixtral's grouped expert products take no float64: the one-line error says so, not only the shape."""
     model = _moe("MixtralForSequenceClassification", "MixtralConfig", torch.float64, num_local_experts=4,

@@ -244,9 +244,11 @@ def find_mlps(s) -> list[MLPNeurons]:
         keep_pre = dw is not None or (pre is not None and s.preactivation_node(layer) is not pre)
         out.append(MLPNeurons(layer, up, down, value, dw, pre if keep_pre else None))
     routers = [n for n in s.gm.graph.nodes if n in s.live and n.target in _TOP_K]
-    if routers and not out:
+    experts = [n for n in s.gm.graph.nodes if n in s.live and "grouped_mm" in str(n.target)]
+    if (routers or experts) and not out:
+        how = "a top-k choice of experts per token" if routers else "a grouped matrix product over the experts' weights"
         raise UnsupportedModelError(
-            f"the model routes tokens to experts ({s.describe(routers[0])}: a top-k choice of experts per token) and "
+            f"the model routes tokens to experts ({s.describe((routers or experts)[0])}: {how}) and "
             "has no MLP over (batch, tokens, channels) beside them: mixture-of-experts MLPs are not supported; "
             "modlens analyses the units of dense transformer MLPs")
     if not out:
