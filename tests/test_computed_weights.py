@@ -182,3 +182,42 @@ def test_a_product_of_size_only_values_and_a_table_is_a_position_embedding(captu
     torch.manual_seed(0)
     a = family_oracle_check(OneHotPositions(), (5, 6), capture=capture)
     assert a.is_transformer and a.layer_names == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+
+
+class LayerNorm1P(nn.LayerNorm):
+    """Nemotron's layer norm: the scale is ``1 + weight``, computed in forward."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+class ShiftedRMSNorm(nn.RMSNorm):
+    """An RMS norm whose scale is computed in forward (timm's RmsNormFp32 casts it: ``weight.float()``)."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight * 0.5 + 0.5, self.eps)
+
+
+@pytest.mark.parametrize("norm", [LayerNorm1P, ShiftedRMSNorm])
+def test_norms_with_a_computed_scale_are_norms_with_their_effective_scale(norm):
+    """Under torch.export (before: 'its weight is computed in forward, not a parameter'); the weight
+    graph folds the effective scale, and lesions equal the plain oracle."""
+    from tiny_transformers import TokenClassifier
+
+    torch.manual_seed(0)
+    m = TokenClassifier(n_blocks=2)
+    for block in m.blocks:
+        block.ln1, block.ln2 = norm(8), norm(8)
+    m.norm = norm(8)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, norm):
+                mod.weight.normal_()
+    m = m.double().eval()
+    a = _oracle_check(m, torch.randn(64, 5, 6, dtype=torch.float64), "export")
+    assert a.is_transformer and a.layer_names == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    effective = (lambda w: w + 1) if norm is LayerNorm1P else (lambda w: w * 0.5 + 0.5)
+    blocks = a.residual_parts()["blocks"]
+    for k, block in enumerate(m.blocks):
+        np.testing.assert_allclose(np.abs(blocks[k].gamma), np.abs(effective(block.ln2.weight).detach().numpy()))
+    assert not any(isinstance(a.gm.get_submodule(n.target), norm) for n in a.gm.graph.nodes if n.op == "call_module")

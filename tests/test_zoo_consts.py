@@ -2,7 +2,7 @@
 on timm models with random weights at a small size: NFNet's weight-standardized convs
 (``ScaledStdConv2d``) and SwiftFormer's ``query @ w_g``; and gMLP's gated units (one ``fc1`` cut in
 two halves, modlens.nn._split_linear); and Gemma-4's ViT (a position table read by a one-hot
-product of the patch grid, clamped GLU maps). ``partition`` without data succeeds, and
+product of the patch grid, clamped GLU maps); DeepSeek's ViT (RMS norms whose scale is cast in forward). ``partition`` without data succeeds, and
 lesions of every neuron layer by the fast incremental engine equal the plain oracle in float64.
 Run with ``pytest -m zoo`` in the zoo environment."""
 
@@ -39,11 +39,16 @@ def _gemma4_vit():   # gemma4_vit_167m's blocks (clipped Linears, one-hot positi
                              intermediate_size=48, img_size=32, patch_size=16, position_embedding_size=64)
 
 
+def _deepseek_vit():   # deepseek_vit_412m's blocks (RmsNormFp32: the norm scale cast in forward), two, narrow
+    return timm.create_model("deepseek_vit_412m", num_classes=5, depth=2, embed_dim=32, num_heads=2, img_size=56)
+
+
 MODELS = {
     "standardized convs (test_nfnet)": (lambda: timm.create_model("test_nfnet", num_classes=5), 32, True),
     "x @ w_g (swiftformer)": (_swiftformer, 32, False),
     "spatial gating unit (gmlp)": (_gmlp, 32, False),
     "one-hot position table, clipped GLU (gemma4_vit)": (_gemma4_vit, 32, False),
+    "norm scale computed in forward (deepseek_vit)": (_deepseek_vit, 56, False),
 }
 
 
@@ -55,6 +60,8 @@ def test_zoo_computed_weights_partition_and_lesions_equal_the_oracle(family):
     x = torch.randn(16, 3, size, size, dtype=torch.float64)
     a = NetworkAdapter(model, x[:2])
     assert a.layer_sizes and all(w > 0 for w in a.layer_sizes)
+    if "deepseek" in family:   # exported (before: torch.export's rms_norm had a computed weight, and fx ran)
+        assert a.capture_method == "export" and a.layer_names == ["encoder.blocks.0.mlp.fc1", "encoder.blocks.1.mlp.fc1"]
     if has_std_convs:   # the stem's weight is computed from its parameter: a layer named by that module
         assert "stem.conv1" in a.layer_names
     if "gmlp" in family:   # the gated units: the half of fc1 through the spatial gating unit is the value

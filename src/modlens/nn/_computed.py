@@ -35,6 +35,8 @@ _CONV = {F.conv1d: 1, F.conv2d: 2, torch.conv1d: 1, torch.conv2d: 2, aten.conv1d
          aten.conv2d.default: 2, aten.conv1d.padding: 1, aten.conv2d.padding: 2}
 _LINEAR = {F.linear, torch._C._nn.linear, aten.linear.default}
 _MATMUL = {torch.matmul, operator.matmul, aten.matmul.default}
+#: normalizations (export's aten ops) and the argument positions of their affine weight and bias
+_NORMS = {aten.layer_norm.default: (2, 3), aten.group_norm.default: (2, 3), aten.rms_norm.default: (2,)}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
@@ -160,6 +162,8 @@ def _module(node: fx.Node, c: _Constants) -> nn.Module | None:
             cls = nn.Conv2d if d == 2 else nn.Conv1d
             m = cls(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), stride=stride, padding=padding,
                     dilation=dilation, groups=groups, bias=b is not None, device="meta")
+    elif t in _NORMS:
+        return _norm_module(node, c)
     elif t in _MATMUL:
         w_node = node.args[1] if len(node.args) > 1 else None
         if not c.constant(w_node):
@@ -177,6 +181,31 @@ def _module(node: fx.Node, c: _Constants) -> nn.Module | None:
     return m.eval()
 
 
+def _norm_module(node: fx.Node, c: _Constants) -> nn.Module | None:
+    """The norm module equivalent to a LayerNorm, GroupNorm or RMSNorm whose scale or shift is
+    computed from parameters (timm's ``RmsNormFp32``: ``weight.float()``; Nemotron's ``1 + weight``)."""
+    t, args = node.target, list(node.args) + [None] * 6
+    affine = [args[i] for i in _NORMS[t]]
+    if any(a is not None and not c.constant(a) for a in affine):
+        return None
+    w, b = (c.tensor(a) for a in (affine + [None])[:2])
+    if any(a is not None and v is None for a, v in zip(affine, (w, b))):
+        return None
+    if t is aten.layer_norm.default:
+        m = nn.LayerNorm(list(args[1]), eps=float(args[4] if args[4] is not None else 1e-5),
+                         elementwise_affine=w is not None, bias=b is not None, device="meta")
+    elif t is aten.rms_norm.default:
+        m = nn.RMSNorm(list(args[1]), eps=args[3], elementwise_affine=w is not None, device="meta")
+    else:
+        channels = _arg(node, 0, "input").meta["val"].shape[1]
+        m = nn.GroupNorm(int(args[1]), int(channels), eps=float(args[4] if args[4] is not None else 1e-5),
+                         affine=w is not None, device="meta")
+    _place(m, "weight", w)
+    if t is not aten.rms_norm.default:
+        _place(m, "bias", b)
+    return m.eval()
+
+
 def computed_layers(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm`` with every functional linear map whose weight is a constant (a parameter, or a value
     computed from parameters and buffers only) replaced by a layer module; see the module docstring.
@@ -184,12 +213,13 @@ def computed_layers(gm: fx.GraphModule) -> fx.GraphModule:
     c = _Constants(gm)
     made: list[tuple[fx.Node, str, nn.Module]] = []
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or not (node.target in _CONV or node.target in _LINEAR or node.target in _MATMUL):
+        if node.op != "call_function" or not (node.target in _CONV or node.target in _LINEAR or node.target in _MATMUL
+                                               or node.target in _NORMS):
             continue
         m = _module(node, c)
         if m is None:
             continue
-        base = _base_name(node, _arg(node, 1, "weight"))
+        base = _base_name(node, node.args[2] if node.target in _NORMS else _arg(node, 1, "weight"))
         tmp = f"_modlens_new_{len(made)}"
         gm.add_submodule(tmp, m)   # the user's model is not touched: gm is the captured graph's own root
         with gm.graph.inserting_before(node):
