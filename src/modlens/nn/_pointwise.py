@@ -20,11 +20,12 @@ BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 def is_map(mod: nn.Module) -> bool:
-    """Whether ``mod`` is a Linear or a dense 1x1 conv (stride 1, no padding, one group)."""
+    """Whether ``mod`` is a Linear or a pointwise conv: a 1x1 Conv2d or a kernel-1 Conv1d (SqueezeBERT's
+    MLPs over (B, C, T)), stride 1, no padding, grouped or not (a grouped one is block-diagonal)."""
     if isinstance(mod, nn.Linear):
         return True
-    return (isinstance(mod, nn.Conv2d) and tuple(mod.kernel_size) == (1, 1) and tuple(mod.stride) == (1, 1)
-            and tuple(mod.padding) == (0, 0) and mod.groups == 1)
+    return (isinstance(mod, (nn.Conv1d, nn.Conv2d)) and set(mod.kernel_size) == {1} and set(mod.stride) == {1}
+            and set(mod.padding) == {0})
 
 
 def width_out(mod: nn.Module) -> int | None:
@@ -32,9 +33,18 @@ def width_out(mod: nn.Module) -> int | None:
 
 
 def matrix(mod: nn.Module) -> np.ndarray:
-    """The map's weight as ``(out, in)``, float64."""
+    """The map's weight as ``(out, in)``, float64; a grouped conv's as the block-diagonal matrix (zero
+    between groups)."""
     w = mod.weight.detach().cpu().double()
-    return w.reshape(w.shape[0], -1).numpy()
+    w = w.reshape(w.shape[0], -1).numpy()
+    groups = getattr(mod, "groups", 1)
+    if groups == 1:
+        return w
+    out, per = w.shape[0] // groups, w.shape[1]
+    full = np.zeros((w.shape[0], per * groups))
+    for g in range(groups):
+        full[g * out:(g + 1) * out, g * per:(g + 1) * per] = w[g * out:(g + 1) * out]
+    return full
 
 
 def is_batch_norm(mod) -> bool:
