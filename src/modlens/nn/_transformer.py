@@ -39,6 +39,7 @@ from torch import fx, nn
 from modlens.core.residual_graph import MLPBlockWeights
 from modlens.nn._ops import Sink, UnsupportedModelError
 from modlens.nn._pointwise import depthwise_rows, is_map, matrix, norm_scale, norm_width, width_out
+from modlens.nn._scores import _mixes_tokens
 from modlens.nn._stage_chain import l1_gain
 from modlens.nn._stage_maps import _branch_gain, _stream_layers, _transition, _width_change, branch_conv
 from modlens.nn._stream import (_MOVES, _NORMS, MLPNeurons, _closure, _first_after, _gamma, _is_activation,
@@ -204,6 +205,17 @@ def _fused_glu(s, layer: fx.Node) -> MLPNeurons | None:
         node = u
 
 
+def _embedding_mlp(s, m: MLPNeurons) -> bool:
+    """An MLP-shaped pair that changes the width and runs before any attention or token mixing: part of
+    computing the input embedding (MarkupLM's XPath embedding), not a block on the residual stream."""
+    first = s.module(m.node)
+    width_in = getattr(first, "in_features", None) or getattr(first, "in_channels", None)
+    if m.halves is not None or width_in == width_out(s.module(m.down)):
+        return False
+    upstream = _closure(m.node, lambda n: n.all_input_nodes)
+    return not any(_mixes_tokens(s, n) or n in s.token_mixers for n in upstream)
+
+
 def find_mlps(s) -> list[MLPNeurons]:
     """The MLP neuron layers of a captured model with attention, in forward order."""
     out = []
@@ -243,6 +255,7 @@ def find_mlps(s) -> list[MLPNeurons]:
             continue
         keep_pre = dw is not None or (pre is not None and s.preactivation_node(layer) is not pre)
         out.append(MLPNeurons(layer, up, down, value, dw, pre if keep_pre else None))
+    out = [m for m in out if not _embedding_mlp(s, m)]
     routers = [n for n in s.gm.graph.nodes if n in s.live and n.target in _TOP_K]
     experts = [n for n in s.gm.graph.nodes if n in s.live and "grouped_mm" in str(n.target)]
     if (routers or experts) and not out:
