@@ -1028,7 +1028,9 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
              f"Run: `{argv}` on {platform.machine()} CPU, {os.environ.get('ZOO_THREADS', '1')} torch thread(s), "
              + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", "",
              "Each model has random weights and 10 classes and sees 8 random test and 8 held-out inputs at the "
-             "smallest input size it accepts (column *input*). **Without data**: "
+             "smallest input size it accepts (column *input*). Normalization scales that a model initialises to "
+             "exactly zero (zero-initialised residual branches) are set to one first, as training would move them "
+             "(runs from 3530207 on; `zero_scales` in the results). **Without data**: "
              "`modlens.partition(model, \"weights/global\", n_clusters=4)`. **With data**: capture by "
              "`torch.export` at the data's shape, `weights/global` and `activations/global` partitions (k = 4) and "
              "`modlens.analyze` with a random partition of every neuron layer into halves and 2 random sets per "
