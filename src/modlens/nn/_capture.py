@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from modlens.nn._computed import computed_layers
+from modlens.nn._computed import _NORMS, computed_layers
 from modlens.nn._decoder_capture import rewrite
 from modlens.nn._fx import ModelTraceError, eval_mode, trace
 from modlens.nn._split_linear import split_linears
@@ -161,8 +161,6 @@ def _pool_values(graph: fx.Graph) -> None:
 
 _WEIGHT_OPS = (aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv1d.padding,
                aten.conv2d.padding)
-#: normalizations and the argument positions of their affine weight and bias
-_NORM_AFFINE = {aten.layer_norm.default: (2, 3), aten.group_norm.default: (2, 3), aten.rms_norm.default: (2,)}
 _AUTOCAST = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
 _GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
 # higher-order ops that wrap their body in a mode, and the index of the body among their arguments
@@ -307,7 +305,7 @@ class _Builder:
         if t in _WEIGHT_OPS and (self._computed(args[1]) or self._computed(args[2])) and (
                 t is not aten.linear.default or self._computed(args[1])):
             return None   # a weight computed from parameters: a layer with that weight (modlens.nn._computed)
-        if t in _NORM_AFFINE and any(self._computed(args[i]) for i in _NORM_AFFINE[t]):
+        if t in _NORMS and any(self._computed(args[i]) for i in _NORMS[t]):
             return None   # a norm scale computed from parameters (weight.float(), 1 + weight): modlens.nn._computed
         if t is aten.linear.default:
             w = self._param(args[1], "weight", node)

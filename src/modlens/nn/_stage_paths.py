@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from modlens.nn._ops import UnsupportedModelError
 from modlens.nn._pointwise import norm_scale
+from modlens.nn._stream import _closure
 
 
 @dataclass
@@ -67,16 +68,6 @@ def _add(maps: list) -> _Map | None:
         i, j = m.offset[0] - lo[0], m.offset[1] - lo[1]
         out[:, :, i:i + m.kernel.shape[2], j:j + m.kernel.shape[3]] += m.kernel
     return _Map(out, maps[0].stride, tuple(lo))
-
-
-def _closure(node: fx.Node, step) -> set:
-    seen, todo = {node}, [node]
-    while todo:
-        for n in step(todo.pop()):
-            if n not in seen:
-                seen.add(n)
-                todo.append(n)
-    return seen
 
 
 _Refuse = object()
