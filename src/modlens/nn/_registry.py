@@ -32,10 +32,13 @@ kind              how a layer's channels flow               weight edges        
 ``permute``       channel dimension moves                    followed                   carried through
 ``mean``, ``sum`` spatial dims (or the groups in front of    followed                   carried through
                   the channels) averaged or summed
-``reshape``       other dims reshaped: unchanged; a channel  followed (shuffle: new     carried through;
-                  shuffle (groups, transpose, back): a       places; groups: place      recomputed from a
-                  permutation; (B, G * C, ...) viewed as     ``p % C``)                 shuffle or group
-                  (B, G, C, ...): groups (radix attention)                              view on
+``reshape``       other dims reshaped, a size-1 dim          followed (shuffle: new     carried through;
+                  inserted, or other dims repeated           places; groups: place      recomputed from a
+                  (``unsqueeze``, ``repeat``, ``expand``):   ``p % C``)                 shuffle or group
+                  unchanged; a channel shuffle (groups,                                 view on
+                  transpose, back): a permutation; (B, G *
+                  C, ...) viewed as (B, G, C, ...): groups
+                  (radix attention)
 ``stack``         branches stacked in front of the           followed                   recomputed
                   channels (selective kernels)
 ``final``         softmax after the output layer; across     -- (across groups: a       -- (recomputed)
@@ -180,6 +183,9 @@ SPLIT = Handler(  # the inverse of cat: channel windows (x[:, a:b] is getitem in
 FLATTEN = Handler("flatten", modules=(nn.Flatten,), functions={torch.flatten, torch.reshape}
                   | _ops("flatten.using_ints", "view", "reshape", "_unsafe_view", "reshape_as", "view_as"),
                   methods={"flatten", "view", "reshape", "reshape_as", "view_as"})
+BROADCAST = Handler(  # a size-1 dimension inserted, or other dimensions repeated or broadcast: channels kept
+    "reshape", functions={torch.unsqueeze} | _ops("unsqueeze", "repeat", "expand"),
+    methods={"unsqueeze", "repeat", "expand"})
 PERMUTE = Handler("permute", functions={torch.permute, torch.transpose} | _ops("permute", "transpose.int"),
                   methods={"permute", "transpose"})
 MEAN = Handler("mean", functions={torch.mean} | _ops("mean.dim"), methods={"mean"})
@@ -198,7 +204,7 @@ CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
 HANDLERS = [ACTIVATIONS, PASSING, POOLING, UPSAMPLING, PAD, BATCH_NORM, NORMALIZATION, STATISTIC, ARITHMETIC, CONCAT, SPLIT,
-            FLATTEN, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
+            FLATTEN, BROADCAST, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
 # operations that read only the shape of an argument: (target, index of that argument)
 SHAPE_ONLY = ({(f, 0) for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)}

@@ -51,7 +51,7 @@ class Structure:
         self.leaf_names = {l for l in leaf_modules if isinstance(l, str)}
         self.leaf_types = tuple(l for l in leaf_modules if isinstance(l, type))
         self.shapes = shapes or _meta_shapes(gm)
-        self.live = _ancestors_of(output) | {output}
+        self.live = _ancestors_of(output, self._constant) | {output}
         self.dynamic = _descendants_of(input_node)   # values that depend on the input (not constants)
         self._kind: dict[fx.Node, str] = {}
         self._shape: dict[fx.Node, bool] = {}
@@ -391,6 +391,11 @@ class Structure:
                     if kept is not None:
                         stack.append((user, kept, scales))
                         continue
+                    if handler_kind(user, None) == "reshape":   # unsqueeze, repeat, expand across the channels
+                        raise UnsupportedModelError(
+                            f"{self.describe(user)} repeats or moves the channels of layer '{start.target}' (shape "
+                            f"{self.shapes.get(user.args[0])} to {self.shapes.get(user)}); modlens follows repeats "
+                            "of the other dimensions only")
                     end, fn = self._shuffle(start, user, route)
                     n_source = self.layer_route(start).channels
                     if mode == "lesion":
@@ -460,6 +465,23 @@ class Structure:
         if mode == "weights":
             sinks = [s for s in sinks if s.kind == "layer"]
         return _dedupe(sinks)
+
+    def _constant(self, node: fx.Node) -> bool:
+        """Whether ``node`` is a softmax (or log-softmax) over a dimension of size 1, which is 1 (0) whatever
+        its input: the output does not depend on what it reads (SwiftFormer's additive attention scores, of
+        shape (B, N, 1), normalized over the last dimension)."""
+        if node.op not in ("call_function", "call_method", "call_module") or not node.args:
+            return False
+        module = self.module(node) if node.op == "call_module" else None
+        if handler_kind(node, module) != "final" or not isinstance(node.args[0], fx.Node):
+            return False
+        dim = getattr(module, "dim", None) if module is not None else node.kwargs.get(
+            "dim", node.args[1] if len(node.args) > 1 else None)
+        shape = self.shapes.get(node.args[0])
+        if not isinstance(dim, int) or shape is None:
+            return False
+        full = (None,) + tuple(shape)   # shapes are per sample: dimension d of the batch is d - 1 here
+        return dim % len(full) != 0 and full[dim % len(full)] == 1
 
     @staticmethod
     def _across_groups(user: fx.Node, route: Route) -> bool:
@@ -968,7 +990,8 @@ def _descendants_of(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _ancestors_of(node) -> set[fx.Node]:
+def _ancestors_of(node, constant=lambda n: False) -> set[fx.Node]:
+    """The nodes ``node`` depends on; not through a node that is ``constant`` whatever its input."""
     seen: set[fx.Node] = set()
     todo = [node] if isinstance(node, fx.Node) else []
     while todo:
@@ -976,7 +999,8 @@ def _ancestors_of(node) -> set[fx.Node]:
         if n in seen:
             continue
         seen.add(n)
-        todo.extend(n.all_input_nodes)
+        if not constant(n):
+            todo.extend(n.all_input_nodes)
     return seen
 
 
