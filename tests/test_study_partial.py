@@ -101,3 +101,24 @@ def test_run_log_writes_a_change_that_the_throttle_held_back(tmp_path):
     assert states == {"t0": "cached", "t1": "running", "t2": "pending"}
     log.close(finished=True)
     assert json.loads((tmp_path / "run.json").read_text())["finished"]
+
+
+def test_sets_measured_by_another_task_are_not_evaluated_again(tmp_path):
+    sets = _sets(23)
+    want = Engine().correct_counts(1, sets)
+    names = ["a", "b", "c"]
+    # another task measured every third set of layer 'b' (listed in another order, as a table keeps them)
+    measured = {("b", ",".join(map(str, sorted(s)))): c for s, c in zip(sets[::3], want[::3])}
+    measured[("a", ",".join(map(str, sorted(sets[1]))))] = np.array([-1, -1])   # another layer: not used
+    engine, seen = Engine(), []
+    saved = SavedCounts(engine, tmp_path / "partial", batch=5, measured=measured, layer_names=names)
+    got = saved.correct_counts(1, sets, progress=seen.append)
+    np.testing.assert_array_equal(got, want)
+    assert saved.reused == len(sets[::3]) and sum(n for _, n in engine.calls) == len(sets) - len(sets[::3])
+    assert sum(seen) == len(sets)
+    # a batch whose every set was measured calls the engine for none of them
+    engine = Engine()
+    whole = {("b", ",".join(map(str, sorted(s)))): c for s, c in zip(sets, want)}
+    again = SavedCounts(engine, tmp_path / "other", batch=5, measured=whole, layer_names=names)
+    np.testing.assert_array_equal(again.correct_counts(1, sets), want)
+    assert engine.calls == [] and again.reused == len(sets)

@@ -306,3 +306,29 @@ def test_a_resumed_run_takes_every_cached_task_before_it_waits_for_a_worker(refe
     independent = {t["task"] for t in _tasks(ref) if t["kind"] != "stats"} - {first["task"]}
     assert independent <= cached_before, sorted(independent - cached_before)
     assert [t for t, s in events if s == "done"][0] == first["task"]
+
+
+def test_other_statistics_options_reuse_the_lesion_counts(reference, tmp_path):
+    """Lesion tasks that differ only in how class counts become statistics (balanced accuracy, the
+    normalized class range: paper-original beside paper-small) run again, but take every set's counts
+    from the finished lesion tasks of the same networks and data: nothing is lesioned twice, and the
+    tables equal those of a run from scratch."""
+    spec_path, ref = reference
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out)
+    for f in out.glob("tasks/lesion/*/counts-identity.json"):   # as tasks finished before counts were shared
+        f.unlink()
+    run_study(load_spec(spec_path), out, executor="inline", progress=False)   # all cached: the records are written
+    n_lesion = sum(t["kind"] == "lesion" for t in _tasks(out))
+    assert len(list(out.glob("tasks/lesion/*/counts-identity.json"))) == n_lesion > 0
+    changed = write_spec(tmp_path, TINY.replace("n_random = 3", 'n_random = 3\naccuracy = "balanced"\n'
+                                                                'class_range = "normalized"'), "changed.toml")
+    run_study(load_spec(changed), out, executor="inline", progress=False)
+    fresh = [t for t in _tasks(out) if not t["cached"]]
+    assert sorted({t["kind"] for t in fresh}) == ["lesion", "stats"]
+    for t in fresh:
+        if t["kind"] == "lesion":
+            info = json.loads((out / "tasks" / "lesion" / t["key"] / "result.json").read_text())["info"]
+            assert info["counts_reused"] == info["rows"]
+    scratch = run_study(load_spec(changed), tmp_path / "scratch", executor="inline", progress=False)
+    assert_same_tables(out, scratch)

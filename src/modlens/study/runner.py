@@ -38,6 +38,7 @@ from modlens.study.status import RunLog
 from modlens.study.spec import NetworkGroup, SpecError, StudySpec
 from modlens.nn.sources import parse_model_name
 from modlens.study.inputs import data_identity, network_names, resolve_networks
+from modlens.study.task_kinds import COUNTS_FILE, write_counts_identity
 from modlens.study.tasks import clean_temporaries, read_done, task_dir, task_key
 
 
@@ -264,6 +265,10 @@ def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers
                         key = task_key(node.kind, params, _digests(inputs))
                         cached = read_done(study_dir, node.kind, key)
                         if cached is not None:
+                            if node.kind == "lesion":   # tasks finished before lesion counts were shared
+                                folder = task_dir(study_dir, node.kind, key)
+                                if not (folder / COUNTS_FILE).is_file():
+                                    write_counts_identity(folder, params, inputs)
                             pending.remove(node)
                             done[node.id] = dict(cached, dir=str(task_dir(study_dir, node.kind, key)))
                             timings.append({"task": node.id, "kind": node.kind, "key": key, "seconds": cached["seconds"],

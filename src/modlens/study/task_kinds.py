@@ -133,15 +133,72 @@ def _test(x, y, cfg):
     return test_data(x if cfg.task == "next-token" else (x, y), cfg)
 
 
+#: A finished lesion task's record of what its class counts depend on (:func:`counts_identity`).
+COUNTS_FILE = "counts-identity.json"
+
+
+def counts_identity(params: dict, inputs: dict) -> str:
+    """What the class counts of a lesioned set depend on besides the set and its layer: the model, the
+    test data, the task and the capture options. Not the partition, how the sets were drawn, nor the
+    options of the statistics computed from the counts (accuracy, class range, ties, effect rule): lesion
+    tasks that differ only in those measure the same counts for the same set."""
+    import hashlib
+
+    cfg = params.get("config", {})
+    body = {"model": (inputs.get("model") or {}).get("digest"), "data": params.get("data"),
+            "data_id": params.get("data_id"), "data_files": (inputs.get("data") or {}).get("digest"),
+            "task": cfg.get("task"), "input_name": cfg.get("input_name"), "output": cfg.get("output")}
+    return hashlib.sha256(canonical(body).encode()).hexdigest()
+
+
+def write_counts_identity(folder: Path, params: dict, inputs: dict) -> None:
+    path = Path(folder) / COUNTS_FILE
+    tmp = path.with_name(f".{path.name}-{os.getpid()}")
+    tmp.write_text(json.dumps({"identity": counts_identity(params, inputs)}))
+    os.replace(tmp, path)
+
+
+def _set_key(neurons) -> str:
+    return ",".join(map(str, sorted(int(n) for n in neurons)))
+
+
+def measured_counts(lesion_root: Path, identity: str) -> dict:
+    """``{(layer name, sorted neurons): class counts}`` of every finished lesion task in ``lesion_root``
+    (a study's ``tasks/lesion``) whose counts have ``identity``."""
+    bank: dict = {}
+    root = Path(lesion_root)
+    if not root.is_dir():
+        return bank
+    for folder in sorted(root.iterdir()):
+        record, table = folder / COUNTS_FILE, folder / "lesions.parquet"
+        if folder.name.startswith(".") or not record.is_file() or not table.is_file():
+            continue
+        if json.loads(record.read_text()).get("identity") != identity:
+            continue
+        t = pd.read_parquet(table)
+        if "class_correct" not in t.columns:   # next-token tables keep no class counts
+            continue
+        for name, neurons, counts in zip(t["layer_name"], t["neurons"], t["class_correct"]):
+            bank[(name, _set_key(str(neurons).split(",")))] = np.array(str(counts).split(","), dtype=np.int64)
+    return bank
+
+
 class SavedCounts:
     """A lesion engine that evaluates a layer's sets in batches of at most ``batch`` and keeps each batch's
     class counts in ``folder``, named by the layer and a hash of the sets: a lesion task killed after some
     batches (a long CNN task, a session that ends) recomputes only the others when it runs again. The
-    counts of a set do not depend on the other sets evaluated with it, so the table is the same."""
+    counts of a set do not depend on the other sets evaluated with it, so the table is the same.
 
-    def __init__(self, engine, folder: Path, batch: int = 128):
+    ``measured`` (:func:`measured_counts`, with the layer names of the engine's adapter in
+    ``layer_names``) holds counts other lesion tasks measured for the same network and data: a set found
+    there is not evaluated again (a study of the same networks with other statistics options)."""
+
+    def __init__(self, engine, folder: Path, batch: int = 128, *, measured: dict | None = None,
+                 layer_names=None):
         self.engine, self.folder, self.batch = engine, Path(folder), int(batch)
+        self.measured, self.layer_names = measured or {}, layer_names
         self.computed = self.loaded = 0     # batches, for the tests
+        self.reused = 0                     # sets whose counts came from ``measured``
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -161,7 +218,7 @@ class SavedCounts:
                 if progress is not None:
                     progress(len(chunk))
             else:
-                counts = np.asarray(self.engine.correct_counts(layer, chunk, progress=progress))
+                counts = self._counts(layer, chunk, progress)
                 self.folder.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.stem}-{os.getpid()}.npy")
                 np.save(tmp, counts)
@@ -169,6 +226,22 @@ class SavedCounts:
                 self.computed += 1
             parts.append(counts)
         return np.concatenate(parts) if parts else np.asarray(self.engine.correct_counts(layer, [], progress=progress))
+
+    def _counts(self, layer: int, chunk: list, progress) -> np.ndarray:
+        """The counts of ``chunk``: those measured before, the others evaluated (in one call)."""
+        name = self.layer_names[layer] if self.layer_names is not None and self.measured else None
+        known = [self.measured.get((name, _set_key(s))) if name is not None else None for s in chunk]
+        missing = [i for i, k in enumerate(known) if k is None]
+        if len(missing) == len(chunk):
+            return np.asarray(self.engine.correct_counts(layer, chunk, progress=progress))
+        self.reused += len(chunk) - len(missing)
+        if progress is not None:
+            progress(len(chunk) - len(missing))
+        if missing:
+            fresh = np.asarray(self.engine.correct_counts(layer, [chunk[i] for i in missing], progress=progress))
+            for i, row in zip(missing, fresh):
+                known[i] = row
+        return np.stack(known).astype(np.int64)
 
 
 def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
@@ -181,10 +254,16 @@ def run_lesion(out: Path, params: dict, inputs: dict, context: dict, say):
     say("total", len(part.subclusters(max_fraction=cfg.max_fraction)) * (cfg.n_random + 1))
     engine = make_engine(adapter, _test(x, y, cfg), cfg, engine=context.get("engine", cfg.engine))
     if context.get("partial_dir"):
-        engine = SavedCounts(engine, Path(context["partial_dir"]))
+        lesion_root = Path(context["partial_dir"]).parent
+        measured = measured_counts(lesion_root, counts_identity(params, inputs)) if cfg.task != "next-token" else {}
+        engine = SavedCounts(engine, Path(context["partial_dir"]), measured=measured, layer_names=adapter.layer_names)
     table = lesion_one(engine, part, cfg, name=params["method"], progress=lambda n: say("advance", n))
     table.to_parquet(out / "lesions.parquet", index=False)
-    return None, {"rows": len(table)}
+    write_counts_identity(out, params, inputs)
+    info = {"rows": len(table)}
+    if isinstance(engine, SavedCounts) and engine.reused:
+        info["counts_reused"] = engine.reused
+    return None, info
 
 
 def run_vis(out: Path, params: dict, inputs: dict, context: dict, say):
