@@ -194,11 +194,14 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
                     | _ops("scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"),
                     methods={"matmul", "bmm"})
 
+EXPAND = Handler("expand", functions=_ops("expand_as", "expand"), methods={"expand_as", "expand"})  # broadcast
+UNFOLD = Handler("unfold", modules=(nn.Unfold,), functions={F.unfold} | _ops("im2col"))  # nn/_patches.py
+FOLD = Handler("fold", modules=(nn.Fold,), functions={F.fold} | _ops("col2im"))
 CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise functions (gelu_new)
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
 HANDLERS = [ACTIVATIONS, PASSING, POOLING, UPSAMPLING, PAD, BATCH_NORM, NORMALIZATION, STATISTIC, ARITHMETIC, CONCAT, SPLIT,
-            FLATTEN, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
+            FLATTEN, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, EXPAND, UNFOLD, FOLD, CLOSURES, TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
 # operations that read only the shape of an argument: (target, index of that argument)
 SHAPE_ONLY = ({(f, 0) for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)}

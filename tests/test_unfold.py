@@ -1,0 +1,164 @@
+"""Patch unfolding and folding with kernel == stride (``F.unfold``/``F.fold``, ATen im2col/col2im), as
+MobileViT-V2 uses them around a transformer of 1x1 convs over (B, C, pixels per patch, patches): every
+value on the way is one input value of the same channel, so the channels are followed unchanged, the
+convs over the patches are ordinary conv layers, and lesions equal the plain oracle (float64).
+Overlapping patches are refused in one line."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modlens.nn.adapter import NetworkAdapter, UnsupportedModelError
+from test_ops_families import _oracle_check
+
+pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
+
+
+class PatchNet(nn.Module):
+    """conv -> unfold(2x2 patches) -> (B, C, 4, L) -> 1x1 convs (an MLP with a residual) -> (B, 4C, L) -> fold -> conv."""
+
+    def __init__(self, c=6, hidden=10, patch=2):
+        super().__init__()
+        self.p = patch
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.up = nn.Conv2d(c, hidden, 1)
+        self.down = nn.Conv2d(hidden, c, 1)
+        self.proj = nn.Conv2d(c, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        b, c, height, width = h.shape
+        patches = F.unfold(h, kernel_size=self.p, stride=self.p).reshape(b, c, self.p * self.p, -1)
+        patches = patches + self.down(F.gelu(self.up(patches)))
+        b, c, k, n = patches.shape
+        h = F.fold(patches.reshape(b, c * k, n), output_size=(height, width), kernel_size=self.p, stride=self.p)
+        return self.fc(F.relu(self.proj(h)).mean((2, 3)))
+
+
+class LinearAttentionNet(nn.Module):
+    """MobileViT-V2's block: unfold, a GroupNorm, linear self-attention written with 1x1 convs (one query channel
+    softmaxed over the patches, a context vector broadcast back over them), an FFN, fold, a fusion conv."""
+
+    def __init__(self, c=6, patch=2):
+        super().__init__()
+        self.c, self.p = c, patch
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.norm1 = nn.GroupNorm(1, c)
+        self.qkv = nn.Conv2d(c, 1 + 2 * c, 1)
+        self.out = nn.Conv2d(c, c, 1)
+        self.norm2 = nn.GroupNorm(1, c)
+        self.ffn1, self.ffn2 = nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, c, 1)
+        self.proj = nn.Conv2d(c, 5, 1)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = F.silu(self.stem(x))
+        b, c, height, width = h.shape
+        t = F.unfold(h, kernel_size=(self.p, self.p), stride=(self.p, self.p)).reshape(b, c, self.p * self.p, -1)
+        q, k, v = torch.split(self.qkv(self.norm1(t)), [1, self.c, self.c], dim=1)
+        context = (k * F.softmax(q, dim=-1)).sum(-1, keepdim=True)
+        t = t + self.out(F.relu(v) * context.expand_as(v))
+        t = t + self.ffn2(F.silu(self.ffn1(self.norm2(t))))
+        b, c, kk, n = t.shape
+        h = F.fold(t.reshape(b, c * kk, n), output_size=(height, width), kernel_size=self.p, stride=self.p)
+        return self.fc(self.proj(h).mean((2, 3)))
+
+
+def _l1(conv):
+    return conv.weight.detach().abs().double().sum((2, 3)).numpy()
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_unfolded_patches_keep_each_channel_in_the_weight_graph(capture):
+    torch.manual_seed(0)
+    m = PatchNet().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8), capture=capture)
+    assert a.capture_method == capture and a.layer_names == ["stem", "up", "down", "proj"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    assert set(blocks) == {("stem", "up"), ("stem", "proj"), ("up", "down"), ("down", "proj")}
+    # unfold -> reshape: channel c of the stem is channel c of the (B, C, 4, L) patches that `up` reads
+    np.testing.assert_allclose(blocks[("stem", "up")], _l1(m.up))
+    # reshape -> fold: channel c of the patches (the stem's through the residual, and `down`'s) is the
+    # folded map's channel c that `proj` reads
+    np.testing.assert_allclose(blocks[("stem", "proj")], _l1(m.proj))
+    np.testing.assert_allclose(blocks[("down", "proj")], _l1(m.proj))
+    # lesions of the stem carry through unfold and reshape to `up`; the residual addition recomputes
+    kinds = {(s.kind, s.user.name) for s in a.structure.sinks[a.layer_node(0)]}
+    assert ("layer", a.layer_node(1).name) in kinds and {k for k, _ in kinds} == {"layer", "mask"}
+    # `down`'s lesions are recomputed from the residual addition; nothing else reads it
+    assert {s.kind for s in a.structure.sinks[a.layer_node(2)]} == {"mask"}
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_linear_attention_over_patches_edges(capture):
+    torch.manual_seed(0)
+    m = LinearAttentionNet().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8), capture=capture)
+    assert a.capture_method == capture and not a.is_transformer
+    assert a.layer_names == ["stem", "qkv", "out", "ffn1", "ffn2", "proj"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    c = m.c
+    # qkv's keys (channels 1..c) and values (c+1..2c) reach `out` at column j; the one query channel
+    # scales every key through the broadcast softmax: no edge
+    expected = np.zeros((c, 1 + 2 * c))
+    expected[:, 1:1 + c] = _l1(m.out)
+    expected[:, 1 + c:] = _l1(m.out)
+    np.testing.assert_allclose(blocks[("qkv", "out")], expected)
+    # the stem reaches qkv through unfold, reshape and a GroupNorm (its gamma folded: ones at init)
+    np.testing.assert_allclose(blocks[("stem", "qkv")], _l1(m.qkv))
+    # the stream, after fold, reaches the fusion conv channel by channel
+    for writer in ("stem", "out", "ffn2"):
+        np.testing.assert_allclose(blocks[(writer, "proj")], _l1(m.proj))
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+@pytest.mark.parametrize("make", [PatchNet, LinearAttentionNet])
+def test_lesions_through_unfold_and_fold_equal_the_oracle(make, capture):
+    a = _oracle_check(make(), (3, 8, 8), capture=capture)
+    assert a.capture_method == capture
+
+
+def test_partition_without_data_through_unfold():
+    import modlens
+
+    torch.manual_seed(0)
+    part = modlens.partition(LinearAttentionNet().eval(), "weights/global", n_clusters=3, random_state=0)
+    assert part.layer_sizes == (6, 13, 6, 12, 6, 5)
+
+
+@pytest.mark.parametrize("settings", [dict(kernel_size=3, stride=2), dict(kernel_size=2, stride=2, padding=1),
+                                      dict(kernel_size=2, stride=2, dilation=2)])
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_overlapping_unfold_is_refused_in_one_line(settings, capture):
+    class Overlapping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.mix, self.fc = nn.Conv2d(3, 4, 1), nn.Conv1d(4 * 4 if settings["kernel_size"] == 2 else 36, 6, 1), \
+                nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(self.mix(F.unfold(self.c(x), **settings)).mean(-1))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        NetworkAdapter(Overlapping(), torch.randn(2, 3, 8, 8), capture=capture)
+    msg = str(info.value)
+    assert "\n" not in msg and "'c'" in msg and "kernel == stride" in msg
+    assert ("im2col" if capture == "export" else "unfold") in msg
+
+
+def test_overlapping_fold_is_refused_in_one_line():
+    class OverlappingFold(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.d, self.fc = nn.Conv1d(3, 4 * 9, 1), nn.Conv2d(4, 5, 1), nn.Linear(5, 2)
+
+        def forward(self, x):   # (B, 3, 9) -> (B, 36, 9) -> fold into a 6x6 map with 3x3 patches of stride 1... 2
+            return self.fc(self.d(F.fold(self.c(x), output_size=(7, 7), kernel_size=3, stride=2)).mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        NetworkAdapter(OverlappingFold(), torch.randn(2, 3, 9))
+    msg = str(info.value)
+    assert "\n" not in msg and "col2im" in msg and "'c'" in msg and "kernel == stride" in msg
