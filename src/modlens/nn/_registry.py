@@ -19,8 +19,10 @@ kind              how a layer's channels flow               weight edges        
 ``norm``          mixed per sample (LayerNorm, GroupNorm,    ``|gamma_c|``              recomputed from
                   RMSNorm)                                                              the norm on
 ``join``          summed with other branches (residual)      followed through           recomputed
-``gate``          ``x * g(x)`` (squeeze-excitation),         followed through           recomputed
-                  ``x / s(x)``
+``gate``          ``x * g(x)`` (squeeze-excitation),         followed through (a one-   recomputed
+                  ``x / s(x)``                               channel value broadcast
+                                                             over all channels: no
+                                                             edge)
 ``stat``          a per-sample norm ``||x||`` over some      not followed: a statistic  recomputed from
                   dimensions (GRN, ``x / x.norm(dim=1)``)    that rescales, no edge     the norm on
 ``cat``           offset along the channel dimension         followed                   carried through
@@ -38,8 +40,18 @@ kind              how a layer's channels flow               weight edges        
                   (B, G, C, ...): groups (radix attention)                              view on
 ``stack``         branches stacked in front of the           followed                   recomputed
                   channels (selective kernels)
+``unfold``,       patches with kernel == stride, no padding  followed: channel ``c``    carried through;
+``fold``          and dilation 1 (``F.unfold``/``F.fold``,   owns rows ``c * K ...``    recomputed from a
+                  im2col/col2im): a rearrangement of         of the ``(B, C * K, L)``   fold of a layer's
+                  positions within each channel; a reshape   patches (a channel-major   own rows
+                  ``(B, C * K, L)`` <-> ``(B, C, K, L)``     flatten); other settings
+                  splits or merges the channel blocks        refused
+``expand``        other dims broadcast (``expand_as``)       followed                   carried through
 ``final``         softmax after the output layer; across     -- (across groups: a       -- (recomputed)
-                  groups in front of the channels, a gate    gate, followed)
+                  groups in front of the channels, a gate;   gate, followed; over
+                  over the positions after the channels,     positions: followed)
+                  per channel (MobileViT-V2's context
+                  scores)
 ``sum``,          several output layers (heads) combined:    --                         --
 ``stack``         ``torch.stack(heads).sum(0)`` (and
                   ``head(x) + head_dist(x)``, a ``join``)
