@@ -67,6 +67,45 @@ class LinearAttentionNet(nn.Module):
         return self.fc(self.proj(h).mean((2, 3)))
 
 
+class FoldedRowsNet(nn.Module):
+    """A Conv1d writes (B, C * K, L) rows that fold into a (B, C, H, W) map: row r is channel r // K."""
+
+    def __init__(self, c=4, patch=2):
+        super().__init__()
+        self.p = patch
+        self.rows = nn.Conv1d(3, c * patch * patch, 1)
+        self.d = nn.Conv2d(c, 5, 3, padding=1)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):   # x: (B, 3, 16), 16 patches of a 8x8 map
+        h = F.fold(F.gelu(self.rows(x)), output_size=(8, 8), kernel_size=self.p, stride=self.p)
+        return self.fc(F.relu(self.d(h)).mean((2, 3)))
+
+
+class SpatialSoftmaxNet(nn.Module):
+    """A conv's channels softmaxed over the positions (per channel) gate another conv's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 1)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        scores = F.softmax(self.a(x).flatten(2), dim=-1).reshape(x.shape[0], 4, x.shape[2], x.shape[3])
+        return self.fc(F.relu(self.c(F.relu(self.b(x)) * scores * 16)).mean((2, 3)))   # 16: a scale, folded
+
+
+class PatchLinearNet(nn.Module):
+    """Unfolded patches flattened into a Linear: channel c owns the K * L features c * K * L ..."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.fc1, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 4 * 9, 7), nn.Linear(7, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.fc1(torch.flatten(F.unfold(F.relu(self.stem(x)), 2, stride=2), 1))))
+
+
 def _l1(conv):
     return conv.weight.detach().abs().double().sum((2, 3)).numpy()
 
@@ -115,10 +154,43 @@ def test_linear_attention_over_patches_edges(capture):
 
 
 @pytest.mark.parametrize("capture", ["export", "fx"])
-@pytest.mark.parametrize("make", [PatchNet, LinearAttentionNet])
+@pytest.mark.parametrize("make", [PatchNet, LinearAttentionNet, FoldedRowsNet, SpatialSoftmaxNet, PatchLinearNet])
 def test_lesions_through_unfold_and_fold_equal_the_oracle(make, capture):
-    a = _oracle_check(make(), (3, 8, 8), capture=capture)
+    shape = (3, 16) if make is FoldedRowsNet else (3, 6, 6) if make is PatchLinearNet else (3, 8, 8)
+    a = _oracle_check(make(), shape, capture=capture)
     assert a.capture_method == capture
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_folded_rows_of_a_layer_join_their_channel(capture):
+    torch.manual_seed(0)
+    m = FoldedRowsNet().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 16), capture=capture)
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    # row r of `rows` is one pixel of channel r // 4 of the folded map
+    np.testing.assert_allclose(blocks[("rows", "d")], np.repeat(_l1(m.d), 4, axis=1))
+    # a lesion of some rows zeroes part of a channel's positions: recomputed from the fold on
+    assert [(s.kind, s.user.name) for s in a.structure.sinks[a.layer_node(0)]] == [("mask", a.layer_node(1).args[0].name)]
+
+
+def test_softmax_over_positions_is_followed_per_channel():
+    torch.manual_seed(0)
+    m = SpatialSoftmaxNet().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 6, 6))
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    np.testing.assert_allclose(blocks[("a", "c")], 16 * _l1(m.c))
+    np.testing.assert_allclose(blocks[("b", "c")], 16 * _l1(m.c))
+    assert {s.kind for s in a.structure.sinks[a.layer_node(0)]} == {"mask"}   # softmax(0) is not 0
+
+
+def test_flattened_patches_give_each_channel_its_block_of_features():
+    torch.manual_seed(0)
+    m = PatchLinearNet().eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 6, 6), include_dense=True)
+    assert a.layer_names == ["stem", "fc1"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    w = m.fc1.weight.detach().abs().double().numpy()
+    np.testing.assert_allclose(blocks[("stem", "fc1")], w.reshape(7, 4, 36).sum(2))
 
 
 def test_partition_without_data_through_unfold():

@@ -758,6 +758,8 @@ class Structure:
         if kind == "flatten":
             if not route.spatial:
                 return route
+            if route.flat:   # unfolded patches (B, C * K, L), flattened: channel c still owns a block
+                return replace(route, ndim=2, dim=1)
             if route.dim != 1:
                 raise UnsupportedModelError(
                     f"{self.describe(user)} flattens a channels-last value after layer '{start.target}'; modlens "
