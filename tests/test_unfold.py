@@ -234,3 +234,20 @@ def test_overlapping_fold_is_refused_in_one_line():
         NetworkAdapter(OverlappingFold(), torch.randn(2, 3, 9))
     msg = str(info.value)
     assert "\n" not in msg and "col2im" in msg and "'c'" in msg and "kernel == stride" in msg
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+def test_expanding_the_channels_is_refused_in_one_line(capture):
+    class ChannelBroadcast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.one, self.wide, self.fc = nn.Conv2d(3, 1, 1), nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):
+            w = self.wide(x)
+            return self.fc((self.one(x).expand_as(w) + w).mean((2, 3)))
+
+    with pytest.raises(UnsupportedModelError) as info:
+        NetworkAdapter(ChannelBroadcast(), torch.randn(2, 3, 4, 4), capture=capture)
+    msg = str(info.value)
+    assert "\n" not in msg and "expand_as" in msg and "'one'" in msg and "broadcasts the channel dimension" in msg
