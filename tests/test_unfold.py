@@ -17,7 +17,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected")
 
 
 class PatchNet(nn.Module):
-    """conv -> unfold(2x2 patches) -> (B, C, 4, L) -> 1x1 convs (an MLP with a residual) -> (B, 4C, L) -> fold -> conv."""
+    """conv -> unfold(2x2 patches) -> (B, C, 4, L) -> 1x1 convs (an MLP with a residual) -> (B, 4C, L) -> fold
+    -> conv."""
 
     def __init__(self, c=6, hidden=10, patch=2):
         super().__init__()
@@ -170,7 +171,8 @@ def test_folded_rows_of_a_layer_join_their_channel(capture):
     # row r of `rows` is one pixel of channel r // 4 of the folded map
     np.testing.assert_allclose(blocks[("rows", "d")], np.repeat(_l1(m.d), 4, axis=1))
     # a lesion of some rows zeroes part of a channel's positions: recomputed from the fold on
-    assert [(s.kind, s.user.name) for s in a.structure.sinks[a.layer_node(0)]] == [("mask", a.layer_node(1).args[0].name)]
+    fold = a.layer_node(1).args[0]
+    assert [(s.kind, s.user) for s in a.structure.sinks[a.layer_node(0)]] == [("mask", fold)]
 
 
 def test_softmax_over_positions_is_followed_per_channel():
@@ -208,8 +210,8 @@ def test_overlapping_unfold_is_refused_in_one_line(settings, capture):
     class Overlapping(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c, self.mix, self.fc = nn.Conv2d(3, 4, 1), nn.Conv1d(4 * 4 if settings["kernel_size"] == 2 else 36, 6, 1), \
-                nn.Linear(6, 2)
+            rows = 4 * settings["kernel_size"] ** 2
+            self.c, self.mix, self.fc = nn.Conv2d(3, 4, 1), nn.Conv1d(rows, 6, 1), nn.Linear(6, 2)
 
         def forward(self, x):
             return self.fc(self.mix(F.unfold(self.c(x), **settings)).mean(-1))
@@ -227,7 +229,7 @@ def test_overlapping_fold_is_refused_in_one_line():
             super().__init__()
             self.c, self.d, self.fc = nn.Conv1d(3, 4 * 9, 1), nn.Conv2d(4, 5, 1), nn.Linear(5, 2)
 
-        def forward(self, x):   # (B, 3, 9) -> (B, 36, 9) -> fold into a 6x6 map with 3x3 patches of stride 1... 2
+        def forward(self, x):   # (B, 36, 9) rows folded into a 7x7 map by overlapping 3x3 patches of stride 2
             return self.fc(self.d(F.fold(self.c(x), output_size=(7, 7), kernel_size=3, stride=2)).mean((2, 3)))
 
     with pytest.raises(UnsupportedModelError) as info:
