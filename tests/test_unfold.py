@@ -39,6 +39,24 @@ class PatchNet(nn.Module):
         return self.fc(F.relu(self.proj(h)).mean((2, 3)))
 
 
+class PixelPatchNet(PatchNet):
+    """PatchNet with the patches folded by ``pixel_shuffle`` (timm's exportable MobileViT-V2), and unfolded by
+    ``F.unfold`` or by ``pixel_unshuffle``."""
+
+    def __init__(self, unshuffle=False):
+        super().__init__()
+        self.unshuffle = unshuffle
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        b, c, height, width = h.shape
+        u = F.pixel_unshuffle(h, self.p) if self.unshuffle else F.unfold(h, kernel_size=self.p, stride=self.p)
+        patches = u.reshape(b, c, self.p * self.p, -1)
+        patches = patches + self.down(F.gelu(self.up(patches)))
+        h = F.pixel_shuffle(patches.reshape(b, c * self.p * self.p, height // self.p, width // self.p), self.p)
+        return self.fc(F.relu(self.proj(h)).mean((2, 3)))
+
+
 class LinearAttentionNet(nn.Module):
     """MobileViT-V2's block: unfold, a GroupNorm, linear self-attention written with 1x1 convs (one query channel
     softmaxed over the patches, a context vector broadcast back over them), an FFN, fold, a fusion conv."""
@@ -130,6 +148,21 @@ def test_unfolded_patches_keep_each_channel_in_the_weight_graph(capture):
     assert ("layer", a.layer_node(1).name) in kinds and {k for k, _ in kinds} == {"layer", "mask"}
     # `down`'s lesions are recomputed from the residual addition; nothing else reads it
     assert {s.kind for s in a.structure.sinks[a.layer_node(2)]} == {"mask"}
+
+
+@pytest.mark.parametrize("capture", ["export", "fx"])
+@pytest.mark.parametrize("unshuffle", [False, True])
+def test_pixel_shuffle_folds_patches_channel_by_channel(unshuffle, capture):
+    torch.manual_seed(0)
+    m = PixelPatchNet(unshuffle).eval()
+    a = NetworkAdapter(m, torch.randn(2, 3, 8, 8), capture=capture)
+    assert a.capture_method == capture and a.layer_names == ["stem", "up", "down", "proj"]
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    assert set(blocks) == {("stem", "up"), ("stem", "proj"), ("up", "down"), ("down", "proj")}
+    np.testing.assert_allclose(blocks[("stem", "up")], _l1(m.up))
+    np.testing.assert_allclose(blocks[("stem", "proj")], _l1(m.proj))
+    np.testing.assert_allclose(blocks[("down", "proj")], _l1(m.proj))
+    _oracle_check(PixelPatchNet(unshuffle), (3, 8, 8), capture=capture)
 
 
 @pytest.mark.parametrize("capture", ["export", "fx"])

@@ -1,4 +1,5 @@
-"""Patch unfolding and folding (``F.unfold``/``F.fold``, ATen ``im2col``/``col2im``) on a layer's path.
+"""Patch unfolding and folding (``F.unfold``/``F.fold``, ATen ``im2col``/``col2im``; pixel unshuffle and
+shuffle) on a layer's path.
 
 With kernel == stride, no padding and dilation 1 the patches do not overlap: unfolding a
 ``(B, C, H, W)`` map gives ``(B, C * K, L)`` (``K = kh * kw`` pixels per patch, ``L`` patches),
@@ -10,13 +11,15 @@ the channel dimension with the dimension right after it (:func:`reshape_route`).
 the way keeps one input value per position of the same channel, so a lesion carries through
 and the weight walk follows the channels unchanged.
 
+``F.pixel_unshuffle(x, r)`` and ``F.pixel_shuffle(x, r)`` are the same rearrangement with ``K = r * r``
+and the patches laid out as a ``(H / r, W / r)`` grid (timm's exportable MobileViT-V2 folds this way).
+
 Overlapping patches (kernel > stride), padding or dilation copy a position into several patches
 (and folding sums them): refused in one line.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 from torch import fx, nn
@@ -63,10 +66,30 @@ def _check_disjoint(structure, start: fx.Node, user: fx.Node, module) -> tuple[i
         "follows patches with kernel == stride, no padding and dilation 1, a rearrangement of positions")
 
 
+def is_pixel_shuffle(node: fx.Node, module) -> bool:
+    return isinstance(module, (nn.PixelShuffle, nn.PixelUnshuffle)) or "pixel_" in getattr(
+        node.target, "__name__", str(node.target))
+
+
+def _pixels(structure, start: fx.Node, user: fx.Node, module) -> int:
+    """``K``, the pixels per patch: ``kh * kw`` of a non-overlapping unfold/fold, ``r * r`` of a pixel
+    (un)shuffle (which moves ``r x r`` blocks of one channel into ``r * r`` channels and back)."""
+    if is_pixel_shuffle(user, module):
+        if module is not None:
+            r = getattr(module, "upscale_factor", getattr(module, "downscale_factor", None))
+        else:
+            r = user.kwargs.get("upscale_factor", user.kwargs.get("downscale_factor",
+                                                                   user.args[1] if len(user.args) > 1 else None))
+        return int(r) * int(r)
+    kh, kw = _check_disjoint(structure, start, user, module)
+    return kh * kw
+
+
 def unfold_route(structure, start: fx.Node, user: fx.Node, route: Route) -> Route:
-    """The route after unfolding: channel ``c`` owns the ``K`` rows ``c * K ...`` (a channel-major flatten)."""
+    """The route after unfolding: channel ``c`` owns the ``K`` rows ``c * K ...`` (a channel-major flatten);
+    also after a pixel unshuffle, whose ``(B, C * r * r, H / r, W / r)`` result has the same order."""
     module = structure.module(user) if user.op == "call_module" else None
-    _check_disjoint(structure, start, user, module)
+    _pixels(structure, start, user, module)
     if route.flat or route.dim != 1 or route.ndim != 4:
         raise UnsupportedModelError(
             f"{structure.describe(user)} unfolds a flattened or channels-last value after layer '{start.target}'; "
@@ -75,20 +98,19 @@ def unfold_route(structure, start: fx.Node, user: fx.Node, route: Route) -> Rout
     if channels is None:
         raise UnsupportedModelError(f"cannot tell how many channels {structure.describe(user)} unfolds after layer "
                                     f"'{start.target}' (capture the model at an example input: pass data)")
-    return replace(route, flat=True, channels=channels, ndim=3, dim=1)
+    return replace(route, flat=True, channels=channels, ndim=4 if is_pixel_shuffle(user, module) else 3, dim=1)
 
 
 def fold_route(structure, start: fx.Node, user: fx.Node, route: Route, mode: str) -> Route | None:
     """The route after folding patches back into a map, or None where a lesion has to be recomputed
     from the fold on (rows of one channel that come from different channels of the layer)."""
     module = structure.module(user) if user.op == "call_module" else None
-    kh, kw = _check_disjoint(structure, start, user, module)
-    k = kh * kw
+    k = _pixels(structure, start, user, module)
     width = structure.channels(user.args[0])
-    if route.dim != 1 or route.ndim != 3 or width is None:
+    if route.dim != 1 or route.ndim != (4 if is_pixel_shuffle(user, module) else 3) or width is None:
         raise UnsupportedModelError(
-            f"{structure.describe(user)} folds a value of layer '{start.target}' that is not (B, C * K, L) with "
-            "the layer's channels in dimension 1")
+            f"{structure.describe(user)} folds a value of layer '{start.target}' that is not (B, C * K, L) (or "
+            "(B, C * K, H, W) for a pixel shuffle) with the layer's channels in dimension 1")
     if route.flat:
         if not route.channels or route.channels * k != width:
             raise UnsupportedModelError(
@@ -102,25 +124,25 @@ def fold_route(structure, start: fx.Node, user: fx.Node, route: Route, mode: str
 
 
 def reshape_route(structure, user: fx.Node, route: Route) -> Route | None:
-    """The route after a reshape that merges the channels with the next dimension, channel-major
-    (``(B, C, K, L)`` to ``(B, C * K, L)``: a flat route), or that splits a flat route's channel blocks
-    back out (``(B, C * K, ...)`` to ``(B, C, K, ...)``); None for any other reshape."""
+    """The route after a reshape of a value whose channels are in dimension 1, when every channel
+    keeps one contiguous block of that dimension: merged with the dimensions after it, channel-major
+    (``(B, C, K, L)`` to ``(B, C * K, L)`` or ``(B, C * K, h, w)``: a flat route, ``C * m`` rows), or a
+    flat route's blocks split back out (``(B, C * K, L)`` to ``(B, C, K, L)``: a value's per-sample
+    memory is channel-major, so dimension 1 of size ``C`` after any reshape holds channel ``c`` at ``c``).
+    None for any other reshape."""
     shape_in, shape_out = structure.shapes.get(user.args[0]), structure.shapes.get(user)
-    if shape_in is None or shape_out is None or route.dim != 1:
+    if shape_in is None or shape_out is None or route.dim != 1 or not shape_in or len(shape_out) < 2:
         return None
     shape_in, shape_out = tuple(int(s) for s in shape_in), tuple(int(s) for s in shape_out)
     if route.ndim != len(shape_in) + 1:
         return None
-    if not route.flat:
-        if (len(shape_in) >= 3 and shape_in[1] > 1 and shape_out[0] == shape_in[0] * shape_in[1]
-                and shape_out[1:] == shape_in[2:]):
-            return replace(route, flat=True, channels=shape_in[0], ndim=len(shape_out) + 1)
-        return None
-    if not route.channels or not shape_out or shape_out[0] != route.channels:
-        return None
-    for k in range(1, len(shape_out)):
-        if math.prod(shape_out[:k + 1]) == shape_in[0] and shape_out[k + 1:] == shape_in[1:]:
+    if route.flat:
+        if route.channels and shape_out[0] == route.channels:
             return replace(route, flat=False, ndim=len(shape_out) + 1)
+        return None
+    c = shape_in[0]
+    if shape_out[0] > c and shape_out[0] % c == 0:
+        return replace(route, flat=True, channels=c, ndim=len(shape_out) + 1)
     return None
 
 

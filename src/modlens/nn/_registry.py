@@ -45,7 +45,8 @@ kind              how a layer's channels flow               weight edges        
                   im2col/col2im): a rearrangement of         of the ``(B, C * K, L)``   fold of a layer's
                   positions within each channel; a reshape   patches (a channel-major   own rows
                   ``(B, C * K, L)`` <-> ``(B, C, K, L)``     flatten); other settings
-                  splits or merges the channel blocks        refused
+                  splits or merges the channel blocks;       refused
+                  pixel (un)shuffle alike (``K = r * r``)
 ``expand``        other dims broadcast (``expand_as``)       followed                   carried through
 ``final``         softmax after the output layer; across     -- (across groups: a       -- (recomputed)
                   groups in front of the channels, a gate;   gate, followed; over
@@ -207,8 +208,10 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
                     methods={"matmul", "bmm"})
 
 EXPAND = Handler("expand", functions=_ops("expand_as", "expand"), methods={"expand_as", "expand"})  # broadcast
-UNFOLD = Handler("unfold", modules=(nn.Unfold,), functions={F.unfold} | _ops("im2col"))  # nn/_patches.py
-FOLD = Handler("fold", modules=(nn.Fold,), functions={F.fold} | _ops("col2im"))
+UNFOLD = Handler("unfold", modules=(nn.Unfold, nn.PixelUnshuffle),  # nn/_patches.py
+                 functions={F.unfold, F.pixel_unshuffle, torch.pixel_unshuffle} | _ops("im2col", "pixel_unshuffle"))
+FOLD = Handler("fold", modules=(nn.Fold, nn.PixelShuffle),
+               functions={F.fold, F.pixel_shuffle, torch.pixel_shuffle} | _ops("col2im", "pixel_shuffle"))
 CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise functions (gelu_new)
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
