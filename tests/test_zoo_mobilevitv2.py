@@ -1,8 +1,9 @@
-"""Hugging Face MobileViT-V2, built tiny with random weights (run with ``pytest -m zoo``): its blocks unfold a
+"""Hugging Face and timm MobileViT-V2, built tiny with random weights (run with ``pytest -m zoo``): its blocks unfold a
 conv map into 2x2 patches (``F.unfold``, kernel == stride), run linear self-attention and an FFN written with
 1x1 convs over (B, C, pixels per patch, patches), and fold the patches back (``F.fold``). Every conv is a
 neuron layer, the channels are followed through unfold and fold unchanged, partition runs without data, and
-the incremental lesion engine equals the plain oracle on every layer (float64)."""
+the incremental lesion engine equals the plain oracle on every layer (float64). timm's MobileViT-V2, built
+exportable, unfolds with ``F.unfold`` and folds with ``pixel_shuffle``."""
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from modlens.nn.adapter import NetworkAdapter
 from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 
 transformers = zoo_import("transformers")
+timm = zoo_import("timm")
 pytestmark = [pytest.mark.zoo, pytest.mark.filterwarnings("ignore:Graph is not fully connected", "ignore::UserWarning")]
 
 
@@ -71,3 +73,37 @@ def test_hf_mobilevitv2_lesions_equal_the_oracle_on_every_layer():
         np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y), err_msg=a.layer_names[layer])
         changed += int((fast != ev.baseline).any())
     assert changed >= 1
+
+
+def test_timm_mobilevitv2_exportable_unfold_and_pixel_shuffle():
+    from timm.layers import set_layer_config
+
+    torch.manual_seed(0)
+    with set_layer_config(exportable=True):   # F.unfold and pixel_shuffle instead of reshapes and permutes
+        model = timm.create_model("mobilevitv2_050", pretrained=False, num_classes=3).eval().double()
+    x = torch.randn(16, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    a = NetworkAdapter(model, x[:2])
+    ops = {str(n.target) for n in a.gm.graph.nodes if n.op == "call_function"}
+    assert {"aten.im2col.default", "aten.pixel_shuffle.default"} <= ops and not a.is_transformer
+    block = model.stages[2][1]
+    p = "stages.2.1."
+    blocks = {(a.layer_names[i], a.layer_names[j]): b for i, j, b in a.weight_blocks(bn_fold="none")}
+    gamma = block.transformer[0].norm1.weight.detach().abs().double().numpy()
+    np.testing.assert_allclose(blocks[(p + "conv_1x1", p + "transformer.0.attn.qkv_proj")],
+                               _l1(block.transformer[0].attn.qkv_proj) * gamma[None, :])
+    gamma = block.norm.weight.detach().abs().double().numpy()
+    np.testing.assert_allclose(blocks[(p + "transformer.1.mlp.fc2", p + "conv_proj.conv")],
+                               _l1(block.conv_proj.conv) * gamma[None, :])
+    with torch.no_grad():
+        for _ in range(4):
+            model.head.fc.bias -= model(x).mean(0)
+        y = model(x).argmax(-1)
+    assert len(y.unique()) > 1
+    ev = IncrementalLesions(a, x, y)
+    rng = np.random.default_rng(0)
+    for layer, name in enumerate(a.layer_names):
+        if not name.startswith(p):
+            continue
+        sets = [rng.choice(a.layer_sizes[layer], size=k, replace=False) for k in (1, a.layer_sizes[layer] // 2)]
+        np.testing.assert_array_equal(ev.correct_counts(layer, sets), correct_counts_plain(a, layer, sets, x, y),
+                                      err_msg=name)
