@@ -19,8 +19,10 @@ kind              how a layer's channels flow               weight edges        
 ``norm``          mixed per sample (LayerNorm, GroupNorm,    ``|gamma_c|``              recomputed from
                   RMSNorm)                                                              the norm on
 ``join``          summed with other branches (residual)      followed through           recomputed
-``gate``          ``x * g(x)`` (squeeze-excitation),         followed through           recomputed
-                  ``x / s(x)``
+``gate``          ``x * g(x)`` (squeeze-excitation),         followed through (a one-   recomputed
+                  ``x / s(x)``                               channel value broadcast
+                                                             over all channels: no
+                                                             edge)
 ``stat``          a per-sample norm ``||x||`` over some      not followed: a statistic  recomputed from
                   dimensions (GRN, ``x / x.norm(dim=1)``)    that rescales, no edge     the norm on
 ``cat``           offset along the channel dimension         followed                   carried through
@@ -34,15 +36,26 @@ kind              how a layer's channels flow               weight edges        
                   the channels) averaged or summed
 ``reshape``       other dims reshaped, a size-1 dim          followed (shuffle: new     carried through;
                   inserted, or other dims repeated           places; groups: place      recomputed from a
-                  (``unsqueeze``, ``repeat``, ``expand``):   ``p % C``)                 shuffle or group
-                  unchanged; a channel shuffle (groups,                                 view on
+                  (``unsqueeze``, ``repeat``): unchanged;    ``p % C``)                 shuffle or group
+                  a channel shuffle (groups,                                            view on
                   transpose, back): a permutation; (B, G *
                   C, ...) viewed as (B, G, C, ...): groups
                   (radix attention)
 ``stack``         branches stacked in front of the           followed                   recomputed
                   channels (selective kernels)
+``unfold``,       patches with kernel == stride, no padding  followed: channel ``c``    carried through;
+``fold``          and dilation 1 (``F.unfold``/``F.fold``,   owns rows ``c * K ...``    recomputed from a
+                  im2col/col2im): a rearrangement of         of the ``(B, C * K, L)``   fold of a layer's
+                  positions within each channel; a reshape   patches (a channel-major   own rows
+                  ``(B, C * K, L)`` <-> ``(B, C, K, L)``     flatten); other settings
+                  splits or merges the channel blocks;       refused
+                  pixel (un)shuffle alike (``K = r * r``)
+``expand``        other dims broadcast (``expand_as``)       followed                   carried through
 ``final``         softmax after the output layer; across     -- (across groups: a       -- (recomputed)
-                  groups in front of the channels, a gate    gate, followed)
+                  groups in front of the channels, a gate;   gate, followed; over
+                  over the positions after the channels,     positions: followed)
+                  per channel (MobileViT-V2's context
+                  scores)
 ``sum``,          several output layers (heads) combined:    --                         --
 ``stack``         ``torch.stack(heads).sum(0)`` (and
                   ``head(x) + head_dist(x)``, a ``join``)
@@ -183,9 +196,8 @@ SPLIT = Handler(  # the inverse of cat: channel windows (x[:, a:b] is getitem in
 FLATTEN = Handler("flatten", modules=(nn.Flatten,), functions={torch.flatten, torch.reshape}
                   | _ops("flatten.using_ints", "view", "reshape", "_unsafe_view", "reshape_as", "view_as"),
                   methods={"flatten", "view", "reshape", "reshape_as", "view_as"})
-BROADCAST = Handler(  # a size-1 dimension inserted, or other dimensions repeated or broadcast: channels kept
-    "reshape", functions={torch.unsqueeze} | _ops("unsqueeze", "repeat", "expand"),
-    methods={"unsqueeze", "repeat", "expand"})
+BROADCAST = Handler(  # a size-1 dimension inserted, or other dimensions repeated: channels kept
+    "reshape", functions={torch.unsqueeze} | _ops("unsqueeze", "repeat"), methods={"unsqueeze", "repeat"})
 PERMUTE = Handler("permute", functions={torch.permute, torch.transpose} | _ops("permute", "transpose.int"),
                   methods={"permute", "transpose"})
 MEAN = Handler("mean", functions={torch.mean} | _ops("mean.dim"), methods={"mean"})
@@ -200,11 +212,17 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
                     | _ops("scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"),
                     methods={"matmul", "bmm"})
 
+EXPAND = Handler("expand", functions=_ops("expand_as", "expand"), methods={"expand_as", "expand"})  # broadcast
+UNFOLD = Handler("unfold", modules=(nn.Unfold, nn.PixelUnshuffle),  # nn/_patches.py
+                 functions={F.unfold, F.pixel_unshuffle, torch.pixel_unshuffle} | _ops("im2col", "pixel_unshuffle"))
+FOLD = Handler("fold", modules=(nn.Fold, nn.PixelShuffle),
+               functions={F.fold, F.pixel_shuffle, torch.pixel_shuffle} | _ops("col2im", "pixel_shuffle"))
 CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise functions (gelu_new)
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
 HANDLERS = [ACTIVATIONS, PASSING, POOLING, UPSAMPLING, PAD, BATCH_NORM, NORMALIZATION, STATISTIC, ARITHMETIC, CONCAT, SPLIT,
-            FLATTEN, BROADCAST, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, CLOSURES, TAKE_TOKENS]
+            FLATTEN, BROADCAST, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, EXPAND, UNFOLD, FOLD, CLOSURES,
+            TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
 # operations that read only the shape of an argument: (target, index of that argument)
 SHAPE_ONLY = ({(f, 0) for f in (torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like)}

@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
+from modlens.nn._patches import expand_route, fold_route, reshape_route, unfold_route
 from modlens.nn._scores import outside_attention
 from modlens.nn._transformer import find_mlps, mlp_sink
 from modlens.nn._registry import (
@@ -387,7 +388,7 @@ class Structure:
                 elif kind == "reshape":   # of other dimensions, or a channel shuffle (groups, transpose, back)
                     if self.tensor_inputs(user) != [node] or user.args[0] is not node:
                         raise self._arg_error(start, user)
-                    kept = self._reshape_keeping_channels(user, route)
+                    kept = self._reshape_keeping_channels(user, route) or reshape_route(self, user, route)
                     if kept is not None:
                         stack.append((user, kept, scales))
                         continue
@@ -406,6 +407,19 @@ class Structure:
                     else:
                         moved = route.explicit(n_source).moved(fn)
                         stack.append((end, replace(moved, ndim=self.ndim(end) or route.ndim), scales))
+                elif kind == "expand":   # broadcast along positions: every copy is a value of the same channel
+                    if user.args[0] is not node or node in user.args[1:]:
+                        raise self._arg_error(start, user)
+                    stack.append((user, expand_route(self, start, user, route), scales))
+                elif kind in ("unfold", "fold"):   # non-overlapping patches (nn/_patches.py)
+                    if self.tensor_inputs(user) != [node] or user.args[0] is not node:
+                        raise self._arg_error(start, user)
+                    nxt = unfold_route(self, start, user, route) if kind == "unfold" else \
+                        fold_route(self, start, user, route, mode)
+                    if nxt is None:
+                        sinks.append(Sink("mask", node, user, route))
+                    else:
+                        stack.append((user, nxt, scales))
                 elif kind == "stack":   # branches stacked into groups (selective kernels): (B, G, C, ...)
                     dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0) % (route.ndim + 1)
                     if route.flat or dim == 0 or dim > route.dim:
@@ -419,6 +433,11 @@ class Structure:
                 elif kind == "final" and self._across_groups(user, route):   # softmax across groups: a gate
                     if mode == "lesion":
                         sinks.append(Sink("mask", node, user, route))
+                    else:
+                        stack.append((user, route, scales))
+                elif kind == "final" and self._over_positions(user, route):   # per channel, across positions
+                    if mode == "lesion":
+                        sinks.append(Sink("mask", node, user, route))   # softmax(0) is not 0: recomputed
                     else:
                         stack.append((user, route, scales))
                 elif kind == "stat":   # a per-sample norm: no weight edge; lesions recompute it
@@ -441,6 +460,8 @@ class Structure:
                         )
                     if kind == "norm" and user.args[0] is not node:
                         raise self._arg_error(start, user)
+                    if mode == "weights" and kind == "gate" and self._broadcasts_channels(node, user, route):
+                        continue   # one channel scaling all of them (MobileViT-V2's context scores): no edge
                     if mode == "weights":
                         nxt = replace(route, flat=False, ndim=self.ndim(user) or route.ndim)
                         stack.append((user, nxt, scales + (((user, route),) if kind == "norm" else ())))
@@ -488,6 +509,17 @@ class Structure:
         """Whether a softmax normalizes across a dimension in front of the channels (radix or kernel groups)."""
         dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
         return isinstance(dim, int) and not route.flat and 0 < dim % route.ndim < route.dim
+
+    @staticmethod
+    def _over_positions(user: fx.Node, route: Route) -> bool:
+        """Whether a softmax normalizes along a dimension after the channels (over positions, per channel)."""
+        dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        return isinstance(dim, int) and not route.flat and dim % route.ndim > route.dim
+
+    def _broadcasts_channels(self, node: fx.Node, user: fx.Node, route: Route) -> bool:
+        """Whether ``node`` has one channel along the route's dimension that ``user`` broadcasts over many."""
+        mine, out = self.channels(node, route.dim), self.channels(user, route.dim)
+        return mine == 1 and out is not None and out > 1
 
     def _reshape_keeping_channels(self, user, route: Route) -> Route | None:
         """The route after a reshape of the other dimensions only (``x.view(B, C, -1)``, ``(B, H, W, C)`` to
@@ -748,6 +780,8 @@ class Structure:
         if kind == "flatten":
             if not route.spatial:
                 return route
+            if route.flat:   # unfolded patches (B, C * K, L), flattened: channel c still owns a block
+                return replace(route, ndim=2, dim=1)
             if route.dim != 1:
                 raise UnsupportedModelError(
                     f"{self.describe(user)} flattens a channels-last value after layer '{start.target}'; modlens "
