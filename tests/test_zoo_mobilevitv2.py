@@ -107,3 +107,17 @@ def test_timm_mobilevitv2_exportable_unfold_and_pixel_shuffle():
         sets = [rng.choice(a.layer_sizes[layer], size=k, replace=False) for k in (1, a.layer_sizes[layer] // 2)]
         np.testing.assert_array_equal(ev.correct_counts(layer, sets), correct_counts_plain(a, layer, sets, x, y),
                                       err_msg=name)
+
+
+def test_timm_mobilevit_v1_folds_patch_pixels_into_the_batch_and_its_activations_are_per_sample():
+    """timm's MobileViT (v1) runs its transformers on (B * patch pixels, patches, C): each sample's rows
+    are summed (nn/_batch_fold.py), so the activation graph has one row per sample in every layer."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=4).eval()
+    x = torch.randn(6, 3, 64, 64)
+    a = NetworkAdapter(model, x[:2])
+    acts = a.record(iter([x]))
+    assert any(".transformer." in n for n in a.layer_names)
+    assert [z.shape for z in acts] == [(6, w) for w in a.layer_sizes]
+    part = modlens.partition(a, "activations/global", data=x, n_clusters=2, random_state=0)
+    assert list(part.layer_names) == a.layer_names

@@ -29,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from modlens.nn import _capture, _example, _fx, _memory
+from modlens.nn._batch_fold import fold_order, per_sample
 from modlens.nn.inputs import to_model
 from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS, REDUCERS, bn_row_scale, channels_first, edge_block
 from modlens.nn._fx import ModelTraceError
@@ -511,8 +512,10 @@ class NetworkAdapter:
         concatenated per layer. With the default ``reduce="l1"`` memory grows with samples x
         neurons only, never with the size of the maps. ``as_numpy=False`` keeps tensors on the
         model's device."""
-        module = self.values(layers, reduce=reduce)
+        idx = list(range(len(self.layers))) if layers is None else [self.layer_index(l) for l in layers]
+        module = self.values(idx, reduce=reduce)
         parts: list[list] = []
+        orders: dict[int, str] = {}
         with torch.no_grad(), _fx.eval_mode(self.model):
             for x in batches:
                 self.check_input(x, name)
@@ -520,6 +523,11 @@ class NetworkAdapter:
                 out = out if isinstance(out, tuple) else (out,)
                 parts = parts or [[] for _ in out]
                 for i, z in enumerate(out):
+                    if z.shape[0] != x.shape[0] and z.shape[0] % x.shape[0] == 0:   # positions folded into the batch
+                        if idx[i] not in orders:
+                            orders[idx[i]] = "sample" if len(x) < 2 else fold_order(
+                                self.values([idx[i]], reduce=reduce), x)
+                        z = per_sample(z, x.shape[0], orders[idx[i]], self.layer_names[idx[i]], reduce)
                     parts[i].append(z.cpu().numpy() if as_numpy else z)
         cat = np.concatenate if as_numpy else torch.cat
         return [cat(p, 0) for p in parts]
