@@ -234,3 +234,25 @@ def test_hugging_face_relative_attention_lesions_equal_the_plain_oracle(build, b
         if budget is not None:
             assert ev.last_stats["cache_chunks"] > 1
     assert changed >= 2
+
+
+def test_activations_of_a_time_major_stream_are_one_row_per_sample():
+    """XLNet's MLPs run on a time-major (T, B, C) stream: recorded activations are moved batch first
+    before the L1 reduction over tokens, one row per sample (before: the reduction summed over the
+    batch and gave one row per token)."""
+    m, x, unit = _tiny_xlnet()
+    m = m.double().eval()
+    x = x[:6]
+    a = NetworkAdapter(m, x[:2])
+    got = a.record(iter([x[:4], x[4:]]))
+    seen = {}
+    hooks = [m.get_submodule(name).register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, o))
+             for name in a.layer_names]
+    with torch.no_grad():
+        m(x)
+    for h in hooks:
+        h.remove()
+    for name, z in zip(a.layer_names, got):
+        pre = seen[name]                                   # (T, B, units): XLNet's time-major stream
+        assert pre.shape[1] == len(x) and z.shape == (len(x), pre.shape[2])
+        np.testing.assert_allclose(z, pre.abs().sum(0).numpy(), rtol=1e-10, atol=1e-12)
