@@ -392,7 +392,7 @@ class Structure:
                     if kept is not None:
                         stack.append((user, kept, scales))
                         continue
-                    if handler_kind(user, None) == "reshape":   # unsqueeze, repeat, expand across the channels
+                    if handler_kind(user, None) == "reshape":   # unsqueeze or repeat across the channels
                         raise UnsupportedModelError(
                             f"{self.describe(user)} repeats or moves the channels of layer '{start.target}' (shape "
                             f"{self.shapes.get(user.args[0])} to {self.shapes.get(user)}); modlens follows repeats "
