@@ -147,13 +147,15 @@ def reshape_route(structure, user: fx.Node, route: Route) -> Route | None:
 
 
 def expand_route(structure, start: fx.Node, user: fx.Node, route: Route) -> Route:
-    """The route after ``expand``/``expand_as`` that broadcasts other dimensions than the channels
-    (MobileViT-V2's context vector over the patches); a broadcast of the channel dimension is refused."""
+    """The route after ``expand``/``expand_as``/``repeat`` that broadcasts or repeats other dimensions than
+    the channels (MobileViT-V2's context vector over the patches, SwiftFormer's pooled queries over the
+    tokens); one that changes the channel dimension is refused."""
     shape_in, shape_out = structure.shapes.get(user.args[0]), structure.shapes.get(user)
     if shape_in is None or shape_out is None or route.flat or len(shape_in) != len(shape_out) or \
             int(shape_in[route.dim - 1]) != int(shape_out[route.dim - 1]):
         raise UnsupportedModelError(
-            f"{structure.describe(user)} broadcasts the channel dimension of layer '{start.target}' (or a value "
-            "without captured shapes); modlens follows expand/expand_as along the other dimensions only")
+            f"{structure.describe(user)} repeats or moves the channels of layer '{start.target}': it broadcasts the "
+            f"channel dimension (shape {shape_in} to {shape_out}), or its shapes were not captured; modlens follows "
+            "expand, expand_as and repeat along the other dimensions only")
     return route
 

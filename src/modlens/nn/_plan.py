@@ -230,7 +230,7 @@ class LesionPlan:
     def _numel(self, shapes: dict, node: fx.Node) -> int:
         """Elements per sample (``shapes`` drops the first dimension; a time-major value drops its batch)."""
         if self.batch_dims:
-            d = _batch_dim(self.structure, node)
+            d = batch_dim(self.structure, node)
             shape = node.meta["val"].shape if d else ()
             if d and all(isinstance(x, int) for i, x in enumerate(shape) if i != d):
                 return math.prod(x for i, x in enumerate(shape) if i != d)
@@ -311,7 +311,7 @@ def pool_before_relu(gm: fx.GraphModule) -> int:
     return count
 
 
-def _batch_dim(s, node: fx.Node) -> int | None:
+def batch_dim(s, node: fx.Node) -> int | None:
     """The dimension of ``node``'s value that is the batch in the exported graph (its symbolic size is
     the input's first one), when exactly one is; None otherwise (no recorded value, or a batch folded
     with windows or heads)."""
@@ -326,10 +326,10 @@ def time_major(s, layer: fx.Node, probe_outputs: list, corrections: list, inner:
     """Probe outputs whose batch is not their first dimension (a time-major ``(T, B, C)`` stream, as
     in XLNet), by node: their batch dimension. The cache holds them batch first and the tail gets them
     back in their own layout; refused where a correction, an inner mask or the output would need it."""
-    dims = {n: d for n in probe_outputs if (d := _batch_dim(s, n))}
+    dims = {n: d for n in probe_outputs if (d := batch_dim(s, n))}
     special = [c.value for c in corrections] + [c.consumer for c in corrections] + [m.value for m in inner]
     bad = next((n for n in special if n in dims), None)
-    if dims and (bad is not None or _batch_dim(s, s.output) not in (0, None)):
+    if dims and (bad is not None or batch_dim(s, s.output) not in (0, None)):
         where = f"'{bad.name}'" if bad is not None else "the model output"
         raise UnsupportedModelError(
             f"lesions of layer '{layer.target}': {where} keeps the batch in another dimension than the first "

@@ -34,13 +34,12 @@ kind              how a layer's channels flow               weight edges        
 ``permute``       channel dimension moves                    followed                   carried through
 ``mean``, ``sum`` spatial dims (or the groups in front of    followed                   carried through
                   the channels) averaged or summed
-``reshape``       other dims reshaped, a size-1 dim          followed (shuffle: new     carried through;
-                  inserted, or other dims repeated           places; groups: place      recomputed from a
-                  (``unsqueeze``, ``repeat``): unchanged;    ``p % C``)                 shuffle or group
-                  a channel shuffle (groups,                                            view on
-                  transpose, back): a permutation; (B, G *
-                  C, ...) viewed as (B, G, C, ...): groups
-                  (radix attention)
+``reshape``       other dims reshaped, or a size-1 dim       followed (shuffle: new     carried through;
+                  inserted (``unsqueeze``): unchanged; a     places; groups: place      recomputed from a
+                  channel shuffle (groups, transpose,        ``p % C``)                 shuffle or group
+                  back): a permutation; (B, G * C, ...)                                 view on
+                  viewed as (B, G, C, ...): groups (radix
+                  attention)
 ``stack``         branches stacked in front of the           followed                   recomputed
                   channels (selective kernels)
 ``unfold``,       patches with kernel == stride, no padding  followed: channel ``c``    carried through;
@@ -50,7 +49,8 @@ kind              how a layer's channels flow               weight edges        
                   ``(B, C * K, L)`` <-> ``(B, C, K, L)``     flatten); other settings
                   splits or merges the channel blocks;       refused
                   pixel (un)shuffle alike (``K = r * r``)
-``expand``        other dims broadcast (``expand_as``)       followed                   carried through
+``expand``        other dims broadcast or repeated           followed; across the       carried through
+                  (``expand``, ``expand_as``, ``repeat``)    channels: refused
 ``final``         softmax after the output layer; across     -- (across groups: a       -- (recomputed)
                   groups in front of the channels, a gate;   gate, followed; over
                   over the positions after the channels,     positions: followed)
@@ -196,8 +196,7 @@ SPLIT = Handler(  # the inverse of cat: channel windows (x[:, a:b] is getitem in
 FLATTEN = Handler("flatten", modules=(nn.Flatten,), functions={torch.flatten, torch.reshape}
                   | _ops("flatten.using_ints", "view", "reshape", "_unsafe_view", "reshape_as", "view_as"),
                   methods={"flatten", "view", "reshape", "reshape_as", "view_as"})
-BROADCAST = Handler(  # a size-1 dimension inserted, or other dimensions repeated: channels kept
-    "reshape", functions={torch.unsqueeze} | _ops("unsqueeze", "repeat"), methods={"unsqueeze", "repeat"})
+UNSQUEEZE = Handler("reshape", functions={torch.unsqueeze} | _ops("unsqueeze"), methods={"unsqueeze"})  # size-1 dim
 PERMUTE = Handler("permute", functions={torch.permute, torch.transpose} | _ops("permute", "transpose.int"),
                   methods={"permute", "transpose"})
 MEAN = Handler("mean", functions={torch.mean} | _ops("mean.dim"), methods={"mean"})
@@ -212,7 +211,8 @@ ATTENTION = Handler("attention", modules=ATTENTION_MODULES,
                     | _ops("scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"),
                     methods={"matmul", "bmm"})
 
-EXPAND = Handler("expand", functions=_ops("expand_as", "expand"), methods={"expand_as", "expand"})  # broadcast
+EXPAND = Handler("expand", functions=_ops("expand_as", "expand", "repeat"),  # other dims broadcast or repeated
+                 methods={"expand_as", "expand", "repeat"})
 UNFOLD = Handler("unfold", modules=(nn.Unfold, nn.PixelUnshuffle),  # nn/_patches.py
                  functions={F.unfold, F.pixel_unshuffle, torch.pixel_unshuffle} | _ops("im2col", "pixel_unshuffle"))
 FOLD = Handler("fold", modules=(nn.Fold, nn.PixelShuffle),
@@ -221,7 +221,7 @@ CLOSURES = Handler("unary", modules=(Elementwise,))   # written-out channel-wise
 TAKE_TOKENS = Handler("take_tokens", functions={take_tokens})  # last-token heads, after the output layer
 
 HANDLERS = [ACTIVATIONS, PASSING, POOLING, UPSAMPLING, PAD, BATCH_NORM, NORMALIZATION, STATISTIC, ARITHMETIC, CONCAT, SPLIT,
-            FLATTEN, BROADCAST, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, EXPAND, UNFOLD, FOLD, CLOSURES,
+            FLATTEN, UNSQUEEZE, PERMUTE, MEAN, SUM, STACK, FINAL, ATTENTION, EXPAND, UNFOLD, FOLD, CLOSURES,
             TAKE_TOKENS]
 SHAPE_METHODS = {"size", "dim"}
 # operations that read only the shape of an argument: (target, index of that argument)

@@ -392,11 +392,6 @@ class Structure:
                     if kept is not None:
                         stack.append((user, kept, scales))
                         continue
-                    if handler_kind(user, None) == "reshape":   # unsqueeze or repeat across the channels
-                        raise UnsupportedModelError(
-                            f"{self.describe(user)} repeats or moves the channels of layer '{start.target}' (shape "
-                            f"{self.shapes.get(user.args[0])} to {self.shapes.get(user)}); modlens follows repeats "
-                            "of the other dimensions only")
                     end, fn = self._shuffle(start, user, route)
                     n_source = self.layer_route(start).channels
                     if mode == "lesion":
@@ -407,7 +402,7 @@ class Structure:
                     else:
                         moved = route.explicit(n_source).moved(fn)
                         stack.append((end, replace(moved, ndim=self.ndim(end) or route.ndim), scales))
-                elif kind == "expand":   # broadcast along positions: every copy is a value of the same channel
+                elif kind == "expand":   # broadcast or repeated along positions: every copy is a value of the same channel
                     if user.args[0] is not node or node in user.args[1:]:
                         raise self._arg_error(start, user)
                     stack.append((user, expand_route(self, start, user, route), scales))

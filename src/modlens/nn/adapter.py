@@ -33,7 +33,7 @@ from modlens.nn._batch_fold import fold_order, per_sample
 from modlens.nn.inputs import to_model
 from modlens.nn._conv import ACT_REDUCTIONS, BN_FOLDS, REDUCERS, bn_row_scale, channels_first, edge_block
 from modlens.nn._fx import ModelTraceError
-from modlens.nn._plan import LesionPlan, _batch_dim
+from modlens.nn._plan import LesionPlan, batch_dim
 from modlens.core.residual_graph import residual_edge_blocks, residual_layer_sizes
 from modlens.nn._structure import CONV_TYPES, Structure, UnsupportedModelError
 from modlens.nn._transformer import residual_parts
@@ -463,7 +463,7 @@ class NetworkAdapter:
         """What is applied to layer ``layer``'s pre-activation as it is computed (or None): a time-major
         value (``(T, B, C)``: XLNet) is moved batch first, a channels-last one channels first."""
         last = self._channels_last(layer)
-        batch = _batch_dim(self.structure, self.structure.preactivation_node(self._layer_nodes[layer])) or 0
+        batch = batch_dim(self.structure, self.structure.preactivation_node(self._layer_nodes[layer])) or 0
         steps = ([lambda t: t.movedim(batch, 0)] if batch else []) + ([channels_first] if last else [])
         if reduce is not None:
             steps.append(REDUCERS[reduce])
