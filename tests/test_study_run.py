@@ -145,6 +145,11 @@ def test_default_executor_uses_every_core_and_gives_the_inline_tables(reference,
     assert util["workers"] == record["workers"] and 0 < util["value"] <= 1
     assert util["value"] == pytest.approx(util["task_seconds"] / (util["wall_seconds"] * util["workers"]))
     assert util["task_seconds"] == pytest.approx(sum(t["seconds"] for t in record["tasks"] if not t["cached"]))
+    ran = [t for t in record["tasks"] if not t["cached"]]
+    # each task's CPU time is that of the worker process over the task: positive, and about its wall time at most
+    # (tasks run single-threaded)
+    assert all(0 < t["cpu_seconds"] <= 2 * t["seconds"] + 1 for t in ran), ran
+    assert util["task_cpu_seconds"] == pytest.approx(sum(t["cpu_seconds"] for t in ran))
     monkeypatch.setattr(executors, "available_cores", lambda: 1)
     assert executors.make_executor("auto").name == "inline"
 
@@ -159,7 +164,10 @@ def test_study_status(reference, tmp_path, capsys):
     assert main(["study", "status", str(ref)]) == 0
     out = capsys.readouterr().out
     n = len(_tasks(ref))
-    assert "finished at" in out and re.search(rf"^total\s+{n}\s+0\s+0\s+0\s+\d+\.\d s", out, re.M), out
+    assert "finished at" in out and re.search(rf"^total\s+{n}\s+0\s+0\s+0\s+\d+\.\d s; \d+\.\d s CPU$", out, re.M), out
+    run = json.loads((ref / "run.json").read_text())
+    assert study_status(ref)["total"]["cpu_seconds"] == pytest.approx(
+        sum(t["cpu_seconds"] for t in run["tasks"].values()), abs=0.01)
     assert re.search(r"^train\s+2\s+0\s+0\s+0", out, re.M)
     copy = tmp_path / "copy"
     shutil.copytree(ref, copy)

@@ -272,9 +272,9 @@ def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers
                             pending.remove(node)
                             done[node.id] = dict(cached, dir=str(task_dir(study_dir, node.kind, key)))
                             timings.append({"task": node.id, "kind": node.kind, "key": key, "seconds": cached["seconds"],
-                                            "cached": True})
+                                            "cpu_seconds": cached.get("cpu_seconds"), "cached": True})
                             bar.finished(node.id, cached=True)
-                            log.set(node.id, "cached", cached["seconds"])
+                            log.set(node.id, "cached", cached["seconds"], cpu_seconds=cached.get("cpu_seconds"))
                             progressed = True
                             continue
                         ready[node.id] = (params, inputs, key)
@@ -301,9 +301,9 @@ def _run_locked(spec: StudySpec, study_dir: Path, *, data_dir, executor, workers
                                      f"{type(error).__name__}: {error}") from error
                 done[node.id] = dict(result, dir=str(task_dir(study_dir, node.kind, key)))
                 timings.append({"task": node.id, "kind": node.kind, "key": key, "seconds": result["seconds"],
-                                "cached": False})
+                                "cpu_seconds": result.get("cpu_seconds"), "cached": False})
                 bar.finished(node.id)
-                log.set(node.id, "done", result["seconds"])
+                log.set(node.id, "done", result["seconds"], cpu_seconds=result.get("cpu_seconds"))
         completed = True
     finally:
         bar.close()
@@ -357,6 +357,12 @@ def utilization(timings: list[dict], wall_seconds: float, workers: int) -> float
     return busy / (wall_seconds * workers)
 
 
+def _cpu_seconds(timings: list[dict]) -> float | None:
+    """The CPU seconds of the tasks, None when a task's result predates the CPU-time record."""
+    cpu = [t.get("cpu_seconds") for t in timings]
+    return None if not cpu or any(c is None for c in cpu) else float(sum(cpu))
+
+
 def write_outputs(spec: StudySpec, study_dir: Path, done: dict, analyses: list[dict], *, timings: list[dict],
                   started: str, seconds: float, run: dict) -> None:
     """``networks/``, ``study_rows``, ``study.json`` (with the run's executor, workers and
@@ -386,6 +392,7 @@ def write_outputs(spec: StudySpec, study_dir: Path, done: dict, analyses: list[d
         "networks": networks, "versions": _versions(), **run,
         "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds,
         "utilization": {"task_seconds": sum(t["seconds"] for t in timings if not t["cached"]),
+                        "task_cpu_seconds": _cpu_seconds([t for t in timings if not t["cached"]]),
                         "wall_seconds": seconds, "workers": run["workers"],
                         "value": utilization(timings, seconds, run["workers"])},
         "tasks": timings,

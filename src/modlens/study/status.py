@@ -3,7 +3,7 @@ second) as tasks start and finish, and read by ``modlens study status DIR``.
 
 ``run.json`` lists every task of the run's graph with its kind and state (``pending``,
 ``running``, ``done``, ``cached``: done by an earlier run, ``failed``) and, for finished ones, the
-seconds it took. Whether a run is still going is told by the study folder's lock, not by the
+seconds it took (wall time, and the CPU time of the process that ran it). Whether a run is still going is told by the study folder's lock, not by the
 file: a run that was killed leaves tasks marked running, and :func:`study_status` reports them as
 interrupted (the next run starts them again).
 """
@@ -36,12 +36,15 @@ class RunLog:
                        "finished": None, "tasks": {n.id: {"kind": n.kind, "state": "pending"} for n in nodes}}
         self._write(force=True)
 
-    def set(self, task_id: str, state: str, seconds: float | None = None, error: str | None = None) -> None:
+    def set(self, task_id: str, state: str, seconds: float | None = None, error: str | None = None, *,
+            cpu_seconds: float | None = None) -> None:
         with self._lock:
             entry = self.record["tasks"][task_id]
             entry["state"] = state
             if seconds is not None:
                 entry["seconds"] = round(float(seconds), 3)
+            if cpu_seconds is not None:
+                entry["cpu_seconds"] = round(float(cpu_seconds), 3)
             if error is not None:
                 entry["error"] = error
         self._write(force=state == "failed")
@@ -99,14 +102,18 @@ def study_status(study_dir) -> dict:
     active = _run_active(study_dir)
     kinds: dict[str, dict] = {}
     for entry in record["tasks"].values():
-        k = kinds.setdefault(entry["kind"], {**{s: 0 for s in STATES}, "seconds": 0.0})
+        k = kinds.setdefault(entry["kind"], {**{s: 0 for s in STATES}, "seconds": 0.0, "cpu_seconds": 0.0,
+                                             "cpu_tasks": 0})
         state = entry["state"]
         if state == "running" and not active:
             state = "pending"  # the run that started it is gone: it will run again
         k[state] += 1
         if state in ("done", "cached"):
             k["seconds"] += float(entry.get("seconds", 0.0))
-    total = {s: sum(k[s] for k in kinds.values()) for s in (*STATES, "seconds")}
+            if entry.get("cpu_seconds") is not None:  # absent for tasks finished before it was recorded
+                k["cpu_seconds"] += float(entry["cpu_seconds"])
+                k["cpu_tasks"] += 1
+    total = {s: sum(k[s] for k in kinds.values()) for s in (*STATES, "seconds", "cpu_seconds", "cpu_tasks")}
     return {"name": record.get("name"), "active": active, "finished": record.get("finished"),
             "started": record.get("started"), "pid": record.get("pid"), "executor": record.get("executor"),
             "workers": record.get("workers"), "kinds": kinds, "total": total,
@@ -122,14 +129,17 @@ def format_status(status: dict, study_dir) -> str:
     else:
         head = f"stopped (started {status['started']}); `modlens study run` resumes it"
     lines = [f"study {status['name']!r} in {study_dir}: {head}",
-             f"{'kind':<15}{'done':>6}{'running':>9}{'left':>6}{'failed':>8}  time of the finished ones"]
+             f"{'kind':<15}{'done':>6}{'running':>9}{'left':>6}{'failed':>8}  time of the finished ones (wall; CPU)"]
     order = ("train", "model", "partition", "lesion", "vis", "clusterability", "stats")
     kinds = sorted(status["kinds"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
     rows = [*kinds, ("total", status["total"])]
     for kind, k in rows:
         done = k["done"] + k["cached"]
+        cpu = ""
+        if k.get("cpu_tasks"):
+            cpu = f"; {k['cpu_seconds']:.1f} s CPU" + (f" of {k['cpu_tasks']}" if k["cpu_tasks"] < done else "")
         lines.append(f"{kind:<15}{done:>6}{k['running']:>9}{k['pending']:>6}{k['failed']:>8}  "
-                     f"{k['seconds']:.1f} s" + (f" ({k['cached']} from earlier runs)" if k["cached"] else ""))
+                     f"{k['seconds']:.1f} s{cpu}" + (f" ({k['cached']} from earlier runs)" if k["cached"] else ""))
     for task, error in status["failed"].items():
         lines.append(f"failed: {task}: {error}")
     return "\n".join(lines)

@@ -93,7 +93,8 @@ Progress = Callable[[str, int], None]  # ("total", n) once, then ("advance", n)
 def execute(study_dir: str, kind: str, key: str, params: dict, inputs: dict, context: dict,
             progress: Progress | None = None) -> dict:
     """Run one task (in whatever process the executor chose) unless its folder already exists;
-    return its recorded result (``digest``, ``seconds``, ``info``)."""
+    return its recorded result (``digest``, ``seconds``: wall time, ``cpu_seconds``: the CPU time of the
+    process that ran it, absent from results written before it was recorded, ``info``)."""
     study_dir = Path(study_dir)
     done = read_done(study_dir, kind, key)
     if done is not None:
@@ -107,12 +108,13 @@ def execute(study_dir: str, kind: str, key: str, params: dict, inputs: dict, con
     say = progress or (lambda what, n: None)
     partial = final.parent / f".partial-{key[:16]}"   # parts of the work a killed run finished (same key)
     context = {**context, "partial_dir": str(partial)}
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         with single_thread():
             digest, info = KINDS[kind](tmp, params, inputs, context, say)
+        # cpu_seconds: the CPU time of the process that ran the task (every thread of it), over the task
         result = {"kind": kind, "key": key, "digest": digest or key, "seconds": time.perf_counter() - started,
-                  "info": info}
+                  "cpu_seconds": time.process_time() - cpu_started, "info": info}
         (tmp / RESULT_FILE).write_text(canonical(result))
         try:
             os.rename(tmp, final)
