@@ -34,6 +34,8 @@ def test_builtin_studies_load_and_are_documented(tmp_path):
     assert (orig.analysis.accuracy, orig.analysis.class_range, orig.analysis.ties, orig.analysis.effect_rule,
             orig.analysis.max_fraction, orig.analysis.vis_options) == ("balanced", "normalized", "original", "original", 0.99,
                                                                {"original": True})
+    assert (orig.analysis.conv_edge, orig.analysis.act_reduce, orig.analysis.bn_fold) == ("matrix_1_norm", "matrix_1_norm",
+                                                                                          "original")
     # the same trained networks as paper-small: one study folder can hold both
     assert [g.recipe for g in orig.networks] == [g.recipe for g in small.networks]
 

@@ -18,8 +18,11 @@
   range) and the top-activating-positions test (issue 18; docs/language-models.md). Needs
   ``<data-dir>/text/{prose,code}.txt``.
 * ``paper-original``: ``paper-small`` with every original-code option of ``analyze`` switched on
-  (balanced accuracy, normalized class range, original ties and effect rule, max fraction 0.99,
-  the original feature visualization), to compare the paper's numbers with both definitions.
+  (the graph: matrix 1-norm conv edges and activation reduction, the original batch-norm folding;
+  the statistics: balanced accuracy, normalized class range, original ties and effect rule, max
+  fraction 0.99; the original feature visualization), to compare the paper's numbers with both
+  definitions. The graph options (rows 1-3 of the notes) change nothing for the MLPs and move the
+  CNNs' partitions (docs/fidelity.md, section 6).
 
 CIFAR-10 studies need ``<data-dir>/cifar-10-batches-py/`` (or ``cifar-10-python.tar.gz``);
 ``paper-imagenet`` needs ``<data-dir>/imagenet/val/<wnid>/*.JPEG`` and model folders
@@ -112,9 +115,12 @@ imagenet = {{ folder = "{{data_dir}}/imagenet/val", per_class = 10, activation_p
               extra='task = "next-token"\n')
         + _net("gpt-text", "GPT 4x128 (MLP 512), two-genre text", "gpt", "text")),
     "paper-original": Builtin(
-        "paper-small with every original-code option switched on (rows 7, 9-11, 14-16 of the notes)",
+        "paper-small with every original-code option switched on (rows 1-3, 7, 9-11, 14-16 of the notes)",
         _head("paper-original", "paper-small analysed with the original code's definitions, for comparison with the paper's numbers.",
-              extra="""accuracy = "balanced"
+              extra="""conv_edge = "matrix_1_norm"
+act_reduce = "matrix_1_norm"
+bn_fold = "original"
+accuracy = "balanced"
 class_range = "normalized"
 ties = "original"
 effect_rule = "original"
