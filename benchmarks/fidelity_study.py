@@ -64,6 +64,25 @@ def run_times(study: Path) -> dict:
     return out
 
 
+def diagnostics(study: Path) -> str:
+    """The counts behind the degenerate-metric flags (docs/fidelity.md section 4), summed over the
+    study's networks, one line per partitioning and metric."""
+    record = json.loads((study / "study.json").read_text())
+    frames = [pd.read_parquet(study / "networks" / n["id"] / "summary.parquet") for n in record["networks"]]
+    s = pd.concat(frames, ignore_index=True)
+    s = s[s["family"] != "clusterability"]
+    cols = ["n_saturated", "n_images", "n_unchanged", "n_lesions", "n_tied_pairs", "n_pairs"]
+    g = s.groupby(["partitioning", "metric"], sort=False)[cols].sum()
+    flags = s.groupby(["partitioning", "metric"], sort=False)["degenerate"].agg(
+        lambda v: ", ".join(sorted({f for x in v if isinstance(x, str) for f in x.split(", ") if f})))
+    lines = []
+    for (part, metric), r in g.iterrows():
+        lines.append(f"{study.name} {part} {metric}: tied pairs {r.n_tied_pairs}/{r.n_pairs}, unchanged lesions "
+                     f"{r.n_unchanged}/{r.n_lesions}, saturated images {r.n_saturated}/{r.n_images}"
+                     + (f"; flagged in some network: {flags[(part, metric)]}" if flags[(part, metric)] else ""))
+    return "\n".join(lines)
+
+
 def compare(paper: Path, original: Path) -> str:
     sets = {"paper definitions (paper-small)": comparison(paper), "original options (paper-original)": comparison(original)}
     names = list(sets)
@@ -103,7 +122,7 @@ def compare(paper: Path, original: Path) -> str:
         for kind, k in run_times(folder).items():
             cpu = f"{k['cpu_seconds']:.0f} ({k['cpu_tasks']} of {k['tasks']})" if k["cpu_tasks"] else "not recorded"
             lines.append(f"| {name} | {kind} | {k['tasks']} | {k['ran_now']} | {k['seconds']:.0f} | {cpu} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", diagnostics(paper), "", diagnostics(original)])
 
 
 def graph_options(study: Path, data_dir) -> str:
