@@ -104,9 +104,6 @@ VARIANTS = {
 
 
 def summaries(runs: Path, variants=None):
-    from modlens.analysis.diagnostics import add_diagnostics
-    from modlens.analysis.statistics import LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
-
     data = []
     for net in NETS:
         d, cfg = _load(runs, net)
@@ -115,6 +112,16 @@ def summaries(runs: Path, variants=None):
         if (d / "vis_original.parquet").exists():
             vis["original"] = pd.read_parquet(d / "vis_original.parquet").assign(network=net)
         data.append((les, _original_lesions(les, cfg), vis))
+    return summaries_of(data, variants)
+
+
+def summaries_of(data, variants=None):
+    """One pooled summary per option set (``VARIANTS``) from each network's ``(lesion table with the
+    paper's metrics, the same lesions with the original metrics, {"paper": vis table, "original": vis
+    table})``."""
+    from modlens.analysis.diagnostics import add_diagnostics
+    from modlens.analysis.statistics import LESION_METRICS, VIS_METRICS, subcluster_tests, summarize
+
     out = {}
     summaries.vis = {}
     for name, opt in (variants or VARIANTS).items():
@@ -141,8 +148,12 @@ def _side(v: float) -> str:
 
 def compare(runs: Path, reported: Path) -> str:
     rep = pd.read_csv(reported)
-    rep = rep[rep["network"] == "MLP, MNIST"]
-    sums = summaries(runs)
+    return compare_summaries(summaries(runs), rep[rep["network"] == "MLP, MNIST"])
+
+
+def compare_summaries(sums: dict, rep: pd.DataFrame) -> str:
+    """The cell-by-cell table of the first two option sets beside the paper's rows ``rep``, the
+    agreement counts of every option set, the diagnostic counts and the entropy quantiles."""
     main = list(sums)[:2]
     lines = ["| partitioning | metric | reported p | reported effect | reported sig. | " + " | ".join(
         f"{k}: p | effect | sig. | agree sig. | agree side | flags" for k in main) + " |"]

@@ -4,7 +4,10 @@
     modlens study run paper-original --groups cnn-mnist --out STUDIES/original --data-dir DATA
     # 1. the agreement table of both option sets, and the time each run took
     python benchmarks/fidelity_study.py compare --paper STUDIES/paper --original STUDIES/original
-    # 2. what rows 1-2 of the notes (the conv edge weight and activation reduction, which
+    # 2. which option moves which cell (one switch at a time, from the saved tables of both runs;
+    #    the two runs must share their partitions: paper-original with the paper's graph options)
+    python benchmarks/fidelity_study.py switches --paper STUDIES/paper --original STUDIES/original
+    # 3. what rows 1-2 of the notes (the conv edge weight and activation reduction, which
     #    paper-original leaves at the paper's definitions) would change in the partitions
     python benchmarks/fidelity_study.py graph-options --study STUDIES/paper --data-dir DATA
 
@@ -16,7 +19,7 @@ a copy of the first study's ``tasks/`` lets the second reuse its training, parti
 counts). "agree" compares significance decisions (ours: Benjamini-Hochberg at 0.05 within the table
 family of the study; the paper's: its marking, p <= 0.025) and the side of 1 of the effect.
 
-Step 2 rebuilds each network's four partitions with ``conv_edge="matrix_1_norm"`` and
+Step 3 rebuilds each network's four partitions with ``conv_edge="matrix_1_norm"`` and
 ``act_reduce="matrix_1_norm"`` (the original code's graph) and with the paper's definitions, with the
 study's seeds, and prints the adjusted Rand index of each against the study's saved partition: the
 paper's rebuild must give 1 (the study's partitions are reproducible), the original graph's says
@@ -125,6 +128,33 @@ def compare(paper: Path, original: Path) -> str:
     return "\n".join(lines + ["", diagnostics(paper), "", diagnostics(original)])
 
 
+def switches(paper: Path, original: Path) -> str:
+    """Which option moves which cell: the option sets of ``fidelity_mlp.VARIANTS`` (the paper's
+    definitions, the original options, and one switch at a time) recomputed from the two studies'
+    saved tables. Both studies lesion and visualize the same partitions (the paper's graph), so the
+    original lesion metrics are paper-original's values of the same sets, and its visualizations are
+    the original ones; ties and effect rules are applied by the statistics here."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fidelity_mlp import compare_summaries, summaries_of
+
+    from modlens.report.paper import reported_results
+
+    record = json.loads((paper / "study.json").read_text())
+    data, labels = [], set()
+    key = ["partitioning", "layer", "cluster", "kind", "draw", "neurons"]
+    for net in record["networks"]:
+        a, b = paper / "networks" / net["id"], original / "networks" / net["id"]
+        les, orig = pd.read_parquet(a / "subclusters.parquet"), pd.read_parquet(b / "subclusters.parquet")
+        if les[key].reset_index(drop=True).equals(orig[key].reset_index(drop=True)) is False:
+            raise SystemExit(f"{net['id']}: the two studies did not lesion the same sets; switches needs the same partitions")
+        vis = {"paper": pd.read_parquet(a / "visualizations.parquet"), "original": pd.read_parquet(b / "visualizations.parquet")}
+        data.append((les.assign(network=net["id"]), orig.assign(network=net["id"]),
+                     {k: v.assign(network=net["id"]) for k, v in vis.items()}))
+        labels.add(net["label"])
+    rep = reported_results()
+    return compare_summaries(summaries_of(data), rep[rep["network"].isin(labels)])
+
+
 def graph_options(study: Path, data_dir) -> str:
     from sklearn.metrics import adjusted_rand_score
 
@@ -161,16 +191,16 @@ def graph_options(study: Path, data_dir) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("step", choices=["compare", "graph-options"])
+    p.add_argument("step", choices=["compare", "switches", "graph-options"])
     p.add_argument("--paper", type=Path, help="the study run with the paper's definitions (paper-small)")
     p.add_argument("--original", type=Path, help="the same networks analysed by paper-original")
     p.add_argument("--study", type=Path, help="graph-options: the study whose partitions are rebuilt")
     p.add_argument("--data-dir", type=Path, default=None)
     a = p.parse_args(argv)
-    if a.step == "compare":
+    if a.step in ("compare", "switches"):
         if a.paper is None or a.original is None:
-            p.error("compare needs --paper and --original")
-        print(compare(a.paper, a.original))
+            p.error(f"{a.step} needs --paper and --original")
+        print(compare(a.paper, a.original) if a.step == "compare" else switches(a.paper, a.original))
     else:
         if a.study is None:
             p.error("graph-options needs --study")
