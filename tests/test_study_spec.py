@@ -209,3 +209,16 @@ def test_groups_filter():
     assert [g.group for g in spec.networks] == ["mlp-mnist", "mlp-fashion"]
     with pytest.raises(SpecError, match="no group cnn-cifar; its groups are mlp-mnist, mlp-fashion"):
         load_spec("paper-small", groups=["cnn-cifar"])
+
+
+def test_paper_graphs_spec_is_paper_original_without_its_graph_options():
+    """benchmarks/specs/paper-original-paper-graphs.toml (the first option set of docs/fidelity.md
+    section 6) differs from the built-in paper-original in rows 1-3 of the notes only."""
+    from pathlib import Path
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "benchmarks" / "specs" / "paper-original-paper-graphs.toml")
+    orig = load_spec("paper-original")
+    a, b = spec.analysis.record(), orig.analysis.record()
+    assert {k for k in a if a[k] != b[k]} == {"conv_edge", "act_reduce", "bn_fold"}
+    assert (spec.analysis.conv_edge, spec.analysis.act_reduce, spec.analysis.bn_fold) == ("l1", "l1", "paper")
+    assert [g.recipe for g in spec.networks] == [g.recipe for g in orig.networks]
