@@ -125,10 +125,20 @@ _INPLACE = {
 }
 
 
+#: Aliases of one operation, read as that operation: ``swapaxes``/``swapdims`` are ``transpose``
+#: (torchvision's MaxViT swaps axes back after its grid attention).
+_ALIASES = {op: aten.transpose.int for op in (getattr(getattr(aten, n, None), "default", None)
+                                              for n in ("swapaxes", "swapdims")) if op is not None}
+
+
 def _functionalize(graph: fx.Graph) -> None:
-    """Replace in-place ops by their out-of-place versions where nothing reads the mutated value later."""
+    """Replace in-place ops by their out-of-place versions where nothing reads the mutated value later,
+    and aliases by the operation they name (:data:`_ALIASES`)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ALIASES:
+            node.target = _ALIASES[node.target]
+            continue
         if node.op == "call_function" and node.target in _INPLACE and isinstance(node.args[0], fx.Node):
             later = [u for u in node.args[0].users if u is not node and order[u] > order[node]]
             if not later:

@@ -91,6 +91,11 @@ def trace(model: nn.Module, leaf_modules: Iterable = (), name: str | None = None
             "submodule and mark that submodule as a leaf, or pass modlens a module whose forward is a plain "
             "sequence of layers."
         ) from exc
+    for node in graph.nodes:   # aliases read as the operation they name (torchvision's MaxViT swaps axes)
+        if node.op == "call_function" and node.target in (torch.swapaxes, torch.swapdims):
+            node.target = torch.transpose
+        elif node.op == "call_method" and node.target in ("swapaxes", "swapdims"):
+            node.target = "transpose"
     return fx.GraphModule(tracer.root, graph, name or type(model).__name__)
 
 
