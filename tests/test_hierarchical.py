@@ -322,13 +322,14 @@ class PooledStages(nn.Module):
     """Two stages of a (B, T, C) stream on a 4x4 then 2x2 grid, joined by a 2x2 average pool and a 1x1 conv
     (MaxViT's shortcut); attention biased by a table computed from parameters with einsum (a constant)."""
 
-    def __init__(self, d0=4, d1=8, hidden=8):
+    def __init__(self, d0=4, d1=8, hidden=8, pool=(2, 2, 0)):
         super().__init__()
         self.embed = nn.Conv2d(3, d0, 2, stride=2)
         self.q0, self.q1 = nn.Linear(d0, d0), nn.Linear(d1, d1)
         self.bias_a, self.bias_b = nn.Parameter(torch.randn(16, 3)), nn.Parameter(torch.randn(3, 16))
         self.n0, self.fc1a, self.fc2a = nn.LayerNorm(d0), nn.Linear(d0, hidden), nn.Linear(hidden, d0)
-        self.pool, self.expand = nn.AvgPool2d(2), nn.Conv2d(d0, d1, 1)
+        size, stride, pad = pool   # torchvision's MaxViT: (3, 2, 1), overlapping and padded
+        self.pool, self.expand = nn.AvgPool2d(size, stride, pad), nn.Conv2d(d0, d1, 1)
         self.n1, self.fc1b, self.fc2b = nn.LayerNorm(d1), nn.Linear(d1, hidden), nn.Linear(hidden, d1)
         self.head = nn.Linear(d1, 3)
 
@@ -344,9 +345,11 @@ class PooledStages(nn.Module):
         return self.head(x.mean(1))
 
 
-def test_an_average_pool_before_a_1x1_conv_is_one_strided_kernel_and_lesions_equal_the_oracle():
+@pytest.mark.parametrize("pool", [(2, 2, 0), (3, 2, 1)])
+def test_an_average_pool_before_a_1x1_conv_is_one_strided_kernel_and_lesions_equal_the_oracle(pool):
     torch.manual_seed(0)
-    model = PooledStages().double().eval()
+    model = PooledStages(pool=pool).double().eval()
+    size = pool[0]
     x = torch.randn(48, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         model.head.bias -= model(x).mean(0)
@@ -355,12 +358,12 @@ def test_an_average_pool_before_a_1x1_conv_is_one_strided_kernel_and_lesions_equ
     assert a.layer_names == ["fc1a", "fc1b"]
     parts = a.residual_parts()
     (t,) = parts["transitions"]
-    np.testing.assert_allclose(t.kernel, np.tile(_np(model.expand.weight), (1, 1, 2, 2)) / 4)
+    np.testing.assert_allclose(t.kernel, np.tile(_np(model.expand.weight), (1, 1, size, size)) / size ** 2)
     assert t.stride == (2, 2)
     got = {(i, j): blk for i, j, blk in a.weight_blocks()}
     read = _np(model.fc1b.weight) * _np(model.n1.weight)[None, :]
-    w = _np(model.expand.weight)[:, :, 0, 0] / 4
-    np.testing.assert_allclose(got[(1, 2)], 4 * np.abs(read @ w @ _np(model.fc2a.weight)))
+    w = _np(model.expand.weight)[:, :, 0, 0] / size ** 2
+    np.testing.assert_allclose(got[(1, 2)], size ** 2 * np.abs(read @ w @ _np(model.fc2a.weight)))
     ev = IncrementalLesions(a, x, y)
     rng = np.random.default_rng(0)
     changed = 0

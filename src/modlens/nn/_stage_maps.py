@@ -139,7 +139,7 @@ def _one_layer_transition(s, before, after, d_in, d_out, names, reached, found) 
         raise UnsupportedModelError(
             f"{names} the downsampling layer '{down.target}' reads the stream through "
             f"{s.describe((bad or norms[1:] or pools[1:])[0])}; modlens follows reshapes, permutes, slices, "
-            "concatenations, padding, one norm and one non-overlapping average pool there"
+            "concatenations, padding, one norm and one average pool there"
         )
     pool = _avg_pool(s, pools[0]) if pools else None
     width_in = mod.in_features if isinstance(mod, nn.Linear) else getattr(mod, "in_channels", None)
@@ -152,13 +152,13 @@ def _one_layer_transition(s, before, after, d_in, d_out, names, reached, found) 
                 f"in {mod.groups} groups (norm width {n_width}); modlens needs a dense conv from {d_in} to {d_out}")
         kernel = _np(mod.weight) * gamma_in[None, :, None, None] * gamma_out[:, None, None, None]
         stride = tuple(int(v) for v in mod.stride)
-        if pool is not None:  # pool(k) then a 1x1 conv (MaxViT's shortcut): one k x k kernel of stride k, taps / k^2
+        if pool is not None:  # pool then a 1x1 conv (MaxViT's shortcut): one kernel of the pool's size and stride
             if kernel.shape[2:] != (1, 1) or stride != (1, 1):
                 raise UnsupportedModelError(f"{names} an average pool comes before the conv '{down.target}' "
                                             f"(kernel {kernel.shape[2:]}, stride {stride}); modlens follows a pool "
                                             "before a 1x1 conv of stride 1 only")
-            kernel = np.tile(kernel, (1, 1, *pool)) / (pool[0] * pool[1])
-            stride = pool
+            size, stride, divisor = pool
+            kernel = np.tile(kernel, (1, 1, *size)) / divisor
         return StageMap(kernel, stride)
     if pool is not None:
         raise UnsupportedModelError(f"{names} an average pool comes before '{down.target}' ({type(mod).__name__}); "
@@ -274,20 +274,23 @@ def _cat_offset(s, cat: fx.Node, prev: fx.Node, region: list, link: fx.Node, nam
 
 
 def _avg_pool(s, node: fx.Node):
-    """(kh, kw) of a non-overlapping, unpadded 2-D average pool, else None."""
+    """((kh, kw), (sh, sw), divisor) of a 2-D average pool, else None. Overlapping and padded pools
+    (torchvision's MaxViT: kernel 3, stride 2, padding 1) are one strided kernel whose taps are 1/divisor:
+    the divisor is ``kh * kw`` (or ``divisor_override``), which is exact away from the padded border and,
+    with ``count_include_pad`` (the default), at the border too."""
     if node.op == "call_module" and isinstance(s.module(node), nn.AvgPool2d):
         m = s.module(node)
-        k, st, pad = m.kernel_size, m.stride, m.padding
+        k, st, override = m.kernel_size, m.stride, m.divisor_override
     elif node.op == "call_function" and node.target in (torch.ops.aten.avg_pool2d.default, nn.functional.avg_pool2d):
-        args = list(node.args) + [None] * 4
+        args = list(node.args) + [None] * 7
         k = node.kwargs.get("kernel_size", args[1])
         st = node.kwargs.get("stride", args[2]) or k
-        pad = node.kwargs.get("padding", args[3] if args[3] is not None else 0)
+        override = node.kwargs.get("divisor_override", args[6])
     else:
         return None
     pair = lambda v: (tuple(v) * 2)[:2] if isinstance(v, (list, tuple)) else (v, v)  # noqa: E731
-    k, st, pad = pair(k), pair(st), pair(pad)
-    return tuple(int(v) for v in k) if k == st and pad == (0, 0) else None
+    k, st = tuple(int(v) for v in pair(k)), tuple(int(v) for v in pair(st))
+    return k, st, float(override or k[0] * k[1])
 
 
 def _ancestors_until(s, node: fx.Node, stop: fx.Node) -> list:
