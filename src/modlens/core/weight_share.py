@@ -63,7 +63,7 @@ def weight_share(triples: Iterable, labels: Sequence[np.ndarray], hidden: Sequen
 
 
 #: Stored entries of the graph read at a time by :func:`weight_share_of_graph` (its working memory).
-GRAPH_CHUNK = 1 << 22
+GRAPH_CHUNK = 1 << 18
 
 
 def weight_share_of_graph(adjacency, layer_sizes: Sequence[int], labels: Sequence[np.ndarray],

@@ -153,7 +153,6 @@ class Partitioner:
                 self._graphs["complete"] = choose_graph_mode(int(sum(sizes)), "auto") == "dense"
             elif kind == "weights":
                 adj = graph.weight_graph(sizes, blocks)
-                self._graphs["complete"] = True
             else:
                 if self._activation_data is None:
                     raise ValueError(
@@ -210,12 +209,13 @@ class Partitioner:
 
     def weight_share(self, labels) -> dict:
         """Share of squared weight inside the clusters of hidden-neuron ``labels``, with its 1/k and
-        size-matched baselines (:mod:`modlens.core.weight_share`), on the full weight graph: read from the
-        weight graph when it is built and holds every edge (not a kNN graph), else from the edge blocks."""
-        if self._graphs.get("complete") and "weights" in self._graphs:
-            adj, sizes, hidden, _ = self._graphs["weights"]
-            return weight_share_of_graph(adj, sizes, labels, hidden)
+        size-matched baselines (:mod:`modlens.core.weight_share`), on the full weight graph. A transformer's
+        edge blocks are products through the residual stream: they are read from its weight graph when that is
+        built and holds every edge (not a kNN graph), else computed again; a CNN's are kept."""
         if getattr(self.adapter, "is_transformer", False):
+            if self._graphs.get("complete") and "weights" in self._graphs:
+                adj, sizes, hidden, _ = self._graphs["weights"]
+                return weight_share_of_graph(adj, sizes, labels, hidden)
             return residual_weight_share(self.adapter.residual_parts(), labels)
         _, blocks, hidden, _ = self._weight_structure()
         return weight_share(blocks, labels, hidden)
