@@ -138,15 +138,9 @@ def check_graph_memory(n_nodes: int, nnz: int, index_bytes: int = 4, available: 
     gib = 2.0 ** 30
     raise GraphTooLargeError(
         f"core.graph: the weight graph has {n_nodes:,} nodes and {nnz // 2:,} edges, which need about "
-        f"{need / gib:.1f} GiB as a sparse matrix, but this process has about {available / gib:.1f} GiB left; run it "
-        f"with more memory, or partition by activations (their graph is kNN above {_knn_threshold():,} nodes)"
+        f"{need / gib:.1f} GiB as a sparse matrix, but this process has about {available / gib:.1f} GiB left; run "
+        f"it with more memory, or partition by activations (a kNN graph on a model this large)"
     )
-
-
-def _knn_threshold() -> int:
-    from modlens.core.knn_graph import DENSE_MAX_NODES
-
-    return DENSE_MAX_NODES
 
 
 def _checked_block(b: int, block, offsets: np.ndarray, n_layers: int, seen: dict):
