@@ -72,3 +72,30 @@ def test_conv_feature_vis_channels_last_equals_contiguous():
     np.testing.assert_allclose(nhwc.table["vis_score"], nchw.table["vis_score"], rtol=1e-9)
     np.testing.assert_allclose(nhwc.table["softmax_entropy"], nchw.table["softmax_entropy"], rtol=1e-9)
     assert [p.stride() for p in model.parameters()] == strides
+
+
+def test_hidden_ncut_makes_no_copy_of_the_weight_graph():
+    # a partition's n-cut is taken on the hidden neurons' subgraph: with the other nodes left out as unclustered
+    # ones, not a copy of a 10^8-entry graph (convnext_base ran out of memory there); same value as the copy's
+    import tracemalloc
+
+    import scipy.sparse as sp
+
+    from modlens.core.graph import ncut
+    from modlens.experiments.partitioning import _hidden_ncut
+
+    rng = np.random.default_rng(1)
+    sizes, hidden = [300, 1000, 1200, 500], [1, 2]
+    n = sum(sizes)
+    adj = sp.random_array((n, n), density=0.2, rng=rng, format="csr")
+    adj = sp.csr_array(adj + adj.T)
+    labels = [rng.integers(-1, 4, sizes[h]) for h in hidden]
+    for distinct in (False, True):
+        tracemalloc.start()
+        got = _hidden_ncut(adj, sizes, hidden, labels, distinct_per_layer=distinct)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < adj.data.nbytes / 4, f"{peak / 2**20:.1f} MiB for a {adj.data.nbytes / 2**20:.1f} MiB graph"
+        lab = np.concatenate([labels[0], labels[1] + (4 if distinct else 0) * (labels[1] >= 0)])
+        sub = adj[300:2500][:, 300:2500].toarray()
+        assert got == pytest.approx(ncut(sub, lab), rel=1e-12)

@@ -229,3 +229,93 @@ def test_weight_graph_peak_memory_is_close_to_its_output():
         tracemalloc.stop()
     assert adj.nnz == 2 * 10 * 400 * 400
     assert peak < 1.4 * (adj.data.nbytes + adj.indices.nbytes + adj.indptr.nbytes)
+
+
+# ---------------------------------------------------------------- large graphs: no copies, one-line refusal
+
+
+def _random_blocks(rng, n_layers, max_size=8, density=0.6):
+    """Random non-negative blocks over random layer sizes, each unordered pair at most once, in either order."""
+    sizes = rng.integers(1, max_size + 1, n_layers).tolist()
+    blocks = []
+    for i in range(n_layers):
+        for j in range(i + 1, n_layers):
+            if rng.random() < 0.7:
+                a = np.abs(rng.standard_normal((sizes[j], sizes[i]))) * (rng.random((sizes[j], sizes[i])) < density)
+                blocks.append((j, i, a.T.copy()) if rng.random() < 0.5 else (i, j, a))
+    return sizes, blocks
+
+
+def test_weight_share_of_graph_equals_weight_share_of_blocks():
+    # the reference reads every edge block; the graph path reads the assembled graph a few entries at a time
+    import modlens.core.weight_share as ws
+
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(40):
+        sizes, blocks = _random_blocks(rng, int(rng.integers(2, 7)))
+        if not blocks:
+            continue
+        hidden = sorted(rng.choice(len(sizes), int(rng.integers(1, len(sizes) + 1)), replace=False).tolist())
+        labels = [rng.integers(-1, 4, sizes[h]) for h in hidden]
+        adj = weight_graph(sizes, blocks)
+        want = ws.weight_share(blocks, labels, hidden)
+        for chunk in (1, 5, ws.GRAPH_CHUNK):   # chunks that split rows of one layer, and the default
+            got = ws.weight_share_of_graph(adj, sizes, labels, hidden, chunk=chunk)
+            assert got["k"] == want["k"]
+            for key in ("share", "expected", "uniform", "total"):
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-12, equal_nan=True)
+        checked += not np.isnan(want["share"])
+    assert checked > 10
+
+
+def test_ncut_of_a_sparse_graph_makes_no_copy_of_it():
+    # a large CNN's weight graph has 10^8 entries: the n-cut must not copy it (it ran out of memory in the
+    # census); the answer is the one of the dense graph without the unclustered nodes
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    adj = sp.random_array((n, n), density=0.2, rng=rng, format="csr")
+    adj = sp.csr_array(adj + adj.T)
+    labels = rng.integers(-1, 5, n)
+    tracemalloc.start()
+    got = ncut(adj, labels)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < adj.data.nbytes / 4, f"ncut allocated {peak / 2**20:.1f} MiB for a {adj.data.nbytes / 2**20:.1f} MiB graph"
+    keep = labels >= 0
+    assert got == pytest.approx(ncut(adj.toarray()[np.ix_(keep, keep)], labels[keep]), rel=1e-12)
+
+
+def test_a_weight_graph_too_large_for_memory_is_refused_in_one_line(monkeypatch):
+    import modlens.core.graph as g
+
+    sizes, blocks = [3, 4, 5], [(0, 1, np.ones((4, 3))), (1, 2, np.ones((5, 4)))]
+    monkeypatch.setattr(g, "memory_available", lambda: 100)   # 100 bytes left
+    with pytest.raises(MemoryError) as err:
+        weight_graph(sizes, blocks)
+    msg = str(err.value)
+    assert isinstance(err.value, g.GraphTooLargeError) and "\n" not in msg
+    assert "12 nodes and 32 edges" in msg and "GiB" in msg and "activations" in msg
+    monkeypatch.setattr(g, "memory_available", lambda: 10**9)
+    assert weight_graph(sizes, blocks).nnz == 64
+
+
+def test_memory_available_reads_the_address_space_limit():
+    import resource
+
+    import modlens.core.graph as g
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        virtual = int(f.read().split()[0]) * resource.getpagesize()
+    limit = virtual + 2**30
+    if hard != resource.RLIM_INFINITY and limit > hard:
+        pytest.skip("the hard address-space limit is too low")
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        room = g.memory_available()
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert 0 < room <= 2**30

@@ -142,3 +142,24 @@ def test_shape_errors_name_the_block():
         residual_weight_graph(blocks, embedding=np.ones((5, 2)))
     with pytest.raises(ValueError, match="input_edges"):
         residual_weight_graph(blocks, input_edges="some")
+
+
+def test_stage_maps_too_large_for_memory_are_refused_in_one_line(monkeypatch):
+    # the maps between stages compose into more taps with every boundary (nextvit_small: up to 484 per pair of
+    # stages, 5.9 GiB); counted from the kernels' shapes before any product is made, and refused in one line
+    import modlens.core.graph as g
+    import modlens.core.residual_graph as rg
+
+    rng = np.random.default_rng(0)
+    widths = [4, 6, 8]
+    blocks = [rg.MLPBlockWeights(rng.standard_normal((10, d)), rng.standard_normal((d, 10)), stage=s)
+              for s, d in enumerate(widths) for _ in range(2)]
+    maps = [rg.StageMap(rng.standard_normal((b, a, 3, 3)), (1, 1)) for a, b in zip(widths, widths[1:])]
+    monkeypatch.setattr(rg, "memory_available", lambda: 1000)
+    with pytest.raises(MemoryError) as err:
+        list(rg.residual_edge_blocks(blocks, transitions=maps))
+    msg = str(err.value)
+    assert isinstance(err.value, g.GraphTooLargeError) and "\n" not in msg
+    assert "3 stages" in msg and "25 taps" in msg and "activations" in msg   # two 3x3 maps compose into 5x5 taps
+    monkeypatch.setattr(rg, "memory_available", lambda: 10**9)
+    assert len(list(rg.residual_edge_blocks(blocks, transitions=maps))) == 15

@@ -133,3 +133,42 @@ def test_a_large_loop_free_graph_is_clustered_without_a_copy(monkeypatch):
         tracemalloc.stop()
     assert (labels >= 0).all() and len(np.unique(labels)) == 4
     assert peak < 0.5 * graph_bytes, (peak / 2**20, graph_bytes / 2**20)
+
+
+def test_large_graph_with_isolated_nodes_is_solved_without_a_copy(monkeypatch):
+    # neurons without an edge (dead channels) are left out of the spectral embedding; on the large path the
+    # solver works through the whole graph instead of a copy of the subgraph of the other nodes (a copy of a
+    # 10^8-entry weight graph does not fit), with the same labels as on the copy
+    import tracemalloc
+
+    from modlens.core import clustering, spectral_large
+
+    rng = np.random.default_rng(5)
+    n = spectral_large.LARGE_SPARSE_NODES + 600
+    planted = rng.integers(0, 3, n)
+    rows = rng.integers(0, n, 120 * n)
+    cols = np.where(rng.random(rows.size) < 0.9, rng.permutation(rows), rng.integers(0, n, rows.size))
+    same = planted[rows] == planted[cols]
+    w = np.where(same, 1.0, 0.05)
+    adj = sp.csr_array((w, (rows, cols)), shape=(n, n))
+    adj = sp.csr_array(adj + adj.T)
+    dead = rng.choice(n, 40, replace=False)
+    keep = np.ones(n)
+    keep[dead] = 0
+    adj = sp.csr_array(sp.diags_array(keep) @ adj @ sp.diags_array(keep))
+    adj.setdiag(0)
+    adj.eliminate_zeros()
+    adj.indices, adj.indptr = adj.indices.astype(np.int32), adj.indptr.astype(np.int32)
+    monkeypatch.setattr(clustering, "PROBED_SYMMETRY_NNZ", 0)   # symmetry probed, as on graphs of 2 * 10^7 entries
+    import sklearn.cluster  # noqa: F401  (imported before measuring: its import allocates too)
+
+    tracemalloc.start()
+    labels = clustering.spectral_labels(adj, 3, random_state=0, n_init=2)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < adj.data.nbytes / 2, f"{peak / 2**20:.1f} MiB for a {adj.data.nbytes / 2**20:.1f} MiB graph"
+    assert np.all(labels[dead] == -1) and np.all(labels[np.setdiff1d(np.arange(n), dead)] >= 0)
+    active = np.setdiff1d(np.arange(n), dead)
+    seed = clustering.int_seed(clustering.as_generator(0))
+    copy = spectral_large.cluster_active(adj[active][:, active], 3, seed, 2)
+    np.testing.assert_array_equal(labels[active], clustering.relabel(copy))

@@ -230,3 +230,34 @@ def test_hugging_face_transformers_through_partition_and_analyze(kind):
         assert len(skipped) == 1 and "token ids" in skipped[0]
     else:
         assert res.visualizations is not None and len(res.visualizations)
+
+
+def test_weight_share_is_read_from_the_weight_graph_not_recomputed(monkeypatch):
+    # the dense residual weight graph holds every edge between MLP neurons: the share of squared weight inside
+    # clusters is read from it, not from the edge blocks computed a second time (30 s of tiny_vit_5m's weights
+    # stage); the answer is the one of the edge blocks
+    import modlens.experiments.partitioning as partitioning
+    from modlens.core.residual_graph import residual_edge_blocks
+    from modlens.core.weight_share import weight_share
+    from modlens.experiments.partitioning import Partitioner
+
+    torch.manual_seed(0)
+    m = TokenClassifier(n_blocks=4, glu=True).eval()
+    a = NetworkAdapter(m, torch.randn(4, 5, 6))
+    p = Partitioner(a, n_clusters=3)
+    parts = a.residual_parts()
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("neurons_only", False))
+        return residual_edge_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(partitioning, "residual_weight_share",
+                        lambda *args: pytest.fail("the edge blocks were computed again for the weight share"))
+    monkeypatch.setattr("modlens.core.residual_graph.residual_edge_blocks", counted)
+    part = p.partition("weights/global")
+    assert calls == [False]                     # the graph's one pass over the edge blocks
+    got = part.info["weight_share"]
+    want = weight_share(residual_edge_blocks(parts["blocks"], neurons_only=True), part.labels, list(range(4)))
+    for key in ("share", "expected", "uniform", "total", "k"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-12)

@@ -232,7 +232,10 @@ def spectral_labels(
     owned = False
     if sp.issparse(adj) and eigen_solver in ("arpack", "lobpcg") and _dense_enough(adj, active.size):
         adj, owned = adj.toarray(), True   # the same graph, cheaper to solve (DENSE_SHARE)
-    if sp.issparse(adj):
+    restrict = None   # the large solvers take the whole graph and the active nodes: no copy of the graph
+    if sp.issparse(adj) and eigen_solver in spectral_large.LARGE_SOLVERS and active.size < n:
+        sub, restrict = _loop_free(adj, shared=True), active
+    elif sp.issparse(adj):
         sub = _loop_free(adj if active.size == n else adj[active][:, active], shared=active.size == n)
     else:
         sub = (adj if owned else adj.copy()) if active.size == n else adj[np.ix_(active, active)]
@@ -240,7 +243,8 @@ def spectral_labels(
 
     found = None
     if eigen_solver in spectral_large.LARGE_SOLVERS:
-        found = spectral_large.cluster_active(sp.csr_array(sub), n_clusters, seed, n_init, solver=eigen_solver)
+        found = spectral_large.cluster_active(sp.csr_array(sub), n_clusters, seed, n_init, solver=eigen_solver,
+                                              active=restrict)
     elif eigen_solver == "lobpcg":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -84,6 +84,7 @@ def weight_graph(layer_sizes: Sequence[int], blocks) -> sp.csr_array:
     np.cumsum(counts, out=indptr[1:])
     nnz = int(indptr[-1])
     index = np.int32 if max(n, nnz) < np.iinfo(np.int32).max else np.int64
+    check_graph_memory(n, nnz, np.dtype(index).itemsize)
     indices = np.empty(nnz, dtype=index)
     data = np.empty(nnz, dtype=np.float64)
     cursor = indptr[:-1].copy()
@@ -95,6 +96,51 @@ def weight_graph(layer_sizes: Sequence[int], blocks) -> sp.csr_array:
     adj.has_canonical_format = False
     adj.sum_duplicates()   # sorts each row in place; there are no duplicates: each pair of layers comes once
     return _int32_indices(adj)
+
+
+class GraphTooLargeError(MemoryError):
+    """A weight graph needs more memory than the process has (:func:`check_graph_memory`)."""
+
+
+def memory_available() -> int | None:
+    """Bytes this process can still allocate: the smaller of the room left under its address-space limit
+    (``RLIMIT_AS``, counted against its virtual size) and the system's available memory; ``None`` where
+    neither can be read (not Linux)."""
+    room = []
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as f:
+                virtual = int(f.read().split()[0]) * resource.getpagesize()
+            room.append(soft - virtual)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    room.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(0, min(room)) if room else None
+
+
+def check_graph_memory(n_nodes: int, nnz: int, index_bytes: int = 4, available: int | None = None) -> None:
+    """Refuse, in one line, a weight graph of ``nnz`` stored entries (both directions of every edge) that
+    does not fit in the memory left (``available`` bytes, :func:`memory_available` by default): its float64
+    values and ``index_bytes`` indices, and the row pointers, before any of it is allocated."""
+    need = nnz * (8 + index_bytes) + 16 * (n_nodes + 1)
+    available = memory_available() if available is None else available
+    if available is None or need <= available:
+        return
+    gib = 2.0 ** 30
+    raise GraphTooLargeError(
+        f"core.graph: the weight graph has {n_nodes:,} nodes and {nnz // 2:,} edges, which need about "
+        f"{need / gib:.1f} GiB as a sparse matrix, but this process has about {available / gib:.1f} GiB left; run "
+        f"it with more memory, or partition by activations (a kNN graph on a model this large)"
+    )
 
 
 def _checked_block(b: int, block, offsets: np.ndarray, n_layers: int, seen: dict):
@@ -284,13 +330,20 @@ def ncut(adjacency, labels) -> float:
     keep = np.flatnonzero(labels != UNCLUSTERED)
     if keep.size == 0:
         return 0.0
-    sub = adj[keep][:, keep]
     _, lab = np.unique(labels[keep], return_inverse=True)
     k = int(lab.max()) + 1
-    onehot = sp.csr_array((np.ones(keep.size), (np.arange(keep.size), lab)), shape=(keep.size, k))
-    if sp.issparse(sub):
-        between = (onehot.T @ (sub @ onehot)).toarray()  # (k, k): W(X_a, X_b)
+    if sp.issparse(adj):
+        # the removed nodes get empty rows of the indicator instead of a copy of the graph without them
+        # (a large CNN's weight graph has 10^8 entries, and two fancy-indexed copies ran out of memory); the
+        # indicator's indices have the graph's type, as scipy copies the graph's indices to the wider of them
+        index = adj.indices.dtype
+        indptr = np.zeros(adj.shape[0] + 1, dtype=index)
+        np.cumsum(labels != UNCLUSTERED, out=indptr[1:])
+        onehot = sp.csr_array((np.ones(keep.size), lab.astype(index), indptr), shape=(adj.shape[0], k))
+        between = (onehot.T @ (adj @ onehot)).toarray()  # (k, k): W(X_a, X_b)
     else:
+        sub = adj[np.ix_(keep, keep)]
+        onehot = sp.csr_array((np.ones(keep.size), (np.arange(keep.size), lab)), shape=(keep.size, k))
         dense_onehot = onehot.toarray()
         between = dense_onehot.T @ (sub @ dense_onehot)
     vol = between.sum(axis=1)

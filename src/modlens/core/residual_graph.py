@@ -66,7 +66,7 @@ import numpy as np
 
 from scipy import sparse
 
-from modlens.core.graph import weight_graph
+from modlens.core.graph import GraphTooLargeError, memory_available, weight_graph
 from modlens.core.knn_graph import DEFAULT_K, DENSE_MAX_NODES, TopK, _check_k, choose_graph_mode
 
 
@@ -192,6 +192,41 @@ def _paths(transitions: Sequence[StageMap], n_stages: int, dtype) -> dict:
     return out
 
 
+def _check_paths_memory(blocks: Sequence[MLPBlockWeights], transitions: Sequence[StageMap], widths: list[int],
+                        itemsize: int) -> None:
+    """Refuse in one line, before building them, composed stage maps that do not fit in the memory left: every
+    pair of stages' taps (:func:`_paths`), and the largest reader's products with the taps of one source stage
+    (``through``). The taps are counted from the kernels' shapes and strides alone."""
+    n_stages = len(widths)
+    taps = {}
+    for s in range(n_stages - 1):
+        offsets, stride = ({0}, {0}), (1, 1)
+        for t in range(s, n_stages - 1):
+            shape = np.shape(transitions[t].kernel)
+            offsets = tuple({q * stride[d] + o for o in offsets[d] for q in range(shape[2 + d])} for d in range(2))
+            stride = (stride[0] * transitions[t].stride[0], stride[1] * transitions[t].stride[1])
+            taps[(s, t + 1)] = len(offsets[0]) * len(offsets[1]) + (transitions[t].token_map is not None)
+    if not taps:
+        return
+    paths = sum(n * widths[t] * widths[s] for (s, t), n in taps.items()) * itemsize
+    reads = max(len(_reads_shapes(b)) * taps[(s, b.stage)] * b.width * widths[s]
+                for b in blocks for s in range(b.stage)) * itemsize if any(b.stage for b in blocks) else 0
+    available = memory_available()
+    if available is None or paths + reads <= available:
+        return
+    gib = 2.0 ** 30
+    raise GraphTooLargeError(
+        f"core.residual_graph: the maps between the {n_stages} stages of this hierarchical model compose into up "
+        f"to {max(taps.values()):,} taps per pair of stages, which need about {(paths + reads) / gib:.1f} GiB to "
+        f"weigh the paths through them, but this process has about {available / gib:.1f} GiB left; run it with "
+        f"more memory, or partition by activations (a kNN graph on a model this large)"
+    )
+
+
+def _reads_shapes(block: MLPBlockWeights) -> list:
+    return [w for w in (block.w_in, block.w_gate) if w is not None]
+
+
 def _reads(block: MLPBlockWeights, dtype) -> list[np.ndarray]:
     """The matrices through which the block's neurons read the stream, norm scale folded in."""
     gamma = None if block.gamma is None else np.asarray(block.gamma, dtype=dtype)
@@ -271,6 +306,7 @@ def residual_edge_blocks(
     first = 1 if embedding is not None else 0
     reads = [_reads(b, dtype) for b in blocks]
     writes = [np.asarray(b.w_out, dtype=dtype) for b in blocks]
+    _check_paths_memory(blocks, transitions, widths, np.dtype(dtype).itemsize)
     paths = _paths(transitions, len(widths), dtype)
     composed: dict = {}   # (reader key, source stage) -> reads times each tap of the path
 

@@ -86,17 +86,24 @@ def _residual(norm_adj, vectors, values) -> float:
     return float(res.max())
 
 
-def _normalized_adjacency(adj, sqrt_deg) -> LinearOperator:
+def _normalized_adjacency(adj, sqrt_deg, active=None) -> LinearOperator:
     """``x -> D^{-1/2} A D^{-1/2} x`` as an operator on the graph itself: no copy of the graph (a
-    large CNN's weight graph has 10^8 entries; ``I - L`` as a matrix was one more copy)."""
+    large CNN's weight graph has 10^8 entries; ``I - L`` as a matrix was one more copy). With ``active``
+    (node indices; the others have no edge) the operator is the one of the subgraph of the active nodes,
+    applied through the whole graph: same sums in the same order as on a copy of the subgraph."""
     inv = 1.0 / sqrt_deg
 
     def product(x):
         x = np.asarray(x, dtype=np.float64)
         scale = inv if x.ndim == 1 else inv[:, None]
-        return scale * (adj @ (scale * x))
+        if active is None:
+            return scale * (adj @ (scale * x))
+        full = np.zeros((adj.shape[0],) + x.shape[1:])
+        full[active] = scale * x
+        return scale * (adj @ full)[active]
 
-    return LinearOperator(adj.shape, matvec=product, matmat=product, dtype=np.float64)
+    n = adj.shape[0] if active is None else active.size
+    return LinearOperator((n, n), matvec=product, matmat=product, dtype=np.float64)
 
 
 def _lanczos_eigs(norm_adj, n_components, rng):
@@ -118,16 +125,22 @@ def _amg_eigs(lap, sqrt_deg, n_components, rng, tol, maxiter, extra):
 
 def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", random_state: int = 0,
                     tol: float = DEFAULT_TOL, maxiter: int = DEFAULT_MAXITER,
-                    extra: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                    extra: int = 4, active=None) -> tuple[np.ndarray, np.ndarray]:
     """Spectral embedding ``(n, n_components)`` and its Laplacian eigenvalues (ascending) of a
-    sparse, symmetric, loop-free graph whose nodes all have positive degree (module docstring).
-    ``tol``, ``maxiter`` and ``extra`` (additional block vectors) apply to ``solver="amg"``."""
+    sparse, symmetric, loop-free graph whose nodes all have positive degree (module docstring), or, given
+    ``active`` (sorted node indices; every other node without an edge), of its subgraph of those nodes,
+    without a copy of the graph. ``tol``, ``maxiter`` and ``extra`` (additional block vectors) apply to
+    ``solver="amg"``."""
     if solver not in LARGE_SOLVERS:
         raise ValueError(f"core.spectral_large: solver must be one of {LARGE_SOLVERS}, got {solver!r}")
     adj = sp.csr_array(adjacency, dtype=np.float64)
-    n = adj.shape[0]
-    # strong components of the symmetric graph are its components; the undirected call copies the graph
+    if active is not None:
+        active = np.asarray(active, dtype=np.int64)
+    n = adj.shape[0] if active is None else active.size
+    # strong components of the symmetric graph are its components; the undirected call copies the graph; the
+    # nodes outside ``active`` are components of one node each
     n_comp = connected_components(adj, directed=True, connection="strong", return_labels=False)
+    n_comp -= 0 if active is None else adj.shape[0] - n
     if n_comp > 1:
         warnings.warn(
             f"core.spectral_large: the graph is not fully connected ({n_comp} components); "
@@ -136,7 +149,9 @@ def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", ra
             stacklevel=2,
         )
     sqrt_deg = np.sqrt(np.asarray(adj.sum(axis=1), dtype=np.float64).ravel())
-    norm_adj = _normalized_adjacency(adj, sqrt_deg)
+    if active is not None:
+        sqrt_deg = sqrt_deg[active]
+    norm_adj = _normalized_adjacency(adj, sqrt_deg, active)
     rng = np.random.default_rng(random_state)
     if n <= 5 * (n_components + max(int(extra), 0)) + 1:  # tiny: solve densely
         values, vectors = np.linalg.eigh(np.eye(n) - norm_adj @ np.eye(n))
@@ -153,7 +168,9 @@ def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", ra
                     stacklevel=2,
                 )
         if values is None:   # the Laplacian as a matrix: the AMG hierarchy is built on it
-            lap = sp.csr_array(csgraph_laplacian(adj, normed=True))
+            sub = adj if active is None else adj[active][:, active]
+            lap = sp.csr_array(csgraph_laplacian(sub, normed=True))
+            del sub
             values, vectors = _amg_eigs(lap, sqrt_deg, n_components, rng, tol, maxiter, extra)
             del lap
     order = np.argsort(values)[:n_components]
@@ -173,7 +190,8 @@ def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", ra
 def cluster_active(adjacency, n_clusters: int, seed: int, n_init: int, *, solver: str = "lanczos",
                    **kwargs) -> np.ndarray:
     """k-means labels (``0 .. n_clusters-1``, unordered) of the spectral embedding of a
-    validated, loop-free graph without zero-degree nodes; same ``seed`` -> same labels."""
+    validated, loop-free graph without zero-degree nodes (or of its subgraph of the nodes ``active=``, one
+    label each, when the others have no edge); same ``seed`` -> same labels."""
     from sklearn.cluster import KMeans
 
     embedding, _ = large_embedding(adjacency, n_clusters, solver=solver, random_state=seed, **kwargs)

@@ -12,7 +12,10 @@ random relabelling that keeps every layer's cluster sizes,
 weight, ``p_ci``: the share of layer ``i``'s neurons in cluster ``c``). ``B = 1/k`` when every cluster
 of every layer has the same size; neurons without a cluster (label -1) count as outside.
 
-Layer 0: numpy only.
+:func:`weight_share_of_graph` computes the same numbers from a weight graph that holds every edge (the
+adjacency :func:`modlens.core.graph.weight_graph` built), so the edge blocks need not be computed again.
+
+Layer 0: numpy and scipy only.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
+from scipy import sparse
 
 
 def weight_share(triples: Iterable, labels: Sequence[np.ndarray], hidden: Sequence[int]) -> dict:
@@ -58,4 +62,65 @@ def weight_share(triples: Iterable, labels: Sequence[np.ndarray], hidden: Sequen
             "total": total}
 
 
-__all__ = ["weight_share"]
+#: Stored entries of the graph read at a time by :func:`weight_share_of_graph` (its working memory).
+GRAPH_CHUNK = 1 << 18
+
+
+def weight_share_of_graph(adjacency, layer_sizes: Sequence[int], labels: Sequence[np.ndarray],
+                          hidden: Sequence[int], *, chunk: int | None = None) -> dict:
+    """:func:`weight_share` from the symmetric weight graph ``adjacency`` (a scipy CSR array over the node
+    layers of ``layer_sizes`` concatenated, every edge stored in both directions, no edge within a layer)
+    instead of its edge blocks: each edge is read once, from the rows of the later of its two node layers.
+    Equal to :func:`weight_share` over the blocks the graph was built from, up to the order of the sums;
+    the graph is read ``chunk`` (default :data:`GRAPH_CHUNK`) stored entries at a time, so no array of its size
+    is made."""
+    chunk = GRAPH_CHUNK if chunk is None else max(1, int(chunk))
+    adj = sparse.csr_array(adjacency)
+    sizes = np.asarray(layer_sizes, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    n_layers = sizes.size
+    if adj.shape != (int(offsets[-1]),) * 2:
+        raise ValueError(f"core.weight_share: adjacency has shape {adj.shape} but layer_sizes sum to {int(offsets[-1])}")
+    labels = [np.asarray(l, dtype=np.int64) for l in labels]
+    clusters = np.unique(np.concatenate([l[l >= 0] for l in labels])) if labels else np.zeros(0, dtype=np.int64)
+    k = len(clusters)
+    node_label = np.full(int(offsets[-1]), -1, dtype=np.int64)   # -1: no cluster, or not a hidden layer
+    is_hidden = np.zeros(n_layers, dtype=bool)
+    shares = np.zeros((n_layers, k))
+    for h, l in zip(hidden, labels):
+        if l.shape != (int(sizes[h]),):
+            raise ValueError(f"core.weight_share: layer {h} has {int(sizes[h])} nodes but {l.shape} labels")
+        node_label[offsets[h]:offsets[h + 1]] = l
+        is_hidden[h] = True
+        shares[h] = np.bincount(np.searchsorted(clusters, l[l >= 0]), minlength=k) / max(1, l.size)
+    node_layer = np.repeat(np.arange(n_layers), sizes)
+    pair_total = np.zeros(n_layers * n_layers)
+    inside = 0.0
+    indptr = adj.indptr
+    for j in np.flatnonzero(is_hidden):
+        r0 = int(offsets[j])
+        while r0 < offsets[j + 1]:   # rows r0:r1 of layer j, about GRAPH_CHUNK entries
+            r1 = int(np.searchsorted(indptr, indptr[r0] + chunk, side="right")) - 1
+            r1 = min(max(r1, r0 + 1), int(offsets[j + 1]))
+            lo, hi = int(indptr[r0]), int(indptr[r1])
+            cols = adj.indices[lo:hi]
+            rows = np.repeat(np.arange(r0, r1), np.diff(indptr[r0:r1 + 1]))
+            col_layer = node_layer[cols]
+            keep = (col_layer < j) & is_hidden[col_layer]
+            sq = np.square(adj.data[lo:hi][keep], dtype=np.float64)
+            pair_total += np.bincount(col_layer[keep] * n_layers + j, weights=sq, minlength=n_layers * n_layers)
+            same = node_label[rows[keep]]
+            same = (same >= 0) & (same == node_label[cols[keep]])
+            inside += float(sq[same].sum())
+            r0 = r1
+    total = float(pair_total.sum())
+    if total == 0:
+        return {"share": float("nan"), "expected": float("nan"), "uniform": 1.0 / k if k else float("nan"), "k": k,
+                "total": 0.0}
+    pair_total = pair_total.reshape(n_layers, n_layers)
+    expected = float(np.sum(pair_total * (shares @ shares.T)))
+    return {"share": inside / total, "expected": expected / total, "uniform": 1.0 / k if k else float("nan"), "k": k,
+            "total": total}
+
+
+__all__ = ["weight_share", "weight_share_of_graph"]

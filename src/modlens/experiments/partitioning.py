@@ -25,11 +25,11 @@ import numpy as np
 from scipy import sparse
 
 from modlens.core import clustering, graph
-from modlens.core.knn_graph import build_activation_graph
+from modlens.core.knn_graph import build_activation_graph, choose_graph_mode
 from modlens.core.partition import UNCLUSTERED, Partition
 from modlens.core.residual_graph import residual_weight_graph
 from modlens.core.seeds import STREAM_POSITIONS, as_generator, int_seed, method_seed, root_seed  # noqa: F401
-from modlens.core.weight_share import weight_share
+from modlens.core.weight_share import weight_share, weight_share_of_graph
 from modlens.experiments.token_graphs import (ACT_TOKENS, VOCAB_NODES, layer_layout, resolve_act_tokens,  # noqa: F401
                                               residual_weight_share, vocab_parts)
 from modlens.nn import ACT_REDUCTIONS, BN_FOLDS, NetworkAdapter, as_inputs, batches, spearman_graph_torch
@@ -150,6 +150,7 @@ class Partitioner:
             sizes, blocks, hidden, neighbours = self._weight_structure()
             if kind == "weights" and blocks is None:  # transformer: kNN above DENSE_MAX_NODES
                 adj, _ = residual_weight_graph(**self._graphs["parts"], mode="auto")
+                self._graphs["complete"] = choose_graph_mode(int(sum(sizes)), "auto") == "dense"
             elif kind == "weights":
                 adj = graph.weight_graph(sizes, blocks)
             else:
@@ -208,8 +209,13 @@ class Partitioner:
 
     def weight_share(self, labels) -> dict:
         """Share of squared weight inside the clusters of hidden-neuron ``labels``, with its 1/k and
-        size-matched baselines (:mod:`modlens.core.weight_share`), on the full weight graph."""
+        size-matched baselines (:mod:`modlens.core.weight_share`), on the full weight graph. A transformer's
+        edge blocks are products through the residual stream: they are read from its weight graph when that is
+        built and holds every edge (not a kNN graph), else computed again; a CNN's are kept."""
         if getattr(self.adapter, "is_transformer", False):
+            if self._graphs.get("complete") and "weights" in self._graphs:
+                adj, sizes, hidden, _ = self._graphs["weights"]
+                return weight_share_of_graph(adj, sizes, labels, hidden)
             return residual_weight_share(self.adapter.residual_parts(), labels)
         _, blocks, hidden, _ = self._weight_structure()
         return weight_share(blocks, labels, hidden)
@@ -320,8 +326,11 @@ def _hidden_ncut(adj, sizes, hidden, labels, *, distinct_per_layer: bool) -> flo
             l = np.where(l == UNCLUSTERED, UNCLUSTERED, l + base)
             base = int(l.max(initial=base - 1)) + 1
         lab.append(l)
-    sub = adj[idx][:, idx] if sparse.issparse(adj) else adj[np.ix_(idx, idx)]
-    return float(graph.ncut(sub, np.concatenate(lab)))
+    # the other nodes are left out of the cut as unclustered ones are: no copy of the graph (10^8 entries in
+    # a large CNN's weight graph)
+    full = np.full(int(offsets[-1]), UNCLUSTERED, dtype=np.int64)
+    full[idx] = np.concatenate(lab)
+    return float(graph.ncut(adj, full))
 
 
 def partition(model, method: str, *, n_clusters: int = 16, data=None, random_state=0,
