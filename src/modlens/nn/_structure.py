@@ -27,6 +27,7 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
+from modlens.nn._conv_attention import find_conv_attention
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
 from modlens.nn._patches import expand_route, fold_route, reshape_route, unfold_route
 from modlens.nn._scores import outside_attention
@@ -69,15 +70,30 @@ class Structure:
         self.all_nodes = nodes
         self.mlps = []
         self._pre: dict[fx.Node, fx.Node] = {}
+        self.mixing = None   # a CNN whose attention mixes positions (nn/_conv_attention.py)
+        if self.transformer:
+            self.mlps, self.mixing = self._mlps_or_mixing()
+            self.transformer = self.mixing is None
         if self.transformer:  # attention: the neurons are the blocks' MLP units (nn/_transformer.py)
-            self.mlps = find_mlps(self)
             # Mix-FFN and fused gated MLPs: the activation's input
             self._pre = {m.node: m.pre for m in self.mlps if m.pre is not None}
             self.layer_nodes = [m.node for m in self.mlps]
             self.sinks = {m.node: [mlp_sink(self, m)] for m in self.mlps}
             return
-        self.layer_nodes = [n for n in nodes if n not in self.output_layers]
+        self.layer_nodes = [n for n in nodes if n not in self.output_layers
+                            and (self.mixing is None or n not in self.mixing.scores)]
         self.sinks = {n: self.walk(n) for n in self.layer_nodes}
+
+    def _mlps_or_mixing(self):
+        """(MLP neurons, None) of a model with attention; ([], mixing layers) when it has no transformer
+        MLP and its attention mixes the positions of conv feature maps (HaloNet, BoTNet, MobileNet-V5)."""
+        try:
+            return find_mlps(self), None
+        except UnsupportedModelError:
+            mixing = find_conv_attention(self)
+            if mixing is None:
+                raise
+            return [], mixing
 
     @property
     def data_dependent(self) -> set[fx.Node]:
@@ -352,6 +368,8 @@ class Structure:
         sinks: list[Sink] = []
         seen: set = set()
         stack = [(start, self.layer_route(start), ())]
+        if self.mixing is not None and (start in self.mixing.routes or start in self.mixing.scores):
+            sinks, stack = self.mixing.walk(self, start, mode)   # through the attention's values only
         while stack:
             node, route, scales = stack.pop()
             if (node, route, scales) in seen:
