@@ -259,6 +259,7 @@ def _run_labelled(s, labels: dict, mixes: dict, ends: set) -> dict:
                 seen[n] = out
             return out
 
-    with torch.no_grad():   # the modules keep their mode: only the labels matter, and they are not random
-        Labelled(s.gm).run(torch.randn((2,) + tuple(shape), **kw))
+    gen = torch.Generator(kw.get("device", "cpu")).manual_seed(0)   # the global RNG is left alone
+    with torch.no_grad():   # the modules keep their mode: only the labels matter, and they do not depend on x
+        Labelled(s.gm).run(torch.randn((2,) + tuple(shape), generator=gen, **kw))
     return seen
