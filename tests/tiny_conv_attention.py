@@ -101,12 +101,23 @@ class EdgeResidual(nn.Module):
         return x + self.bn2(self.project(F.relu(self.bn1(self.expand(x)))))
 
 
+class RmsNorm2d(nn.Module):
+    """An RMS norm over the channels of a (B, C, H, W) map, written out (timm's ``RmsNorm2d``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(1 + 0.2 * torch.randn(dim)), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps) * self.weight.reshape(1, -1, 1, 1)
+
+
 class AttentionBlock(nn.Module):
-    """``x + mixer(norm(x))`` (MobileNet-V5's multi-query attention block)."""
+    """``x + mixer(norm(x))`` with an RMS norm over the channels (MobileNet-V5's multi-query attention block)."""
 
     def __init__(self, dim: int, mixer: nn.Module):
         super().__init__()
-        self.norm, self.mixer = nn.BatchNorm2d(dim), mixer
+        self.norm, self.mixer = RmsNorm2d(dim), mixer
 
     def forward(self, x):
         return x + self.mixer(self.norm(x))

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from modlens.nn._ops import Route, UnsupportedModelError
 from modlens.nn._scores import _SDPA, _mixes_tokens
@@ -98,9 +98,9 @@ def _after_softmax(s, node) -> bool:
     return False
 
 
-def _back_to_layers(s, node: fx.Node) -> set | None:
-    """The layers whose outputs reach ``node`` through data movement only, or None if anything else
-    (a norm, an activation, a sum) lies on the way."""
+def _back_to_layers(s, node: fx.Node):
+    """(the layers whose outputs reach ``node`` through data movement only, None), or (None, the first
+    operation on the way that changes the values: a norm, an activation, a sum)."""
     out, todo, seen = set(), [node], set()
     while todo:
         n = todo.pop()
@@ -112,8 +112,28 @@ def _back_to_layers(s, node: fx.Node) -> set | None:
         elif _carries(s, n):
             todo.extend(s.tensor_inputs(n))
         else:
-            return None
-    return out
+            return None, n
+    return out, None
+
+
+def _reaches_softmax(s, node: fx.Node) -> bool:
+    """Whether ``node``'s values reach a softmax before any layer or product (the scores ``q k^T``)."""
+    todo, seen = [node], {node}
+    while todo:
+        for u in _users(s, todo.pop()):
+            if "softmax" in _name(u):
+                return True
+            if u not in seen and s.kind(u) != "layer" and not _mixes_tokens(s, u):
+                seen.add(u)
+                todo.append(u)
+    return False
+
+
+def _refuse(s, product: fx.Node, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"attention in a conv network: {s.describe(product)} {what}; modlens follows such attention as softmax "
+        "weights times values that one conv's output reaches by reshapes, permutes and splits only (HaloNet, "
+        "BoTNet, MobileNet-V5): analyse a model without these blocks")
 
 
 def _only_mixing(s, layer: fx.Node, values: set) -> bool:
@@ -144,15 +164,23 @@ def find_conv_attention(s) -> ConvAttention | None:
         hit = _values_operand(s, p)
         if hit is not None:
             mixes[p] = hit
-    if not mixes or s.token_mixers:
+    if not mixes or s.token_mixers or not any(
+            isinstance(s.module(n), nn.Conv2d) and s.layer_route(n).dim == 1 for n in attention_inputs(s)):
         return None
+    for p in products:
+        if p not in mixes and not _reaches_softmax(s, p):
+            raise _refuse(s, p, "multiplies two activations of which neither holds softmax weights and whose "
+                                "product is no attention score (a lambda layer's queries times its lambda)")
     value_layers: set = set()
     for p, (v, _) in mixes.items():
-        layers = _back_to_layers(s, v)
-        if not layers or any(s.layer_route(n).dim != 1 or (s.ndim(n) or 0) < 3 for n in layers):
+        layers, blocker = _back_to_layers(s, v)
+        if blocker is not None:
+            raise _refuse(s, p, f"reads values computed by {s.describe(blocker)}, not only moved from a conv's "
+                                "output")
+        if any(s.layer_route(n).dim != 1 or (s.ndim(n) or 0) < 3 for n in layers):
             return None
         value_layers |= layers
-    feeding = {n for p in products for a in s.tensor_inputs(p) for n in _back_to_layers_any(s, a)}
+    feeding = attention_inputs(s)
     scores = {n for n in feeding - value_layers if _only_mixing(s, n, value_layers)}
     if not all(_only_mixing(s, n, value_layers) for n in value_layers):
         return None
@@ -160,6 +188,13 @@ def find_conv_attention(s) -> ConvAttention | None:
     if any(e is None for e in ends.values()):
         return None
     return ConvAttention(_channel_map(s, sorted(value_layers, key=s.all_nodes.index), mixes, ends), scores)
+
+
+def attention_inputs(s) -> set:
+    """The layers whose outputs reach a product of two activations (queries, keys, values) through anything
+    but another layer or product."""
+    products = [n for n in s.gm.graph.nodes if n in s.live and _mixes_tokens(s, n)]
+    return {n for p in products for a in s.tensor_inputs(p) for n in _back_to_layers_any(s, a)}
 
 
 def _back_to_layers_any(s, node: fx.Node) -> set:

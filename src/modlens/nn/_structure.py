@@ -27,7 +27,7 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
-from modlens.nn._conv_attention import find_conv_attention
+from modlens.nn._conv_attention import attention_inputs, find_conv_attention
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
 from modlens.nn._patches import expand_route, fold_route, reshape_route, unfold_route
 from modlens.nn._scores import outside_attention
@@ -85,15 +85,24 @@ class Structure:
         self.sinks = {n: self.walk(n) for n in self.layer_nodes}
 
     def _mlps_or_mixing(self):
-        """(MLP neurons, None) of a model with attention; ([], mixing layers) when it has no transformer
-        MLP and its attention mixes the positions of conv feature maps (HaloNet, BoTNet, MobileNet-V5)."""
+        """(MLP neurons, None) of a model with attention; ([], mixing layers) when its attention mixes the
+        positions of conv feature maps (HaloNet, BoTNet, MobileNet-V5) and it has no transformer MLP: none
+        at all, or only conv -> activation -> conv pairs whose second conv is attention's projection (a
+        bottleneck's 1x1 conv before BoTNet's qkv conv)."""
         try:
-            return find_mlps(self), None
+            mlps = find_mlps(self)
         except UnsupportedModelError:
             mixing = find_conv_attention(self)
             if mixing is None:
                 raise
             return [], mixing
+        if any(m.down not in attention_inputs(self) for m in mlps):
+            return mlps, None
+        try:
+            mixing = find_conv_attention(self)
+        except UnsupportedModelError:
+            mixing = None
+        return (mlps, None) if mixing is None else ([], mixing)
 
     @property
     def data_dependent(self) -> set[fx.Node]:
@@ -386,6 +395,9 @@ class Structure:
                         raise self._arg_error(start, user)
                     self._check_layout(start, user, route)
                     sinks.append(Sink("layer", node, user, route, scales))
+                elif kind == "mean" and self._channel_statistic(user, route):
+                    if mode == "lesion":   # mean(x ** 2, dim=1, keepdim=True) of an RMS norm: like "stat" below
+                        sinks.append(Sink("mask", node, user, route))
                 elif kind in _FOLLOW:
                     if self.tensor_inputs(user) != [node] or (kind != "unary" and kind != "scale" and user.args[0] is not node):
                         raise self._arg_error(start, user)
@@ -516,6 +528,17 @@ class Structure:
             return False
         full = (None,) + tuple(shape)   # shapes are per sample: dimension d of the batch is d - 1 here
         return dim % len(full) != 0 and full[dim % len(full)] == 1
+
+    @staticmethod
+    def _channel_statistic(user: fx.Node, route: Route) -> bool:
+        """Whether a mean keeps its dimensions and averages over the channels (and maybe positions), not
+        the batch: a per-sample statistic that rescales its reader (the mean square of a written-out RMS
+        norm over channels-first maps: timm's ``RmsNorm2d``)."""
+        dims = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        keep = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
+        norm = {d % route.ndim for d in dims if isinstance(d, int)}
+        return bool(keep) and not route.flat and route.dim in norm and 0 not in norm and len(norm) == len(dims)
 
     @staticmethod
     def _across_groups(user: fx.Node, route: Route) -> bool:
