@@ -97,3 +97,16 @@ def test_incremental_lesions_equal_the_plain_oracle_on_every_layer(mixer, captur
         np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y), err_msg=a.layer_names[layer])
         changed += int((fast != ev.baseline).any())
     assert changed >= 2
+
+
+def test_value_channels_are_found_exactly_in_half_precision():
+    """The channel labels (up to 2**24) run on a float32 copy of a bfloat16 model: bfloat16 holds integers
+    up to 256 only, and this model has more labels than that."""
+    torch.manual_seed(0)
+    model = TinyAttentionCNN("bot", mid=96).eval()
+    ref = NetworkAdapter(model, torch.randn(2, 3, 8, 8), capture="export").structure.mixing.routes
+    half = NetworkAdapter(model.to(torch.bfloat16), torch.randn(2, 3, 8, 8, dtype=torch.bfloat16),
+                          capture="export").structure.mixing.routes
+    assert [(n.name, [r.positions for _, r in rs]) for n, rs in half.items()] == \
+        [(n.name, [r.positions for _, r in rs]) for n, rs in ref.items()]
+    assert max(ref[next(iter(ref))][0][1].positions) == 95

@@ -26,6 +26,7 @@ value channel across samples and positions.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,32 +270,40 @@ def _run_labelled(s, labels: dict, mixes: dict, ends: set) -> dict:
         raise UnsupportedModelError(
             "cannot follow attention in a conv network without the feature maps' shapes: capture the model "
             "at an example input (pass data)")
-    param = next(s.gm.parameters(), None)
+    gm = s.gm
+    param = next(gm.parameters(), None)
+    if param is not None and param.dtype in (torch.float16, torch.bfloat16):   # labels up to 2**24 need float32
+        gm = copy.deepcopy(gm).float()
+        param = next(gm.parameters())
     kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
+    # keyed by name: the nodes of a copy are other objects with the same names
+    labels_at = {n.name: fw for n, fw in labels.items()}
+    mixes_at = {n.name: (n, v.name, axis) for n, (v, axis) in mixes.items()}
+    ends_at = {n.name: n for n in ends}
     seen: dict = {}
 
     class Labelled(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if n in labels:
-                f, w = labels[n]
+            if n.name in labels_at:
+                f, w = labels_at[n.name]
                 lab = torch.arange(f, f + w, **kw).reshape((1, w) + (1,) * (out.dim() - 2))
                 out = lab.expand_as(out).clone()
-            elif n in mixes:
-                v, axis = mixes[n]
-                vals = self.env[v]
+            elif n.name in mixes_at:
+                product, v, axis = mixes_at[n.name]
+                vals = next(val for node, val in self.env.items() if node.name == v)
                 top = vals.amax(axis, keepdim=True)
                 if bool(((vals != top) & (vals != 0)).any()):
                     raise UnsupportedModelError(
-                        f"the values of {s.describe(n)} mix several channels along the attention's positions; "
+                        f"the values of {s.describe(product)} mix several channels along the attention's positions; "
                         "modlens follows attention in a conv network when each value channel is mixed over "
                         "positions on its own")
                 out = torch.broadcast_to(top, out.shape).clone()
-            if n in ends:
-                seen[n] = out
+            if n.name in ends_at:
+                seen[ends_at[n.name]] = out
             return out
 
     gen = torch.Generator(kw.get("device", "cpu")).manual_seed(0)   # the global RNG is left alone
     with torch.no_grad():   # the modules keep their mode: only the labels matter, and they do not depend on x
-        Labelled(s.gm).run(torch.randn((2,) + tuple(shape), generator=gen, **kw))
+        Labelled(gm).run(torch.randn((2,) + tuple(shape), generator=gen, **kw))
     return seen
