@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from modlens.nn.adapter import NetworkAdapter
+from modlens.nn.adapter import NetworkAdapter, UnsupportedModelError
 from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
 from test_ops_families import _randomize
 from tiny_conv_attention import MIXERS, TinyAttentionCNN
@@ -110,3 +110,16 @@ def test_value_channels_are_found_exactly_in_half_precision():
     assert [(n.name, [r.positions for _, r in rs]) for n, rs in half.items()] == \
         [(n.name, [r.positions for _, r in rs]) for n, rs in ref.items()]
     assert max(ref[next(iter(ref))][0][1].positions) == 95
+
+
+@pytest.mark.parametrize("depth", (1, 2))
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_a_lambda_layer_is_refused_in_one_line_naming_the_product(capture, depth):
+    """In the second block, the 1x1 conv before the lambda layer's qkv conv looks like a transformer MLP
+    (conv -> activation -> conv after attention): the refusal still names the lambda layer."""
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModelError) as info:
+        NetworkAdapter(TinyAttentionCNN("lambda", depth=depth).eval(), torch.randn(2, 3, 8, 8), capture=capture)
+    msg = str(info.value)
+    where = "block.mixer" if depth == 1 else "block.0.mixer"
+    assert "\n" not in msg and "'matmul" in msg and f"module '{where}'" in msg and "lambda" in msg

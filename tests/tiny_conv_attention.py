@@ -52,6 +52,25 @@ class BotMixer(nn.Module):
         return (attn @ v).transpose(-1, -2).reshape(B, C, H, W)
 
 
+class LambdaMixer(nn.Module):
+    """A lambda layer (LambdaNet): the keys softmaxed over positions summarize the values into a "lambda"
+    (``softmax(k) @ v``, key_dim x value channels) that each position's queries read (``q @ lambda``)."""
+
+    def __init__(self, dim: int, heads: int = 2, key_dim: int = 4):
+        super().__init__()
+        self.heads, self.kd, self.dv = heads, key_dim, dim // heads
+        self.qkv = nn.Conv2d(dim, heads * key_dim + key_dim + self.dv, 1, bias=False)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = torch.split(self.qkv(x), [self.heads * self.kd, self.kd, self.dv], dim=1)
+        q = q.reshape(B, self.heads, self.kd, H * W).transpose(-1, -2)
+        k = F.softmax(k.reshape(B, self.kd, H * W), dim=-1)
+        lam = k @ v.reshape(B, self.dv, H * W).transpose(-1, -2)                     # (B, kd, dv)
+        out = q @ lam.unsqueeze(1)                                                   # (B, heads, HW, dv)
+        return out.transpose(-1, -2).reshape(B, C, H, W)
+
+
 class MultiQueryMixer(nn.Module):
     """Multi-query attention (MobileNet-V5): several query heads, one key and one value map shared by all
     heads (each value channel reaches one output channel per head), then an output 1x1 conv."""
@@ -127,13 +146,15 @@ class TinyAttentionCNN(nn.Module):
     """A stem conv, then a bottleneck with HaloNet's or BoTNet's mixer in place of its 3x3 conv, or an
     edge residual followed by a multi-query attention block (MobileNet-V5); pooled, one Linear."""
 
-    def __init__(self, mixer: str, width: int = 8, mid: int = 8, n_classes: int = 4):
+    def __init__(self, mixer: str, width: int = 8, mid: int = 8, n_classes: int = 4, depth: int = 1):
         super().__init__()
         self.stem, self.bn = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
         if mixer == "mqa":
             self.block = nn.Sequential(EdgeResidual(width, 2 * width), AttentionBlock(width, MultiQueryMixer(width)))
         else:
-            self.block = Bottleneck(width, {"halo": HaloMixer, "bot": BotMixer}[mixer](mid), mid)
+            make = {"halo": HaloMixer, "bot": BotMixer, "lambda": LambdaMixer}[mixer]
+            blocks = [Bottleneck(width, make(mid), mid) for _ in range(depth)]
+            self.block = blocks[0] if depth == 1 else nn.Sequential(*blocks)
         self.head = nn.Linear(width, n_classes)
 
     def forward(self, x):

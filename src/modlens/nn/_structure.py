@@ -98,10 +98,7 @@ class Structure:
             return [], mixing
         if any(m.down not in attention_inputs(self) for m in mlps):
             return mlps, None
-        try:
-            mixing = find_conv_attention(self)
-        except UnsupportedModelError:
-            mixing = None
+        mixing = find_conv_attention(self)   # its refusal names the attention (a lambda layer), not the "MLP"
         return (mlps, None) if mixing is None else ([], mixing)
 
     @property
