@@ -27,6 +27,7 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
+from modlens.nn._conv_attention import attention_inputs, find_conv_attention
 from modlens.nn._ops import Route, Sink, UnsupportedModelError
 from modlens.nn._patches import expand_route, fold_route, reshape_route, unfold_route
 from modlens.nn._scores import outside_attention
@@ -69,15 +70,36 @@ class Structure:
         self.all_nodes = nodes
         self.mlps = []
         self._pre: dict[fx.Node, fx.Node] = {}
+        self.mixing = None   # a CNN whose attention mixes positions (nn/_conv_attention.py)
+        if self.transformer:
+            self.mlps, self.mixing = self._mlps_or_mixing()
+            self.transformer = self.mixing is None
         if self.transformer:  # attention: the neurons are the blocks' MLP units (nn/_transformer.py)
-            self.mlps = find_mlps(self)
             # Mix-FFN and fused gated MLPs: the activation's input
             self._pre = {m.node: m.pre for m in self.mlps if m.pre is not None}
             self.layer_nodes = [m.node for m in self.mlps]
             self.sinks = {m.node: [mlp_sink(self, m)] for m in self.mlps}
             return
-        self.layer_nodes = [n for n in nodes if n not in self.output_layers]
+        self.layer_nodes = [n for n in nodes if n not in self.output_layers
+                            and (self.mixing is None or n not in self.mixing.scores)]
         self.sinks = {n: self.walk(n) for n in self.layer_nodes}
+
+    def _mlps_or_mixing(self):
+        """(MLP neurons, None) of a model with attention; ([], mixing layers) when its attention mixes the
+        positions of conv feature maps (HaloNet, BoTNet, MobileNet-V5) and it has no transformer MLP: none
+        at all, or only conv -> activation -> conv pairs whose second conv is attention's projection (a
+        bottleneck's 1x1 conv before BoTNet's qkv conv)."""
+        try:
+            mlps = find_mlps(self)
+        except UnsupportedModelError:
+            mixing = find_conv_attention(self)
+            if mixing is None:
+                raise
+            return [], mixing
+        if any(m.down not in attention_inputs(self) for m in mlps):
+            return mlps, None
+        mixing = find_conv_attention(self)   # its refusal names the attention (a lambda layer), not the "MLP"
+        return (mlps, None) if mixing is None else ([], mixing)
 
     @property
     def data_dependent(self) -> set[fx.Node]:
@@ -352,6 +374,8 @@ class Structure:
         sinks: list[Sink] = []
         seen: set = set()
         stack = [(start, self.layer_route(start), ())]
+        if self.mixing is not None and (start in self.mixing.routes or start in self.mixing.scores):
+            sinks, stack = self.mixing.walk(self, start, mode)   # through the attention's values only
         while stack:
             node, route, scales = stack.pop()
             if (node, route, scales) in seen:
@@ -368,6 +392,9 @@ class Structure:
                         raise self._arg_error(start, user)
                     self._check_layout(start, user, route)
                     sinks.append(Sink("layer", node, user, route, scales))
+                elif kind == "mean" and self._channel_statistic(user, route):
+                    if mode == "lesion":   # mean(x ** 2, dim=1, keepdim=True) of an RMS norm: like "stat" below
+                        sinks.append(Sink("mask", node, user, route))
                 elif kind in _FOLLOW:
                     if self.tensor_inputs(user) != [node] or (kind != "unary" and kind != "scale" and user.args[0] is not node):
                         raise self._arg_error(start, user)
@@ -498,6 +525,17 @@ class Structure:
             return False
         full = (None,) + tuple(shape)   # shapes are per sample: dimension d of the batch is d - 1 here
         return dim % len(full) != 0 and full[dim % len(full)] == 1
+
+    @staticmethod
+    def _channel_statistic(user: fx.Node, route: Route) -> bool:
+        """Whether a mean keeps its dimensions and averages over the channels (and maybe positions), not
+        the batch: a per-sample statistic that rescales its reader (the mean square of a written-out RMS
+        norm over channels-first maps: timm's ``RmsNorm2d``)."""
+        dims = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        keep = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
+        norm = {d % route.ndim for d in dims if isinstance(d, int)}
+        return bool(keep) and not route.flat and route.dim in norm and 0 not in norm and len(norm) == len(dims)
 
     @staticmethod
     def _across_groups(user: fx.Node, route: Route) -> bool:
