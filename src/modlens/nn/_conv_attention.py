@@ -29,9 +29,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from modlens.nn._ops import Route, UnsupportedModelError
@@ -99,9 +97,10 @@ def _after_softmax(s, node) -> bool:
     return False
 
 
-def _back_to_layers(s, node: fx.Node):
-    """(the layers whose outputs reach ``node`` through data movement only, None), or (None, the first
-    operation on the way that changes the values: a norm, an activation, a sum)."""
+def _layers_behind(s, node: fx.Node, passes, *, strict: bool):
+    """The layers whose outputs reach ``node`` through nodes that ``passes``; ``(layers, None)``. With
+    ``strict``, the first node on the way that does not pass ends the search: ``(None, that node)``;
+    otherwise such a node is only not walked through."""
     out, todo, seen = set(), [node], set()
     while todo:
         n = todo.pop()
@@ -110,11 +109,17 @@ def _back_to_layers(s, node: fx.Node):
         seen.add(n)
         if s.kind(n) == "layer":
             out.add(n)
-        elif _carries(s, n):
+        elif passes(n):
             todo.extend(s.tensor_inputs(n))
-        else:
+        elif strict:
             return None, n
     return out, None
+
+
+def _back_to_layers(s, node: fx.Node):
+    """(the layers whose outputs reach ``node`` through data movement only, None), or (None, the first
+    operation on the way that changes the values: a norm, an activation, a sum)."""
+    return _layers_behind(s, node, lambda n: _carries(s, n), strict=True)
 
 
 def _reaches_softmax(s, node: fx.Node) -> bool:
@@ -200,17 +205,7 @@ def attention_inputs(s) -> set:
 
 def _back_to_layers_any(s, node: fx.Node) -> set:
     """The layers feeding ``node`` through anything but another layer or product (queries, keys)."""
-    out, todo, seen = set(), [node], set()
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if s.kind(n) == "layer":
-            out.add(n)
-        elif not _mixes_tokens(s, n) and s.kind(n) != "input":
-            todo.extend(s.tensor_inputs(n))
-    return out
+    return _layers_behind(s, node, lambda n: not _mixes_tokens(s, n) and s.kind(n) != "input", strict=False)[0]
 
 
 def _end(s, product: fx.Node):
