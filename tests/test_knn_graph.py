@@ -184,3 +184,27 @@ def test_large_sparse_graphs_dispatch_to_lanczos(monkeypatch):
     labels = clustering.spectral_labels(g, 4)
     assert calls == [(120, "lanczos")]
     assert adjusted_rand_score(truth, labels) == 1.0
+
+
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_top_k_survivor_merge_equals_selection(k):
+    """The survivor merge of full rows (TopK.update) keeps what plain selection keeps: rows fed a
+    stream of column pieces of many widths, rows still filling and full rows in one update, equal
+    a per-row sort of all their candidates (continuous values: no ties)."""
+    rng = np.random.default_rng(11)
+    n, m = 90, 400
+    a = rng.random(size=(n, m)) * (1.0 + 2.0 * np.arange(m) / m)  # later pieces: some survivors
+    top = TopK(n, k)
+    bounds = [0, 3, 5, 40, 41, 60, 61, 62, 150, 151, 400]
+    merged = 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for part in (np.arange(0, n, 2), np.arange(1, n, 2)):
+            before = top.vals[part].min(axis=1)
+            top.update(part, np.arange(lo, hi), a[part, lo:hi])
+            merged += int(np.count_nonzero(a[part, lo:hi] > before[:, None]))
+    assert merged > 0
+    for u in range(n):
+        best = np.argsort(-a[u], kind="stable")[:k]
+        got = top.cols[u][np.argsort(-top.vals[u], kind="stable")]
+        np.testing.assert_array_equal(got, best)
+        np.testing.assert_array_equal(top.vals[u][np.argsort(-top.vals[u], kind="stable")], a[u, best])

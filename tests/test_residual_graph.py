@@ -163,3 +163,15 @@ def test_stage_maps_too_large_for_memory_are_refused_in_one_line(monkeypatch):
     assert "3 stages" in msg and "25 taps" in msg and "activations" in msg   # two 3x3 maps compose into 5x5 taps
     monkeypatch.setattr(rg, "memory_available", lambda: 10**9)
     assert len(list(rg.residual_edge_blocks(blocks, transitions=maps))) == 15
+
+
+def test_knn_graph_in_float32_products_equals_float64():
+    """The kNN residual weight graph that `partition` builds above the dense size (float32 products)
+    keeps the float64 graph's edges, with weights equal to float32 rounding."""
+    rng = np.random.default_rng(21)
+    blocks = random_blocks(rng, 4, 24, 96)
+    g64, sizes = residual_weight_graph(blocks, mode="knn", k=12)
+    g32, sizes32 = residual_weight_graph(blocks, mode="knn", k=12, dtype=np.float32)
+    assert sizes == sizes32
+    assert (g64 != 0).nnz == (g32 != 0).nnz and ((g64 != 0) != (g32 != 0)).nnz == 0
+    np.testing.assert_allclose(g32.toarray(), g64.toarray(), rtol=1e-5, atol=1e-7)

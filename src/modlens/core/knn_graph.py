@@ -47,6 +47,10 @@ DEFAULT_K = 64
 #: ``argpartition`` indices).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
+#: :meth:`TopK.update` merges a full row from its surviving candidates alone (those above the row's
+#: current k-th best) when there are at most this many times ``k`` of them; otherwise it selects.
+SPARSE_MERGE_FACTOR = 4
+
 SYMMETRIZE = ("max", "mean")
 GRAPH_MODES = ("auto", "dense", "knn")
 
@@ -262,7 +266,10 @@ class TopK:
 
     ``update(rows, cols, vals)`` offers, for the rows ``rows`` (int array, length ``r``), the
     candidates ``vals`` (``(r, c)``) at global node indices ``cols`` (length ``c``, shared by all
-    rows). Memory: ``n k`` values and indices, plus one ``r x (k + c)`` merge buffer.
+    rows). Memory: ``n k`` values and indices, plus one ``r x c`` mask and one ``r x (k + c)``
+    merge buffer. A row that is already full takes only the candidates above its current ``k``-th
+    best; while few do, they are merged by sorting (:data:`SPARSE_MERGE_FACTOR`), which makes a
+    stream of pieces cost about one comparison per candidate instead of one selection.
     """
 
     def __init__(self, n_rows: int, k: int):
@@ -276,6 +283,22 @@ class TopK:
         vals = np.asarray(vals)
         if vals.shape != (rows.size, cols.size):
             raise ValueError(f"core.knn_graph.TopK: candidates of shape {vals.shape} for {rows.size} rows, {cols.size} cols")
+        if cols.size > self.k and rows.size:
+            # Only a candidate above its row's current k-th best can enter that row's top k. Once a
+            # row is full, few do (streamed candidates), so such rows are merged from the survivors
+            # alone; rows with many survivors (still filling) take the selection path below.
+            threshold = self.vals[rows].min(axis=1)
+            survive = vals > threshold[:, None]
+            many = np.count_nonzero(survive, axis=1) > SPARSE_MERGE_FACTOR * self.k
+            if not many.all():
+                survive[many] = False
+                self._merge_survivors(rows, cols, vals, survive)
+            if not many.any():
+                return
+            rows, vals = rows[many], vals[many]
+        self._merge_all(rows, cols, vals)
+
+    def _merge_all(self, rows, cols, vals) -> None:
         if cols.size > self.k:
             # only a row's k best new candidates can enter its top k: select them first, in the
             # candidates' own dtype, so that the merge below is k + k wide instead of k + c
@@ -288,6 +311,27 @@ class TopK:
         idx, top = _top_k_rows(merged_v, self.k)
         self.vals[rows] = top
         self.cols[rows] = np.take_along_axis(merged_c, idx, axis=1)
+
+    def _merge_survivors(self, rows, cols, vals, survive) -> None:
+        """Merge the candidates marked in ``survive`` (each above its row's current k-th best) into
+        the rows that have any: each such row's k kept entries and its survivors, padded to the
+        widest row's count, go through one selection."""
+        count = np.count_nonzero(survive, axis=1)
+        hit = np.flatnonzero(count)
+        if not hit.size:
+            return
+        count = count[hit]
+        r, c = np.divmod(np.flatnonzero(survive), survive.shape[1])  # row-major: each row's survivors are contiguous
+        local = np.repeat(np.arange(hit.size), count)
+        pos = np.arange(r.size) - np.repeat(np.cumsum(count) - count, count)
+        new_v = np.full((hit.size, int(count.max())), -np.inf)
+        new_c = np.full(new_v.shape, -1, dtype=np.int64)
+        new_v[local, pos] = vals[r, c]
+        new_c[local, pos] = cols[c]
+        g = rows[hit]
+        idx, top = _top_k_rows(np.concatenate([self.vals[g], new_v], axis=1), self.k)
+        self.vals[g] = top
+        self.cols[g] = np.take_along_axis(np.concatenate([self.cols[g], new_c], axis=1), idx, axis=1)
 
     def to_graph(self, symmetrize: str = "max") -> sp.csr_array:
         """The symmetrized kNN graph over the ``n_rows`` nodes (unfilled slots are dropped)."""

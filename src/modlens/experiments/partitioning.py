@@ -148,9 +148,11 @@ class Partitioner:
         """(adjacency, node-layer sizes, indices of the hidden node layers, neighbours)."""
         if kind not in self._graphs:
             sizes, blocks, hidden, neighbours = self._weight_structure()
-            if kind == "weights" and blocks is None:  # transformer: kNN above DENSE_MAX_NODES
-                adj, _ = residual_weight_graph(**self._graphs["parts"], mode="auto")
-                self._graphs["complete"] = choose_graph_mode(int(sum(sizes)), "auto") == "dense"
+            if kind == "weights" and blocks is None:  # transformer: kNN (float32 products) above DENSE_MAX_NODES
+                dense = choose_graph_mode(int(sum(sizes)), "auto") == "dense"
+                adj, _ = residual_weight_graph(**self._graphs["parts"], mode="auto",
+                                               dtype=np.float64 if dense else np.float32)
+                self._graphs["complete"] = dense
             elif kind == "weights":
                 adj = graph.weight_graph(sizes, blocks)
             else:
