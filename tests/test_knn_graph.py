@@ -208,3 +208,33 @@ def test_top_k_survivor_merge_equals_selection(k):
         got = top.cols[u][np.argsort(-top.vals[u], kind="stable")]
         np.testing.assert_array_equal(got, best)
         np.testing.assert_array_equal(top.vals[u][np.argsort(-top.vals[u], kind="stable")], a[u, best])
+
+
+def _residual_blocks(rng):
+    """Blocks of a small residual-like CNN graph: adjacent layers, a skip pair, a sparse block and zeros."""
+    sizes = [5, 7, 6, 9, 4]
+    dense = lambda j, i: np.abs(rng.normal(size=(sizes[j], sizes[i])))
+    skip = dense(3, 1)
+    skip[:, 2] = 0.0  # a unit that the skip path does not use
+    sparse_block = sp.random(sizes[4], sizes[3], density=0.4, random_state=3, format="csr")
+    return sizes, [(0, 1, dense(1, 0)), (1, 2, dense(2, 1)), (2, 3, dense(3, 2)), (1, 3, skip), (3, 4, sparse_block)]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 200, 10**9])
+def test_knn_weight_graph_is_the_weight_graph_or_its_top_k(chunk_bytes):
+    """knn_weight_graph equals the exact weight graph when k covers every degree, and the exact
+    graph's top k per node (knn_sparsify) otherwise; weight_graph_edges counts the exact graph's edges."""
+    from modlens.core.graph import weight_graph
+    from modlens.core.knn_graph import knn_weight_graph, weight_graph_edges
+
+    sizes, blocks = _residual_blocks(np.random.default_rng(12))
+    exact = weight_graph(sizes, blocks)
+    assert weight_graph_edges(blocks) == exact.nnz // 2
+    full = knn_weight_graph(sizes, blocks, k=sum(sizes), chunk_bytes=chunk_bytes)
+    np.testing.assert_array_equal(full.toarray(), exact.toarray())
+    for k in (1, 3, 6):
+        got = knn_weight_graph(sizes, blocks, k=k, chunk_bytes=chunk_bytes)
+        np.testing.assert_array_equal(got.toarray(), knn_sparsify(exact, k).toarray())
+        assert got.toarray().max() > 0 and (abs(got - got.T)).max() == 0
+    with pytest.raises(ValueError, match="negative"):
+        knn_weight_graph(sizes, [(0, 1, -blocks[0][2])], k=3)

@@ -9,6 +9,8 @@ edges, and the graph is never materialized densely:
   of the correlation matrix), keeping the top ``k`` per neuron of each block before moving on.
 * :func:`knn_sparsify` keeps the top ``k`` edges per node of an existing (dense or sparse)
   weighted adjacency, e.g. a weight graph.
+* :func:`knn_weight_graph` builds the kNN version of a weight graph from its blocks without the
+  full graph (:data:`MAX_EXACT_WEIGHT_EDGES`: a CNN's weight graph above that many edges).
 * :class:`TopK` is the running top-``k`` used when the candidate edges of a node arrive in
   pieces (the residual-stream weight graph of :mod:`modlens.core.residual_graph`).
 
@@ -47,6 +49,10 @@ DEFAULT_K = 64
 #: ``argpartition`` indices).
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
+#: A CNN's weight graph with more edges than this is built as a kNN graph (:func:`knn_weight_graph`,
+#: ``DEFAULT_K`` edges per node) by ``partition``; up to it, exactly (12 bytes per stored entry, both
+#: directions: 1.2 GB at this size). Machine-independent, so the same model gets the same graph anywhere.
+MAX_EXACT_WEIGHT_EDGES = 50_000_000
 #: :meth:`TopK.update` merges a full row from its surviving candidates alone (those above the row's
 #: current k-th best) when there are at most this many times ``k`` of them; otherwise it selects.
 SPARSE_MERGE_FACTOR = 4
@@ -252,6 +258,49 @@ def knn_sparsify(adjacency, k: int = DEFAULT_K, *, symmetrize: str = "max",
     return symmetrize_directed(
         np.concatenate(all_rows), np.concatenate(all_cols), np.concatenate(all_vals), n, symmetrize
     )
+
+
+def weight_graph_edges(blocks) -> int:
+    """Edges of the weight graph of ``blocks`` (``(i, j, A)`` triples, as for
+    :func:`modlens.core.graph.weight_graph`): the non-zero entries of the blocks, counted without
+    building anything."""
+    total = 0
+    for block in blocks:
+        a = block[2]
+        total += int(a.count_nonzero() if sp.issparse(a) else np.count_nonzero(a))
+    return total
+
+
+def _row_chunks(a, chunk_bytes: int):
+    """``(start, stop, dense rows)`` of a dense or sparse block, at most ``chunk_bytes`` of float64 each."""
+    rows = _rows_for(a.shape[1], 8, chunk_bytes)
+    for start in range(0, a.shape[0], rows):
+        stop = min(start + rows, a.shape[0])
+        yield start, stop, (a[start:stop].toarray() if sp.issparse(a) else a[start:stop])
+
+
+def knn_weight_graph(layer_sizes, blocks, k: int = DEFAULT_K, *, symmetrize: str = "max",
+                     chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> sp.csr_array:
+    """Sparse kNN weight graph: each node keeps its ``k`` heaviest edges of the weight graph of
+    ``blocks`` (the graph of :func:`modlens.core.graph.weight_graph`, same arguments and checks), never
+    holding more than ``O(n k)`` edges: each block is offered to a running top ``k`` (:class:`TopK`)
+    from both ends, one chunk of rows at a time. With ``k`` at least every node's degree it is
+    :func:`~modlens.core.graph.weight_graph` itself; otherwise it is ``knn_sparsify(weight_graph(...), k)``
+    (up to which of exactly tied edges is kept). For weight graphs too large for memory (a deep residual
+    CNN joins every writer of a stream to every later reader)."""
+    _check_symmetrize(symmetrize)
+    offsets = graph.layer_offsets(layer_sizes)
+    n_layers, n = offsets.size - 1, int(offsets[-1])
+    top = TopK(n, _check_k(k, n))
+    seen: dict = {}
+    for b, block in enumerate(blocks):
+        i, j, a = graph._checked_block(b, block, offsets, n_layers, seen)
+        for rows0, cols0, m in ((offsets[j], offsets[i], a), (offsets[i], offsets[j], a.T)):
+            m = m.tocsr() if sp.issparse(m) else m
+            cols = np.arange(cols0, cols0 + m.shape[1])
+            for start, stop, chunk in _row_chunks(m, chunk_bytes):
+                top.update(np.arange(rows0 + start, rows0 + stop), cols, chunk)
+    return top.to_graph(symmetrize)
 
 
 def _check_weights(v: np.ndarray) -> None:

@@ -24,7 +24,7 @@ import time
 import numpy as np
 from scipy import sparse
 
-from modlens.core import clustering, graph
+from modlens.core import clustering, graph, knn_graph
 from modlens.core.knn_graph import build_activation_graph, choose_graph_mode
 from modlens.core.partition import UNCLUSTERED, Partition
 from modlens.core.residual_graph import residual_weight_graph
@@ -154,7 +154,12 @@ class Partitioner:
                                                dtype=np.float64 if dense else np.float32)
                 self._graphs["complete"] = dense
             elif kind == "weights":
-                adj = graph.weight_graph(sizes, blocks)
+                edges = knn_graph.weight_graph_edges(blocks)
+                if edges > knn_graph.MAX_EXACT_WEIGHT_EDGES:  # a deep residual CNN: kNN, as a transformer's
+                    adj = knn_graph.knn_weight_graph(sizes, blocks, knn_graph.DEFAULT_K)
+                    self._graphs["weights_knn"] = {"k": knn_graph.DEFAULT_K, "edges_of_full_graph": edges}
+                else:
+                    adj = graph.weight_graph(sizes, blocks)
             else:
                 if self._activation_data is None:
                     raise ValueError(
@@ -236,6 +241,8 @@ class Partitioner:
         extra = {}
         if method == "weights/global":  # beside the n-cut: the share of squared weight inside clusters
             extra["weight_share"] = self.weight_share(hidden_labels)
+        if kind == "weights" and "weights_knn" in self._graphs:
+            extra["knn_graph"] = dict(self._graphs["weights_knn"])
         if kind == "activations" and "positions" in self._graphs:
             extra["activation_rows"] = {"kind": "positions", "n": self._graphs["positions"]}
         result = Partition.from_labels(
