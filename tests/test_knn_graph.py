@@ -186,11 +186,15 @@ def test_large_sparse_graphs_dispatch_to_lanczos(monkeypatch):
     assert adjusted_rand_score(truth, labels) == 1.0
 
 
+@pytest.mark.parametrize("update_entries", [1, 500, 2**22])
 @pytest.mark.parametrize("k", [1, 4, 16])
-def test_top_k_survivor_merge_equals_selection(k):
+def test_top_k_survivor_merge_equals_selection(k, update_entries, monkeypatch):
     """The survivor merge of full rows (TopK.update) keeps what plain selection keeps: rows fed a
     stream of column pieces of many widths, rows still filling and full rows in one update, equal
-    a per-row sort of all their candidates (continuous values: no ties)."""
+    a per-row sort of all their candidates (continuous values: no ties), whatever the row pieces."""
+    from modlens.core import knn_graph
+
+    monkeypatch.setattr(knn_graph, "UPDATE_ENTRIES", update_entries)
     rng = np.random.default_rng(11)
     n, m = 90, 400
     a = rng.random(size=(n, m)) * (1.0 + 2.0 * np.arange(m) / m)  # later pieces: some survivors

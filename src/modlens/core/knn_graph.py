@@ -57,6 +57,9 @@ MAX_EXACT_WEIGHT_EDGES = 50_000_000
 #: current k-th best) when there are at most this many times ``k`` of them; otherwise it selects.
 SPARSE_MERGE_FACTOR = 4
 
+#: :meth:`TopK.update` works through its rows in pieces of about this many merge-buffer entries.
+UPDATE_ENTRIES = 2**22
+
 SYMMETRIZE = ("max", "mean")
 GRAPH_MODES = ("auto", "dense", "knn")
 
@@ -315,10 +318,11 @@ class TopK:
 
     ``update(rows, cols, vals)`` offers, for the rows ``rows`` (int array, length ``r``), the
     candidates ``vals`` (``(r, c)``) at global node indices ``cols`` (length ``c``, shared by all
-    rows). Memory: ``n k`` values and indices, plus one ``r x c`` mask and one ``r x (k + c)``
-    merge buffer. A row that is already full takes only the candidates above its current ``k``-th
-    best; while few do, they are merged by sorting (:data:`SPARSE_MERGE_FACTOR`), which makes a
-    stream of pieces cost about one comparison per candidate instead of one selection.
+    rows). Memory: ``n k`` values and indices, plus, for one piece of rows at a time, a mask of its
+    candidates and merge buffers of about :data:`UPDATE_ENTRIES` entries. A row that is already full takes
+    only the candidates above its current ``k``-th best; while few do, they are merged with one
+    selection over ``k`` plus their number (:data:`SPARSE_MERGE_FACTOR`), which makes a stream of
+    pieces cost about one comparison per candidate instead of one selection.
     """
 
     def __init__(self, n_rows: int, k: int):
@@ -332,6 +336,13 @@ class TopK:
         vals = np.asarray(vals)
         if vals.shape != (rows.size, cols.size):
             raise ValueError(f"core.knn_graph.TopK: candidates of shape {vals.shape} for {rows.size} rows, {cols.size} cols")
+        # rows in pieces: the merge buffers are rows x (k + up to (1 + SPARSE_MERGE_FACTOR) k) wide, so a tall
+        # update (a chunk's correlations transposed for every later unit) would otherwise allocate them all at once
+        step = max(1, UPDATE_ENTRIES // (self.k * (2 + SPARSE_MERGE_FACTOR) + min(cols.size, 4 * self.k)))
+        for start in range(0, rows.size, step):
+            self._update(rows[start:start + step], cols, vals[start:start + step])
+
+    def _update(self, rows, cols, vals) -> None:
         if cols.size > self.k and rows.size:
             # Only a candidate above its row's current k-th best can enter that row's top k. Once a
             # row is full, few do (streamed candidates), so such rows are merged from the survivors
