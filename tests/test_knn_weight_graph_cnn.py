@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from modlens.core import graph, knn_graph
+from modlens.core import knn_graph
 from modlens.core.knn_graph import knn_sparsify
+from modlens.core.weight_share import weight_share
 from modlens.experiments.partitioning import Partitioner
 from modlens.nn import NetworkAdapter
 
@@ -64,10 +65,5 @@ def test_knn_weight_graph_of_a_cnn_above_the_edge_limit(monkeypatch):
     assert all(len(l) == s for l, s in zip(part.labels, adapter.layer_sizes))
     # the share of weight inside clusters is still read from every edge (the blocks)
     sizes, blocks, hidden, _ = small._weight_structure()
-    assert part.info["weight_share"] == graph_share(blocks, part.labels, hidden)
+    assert part.info["weight_share"] == weight_share(blocks, part.labels, hidden)
 
-
-def graph_share(blocks, labels, hidden):
-    from modlens.core.weight_share import weight_share
-
-    return weight_share(blocks, labels, hidden)

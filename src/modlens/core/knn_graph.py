@@ -349,10 +349,12 @@ class TopK:
             # alone; rows with many survivors (still filling) take the selection path below.
             threshold = self.vals[rows].min(axis=1)
             survive = vals > threshold[:, None]
-            many = np.count_nonzero(survive, axis=1) > SPARSE_MERGE_FACTOR * self.k
+            count = np.count_nonzero(survive, axis=1)
+            many = count > SPARSE_MERGE_FACTOR * self.k
             if not many.all():
                 survive[many] = False
-                self._merge_survivors(rows, cols, vals, survive)
+                count[many] = 0
+                self._merge_survivors(rows, cols, vals, survive, count)
             if not many.any():
                 return
             rows, vals = rows[many], vals[many]
@@ -372,11 +374,10 @@ class TopK:
         self.vals[rows] = top
         self.cols[rows] = np.take_along_axis(merged_c, idx, axis=1)
 
-    def _merge_survivors(self, rows, cols, vals, survive) -> None:
-        """Merge the candidates marked in ``survive`` (each above its row's current k-th best) into
-        the rows that have any: each such row's k kept entries and its survivors, padded to the
-        widest row's count, go through one selection."""
-        count = np.count_nonzero(survive, axis=1)
+    def _merge_survivors(self, rows, cols, vals, survive, count) -> None:
+        """Merge the candidates marked in ``survive`` (each above its row's current k-th best; ``count``
+        of them per row) into the rows that have any: each such row's k kept entries and its survivors,
+        padded to the widest row's count, go through one selection."""
         hit = np.flatnonzero(count)
         if not hit.size:
             return
