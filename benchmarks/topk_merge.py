@@ -25,11 +25,12 @@ from modlens.core.knn_graph import TopK, knn_activation_graph
 from modlens.core.residual_graph import MLPBlockWeights, residual_weight_graph
 
 
-def plain_update(self, rows, cols, vals):
+def plain_update(self, rows, cols, vals, *, transposed=False):
     """The reference: one selection over every offered candidate of every row."""
     rows = np.asarray(rows, dtype=np.int64)
     cols = np.asarray(cols, dtype=np.int64)
-    self._merge_all(rows, cols, np.asarray(vals))
+    vals = np.asarray(vals)
+    self._merge_all(rows, cols, np.ascontiguousarray(vals.T) if transposed else vals)
 
 
 def timed(fn):

@@ -59,3 +59,26 @@ def test_random_channel_sets_are_not_detected():
     labels = [rng.permutation(np.arange(16) % 4) for _ in adapter.layer_sizes]
     res = modlens.analyze(model, (x, y), partition=labels, n_random=19, random_state=0)
     assert res.summary.set_index("metric").loc["acc_drop", "p_value"] > 0.01
+
+
+def test_activation_clustering_through_the_knn_path_uses_float32_ranks(monkeypatch):
+    """Above DENSE_MAX_NODES partition builds the kNN activation graph from float32 ranks; forced onto that
+    path (a switch at 20 units), the planted channel groups are still found and the graph is the float32 one."""
+    from modlens.core import knn_graph
+    from modlens.experiments import partitioning
+
+    calls = []
+
+    def low_switch(acts, **kwargs):
+        calls.append(kwargs)
+        graph = knn_graph.build_activation_graph(acts, dense_max_nodes=20, k=16, **kwargs)
+        reference = knn_graph.knn_activation_graph(acts, 16, dtype=np.float32)
+        assert abs(graph - reference).max() == 0
+        return graph
+
+    monkeypatch.setattr(partitioning, "build_activation_graph", low_switch)
+    model, groups = planted_cnn()
+    xa, _ = planted_images(300, seed=2)
+    part = modlens.partition(model, "activations/global", n_clusters=4, data=xa, random_state=0)
+    assert len(calls) == 1 and calls[0]["dtype"] == np.float32
+    assert np.mean([adjusted_rand_score(t, l) for t, l in zip(groups, part.labels)]) > 0.9

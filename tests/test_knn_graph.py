@@ -242,3 +242,79 @@ def test_knn_weight_graph_is_the_weight_graph_or_its_top_k(chunk_bytes):
         assert got.toarray().max() > 0 and (abs(got - got.T)).max() == 0
     with pytest.raises(ValueError, match="negative"):
         knn_weight_graph(sizes, [(0, 1, -blocks[0][2])], k=3)
+
+
+def _reference_top_k(a: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k largest values, sorted descending (a per-row sort: the plain reference)."""
+    return -np.sort(-a, axis=1)[:, :k]
+
+
+@pytest.mark.parametrize("update_entries", [7, 5000, 2**22])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_top_k_transposed_and_raised_thresholds_equal_selection(k, update_entries, monkeypatch):
+    """TopK fed pieces column-wise (transposed=True, no transposed copy) and pieces wide enough that rows still
+    filling raise their thresholds from every SAMPLE_STRIDE-th candidate keeps what a per-row sort keeps:
+    the same columns for continuous values, in float64 and float32, whatever the row pieces."""
+    from modlens.core import knn_graph
+
+    monkeypatch.setattr(knn_graph, "UPDATE_ENTRIES", update_entries)
+    rng = np.random.default_rng(12)
+    n, width = 60, 4000
+    assert width > 2 * knn_graph.SAMPLE_STRIDE * knn_graph.SPARSE_MERGE_FACTOR * k  # the raised path runs
+    a = rng.random(size=(n, width))
+    a[:, 2000:2100] += 1.0  # a later piece beats most kept entries: many survivors after filling
+    for dtype in (np.float64, np.float32):
+        plain, transposed = TopK(n, k), TopK(n, k)
+        rows = np.arange(n)
+        for lo, hi in [(0, 5), (5, 1500), (1500, 1503), (1503, 4000)]:
+            piece = a[:, lo:hi].astype(dtype)
+            plain.update(rows, np.arange(lo, hi), piece)
+            transposed.update(rows, np.arange(lo, hi), np.ascontiguousarray(piece.T), transposed=True)
+        for top in (plain, transposed):
+            order = np.argsort(-top.vals, axis=1, kind="stable")
+            got_cols = np.take_along_axis(top.cols, order, axis=1)
+            expected_cols = np.argsort(-a.astype(dtype), axis=1, kind="stable")[:, :k]
+            np.testing.assert_array_equal(got_cols, expected_cols)
+            np.testing.assert_array_equal(np.take_along_axis(top.vals, order, axis=1),
+                                          _reference_top_k(a.astype(dtype), k).astype(np.float64))
+            np.testing.assert_array_equal(top.floor, top.vals.min(axis=1))
+
+
+def test_top_k_ties_keep_the_values_of_a_sort():
+    """Many exact ties (few distinct values, as the correlations of a handful of samples): which tied column is
+    kept may differ, but every row keeps the values a per-row sort keeps."""
+    rng = np.random.default_rng(13)
+    n, width, k = 40, 6000, 16
+    a = rng.integers(0, 12, size=(n, width)).astype(np.float64) / 11
+    top = TopK(n, k)
+    for lo in range(0, width, 1000):
+        top.update(np.arange(n), np.arange(lo, lo + 1000), a[:, lo:lo + 1000])
+    np.testing.assert_array_equal(-np.sort(-top.vals, axis=1), _reference_top_k(a, k))
+    assert np.all(np.take_along_axis(a, top.cols, axis=1) == top.vals)  # each kept column has its value
+
+
+def test_top_k_float32_candidates_against_float64_thresholds():
+    """A float32 candidate above a row's float64 k-th best passes the threshold even where float32 cannot
+    hold the k-th best (it is rounded down, never up, for the comparison)."""
+    top = TopK(1, 2)
+    top.update([0], [0, 1], np.array([[0.1, 0.1]]))  # float64 k-th best 0.1
+    candidate = np.float32(0.1)  # 0.10000000149... > 0.1 in float64
+    assert float(candidate) > 0.1
+    top.update([0], [2, 3, 4], np.array([[0.0, candidate, 0.0]], dtype=np.float32))
+    assert 3 in top.cols[0]
+    np.testing.assert_array_equal(np.sort(top.vals[0]), [0.1, float(candidate)])
+
+
+def test_knn_activation_graph_float32_is_the_float64_graph_up_to_rounding():
+    """partition's kNN path ranks in float32: the same edges as float64 on continuous activations, and
+    weights equal up to float32 rounding, clipped to at most 1."""
+    rng = np.random.default_rng(14)
+    lat = rng.normal(size=(200, 5))
+    layers = [lat @ rng.normal(size=(5, 400)) + rng.normal(size=(200, 400)) for _ in range(3)]
+    g64 = knn_activation_graph(layers, 12, chunk_bytes=50_000)
+    g32 = knn_activation_graph(layers, 12, chunk_bytes=50_000, dtype=np.float32)
+    np.testing.assert_array_equal(g32.toarray() != 0, g64.toarray() != 0)
+    np.testing.assert_allclose(g32.toarray(), g64.toarray(), rtol=0, atol=1e-5)  # float32 sums of 200 products
+    layers[0][:, 1] = layers[0][:, 0] * 3.0  # a perfectly correlated pair: weight exactly 1, never above
+    g32 = knn_activation_graph(layers, 12, chunk_bytes=50_000, dtype=np.float32)
+    assert g32.max() == 1.0 and g32[0, 1] == 1.0

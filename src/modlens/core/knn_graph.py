@@ -57,6 +57,10 @@ MAX_EXACT_WEIGHT_EDGES = 50_000_000
 #: current k-th best) when there are at most this many times ``k`` of them; otherwise it selects.
 SPARSE_MERGE_FACTOR = 4
 
+#: A row of a wide piece that still has more than ``SPARSE_MERGE_FACTOR k`` survivors (a row still filling)
+#: first raises its threshold to the ``k``-th best of every this-many-th candidate (:meth:`TopK.update`).
+SAMPLE_STRIDE = 8
+
 #: :meth:`TopK.update` works through its rows in pieces of about this many merge-buffer entries.
 UPDATE_ENTRIES = 2**22
 
@@ -194,15 +198,14 @@ def knn_activation_graph(
         for start in range(0, n, rows_per_chunk):
             stop = min(start + rows_per_chunk, n)
             block = z[:, start:stop].T @ z[:, start:]  # (chunk, n - start): this chunk and later units
-            np.clip(block, -1.0, 1.0, out=block)
-            np.multiply(block, block, out=block)
+            np.multiply(block, block, out=block)  # rounding above 1 is clipped once, on the kept edges
             local = np.arange(stop - start)
             block[local, local] = -1.0  # never pick oneself
             top.update(np.arange(start, stop), np.arange(start, n), block)
             if stop < n:  # the same correlations are the later units' candidates in this chunk
-                top.update(np.arange(stop, n), np.arange(start, stop),
-                           np.ascontiguousarray(block[:, stop - start:].T))
+                top.update(np.arange(stop, n), np.arange(start, stop), block[:, stop - start:], transposed=True)
             del block
+        np.minimum(top.vals, 1.0, out=top.vals)
         return top.to_graph(symmetrize)
     all_rows, all_cols, all_vals = [], [], []
     for start in range(0, n, rows_per_chunk):
@@ -318,47 +321,113 @@ class TopK:
 
     ``update(rows, cols, vals)`` offers, for the rows ``rows`` (int array, length ``r``), the
     candidates ``vals`` (``(r, c)``) at global node indices ``cols`` (length ``c``, shared by all
-    rows). Memory: ``n k`` values and indices, plus, for one piece of rows at a time, a mask of its
-    candidates and merge buffers of about :data:`UPDATE_ENTRIES` entries. A row that is already full takes
-    only the candidates above its current ``k``-th best; while few do, they are merged with one
-    selection over ``k`` plus their number (:data:`SPARSE_MERGE_FACTOR`), which makes a stream of
-    pieces cost about one comparison per candidate instead of one selection.
+    rows); with ``transposed=True``, ``vals`` is ``(c, r)`` (candidate ``j`` of row ``rows[i]`` is
+    ``vals[j, i]``), so that one block serves both of its ends without a transposed copy. Memory:
+    ``n k`` values and indices and each row's current ``k``-th best, plus, for one piece of rows at
+    a time, a mask of its candidates and merge buffers of about :data:`UPDATE_ENTRIES` entries. A row
+    that is already full takes only the candidates above its current ``k``-th best; while few do,
+    they are merged with one selection over ``k`` plus their number (:data:`SPARSE_MERGE_FACTOR`),
+    which makes a stream of pieces cost about one comparison per candidate instead of one selection.
     """
 
     def __init__(self, n_rows: int, k: int):
         self.n, self.k = int(n_rows), int(k)
         self.vals = np.full((self.n, self.k), -np.inf)
         self.cols = np.full((self.n, self.k), -1, dtype=np.int64)
+        self.floor = np.full(self.n, -np.inf)  # each row's k-th best (-inf until it holds k)
 
-    def update(self, rows, cols, vals) -> None:
+    def update(self, rows, cols, vals, *, transposed: bool = False) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
         vals = np.asarray(vals)
-        if vals.shape != (rows.size, cols.size):
-            raise ValueError(f"core.knn_graph.TopK: candidates of shape {vals.shape} for {rows.size} rows, {cols.size} cols")
-        # rows in pieces: the merge buffers are rows x (k + up to (1 + SPARSE_MERGE_FACTOR) k) wide, so a tall
-        # update (a chunk's correlations transposed for every later unit) would otherwise allocate them all at once
-        step = max(1, UPDATE_ENTRIES // (self.k * (2 + SPARSE_MERGE_FACTOR) + min(cols.size, 4 * self.k)))
+        expected = (cols.size, rows.size) if transposed else (rows.size, cols.size)
+        if vals.shape != expected:
+            raise ValueError(f"core.knn_graph.TopK: candidates of shape {vals.shape} for {rows.size} rows, "
+                             f"{cols.size} cols{' (transposed)' if transposed else ''}")
+        # rows in pieces of about UPDATE_ENTRIES candidates: a piece's survivor mask, the copies and selection
+        # indices of its rows that merge every candidate, and its merge buffers (rows x (k + survivors)) are each
+        # a few bytes per candidate, so a tall update (a chunk's correlations offered to every later unit) would
+        # otherwise allocate them for all its rows at once
+        step = max(1, UPDATE_ENTRIES // (cols.size + 2 * self.k))
         for start in range(0, rows.size, step):
-            self._update(rows[start:start + step], cols, vals[start:start + step])
+            piece = vals[:, start:start + step] if transposed else vals[start:start + step]
+            self._update(rows[start:start + step], cols, piece, transposed)
 
-    def _update(self, rows, cols, vals) -> None:
+    def _threshold(self, rows, dtype) -> np.ndarray:
+        """The rows' k-th bests in the candidates' dtype, rounded down where that dtype cannot hold
+        them, so that every candidate above a k-th best passes ``>`` it."""
+        floor = self.floor[rows]
+        if dtype == floor.dtype or not np.issubdtype(dtype, np.floating):
+            return floor
+        cast = floor.astype(dtype)
+        up = cast > floor
+        cast[up] = np.nextafter(cast[up], dtype.type(-np.inf))
+        return cast
+
+    def _update(self, rows, cols, vals, transposed: bool) -> None:
         if cols.size > self.k and rows.size:
             # Only a candidate above its row's current k-th best can enter that row's top k. Once a
             # row is full, few do (streamed candidates), so such rows are merged from the survivors
             # alone; rows with many survivors (still filling) take the selection path below.
-            threshold = self.vals[rows].min(axis=1)
-            survive = vals > threshold[:, None]
-            count = np.count_nonzero(survive, axis=1)
+            threshold = self._threshold(rows, vals.dtype)
+            survive = vals > (threshold[None, :] if transposed else threshold[:, None])
+            count = np.count_nonzero(survive, axis=0 if transposed else 1)
             many = count > SPARSE_MERGE_FACTOR * self.k
+            if many.any() and cols.size > 2 * SAMPLE_STRIDE * SPARSE_MERGE_FACTOR * self.k:
+                self._raise_thresholds(vals, many, threshold, survive, count, transposed)
+                many = count > SAMPLE_STRIDE * SPARSE_MERGE_FACTOR * self.k
             if not many.all():
-                survive[many] = False
+                if transposed:
+                    if many.any():
+                        survive[:, many] = False
+                    c, r = np.divmod(np.flatnonzero(survive), survive.shape[1])
+                    order = np.argsort(r, kind="stable")  # each row's survivors together, rows ascending
+                    r, c = r[order], c[order]
+                    v = vals[c, r]
+                else:
+                    survive[many] = False
+                    r, c = np.divmod(np.flatnonzero(survive), survive.shape[1])  # row-major: grouped by row
+                    v = vals[r, c]
                 count[many] = 0
-                self._merge_survivors(rows, cols, vals, survive, count)
+                self._merge_survivors(rows, cols, r, c, v, count)
             if not many.any():
                 return
-            rows, vals = rows[many], vals[many]
+            rows = rows[many]
+            vals = vals[:, many].T if transposed else vals[many]
+        elif transposed:
+            vals = vals.T
         self._merge_all(rows, cols, vals)
+
+    def _raise_thresholds(self, vals, many, threshold, survive, count, transposed: bool) -> None:
+        """Rows ``many`` of a wide piece have many survivors (rows still filling): raise each one's
+        threshold to the k-th best of every :data:`SAMPLE_STRIDE`-th of its candidates, and mark and count
+        again (``survive``, ``count``, in place) the candidates at or above it. A subset's k-th best is at
+        most the whole piece's, so the piece's top k all survive; about ``SAMPLE_STRIDE k`` do, and the
+        survivor merge replaces a selection over every candidate of these rows."""
+        idx = np.flatnonzero(many)
+        every = idx.size == many.size
+        axis = 0 if transposed else 1
+        if transposed:
+            sub = vals[::SAMPLE_STRIDE] if every else vals[::SAMPLE_STRIDE][:, idx]
+        else:
+            sub = vals[:, ::SAMPLE_STRIDE] if every else vals[idx, ::SAMPLE_STRIDE]
+        w = sub.shape[axis]
+        kth = np.partition(sub, w - self.k, axis=axis).take(w - self.k, axis=axis)
+        np.maximum(kth, threshold[idx], out=kth)
+        part = vals if every else (vals[:, idx] if transposed else vals[idx])
+        above = part >= (kth[None, :] if transposed else kth[:, None])
+        if every:
+            survive[...] = above
+        elif transposed:
+            survive[:, idx] = above
+        else:
+            survive[idx] = above
+        count[idx] = np.count_nonzero(above, axis=axis)
+
+    def _store(self, rows, vals, cols) -> None:
+        self.vals[rows] = vals
+        self.cols[rows] = cols
+        self.floor[rows] = vals.min(axis=1)
 
     def _merge_all(self, rows, cols, vals) -> None:
         if cols.size > self.k:
@@ -371,28 +440,26 @@ class TopK:
         merged_v = np.concatenate([self.vals[rows], vals.astype(np.float64, copy=False)], axis=1)
         merged_c = np.concatenate([self.cols[rows], new_c], axis=1)
         idx, top = _top_k_rows(merged_v, self.k)
-        self.vals[rows] = top
-        self.cols[rows] = np.take_along_axis(merged_c, idx, axis=1)
+        self._store(rows, top, np.take_along_axis(merged_c, idx, axis=1))
 
-    def _merge_survivors(self, rows, cols, vals, survive, count) -> None:
-        """Merge the candidates marked in ``survive`` (each above its row's current k-th best; ``count``
-        of them per row) into the rows that have any: each such row's k kept entries and its survivors,
-        padded to the widest row's count, go through one selection."""
+    def _merge_survivors(self, rows, cols, r, c, v, count) -> None:
+        """Merge the survivors ``v`` (row ``rows[r]``, candidate ``c``; each above its row's current k-th
+        best; grouped by row, rows ascending; ``count`` of them per row) into the rows that have any:
+        each such row's k kept entries and its survivors, padded to the widest row's count, go
+        through one selection."""
         hit = np.flatnonzero(count)
         if not hit.size:
             return
         count = count[hit]
-        r, c = np.divmod(np.flatnonzero(survive), survive.shape[1])  # row-major: each row's survivors are contiguous
         local = np.repeat(np.arange(hit.size), count)
         pos = np.arange(r.size) - np.repeat(np.cumsum(count) - count, count)
         new_v = np.full((hit.size, int(count.max())), -np.inf)
         new_c = np.full(new_v.shape, -1, dtype=np.int64)
-        new_v[local, pos] = vals[r, c]
+        new_v[local, pos] = v
         new_c[local, pos] = cols[c]
         g = rows[hit]
         idx, top = _top_k_rows(np.concatenate([self.vals[g], new_v], axis=1), self.k)
-        self.vals[g] = top
-        self.cols[g] = np.take_along_axis(np.concatenate([self.cols[g], new_c], axis=1), idx, axis=1)
+        self._store(g, top, np.take_along_axis(np.concatenate([self.cols[g], new_c], axis=1), idx, axis=1))
 
     def to_graph(self, symmetrize: str = "max") -> sp.csr_array:
         """The symmetrized kNN graph over the ``n_rows`` nodes (unfilled slots are dropped)."""

@@ -425,5 +425,5 @@ def residual_weight_graph(
         rows_j = np.arange(offsets[j], offsets[j + 1])
         rows_i = np.arange(offsets[i], offsets[i + 1])
         top.update(rows_j, rows_i, a)
-        top.update(rows_i, rows_j, a.T)
+        top.update(rows_i, rows_j, a, transposed=True)
     return top.to_graph(symmetrize), sizes
