@@ -172,3 +172,51 @@ def test_large_graph_with_isolated_nodes_is_solved_without_a_copy(monkeypatch):
     seed = clustering.int_seed(clustering.as_generator(0))
     copy = spectral_large.cluster_active(adj[active][:, active], 3, seed, 2)
     np.testing.assert_array_equal(labels[active], clustering.relabel(copy))
+
+
+def _disconnected(n_parts, per_part, *, seed):
+    """Block-diagonal graph: ``n_parts`` components, each a noisy two-block graph (so each has inner structure)."""
+    parts = [planted_graph(2, per_part // 2, 0.3, 0.05, seed=seed + i)[0] for i in range(n_parts)]
+    adj = sp.csr_array(sp.block_diag(parts))
+    perm = np.random.default_rng(seed).permutation(adj.shape[0])
+    comp = np.repeat(np.arange(n_parts), per_part)[perm]
+    return sp.csr_array(adj[perm][:, perm]), comp
+
+
+@pytest.mark.filterwarnings("ignore:core.spectral_large. the graph is not fully connected")
+@pytest.mark.parametrize("solver", ["lanczos", "amg"])
+def test_disconnected_graph_eigenpairs_match_dense_reference(solver):
+    """Fewer components than eigenvectors: eigenvalue 0 once per component (set exactly, as the components'
+    vectors), the rest by Lanczos on the deflated operator; the same eigenvalues and eigenspace as a dense
+    eigendecomposition, whose next eigenvalues are distinct."""
+    adj, _ = _disconnected(3, 120, seed=5)
+    emb, values = large_embedding(adj, 6, solver=solver, random_state=0)
+    lap, dd = laplacian(adj.toarray(), normed=True, return_diag=True)
+    ref_values, ref_vectors = np.linalg.eigh(lap)
+    assert ref_values[2] < 1e-12 < ref_values[3] and ref_values[5] < ref_values[6] - 1e-3
+    np.testing.assert_allclose(values, ref_values[:6], atol=1e-8)
+    q_got, _ = np.linalg.qr(emb)
+    q_ref, _ = np.linalg.qr(ref_vectors[:, :6] / dd[:, None])
+    np.testing.assert_allclose(np.linalg.svd(q_got.T @ q_ref, compute_uv=False), 1.0, atol=1e-6)
+
+
+def test_graph_with_as_many_components_as_clusters_or_more():
+    """At least n_clusters components: eigenvalue 0 has one eigenvector per component and no preferred basis; the
+    embedding is a seeded orthonormal combination of the components' vectors (exact eigenvectors, zero residual),
+    clusters are unions of whole components, with a warning that says so; same seed -> same labels."""
+    adj, comp = _disconnected(7, 40, seed=6)
+    with pytest.warns(UserWarning, match="union of components"):
+        emb, values = large_embedding(adj, 4, solver="lanczos", random_state=2)
+    np.testing.assert_array_equal(values, 0.0)
+    lap = laplacian(adj.toarray(), normed=True)
+    dd = np.sqrt(np.asarray(adj.sum(axis=1)).ravel())
+    x = emb * dd[:, None]  # back to eigenvectors of the normalized Laplacian
+    np.testing.assert_allclose(lap @ x, 0.0, atol=1e-12)
+    np.testing.assert_allclose((x / np.linalg.norm(x, axis=0)).T @ (x / np.linalg.norm(x, axis=0)), np.eye(4), atol=1e-12)
+    with pytest.warns(UserWarning, match="not fully connected"):
+        labels = spectral_labels(adj, 4, eigen_solver="lanczos", random_state=3)
+        again = spectral_labels(adj, 4, eigen_solver="lanczos", random_state=3)
+    np.testing.assert_array_equal(labels, again)
+    for c in range(7):  # every component inside one cluster
+        assert np.unique(labels[comp == c]).size == 1
+    assert np.unique(labels).size == 4

@@ -23,6 +23,13 @@ and 2.8 s, plain LOBPCG 5 s and 18 s, AMG-preconditioned LOBPCG 30 s and 58 s, a
 same eigenvalues: these graphs are expander-like, so the preconditioner buys few iterations
 (118 vs 138) at a high price per iteration, while Lanczos needs no solve at all.
 
+A graph with ``c > 1`` connected components has eigenvalue 0 ``c`` times, with the components' vectors
+``D^{1/2} 1_c`` (normalized) as eigenvectors; Lanczos finds a repeated eigenvalue only through rounding
+(thousands of products), so they are set exactly: with ``c < k`` the other ``k - c`` come from Lanczos
+with them moved to eigenvalue -2; with ``c >= k`` the embedding is a seeded random orthonormal
+combination of them (the eigenspace has no preferred basis; clusters are unions of components, and
+the warning says so). docs/transformers.md, "Graphs in several pieces".
+
 Entry point: ``spectral_labels(..., eigen_solver="lanczos" | "amg")`` in
 :mod:`modlens.core.clustering`, which also routes sparse graphs of more than
 :data:`LARGE_SPARSE_NODES` connected nodes here (Lanczos) when the solver is left at its LOBPCG
@@ -113,6 +120,40 @@ def _lanczos_eigs(norm_adj, n_components, rng):
     return 1.0 - values, vectors
 
 
+def _component_basis(comp, n_comp: int, sqrt_deg) -> np.ndarray:
+    """``(n, n_comp)`` orthonormal eigenvectors of ``L`` for eigenvalue 0: ``D^{1/2} 1_c``, normalized, for
+    each component ``c`` (``comp``: each node's component)."""
+    basis = np.zeros((sqrt_deg.size, n_comp))
+    basis[np.arange(sqrt_deg.size), comp] = sqrt_deg
+    return basis / np.linalg.norm(basis, axis=0)
+
+
+def _null_combination(comp, n_comp: int, sqrt_deg, n_components: int, rng) -> np.ndarray:
+    """``n_components`` orthonormal eigenvectors of eigenvalue 0 of a graph with at least that many components:
+    a seeded random orthonormal combination of the components' vectors ``D^{1/2} 1_c / |D^{1/2} 1_c|`` (the
+    eigenspace has ``n_comp`` dimensions and no preferred basis; Lanczos from a random start finds such a
+    combination too, but only through rounding, after thousands of products)."""
+    norms = np.sqrt(np.bincount(comp, weights=sqrt_deg ** 2, minlength=n_comp))
+    mix, _ = np.linalg.qr(rng.standard_normal((n_comp, n_components)))
+    return (sqrt_deg / norms[comp])[:, None] * mix[comp]
+
+
+def _deflated_lanczos_eigs(norm_adj, comp, n_comp: int, sqrt_deg, n_components: int, rng):
+    """The smallest eigenpairs of ``L`` of a graph with ``1 < n_comp < n_components`` components: eigenvalue 0
+    ``n_comp`` times with the components' vectors (exact), and the rest by Lanczos on the operator with those
+    vectors moved to eigenvalue ``-2``, below every other (a repeated eigenvalue stalls Lanczos, which finds
+    its copies only through rounding)."""
+    basis = _component_basis(comp, n_comp, sqrt_deg)
+
+    def product(x):
+        x = np.asarray(x, dtype=np.float64)
+        return norm_adj @ x - 3.0 * (basis @ (basis.T @ x))
+
+    op = LinearOperator(norm_adj.shape, matvec=product, matmat=product, dtype=np.float64)
+    values, vectors = _lanczos_eigs(op, n_components - n_comp, rng)
+    return np.concatenate([np.zeros(n_comp), values]), np.hstack([basis, vectors])
+
+
 def _amg_eigs(lap, sqrt_deg, n_components, rng, tol, maxiter, extra):
     n = lap.shape[0]
     n_vec = min(n_components + max(int(extra), 0), n)
@@ -139,12 +180,17 @@ def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", ra
     n = adj.shape[0] if active is None else active.size
     # strong components of the symmetric graph are its components; the undirected call copies the graph; the
     # nodes outside ``active`` are components of one node each
-    n_comp = connected_components(adj, directed=True, connection="strong", return_labels=False)
-    n_comp -= 0 if active is None else adj.shape[0] - n
+    n_comp, comp = connected_components(adj, directed=True, connection="strong", return_labels=True)
+    if active is not None:
+        n_comp, comp = np.unique(comp[active], return_inverse=True)
+        n_comp = n_comp.size
     if n_comp > 1:
         warnings.warn(
             f"core.spectral_large: the graph is not fully connected ({n_comp} components); "
-            "the spectral embedding separates components first",
+            "the spectral embedding separates components first"
+            + (f"; with at least n_clusters={n_components} components every cluster is a union of components, "
+               "and which components go together is not set by the graph (a seeded random choice): more "
+               "activation samples or more neighbours per node join them" if n_comp >= n_components else ""),
             UserWarning,
             stacklevel=2,
         )
@@ -155,11 +201,16 @@ def large_embedding(adjacency, n_components: int, *, solver: str = "lanczos", ra
     rng = np.random.default_rng(random_state)
     if n <= 5 * (n_components + max(int(extra), 0)) + 1:  # tiny: solve densely
         values, vectors = np.linalg.eigh(np.eye(n) - norm_adj @ np.eye(n))
+    elif n_comp >= n_components:
+        values, vectors = np.zeros(n_components), _null_combination(comp, n_comp, sqrt_deg, n_components, rng)
     else:
         values = vectors = None
         if solver == "lanczos":
             try:
-                values, vectors = _lanczos_eigs(norm_adj, n_components, rng)
+                if n_comp > 1:
+                    values, vectors = _deflated_lanczos_eigs(norm_adj, comp, n_comp, sqrt_deg, n_components, rng)
+                else:
+                    values, vectors = _lanczos_eigs(norm_adj, n_components, rng)
             except ArpackNoConvergence:
                 warnings.warn(
                     f"core.spectral_large: ARPACK Lanczos did not converge on a {n}-node graph; "
