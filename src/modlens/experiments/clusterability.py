@@ -60,6 +60,7 @@ def clusterability_test(partitioner: Partitioner, method: str, *, n_null: int = 
         raise ValueError(f"the clusterability test shuffles weights; {method!r} is not a weight partitioning")
     start = time.perf_counter()
     sizes, blocks, hidden, neighbours = partitioner._weight_structure()
+    blocks = list(blocks)   # computed once here: every batch of shuffles reads them
     shuffle_seed, cluster_seeds = null_seeds(partitioner.random_state, method, n_null)
     spectral = dict(partitioner._spectral)
     k = partitioner.n_clusters

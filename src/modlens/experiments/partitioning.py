@@ -37,6 +37,12 @@ from modlens.nn.tokens import TokenData, position_values, sample_positions
 
 METHODS = ("weights/global", "weights/local", "activations/global", "activations/local")
 
+#: A CNN's weight blocks with at most this many entries in all (400 MB in float64) are computed once and kept
+#: for the weight graph and the weight share; larger ones are computed again on each pass and never held
+#: together (:meth:`~modlens.nn.NetworkAdapter.lazy_weight_blocks`: two passes for a kNN graph's count and
+#: build, one for the weight share). The same blocks either way, so the same graph.
+KEEP_BLOCK_ENTRIES = 50_000_000
+
 
 def check_graph_options(*, conv_edge: str = "l1", bn_fold: str = "paper", act_reduce: str = "l1") -> None:
     """Fail fast on a wrong graph option (rows 1-3 of the notes)."""
@@ -133,14 +139,16 @@ class Partitioner:
                 sizes, hidden = layer_layout(self._graphs["parts"])
             else:
                 sizes, hidden = self.adapter.node_layer_sizes(), self.adapter.hidden_node_layers()
+            # a CNN's blocks are computed when read, one at a time (lazy_weight_blocks): together they can be larger
+            # than memory (21 GB for torchvision's RegNetY-128GF), and activation partitions need only their pairs
             blocks = None if transformer else \
-                self.adapter.weight_blocks(conv_edge=self._conv_edge, bn_fold=self._bn_fold)
+                self.adapter.lazy_weight_blocks(conv_edge=self._conv_edge, bn_fold=self._bn_fold)
             if transformer:
                 # every block pair is joined through the stream; local clustering takes a block's MLP
                 # layer with its neighbouring node layers (docs/transformers.md)
                 neighbours = [[m for m in (l - 1, l + 1) if 0 <= m < len(sizes)] for l in range(len(sizes))]
             else:
-                neighbours = graph.layer_neighbours(len(sizes), blocks)
+                neighbours = graph.layer_neighbours(len(sizes), blocks.pairs)
             self._graphs["structure"] = (sizes, blocks, hidden, neighbours)
         return self._graphs["structure"]
 
@@ -154,7 +162,14 @@ class Partitioner:
                                                dtype=np.float64 if dense else np.float32)
                 self._graphs["complete"] = dense
             elif kind == "weights":
-                edges = knn_graph.weight_graph_edges(blocks)
+                pairs = blocks.pairs if hasattr(blocks, "pairs") else [(i, j) for i, j, _ in blocks]
+                entries = sum(int(sizes[i]) * int(sizes[j]) for i, j in pairs)
+                if entries <= KEEP_BLOCK_ENTRIES and not isinstance(blocks, list):   # computed once and kept, for the graph and the weight share
+                    blocks = list(blocks)
+                    self._graphs["structure"] = (sizes, blocks, hidden, neighbours)
+                # edges <= entries: blocks of fewer entries make an exact graph without counting (a count of lazy
+                # blocks is one more pass computing every block)
+                edges = entries if entries <= knn_graph.MAX_EXACT_WEIGHT_EDGES else knn_graph.weight_graph_edges(blocks)
                 if edges > knn_graph.MAX_EXACT_WEIGHT_EDGES:  # a deep residual CNN: kNN, as a transformer's
                     adj = knn_graph.knn_weight_graph(sizes, blocks, knn_graph.DEFAULT_K)
                     self._graphs["weights_knn"] = {"k": knn_graph.DEFAULT_K, "edges_of_full_graph": edges}

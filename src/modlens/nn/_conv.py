@@ -48,25 +48,41 @@ def consumer_edges(consumer: nn.Module, route: Route, n_source: int, norm: str, 
     """(out, n_source) non-negative edges from ``n_source`` channels reaching ``consumer`` through ``route``."""
     if norm not in CONV_EDGE_NORMS:
         raise ValueError(f"conv_edge must be one of {CONV_EDGE_NORMS}, got {norm!r}")
-    w = consumer.weight.detach().cpu().double().numpy()
     source = np.arange(n_source)
     carried = route.carried(source)           # a split leaves some channels out: their edges are 0
     if isinstance(consumer, nn.Linear):
+        w = consumer.weight.detach().cpu().double().numpy()
         idx = route.indices(source, consumer.in_features, f"layer '{name}'")
         part = np.abs(w[:, idx]).reshape(w.shape[0], int(carried.sum()), -1).sum(axis=2)
     else:
         idx = route.indices(source, consumer.in_channels)
-        slices = kernel_slice_norms(w, norm)                       # (out, in / groups)
-        per_group_in = consumer.in_channels // consumer.groups
-        per_group_out = consumer.out_channels // consumer.groups
-        local, group = idx % per_group_in, idx // per_group_in
-        same = (np.arange(consumer.out_channels)[:, None] // per_group_out) == group[None, :]
-        part = slices[:, local] * same
+        slices = _slice_norms(consumer.weight, norm)               # (out, in / groups)
+        if consumer.groups == 1:   # every output reads every input: the slices themselves
+            whole = idx.size == slices.shape[1] and np.array_equal(idx, np.arange(idx.size))
+            part = slices if whole else slices[:, idx]
+        else:   # edges only within a group: the block is zero elsewhere, filled group by group
+            per_group_in = consumer.in_channels // consumer.groups
+            per_group_out = consumer.out_channels // consumer.groups
+            local, group = idx % per_group_in, idx // per_group_in
+            rows = group[:, None] * per_group_out + np.arange(per_group_out)   # (sources, outputs of their group)
+            cols = np.broadcast_to(np.arange(idx.size)[:, None], rows.shape)
+            part = np.zeros((consumer.out_channels, idx.size))
+            part[rows, cols] = slices[rows, local[:, None]]
     if carried.all():
         return part
     out = np.zeros((part.shape[0], n_source))
     out[:, carried] = part
     return out
+
+
+def _slice_norms(weight: torch.Tensor, norm: str) -> np.ndarray:
+    """(out, in / groups) kernel-slice norms of a conv weight, float64 (:func:`kernel_slice_norms`). A 1x1
+    kernel's slice is one weight, whose norm is its absolute value: taken before the float64 copy, with no
+    reduction (the same values, without two passes over a weight of up to 10^8 entries)."""
+    w = weight.detach().cpu()
+    if w.dim() >= 2 and w[0, 0].numel() == 1:
+        return w.abs().double().numpy().reshape(w.shape[0], w.shape[1])
+    return kernel_slice_norms(w.double().numpy(), norm)
 
 
 def _per_source(route: Route, n_source: int, values: np.ndarray) -> np.ndarray:
@@ -145,17 +161,20 @@ def edge_block(consumer_node: fx.Node, sinks: list, n_source: int, structure, *,
         raise ValueError(f"bn_fold must be one of {BN_FOLDS}, got {bn_fold!r}")
     consumer = structure.module(consumer_node)
     block = None
-    for sink in sinks:
+    for sink in sinks:   # each part is a new array (consumer_edges makes one): scaled and summed in place
         part = consumer_edges(consumer, sink.route, n_source, norm, consumer_node.target)
         for node, route in sink.scales:
             s = channel_scale(node, route, n_source, structure, bn_fold)
             if s is not None:
-                part = part * s[None, :]
-        block = part if block is None else block + part
+                part *= s[None, :]
+        if block is None:
+            block = part
+        else:
+            block += part
     if bn_fold == "original":
         rows = bn_row_scale(structure.bn_chain(consumer_node))
         if rows is not None:
-            block = block * rows.numpy()[:, None]
+            block *= rows.numpy()[:, None]
     return block
 
 

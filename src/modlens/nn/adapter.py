@@ -21,7 +21,9 @@ runs only as far as the named layers), and :meth:`NetworkAdapter.record` streams
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -86,6 +88,52 @@ def _cause(exc: BaseException) -> str:
 
 def _width(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _input_block(structure, first: fx.Node, bn_fold: str) -> np.ndarray:
+    """An MLP's block from its inputs into its first layer: ``|W|``, rows scaled by a batch norm after it
+    when ``bn_fold="original"``."""
+    a = structure.module(first).weight.detach().abs().cpu().double().numpy()
+    rows = bn_row_scale(structure.bn_chain(first)) if bn_fold == "original" else None
+    return a if rows is None else a * rows.numpy()[:, None]
+
+
+class LazyWeightBlocks(Sequence):
+    """Weight-graph blocks ``(i, j, A)`` computed when read (:meth:`NetworkAdapter.lazy_weight_blocks`).
+
+    ``specs``: ``((i, j), compute)`` in block order. With ``merge`` (a model whose several heads' scores are
+    added: one output layer), the blocks of a repeated pair are one block, the sum of their parts in order,
+    at the pair's first place. ``pairs`` lists the ``(i, j)`` of the blocks without computing any; indexing or
+    iterating computes them, one at a time, and keeps none."""
+
+    def __init__(self, specs, *, merge: bool = False):
+        groups: dict[tuple, list] = {}
+        if merge:
+            for pair, compute in specs:
+                groups.setdefault(pair, []).append(compute)
+            self._specs = list(groups.items())
+        else:
+            self._specs = [(pair, [compute]) for pair, compute in specs]
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return [pair for pair, _ in self._specs]
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[m] for m in range(*k.indices(len(self)))]
+        (i, j), parts = self._specs[k]
+        block = parts[0]()
+        for compute in parts[1:]:
+            block = block + compute()
+        return i, j, block
+
+    def __iter__(self):
+        for k in range(len(self)):
+            yield self[k]
 
 
 class NetworkAdapter:
@@ -401,16 +449,27 @@ class NetworkAdapter:
         scales are folded as ``bn_fold`` says (:mod:`modlens.nn._conv`). Blocks join every pair of
         layers connected through channel-wise operations, normalizations, gates, residual additions and
         concatenations, so residual networks get blocks between non-consecutive layers.
+        All of them at once: :meth:`lazy_weight_blocks` gives the same blocks one at a time.
         """
         if self.is_transformer:  # residual-stream paths between all pairs of MLP blocks (dense)
             return list(residual_edge_blocks(**self.residual_parts()))
+        return list(self.lazy_weight_blocks(conv_edge=conv_edge, bn_fold=bn_fold))
+
+    def lazy_weight_blocks(self, *, conv_edge: str = "l1", bn_fold: str = "paper") -> "LazyWeightBlocks":
+        """The blocks of :meth:`weight_blocks` (same order, same values) as a sequence that computes each block
+        when it is read and keeps none: its ``pairs`` are known at once, and every pass over it computes the
+        blocks again. For a CNN whose blocks do not fit in memory together (a deep residual network joins every
+        writer of a stream to every later reader: torchvision's RegNetY-128GF has 21 GB of them in float64)."""
+        if self.is_transformer:
+            raise ValueError("lazy_weight_blocks: a transformer's weight graph is built from its residual stream "
+                             "(residual_parts), not from per-layer blocks; use weight_blocks")
         if bn_fold not in BN_FOLDS:
             raise ValueError(f"bn_fold must be one of {BN_FOLDS}, got {bn_fold!r}")
         s = self.structure
         index = {n: i + (1 if self._mlp_graph else 0) for i, n in enumerate(self._layer_nodes)}
         if self._mlp_graph:
             index.update({head: len(self.layers) + 1 for head in s.output_layers})
-        blocks = []
+        specs = []   # ((i, j), a function computing the block)
         if self._mlp_graph:
             first = [n for n in s.first_layers() if n in index]
             if len(first) != 1 or s.module(first[0]).in_features != self.input_size:
@@ -418,23 +477,17 @@ class NetworkAdapter:
                     "the weight graph of an MLP needs exactly one layer reading the model input; found "
                     f"{', '.join(n.target for n in first) or 'none'}"
                 )
-            a = s.module(first[0]).weight.detach().abs().cpu().double().numpy()
-            rows = bn_row_scale(s.bn_chain(first[0])) if bn_fold == "original" else None
-            blocks.append((0, index[first[0]], a if rows is None else a * rows.numpy()[:, None]))
+            specs.append(((0, index[first[0]]), partial(_input_block, s, first[0], bn_fold)))
         for src in self._layer_nodes:
             by_consumer: dict[fx.Node, list] = {}
             for sink in s.walk(src, "weights"):
                 if sink.user in index:
                     by_consumer.setdefault(sink.user, []).append(sink)
             for consumer, sinks in by_consumer.items():
-                block = edge_block(consumer, sinks, _width(s.module(src)), s, norm=conv_edge, bn_fold=bn_fold)
-                blocks.append((index[src], index[consumer], block))
-        if len(s.output_layers) > 1:  # heads whose scores are added: one output layer, their edges summed
-            merged: dict[tuple, np.ndarray] = {}
-            for i, j, block in blocks:
-                merged[(i, j)] = merged[(i, j)] + block if (i, j) in merged else block
-            blocks = [(i, j, b) for (i, j), b in merged.items()]
-        return blocks
+                specs.append(((index[src], index[consumer]),
+                              partial(edge_block, consumer, sinks, _width(s.module(src)), s, norm=conv_edge,
+                                      bn_fold=bn_fold)))
+        return LazyWeightBlocks(specs, merge=len(s.output_layers) > 1)
 
     def layer_node(self, layer: int) -> fx.Node:
         return self._layer_nodes[layer]
