@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from modlens.core.residual_graph import StageMap
@@ -95,6 +96,10 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
         pair = _grid_and_token_maps(s, before, found, d_in, d_out, names)
         if pair is not None:
             return pair
+    if len(found) != 1:   # no single layer: an attention block whose output has the next stage's width?
+        ov = _attention_transition(s, before, after, list(reached), d_in, d_out, names)
+        if ov is not None:
+            return ov
     chain = [] if len(found) > 1 else find_chain(s, before.down, after.node, _stream_layers) or []
     try:
         if len(chain) > 1 or (len(chain) == 1 and getattr(s.module(chain[0]), "groups", 1) != 1):
@@ -108,6 +113,193 @@ def _transition(s, before: MLPNeurons, after: MLPNeurons, d_in: int, d_out: int)
     # several layers on several paths (conv stems with squeeze-excitation, residual depthwise convs)
     kernel, stride = paths_map(s, before.down, after.node.args[0], d_in, names)
     return StageMap(kernel, stride)
+
+
+def _attention_transition(s, before, after, found, d_in: int, d_out: int, names: str) -> StageMap | None:
+    """LeViT's attention downsampling: the stream reaches the next stage only through an attention block
+    whose output projection writes the next stage's width (no shortcut around it). The map is the block's
+    value path composed with its output projection, the OV circuit ``W_O diag(s_O) W_V diag(s_V)`` (batch
+    norms folded, activations between taken as the identity, each head's values read by that head's
+    columns of ``W_O``); the attention weights mix tokens and are left out, as attention is everywhere
+    in the weight graph. One tap: an output token reads a convex combination of input tokens (softmax rows
+    sum to 1), so a value constant over the tokens passes unchanged. None when the layers found are not
+    such a block (the caller then refuses as before)."""
+    products = set()
+    for layer in found:   # the attention products that the found layers (values, queries, keys) feed
+        walk = _closure(layer, lambda n: [u for u in _users(s, n) if s.kind(u) not in ("layer", "output")
+                                          and s.kind(n) != "attention"])
+        products |= {n for n in walk if s.kind(n) == "attention"}
+    projs = {l for p in products for l in _stream_layers(s, p) | _after_product(s, p)
+             if after.node in _stream_layers(s, l)}
+    if len(projs) != 1:
+        return None
+    (proj,) = projs
+    av = [p for p in products if proj in _after_product(s, p)]
+    if len(av) != 1:
+        return None
+    # the value path: back from the projection, not past the other attention products (the scores)
+    others = products - set(av)
+    region = _closure(proj.args[0], lambda n: [] if n in others else n.all_input_nodes)
+    values = [l for l in found if l in region]
+    kernel = _ov_probe(s, before, values, proj, av[0], region, d_in, names)
+    o = layer_map(s, proj, names)
+    if o.kernel.shape[2:] != (1, 1) or tuple(o.stride) != (1, 1):
+        raise UnsupportedModelError(f"{names} the attention output projection '{proj.target}' has kernel "
+                                    f"{o.kernel.shape[2:]} and stride {o.stride}; modlens composes a pointwise one")
+    m = o.kernel[:, :, 0, 0] @ kernel
+    if m.shape != (d_out, d_in):
+        raise UnsupportedModelError(f"{names} the attention block's value path and output projection "
+                                    f"'{proj.target}' map {m.shape[1]} to {m.shape[0]} channels; modlens needs the "
+                                    f"stream's {d_in} to the next stage's {d_out}")
+    gamma_out = _norm_after(s, proj, d_out, _LAYER_NORMS)
+    if gamma_out is not None:
+        m = m * gamma_out[:, None]
+    return StageMap(m[:, :, None, None], (1, 1))
+
+
+def _after_product(s, product: fx.Node) -> set:
+    """The layers that read an attention product's output through reshapes, permutes and element-wise ops."""
+    walk = _closure(product, lambda n: [u for u in _users(s, n) if s.kind(u) not in ("layer", "attention", "output")])
+    return {u for n in walk for u in _users(s, n) if s.kind(u) == "layer"}
+
+
+def _ov_probe(s, before, values: list, proj: fx.Node, av: fx.Node, back: set, d_in: int, names: str) -> np.ndarray:
+    """The linear map ``(width of proj's input, d_in)`` from the stream to the attention output projection's
+    input through the value path, the attention product read as passing a token-constant value unchanged.
+
+    The path is run on probes: the stream set to one basis vector at every token; layers without their
+    bias, batch norms as their scale, activations, dropout and copies as the identity, reshapes,
+    permutes, splits and slices as they are. Anything else on the value path is refused."""
+    start = _stream_value(s, before, values, names)
+    region = _closure(start, lambda n: _users(s, n)) & back
+    order = [n for n in s.gm.graph.nodes if n in region]
+    shape = s.shapes.get(start)
+    if shape is None:
+        raise UnsupportedModelError(f"{names} the stream value {s.describe(start)} before the attention block has "
+                                    "no recorded shape")
+    nd = len(shape) + 1
+    channel = 1 if s.ndim(values[0].args[0]) == 4 and isinstance(s.module(values[0]), nn.Conv2d) else nd - 1
+
+    def run(c):
+        probe = torch.zeros((2,) + tuple(shape), dtype=torch.float64)
+        index = [slice(None)] * nd
+        index[channel] = c
+        probe[tuple(index)] = 1.0
+        env, tainted = {start: probe}, set()
+
+        def val(a):
+            if isinstance(a, fx.Node):
+                if a in env:
+                    return env[a]
+                if a.op == "placeholder" and s.shapes.get(a) is not None:
+                    return torch.zeros((2,) + tuple(s.shapes[a]))   # read for its sizes only (the batch)
+                if a.op == "get_attr":
+                    return getattr(s.gm, a.target) if "." not in a.target else s.gm.get_submodule(
+                        a.target.rsplit(".", 1)[0]).__getattr__(a.target.rsplit(".", 1)[1])
+                if s.is_shape(a):
+                    env[a] = a.target(*fx.node.map_aggregate(a.args, val), **fx.node.map_aggregate(a.kwargs, val)) \
+                        if a.op == "call_function" else getattr(val(a.args[0]), a.target)(
+                            *fx.node.map_aggregate(a.args[1:], val), **fx.node.map_aggregate(a.kwargs, val))
+                    return env[a]
+                raise _Off(a)
+            return a
+
+        for n in order[1:]:
+            ins = [a for a in n.all_input_nodes if a in region]
+            if any(a in tainted for a in ins) and n is not av:
+                tainted.add(n)
+                continue
+            kind = s.kind(n)
+            if n is av:
+                clean = [a for a in ins if a not in tainted]
+                if len(clean) != 1 or n.op != "call_function":
+                    raise UnsupportedModelError(f"{names} {s.describe(n)} reads the stream through {len(clean)} "
+                                                "operands without another attention product between; modlens reads "
+                                                "one as the values")
+                v = env[clean[0]]
+                pos = [i for i, a in enumerate(n.args) if a is clean[0]]
+                axis = -1 if pos == [0] and len([a for a in n.args if isinstance(a, fx.Node)]) == 2 else -2
+                out = s.shapes.get(n)
+                if out is None or len(out) + 1 != v.dim():
+                    raise UnsupportedModelError(f"{names} {s.describe(n)} has shape {out}; modlens needs one tensor "
+                                                "of the values' rank")
+                env[n] = v.narrow(axis, 0, 1).expand((v.shape[0],) + tuple(out))
+                if tuple(v.shape[1:])[:axis] != tuple(out)[:axis] or (axis == -2 and v.shape[-1] != out[-1]):
+                    raise UnsupportedModelError(f"{names} {s.describe(n)} maps values of shape {tuple(v.shape[1:])} "
+                                                f"to {out}; modlens reads an attention product over the token axis")
+                continue
+            if kind == "attention":
+                tainted.add(n)
+                continue
+            mod = s.module(n) if n.op == "call_module" else None
+            x = val(ins[0]) if ins else None
+            try:
+                if kind == "layer" and isinstance(mod, nn.Linear):
+                    env[n] = F.linear(x, mod.weight.double())
+                elif kind == "layer" and isinstance(mod, nn.Conv2d):
+                    env[n] = F.conv2d(x, mod.weight.double(), None, mod.stride, mod.padding, mod.dilation, mod.groups)
+                elif kind == "bn" and mod is not None:
+                    scale = torch.as_tensor(1.0 / np.sqrt(_np(mod.running_var) + mod.eps))
+                    if mod.weight is not None:
+                        scale = scale * mod.weight.detach().double()
+                    env[n] = x * scale.reshape((1, -1) + (1,) * (x.dim() - 2))
+                elif (kind == "unary" or _passing(s, n)) and len(ins) == 1 and s.shapes.get(n) == s.shapes.get(ins[0]):
+                    env[n] = x   # activations, dropout, copies: the identity, as on every stream path
+                elif kind in _MOVES + ("split", "shape") or (n.op == "call_function" and "getitem" in str(n.target)) \
+                        or (n.op in ("call_function", "call_method") and _slices(n)):
+                    args = fx.node.map_aggregate(n.args, val)
+                    kwargs = fx.node.map_aggregate(n.kwargs, val)
+                    env[n] = (n.target(*args, **kwargs) if n.op == "call_function"
+                              else getattr(args[0], n.target)(*args[1:], **kwargs))
+                else:
+                    raise UnsupportedModelError(
+                        f"{names} the value path of the attention block reaches {s.describe(n)} (a '{kind}' "
+                        "operation); modlens follows layers, batch norms, activations, reshapes, permutes, splits "
+                        "and slices between the stream and the attention's output projection")
+            except _Off as off:
+                raise UnsupportedModelError(f"{names} {s.describe(n)} on the attention block's value path reads "
+                                            f"{s.describe(off.args[0])}, which is not on that path") from None
+        if order[-1] is not proj.args[0] or proj.args[0] not in env:
+            raise UnsupportedModelError(f"{names} no value path reaches the attention output projection "
+                                        f"'{proj.target}' from the stream")
+        out = env[proj.args[0]]
+        lin = isinstance(s.module(proj), nn.Linear)
+        cols = (out.movedim(-1 if lin else 1, 1)).reshape(out.shape[0], out.shape[-1 if lin else 1], -1)
+        if not torch.allclose(cols, cols[:, :, :1].expand_as(cols), rtol=1e-9, atol=1e-12):
+            raise UnsupportedModelError(f"{names} the value path of the attention block mixes token positions "
+                                        f"before '{proj.target}'; modlens composes a pointwise value path only")
+        return cols[0, :, 0].numpy()
+
+    with torch.no_grad():
+        return np.stack([run(c) for c in range(d_in)], axis=1)
+
+
+class _Off(Exception):
+    """A value path op reads a node that is not on the path."""
+
+
+def _slices(n: fx.Node) -> bool:
+    name = str(n.target)
+    return any(k in name for k in ("slice", "select", "narrow", "contiguous", "unsqueeze", "squeeze", "view",
+                                   "expand", "clone", "alias"))
+
+
+def _stream_value(s, before, values: list, names: str) -> fx.Node:
+    """The stream value that the attention block's value layer reads: the last residual join before it
+    (only reshapes and copies between)."""
+    (layer,) = values if len(values) == 1 else (None,)
+    if layer is None:
+        raise UnsupportedModelError(f"{names} {len(values)} layers of the attention block "
+                                    f"({', '.join(str(l.target) for l in values)}) read the stream and reach its "
+                                    "output projection; modlens reads one value layer")
+    region = _ancestors_until(s, layer.args[0], before.down)
+    bad = [n for n in region if s.kind(n) not in _MOVES + ("split",) and not _passing(s, n)]
+    if bad:
+        raise UnsupportedModelError(f"{names} the attention block's value layer '{layer.target}' reads the stream "
+                                    f"through {s.describe(bad[0])}; modlens follows reshapes and copies there")
+    first = region[0] if region else layer
+    ins = s.tensor_inputs(first)
+    return ins[0] if ins else layer.args[0]
 
 
 def _channels_first(s, layer: fx.Node) -> bool:

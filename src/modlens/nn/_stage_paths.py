@@ -140,6 +140,10 @@ def paths_map(s, start: fx.Node, end: fx.Node, d_in: int, names: str):
             elif kind in _MOVES + ("unary", "scale", "bn", "norm", "pad", "layer", "final") or (
                     node.op == "call_function" and "getitem" in str(node.target)):
                 maps[node] = _MOVED
+            elif kind in ("gate", "join") and all(g is _MOVED for g in got):
+                # an element-wise product or sum of moved values (EfficientViM's state-space mixer: a softmax
+                # over the tokens times the input-dependent B): still toward the token mixer, still no path
+                maps[node] = _MOVED
             else:
                 raise refuse(node, "reads channels moved out of the channel dimension (toward attention)")
             continue
