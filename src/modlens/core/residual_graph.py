@@ -531,6 +531,7 @@ def residual_weight_graph(
     input_groups=None,
     output_groups=None,
     transitions: Sequence[StageMap] = (),
+    on_block=None,
 ):
     """Residual-stream weight graph of a transformer's MLP neurons (module docstring).
 
@@ -540,7 +541,8 @@ def residual_weight_graph(
     ``mode="knn"`` keeps each node's ``k`` heaviest edges (``symmetrize`` as in
     :mod:`modlens.core.knn_graph`), computing one block pair at a time, so memory is
     ``O(n k + d_mlp^2)``; ``"auto"`` chooses by node count (:func:`choose_graph_mode`).
-    ``dtype=np.float32`` halves the cost of the matrix products.
+    ``dtype=np.float32`` halves the cost of the matrix products. ``on_block(i, j, A)``, when given, is
+    called with every edge block as it is made (a caller that keeps some of them: the weight share).
     """
     sizes = residual_layer_sizes(blocks, embedding=embedding, head=head, input_groups=input_groups,
                                  output_groups=output_groups)
@@ -549,6 +551,8 @@ def residual_weight_graph(
         input_edges=input_edges, output_edges=output_edges, dtype=dtype,
         input_groups=input_groups, output_groups=output_groups, transitions=transitions,
     )
+    if on_block is not None:
+        triples = _seen(triples, on_block)
     if choose_graph_mode(sum(sizes), mode, dense_max_nodes=dense_max_nodes) == "dense":
         return weight_graph(sizes, list(triples)), sizes
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -559,3 +563,9 @@ def residual_weight_graph(
         top.update(rows_j, rows_i, a)
         top.update(rows_i, rows_j, a.T)
     return top.to_graph(symmetrize), sizes
+
+
+def _seen(triples, on_block):
+    for i, j, a in triples:
+        on_block(i, j, a)
+        yield i, j, a
