@@ -381,3 +381,33 @@ def test_streams_of_one_width_without_a_single_downsampling_layer_stay_one_strea
     parts = a.residual_parts()
     assert [b.stage for b in parts["blocks"]] == [0, 0]
     assert parts["transitions"] == []
+
+
+@pytest.mark.parametrize("budget", [None, 64, 1])
+def test_nextvit_like_maps_compose_backwards_to_the_impulse_paths(monkeypatch, budget):
+    # NextViT's boundaries: an average pool before a 1x1 conv (2x2 equal taps of stride 2, pushed: one product
+    # times 4), a 3x3 map whose off-centre taps reach only the last rows (the conv branch beside the copied
+    # channels), a 1x1 map; composed backwards from each reader in row chunks of `budget` bytes (1: one row at a
+    # time, the chunks composed again for every stage), equal to the map read off by pushing impulses through
+    import modlens.core.residual_graph as rg
+
+    rng = np.random.default_rng(1)
+    widths, m = [3, 4, 6, 5, 6], 5
+    pooled = rng.normal(size=(4, 3))
+    branch = rng.normal(size=(6, 4, 3, 3))
+    branch[:4, :, :, :] = 0
+    branch[:, :, 1, 1] = rng.normal(size=(6, 4))
+    kernels = [np.repeat(np.repeat(pooled[:, :, None, None], 2, 2), 2, 3) / 4, branch,
+               rng.normal(size=(5, 6, 1, 1)), rng.normal(size=(6, 5, 3, 3))]
+    strides = [2, 1, 1, 1]
+    blocks = [MLPBlockWeights(rng.normal(size=(m, d)), rng.normal(size=(d, m)), rng.uniform(0.5, 2, d), stage=s)
+              for s, d in enumerate(widths)]
+    maps = [StageMap(k, (s, s)) for k, s in zip(kernels, strides)]
+    if budget is not None:
+        monkeypatch.setattr(rg, "SWEEP_BYTES", budget)
+    got = {(i, j): a for i, j, a in residual_edge_blocks(blocks, transitions=maps)}
+    reads = [b.w_in * b.gamma[None, :] for b in blocks]
+    for i in range(len(blocks)):
+        for j in range(i + 1, len(blocks)):
+            want = _impulse_paths(kernels[i:j], strides[i:j], reads[j], blocks[i].w_out)
+            np.testing.assert_allclose(got[(i, j)], want, rtol=1e-10, atol=1e-12)

@@ -145,8 +145,9 @@ def test_shape_errors_name_the_block():
 
 
 def test_stage_maps_too_large_for_memory_are_refused_in_one_line(monkeypatch):
-    # the maps between stages compose into more taps with every boundary (nextvit_small: up to 484 per pair of
-    # stages, 5.9 GiB); counted from the kernels' shapes before any product is made, and refused in one line
+    # the maps between stages compose into more taps with every boundary (nextvit_small: up to 1,936 per pair of
+    # stages); what even one reader row at a time needs is counted from the shapes before any product is made,
+    # and refused in one line
     import modlens.core.graph as g
     import modlens.core.residual_graph as rg
 

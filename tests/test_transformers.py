@@ -261,3 +261,31 @@ def test_weight_share_is_read_from_the_weight_graph_not_recomputed(monkeypatch):
     want = weight_share(residual_edge_blocks(parts["blocks"], neurons_only=True), part.labels, list(range(4)))
     for key in ("share", "expected", "uniform", "total", "k"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-12)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0])
+def test_knn_weight_share_reads_the_blocks_kept_from_the_graphs_pass(monkeypatch, budget):
+    # above the dense size the graph keeps each node's k heaviest edges only, so the weight share needs every
+    # block again: they are kept from the graph's pass when they fit (KEEP_BLOCKS_BYTES), else made again; the
+    # answer is the one of the blocks made again (float32, as the kNN path makes them)
+    import modlens.experiments.partitioning as partitioning
+    from modlens.core.residual_graph import residual_edge_blocks
+    from modlens.core.weight_share import weight_share
+    from modlens.experiments.partitioning import Partitioner
+
+    torch.manual_seed(0)
+    m = TokenClassifier(n_blocks=4, glu=True).eval()
+    a = NetworkAdapter(m, torch.randn(4, 5, 6))
+    parts = a.residual_parts()
+    again = []
+    recompute = partitioning.residual_weight_share
+    monkeypatch.setattr(partitioning, "choose_graph_mode", lambda *args, **kwargs: "knn")
+    monkeypatch.setattr(partitioning, "KEEP_BLOCKS_BYTES", budget)
+    monkeypatch.setattr(partitioning, "residual_weight_share", lambda *args: again.append(1) or recompute(*args))
+    part = Partitioner(a, n_clusters=3).partition("weights/global")
+    assert again == ([] if budget else [1])
+    got = part.info["weight_share"]
+    want = weight_share(residual_edge_blocks(parts["blocks"], neurons_only=True, dtype=np.float32), part.labels,
+                        list(range(4)))
+    for key in ("share", "expected", "uniform", "total", "k"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-6)

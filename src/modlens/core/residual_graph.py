@@ -163,63 +163,204 @@ def _stage_widths(blocks: Sequence[MLPBlockWeights], transitions: Sequence[Stage
     return widths
 
 
-def _paths(transitions: Sequence[StageMap], n_stages: int, dtype) -> dict:
-    """``{(s, t): [P_o]}`` for ``s < t``: the taps of the composed map from stage ``s``'s stream into
-    stage ``t``'s (``d_t x d_s`` each), composed as convolutions (module docstring)."""
-    out = {}
-    for s in range(n_stages - 1):
-        taps = {(0, 0): None}   # None: the identity of stage s
-        stride = (1, 1)
-        token = None            # the class tokens' own composed map, None when there is none
-        for t in range(s, n_stages - 1):
-            k = np.asarray(transitions[t].kernel, dtype=dtype)
-            tm = transitions[t].token_map
-            if tm is None or (t > s and token is None):
-                token = None
-            else:
-                tm = np.asarray(tm, dtype=dtype)
-                token = tm if t == s else tm @ token
+#: Bytes of composed reads (a reader's rows times the taps of the maps between stages) held at a time; a
+#: reader's rows are taken in chunks that fit (module docstring, Stages).
+SWEEP_BYTES = 1 << 28
+
+
+def _offsets(transitions: Sequence[StageMap], s: int, t: int) -> int:
+    """How many taps the composed map from stage ``s`` into stage ``t`` has, from the kernels' shapes and
+    strides alone."""
+    offsets, stride = ({0}, {0}), (1, 1)
+    for u in range(s, t):
+        shape = np.shape(transitions[u].kernel)
+        offsets = tuple({q * stride[d] + o for o in offsets[d] for q in range(shape[2 + d])} for d in range(2))
+        stride = (stride[0] * transitions[u].stride[0], stride[1] * transitions[u].stride[1])
+    return len(offsets[0]) * len(offsets[1])
+
+
+class _Stages:
+    """The maps between stages, prepared to compose backwards from a reader (module docstring, Stages).
+
+    The composed map from stage ``s`` into stage ``t`` is never built. A reader's rows ``R`` are carried back
+    through the maps, one boundary at a time: at stage ``u`` they are ``{o: R P_o}`` over the taps ``o`` of the
+    map from ``u`` into ``t``, and going back through map ``K_u`` (stride ``st``), tap ``q`` of ``K_u`` after tap
+    ``o`` lands on ``q + st * o`` (the offsets of the forward composition, written in stage ``u``'s tokens).
+    Two exact savings: a tap matrix with zero rows multiplies only its other rows, and a map whose taps do not
+    overlap (kernel no larger than its stride) and are all equal (an average pool before a 1x1 conv) is a
+    *push*: a writer in front of it has the same edges as the writer ``K_u[:, :, 0, 0] W`` one stage later,
+    times the number of taps (``n`` equal terms at ``n`` distinct offsets)."""
+
+    def __init__(self, transitions: Sequence[StageMap], widths: list[int], dtype):
+        self.transitions = list(transitions)
+        self.widths = widths
+        self.dtype = dtype
+        self.strides = [tuple(int(v) for v in t.stride) for t in transitions]
+        self.tokens = [None if t.token_map is None else np.asarray(t.token_map, dtype=dtype) for t in transitions]
+        self.taps, self.push = [], []
+        for t in transitions:
+            k = np.asarray(t.kernel, dtype=dtype)
+            kh, kw = k.shape[2:]
+            taps = []
+            for qy in range(kh):
+                for qx in range(kw):
+                    m = np.ascontiguousarray(k[:, :, qy, qx])
+                    rows = np.flatnonzero(np.any(m != 0, axis=1))
+                    if rows.size == 0:
+                        continue   # a zero tap: its paths weigh nothing
+                    taps.append(((qy, qx), None if 4 * rows.size > 3 * m.shape[0] else rows,
+                                 m if 4 * rows.size > 3 * m.shape[0] else np.ascontiguousarray(m[rows])))
+            self.taps.append(taps)
+            same = (kh <= t.stride[0] and kw <= t.stride[1] and t.token_map is None
+                    and all(np.array_equal(k[:, :, 0, 0], k[:, :, a, b]) for a in range(kh) for b in range(kw)))
+            self.push.append((np.ascontiguousarray(k[:, :, 0, 0]), kh * kw) if same else None)
+
+    def lift(self, stage: int, write: np.ndarray) -> list:
+        """``[(stage, write, multiplicity)]``: the writer at its own stage, then pushed through every map that
+        follows it while the maps are pushes."""
+        out = [(stage, write, 1)]
+        while stage < len(self.push) and self.push[stage] is not None:
+            m, n = self.push[stage]
+            stage, write = stage + 1, m @ write
+            out.append((stage, write, out[-1][2] * n))
+        return out
+
+    def row_bytes(self, t: int, stop: int) -> int:
+        """Bytes per reader row of the composed reads between stages ``t`` and ``stop`` (two stages at a time)."""
+        size = np.dtype(self.dtype).itemsize
+        per = [_offsets(self.transitions, u, t) * self.widths[u] for u in range(stop, t + 1)]
+        return max(a + b for a, b in zip(per, per[1:])) * size if len(per) > 1 else per[0] * size
+
+    def sweep(self, rows: np.ndarray, t: int, stop: int):
+        """Yield ``(u, taps, token)`` for ``u = t - 1`` down to ``stop``: ``taps`` is ``{offset: R P_o}`` over
+        the taps of the map from stage ``u`` into stage ``t`` (equal products may be one array at several
+        offsets), ``token`` the rows through the class tokens' composed map, None without one."""
+        taps, token = {(0, 0): rows}, rows
+        for u in range(t - 1, stop - 1, -1):
+            sy, sx = self.strides[u]
+            token = None if token is None or self.tokens[u] is None else token @ self.tokens[u]
             nxt: dict = {}
-            for (oy, ox), p in taps.items():
-                for qy in range(k.shape[2]):
-                    for qx in range(k.shape[3]):
-                        key = (qy * stride[0] + oy, qx * stride[1] + ox)
-                        m = k[:, :, qy, qx] if p is None else k[:, :, qy, qx] @ p
-                        nxt[key] = m if key not in nxt else nxt[key] + m
+            done: dict = {}   # products already made in this step: equal arrays at several offsets
+            if self.push[u] is not None:
+                m = self.push[u][0]
+                for (oy, ox), b in taps.items():
+                    p = done.get(id(b))
+                    if p is None:
+                        p = done[id(b)] = b @ m
+                    for (qy, qx), _, _ in self.taps[u]:
+                        nxt[(qy + sy * oy, qx + sx * ox)] = p   # non-overlapping taps: no offset twice
+            else:
+                for (oy, ox), b in taps.items():
+                    for (qy, qx), rows_q, m in self.taps[u]:
+                        key = (qy + sy * oy, qx + sx * ox)
+                        p = done.get((id(b), qy, qx))
+                        if p is None:
+                            p = done[(id(b), qy, qx)] = b @ m if rows_q is None else b[:, rows_q] @ m
+                        nxt[key] = p if key not in nxt else nxt[key] + p
+            del done
             taps = nxt
-            stride = (stride[0] * transitions[t].stride[0], stride[1] * transitions[t].stride[1])
-            out[(s, t + 1)] = list(taps.values()) + ([] if token is None else [token])
-    return out
+            yield u, taps, token
+
+
+def _edges(stages: _Stages, read_list: list, t: int, writers: list, budget: int | None = None):
+    """Yield ``(k, A)`` for every writer ``k`` of ``writers`` (``[(stage, lifted)]``, :meth:`_Stages.lift`):
+    the edge block ``sum_o sum_r |(R_r P_o W_k)|`` from the writer (stage ``s <= t``) into a reader at stage
+    ``t`` that reads through the matrices ``read_list``. Writers are taken by the stage they are pushed to,
+    the latest first; the rows are composed back through the maps in chunks of ``budget`` bytes."""
+    width = read_list[0].shape[0]
+    groups: dict = {}
+    for k, (stage, lifted) in enumerate(writers):
+        s, w, mult = [x for x in lifted if x[0] <= t][-1]
+        groups.setdefault(s, []).append((k, w, mult, s == stage))
+    if t in groups:
+        for k, w, mult, _ in groups.pop(t):
+            total = np.abs(read_list[0] @ w)
+            for r in read_list[1:]:
+                total += np.abs(r @ w)
+            yield k, total if mult == 1 else total * mult
+    if not groups:
+        return
+    rows = read_list[0] if len(read_list) == 1 else np.concatenate(read_list, axis=0)
+    stop = min(groups)
+    budget = SWEEP_BYTES if budget is None else budget
+    chunk = max(1, budget // max(1, stages.row_bytes(t, stop)))
+    starts = list(range(0, rows.shape[0], chunk))
+    size = np.dtype(stages.dtype).itemsize
+    held = sum(rows.shape[0] * sum(w.shape[1] for _, w, _, _ in g) for g in groups.values()) * size
+    # one chunk: each stage's blocks as soon as they are made; several: every block held while the chunks
+    # pass, when they fit in the budget, else the chunks composed again for every stage
+    passes = [sorted(groups, reverse=True)] if len(starts) == 1 or held <= budget else [[s] for s in
+                                                                                        sorted(groups, reverse=True)]
+    for stages_in in passes:
+        cat = {s: np.concatenate([w for _, w, _, _ in groups[s]], axis=1) for s in stages_in}
+        acc = {s: np.zeros((rows.shape[0], cat[s].shape[1]), dtype=stages.dtype) for s in stages_in}
+        buf = None   # one product at a time
+        for a in starts:
+            part = rows[a:a + chunk]
+            for u, taps, token in stages.sweep(part, t, min(stages_in)):
+                if u not in acc:
+                    continue
+                out = acc[u][a:a + chunk]
+                counts: dict = {}
+                for b in taps.values():
+                    counts[id(b)] = (b, counts.get(id(b), (b, 0))[1] + 1)
+                for b, n in counts.values():
+                    if buf is None or buf.shape[0] != b.shape[0] or buf.shape[1] != cat[u].shape[1]:
+                        buf = np.empty((b.shape[0], cat[u].shape[1]), dtype=stages.dtype)
+                    np.matmul(b, cat[u], out=buf)
+                    np.abs(buf, out=buf)
+                    if n != 1:
+                        buf *= n
+                    out += buf
+                if token is not None:   # the class tokens' own tap, for writers that were not pushed
+                    col = 0
+                    for k, w, mult, native in groups[u]:
+                        if native:
+                            out[:, col:col + w.shape[1]] += np.abs(token @ w)
+                        col += w.shape[1]
+                if len(starts) == 1:
+                    yield from _blocks(acc.pop(u), groups[u], width, len(read_list))
+        for u in list(acc):
+            yield from _blocks(acc.pop(u), groups[u], width, len(read_list))
+
+
+def _blocks(acc: np.ndarray, group: list, width: int, n_reads: int):
+    """Split a stage's accumulated edges into its writers' blocks: the read matrices' rows summed, times each
+    writer's multiplicity."""
+    total = acc[:width]
+    for r in range(1, n_reads):
+        total += acc[r * width:(r + 1) * width]
+    col = 0
+    for k, w, mult, _ in group:
+        block = total[:, col:col + w.shape[1]]
+        yield k, np.array(block) if mult == 1 else block * mult
+        col += w.shape[1]
 
 
 def _check_paths_memory(blocks: Sequence[MLPBlockWeights], transitions: Sequence[StageMap], widths: list[int],
                         itemsize: int) -> None:
-    """Refuse in one line, before building them, composed stage maps that do not fit in the memory left: every
-    pair of stages' taps (:func:`_paths`), and the largest reader's products with the taps of one source stage
-    (``through``). The taps are counted from the kernels' shapes and strides alone."""
+    """Refuse in one line, before any product, maps between stages that do not fit in the memory left even one
+    reader row at a time (:func:`_edges`): the maps themselves, one row's composed reads across the widest
+    boundary, and the largest stage's edge blocks into the widest reader."""
     n_stages = len(widths)
-    taps = {}
-    for s in range(n_stages - 1):
-        offsets, stride = ({0}, {0}), (1, 1)
-        for t in range(s, n_stages - 1):
-            shape = np.shape(transitions[t].kernel)
-            offsets = tuple({q * stride[d] + o for o in offsets[d] for q in range(shape[2 + d])} for d in range(2))
-            stride = (stride[0] * transitions[t].stride[0], stride[1] * transitions[t].stride[1])
-            taps[(s, t + 1)] = len(offsets[0]) * len(offsets[1]) + (transitions[t].token_map is not None)
-    if not taps:
+    if n_stages < 2:
         return
-    paths = sum(n * widths[t] * widths[s] for (s, t), n in taps.items()) * itemsize
-    reads = max(len(_reads_shapes(b)) * taps[(s, b.stage)] * b.width * widths[s]
-                for b in blocks for s in range(b.stage)) * itemsize if any(b.stage for b in blocks) else 0
+    taps = max(_offsets(transitions, s, t) for s in range(n_stages) for t in range(s + 1, n_stages))
+    kernels = sum(int(np.prod(np.shape(t.kernel))) for t in transitions)
+    row = max(_offsets(transitions, u, t) * widths[u] + _offsets(transitions, u + 1, t) * widths[u + 1]
+              for t in range(1, n_stages) for u in range(t))
+    widest = max(b.width * len(_reads_shapes(b)) for b in blocks)
+    per_stage = max(sum(b.width for b in blocks if b.stage == s) for s in range(n_stages))
+    need = (kernels + row + widest * per_stage) * itemsize
     available = memory_available()
-    if available is None or paths + reads <= available:
+    if available is None or need <= available:
         return
     gib = 2.0 ** 30
     raise GraphTooLargeError(
         f"core.residual_graph: the maps between the {n_stages} stages of this hierarchical model compose into up "
-        f"to {max(taps.values()):,} taps per pair of stages, which need about {(paths + reads) / gib:.1f} GiB to "
-        f"weigh the paths through them, but this process has about {available / gib:.1f} GiB left; run it with "
-        f"more memory, or partition by activations (a kNN graph on a model this large)"
+        f"to {taps:,} taps per pair of stages, which need about {need / gib:.1f} GiB to weigh the paths through "
+        f"them even one reader row at a time, but this process has about {available / gib:.1f} GiB left; run it "
+        f"with more memory, or partition by activations (a kNN graph on a model this large)"
     )
 
 
@@ -307,27 +448,14 @@ def residual_edge_blocks(
     reads = [_reads(b, dtype) for b in blocks]
     writes = [np.asarray(b.w_out, dtype=dtype) for b in blocks]
     _check_paths_memory(blocks, transitions, widths, np.dtype(dtype).itemsize)
-    paths = _paths(transitions, len(widths), dtype)
-    composed: dict = {}   # (reader key, source stage) -> reads times each tap of the path
+    stages = _Stages(transitions, widths, dtype)
+    available = memory_available()
+    budget = SWEEP_BYTES if available is None else max(1, min(SWEEP_BYTES, available // 4))
+    lifted = [stages.lift(b.stage, w) for b, w in zip(blocks, writes)]
 
-    def through(read_list, write, src=0, dst=0, key=None):
+    def through(read_list, write, src=0, dst=0):
         """The edge block from ``write`` (stage ``src``) to ``read_list`` (stage ``dst``)."""
-        if src == dst:
-            total = np.abs(read_list[0] @ write)
-            for r in read_list[1:]:
-                total += np.abs(r @ write)
-            return total
-        if key is None or (key, src) not in composed:
-            ready = [r @ p for r in read_list for p in paths[(src, dst)]]
-            if key is None:
-                return sum(np.abs(r @ write) for r in ready)
-            composed.clear()     # readers come one at a time: keep the latest only
-            composed[(key, src)] = ready
-        total = None
-        for r in composed[(key, src)]:
-            a = np.abs(r @ write)
-            total = a if total is None else total + a
-        return total
+        return next(_edges(stages, read_list, dst, [(src, stages.lift(src, write))], budget))[1]
 
     if embedding is not None and not neurons_only:
         emb = np.asarray(embedding, dtype=dtype)
@@ -338,16 +466,19 @@ def residual_edge_blocks(
         targets = range(len(blocks)) if input_edges == "all" else [0]
         for j in targets:
             if onehot is None:
-                yield 0, first + j, through(reads[j], emb, 0, blocks[j].stage, ("block", j))
+                yield 0, first + j, through(reads[j], emb, 0, blocks[j].stage)
                 continue
             acc = np.zeros((blocks[j].width, onehot.shape[1]))
             for c0 in range(0, emb.shape[1], VOCAB_CHUNK):
-                part = through(reads[j], emb[:, c0:c0 + VOCAB_CHUNK], 0, blocks[j].stage, ("block", j))
+                part = through(reads[j], emb[:, c0:c0 + VOCAB_CHUNK], 0, blocks[j].stage)
                 acc += (onehot[c0:c0 + VOCAB_CHUNK].T @ part.T).T
             yield 0, first + j, acc
     for j in range(len(blocks)):
-        for i in range(j):
-            yield first + i, first + j, through(reads[j], writes[i], blocks[i].stage, blocks[j].stage, ("block", j))
+        # all earlier blocks at once: the reader's rows go back through the maps once (writers of the latest
+        # stage first)
+        for i, a in _edges(stages, reads[j], blocks[j].stage, [(blocks[i].stage, lifted[i]) for i in range(j)],
+                           budget):
+            yield first + i, first + j, a
     if head is not None and not neurons_only:
         h = np.asarray(head, dtype=dtype)
         if final_gamma is not None:
@@ -357,11 +488,12 @@ def residual_edge_blocks(
             groups = np.asarray(output_groups, dtype=np.int64)
             onehot = _one_hot(groups, _group_sizes(groups, h.shape[0], "output_groups"))
         out_layer = first + len(blocks)
-        sources = range(len(blocks)) if output_edges == "all" else [len(blocks) - 1]
+        sources = list(range(len(blocks))) if output_edges == "all" else [len(blocks) - 1]
+        if onehot is None:
+            for k, a in _edges(stages, [h], len(widths) - 1, [(blocks[i].stage, lifted[i]) for i in sources], budget):
+                yield first + sources[k], out_layer, a
+            return
         for i in sources:
-            if onehot is None:
-                yield first + i, out_layer, through([h], writes[i], blocks[i].stage, len(widths) - 1, "head")
-                continue
             acc = np.zeros((onehot.shape[1], blocks[i].width))
             for c0 in range(0, h.shape[0], VOCAB_CHUNK):
                 acc += onehot[c0:c0 + VOCAB_CHUNK].T @ through([h[c0:c0 + VOCAB_CHUNK]], writes[i], blocks[i].stage,
@@ -399,6 +531,7 @@ def residual_weight_graph(
     input_groups=None,
     output_groups=None,
     transitions: Sequence[StageMap] = (),
+    on_block=None,
 ):
     """Residual-stream weight graph of a transformer's MLP neurons (module docstring).
 
@@ -408,7 +541,8 @@ def residual_weight_graph(
     ``mode="knn"`` keeps each node's ``k`` heaviest edges (``symmetrize`` as in
     :mod:`modlens.core.knn_graph`), computing one block pair at a time, so memory is
     ``O(n k + d_mlp^2)``; ``"auto"`` chooses by node count (:func:`choose_graph_mode`).
-    ``dtype=np.float32`` halves the cost of the matrix products.
+    ``dtype=np.float32`` halves the cost of the matrix products. ``on_block(i, j, A)``, when given, is
+    called with every edge block as it is made (a caller that keeps some of them: the weight share).
     """
     sizes = residual_layer_sizes(blocks, embedding=embedding, head=head, input_groups=input_groups,
                                  output_groups=output_groups)
@@ -417,6 +551,8 @@ def residual_weight_graph(
         input_edges=input_edges, output_edges=output_edges, dtype=dtype,
         input_groups=input_groups, output_groups=output_groups, transitions=transitions,
     )
+    if on_block is not None:
+        triples = _seen(triples, on_block)
     if choose_graph_mode(sum(sizes), mode, dense_max_nodes=dense_max_nodes) == "dense":
         return weight_graph(sizes, list(triples)), sizes
     offsets = np.concatenate([[0], np.cumsum(sizes)])
@@ -427,3 +563,9 @@ def residual_weight_graph(
         top.update(rows_j, rows_i, a)
         top.update(rows_i, rows_j, a, transposed=True)
     return top.to_graph(symmetrize), sizes
+
+
+def _seen(triples, on_block):
+    for i, j, a in triples:
+        on_block(i, j, a)
+        yield i, j, a

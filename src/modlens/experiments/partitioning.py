@@ -35,6 +35,10 @@ from modlens.experiments.token_graphs import (ACT_TOKENS, VOCAB_NODES, layer_lay
 from modlens.nn import ACT_REDUCTIONS, BN_FOLDS, NetworkAdapter, as_inputs, batches, spearman_graph_torch
 from modlens.nn.tokens import TokenData, position_values, sample_positions
 
+#: The most bytes of a transformer's kNN weight graph blocks (between hidden neurons, float32) kept from the
+#: graph's pass for the weight share, instead of making them again (docs/transformers.md).
+KEEP_BLOCKS_BYTES = 1 << 30
+
 METHODS = ("weights/global", "weights/local", "activations/global", "activations/local")
 
 #: A CNN's weight blocks with at most this many entries in all (400 MB in float64) are computed once and kept
@@ -158,8 +162,10 @@ class Partitioner:
             sizes, blocks, hidden, neighbours = self._weight_structure()
             if kind == "weights" and blocks is None:  # transformer: kNN (float32 products) above DENSE_MAX_NODES
                 dense = choose_graph_mode(int(sum(sizes)), "auto") == "dense"
+                keep = None if dense else self._kept_blocks(sizes, hidden)
                 adj, _ = residual_weight_graph(**self._graphs["parts"], mode="auto",
-                                               dtype=np.float64 if dense else np.float32)
+                                               dtype=np.float64 if dense else np.float32,
+                                               on_block=keep)
                 self._graphs["complete"] = dense
             elif kind == "weights":
                 pairs = blocks.pairs if hasattr(blocks, "pairs") else [(i, j) for i, j, _ in blocks]
@@ -204,6 +210,23 @@ class Partitioner:
             self._graphs[kind] = (adj, sizes, hidden, neighbours)
         return self._graphs[kind]
 
+    def _kept_blocks(self, sizes, hidden):
+        """A callback that keeps the kNN residual weight graph's blocks between hidden neurons as they are made,
+        for the weight share (:meth:`weight_share`), when all of them (float32) take at most
+        :data:`KEEP_BLOCKS_BYTES` and a third of the memory left; else None (the weight share makes them again)."""
+        w = np.asarray([sizes[h] for h in hidden], dtype=np.float64)
+        need = 4.0 * (w.sum() ** 2 - np.square(w).sum()) / 2
+        available = graph.memory_available()
+        if need > KEEP_BLOCKS_BYTES or (available is not None and need > available / 3):
+            return None
+        inside, kept = set(hidden), []
+        self._graphs["kept_blocks"] = kept
+
+        def keep(i, j, a):
+            if i in inside and j in inside:
+                kept.append((i, j, a))
+        return keep
+
     def _no_edges_message(self, blocks) -> str:
         """Why a weight graph has no edge at all: the maps that join the layers are zero."""
         names = self.adapter.layer_names
@@ -237,6 +260,8 @@ class Partitioner:
             if self._graphs.get("complete") and "weights" in self._graphs:
                 adj, sizes, hidden, _ = self._graphs["weights"]
                 return weight_share_of_graph(adj, sizes, labels, hidden)
+            if self._graphs.get("kept_blocks") is not None and "weights" in self._graphs:
+                return weight_share(self._graphs["kept_blocks"], labels, self._graphs["weights"][2])
             return residual_weight_share(self.adapter.residual_parts(), labels)
         _, blocks, hidden, _ = self._weight_structure()
         return weight_share(blocks, labels, hidden)
