@@ -369,6 +369,50 @@ def residual_edge_blocks(
             yield first + i, out_layer, acc
 
 
+def residual_inside_sq(blocks: Sequence[MLPBlockWeights], labels, *, dtype=np.float64,
+                       transitions: Sequence[StageMap] = ()) -> float:
+    """Sum of the squared edge weights between MLP neurons of different blocks that carry the same cluster
+    label ``>= 0`` (``labels``: one int array per block), i.e. the ``inside`` of
+    :func:`modlens.core.weight_share.weight_share` over the ``neurons_only`` blocks of
+    :func:`residual_edge_blocks`, without the edges across clusters: each block pair's products are taken
+    for one cluster's rows and columns at a time, so with ``k`` even clusters they cost about ``1/k`` of the
+    full blocks. Equal to the sum over the full blocks up to the rounding of the products in ``dtype``."""
+    _check(blocks, None, None, None, transitions)
+    if len(labels) != len(blocks):
+        raise ValueError(f"core.residual_graph: {len(blocks)} blocks but {len(labels)} label arrays")
+    labels = [np.asarray(l, dtype=np.int64) for l in labels]
+    for n, (b, l) in enumerate(zip(blocks, labels)):
+        if l.shape != (b.width,):
+            raise ValueError(f"core.residual_graph: block {n} has {b.width} neurons but labels of shape {l.shape}")
+    n_stages = int(blocks[-1].stage) + 1
+    paths = _paths(transitions, n_stages, dtype)
+    reads = [_reads(b, dtype) for b in blocks]
+    writes = [np.asarray(b.w_out, dtype=dtype) for b in blocks]
+    members = [{int(c): np.flatnonzero(l == c) for c in np.unique(l[l >= 0])} for l in labels]
+    inside = 0.0
+    for j in range(1, len(blocks)):
+        for c, rows in members[j].items():
+            mine = [r[rows] for r in reads[j]]
+            composed: dict = {}   # source stage -> these rows' reads times each tap of the path
+            for i in range(j):
+                cols = members[i].get(c)
+                if cols is None:
+                    continue
+                src, dst = int(blocks[i].stage), int(blocks[j].stage)
+                if src == dst:
+                    mats = mine
+                else:
+                    if src not in composed:
+                        composed[src] = [r @ p for r in mine for p in paths[(src, dst)]]
+                    mats = composed[src]
+                w = writes[i][:, cols]
+                total = np.abs(mats[0] @ w)
+                for m in mats[1:]:
+                    total += np.abs(m @ w)
+                inside += float(np.square(np.asarray(total, dtype=np.float64)).sum())
+    return inside
+
+
 def residual_layer_sizes(blocks: Sequence[MLPBlockWeights], *, embedding=None, head=None, input_groups=None,
                          output_groups=None) -> list[int]:
     """Node-layer sizes: inputs (if ``embedding``; token groups if ``input_groups``), each block's
@@ -381,6 +425,14 @@ def residual_layer_sizes(blocks: Sequence[MLPBlockWeights], *, embedding=None, h
         n_out = int(np.shape(head)[0])
         sizes = sizes + [n_out if output_groups is None else _group_sizes(output_groups, n_out, "output_groups")]
     return sizes
+
+
+def _recording_pair_sq(triples, first: int, n_blocks: int, pair_sq: dict):
+    """``triples`` unchanged, each block pair's sum of squares stored in ``pair_sq`` on the way."""
+    for i, j, a in triples:
+        if first <= i < first + n_blocks and first <= j < first + n_blocks:
+            pair_sq[(i - first, j - first)] = float(np.square(np.asarray(a, dtype=np.float64)).sum())
+        yield i, j, a
 
 
 def residual_weight_graph(
@@ -399,6 +451,7 @@ def residual_weight_graph(
     input_groups=None,
     output_groups=None,
     transitions: Sequence[StageMap] = (),
+    pair_sq: dict | None = None,
 ):
     """Residual-stream weight graph of a transformer's MLP neurons (module docstring).
 
@@ -408,7 +461,10 @@ def residual_weight_graph(
     ``mode="knn"`` keeps each node's ``k`` heaviest edges (``symmetrize`` as in
     :mod:`modlens.core.knn_graph`), computing one block pair at a time, so memory is
     ``O(n k + d_mlp^2)``; ``"auto"`` chooses by node count (:func:`choose_graph_mode`).
-    ``dtype=np.float32`` halves the cost of the matrix products.
+    ``dtype=np.float32`` halves the cost of the matrix products. A dict ``pair_sq`` receives, for every
+    pair of blocks ``i < j``, the sum of the squared weights of its edge block as ``pair_sq[(i, j)]``
+    (float64; the totals of :func:`modlens.core.weight_share.weight_share`, so that it need not compute
+    the blocks again: :func:`residual_inside_sq`).
     """
     sizes = residual_layer_sizes(blocks, embedding=embedding, head=head, input_groups=input_groups,
                                  output_groups=output_groups)
@@ -417,6 +473,8 @@ def residual_weight_graph(
         input_edges=input_edges, output_edges=output_edges, dtype=dtype,
         input_groups=input_groups, output_groups=output_groups, transitions=transitions,
     )
+    if pair_sq is not None:
+        triples = _recording_pair_sq(triples, 0 if embedding is None else 1, len(blocks), pair_sq)
     if choose_graph_mode(sum(sizes), mode, dense_max_nodes=dense_max_nodes) == "dense":
         return weight_graph(sizes, list(triples)), sizes
     offsets = np.concatenate([[0], np.cumsum(sizes)])

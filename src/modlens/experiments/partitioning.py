@@ -25,7 +25,7 @@ import numpy as np
 from scipy import sparse
 
 from modlens.core import clustering, graph, knn_graph
-from modlens.core.knn_graph import build_activation_graph, choose_graph_mode
+from modlens.core.knn_graph import DENSE_MAX_NODES, build_activation_graph, choose_graph_mode
 from modlens.core.partition import UNCLUSTERED, Partition
 from modlens.core.residual_graph import residual_weight_graph
 from modlens.core.seeds import STREAM_POSITIONS, as_generator, int_seed, method_seed, root_seed  # noqa: F401
@@ -150,9 +150,12 @@ class Partitioner:
             sizes, blocks, hidden, neighbours = self._weight_structure()
             if kind == "weights" and blocks is None:  # transformer: kNN (float32 products) above DENSE_MAX_NODES
                 dense = choose_graph_mode(int(sum(sizes)), "auto") == "dense"
-                adj, _ = residual_weight_graph(**self._graphs["parts"], mode="auto",
-                                               dtype=np.float64 if dense else np.float32)
+                dtype = np.float64 if dense else np.float32
+                pair_sq: dict = {}   # every block pair's sum of squares, for weight_share (kNN graph only)
+                adj, _ = residual_weight_graph(**self._graphs["parts"], mode="auto", dtype=dtype,
+                                               pair_sq=None if dense else pair_sq)
                 self._graphs["complete"] = dense
+                self._graphs["pair_sq"] = (pair_sq, dtype) if not dense else None
             elif kind == "weights":
                 edges = knn_graph.weight_graph_edges(blocks)
                 if edges > knn_graph.MAX_EXACT_WEIGHT_EDGES:  # a deep residual CNN: kNN, as a transformer's
@@ -223,7 +226,12 @@ class Partitioner:
             if self._graphs.get("complete") and "weights" in self._graphs:
                 adj, sizes, hidden, _ = self._graphs["weights"]
                 return weight_share_of_graph(adj, sizes, labels, hidden)
-            return residual_weight_share(self.adapter.residual_parts(), labels)
+            parts = self.adapter.residual_parts()
+            known = self._graphs.get("pair_sq")
+            n = sum(b.width for b in parts["blocks"])
+            # the totals recorded with the graph serve when weight_share's products take the same dtype
+            same = known is not None and known[1] == (np.float32 if n > DENSE_MAX_NODES else np.float64)
+            return residual_weight_share(parts, labels, known[0] if same else None)
         _, blocks, hidden, _ = self._weight_structure()
         return weight_share(blocks, labels, hidden)
 
