@@ -369,6 +369,13 @@ def residual_edge_blocks(
             yield first + i, out_layer, acc
 
 
+def _sum_sq(a: np.ndarray) -> float:
+    """The sum of the squares of ``a``'s entries, products and sum in float64 (without a float64 copy of ``a``:
+    7x faster than squaring a converted copy of a 3072 x 3072 float32 block)."""
+    a = np.asarray(a)
+    return float(np.einsum("ij,ij->", a, a, dtype=np.float64)) if a.ndim == 2 else float(np.square(a, dtype=np.float64).sum())
+
+
 def residual_inside_sq(blocks: Sequence[MLPBlockWeights], labels, *, dtype=np.float64,
                        transitions: Sequence[StageMap] = ()) -> float:
     """Sum of the squared edge weights between MLP neurons of different blocks that carry the same cluster
@@ -409,7 +416,7 @@ def residual_inside_sq(blocks: Sequence[MLPBlockWeights], labels, *, dtype=np.fl
                 total = np.abs(mats[0] @ w)
                 for m in mats[1:]:
                     total += np.abs(m @ w)
-                inside += float(np.square(np.asarray(total, dtype=np.float64)).sum())
+                inside += _sum_sq(total)
     return inside
 
 
@@ -431,7 +438,7 @@ def _recording_pair_sq(triples, first: int, n_blocks: int, pair_sq: dict):
     """``triples`` unchanged, each block pair's sum of squares stored in ``pair_sq`` on the way."""
     for i, j, a in triples:
         if first <= i < first + n_blocks and first <= j < first + n_blocks:
-            pair_sq[(i - first, j - first)] = float(np.square(np.asarray(a, dtype=np.float64)).sum())
+            pair_sq[(i - first, j - first)] = _sum_sq(a)
         yield i, j, a
 
 
