@@ -176,3 +176,53 @@ def test_knn_graph_in_float32_products_equals_float64():
     assert sizes == sizes32
     assert (g64 != 0).nnz == (g32 != 0).nnz and ((g64 != 0) != (g32 != 0)).nnz == 0
     np.testing.assert_allclose(g32.toarray(), g64.toarray(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_weight_share_from_recorded_sums_equals_full_blocks(dtype):
+    # the fast path: pair totals recorded while the (kNN) graph is built, then only in-cluster products; the
+    # reference: weight_share over every full neuron block (the plain path), on random models incl. stages
+    from modlens.core.residual_graph import StageMap, residual_edge_blocks, residual_inside_sq
+    from modlens.core.weight_share import weight_share, weight_share_of_sums
+
+    rng = np.random.default_rng(11)
+    for trial in range(8):
+        glu = bool(trial % 2)
+        if trial < 5:
+            blocks = random_blocks(rng, int(rng.integers(2, 5)), 5, int(rng.integers(3, 9)), glu=glu)
+            maps = ()
+        else:   # two stages joined by a strided conv map
+            widths = [3, 4]
+            blocks = [MLPBlockWeights(rng.normal(size=(6, d)), rng.normal(size=(d, 6)), rng.uniform(0.5, 2, d),
+                                      w_gate=rng.normal(size=(6, d)) if glu else None, stage=s)
+                      for s, d in enumerate(widths) for _ in range(2)]
+            maps = [StageMap(rng.normal(size=(4, 3, 2, 2)), (2, 2))]
+        labels = [rng.integers(-1, 4, b.width) for b in blocks]
+        if trial == 0:
+            labels = [np.zeros(b.width, dtype=np.int64) for b in blocks]   # one cluster: inside == total
+        want = weight_share(residual_edge_blocks(blocks, dtype=dtype, neurons_only=True, transitions=maps),
+                            labels, list(range(len(blocks))))
+        pair_sq: dict = {}
+        head = rng.normal(size=(3, blocks[-1].w_out.shape[0]))
+        emb = rng.normal(size=(blocks[0].w_out.shape[0], 4))
+        residual_weight_graph(blocks, embedding=emb, head=head, mode="knn" if trial % 3 else "dense", k=3,
+                              dtype=dtype, transitions=maps, pair_sq=pair_sq)
+        assert sorted(pair_sq) == sorted((i, j) for j in range(len(blocks)) for i in range(j))
+        inside = residual_inside_sq(blocks, labels, dtype=dtype, transitions=maps)
+        got = weight_share_of_sums(pair_sq, inside, labels)
+        rtol = 1e-12 if dtype == np.float64 else 1e-5
+        for key in ("share", "expected", "total"):
+            assert got[key] == pytest.approx(want[key], rel=rtol), (trial, key)
+        assert got["k"] == want["k"] and got["uniform"] == want["uniform"]
+        if trial == 0:
+            assert got["share"] == pytest.approx(1.0)
+
+
+def test_residual_inside_sq_checks_labels():
+    from modlens.core.residual_graph import residual_inside_sq
+
+    blocks = random_blocks(np.random.default_rng(0), 2, 4, 3)
+    with pytest.raises(ValueError, match="block 1 has 3 neurons"):
+        residual_inside_sq(blocks, [np.zeros(3, int), np.zeros(2, int)])
+    with pytest.raises(ValueError, match="2 blocks but 1 label"):
+        residual_inside_sq(blocks, [np.zeros(3, int)])

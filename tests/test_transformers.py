@@ -289,3 +289,39 @@ def test_knn_weight_share_reads_the_blocks_kept_from_the_graphs_pass(monkeypatch
                         list(range(4)))
     for key in ("share", "expected", "uniform", "total", "k"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+
+
+def test_weight_share_on_a_knn_graph_takes_the_graphs_pair_sums(monkeypatch):
+    # a kNN weight graph does not hold every edge: the block pairs' sums of squares are recorded while it is
+    # built and only the edges inside clusters are computed again (residual_inside_sq); the answer is the one
+    # of the full float32 edge blocks (the plain path), up to float32 rounding
+    import modlens.core.residual_graph as rg
+    import modlens.experiments.partitioning as partitioning
+    from modlens.core.weight_share import weight_share
+    from modlens.experiments.partitioning import Partitioner
+
+    knn = lambda n, mode="auto", **kw: "knn"   # noqa: E731 - the graph of this tiny model as a large one's
+    monkeypatch.setattr(partitioning, "choose_graph_mode", knn)
+    monkeypatch.setattr(rg, "choose_graph_mode", knn)
+    monkeypatch.setattr(partitioning, "DENSE_MAX_NODES", 0)
+    monkeypatch.setattr(partitioning, "KEEP_BLOCKS_BYTES", 0)   # blocks not kept: the recorded pair sums serve
+    torch.manual_seed(0)
+    m = TokenClassifier(n_blocks=4, glu=True).eval()
+    a = NetworkAdapter(m, torch.randn(4, 5, 6))
+    parts = a.residual_parts()
+    calls = []
+    plain = rg.residual_edge_blocks
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("neurons_only", False))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(rg, "residual_edge_blocks", counted)
+    monkeypatch.setattr("modlens.experiments.token_graphs.residual_edge_blocks", counted)
+    part = Partitioner(a, n_clusters=3).partition("weights/global")
+    assert calls == [False]                     # the graph's one pass over the edge blocks
+    got = part.info["weight_share"]
+    want = weight_share(plain(parts["blocks"], neurons_only=True, dtype=np.float32), part.labels, list(range(4)))
+    for key in ("share", "expected", "uniform", "total", "k"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+    assert 0 < got["share"] < 1

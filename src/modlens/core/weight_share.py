@@ -123,4 +123,25 @@ def weight_share_of_graph(adjacency, layer_sizes: Sequence[int], labels: Sequenc
             "total": total}
 
 
-__all__ = ["weight_share", "weight_share_of_graph"]
+def weight_share_of_sums(pair_sq: dict, inside: float, labels: Sequence[np.ndarray]) -> dict:
+    """:func:`weight_share` from sums already taken: ``pair_sq[(i, j)]``, the sum of the squared weights of
+    block pair ``(i, j)`` (``i``, ``j`` index ``labels``, one array per hidden node layer), and ``inside``,
+    that of the edges whose two nodes carry the same label ``>= 0``
+    (:func:`modlens.core.residual_graph.residual_inside_sq`). Equal to :func:`weight_share` over the same
+    blocks up to the order of the sums."""
+    labels = [np.asarray(l, dtype=np.int64) for l in labels]
+    clusters = np.unique(np.concatenate([l[l >= 0] for l in labels])) if labels else np.zeros(0, dtype=np.int64)
+    k = len(clusters)
+    shares = [np.bincount(np.searchsorted(clusters, l[l >= 0]), minlength=k) / max(1, l.size) for l in labels]
+    total = expected = 0.0
+    for (i, j), t in pair_sq.items():
+        total += t
+        expected += t * float(shares[i] @ shares[j])
+    if total == 0:
+        return {"share": float("nan"), "expected": float("nan"), "uniform": 1.0 / k if k else float("nan"), "k": k,
+                "total": 0.0}
+    return {"share": float(inside) / total, "expected": expected / total, "uniform": 1.0 / k if k else float("nan"),
+            "k": k, "total": total}
+
+
+__all__ = ["weight_share", "weight_share_of_graph", "weight_share_of_sums"]

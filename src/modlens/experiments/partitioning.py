@@ -25,7 +25,7 @@ import numpy as np
 from scipy import sparse
 
 from modlens.core import clustering, graph, knn_graph
-from modlens.core.knn_graph import build_activation_graph, choose_graph_mode
+from modlens.core.knn_graph import DENSE_MAX_NODES, build_activation_graph, choose_graph_mode
 from modlens.core.partition import UNCLUSTERED, Partition
 from modlens.core.residual_graph import residual_weight_graph
 from modlens.core.seeds import STREAM_POSITIONS, as_generator, int_seed, method_seed, root_seed  # noqa: F401
@@ -162,11 +162,14 @@ class Partitioner:
             sizes, blocks, hidden, neighbours = self._weight_structure()
             if kind == "weights" and blocks is None:  # transformer: kNN (float32 products) above DENSE_MAX_NODES
                 dense = choose_graph_mode(int(sum(sizes)), "auto") == "dense"
+                dtype = np.float64 if dense else np.float32
                 keep = None if dense else self._kept_blocks(sizes, hidden)
-                adj, _ = residual_weight_graph(**self._graphs["parts"], mode="auto",
-                                               dtype=np.float64 if dense else np.float32,
-                                               on_block=keep)
+                # every block pair's sum of squares, for weight_share when the blocks are not kept (kNN graph only)
+                pair_sq: dict = {}
+                adj, _ = residual_weight_graph(**self._graphs["parts"], mode="auto", dtype=dtype, on_block=keep,
+                                               pair_sq=None if dense or keep is not None else pair_sq)
                 self._graphs["complete"] = dense
+                self._graphs["pair_sq"] = (pair_sq, dtype) if not dense and keep is None else None
             elif kind == "weights":
                 pairs = blocks.pairs if hasattr(blocks, "pairs") else [(i, j) for i, j, _ in blocks]
                 entries = sum(int(sizes[i]) * int(sizes[j]) for i, j in pairs)
@@ -262,7 +265,12 @@ class Partitioner:
                 return weight_share_of_graph(adj, sizes, labels, hidden)
             if self._graphs.get("kept_blocks") is not None and "weights" in self._graphs:
                 return weight_share(self._graphs["kept_blocks"], labels, self._graphs["weights"][2])
-            return residual_weight_share(self.adapter.residual_parts(), labels)
+            parts = self.adapter.residual_parts()
+            known = self._graphs.get("pair_sq")
+            n = sum(b.width for b in parts["blocks"])
+            # the totals recorded with the graph serve when weight_share's products take the same dtype
+            same = known is not None and known[1] == (np.float32 if n > DENSE_MAX_NODES else np.float64)
+            return residual_weight_share(parts, labels, known[0] if same else None)
         _, blocks, hidden, _ = self._weight_structure()
         return weight_share(blocks, labels, hidden)
 

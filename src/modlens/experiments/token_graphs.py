@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from modlens.core.knn_graph import DENSE_MAX_NODES
-from modlens.core.residual_graph import residual_edge_blocks, residual_layer_sizes
-from modlens.core.weight_share import weight_share
+from modlens.core.residual_graph import residual_edge_blocks, residual_inside_sq, residual_layer_sizes
+from modlens.core.weight_share import weight_share, weight_share_of_sums
 
 ACT_TOKENS = ("auto", "positions", "aggregate")
 VOCAB_NODES = ("auto", "tokens", "none", "groups")
@@ -72,12 +72,17 @@ def layer_layout(parts: dict) -> tuple[list[int], list[int]]:
     return sizes, [first + i for i in range(len(parts["blocks"]))]
 
 
-def residual_weight_share(parts: dict, labels) -> dict:
+def residual_weight_share(parts: dict, labels, pair_sq: dict | None = None) -> dict:
     """:func:`~modlens.core.weight_share.weight_share` of MLP-neuron ``labels`` (one array per block)
     on the full (not kNN) residual weight graph between MLP blocks, one block pair at a time
-    (float32 products above the dense-graph size)."""
+    (float32 products above the dense-graph size). With ``pair_sq``, every block pair's sum of squares
+    recorded while the weight graph was built (``residual_weight_graph(pair_sq=...)``, same dtype), only the
+    edges inside clusters are computed again (:func:`~modlens.core.residual_graph.residual_inside_sq`)."""
     n = sum(b.width for b in parts["blocks"])
     dtype = np.float32 if n > DENSE_MAX_NODES else np.float64
+    if pair_sq is not None:
+        inside = residual_inside_sq(parts["blocks"], labels, dtype=dtype, transitions=parts.get("transitions", ()))
+        return weight_share_of_sums(pair_sq, inside, labels)
     triples = residual_edge_blocks(parts["blocks"], dtype=dtype, neurons_only=True,
                                    transitions=parts.get("transitions", ()))
     return weight_share(triples, labels, list(range(len(parts["blocks"]))))
