@@ -413,7 +413,7 @@ def test_graph_options_reach_the_adapter_from_partition_analyze_and_cli(monkeypa
     from modlens.cli import _analysis_kwargs, build_parser
 
     seen = []
-    blocks = NetworkAdapter.weight_blocks
+    blocks = NetworkAdapter.lazy_weight_blocks   # every weight-block read goes through it (computed when read)
     summaries = NetworkAdapter.record
 
     def spy_blocks(self, **kw):
@@ -424,7 +424,7 @@ def test_graph_options_reach_the_adapter_from_partition_analyze_and_cli(monkeypa
         seen.append(("acts", kw.get("reduce")))
         return summaries(self, batches, **kw)
 
-    monkeypatch.setattr(NetworkAdapter, "weight_blocks", spy_blocks)
+    monkeypatch.setattr(NetworkAdapter, "lazy_weight_blocks", spy_blocks)
     monkeypatch.setattr(NetworkAdapter, "record", spy_summaries)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
