@@ -250,13 +250,29 @@ class _Stages:
                     for (qy, qx), _, _ in self.taps[u]:
                         nxt[(qy + sy * oy, qx + sx * ox)] = p   # non-overlapping taps: no offset twice
             else:
+                # a product is kept for reuse only when its array sits at several offsets (after a push): keeping
+                # every product of a stride-1 map holds (taps x kernel taps) arrays, 9x the composed taps of a 3x3
+                repeats = {}
+                for b in taps.values():
+                    repeats[id(b)] = repeats.get(id(b), 0) + 1
+                owned = set()   # offsets whose array is this step's own (added to in place)
                 for (oy, ox), b in taps.items():
                     for (qy, qx), rows_q, m in self.taps[u]:
                         key = (qy + sy * oy, qx + sx * ox)
-                        p = done.get((id(b), qy, qx))
+                        p = done.get((id(b), qy, qx)) if repeats[id(b)] > 1 else None
                         if p is None:
-                            p = done[(id(b), qy, qx)] = b @ m if rows_q is None else b[:, rows_q] @ m
-                        nxt[key] = p if key not in nxt else nxt[key] + p
+                            p = b @ m if rows_q is None else b[:, rows_q] @ m
+                            if repeats[id(b)] > 1:
+                                done[(id(b), qy, qx)] = p
+                        if key not in nxt:
+                            nxt[key] = p
+                            if repeats[id(b)] == 1:
+                                owned.add(key)
+                        elif key in owned:
+                            nxt[key] += p
+                        else:
+                            nxt[key] = nxt[key] + p
+                            owned.add(key)
             del done
             taps = nxt
             yield u, taps, token
