@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modlens.nn.adapter import NetworkAdapter
-from modlens.nn.lesion import IncrementalLesions, correct_counts_plain
+from test_hierarchical2 import _lesions_equal_the_oracle
 
 pytestmark = pytest.mark.filterwarnings("ignore:Graph is not fully connected", "ignore::UserWarning")
 
@@ -37,26 +37,6 @@ def _randomize(model, seed=0):
             elif isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d)):
                 m.weight.normal_(0, 1.5 / np.sqrt(m.weight[0].numel()), generator=g)
     return model.double().eval()
-
-
-def _lesions_equal_the_oracle(model, shape, capture, n=48):
-    torch.manual_seed(1)
-    x = torch.randn(n, *shape, dtype=torch.float64)
-    with torch.no_grad():
-        model.head.bias -= model(x).mean(0)
-        y = model(x).argmax(-1)
-    assert len(y.unique()) > 1
-    a = NetworkAdapter(model, x[:2], capture=capture)
-    ev = IncrementalLesions(a, x, y)
-    rng = np.random.default_rng(0)
-    changed = 0
-    for layer, width in enumerate(a.layer_sizes):
-        sets = [rng.choice(width, size=k, replace=False) for k in (1, width // 2, width)]
-        fast = ev.correct_counts(layer, sets)
-        np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y), err_msg=a.layer_names[layer])
-        changed += int((fast != ev.baseline).any())
-    assert changed >= 1
-    return a
 
 
 # ----- LeViT: a stage boundary through attention -----------------------------------------------------------

@@ -278,6 +278,13 @@ class _Stages:
             yield u, taps, token
 
 
+def _sweep_budget() -> int:
+    """Bytes of one chunk of reader rows composed back through the stage maps: SWEEP_BYTES, or a quarter of the
+    memory left when that is less."""
+    available = memory_available()
+    return SWEEP_BYTES if available is None else max(1, min(SWEEP_BYTES, available // 4))
+
+
 def _edges(stages: _Stages, read_list: list, t: int, writers: list, budget: int | None = None):
     """Yield ``(k, A)`` for every writer ``k`` of ``writers`` (``[(stage, lifted)]``, :meth:`_Stages.lift`):
     the edge block ``sum_o sum_r |(R_r P_o W_k)|`` from the writer (stage ``s <= t``) into a reader at stage
@@ -465,8 +472,7 @@ def residual_edge_blocks(
     writes = [np.asarray(b.w_out, dtype=dtype) for b in blocks]
     _check_paths_memory(blocks, transitions, widths, np.dtype(dtype).itemsize)
     stages = _Stages(transitions, widths, dtype)
-    available = memory_available()
-    budget = SWEEP_BYTES if available is None else max(1, min(SWEEP_BYTES, available // 4))
+    budget = _sweep_budget()
     lifted = [stages.lift(b.stage, w) for b, w in zip(blocks, writes)]
 
     def through(read_list, write, src=0, dst=0):
@@ -541,8 +547,7 @@ def residual_inside_sq(blocks: Sequence[MLPBlockWeights], labels, *, dtype=np.fl
             raise ValueError(f"core.residual_graph: block {n} has {b.width} neurons but labels of shape {l.shape}")
     widths = _stage_widths(blocks, transitions)
     stages = _Stages(transitions, widths, dtype)
-    available = memory_available()
-    budget = SWEEP_BYTES if available is None else max(1, min(SWEEP_BYTES, available // 4))
+    budget = _sweep_budget()
     reads = [_reads(b, dtype) for b in blocks]
     writes = [np.asarray(b.w_out, dtype=dtype) for b in blocks]
     members = [{int(c): np.flatnonzero(l == c) for c in np.unique(l[l >= 0])} for l in labels]
