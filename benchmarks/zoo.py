@@ -1013,7 +1013,8 @@ def _num(v, fmt="{:.1f}") -> str:
     return "" if v is None else fmt.format(v)
 
 
-def write_report(records: list[dict], path: Path, argv: str) -> None:
+def write_report(records: list[dict], path: Path, argv: str, runs: list[str] | None = None) -> None:
+    """Write the coverage report; ``runs``: the commands of the runs that a merged results file joins."""
     import platform
 
     versions = {}
@@ -1038,6 +1039,9 @@ def write_report(records: list[dict], path: Path, argv: str) -> None:
              "runs, without data it fails), **analyze-fails** (with data it fails; the stage is named), "
              "**unbuildable** (the model itself cannot be built or run here). Seconds are wall time on a shared "
              "2-core machine.", ""]
+    if runs:
+        lines += ["Runs joined here, a later run's record of a model replacing an earlier one's:", ""]
+        lines += [f"- `{r}`" for r in runs] + [""]
     commits: dict[str, int] = {}
     for r in records:
         c = r.get("commit", "unrecorded")
@@ -1143,6 +1147,14 @@ def source_commit() -> str:
     return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "src", "benchmarks") else "")
 
 
+def _run_commands(path: Path) -> list[str]:
+    """The command of the run that wrote ``path`` (those of the runs it joins, when it is itself a merge)."""
+    meta = json.loads(path.read_text()).get("meta", {}) if path.exists() else {}
+    if meta.get("runs"):
+        return meta["runs"]
+    return [meta["command"]] if meta.get("command") else []
+
+
 def load_results(path: Path) -> list[dict]:
     return json.loads(path.read_text())["models"] if path.exists() else []
 
@@ -1191,17 +1203,18 @@ def main(argv=None) -> None:
         records = list(by.values())
         meta = {"command": f"python benchmarks/zoo.py --merge ... ({len(args.merge)} results files, listed in the "
                            "meta of the results file)",
-                "merged": [str(p) for p in args.merge], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                "merged": [str(p) for p in args.merge], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "runs": [c for p in args.merge for c in _run_commands(p)]}
         save_results(args.results, records, meta)
         print(f"merged {len(args.merge)} file(s) into {args.results} ({len(records)} models)")
         if args.no_doc:
             return
-        write_report(records, args.doc, meta["command"])
+        write_report(records, args.doc, meta["command"], meta["runs"])
         print(f"wrote {args.doc}")
         return
     if args.report_only:
         meta = json.loads(args.results.read_text()).get("meta", {}) if args.results.exists() else {}
-        write_report(records, args.doc, meta.get("command", command))
+        write_report(records, args.doc, meta.get("command", command), meta.get("runs"))
         print(f"wrote {args.doc} ({len(records)} models)")
         return
     import torch
