@@ -1147,9 +1147,13 @@ def source_commit() -> str:
     return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no", "src", "benchmarks") else "")
 
 
+def load_meta(path: Path) -> dict:
+    return json.loads(path.read_text()).get("meta", {}) if path.exists() else {}
+
+
 def _run_commands(path: Path) -> list[str]:
     """The command of the run that wrote ``path`` (those of the runs it joins, when it is itself a merge)."""
-    meta = json.loads(path.read_text()).get("meta", {}) if path.exists() else {}
+    meta = load_meta(path)
     if meta.get("runs"):
         return meta["runs"]
     return [meta["command"]] if meta.get("command") else []
@@ -1197,6 +1201,7 @@ def main(argv=None) -> None:
 
     records = load_results(args.results)
     if args.merge:
+        joined = ([args.results] if records else []) + args.merge   # the results file's own records come first
         by = {(r["zoo"], r["name"]): r for r in records}
         for path in args.merge:
             by.update({(r["zoo"], r["name"]): r for r in load_results(path)})
@@ -1204,7 +1209,7 @@ def main(argv=None) -> None:
         meta = {"command": f"python benchmarks/zoo.py --merge ... ({len(args.merge)} results files, listed in the "
                            "meta of the results file)",
                 "merged": [str(p) for p in args.merge], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "runs": [c for p in args.merge for c in _run_commands(p)]}
+                "runs": [c for p in joined for c in _run_commands(p)]}
         save_results(args.results, records, meta)
         print(f"merged {len(args.merge)} file(s) into {args.results} ({len(records)} models)")
         if args.no_doc:
@@ -1213,7 +1218,7 @@ def main(argv=None) -> None:
         print(f"wrote {args.doc}")
         return
     if args.report_only:
-        meta = json.loads(args.results.read_text()).get("meta", {}) if args.results.exists() else {}
+        meta = load_meta(args.results)
         write_report(records, args.doc, meta.get("command", command), meta.get("runs"))
         print(f"wrote {args.doc} ({len(records)} models)")
         return
