@@ -39,7 +39,7 @@ STAGES = [
     ("clustering (global)", "core/clustering.py", "cluster_global"),
     ("clustering (local)", "core/clustering.py", "cluster_local"),
     ("baseline (unlesioned) pass", "nn/lesion.py", "_baseline"),
-    ("  lesion caches (probe pass)", "nn/lesion.py", "_fill"),
+    ("  lesion caches (probe passes)", "nn/lesion.py", "_fill_many"),
     ("  unlesioned tail for skipping", "nn/_skip.py", "baseline"),
     ("lesions, all partitionings", "experiments/lesion_test.py", "lesion_test"),
     ("feature vis, all partitionings", "experiments/feature_vis.py", "feature_vis_test"),

@@ -92,6 +92,45 @@ def test_tiny_memory_budget_chunks_and_gives_identical_counts():
     assert list(big._caches) == [0, 2, 5, 8] and 0 not in small._caches
 
 
+def _count_passes(engine):
+    """Wrap ``engine``'s probe passes (one per :meth:`_fill_many` call) and return the list of their layer groups."""
+    passes, real = [], engine._fill_many
+
+    def counted(plans, start, stop):
+        passes.append([p.layer.name for p in plans])
+        return real(plans, start, stop)
+
+    engine._fill_many = counted
+    return passes
+
+
+def test_prepared_layers_share_probe_passes_and_give_identical_counts():
+    """prepare(): a layer's probe pass fills the caches of the announced layers after it, as many as the
+    budget holds; the counts equal those of one pass per layer and the plain oracle's."""
+    model, x, y = resnet_case(0)
+    adapter = NetworkAdapter(model, include_dense=True)
+    layers = list(range(len(adapter.layer_sizes)))
+    rng = np.random.default_rng(1)
+    sets = [random_sets(rng, w) for w in adapter.layer_sizes]
+    alone = IncrementalLesions(adapter, x, y, batch_size=25)
+    per_layer = _count_passes(alone)
+    expected = [alone.correct_counts(l, sets[l]) for l in layers]
+    assert len(per_layer) == len(layers)
+    shapes = adapter.node_shapes(x)
+    sizes = [len(x) * adapter.lesion_plan(l).cache_elements(shapes) * 8 for l in layers]
+    for budget, most in [(None, 1), (2 * (sum(sizes) // 2), len(layers) - 1)]:
+        grouped = IncrementalLesions(adapter, x, y, batch_size=25, memory_budget_bytes=budget)
+        passes = _count_passes(grouped)
+        grouped.prepare(layers)
+        for l in layers:
+            np.testing.assert_array_equal(grouped.correct_counts(l, sets[l]), expected[l], err_msg=adapter.layer_names[l])
+        assert 1 <= len(passes) <= most and sum(map(len, passes)) == len(layers), passes
+        if budget is not None:   # half the caches fit at a time: at least two passes, none over the budget
+            assert len(passes) >= 2 and max(sizes) <= budget // 2
+    for l in (0, 4, len(layers) - 1):
+        np.testing.assert_array_equal(expected[l], correct_counts_plain(adapter, l, sets[l], x, y, batch_size=17))
+
+
 def test_float32_block_shapes_do_not_change_counts():
     model, x, y = resnet_case(3)
     model, x = model.float(), x.float()

@@ -126,8 +126,11 @@ def lesion_test(
     adapter = engine.adapter
     name = name or partition.method
     frames = []
-    for layer, sets, rows in subcluster_sets(adapter, partition, n_random=n_random, random_state=random_state,
-                                             max_fraction=max_fraction, name=name):
+    items = list(subcluster_sets(adapter, partition, n_random=n_random, random_state=random_state,
+                                 max_fraction=max_fraction, name=name))
+    if hasattr(engine, "prepare"):   # the fast engine fills several layers' caches in one probe pass
+        engine.prepare([layer for layer, _, _ in items])
+    for layer, sets, rows in items:
         counts = engine.correct_counts(layer, sets, progress=progress)
         frame = pd.DataFrame(rows, columns=COLUMNS[:8])
         metrics = lesion_metrics(counts, engine.baseline, engine.class_sizes, accuracy=accuracy, class_range=class_range)

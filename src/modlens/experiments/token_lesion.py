@@ -94,8 +94,11 @@ def token_lesion_test(engine, partition: Partition, *, n_random: int = 19, rando
     data = engine.data
     name = name or partition.method
     frames = []
-    for layer, sets, rows in subcluster_sets(adapter, partition, n_random=n_random, random_state=random_state,
-                                             max_fraction=max_fraction, name=name):
+    items = list(subcluster_sets(adapter, partition, n_random=n_random, random_state=random_state,
+                                 max_fraction=max_fraction, name=name))
+    if hasattr(engine, "prepare"):   # the fast engine fills several layers' caches in one probe pass
+        engine.prepare([layer for layer, _, _ in items])
+    for layer, sets, rows in items:
         correct, ce = engine.lesion_counts(layer, sets, progress=progress)
         frame = pd.DataFrame(rows, columns=TOKEN_COLUMNS[:8])
         metrics = token_lesion_metrics(correct, ce, engine.baseline, engine.baseline_ce, engine.class_sizes,

@@ -132,9 +132,7 @@ class IncrementalLesions:
         self.shapes = adapter.node_shapes(x[:2])
         self.batch_size = _memory.batch_for(self.shapes, self.dtype, batch_size,
                                             _memory.block_bytes(self.device, self.budget // 4))
-        self._caches: OrderedDict[int, dict] = OrderedDict()
-        self._cached_bytes: dict[int, int] = {}
-        self.last_stats: dict = {}
+        self._init_caches()
         self.baseline = self._baseline()
 
     @contextlib.contextmanager
@@ -181,33 +179,86 @@ class IncrementalLesions:
         return result
 
     # ----- caching ---------------------------------------------------------------------------------
+    def _init_caches(self) -> None:
+        self._caches: OrderedDict[int, dict] = OrderedDict()
+        self._cached_bytes: dict[int, int] = {}
+        self._order: list[int] = []   # layers announced by prepare()
+        self._probe_key, self._probe = None, None
+        self.last_stats: dict = {}
+
+    def prepare(self, layers: Sequence[int]) -> None:
+        """Announce the layers that will be lesioned next, in order. A layer whose cache is filled then fills
+        the caches of the announced layers after it in the same probe pass, as many as fit in the cache
+        budget (one forward pass for a group of layers instead of one per layer; the values are the same)."""
+        self._order = [int(l) for l in layers]
+
+    def _joint_probe(self, plans: list):
+        """A probe computing every value that ``plans`` cache, in one pass (built once per group)."""
+        key = tuple(id(p) for p in plans)
+        if self._probe_key != key:
+            outputs = []
+            for plan in plans:
+                outputs.extend(n for n in plan.probe_outputs if n not in outputs)
+            probe = _fx.extract(self.adapter.gm, [plans[0].structure.input], outputs, clone_outputs=True)
+            self._probe_key, self._probe = key, (probe, outputs)
+        return self._probe
+
     @torch.inference_mode()
     def _fill(self, plan, start: int, stop: int) -> dict:
         """Probe outputs for samples ``start:stop``, written into preallocated tensors. A value whose
         first dimension holds ``m`` rows per sample (windows or heads folded into the batch: GCViT's
         global query repeated per window) keeps them: ``cached.rows[node] = m``."""
-        cached = _Cache()
+        return self._fill_many([plan], start, stop)[0]
+
+    @torch.inference_mode()
+    def _fill_many(self, plans: list, start: int, stop: int) -> list:
+        """:meth:`_fill` for several plans (layers) in one probe pass: one cache per plan."""
+        probe, outputs = (plans[0].probe, plans[0].probe_outputs) if len(plans) == 1 else self._joint_probe(plans)
+        caches = [_Cache() for _ in plans]
         pos = 0
         with self._mode():
             for xb in self._batches(start, stop):
-                out = plan.probe(xb)
-                out = out if isinstance(out, tuple) else (out,)
-                for node, v in zip(plan.probe_outputs, out):
-                    if node in plan.batch_dims:   # time-major: cached batch first (the tail moves it back)
-                        v = v.movedim(plan.batch_dims[node], 0)
-                    m = v.shape[0] // xb.shape[0]
-                    if m < 1 or v.shape[0] != m * xb.shape[0] or cached.rows.get(node, m) != m:
-                        raise UnsupportedModelError(
-                            f"the value '{node.name}' has {v.shape[0]} rows for a batch of {xb.shape[0]} samples: "
-                            "modlens caches values whose first dimension is the batch (or a fixed multiple of it)")
-                    if node not in cached:
-                        fmt = torch.channels_last if self.channels_last and v.dim() == 4 else torch.contiguous_format
-                        cached[node] = torch.empty(((stop - start) * m, *v.shape[1:]), dtype=v.dtype, device=v.device,
-                                                   memory_format=fmt)
-                        cached.rows[node] = m
-                    cached[node][pos * m:(pos + xb.shape[0]) * m] = v
+                out = probe(xb)
+                values = dict(zip(outputs, out if isinstance(out, tuple) else (out,)))
+                for plan, cached in zip(plans, caches):
+                    for node in plan.probe_outputs:
+                        v = values[node]
+                        if node in plan.batch_dims:   # time-major: cached batch first (the tail moves it back)
+                            v = v.movedim(plan.batch_dims[node], 0)
+                        m = v.shape[0] // xb.shape[0]
+                        if m < 1 or v.shape[0] != m * xb.shape[0] or cached.rows.get(node, m) != m:
+                            raise UnsupportedModelError(
+                                f"the value '{node.name}' has {v.shape[0]} rows for a batch of {xb.shape[0]} samples: "
+                                "modlens caches values whose first dimension is the batch (or a fixed multiple of it)")
+                        if node not in cached:
+                            fmt = torch.channels_last if self.channels_last and v.dim() == 4 else torch.contiguous_format
+                            cached[node] = torch.empty(((stop - start) * m, *v.shape[1:]), dtype=v.dtype,
+                                                       device=v.device, memory_format=fmt)
+                            cached.rows[node] = m
+                        cached[node][pos * m:(pos + xb.shape[0]) * m] = v
                 pos += xb.shape[0]
-        return cached
+        return caches
+
+    def _group(self, layer: int, room: int) -> list[tuple[int, object, int]]:
+        """``[(layer, plan, bytes)]``: the announced layers after ``layer`` (:meth:`prepare`) whose whole caches
+        fit, in order, in ``room`` bytes; it stops at the first that does not fit or has no plan."""
+        order = self._order
+        if layer not in order:
+            return []
+        n, group = len(self.x), []
+        for later in order[order.index(layer) + 1:]:
+            if later in self._caches or any(later == g[0] for g in group):
+                continue
+            try:
+                plan = self.adapter.lesion_plan(later)
+            except UnsupportedModelError:
+                break   # refused when its turn comes, with its own message
+            size = n * plan.cache_elements(self.shapes) * self.itemsize
+            if size > room:
+                break
+            group.append((later, plan, size))
+            room -= size
+        return group
 
     def _cache_chunks(self, layer: int, plan):
         """Yield (start, stop, cached values) over the samples, whole when the cache fits."""
@@ -219,13 +270,16 @@ class IncrementalLesions:
             yield 0, n, self._caches[layer]
             return
         if n * per_sample <= limit:
-            while self._caches and sum(self._cached_bytes.values()) + n * per_sample > limit:
+            group = [(layer, plan, n * per_sample)] + self._group(layer, limit - n * per_sample)
+            need = sum(g[2] for g in group)
+            while self._caches and sum(self._cached_bytes.values()) + need > limit:
                 old, _ = self._caches.popitem(last=False)
                 del self._cached_bytes[old]
-            cached = self._fill(plan, 0, n)
-            self._caches[layer] = cached
-            self._cached_bytes[layer] = n * per_sample
-            yield 0, n, cached
+            for (l, _, size), cached in zip(group, self._fill_many([g[1] for g in group], 0, n)):
+                self._caches[l] = cached
+                self._cached_bytes[l] = size
+            self._caches.move_to_end(layer)
+            yield 0, n, self._caches[layer]
             return
         self.clear_cache()
         for start, stop in _chunks(n, max(1, limit // per_sample)):

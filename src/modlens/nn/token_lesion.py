@@ -19,7 +19,6 @@ Both give the same counts (and cross-entropy sums equal to rounding) in float64.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -101,9 +100,7 @@ class IncrementalTokenLesions(_TokenEngine, IncrementalLesions):
         self.batch_size = _memory.batch_for(self.shapes, self.dtype, batch_size,
                                             _memory.block_bytes(self.device, self.budget // 4),
                                             extra_elements=self.extra_elements)
-        self._caches = OrderedDict()
-        self._cached_bytes: dict[int, int] = {}
-        self.last_stats: dict = {}
+        self._init_caches()
         self.baseline, self.baseline_ce = self._baseline()
 
     @torch.inference_mode()
