@@ -275,10 +275,17 @@ class IncrementalLesions:
             while self._caches and sum(self._cached_bytes.values()) + need > limit:
                 old, _ = self._caches.popitem(last=False)
                 del self._cached_bytes[old]
-            for (l, _, size), cached in zip(group, self._fill_many([g[1] for g in group], 0, n)):
+            try:
+                filled = self._fill_many([g[1] for g in group], 0, n)
+            except UnsupportedModelError:
+                if len(group) == 1:
+                    raise
+                group = group[:1]   # a later layer's value cannot be cached: it says so when its turn comes
+                filled = self._fill_many([plan], 0, n)
+            # in the order of use: this layer is the first to go when room is needed, the announced ones after it
+            for (l, _, size), cached in zip(group, filled):
                 self._caches[l] = cached
                 self._cached_bytes[l] = size
-            self._caches.move_to_end(layer)
             yield 0, n, self._caches[layer]
             return
         self.clear_cache()
