@@ -17,7 +17,9 @@ either by name:
 * :class:`IncrementalLesions`, the fast path (see :mod:`modlens.nn._plan`): it caches what the
   lesioned layer's consumers read and produce, subtracts the low-rank term of the removed
   channels for many lesion sets at once (sets stacked in the batch), and re-runs only the
-  part of the network after the consumers.
+  part of the network after the consumers. Told the layers it will lesion next (``prepare``, as
+  ``lesion_test`` does), it fills their caches together, one forward pass for as many layers as
+  the cache budget holds, instead of one per layer.
 
 Memory is bounded by ``memory_budget_bytes`` (default 2 GiB on the CPU, half the free memory
 of a GPU): half for cached values, half for the working block. A layer whose cache fits is
