@@ -62,6 +62,15 @@ def subcluster_sets(adapter, partition: Partition, *, n_random: int, random_stat
         yield layer, sets, rows
 
 
+def announced_sets(engine, partition: Partition, **kwargs) -> list:
+    """:func:`subcluster_sets` of ``engine``'s adapter as a list, its layers announced to an engine that takes
+    them (``prepare``: the fast engine fills several layers' caches in one probe pass)."""
+    items = list(subcluster_sets(engine.adapter, partition, **kwargs))
+    if hasattr(engine, "prepare"):
+        engine.prepare([layer for layer, _, _ in items])
+    return items
+
+
 def lesion_metrics(
     counts: np.ndarray,
     baseline: np.ndarray,
@@ -123,14 +132,10 @@ def lesion_test(
     the subcluster itself (``draw`` 0) and ``"random"`` for its controls (``draw`` 1..n).
     ``progress`` is called with the number of lesions finished, as they finish.
     """
-    adapter = engine.adapter
     name = name or partition.method
     frames = []
-    items = list(subcluster_sets(adapter, partition, n_random=n_random, random_state=random_state,
-                                 max_fraction=max_fraction, name=name))
-    if hasattr(engine, "prepare"):   # the fast engine fills several layers' caches in one probe pass
-        engine.prepare([layer for layer, _, _ in items])
-    for layer, sets, rows in items:
+    for layer, sets, rows in announced_sets(engine, partition, n_random=n_random, random_state=random_state,
+                                            max_fraction=max_fraction, name=name):
         counts = engine.correct_counts(layer, sets, progress=progress)
         frame = pd.DataFrame(rows, columns=COLUMNS[:8])
         metrics = lesion_metrics(counts, engine.baseline, engine.class_sizes, accuracy=accuracy, class_range=class_range)

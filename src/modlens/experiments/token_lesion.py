@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from modlens.core.partition import Partition
-from modlens.experiments.lesion_test import ACCURACY_MODES, CLASS_RANGE_MODES, COLUMNS, drop_range, subcluster_sets
+from modlens.experiments.lesion_test import ACCURACY_MODES, CLASS_RANGE_MODES, COLUMNS, announced_sets, drop_range
 
 #: Classes with fewer scored test positions are left out of the class and label ranges.
 MIN_POSITIONS = 50
@@ -90,15 +90,11 @@ def token_lesion_test(engine, partition: Partition, *, n_random: int = 19, rando
     """Lesion every true subcluster of ``partition`` and its random controls on a next-token engine
     (:func:`modlens.nn.token_lesion.token_lesion_engine`); one row per (subcluster, draw), the random
     sets those of :func:`~modlens.experiments.lesion_test.lesion_test` with the same ``random_state``."""
-    adapter = engine.adapter
     data = engine.data
     name = name or partition.method
     frames = []
-    items = list(subcluster_sets(adapter, partition, n_random=n_random, random_state=random_state,
-                                 max_fraction=max_fraction, name=name))
-    if hasattr(engine, "prepare"):   # the fast engine fills several layers' caches in one probe pass
-        engine.prepare([layer for layer, _, _ in items])
-    for layer, sets, rows in items:
+    for layer, sets, rows in announced_sets(engine, partition, n_random=n_random, random_state=random_state,
+                                            max_fraction=max_fraction, name=name):
         correct, ce = engine.lesion_counts(layer, sets, progress=progress)
         frame = pd.DataFrame(rows, columns=TOKEN_COLUMNS[:8])
         metrics = token_lesion_metrics(correct, ce, engine.baseline, engine.baseline_ce, engine.class_sizes,

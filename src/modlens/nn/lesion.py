@@ -249,7 +249,7 @@ class IncrementalLesions:
             return []
         n, group = len(self.x), []
         for later in order[order.index(layer) + 1:]:
-            if later in self._caches or any(later == g[0] for g in group):
+            if later in self._caches:
                 continue
             try:
                 plan = self.adapter.lesion_plan(later)
