@@ -12,8 +12,11 @@ from modlens.core.knn_graph import (
     TopK,
     build_activation_graph,
     choose_graph_mode,
+    TREE_MAX_SAMPLES,
     knn_activation_graph,
     knn_sparsify,
+    standardized_ranks,
+    tree_neighbours,
 )
 
 
@@ -73,6 +76,57 @@ def test_knn_activation_graph_edge_cases():
         knn_activation_graph(x, 2, symmetrize="min")
     with pytest.raises(ValueError, match="NaN"):
         knn_activation_graph(np.full((5, 3), np.nan), 2)
+
+
+@pytest.mark.parametrize("m", [3, 5, 8, 12])
+def test_tree_neighbours_are_each_units_top_k(m):
+    """The KD-tree keeps, for every unit, k distinct other units whose weights are the k largest of its row of
+    the dense graph. Ranks of few samples tie often (3 samples: 6 rank patterns), so which of tied units is
+    kept is free, and the test compares each row's kept weights, sorted, with a brute-force sort."""
+    rng = np.random.default_rng(m)
+    layers = [rng.normal(size=(m, 23)), np.exp(rng.normal(size=(m, 41)))]
+    layers[0][:, 4] = 2.0   # constant: no edges
+    dense = activation_graph(layers)
+    n = dense.shape[0]
+    z = standardized_ranks(layers)
+    for k in (1, 6, 61, 200):
+        rows, cols, vals = tree_neighbours(z, k, chunk_bytes=4096)   # a few units per query chunk
+        assert 4 not in rows and 4 not in cols
+        for u in range(n):
+            if u == 4:
+                continue
+            mine = rows == u
+            assert len(set(cols[mine])) == mine.sum() and u not in cols[mine]
+            np.testing.assert_allclose(vals[mine], dense[u, cols[mine]], rtol=0, atol=1e-12)
+            others = np.delete(dense[u], [u, 4])
+            np.testing.assert_allclose(np.sort(vals[mine]), np.sort(others)[::-1][:min(k, n - 2)][::-1],
+                                       rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("symmetrize", ["max", "mean"])
+def test_tree_method_with_every_neighbour_is_the_dense_graph(symmetrize):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(6, 30))
+    x[:, 7] = -1.0
+    got = knn_activation_graph(x, 29, method="tree", symmetrize=symmetrize).toarray()
+    np.testing.assert_allclose(got, activation_graph(x), rtol=0, atol=1e-12)
+    # the matmul path agrees; a graph of constant units has no edges
+    np.testing.assert_allclose(knn_activation_graph(x, 29, method="matmul").toarray(), got, rtol=0, atol=1e-12)
+    assert knn_activation_graph(np.ones((5, 9)), 3, method="tree").nnz == 0
+    with pytest.raises(ValueError, match="method must be one of"):
+        knn_activation_graph(x, 3, method="ball")
+
+
+def test_auto_method_takes_the_tree_for_few_samples(monkeypatch):
+    from modlens.core import knn_graph
+    calls = []
+    real = knn_graph.tree_neighbours
+    monkeypatch.setattr(knn_graph, "tree_neighbours", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    rng = np.random.default_rng(5)
+    for m, expected in ((TREE_MAX_SAMPLES, 1), (TREE_MAX_SAMPLES + 1, 0)):
+        calls.clear()
+        knn_activation_graph(rng.normal(size=(m, 50)), 4)
+        assert len(calls) == expected
 
 
 @pytest.mark.parametrize("symmetrize", ["max", "mean"])

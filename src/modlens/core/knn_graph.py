@@ -35,8 +35,11 @@ This module is layer 0: numpy and scipy only.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import scipy.sparse as sp
+from scipy.spatial import cKDTree
 
 from modlens.core import graph
 from modlens.core.graph import _int32_indices, _standardized_ranks
@@ -64,8 +67,13 @@ SAMPLE_STRIDE = 8
 #: :meth:`TopK.update` works through its rows in pieces of about this many merge-buffer entries.
 UPDATE_ENTRIES = 2**22
 
+#: :func:`knn_activation_graph` with ``method="auto"`` finds the neighbours with a KD-tree (:func:`tree_neighbours`)
+#: when there are at most this many samples, and with matrix products above; measured, see ``benchmarks/knn_tree.py``.
+TREE_MAX_SAMPLES = 8
+
 SYMMETRIZE = ("max", "mean")
 GRAPH_MODES = ("auto", "dense", "knn")
+NEIGHBOUR_METHODS = ("auto", "matmul", "tree")
 
 
 def choose_graph_mode(n_nodes: int, mode: str = "auto", *, dense_max_nodes: int = DENSE_MAX_NODES) -> str:
@@ -166,6 +174,8 @@ def knn_activation_graph(
     dtype=np.float64,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     half: bool = True,
+    method: str = "auto",
+    workers: int | None = None,
 ) -> sp.csr_array:
     """Sparse kNN activation graph: each unit keeps its ``k`` largest squared Spearman correlations.
 
@@ -187,9 +197,23 @@ def knn_activation_graph(
     rounding, and up to which of exactly tied edges is kept).
     ``dtype=np.float32`` halves the memory and time; the weights then carry float32 rounding
     (~1e-7), so edges with near-equal weights can swap in or out of a top-``k``.
+
+    ``method``: ``"matmul"`` is the product path above; ``"tree"`` finds the same neighbours with a
+    KD-tree (:func:`tree_neighbours`: about ``n log n`` work for a handful of samples, but exponential in
+    their number); ``"auto"`` takes the tree for at most :data:`TREE_MAX_SAMPLES` samples. The tree path
+    ranks in float64 whatever ``dtype`` says and computes every kept weight exactly; ``workers`` is its
+    number of threads (default: ``OMP_NUM_THREADS`` when set, else every core).
     """
     _check_symmetrize(symmetrize)
-    z = standardized_ranks(activations, dtype=dtype)
+    if method not in NEIGHBOUR_METHODS:
+        raise ValueError(f"core.knn_graph: method must be one of {NEIGHBOUR_METHODS}, got {method!r}")
+    arrays, _ = _stack(activations)
+    if method == "tree" or (method == "auto" and arrays[0].shape[0] <= TREE_MAX_SAMPLES):
+        z = standardized_ranks(arrays)
+        k = _check_k(k, z.shape[1])
+        rows, cols, vals = tree_neighbours(z, k, chunk_bytes=chunk_bytes, workers=workers)
+        return symmetrize_directed(rows, cols, vals, z.shape[1], symmetrize)
+    z = standardized_ranks(arrays, dtype=dtype)
     n = z.shape[1]
     k = _check_k(k, n)
     rows_per_chunk = _rows_for(n, z.dtype.itemsize, chunk_bytes)
@@ -223,6 +247,60 @@ def knn_activation_graph(
     return symmetrize_directed(
         np.concatenate(all_rows), np.concatenate(all_cols), np.concatenate(all_vals), n, symmetrize
     )
+
+
+def _default_workers() -> int:
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return int(threads) if threads.isdigit() and int(threads) > 0 else -1
+
+
+def tree_neighbours(z: np.ndarray, k: int, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                    workers: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed kNN edges ``(rows, cols, vals)`` of the squared correlation ``(z_u . z_v)^2`` between the
+    columns of ``z`` (standardized ranks: each column centred with unit norm, or all zeros), found with a
+    KD-tree: each unit keeps its ``k`` largest among all other units, as the product path does.
+
+    For unit vectors ``|z_u - z_v|^2 = 2 - 2 r`` and ``|z_u + z_v|^2 = 2 + 2 r``, so the nearer of ``z_v``
+    and ``-z_v`` lies at ``2 - 2 |r|``: the units with the largest ``r^2`` are those whose nearer copy is
+    nearest. The tree holds every unit and its negation and is asked for the ``2 k + 2`` points nearest each
+    unit: at most ``2 i`` points (two copies of each of the ``i - 1`` nearer units and of the unit itself)
+    precede the ``i``-th nearest other unit's nearer copy, so the ``k`` nearest other units are all among
+    them (up to which of exactly tied points the tree returns). Each is then weighted by its exact ``r^2`` (a dot product, not the distance), repeats and the unit
+    itself are dropped, and the ``k`` largest kept. Constant units (zero columns) have no edges and are left
+    out of the tree (a zero vector would sit at distance 1 from every unit).
+
+    Memory: the tree (``2 n m`` floats), plus ``chunk_bytes`` of queried neighbours at a time. Time: about
+    ``n log n`` for few samples; a KD-tree's query cost grows exponentially with the dimension ``m``, hence
+    :data:`TREE_MAX_SAMPLES`.
+    """
+    n = z.shape[1]
+    live = np.flatnonzero(np.any(z != 0, axis=0))
+    empty = np.empty(0, dtype=np.int64)
+    if live.size < 2:
+        return empty, empty, np.empty(0)
+    pts = np.ascontiguousarray(z[:, live].T, dtype=np.float64)
+    n_live, m = pts.shape
+    want = min(2 * k + 2, 2 * n_live)
+    keep = min(k, n_live - 1)
+    tree = cKDTree(np.concatenate([pts, -pts]), balanced_tree=False)
+    workers = _default_workers() if workers is None else int(workers)
+    per = max(1, int(chunk_bytes) // (want * (8 * m + 40)))  # distances, indices, gathered vectors, weights, sort
+    rows, cols, vals = [], [], []
+    for start in range(0, n_live, per):
+        stop = min(start + per, n_live)
+        _, idx = tree.query(pts[start:stop], k=want, workers=workers)
+        idx = np.asarray(idx, dtype=np.int64).reshape(stop - start, want) % n_live
+        idx.sort(axis=1)  # repeats side by side
+        r = np.einsum("ij,ikj->ik", pts[start:stop], pts[idx])
+        w = np.minimum(r * r, 1.0)
+        drop = idx == np.arange(start, stop)[:, None]
+        drop[:, 1:] |= idx[:, 1:] == idx[:, :-1]
+        w[drop] = -1.0
+        top, top_w = _top_k_rows(w, keep)
+        rows.append(np.repeat(live[start:stop], keep))
+        cols.append(live[np.take_along_axis(idx, top, axis=1)].ravel())
+        vals.append(top_w.ravel())
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
 
 
 def knn_sparsify(adjacency, k: int = DEFAULT_K, *, symmetrize: str = "max",
