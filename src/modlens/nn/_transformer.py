@@ -397,6 +397,12 @@ def _one_head(s, layer, d_model: int):
     return h, _gamma(norm, d_model)
 
 
+def _scaled_rows(w: np.ndarray, rows) -> np.ndarray:
+    """``w`` with row ``i`` times ``rows[i]`` (float64 then), or ``w`` itself, in the model's dtype, when
+    nothing scales it."""
+    return w if rows is None else w * np.asarray(rows, dtype=np.float64)[:, None]
+
+
 def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
     """Keyword arguments of :func:`~modlens.core.residual_graph.residual_weight_graph`; a hierarchical
     model's blocks carry their stage and ``transitions`` the maps between stages."""
@@ -440,21 +446,20 @@ def residual_parts(s, mlps: list[MLPNeurons]) -> dict:
         post = _norm_after(s, m.down, d_model)   # a post-norm block (Swin-V2), a ConvNorm's BN: scales what it writes
         if post is not None:
             w_out = w_out * post[:, None]
-        rows = np.ones(width_out(first))
-        hidden_bn = bn_after(s, m.node)   # ConvNorm / LinearNorm: the batch norm on the units
-        if hidden_bn is not None:
-            rows = rows * hidden_bn
+        rows = bn_after(s, m.node)   # ConvNorm / LinearNorm: the batch norm on the units
         if m.dwconv is not None:  # Mix-FFN, conv MLP: each unit reads its neighbourhood through its own filter
-            rows = rows * depthwise_rows(s.module(m.dwconv), width_out(first), bn_after(s, m.dwconv))
+            dw = depthwise_rows(s.module(m.dwconv), width_out(first), bn_after(s, m.dwconv))
+            rows = dw if rows is None else rows * dw
+        w_first = _scaled_rows(matrix(first), rows)
         if m.halves is not None:  # a fused gated MLP: the two halves of one weight
-            (g, v), w = m.halves, matrix(first) * rows[:, None]
-            blocks.append(MLPBlockWeights(w[v:v + m.width], w_out, gamma, w_gate=w[g:g + m.width], stage=stage))
+            g, v = m.halves
+            blocks.append(MLPBlockWeights(w_first[v:v + m.width], w_out, gamma, w_gate=w_first[g:g + m.width],
+                                          stage=stage))
         elif m.up is None:
-            blocks.append(MLPBlockWeights(matrix(first) * rows[:, None], w_out, gamma, stage=stage))
+            blocks.append(MLPBlockWeights(w_first, w_out, gamma, stage=stage))
         else:
-            up_bn = bn_after(s, m.up)
-            w_up = matrix(s.module(m.up)) * (1.0 if up_bn is None else up_bn[:, None])
-            blocks.append(MLPBlockWeights(w_up, w_out, gamma, w_gate=matrix(first) * rows[:, None], stage=stage))
+            w_up = _scaled_rows(matrix(s.module(m.up)), bn_after(s, m.up))
+            blocks.append(MLPBlockWeights(w_up, w_out, gamma, w_gate=w_first, stage=stage))
     for m, b in zip(mlps, blocks):
         if b.w_in.shape[1] != b.w_out.shape[0]:
             raise UnsupportedModelError(
