@@ -245,3 +245,28 @@ def test_bart_classifier_reading_end_tokens_runs_without_data_and_at_any_batch()
         np.testing.assert_array_equal(fast, correct_counts_plain(a, layer, sets, x, y), err_msg=a.layer_names[layer])
         changed += int((fast != ev.baseline).any())
     assert changed >= 1
+
+
+def test_longformer_refusal_names_the_export_failure_first():
+    """Longformer's self-attention branches on whether any token has global attention
+    (``is_index_global_attn.flatten().any().item()``, which the classifier always switches on for
+    the first token): torch.export cannot guard on that value, and torch.fx, the fallback, fails
+    earlier (``global_attention_mask[:, 0] = 1`` on a proxy). The one-line refusal leads with the
+    export failure, its submodule and source line, then the fx one."""
+    torch.manual_seed(0)
+    cfg = transformers.LongformerConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=24, attention_window=4, max_position_embeddings=32,
+                                        num_labels=3)
+    model = transformers.LongformerForSequenceClassification(cfg).eval()
+    x = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for run in (lambda: NetworkAdapter(model, x, input_name="input_ids"),
+                lambda: modlens.partition(model, "weights/global", n_clusters=2, input_name="input_ids")):
+        with pytest.raises(modlens.nn.adapter.ModelTraceError) as info:
+            run()
+        msg = str(info.value)
+        assert "\n" not in msg
+        export, fx = msg.split("; the torch.fx fallback failed too: ")
+        assert export.startswith("modlens could not capture LongformerForSequenceClassification: torch.export "
+                                 "failed inside submodule 'longformer.encoder.layer.0.attention.self' "
+                                 "(LongformerSelfAttention), at modeling_longformer.py:")
+        assert "data-dependent" in export and "with torch.fx" in fx

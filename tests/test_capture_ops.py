@@ -309,7 +309,12 @@ def test_when_export_and_fx_both_fail_the_error_names_module_line_and_workaround
         NetworkAdapter(model, torch.randn(3, 4))
     msg = str(info.value)
     assert "submodule '1' (Branchy)" in msg and "if x.sum() > 0:" in msg and "leaf_modules=['1']" in msg
-    assert "torch.export failed first" in msg
+    assert "\n" not in msg
+    # fx was only the fallback: the export error comes first, with its submodule and line
+    export, fx = msg.split("the torch.fx fallback failed too")
+    assert export.startswith("modlens could not capture Sequential: torch.export failed inside submodule '1' "
+                              "(Branchy), at test_capture_ops.py:")
+    assert "if x.sum() > 0:" in export and "with torch.fx" in fx
 
 
 def test_attention_without_a_transformer_mlp_is_refused():
@@ -465,3 +470,29 @@ def test_a_graph_that_unrolled_the_batch_size_is_refused_in_one_line():
                                               r"model's output on batches of 2 but not of 3") as e:
         NetworkAdapter(_LoopOverSamples(), torch.randn(6, 4))
     assert "\n" not in str(e.value)
+
+
+def test_a_layer_read_only_for_its_shape_is_not_followed_nor_a_neuron_layer():
+    """Hugging Face's MRA attention without its CUDA kernel returns ``zeros_like(query)``: the query
+    projection, split into heads by a reshape modlens does not follow outside attention, reaches
+    the output only through a read of its shape, so it is no neuron layer and is not walked."""
+    class ShapeRead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.q, self.proj, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            heads = self.q(h).view(x.shape[0], 2, 2, 2)   # (B, 8) -> (B, 2, 2, 2): not a channel split modlens follows
+            zero = torch.zeros_like(heads).reshape(x.shape[0], 8)
+            return self.fc2(torch.relu(h + self.proj(zero)))
+
+    model = ShapeRead().eval()
+    x = torch.randn(20, 6)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    for a in (NetworkAdapter(model, x[:4]), NetworkAdapter(model, x[:4], capture="fx")):
+        assert "q" not in a.layer_names and "fc1" in a.layer_names
+    part = modlens.partition(model, "weights/global", n_clusters=2, random_state=0)
+    assert "q" not in part.layer_names
+    modlens.analyze(model, (x, y), partitionings=["weights/global"], n_clusters=2, n_random=2)

@@ -30,7 +30,7 @@ from torch import fx, nn
 
 from modlens.nn._computed import _NORMS, computed_layers
 from modlens.nn._decoder_capture import rewrite
-from modlens.nn._fx import ModelTraceError, eval_mode, trace
+from modlens.nn._fx import ModelTraceError, _user_frame, eval_mode, trace
 from modlens.nn._split_linear import split_linears
 
 aten = torch.ops.aten
@@ -455,9 +455,26 @@ def capture(model: nn.Module, example: torch.Tensor | None = None, *, input_name
             gm.meta["export_error"] = _first_line(export_error)
         return gm, "fx"
     except ModelTraceError as exc:
-        if export_error is not None:
-            raise ModelTraceError(f"{exc} (torch.export failed first: {_first_line(export_error)})") from exc
+        if export_error is not None:   # fx was the fallback: the export error comes first
+            raise ModelTraceError(f"modlens could not capture {type(model).__name__}: torch.export failed"
+                                  f"{_export_where(model, export_error)}: {_first_line(export_error)}; the "
+                                  f"torch.fx fallback failed too: {exc}") from exc
         raise
+
+
+def _export_where(model: nn.Module, exc: BaseException) -> str:
+    """' inside submodule 'path' (Type), at file:line in f(): `source`' of an export failure: the
+    innermost submodule of ``model`` and user source line in its traceback (non-strict export runs
+    the model's own Python code)."""
+    names = {id(m): n for n, m in model.named_modules() if n}
+    inner, tb = None, exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names:
+            inner = owner
+        tb = tb.tb_next
+    where = f" inside submodule '{names[id(inner)]}' ({type(inner).__name__})" if inner is not None else ""
+    return where + _user_frame(exc)
 
 
 def _first_line(exc: BaseException, limit: int = 300) -> str:

@@ -53,7 +53,9 @@ class Structure:
         self.leaf_names = {l for l in leaf_modules if isinstance(l, str)}
         self.leaf_types = tuple(l for l in leaf_modules if isinstance(l, type))
         self.shapes = shapes or _meta_shapes(gm)
-        self.live = _ancestors_of(output, self._constant) | {output}
+        # not through a read of a value's shape only: MRA's attention without its CUDA kernel returns
+        # zeros_like(query), and the query, key and value projections then do not reach the output
+        self.live = _ancestors_of(output, self._constant, self._shape_only) | {output}
         self.dynamic = _descendants_of(input_node)   # values that depend on the input (not constants)
         self._kind: dict[fx.Node, str] = {}
         self._shape: dict[fx.Node, bool] = {}
@@ -1057,8 +1059,9 @@ def _descendants_of(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
-def _ancestors_of(node, constant=lambda n: False) -> set[fx.Node]:
-    """The nodes ``node`` depends on; not through a node that is ``constant`` whatever its input."""
+def _ancestors_of(node, constant=lambda n: False, shape_read=lambda n, a: False) -> set[fx.Node]:
+    """The nodes ``node`` depends on; not through a node that is ``constant`` whatever its input, nor
+    through an input that a node reads for its shape only (``shape_read(node, input)``: ``zeros_like(x)``)."""
     seen: set[fx.Node] = set()
     todo = [node] if isinstance(node, fx.Node) else []
     while todo:
@@ -1067,7 +1070,7 @@ def _ancestors_of(node, constant=lambda n: False) -> set[fx.Node]:
             continue
         seen.add(n)
         if not constant(n):
-            todo.extend(n.all_input_nodes)
+            todo.extend(a for a in n.all_input_nodes if not shape_read(n, a))
     return seen
 
 
