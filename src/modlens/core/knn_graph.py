@@ -6,7 +6,8 @@ edges, and the graph is never materialized densely:
 
 * :func:`knn_activation_graph` ranks each neuron's activations, standardizes the ranks, and
   computes squared Spearman correlations one chunk of neurons at a time (a ``chunk x n`` block
-  of the correlation matrix), keeping the top ``k`` per neuron of each block before moving on.
+  of the correlation matrix), keeping the top ``k`` per neuron of each block before moving on;
+  for a handful of samples it finds the same neighbours with a KD-tree (:func:`tree_neighbours`).
 * :func:`knn_sparsify` keeps the top ``k`` edges per node of an existing (dense or sparse)
   weighted adjacency, e.g. a weight graph.
 * :func:`knn_weight_graph` builds the kNN version of a weight graph from its blocks without the
@@ -265,15 +266,15 @@ def tree_neighbours(z: np.ndarray, k: int, *, chunk_bytes: int = DEFAULT_CHUNK_B
     nearest. The tree holds every unit and its negation and is asked for the ``2 k + 2`` points nearest each
     unit: at most ``2 i`` points (two copies of each of the ``i - 1`` nearer units and of the unit itself)
     precede the ``i``-th nearest other unit's nearer copy, so the ``k`` nearest other units are all among
-    them (up to which of exactly tied points the tree returns). Each is then weighted by its exact ``r^2`` (a dot product, not the distance), repeats and the unit
-    itself are dropped, and the ``k`` largest kept. Constant units (zero columns) have no edges and are left
-    out of the tree (a zero vector would sit at distance 1 from every unit).
+    them (up to which of exactly tied points the tree returns). Each is then weighted by its exact ``r^2``
+    (a dot product, not the distance), repeats and the unit itself are dropped, and the ``k`` largest kept.
+    Constant units (zero columns) have no edges and are left out of the tree (a zero vector would sit at
+    distance 1 from every unit).
 
     Memory: the tree (``2 n m`` floats), plus ``chunk_bytes`` of queried neighbours at a time. Time: about
     ``n log n`` for few samples; a KD-tree's query cost grows exponentially with the dimension ``m``, hence
     :data:`TREE_MAX_SAMPLES`.
     """
-    n = z.shape[1]
     live = np.flatnonzero(np.any(z != 0, axis=0))
     empty = np.empty(0, dtype=np.int64)
     if live.size < 2:
