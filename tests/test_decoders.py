@@ -204,3 +204,28 @@ def test_a_matrix_product_with_a_computed_weight_is_refused_in_one_line():
     model = Computed("addmm").eval()
     with pytest.raises(UnsupportedModelError, match=r"addmm.*written as a matrix product.*use nn.Linear"):
         NetworkAdapter(model, torch.randint(0, 10, (3, 5)))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_residual_parts_are_float32_copies_of_a_float32_model_and_give_the_float64_graph(family):
+    """The MLP matrices of the weight graph stay in the model's float32 (half the memory of float64 copies);
+    they are copies, not views of the parameters, and the graph the core computes from them in float64 is
+    exactly the graph of their float64 casts."""
+    import dataclasses
+
+    from modlens.core.residual_graph import residual_weight_graph
+
+    model = decoder(family, "seqcls").float()   # the tiny decoders are float64
+    a = NetworkAdapter(model, token_ids(6), input_name="input_ids")
+    parts = a.residual_parts()
+    mats = [w for b in parts["blocks"] for w in (b.w_in, b.w_out, b.w_gate) if w is not None]
+    assert len(mats) == (6 if family in GATED else 4) and all(w.dtype == np.float32 for w in mats)
+    params = [p.detach().numpy() for p in model.parameters()]
+    assert not any(np.shares_memory(w, p) for w in mats for p in params)
+    as64 = dict(parts, blocks=[dataclasses.replace(b, w_in=b.w_in.astype(np.float64), w_out=b.w_out.astype(np.float64),
+                                                   w_gate=None if b.w_gate is None else b.w_gate.astype(np.float64))
+                               for b in parts["blocks"]])
+    got, sizes = residual_weight_graph(**parts, mode="dense")
+    want, sizes64 = residual_weight_graph(**as64, mode="dense")
+    assert sizes == sizes64
+    np.testing.assert_array_equal(got.toarray(), want.toarray())

@@ -9,10 +9,10 @@ from modlens.core import clustering, spectral_large
 from modlens.core.clustering import spectral_labels
 from modlens.core.graph import activation_graph
 from modlens.core.knn_graph import (
+    TREE_MAX_SAMPLES,
     TopK,
     build_activation_graph,
     choose_graph_mode,
-    TREE_MAX_SAMPLES,
     knn_activation_graph,
     knn_sparsify,
     standardized_ranks,
