@@ -158,7 +158,11 @@ def standardized_ranks(activations, dtype=np.float64) -> np.ndarray:
     """``(n_samples, n)`` ranks of every unit (average ties), centred, unit norm, in ``dtype``;
     a constant unit is all zeros. ``Z.T @ Z`` is the Spearman correlation matrix. Ranked one
     layer at a time, so the transient float64 copy is one layer wide."""
-    arrays, sizes = _stack(activations)
+    return _ranks(*_stack(activations), dtype)
+
+
+def _ranks(arrays, sizes, dtype) -> np.ndarray:
+    """:func:`standardized_ranks` of arrays that :func:`_stack` has checked."""
     out = np.empty((arrays[0].shape[0], sum(sizes)), dtype=dtype)
     start = 0
     for a in arrays:
@@ -208,13 +212,13 @@ def knn_activation_graph(
     _check_symmetrize(symmetrize)
     if method not in NEIGHBOUR_METHODS:
         raise ValueError(f"core.knn_graph: method must be one of {NEIGHBOUR_METHODS}, got {method!r}")
-    arrays, _ = _stack(activations)
+    arrays, sizes = _stack(activations)
     if method == "tree" or (method == "auto" and arrays[0].shape[0] <= TREE_MAX_SAMPLES):
-        z = standardized_ranks(arrays)
+        z = _ranks(arrays, sizes, np.float64)
         k = _check_k(k, z.shape[1])
         rows, cols, vals = tree_neighbours(z, k, chunk_bytes=chunk_bytes, workers=workers)
         return symmetrize_directed(rows, cols, vals, z.shape[1], symmetrize)
-    z = standardized_ranks(arrays, dtype=dtype)
+    z = _ranks(arrays, sizes, dtype)
     n = z.shape[1]
     k = _check_k(k, n)
     rows_per_chunk = _rows_for(n, z.dtype.itemsize, chunk_bytes)

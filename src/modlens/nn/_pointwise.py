@@ -41,10 +41,10 @@ def matrix(mod: nn.Module) -> np.ndarray:
     w = mod.weight.detach().cpu()
     if w.dtype not in (torch.float32, torch.float64):
         w = w.double()
-    w = w.reshape(w.shape[0], -1).numpy().copy()
+    w = w.reshape(w.shape[0], -1).numpy()
     groups = getattr(mod, "groups", 1)
     if groups == 1:
-        return w
+        return w.copy()   # not a view of the parameter
     out, per = w.shape[0] // groups, w.shape[1]
     full = np.zeros((w.shape[0], per * groups), dtype=w.dtype)
     for g in range(groups):
